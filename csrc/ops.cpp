@@ -1,0 +1,26 @@
+// The one schema block of the wsss op library: every op's signature, written out.
+// Kernels live per dispatch key: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA).
+// Fake (meta) kernels and autograd are registered from Python in wsss/ops.py.
+// The library is a plain shared object (no Python): C++ hosts dlopen it as well.
+#include <torch/library.h>
+
+TORCH_LIBRARY(wsss, m) {
+  // features [N,C,H,W], weight [K,C], mu -> attention A [N,1,H,W]
+  m.def("pda_attention(Tensor features, Tensor weight, float mu) -> Tensor");
+  // grad_attention [N,1,H,W] -> (grad_features [N,C,H,W], grad_weight [K,C])
+  m.def(
+      "pda_attention_backward(Tensor grad_attention, Tensor features, Tensor weight, "
+      "float mu) -> (Tensor, Tensor)");
+  // features [N,C,H,W], weight [K,C], mu -> mean_hw(A * features) [N,C]
+  m.def("pda_pool(Tensor features, Tensor weight, float mu) -> Tensor");
+  // grad_pooled [N,C] -> (grad_features [N,C,H,W], grad_weight [K,C])
+  m.def(
+      "pda_pool_backward(Tensor grad_pooled, Tensor features, Tensor weight, float mu) "
+      "-> (Tensor, Tensor)");
+  // scores [N,K,H,W], class_prob [N,K], eps, tissue_mask [N,H,W]? -> labels uint8 [N,H,W]
+  m.def(
+      "gate_argmax(Tensor scores, Tensor class_prob, float eps, Tensor? tissue_mask=None, "
+      "int background_index=255) -> Tensor");
+  // features [N,C,h,w], grads [N,K,C,h,w] -> sum_c mean_hw(grads) * features [N,K,h,w]
+  m.def("gradcam(Tensor features, Tensor grads) -> Tensor");
+}

@@ -1,0 +1,23 @@
+"""One module per command (wsss/cli/<command>.py, each with ``main(argv=None) -> int``).
+
+Heavy imports (torch, models, readers) are deferred into the command bodies so ``--help``
+is fast.  ``run`` turns expected mistakes (WsssError) into one clear line and exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional, Sequence
+
+
+def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command body; WsssError -> 'prog: error: message' on stderr and exit code 2."""
+    from wsss.errors import WsssError
+
+    try:
+        return int(body(argv) or 0)
+    except WsssError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,229 @@
+"""The wsss custom ops: scriptable wrappers, fake kernels and autograd.
+
+Kernels are compiled C++/CUDA (csrc/) registered under ``torch.ops.wsss``; this module
+adds what the dispatcher needs from Python: fake (meta) kernels, so torch.compile,
+torch.export and opcheck can trace the ops, and autograd formulas that call the fused
+backward kernels.  The wrappers are plain functions over ``torch.ops.wsss.<op>``, so they
+can be called from TorchScript-scripted modules.
+
+Fake kernels repeat the C++ argument checks word for word (tests pin both).
+
+Shapes: N batch, C channels, K classes, H x W spatial.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from wsss import _library
+
+_library.load()
+
+__all__ = ["pda_attention", "pda_pool", "gate_argmax", "gradcam", "gated_scores"]
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------
+# Scriptable wrappers
+# --------------------------------------------------------------------------------------
+def pda_attention(features: Tensor, weight: Tensor, mu: float) -> Tensor:
+    """Progressive Dropout Attention map.  features [N,C,H,W], weight [K,C] -> A [N,1,H,W].
+
+    A = mean_k (ReLU(CAM_k) where ReLU(CAM_k) <= mu * max_hw ReLU(CAM_k), else 0).
+    Differentiable in features and weight (A is not detached).
+    """
+    return torch.ops.wsss.pda_attention(features, weight, mu)
+
+
+def pda_pool(features: Tensor, weight: Tensor, mu: float) -> Tensor:
+    """GAP(A * features) [N,C] with A = pda_attention(features, weight, mu), fused.
+
+    Never materialises A * features; differentiable in features and weight.
+    """
+    return torch.ops.wsss.pda_pool(features, weight, mu)
+
+
+def gate_argmax(
+    scores: Tensor,
+    class_prob: Tensor,
+    eps: float,
+    tissue_mask: Optional[Tensor] = None,
+    background_index: int = 255,
+) -> Tensor:
+    """Classification-gated argmax.  scores [N,K,H,W], class_prob [N,K] -> uint8 [N,H,W].
+
+    Classes with class_prob <= eps never win; a sample where no class passes keeps its
+    ungated argmax; ties go to the lowest class index; where tissue_mask [N,H,W] is False
+    the label is background_index.  See wsss.reference.gate_argmax.
+    """
+    return torch.ops.wsss.gate_argmax(scores, class_prob, eps, tissue_mask, background_index)
+
+
+def gradcam(features: Tensor, grads: Tensor) -> Tensor:
+    """Grad-CAM maps (no ReLU).  features [N,C,h,w], grads [N,K,C,h,w] -> [N,K,h,w]."""
+    return torch.ops.wsss.gradcam(features, grads)
+
+
+def gated_scores(probs: Tensor, class_prob: Tensor, eps: float) -> Tensor:
+    """Segmentation probabilities [N,K,H,W] with gated classes zeroed (same rule as gate_argmax).
+
+    Used to blend overlapping tiles: the per-tile gate is applied before blending.
+    """
+    passes = class_prob > eps
+    none_pass = ~passes.any(dim=1, keepdim=True)
+    allowed = (passes | none_pass).to(probs.dtype)
+    return probs * allowed[:, :, None, None]
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks shared by the fake kernels (the C++ kernels say the same words)
+# --------------------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {
+        torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16",
+        torch.float16: "Half", torch.uint8: "Byte", torch.bool: "Bool", torch.int64: "Long",
+        torch.int32: "Int",
+    }.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_pda(op: str, features: Tensor, weight: Tensor, mu: float) -> None:
+    torch._check(features.dim() == 4,
+                 lambda: f"wsss::{op}: features must be a 4-D tensor [N, C, H, W], got shape {_shape(features)}")
+    torch._check(features.dtype in _FLOATS,
+                 lambda: f"wsss::{op}: features must be a floating tensor (Float, Double, BFloat16, Half), got {_dtype_name(features.dtype)}")
+    torch._check(weight.dim() == 2 and weight.shape[1] == features.shape[1],
+                 lambda: f"wsss::{op}: weight must have shape [K, C] with C = features.size(1) = {features.shape[1]}, got shape {_shape(weight)}")
+    torch._check(weight.dtype == features.dtype,
+                 lambda: f"wsss::{op}: weight must have the dtype of features ({_dtype_name(features.dtype)}), got {_dtype_name(weight.dtype)}")
+    torch._check(weight.device == features.device,
+                 lambda: f"wsss::{op}: weight must be on the device of features ({features.device}), got {weight.device}")
+    torch._check(0.0 <= mu <= 1.0, lambda: f"wsss::{op}: mu must be in [0, 1], got {mu}")
+
+
+@torch.library.register_fake("wsss::pda_attention")
+def _pda_attention_fake(features, weight, mu):
+    _check_pda("pda_attention", features, weight, mu)
+    n, _, h, w = features.shape
+    return features.new_empty((n, 1, h, w))
+
+
+@torch.library.register_fake("wsss::pda_pool")
+def _pda_pool_fake(features, weight, mu):
+    _check_pda("pda_pool", features, weight, mu)
+    return features.new_empty(features.shape[:2])
+
+
+@torch.library.register_fake("wsss::pda_attention_backward")
+def _pda_attention_backward_fake(grad, features, weight, mu):
+    _check_pda("pda_attention_backward", features, weight, mu)
+    n, _, h, w = features.shape
+    torch._check(tuple(grad.shape) == (n, 1, h, w),
+                 lambda: f"wsss::pda_attention_backward: grad_attention must have shape [{n}, 1, {h}, {w}], got shape {_shape(grad)}")
+    return torch.empty_like(features, memory_format=torch.contiguous_format), torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("wsss::pda_pool_backward")
+def _pda_pool_backward_fake(grad, features, weight, mu):
+    _check_pda("pda_pool_backward", features, weight, mu)
+    n, c = features.shape[:2]
+    torch._check(tuple(grad.shape) == (n, c),
+                 lambda: f"wsss::pda_pool_backward: grad_pooled must have shape [{n}, {c}], got shape {_shape(grad)}")
+    return torch.empty_like(features, memory_format=torch.contiguous_format), torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("wsss::gate_argmax")
+def _gate_argmax_fake(scores, class_prob, eps, tissue_mask=None, background_index=255):
+    op = "wsss::gate_argmax"
+    torch._check(scores.dim() == 4,
+                 lambda: f"{op}: scores must be a 4-D tensor [N, K, H, W], got shape {_shape(scores)}")
+    torch._check(scores.dtype in _FLOATS,
+                 lambda: f"{op}: scores must be a floating tensor (Float, Double, BFloat16, Half), got {_dtype_name(scores.dtype)}")
+    n, k, h, w = scores.shape
+    torch._check(1 <= k <= 255, lambda: f"{op}: scores must have 1 to 255 classes (dim 1), got {k}")
+    torch._check(class_prob.dim() == 2 and class_prob.shape[0] == n and class_prob.shape[1] == k,
+                 lambda: f"{op}: class_prob must have shape [N, K] = [{n}, {k}], got shape {_shape(class_prob)}")
+    torch._check(class_prob.dtype in _FLOATS,
+                 lambda: f"{op}: class_prob must be a floating tensor (Float, Double, BFloat16, Half), got {_dtype_name(class_prob.dtype)}")
+    torch._check(class_prob.device == scores.device,
+                 lambda: f"{op}: class_prob must be on the device of scores ({scores.device}), got {class_prob.device}")
+    if tissue_mask is not None:
+        torch._check(tissue_mask.dim() == 3 and tuple(tissue_mask.shape) == (n, h, w),
+                     lambda: f"{op}: tissue_mask must have shape [N, H, W] = [{n}, {h}, {w}], got shape {_shape(tissue_mask)}")
+        torch._check(tissue_mask.dtype in (torch.bool, torch.uint8),
+                     lambda: f"{op}: tissue_mask must be Bool or Byte, got {_dtype_name(tissue_mask.dtype)}")
+        torch._check(tissue_mask.device == scores.device,
+                     lambda: f"{op}: tissue_mask must be on the device of scores ({scores.device}), got {tissue_mask.device}")
+    torch._check(0 <= background_index <= 255,
+                 lambda: f"{op}: background_index must be in [0, 255], got {background_index}")
+    return scores.new_empty((n, h, w), dtype=torch.uint8)
+
+
+@torch.library.register_fake("wsss::gradcam")
+def _gradcam_fake(features, grads):
+    op = "wsss::gradcam"
+    torch._check(features.dim() == 4,
+                 lambda: f"{op}: features must be a 4-D tensor [N, C, h, w], got shape {_shape(features)}")
+    torch._check(features.dtype in _FLOATS,
+                 lambda: f"{op}: features must be a floating tensor (Float, Double, BFloat16, Half), got {_dtype_name(features.dtype)}")
+    n, c, h, w = features.shape
+    torch._check(grads.dim() == 5 and grads.shape[0] == n and grads.shape[2] == c and grads.shape[3] == h and grads.shape[4] == w,
+                 lambda: f"{op}: grads must have shape [N, K, C, h, w] = [{n}, K, {c}, {h}, {w}], got shape {_shape(grads)}")
+    torch._check(grads.dtype == features.dtype,
+                 lambda: f"{op}: grads must have the dtype of features ({_dtype_name(features.dtype)}), got {_dtype_name(grads.dtype)}")
+    torch._check(grads.device == features.device,
+                 lambda: f"{op}: grads must be on the device of features ({features.device}), got {grads.device}")
+    return features.new_empty((n, grads.shape[1], h, w))
+
+
+# --------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------
+def _pda_setup_context(ctx, inputs, output):
+    features, weight, mu = inputs
+    ctx.save_for_backward(features, weight)
+    ctx.mu = mu
+
+
+def _pda_attention_backward(ctx, grad):
+    features, weight = ctx.saved_tensors
+    gf, gw = torch.ops.wsss.pda_attention_backward(grad, features, weight, ctx.mu)
+    return gf, gw, None
+
+
+def _pda_pool_backward(ctx, grad):
+    features, weight = ctx.saved_tensors
+    gf, gw = torch.ops.wsss.pda_pool_backward(grad, features, weight, ctx.mu)
+    return gf, gw, None
+
+
+torch.library.register_autograd("wsss::pda_attention", _pda_attention_backward, setup_context=_pda_setup_context)
+torch.library.register_autograd("wsss::pda_pool", _pda_pool_backward, setup_context=_pda_setup_context)
+
+
+def _gradcam_setup_context(ctx, inputs, output):
+    features, grads = inputs
+    ctx.save_for_backward(features, grads)
+
+
+def _gradcam_backward(ctx, grad):
+    # out[n,k,p] = sum_c alpha[n,k,c] F[n,c,p] with alpha = mean_p G[n,k,c,p]
+    features, grads = ctx.saved_tensors
+    n, c, h, w = features.shape
+    k = grads.shape[1]
+    flat_f = features.reshape(n, c, h * w)
+    g = grad.reshape(n, k, h * w)
+    alpha = grads.mean(dim=(3, 4))  # [N,K,C]
+    grad_features = torch.matmul(alpha.transpose(1, 2), g).reshape(n, c, h, w)
+    grad_alpha = torch.matmul(g, flat_f.transpose(1, 2))  # [N,K,C]
+    grad_grads = (grad_alpha / (h * w))[..., None, None].expand(n, k, c, h, w).contiguous()
+    return grad_features, grad_grads
+
+
+torch.library.register_autograd("wsss::gradcam", _gradcam_backward, setup_context=_gradcam_setup_context)

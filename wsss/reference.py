@@ -1,0 +1,100 @@
+"""Pure-PyTorch versions of every wsss op: the specification, the test oracle, the fallback.
+
+Each function here states an op of ``csrc/ops.cpp`` in plain, vectorised PyTorch. The
+fused kernels must agree with these (tests/test_ops_*.py) and autograd through these
+functions defines the gradients the fused backward kernels must reproduce.
+
+Shapes: N batch, C channels, K classes, H x W spatial.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "class_activation_maps",
+    "pda_attention",
+    "pda_pool",
+    "gate_argmax",
+    "gradcam",
+]
+
+
+def class_activation_maps(features: Tensor, weight: Tensor) -> Tensor:
+    """CAM_k = sum_c w_kc F_c, no ReLU.  features [N,C,H,W], weight [K,C] -> [N,K,H,W].
+
+    NB: written as a batched matmul, not einsum: on CPU einsum copies the features first.
+    """
+    n, c, h, w = features.shape
+    cams = torch.matmul(weight.to(features.dtype), features.reshape(n, c, h * w))
+    return cams.reshape(n, weight.shape[0], h, w)
+
+
+def pda_attention(features: Tensor, weight: Tensor, mu: float) -> Tensor:
+    """Progressive Dropout Attention map A [N,1,H,W] (METHOD.md, stage 1).
+
+    M_k = ReLU(CAM_k); beta_k = mu * max_hw M_k; Mhat_k = M_k where M_k <= beta_k, else 0;
+    A = mean_k Mhat_k.  The threshold mask is piecewise constant, so gradients flow only
+    through the kept CAM values (A is not detached).
+    """
+    cams = torch.relu(class_activation_maps(features, weight))  # [N,K,H,W]
+    beta = mu * cams.amax(dim=(2, 3), keepdim=True)  # [N,K,1,1]
+    kept = torch.where(cams <= beta, cams, torch.zeros_like(cams))
+    return kept.mean(dim=1, keepdim=True)
+
+
+def pda_pool(features: Tensor, weight: Tensor, mu: float) -> Tensor:
+    """GAP(A * features) [N,C]: the attended features pooled, without keeping A * features.
+
+    Training applies channel dropout to this vector, which equals Dropout2d before GAP.
+    """
+    attention = pda_attention(features, weight, mu)
+    return (attention * features).mean(dim=(2, 3))
+
+
+def gate_argmax(
+    scores: Tensor,
+    class_prob: Tensor,
+    eps: float,
+    tissue_mask: Optional[Tensor] = None,
+    background_index: int = 255,
+) -> Tensor:
+    """Classification-gated argmax.  scores [N,K,H,W], class_prob [N,K] -> labels uint8 [N,H,W].
+
+    A class whose probability is <= eps can never win.  Where no class of a sample passes
+    the gate, that sample keeps its ungated argmax (NB: the classifier said "nothing here",
+    which on a tissue tile is a classifier miss; the segmenter's own decision is the better
+    guess, and this never yields a label outside 0..K-1).  Ties go to the lowest index.
+    Where ``tissue_mask`` [N,H,W] is False, the label is ``background_index``.
+    """
+    passes = class_prob > eps  # [N,K]
+    none_pass = ~passes.any(dim=1, keepdim=True)  # [N,1]
+    allowed = passes | none_pass  # [N,K]
+    # Running max over the allowed classes in index order: strict '>' keeps the lowest
+    # index on ties, and a gated class is never even compared.
+    first = allowed.to(torch.uint8).argmax(dim=1)  # [N] first allowed class
+    labels = first[:, None, None].expand(scores.shape[0], scores.shape[2], scores.shape[3])
+    best = torch.gather(scores, 1, labels[:, None].to(torch.int64)).squeeze(1)
+    labels = labels.clone()
+    for k in range(scores.shape[1]):
+        better = allowed[:, k, None, None] & (scores[:, k] > best)
+        best = torch.where(better, scores[:, k], best)
+        labels = torch.where(better, torch.full_like(labels, k), labels)
+    labels = labels.to(torch.uint8)
+    if tissue_mask is not None:
+        labels = torch.where(tissue_mask.bool(), labels,
+                             torch.full_like(labels, background_index))
+    return labels
+
+
+def gradcam(features: Tensor, grads: Tensor) -> Tensor:
+    """Grad-CAM class maps without ReLU (METHOD.md, stage 2).
+
+    features F [N,C,h,w], grads G [N,K,C,h,w] (dz_k/dF) -> [N,K,h,w] = sum_c mean_hw(G_kc) F_c.
+    """
+    n, c, h, w = features.shape
+    alpha = grads.mean(dim=(3, 4))  # [N,K,C]
+    maps = torch.matmul(alpha.to(features.dtype), features.reshape(n, c, h * w))
+    return maps.reshape(n, grads.shape[1], h, w)
