@@ -98,8 +98,8 @@ def _check_pda(op: str, features: Tensor, weight: Tensor, mu: float) -> None:
                  lambda: f"wsss::{op}: features must be a 4-D tensor [N, C, H, W], got shape {_shape(features)}")
     torch._check(features.dtype in _FLOATS,
                  lambda: f"wsss::{op}: features must be a floating tensor (Float, Double, BFloat16, Half), got {_dtype_name(features.dtype)}")
-    torch._check(weight.dim() == 2 and weight.shape[1] == features.shape[1],
-                 lambda: f"wsss::{op}: weight must have shape [K, C] with C = features.size(1) = {features.shape[1]}, got shape {_shape(weight)}")
+    torch._check(weight.dim() == 2 and weight.shape[0] >= 1 and weight.shape[1] == features.shape[1],
+                 lambda: f"wsss::{op}: weight must have shape [K, C] with K >= 1 and C = features.size(1) = {features.shape[1]}, got shape {_shape(weight)}")
     torch._check(weight.dtype == features.dtype,
                  lambda: f"wsss::{op}: weight must have the dtype of features ({_dtype_name(features.dtype)}), got {_dtype_name(weight.dtype)}")
     torch._check(weight.device == features.device,
