@@ -76,10 +76,15 @@ def _value_noise(u: np.ndarray, v: np.ndarray, spacing: float, seed: int, channe
     iu, iv = np.floor(gu), np.floor(gv)
     fu, fv = _smooth((gu - iu).astype(np.float32)), _smooth((gv - iv).astype(np.float32))
     iu, iv = iu.astype(np.int64), iv.astype(np.int64)
-    c00 = _hash_uniform(iu, iv, seed, channel)
-    c10 = _hash_uniform(iu + 1, iv, seed, channel)
-    c01 = _hash_uniform(iu, iv + 1, seed, channel)
-    c11 = _hash_uniform(iu + 1, iv + 1, seed, channel)
+    # NB: hash the (small) lattice once and gather, instead of hashing 4 corners per pixel.
+    i0, j0 = int(iu.min()), int(iv.min())
+    grid = _hash_uniform(np.arange(i0, int(iu.max()) + 2)[None, :], np.arange(j0, int(iv.max()) + 2)[:, None],
+                         seed, channel)
+    li, lj = iu - i0, iv - j0
+    c00 = grid[lj, li]
+    c10 = grid[lj, li + 1]
+    c01 = grid[lj + 1, li]
+    c11 = grid[lj + 1, li + 1]
     top = c00 + (c10 - c00) * fu
     bottom = c01 + (c11 - c01) * fu
     return top + (bottom - top) * fv
@@ -128,7 +133,7 @@ def _nuclei(u1: np.ndarray, v1: np.ndarray, kind: _NucleusKind, seed: int, edge_
     aa = _hash_uniform(gi, gj, seed, ch + 4)
     ee = _hash_uniform(gi, gj, seed, ch + 5)
     tag = _hash_uniform(gi, gj, seed, ch + 6)
-    coverage = np.zeros(np.broadcast_shapes(u1.shape, v1.shape), dtype=np.float32)
+    coverage = np.zeros(np.broadcast_shapes(u1.shape, v1.shape), dtype=np.float32)  # [H,W] or [P]
     nucleus_tag = np.zeros_like(coverage)
     r0, r1 = kind.radius_um
     e0, e1 = kind.elongation
@@ -163,7 +168,7 @@ _LYMPH_NUCLEI = _NucleusKind(cell_um=6.5, radius_um=(2.3, 3.0), prob=0.92, elong
 _STROMA_NUCLEI = _NucleusKind(cell_um=18.0, radius_um=(1.8, 2.6), prob=0.45, elongation=(3.0, 5.0), channel=4)
 
 # Region layout: the scale (microns) of the blobs each class occupies.
-_REGION_SPACING_UM = 150.0
+_REGION_SPACING_UM = 240.0
 _BACKGROUND_BIAS = -0.06
 
 
@@ -212,41 +217,46 @@ def render_window(x0: int, y0: int, height: int, width: int, *, seed: int, num_c
     e_strength = 0.65 + 0.70 * _value_noise(u1, v1, 250.0, seed, 11)
     fine = _value_noise(u1, v1, 1.6 * max(1.0, mpp), seed, 12)  # granularity, about a pixel or two
 
-    present = [k for k in range(num_classes) if np.any(labels == k)]
-    for k in present:
+    # NB: textures are evaluated only at the pixels of their class (1-D coordinate arrays),
+    # so the cost does not grow with the number of classes.
+    for k in range(num_classes):
+        where = np.nonzero(labels == k)
+        if where[0].size == 0:
+            continue
         kind = TISSUE_KINDS[k]
-        where = labels == k
+        u, v = u1[0, where[1]], v1[where[0], 0]
+        fine_k = fine[where]
         if kind == "tumor":
-            cov, tag = _nuclei(u1, v1, _TUMOR_NUCLEI, seed, edge)
-            chromatin = 0.55 + 0.45 * _value_noise(u1, v1, 1.4, seed, 21)
-            lumen = _fractal_noise(u1, v1, 45.0, seed, 22, octaves=2)
+            cov, tag = _nuclei(u, v, _TUMOR_NUCLEI, seed, edge)
+            chromatin = 0.55 + 0.45 * _value_noise(u, v, 1.4, seed, 21)
+            lumen = _fractal_noise(u, v, 45.0, seed, 22, octaves=2)
             # Gland lumens: pale pink secretion, no nuclei (NB: kept darker than the LUAD
             # white threshold, gray 200, so that lumens stay tissue as their label says).
             lumen_mask = np.clip((lumen - 0.66) * 12.0, 0.0, 1.0)
             h = cov * (0.85 + 0.6 * tag) * chromatin + 0.22 * (1 - cov)
-            e = 0.35 + 0.15 * fine
+            e = 0.35 + 0.15 * fine_k
             h, e = h * (1 - 0.85 * lumen_mask), e * (1 - 0.25 * lumen_mask)
         elif kind == "necrosis":
-            cov, tag = _nuclei(u1, v1, _NECROSIS_DEBRIS, seed, edge)
-            grain = _value_noise(u1, v1, 2.5, seed, 31)
-            h = 0.10 + 0.25 * grain * fine + cov * (0.6 + 0.7 * tag)
-            e = 0.22 + 0.45 * grain * (0.5 + fine)
+            cov, tag = _nuclei(u, v, _NECROSIS_DEBRIS, seed, edge)
+            grain = _value_noise(u, v, 2.5, seed, 31)
+            h = 0.10 + 0.25 * grain * fine_k + cov * (0.6 + 0.7 * tag)
+            e = 0.22 + 0.45 * grain * (0.5 + fine_k)
         elif kind == "lymphocytes":
-            cov, tag = _nuclei(u1, v1, _LYMPH_NUCLEI, seed, edge)
+            cov, tag = _nuclei(u, v, _LYMPH_NUCLEI, seed, edge)
             h = cov * (1.45 + 0.35 * tag) + 0.10
-            e = 0.18 + 0.12 * fine
+            e = 0.18 + 0.12 * fine_k
         else:  # stroma
-            angle = (_value_noise(u1, v1, 120.0, seed, 41) * np.float32(2.5 * np.pi)).astype(np.float32)
+            angle = (_value_noise(u, v, 120.0, seed, 41) * np.float32(2.5 * np.pi)).astype(np.float32)
             c, s = np.cos(angle), np.sin(angle)
-            along = u1 * c + v1 * s
-            across = -u1 * s + v1 * c
+            along = u * c + v * s
+            across = -u * s + v * c
             fibres = _value_noise(along / 12.0, across / 1.0, 1.0, seed, 42)  # long thin streaks
             fibres = np.clip((fibres - 0.30) * 1.8, 0.0, 1.0)
-            cov, tag = _nuclei(u1, v1, _STROMA_NUCLEI, seed, edge, angle=angle)
+            cov, tag = _nuclei(u, v, _STROMA_NUCLEI, seed, edge, angle=angle)
             h = 0.06 + cov * (0.9 + 0.4 * tag)
             e = 0.20 + 0.75 * fibres
-        hema[where] = h[where] if np.ndim(h) == 2 else h
-        eosin[where] = e[where] if np.ndim(e) == 2 else e
+        hema[where] = h
+        eosin[where] = e
 
     hema *= h_strength
     eosin *= e_strength

@@ -1,0 +1,205 @@
+"""Readers (torch Datasets) for the LUAD-HistoSeg / BCSS-WSSS layouts.
+
+- ``LabelledPatches``: a train split, patch-level labels parsed from the file names.
+- ``MaskedPatches``: a val/test split, ``img/`` RGB patches and ``mask/`` palette masks.
+- ``PseudoMaskPatches``: train patches with the per-layer pseudo masks of stage 2.
+
+Items are dicts of tensors: "image" uint8 [3,H,W] (the models divide by 255 themselves),
+"label" float32 [K], "mask" int64 [H,W] (palette indices; background = description's
+background_index), "masks" int64 [L,H,W] (one per pseudo-mask layer), "name" str.
+Every problem with a file raises DataError naming the file.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from wsss.data.description import DatasetDescription, parse_label
+from wsss.errors import DataError
+
+__all__ = ["LabelledPatches", "MaskedPatches", "PseudoMaskPatches", "read_rgb", "read_mask", "list_images",
+           "resolve_split_dir"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def list_images(folder: str, what: str) -> List[str]:
+    """Sorted image file names in ``folder``; DataError if it is missing or empty."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{what}: folder {folder} does not exist")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
+    if not names:
+        raise DataError(f"{what}: folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}): empty split")
+    return names
+
+
+def resolve_split_dir(root: str, split: str) -> str:
+    """root/split if it exists, else root itself when it already is that split's folder."""
+    candidate = os.path.join(root, split)
+    if os.path.isdir(candidate):
+        return candidate
+    if os.path.isdir(root) and os.path.basename(os.path.normpath(root)) == split:
+        return root
+    raise DataError(f"dataset {root}: no '{split}' split (expected folder {candidate})")
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """uint8 [H,W,3]; DataError naming the file if it cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the image: {e}") from e
+
+
+def read_mask(path: str, description: DatasetDescription) -> np.ndarray:
+    """Palette indices uint8 [H,W] from a palette ('P'), grayscale ('L') or RGB-coloured mask.
+
+    Allowed values are 0..K-1 and the background index; anything else is a DataError that
+    names the file and the offending value.
+    """
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("P", "L"):
+                mask = np.asarray(img)
+            elif img.mode in ("RGB", "RGBA"):
+                mask = _rgb_to_index(np.asarray(img.convert("RGB")), description, path)
+            else:
+                raise DataError(f"{path}: mask mode {img.mode} is not supported (expected a palette PNG)")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the mask: {e}") from e
+    k = description.num_classes
+    bad = (mask >= k) & (mask != description.background_index)
+    if bad.any():
+        value = int(mask[bad][0])
+        raise DataError(f"{path}: palette index {value} out of range: expected 0..{k - 1} "
+                        f"({', '.join(description.class_names)}) or {description.background_index} (background)")
+    return mask.astype(np.uint8, copy=False)
+
+
+def _rgb_to_index(rgb: np.ndarray, description: DatasetDescription, path: str) -> np.ndarray:
+    code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    out = np.full(code.shape, 255, dtype=np.uint8)
+    known = np.zeros(code.shape, dtype=bool)
+    for idx, (r, g, b) in enumerate(description.palette):
+        hit = code == ((r << 16) | (g << 8) | b)
+        out[hit] = idx
+        known |= hit
+    if not known.all():
+        y, x = np.argwhere(~known)[0]
+        raise DataError(f"{path}: colour {tuple(int(v) for v in rgb[y, x])} at (x={x}, y={y}) is not in the "
+                        f"palette of {description.name}")
+    return out
+
+
+def _to_chw(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+
+class LabelledPatches(torch.utils.data.Dataset):
+    """Train split: patches whose file names carry the patch-level label.
+
+    root: the dataset root (with a train/ folder) or the train folder itself.
+    All labels are parsed up front, so a bad file name fails before any training.
+    """
+
+    def __init__(self, root: str, description: DatasetDescription, split: str = "train"):
+        self.folder = resolve_split_dir(root, split)
+        self.description = description
+        self.names = list_images(self.folder, f"{description.name} {split} split")
+        self.labels = torch.tensor([parse_label(os.path.join(self.folder, n), description) for n in self.names],
+                                   dtype=torch.float32)  # [N,K]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> Dict:
+        path = os.path.join(self.folder, self.names[i])
+        return {"image": _to_chw(read_rgb(path)), "label": self.labels[i], "name": self.names[i]}
+
+
+class MaskedPatches(torch.utils.data.Dataset):
+    """A val/test split: ``img/`` RGB patches and ``mask/`` palette masks of the same stem."""
+
+    def __init__(self, root: str, description: DatasetDescription, split: str = "val",
+                 image_dir: str = "img", mask_dir: str = "mask"):
+        base = resolve_split_dir(root, split)
+        self.image_folder = os.path.join(base, image_dir)
+        self.mask_folder = os.path.join(base, mask_dir)
+        self.description = description
+        what = f"{description.name} {split} split"
+        self.names = list_images(self.image_folder, what)
+        masks = {os.path.splitext(n)[0]: n for n in list_images(self.mask_folder, what + " masks")}
+        self.mask_names = []
+        for n in self.names:
+            stem = os.path.splitext(n)[0]
+            if stem not in masks:
+                raise DataError(f"{os.path.join(self.image_folder, n)}: no mask {stem}.png in {self.mask_folder}")
+            self.mask_names.append(masks[stem])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def validate(self) -> None:
+        """Check every image/mask pair (sizes, palette indices) before work starts."""
+        for i in range(len(self)):
+            self[i]
+
+    def __getitem__(self, i: int) -> Dict:
+        ipath = os.path.join(self.image_folder, self.names[i])
+        mpath = os.path.join(self.mask_folder, self.mask_names[i])
+        rgb = read_rgb(ipath)
+        mask = read_mask(mpath, self.description)
+        if mask.shape != rgb.shape[:2]:
+            raise DataError(f"{mpath}: mask size {mask.shape[1]}x{mask.shape[0]} does not match its image "
+                            f"{ipath} ({rgb.shape[1]}x{rgb.shape[0]})")
+        return {"image": _to_chw(rgb), "mask": torch.from_numpy(mask.astype(np.int64)), "name": self.names[i]}
+
+
+class PseudoMaskPatches(torch.utils.data.Dataset):
+    """Train patches with their stage-2 pseudo masks: pseudo_root/<layer>/<stem>.png per layer.
+
+    Also used for the fully supervised baseline with ``layers=("",)`` and a truth folder.
+    Items: "image" uint8 [3,H,W], "masks" int64 [L,H,W], "label" float32 [K], "name".
+    """
+
+    def __init__(self, root: str, pseudo_root: str, layers: Sequence[str], description: DatasetDescription,
+                 split: str = "train"):
+        self.patches = LabelledPatches(root, description, split)
+        self.description = description
+        self.layer_dirs = [os.path.join(pseudo_root, layer) if layer else pseudo_root for layer in layers]
+        for d in self.layer_dirs:
+            if not os.path.isdir(d):
+                raise DataError(f"pseudo masks: folder {d} does not exist (run wsss-pseudo-masks first)")
+        # Fail before training if any mask is missing.
+        for d in self.layer_dirs:
+            present = set(os.listdir(d))
+            for n in self.patches.names:
+                if self._mask_name(n) not in present:
+                    raise DataError(f"pseudo masks: {os.path.join(d, self._mask_name(n))} is missing for "
+                                    f"{os.path.join(self.patches.folder, n)}")
+
+    @staticmethod
+    def _mask_name(name: str) -> str:
+        return os.path.splitext(name)[0] + ".png"
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def __getitem__(self, i: int) -> Dict:
+        item = self.patches[i]
+        h, w = item["image"].shape[1:]
+        masks = []
+        for d in self.layer_dirs:
+            path = os.path.join(d, self._mask_name(item["name"]))
+            mask = read_mask(path, self.description)
+            if mask.shape != (h, w):
+                raise DataError(f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} does not match its image "
+                                f"{item['name']} ({w}x{h})")
+            masks.append(torch.from_numpy(mask.astype(np.int64)))
+        item["masks"] = torch.stack(masks)
+        return item

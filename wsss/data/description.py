@@ -1,0 +1,196 @@
+"""Dataset descriptions: the class list, its order, palette, background index and label parsing.
+
+A description is plain data (JSON-able), so another cohort with other classes needs a JSON
+file, not code.  Two built-ins follow METHOD.md exactly: LUAD-HistoSeg and BCSS-WSSS.
+
+Label parsers read the patch-level label from a training file name:
+- ``"bracket_spaced"``  (LUAD-HistoSeg): ``1031280-2300-27920-[1 0 0 1].png``
+- ``"bracket_compact"`` (BCSS-WSSS):     ``TCGA-..._MPP-0.2500+0[1101].png``
+Both take the LAST ``[...]`` group of the stem; ``"bracket"`` accepts either form.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from wsss.errors import DataError
+
+__all__ = [
+    "DatasetDescription",
+    "LUAD_HISTOSEG",
+    "BCSS_WSSS",
+    "BUILTIN_DATASETS",
+    "get_description",
+    "parse_label",
+    "format_label",
+]
+
+LABEL_PARSERS = ("bracket_spaced", "bracket_compact", "bracket")
+
+
+@dataclass(frozen=True)
+class DatasetDescription:
+    """What a dataset's files mean.
+
+    name: short name ("luad-histoseg").
+    class_names: tissue classes in label order, K of them (index 0..K-1).
+    palette: RGB triples for indices 0..len(palette)-1 (K tissue colours, then background).
+    background_index: the palette index of white background / excluded pixels (often K).
+    label_parser: how train file names carry the label (see module docstring).
+    background_is_tissue: NB: BCSS keeps white regions as tissue in pseudo masks; LUAD
+        turns gray > 200 into background (METHOD.md, stage 2).
+    white_threshold / min_object_px: LUAD's background rule (gray > 200, objects < 50 px removed).
+    mpp: nominal microns per pixel of the patches (informational; bundles record it).
+    """
+
+    name: str
+    class_names: Tuple[str, ...]
+    palette: Tuple[Tuple[int, int, int], ...]
+    background_index: int
+    label_parser: str = "bracket_spaced"
+    background_is_tissue: bool = False
+    white_threshold: int = 200
+    min_object_px: int = 50
+    mpp: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        object.__setattr__(self, "palette", tuple(tuple(int(v) for v in rgb) for rgb in self.palette))
+        k = len(self.class_names)
+        if k < 1:
+            raise DataError(f"dataset description {self.name!r}: class_names must not be empty")
+        if len(self.palette) < k:
+            raise DataError(f"dataset description {self.name!r}: palette has {len(self.palette)} colours, "
+                            f"fewer than the {k} classes")
+        for rgb in self.palette:
+            if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+                raise DataError(f"dataset description {self.name!r}: palette entries must be RGB triples "
+                                f"in 0..255, got {rgb}")
+        if self.background_index < k:
+            raise DataError(f"dataset description {self.name!r}: background_index "
+                            f"{self.background_index} collides with a tissue class (0..{k - 1})")
+        if self.background_index > 255:
+            raise DataError(f"dataset description {self.name!r}: background_index must be in "
+                            f"[{k}, 255], got {self.background_index}")
+        if self.label_parser not in LABEL_PARSERS:
+            raise DataError(f"dataset description {self.name!r}: label_parser must be one of "
+                            f"{', '.join(LABEL_PARSERS)}, got {self.label_parser!r}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def palette_flat(self) -> List[int]:
+        """Palette as the 768-entry list PIL's putpalette wants (unused entries black)."""
+        flat = [v for rgb in self.palette for v in rgb]
+        return flat + [0] * (768 - len(flat))
+
+    def to_dict(self) -> Dict:
+        d = dataclasses.asdict(self)
+        d["class_names"] = list(self.class_names)
+        d["palette"] = [list(rgb) for rgb in self.palette]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "DatasetDescription":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DataError(f"dataset description: unknown keys {unknown}; known keys are {sorted(known)}")
+        missing = [k for k in ("name", "class_names", "palette", "background_index") if k not in d]
+        if missing:
+            raise DataError(f"dataset description: missing keys {missing}")
+        return cls(**d)
+
+    def save_json(self, path: str) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load_json(cls, path: str) -> "DatasetDescription":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"dataset description {path}: cannot read it as JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise DataError(f"dataset description {path}: expected a JSON object")
+        return cls.from_dict(d)
+
+
+LUAD_HISTOSEG = DatasetDescription(
+    name="luad-histoseg",
+    class_names=("TE", "NEC", "LYM", "TAS"),
+    palette=((205, 51, 51), (0, 255, 0), (65, 105, 225), (255, 165, 0), (255, 255, 255)),
+    background_index=4,
+    label_parser="bracket_spaced",
+    background_is_tissue=False,
+    mpp=1.0,
+)
+
+BCSS_WSSS = DatasetDescription(
+    name="bcss-wsss",
+    class_names=("TUM", "STR", "LYM", "NEC"),
+    palette=((255, 0, 0), (0, 255, 0), (0, 0, 255), (153, 0, 255), (255, 255, 255)),
+    background_index=4,
+    label_parser="bracket_compact",
+    background_is_tissue=True,
+    mpp=0.25,
+)
+
+BUILTIN_DATASETS: Dict[str, DatasetDescription] = {
+    "luad-histoseg": LUAD_HISTOSEG,
+    "luad": LUAD_HISTOSEG,
+    "bcss-wsss": BCSS_WSSS,
+    "bcss": BCSS_WSSS,
+}
+
+
+def get_description(name_or_path: str, root: Optional[str] = None) -> DatasetDescription:
+    """A built-in name ("luad", "bcss-wsss"), a JSON file, or "auto" (root/dataset.json, else LUAD)."""
+    if name_or_path == "auto":
+        if root is not None and os.path.isfile(os.path.join(root, "dataset.json")):
+            return DatasetDescription.load_json(os.path.join(root, "dataset.json"))
+        return LUAD_HISTOSEG
+    key = name_or_path.lower()
+    if key in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[key]
+    if os.path.isfile(name_or_path):
+        return DatasetDescription.load_json(name_or_path)
+    raise DataError(f"dataset {name_or_path!r}: not a built-in ({', '.join(sorted(BUILTIN_DATASETS))}) "
+                    f"and not a JSON description file")
+
+
+_BRACKET = re.compile(r"\[([^\[\]]*)\]")
+
+
+def parse_label(filename: str, description: DatasetDescription) -> List[int]:
+    """Patch-level label (K zeros/ones) from a training file name; DataError naming the file."""
+    stem = os.path.splitext(os.path.basename(filename))[0]
+    groups = _BRACKET.findall(stem)
+    k = description.num_classes
+    if not groups:
+        raise DataError(f"{filename}: cannot parse the patch label: no '[...]' group in the file name "
+                        f"(expected e.g. {format_label([1] + [0] * (k - 1), description)!r})")
+    body = groups[-1].strip()
+    kind = description.label_parser
+    if kind == "bracket":
+        kind = "bracket_spaced" if " " in body else "bracket_compact"
+    tokens = body.split() if kind == "bracket_spaced" else list(body)
+    if len(tokens) != k or any(t not in ("0", "1") for t in tokens):
+        raise DataError(f"{filename}: cannot parse the patch label [{body}]: expected {k} digits 0/1 "
+                        f"({'space separated' if kind == 'bracket_spaced' else 'without spaces'}) "
+                        f"for classes {', '.join(description.class_names)}")
+    return [int(t) for t in tokens]
+
+
+def format_label(label: Sequence[int], description: DatasetDescription) -> str:
+    """'[1 0 0 1]' or '[1001]', the inverse of parse_label."""
+    sep = "" if description.label_parser == "bracket_compact" else " "
+    return "[" + sep.join(str(int(v)) for v in label) + "]"
