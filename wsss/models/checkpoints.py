@@ -1,0 +1,201 @@
+"""Load classifier / segmenter checkpoints, of the reference code or of wsss, strictly.
+
+Accepted files (always read with ``torch.load(weights_only=True)``; nothing else is unpickled):
+
+- reference stage 1 (ChuHan89/WSSS-Tissue ``1_train_stage1.py``): a plain state_dict with keys
+  conv1a.*, b2.* ... b7.*, bn7.*, fc8.weight;
+- reference stage 2 (``3_train_stage2.py``): ``{'state_dict': ..., 'optimizer': ...}`` with keys
+  backbone.*, aspp.*, decoder.*;
+- wsss training checkpoints: ``{'model': state_dict, 'config': dict, 'epoch': int,
+  'optimizer': ..., 'kind': 'classifier' | 'segmenter'}`` (only 'model' is required; 'kind',
+  when present, must match).
+
+A ``module.`` prefix on every key (DataParallel) is stripped.  The architecture (number of
+classes, width, DeepLab backbone depth) is read off the tensor shapes, then the state_dict is
+loaded with ``strict=True``.  Anything else raises BundleError naming the file and what was wrong.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from wsss.errors import BundleError
+from wsss.models.deeplab import BACKBONE_LAYERS, DeepLabV3Plus
+from wsss.models.resnet38 import ResNet38Classifier
+
+__all__ = [
+    "CheckpointContents",
+    "read_checkpoint",
+    "load_classifier_checkpoint",
+    "load_segmenter_checkpoint",
+    "classifier_from_state_dict",
+    "segmenter_from_state_dict",
+]
+
+
+@dataclass
+class CheckpointContents:
+    """What a checkpoint file holds: its state_dict, the format it came in and any config."""
+
+    path: str
+    kind: str  # "classifier" | "segmenter"
+    source_format: str  # "reference-stage1" | "reference-stage2" | "wsss"
+    state_dict: Dict[str, Tensor]
+    config: Dict[str, Any] = field(default_factory=dict)
+    epoch: Optional[int] = None
+
+
+def _guess_kind(state_dict: Mapping[str, Any]) -> Optional[str]:
+    if "fc8.weight" in state_dict or "conv1a.weight" in state_dict:
+        return "classifier"
+    if any(k.startswith(("backbone.", "aspp.", "decoder.")) for k in state_dict):
+        return "segmenter"
+    return None
+
+
+def _strip_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+    keys = list(state_dict)
+    if keys and all(k.startswith("module.") for k in keys):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def read_checkpoint(path: str, *, expected_kind: Optional[str] = None) -> CheckpointContents:
+    """Read a checkpoint file (any accepted format) without building a network."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BundleError(f"checkpoint {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, disallowed globals ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"checkpoint {path}: not a PyTorch checkpoint readable with weights_only=True ({first})") from None
+    if not isinstance(obj, Mapping):
+        raise BundleError(f"checkpoint {path}: expected a dict (state_dict or training checkpoint), got {type(obj).__name__}")
+
+    config: Dict[str, Any] = {}
+    epoch: Optional[int] = None
+    declared_kind: Optional[str] = None
+    if "model" in obj and isinstance(obj["model"], Mapping):
+        source_format = "wsss"
+        state_dict = obj["model"]
+        config = dict(obj.get("config") or {})
+        epoch = obj.get("epoch")
+        declared_kind = obj.get("kind")
+    elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        source_format = "reference-stage2"
+        state_dict = obj["state_dict"]
+    else:
+        source_format = "reference-stage1"
+        state_dict = obj
+    state_dict = _strip_prefix(state_dict)
+    bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise BundleError(f"checkpoint {path}: not a state_dict: entries {bad[:3]} are not tensors")
+    if not state_dict:
+        raise BundleError(f"checkpoint {path}: the state_dict is empty")
+    kind = _guess_kind(state_dict)
+    if kind is None:
+        raise BundleError(
+            f"checkpoint {path}: not a wsss network: expected classifier keys (conv1a.*, fc8.weight) or "
+            f"segmenter keys (backbone.*, aspp.*, decoder.*), got e.g. {list(state_dict)[:3]}"
+        )
+    if declared_kind is not None and declared_kind != kind:
+        raise BundleError(f"checkpoint {path}: says kind={declared_kind!r} but holds {kind} weights")
+    if source_format == "reference-stage2" and kind == "classifier":
+        source_format = "reference-stage1"
+    if expected_kind is not None and kind != expected_kind:
+        raise BundleError(f"checkpoint {path}: wrong network: expected a {expected_kind} checkpoint, got a {kind} checkpoint")
+    return CheckpointContents(path=path, kind=kind, source_format=source_format, state_dict=dict(state_dict),
+                              config=config, epoch=epoch if isinstance(epoch, int) else None)
+
+
+def _summarise(keys, n: int = 4) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], where: str) -> None:
+    own = model.state_dict()
+    missing = set(own) - set(state_dict)
+    unexpected = set(state_dict) - set(own)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_summarise(unexpected)}")
+    shapes = [k for k in set(own) & set(state_dict) if tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if shapes:
+        k = sorted(shapes)[0]
+        problems.append(f"{len(shapes)} shape mismatches, e.g. {k}: checkpoint {list(state_dict[k].shape)} vs "
+                        f"model {list(own[k].shape)}")
+    if problems:
+        raise BundleError(f"{where}: does not match the network: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _width_from(channels: int, reference: int, where: str) -> float:
+    width = channels / reference
+    if width <= 0:
+        raise BundleError(f"{where}: cannot infer the network width from {channels} channels")
+    return width
+
+
+def classifier_from_state_dict(state_dict: Mapping[str, Tensor], *, num_classes: Optional[int] = None,
+                               where: str = "state_dict") -> ResNet38Classifier:
+    """Build a ResNet38Classifier sized from the state_dict shapes and load it strictly (eval mode)."""
+    for key in ("conv1a.weight", "fc8.weight"):
+        if key not in state_dict:
+            raise BundleError(f"{where}: not a ResNet-38 classifier: key {key} is missing")
+    k = int(state_dict["fc8.weight"].shape[0])
+    if num_classes is not None and k != num_classes:
+        raise BundleError(f"{where}: wrong num_classes: the classifier has {k} classes, expected {num_classes}")
+    width = _width_from(int(state_dict["conv1a.weight"].shape[0]), 64, where)
+    model = ResNet38Classifier(k, width=width)
+    _load_strict(model, state_dict, where)
+    return model.eval()
+
+
+def segmenter_from_state_dict(state_dict: Mapping[str, Tensor], *, num_classes: Optional[int] = None,
+                              where: str = "state_dict") -> DeepLabV3Plus:
+    """Build a DeepLabV3Plus sized from the state_dict shapes (classes, width, ResNet depth) and
+    load it strictly (eval mode)."""
+    for key in ("backbone.conv1.weight", "decoder.last_conv.8.weight"):
+        if key not in state_dict:
+            raise BundleError(f"{where}: not a DeepLabV3+ segmenter: key {key} is missing")
+    k = int(state_dict["decoder.last_conv.8.weight"].shape[0])
+    if num_classes is not None and k != num_classes:
+        raise BundleError(f"{where}: wrong num_classes: the segmenter has {k} classes, expected {num_classes}")
+    width = _width_from(int(state_dict["backbone.conv1.weight"].shape[0]), 64, where)
+    pattern = re.compile(r"backbone\.layer(\d)\.(\d+)\.")
+    depth = [0, 0, 0, 0]
+    for key in state_dict:
+        m = pattern.match(key)
+        if m:
+            i = int(m.group(1)) - 1
+            depth[i] = max(depth[i], int(m.group(2)) + 1)
+    backbone = next((name for name, layers in BACKBONE_LAYERS.items() if tuple(depth) == layers), None)
+    if backbone is None:
+        raise BundleError(f"{where}: unsupported DeepLab backbone: blocks per stage {depth}, expected one of "
+                          f"{ {n: list(v) for n, v in BACKBONE_LAYERS.items()} }")
+    model = DeepLabV3Plus(k, backbone=backbone, width=width)
+    _load_strict(model, state_dict, where)
+    return model.eval()
+
+
+def load_classifier_checkpoint(path: str, *, num_classes: Optional[int] = None) -> ResNet38Classifier:
+    """ResNet38Classifier (eval mode, CPU) from a reference stage-1 or wsss classifier checkpoint."""
+    contents = read_checkpoint(path, expected_kind="classifier")
+    return classifier_from_state_dict(contents.state_dict, num_classes=num_classes, where=f"checkpoint {contents.path}")
+
+
+def load_segmenter_checkpoint(path: str, *, num_classes: Optional[int] = None) -> DeepLabV3Plus:
+    """DeepLabV3Plus (eval mode, CPU) from a reference stage-2 or wsss segmenter checkpoint."""
+    contents = read_checkpoint(path, expected_kind="segmenter")
+    return segmenter_from_state_dict(contents.state_dict, num_classes=num_classes, where=f"checkpoint {contents.path}")

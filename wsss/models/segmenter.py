@@ -1,0 +1,69 @@
+"""The inference module: RGB tiles -> classification gate -> segmentation -> labels.
+
+One TorchScript-scriptable module that a bundle carries (wsss.bundle) and that Python, the
+whole-slide runner and the C++ host all call with the same signature.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wsss import ops
+
+__all__ = ["TissueSegmenter"]
+
+
+class TissueSegmenter(nn.Module):
+    """Classifier-gated tissue segmentation of RGB tiles.
+
+    ``forward(tiles, with_scores=False) -> (labels, scores, class_prob)``:
+
+    - tiles: [N,3,H,W] uint8 RGB, or float in 0..255.  Scaled by ``input_scale`` (1/255 as the
+      reference) and cast to the dtype of the networks' weights (so a bfloat16 copy of the
+      module takes bfloat16 input).
+    - labels: uint8 [N,H,W] = wsss.ops.gate_argmax(segmentation logits, class_prob, eps): a class
+      with class_prob <= eps never wins; where no class passes, the ungated argmax is kept.
+    - scores: float32 [N,K,H,W] gated class probabilities (softmax of the segmentation logits
+      with gated classes zeroed, wsss.ops.gated_scores) for blending overlapping tiles; an empty
+      tensor when with_scores is False.
+    - class_prob: float32 [N,K] = sigmoid(classifier logits).
+
+    NB: the segmentation logits are upsampled to the tile size in float32 whatever the networks'
+    dtype, so reduced-precision copies only round inside the networks.
+    """
+
+    def __init__(self, classifier: nn.Module, segmenter: nn.Module, *, eps: float = 0.1,
+                 input_scale: float = 1.0 / 255.0) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.segmenter = segmenter
+        self.eps = float(eps)
+        self.input_scale = float(input_scale)
+        self.num_classes = int(classifier.num_classes)
+        if int(segmenter.num_classes) != self.num_classes:
+            raise ValueError(
+                f"TissueSegmenter: classifier has {self.num_classes} classes but segmenter has "
+                f"{int(segmenter.num_classes)}"
+            )
+
+    def _weight_dtype(self) -> torch.dtype:
+        return self.classifier.conv1a.weight.dtype
+
+    def forward(self, tiles: Tensor, with_scores: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        if tiles.dim() != 4 or tiles.size(1) != 3:
+            raise ValueError("TissueSegmenter: tiles must have shape [N, 3, H, W], got {}".format(tiles.shape))
+        if tiles.dtype == torch.bool or not (tiles.dtype == torch.uint8 or tiles.is_floating_point()):
+            raise ValueError("TissueSegmenter: tiles must be uint8 or floating, got {}".format(tiles.dtype))
+        x = tiles.to(self._weight_dtype()) * self.input_scale
+        class_prob = torch.sigmoid(self.classifier(x).float())
+        logits = self.segmenter.forward_low_res(x).float()
+        logits = F.interpolate(logits, size=(tiles.shape[2], tiles.shape[3]), mode="bilinear", align_corners=True)
+        labels = ops.gate_argmax(logits, class_prob, self.eps)
+        if with_scores:
+            scores = ops.gated_scores(torch.softmax(logits, dim=1), class_prob, self.eps)
+        else:
+            scores = torch.empty(0, dtype=torch.float32, device=tiles.device)
+        return labels, scores, class_prob
