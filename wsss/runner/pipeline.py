@@ -1,0 +1,574 @@
+"""The whole-slide pipeline: read tiles -> batch -> predict -> blend/stitch -> write outputs.
+
+Stages overlap: reader threads (each with its own slide handle) decode tiles ahead of the
+model; the main thread batches and runs the model (torch releases the GIL); a stitcher
+thread blends predictions, finalises labels and compresses output tiles to a spool on disk.
+After the last tile the pyramid and the other outputs are written from the spool.
+
+Python API::
+
+    model = SlideModel.from_bundle(load_bundle("model.pt"), device="cpu", precision="auto")
+    result = run_slide("slide.svs", model, "out/slide", RunOptions(overlap=32))
+
+``SlideModel`` can also wrap any callable ``predict(tiles uint8 [N,3,t,t]) -> probabilities
+float [N,K,t,t]`` (already gated per tile), which is how the tests drive the runner.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import platform
+import queue
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from wsss.errors import WsssError, SlideError, BundleError
+
+__all__ = ["SlideModel", "RunOptions", "SlideResult", "run_slide", "run_slides", "OUTPUT_FILES",
+           "RUN_FORMAT_VERSION"]
+
+RUN_FORMAT_VERSION = 1
+OUTPUT_FILES = ("labels.tiff", "overlay.png", "tissue_qc.png", "areas.json", "areas.csv", "polygons.geojson")
+
+
+@dataclass
+class SlideModel:
+    """What the runner needs from a model.
+
+    predict: uint8 torch tensor [N, 3, t, t] -> float tensor/array [N, K, t, t] of per-tile gated
+    class probabilities.  mpp / tile_size: the resolution and tile edge the model expects.
+    identity: a string that changes whenever the model's outputs could (bundle sha256).
+    """
+
+    predict: Callable
+    class_names: Sequence[str]
+    palette: Sequence[Sequence[int]]
+    background_index: int
+    mpp: float
+    tile_size: int
+    identity: str
+    description: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_bundle(cls, bundle, *, device: str = "cpu", precision: str = "auto") -> "SlideModel":
+        """Adapter over wsss.bundle.Bundle: uses ``bundle.predictor(device, precision)``."""
+        md = bundle.metadata
+        predictor = bundle.predictor(device, precision)
+
+        def predict(tiles):
+            out = predictor(tiles)
+            return out[1]  # (labels, gated probabilities, class_prob)
+
+        try:
+            return cls(predict=predict, class_names=list(md["class_names"]), palette=[list(p) for p in md["palette"]],
+                       background_index=int(md["background_index"]), mpp=float(md["mpp"]),
+                       tile_size=int(md["tile_size"]), identity=str(bundle.sha256),
+                       description={"path": str(bundle.path), "sha256": bundle.sha256,
+                                    "content_hash": md.get("content_hash"), "wsss_version": md.get("wsss_version"),
+                                    "torch_version": md.get("torch_version"), "device": device,
+                                    "precision": precision})
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{bundle.path}: bundle metadata lacks or mangles a field the runner needs: {e}") from None
+
+
+@dataclass
+class RunOptions:
+    """Options that shape the result (all but ``progress``/``workers`` enter the resume fingerprint)."""
+
+    tile_size: Optional[int] = None  # default: the model's tile size
+    overlap: Optional[int] = None  # default: tile_size // 8
+    batch_size: int = 8
+    workers: int = 2
+    mpp: Optional[float] = None  # slide level-0 microns per pixel, overrides metadata
+    reader: str = "auto"
+    tissue: str = "auto"  # "auto" (detect), "none" (everything), or a mask image path
+    min_tissue: float = 0.0  # a tile runs when its tissue fraction is above this
+    output_tile: int = 256  # TIFF tile edge of the label mask
+    write_probs: bool = False
+    resume: bool = False
+    progress: bool = True
+    mpp_tolerance: float = 0.05
+
+    def fingerprint_fields(self) -> dict:
+        d = asdict(self)
+        for k in ("batch_size", "workers", "resume", "progress"):
+            d.pop(k)
+        if self.tissue not in ("auto", "none"):
+            d["tissue_sha256"] = _sha256_file(Path(self.tissue)) if Path(self.tissue).is_file() else None
+        return d
+
+
+@dataclass
+class SlideResult:
+    slide: str
+    out_dir: str
+    status: str  # "done" | "skipped" | "failed"
+    message: str = ""
+    outputs: Dict[str, str] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
+    areas: Optional[dict] = None
+
+
+class _StageTimer:
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, dt: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + dt
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _slide_identity(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def fingerprint(slide: Path, model: SlideModel, options: RunOptions) -> str:
+    """Hash of everything that decides the outputs: slide file, model identity, options."""
+    blob = json.dumps({"format": RUN_FORMAT_VERSION, "slide": _slide_identity(slide), "model": model.identity,
+                       "options": options.fingerprint_fields()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _is_complete(out_dir: Path, fp: str) -> bool:
+    run_json = out_dir / "run.json"
+    if not run_json.is_file():
+        return False
+    try:
+        info = json.loads(run_json.read_text())
+    except (OSError, ValueError):
+        return False
+    if info.get("status") != "complete" or info.get("fingerprint") != fp:
+        return False
+    return all((out_dir / name).is_file() and (out_dir / name).stat().st_size == size
+               for name, size in info.get("output_sizes", {}).items())
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("wsss", "torch", "numpy", "tifffile", "openslide-python", "openslide-bin", "scikit-image",
+                "shapely", "pillow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    try:
+        import openslide
+
+        out["libopenslide"] = openslide.__library_version__
+    except Exception:
+        pass
+    return out
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove it writable, or raise WsssError naming it."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise WsssError(f"output directory {out_dir} cannot be written: {e.strerror or e}") from None
+
+
+# --------------------------------------------------------------------------------------
+# One slide
+# --------------------------------------------------------------------------------------
+def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] = None, *,
+              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> SlideResult:
+    """Segment one slide into ``out_dir`` (see wsss.runner.writers for the files).
+
+    Raises WsssError subclasses for expected mistakes (bad slide, bad options).
+    """
+    import torch
+
+    from wsss.runner import writers
+    from wsss.runner.stitching import OutputTiles, Stitcher, TileSpool
+    from wsss.runner.tiling import TileGrid, weight_window
+    from wsss.slide import SlideView, detect_tissue, full_tissue_mask, load_tissue_mask, open_slide, plan_scale
+
+    options = options or RunOptions()
+    slide = Path(slide)
+    out_dir = Path(out_dir)
+    timer = _StageTimer()
+    t_start = time.perf_counter()
+    tile = int(options.tile_size or model.tile_size)
+    overlap = int(options.overlap if options.overlap is not None else tile // 8)
+    if options.output_tile % 16 or options.output_tile < 16:
+        raise WsssError(f"output tile size must be a positive multiple of 16, got {options.output_tile}")
+    if not 0.0 <= options.min_tissue < 1.0:
+        raise WsssError(f"--min-tissue must be in [0, 1), got {options.min_tissue}")
+    if options.batch_size < 1:
+        raise WsssError(f"--batch-size must be at least 1, got {options.batch_size}")
+
+    with timer("open"):
+        reader = open_slide(slide, reader=options.reader, mpp=options.mpp)
+    views: List = []
+    try:
+        check_output_dir(out_dir)
+        fp = fingerprint(slide, model, options)
+        if options.resume and _is_complete(out_dir, fp):
+            return SlideResult(str(slide), str(out_dir), "skipped", "outputs match the same model and options")
+        # NB: the folder stops claiming completeness before any output is replaced.
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / "run.json").unlink()
+        plan = plan_scale(reader, model.mpp, tolerance=options.mpp_tolerance)
+        view = SlideView(reader, plan)
+        grid = TileGrid(plan.width, plan.height, tile, overlap)
+
+        with timer("tissue"):
+            qc_thumb = None
+            if options.tissue == "auto":
+                tissue, qc_thumb = detect_tissue(view)
+            elif options.tissue == "none":
+                tissue = full_tissue_mask(plan.width * plan.mpp, plan.height * plan.mpp)
+            else:
+                tissue = load_tissue_mask(options.tissue, slide_width_um=plan.width * plan.mpp,
+                                          slide_height_um=plan.height * plan.mpp)
+            tissue_area = _TissueIntegral(tissue)
+            grid.select(lambda x, y: tissue_area.fraction(x, y, tile, tile, plan.mpp) > options.min_tissue)
+        log(f"{slide.name}: {plan.width}x{plan.height} px at {plan.mpp:.4g} um/px (level {plan.level}"
+            f"{', resampled x%.3g' % plan.scale if plan.resampled else ''}), {len(grid.tiles)}/{grid.total} tiles "
+            f"with tissue ({100 * tissue.fraction():.1f}% tissue)")
+
+        work = Path(tempfile.mkdtemp(prefix=".work.", suffix=".tmp", dir=out_dir))
+        spools: List[TileSpool] = []
+        try:
+            bg = int(model.background_index)
+            T = options.output_tile
+            label_spool = TileSpool(str(work / "labels.spool"), T, plan.width, plan.height, np.uint8, fill=bg)
+            spools.append(label_spool)
+            window = weight_window(tile, overlap)
+            finalize = _make_finalize(tissue if options.tissue != "none" else None, plan.mpp, bg, timer)
+            # K is only known after the first prediction: build the stitcher lazily.
+            state: dict = {}
+
+            def make_stitcher(K: int) -> Stitcher:
+                probs_out = None
+                stitcher = Stitcher(plan.width, plan.height, tile, grid.xs, grid.ys, grid.tiles, window, K,
+                                    finalize, labels_out=None)  # type: ignore[arg-type]
+                expected = stitcher.covered_pixels_per_output_tile(T)
+                stitcher.labels_out = OutputTiles(label_spool, expected)
+                if options.write_probs:
+                    ps = TileSpool(str(work / "probs.spool"), T, plan.width, plan.height, np.float16, channels=K, fill=0)
+                    spools.append(ps)
+                    state["probs_spool"] = ps
+                    stitcher.probs_out = OutputTiles(ps, expected)
+                return stitcher
+
+            with timer("tiles"):
+                stitcher = _run_tiles(view, grid, model, options, timer, make_stitcher, views, state, slide)
+            if stitcher is None:  # no tissue tile at all
+                class_pixels = np.zeros(256, np.int64)
+                K = len(model.class_names)
+            else:
+                class_pixels = stitcher.class_pixels.copy()
+                K = stitcher.num_classes
+                state["peak_pieces"] = stitcher.peak_pieces
+                state["peak_piece_mb"] = stitcher.peak_piece_bytes / 2**20
+            covered = int(class_pixels.sum())
+            class_pixels[bg] += plan.width * plan.height - covered  # tiles never run: background
+            names = _class_names(model, K)
+
+            with timer("pyramid"):
+                levels = writers.build_label_pyramid(label_spool, work, fill=bg)
+                spools.extend(levels[1:])
+            with timer("write_labels"):
+                writers.write_label_tiff(out_dir / "labels.tiff", levels, mpp=plan.mpp, palette=model.palette,
+                                         background_index=bg, class_names=names)
+                if options.write_probs and "probs_spool" in state:
+                    writers.write_probs_tiff(out_dir / "probs.tiff", state["probs_spool"], mpp=plan.mpp,
+                                             class_names=names[:K])
+            with timer("write_other"):
+                areas = writers.class_areas(class_pixels, mpp=plan.mpp, class_names=names[:K], background_index=bg)
+                writers.write_areas(out_dir / "areas.json", out_dir / "areas.csv", areas)
+                # pictures and polygons from the smallest pyramid level that is still detailed enough
+                over = next((s for s in levels if max(s.width, s.height) <= 2048), levels[-1])
+                over_labels = over.read_all()
+                thumb = view.read_downsampled(plan.width / over.width)
+                writers.write_overlay(out_dir / "overlay.png", thumb, over_labels, model.palette, bg)
+                if qc_thumb is None:
+                    qc_thumb = thumb
+                tiles_mask = _tiles_footprint(grid, tile, plan, qc_thumb.shape[:2])
+                writers.write_tissue_qc(out_dir / "tissue_qc.png", qc_thumb, _mask_at(tissue, plan, qc_thumb.shape[:2]),
+                                        tiles_mask)
+                poly = next((s for s in levels if max(s.width, s.height) <= 4096), levels[-1])
+                poly_labels = poly.read_all() if poly is not over else over_labels
+                # GeoJSON in level-0 pixels of the input slide (what QuPath shows)
+                scale = (plan.width / poly.width) * plan.mpp / reader.mpp
+                n_features = writers.write_geojson(out_dir / "polygons.geojson", poly_labels, scale=scale,
+                                                   class_names=names[:K], palette=model.palette, background_index=bg)
+        finally:
+            for s in spools:
+                s.close()
+            shutil.rmtree(work, ignore_errors=True)
+
+        outputs = list(OUTPUT_FILES) + (["probs.tiff"] if options.write_probs and "probs_spool" in state else [])
+        timings = dict(timer.seconds)
+        timings["total"] = time.perf_counter() - t_start
+        n_tiles = len(grid.tiles)
+        run_info = {
+            "status": "complete", "format_version": RUN_FORMAT_VERSION, "fingerprint": fp,
+            "slide": {**reader.describe(), **_slide_identity(slide)},
+            "model": {"identity": model.identity, "mpp": model.mpp, "tile_size": model.tile_size,
+                      "class_names": list(model.class_names), "background_index": bg, **model.description},
+            "options": {**asdict(options), "tile_size": tile, "overlap": overlap},
+            "scale": plan.to_dict(),
+            "tissue": {"source": tissue.source, "fraction": tissue.fraction(), "threshold": tissue.threshold,
+                       "mask_shape": list(tissue.mask.shape)},
+            "tiles": {"run": n_tiles, "grid": grid.total, "peak_live_pieces": state.get("peak_pieces", 0),
+                      "peak_piece_mb": state.get("peak_piece_mb", 0.0)},
+            "throughput": {"megapixels_per_second": n_tiles * tile * tile / 1e6 / max(timings.get("tiles", 0), 1e-9),
+                           "tiles_per_second": n_tiles / max(timings.get("tiles", 0), 1e-9)},
+            "geojson_features": n_features,
+            "areas": areas,
+            "versions": _versions(),
+            "timings_s": timings,
+            "output_sizes": {name: (out_dir / name).stat().st_size for name in outputs},
+        }
+        writers.write_json_atomic(out_dir / "run.json", run_info)
+        return SlideResult(str(slide), str(out_dir), "done", outputs={n: str(out_dir / n) for n in outputs + ["run.json"]},
+                           timings=timings, areas=areas)
+    finally:
+        for v in views:
+            with contextlib.suppress(Exception):
+                v.close()
+        reader.close()
+
+
+def _class_names(model: SlideModel, K: int) -> List[str]:
+    names = [str(n) for n in model.class_names]
+    while len(names) < max(K, model.background_index + 1 if model.background_index < 256 else 0):
+        names.append("background" if len(names) == model.background_index else f"class{len(names)}")
+    return names
+
+
+class _TissueIntegral:
+    """Tissue fraction of any grid rectangle from a summed-area table of the mask."""
+
+    def __init__(self, tissue) -> None:
+        self.t = tissue
+        m = tissue.mask.astype(np.int64)
+        self.sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.int64)
+        self.sat[1:, 1:] = m.cumsum(0).cumsum(1)
+
+    def fraction(self, x: int, y: int, w: int, h: int, grid_mpp: float) -> float:
+        mh, mw = self.t.mask.shape
+        # every mask pixel whose area meets the rectangle
+        r0 = min(mh, max(0, int(math.floor(y * grid_mpp / self.t.mpp_y))))
+        r1 = min(mh, max(r0 + 1, int(math.ceil((y + h) * grid_mpp / self.t.mpp_y))))
+        c0 = min(mw, max(0, int(math.floor(x * grid_mpp / self.t.mpp_x))))
+        c1 = min(mw, max(c0 + 1, int(math.ceil((x + w) * grid_mpp / self.t.mpp_x))))
+        if r0 >= mh or c0 >= mw:
+            return 0.0
+        s = self.sat[r1, c1] - self.sat[r0, c1] - self.sat[r1, c0] + self.sat[r0, c0]
+        return float(s) / max(1, (r1 - r0) * (c1 - c0))
+
+
+def _make_finalize(tissue, grid_mpp: float, background_index: int, timer: _StageTimer):
+    """Piece finaliser: blended probabilities [K,h,w] -> labels via the fused gate+argmax op."""
+    import torch
+
+    from wsss.ops import gate_argmax
+
+    ones_cache: Dict[int, "torch.Tensor"] = {}
+
+    def finalize(x: int, y: int, probs: np.ndarray) -> np.ndarray:
+        K, h, w = probs.shape
+        ones = ones_cache.get(K)
+        if ones is None:
+            ones = ones_cache[K] = torch.ones(1, K, dtype=torch.float32)
+        mask = None
+        if tissue is not None:
+            mask = torch.from_numpy(np.ascontiguousarray(tissue.region(x, y, w, h, grid_mpp)))[None]
+        scores = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None]
+        return gate_argmax(scores, ones, 0.0, mask, background_index)[0].numpy()
+
+    return finalize
+
+
+def _mask_at(tissue, plan, shape) -> np.ndarray:
+    h, w = shape
+    return tissue.region(0, 0, w, h, plan.mpp * plan.width / w)
+
+
+def _tiles_footprint(grid, tile: int, plan, shape) -> np.ndarray:
+    h, w = shape
+    fy, fx = h / plan.height, w / plan.width
+    m = np.zeros((h, w), bool)
+    for (x, y) in grid.tiles:
+        m[int(y * fy):int(math.ceil((y + tile) * fy)), int(x * fx):int(math.ceil((x + tile) * fx))] = True
+    return m
+
+
+def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher, views: list,
+               state: dict, slide: Path):
+    """Read, predict and stitch every selected tile; returns the Stitcher (None if no tiles)."""
+    import torch
+
+    tiles = grid.tiles
+    if not tiles:
+        return None
+    tile = grid.tile
+    local = threading.local()
+    views_lock = threading.Lock()
+
+    def read(pos):
+        v = getattr(local, "view", None)
+        if v is None:
+            v = local.view = view.reopen()
+            with views_lock:
+                views.append(v)
+        t0 = time.perf_counter()
+        arr = v.read(pos[0], pos[1], tile, tile)
+        timer.add("read (worker time)", time.perf_counter() - t0)
+        return arr
+
+    stitch_q: "queue.Queue" = queue.Queue(maxsize=3)
+    errors: list = []
+    holder: dict = {}
+
+    def stitch_worker():
+        try:
+            while True:
+                item = stitch_q.get()
+                if item is None:
+                    return
+                positions, probs = item
+                if "stitcher" not in holder:
+                    holder["stitcher"] = make_stitcher(probs.shape[1])
+                st = holder["stitcher"]
+                t0 = time.perf_counter()
+                for (x, y), p in zip(positions, probs):
+                    st.add(x, y, p)
+                timer.add("stitch", time.perf_counter() - t0)
+        except BaseException as e:  # surfaced in the main thread
+            errors.append(e)
+            # drain so the producer never blocks
+            while stitch_q.get() is not None:
+                pass
+
+    stitch_thread = threading.Thread(target=stitch_worker, name="wsss-stitch", daemon=True)
+    stitch_thread.start()
+    progress = _progress(len(tiles), slide.name, options.progress, tile)
+    pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="wsss-read") \
+        if options.workers > 0 else None
+    pending: deque = deque()
+    lookahead = options.batch_size * (max(1, options.workers) + 2)
+    it = iter(tiles)
+    try:
+        def submit_more():
+            while len(pending) < lookahead:
+                pos = next(it, None)
+                if pos is None:
+                    return
+                pending.append((pos, pool.submit(read, pos) if pool else None))
+
+        submit_more()
+        batch = np.empty((options.batch_size, 3, tile, tile), np.uint8)
+        while pending:
+            positions = []
+            t0 = time.perf_counter()
+            while pending and len(positions) < options.batch_size:
+                pos, fut = pending.popleft()
+                arr = fut.result() if fut is not None else read(pos)
+                batch[len(positions)] = arr.transpose(2, 0, 1)
+                positions.append(pos)
+                submit_more()
+            timer.add("read (waiting)", time.perf_counter() - t0)
+            if errors:
+                raise errors[0]
+            n = len(positions)
+            with timer("infer"):
+                x = torch.from_numpy(batch[:n])
+                probs = model.predict(x)
+                probs = probs.detach().to("cpu", torch.float32).numpy() if isinstance(probs, torch.Tensor) \
+                    else np.asarray(probs, np.float32)
+            if probs.ndim != 4 or probs.shape[0] != n or probs.shape[2:] != (tile, tile):
+                raise BundleError(f"model returned probabilities of shape {tuple(probs.shape)} for tiles "
+                                  f"[{n}, 3, {tile}, {tile}]; expected [{n}, K, {tile}, {tile}]")
+            t0 = time.perf_counter()
+            stitch_q.put((positions, probs.copy() if probs.base is not None else probs))
+            timer.add("stitch (waiting)", time.perf_counter() - t0)
+            progress.update(n)
+    finally:
+        stitch_q.put(None)
+        stitch_thread.join()
+        progress.close()
+        if pool is not None:
+            for _, fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True)
+    if errors:
+        raise errors[0]
+    st = holder["stitcher"]
+    if st.pending:
+        raise RuntimeError(f"internal error: {st.pending} tile-piece contributions never arrived")
+    return st
+
+
+def _progress(total: int, name: str, enabled: bool, tile: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=name, unit="tile", disable=not enabled, dynamic_ncols=True, leave=False,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tiles "
+                           "[{elapsed}<{remaining}, {rate_fmt}]")
+
+
+# --------------------------------------------------------------------------------------
+# Many slides
+# --------------------------------------------------------------------------------------
+def run_slides(slides: Sequence, model: SlideModel, out_dirs: Sequence, options: Optional[RunOptions] = None, *,
+               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> List[SlideResult]:
+    """Run each slide into its out_dir; a failing slide is reported and skipped, the others finish."""
+    results = []
+    for slide, out_dir in zip(slides, out_dirs):
+        try:
+            res = run_slide(slide, model, out_dir, options, log=log)
+        except WsssError as e:
+            res = SlideResult(str(slide), str(out_dir), "failed", str(e))
+        except Exception as e:  # NB: one broken slide must not lose the others' results
+            res = SlideResult(str(slide), str(out_dir), "failed", f"{type(e).__name__}: {e}")
+        results.append(res)
+        if res.status == "failed":
+            log(f"{Path(slide).name}: FAILED: {res.message}")
+        elif res.status == "skipped":
+            log(f"{Path(slide).name}: skipped ({res.message})")
+        else:
+            t = res.timings
+            stages = ", ".join(f"{k} {v:.2f}s" for k, v in t.items() if k != "total")
+            log(f"{Path(slide).name}: done in {t.get('total', 0):.2f}s -> {out_dir}  [{stages}]")
+    return results

@@ -1,0 +1,232 @@
+"""Memory-bounded stitching of overlapping tile predictions into output tiles.
+
+The grid is cut by every tile edge into *pieces*; every pixel of a piece is covered by the
+same set of tiles.  Each piece keeps a weighted sum of class probabilities and of weights
+until the last tile covering it has arrived (a counter per piece), then it is finalised:
+blended probabilities -> ``wsss.ops.gate_argmax`` (with the tissue mask) -> labels, which
+are copied into output tiles (``OutputTiles``); a full output tile is compressed into a
+``TileSpool`` on disk and dropped from memory.
+
+NB: only pieces still waiting for a tile live in RAM: in raster order that is one row of
+overlap strips across the grid (width x overlap x (K+1) floats) plus one row of output
+tiles (uint8), never a canvas of the slide.  Arrival order does not matter for the result.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+import zlib
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["TileSpool", "OutputTiles", "Stitcher"]
+
+
+class TileSpool:
+    """Append-only temporary file of zlib-compressed output tiles, keyed by (row, col).
+
+    Memory: an index of (offset, length, shape, dtype) per stored tile.  Tiles never stored
+    read back as ``fill``.
+    """
+
+    def __init__(self, path: str, tile: int, width: int, height: int, dtype, channels: int = 0, fill=0) -> None:
+        self.path = path
+        self.tile = tile
+        self.width, self.height = width, height
+        self.dtype = np.dtype(dtype)
+        self.channels = channels  # 0: [T, T]; C: [C, T, T]
+        self.fill = fill
+        self.rows = -(-height // tile)
+        self.cols = -(-width // tile)
+        self._fh = open(path, "w+b")
+        self._index: Dict[Tuple[int, int], Tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self.stored_bytes = 0
+
+    def _shape(self) -> tuple:
+        return (self.channels, self.tile, self.tile) if self.channels else (self.tile, self.tile)
+
+    def put(self, row: int, col: int, data: np.ndarray) -> None:
+        """Store the full-size (padded) tile at (row, col)."""
+        assert data.shape == self._shape() and data.dtype == self.dtype, (data.shape, data.dtype)
+        blob = zlib.compress(np.ascontiguousarray(data).tobytes(), 1)
+        with self._lock:
+            self._fh.seek(0, os.SEEK_END)
+            offset = self._fh.tell()
+            self._fh.write(blob)
+            self._index[(row, col)] = (offset, len(blob))
+            self.stored_bytes += len(blob)
+
+    def get(self, row: int, col: int) -> np.ndarray:
+        """The tile at (row, col), full size: [T, T] or [C, T, T]."""
+        with self._lock:
+            entry = self._index.get((row, col))
+            if entry is None:
+                return np.full(self._shape(), self.fill, self.dtype)
+            self._fh.seek(entry[0])
+            blob = self._fh.read(entry[1])
+        return np.frombuffer(zlib.decompress(blob), self.dtype).reshape(self._shape()).copy()
+
+    def __contains__(self, key) -> bool:
+        return key in self._index
+
+    def iter_tiles(self, channel: Optional[int] = None) -> Iterator[np.ndarray]:
+        """All tiles in raster order (what a tiled TIFF writer consumes)."""
+        for r in range(self.rows):
+            for c in range(self.cols):
+                t = self.get(r, c)
+                yield t if channel is None else t[channel]
+
+    def read_all(self) -> np.ndarray:
+        """The whole image (only for small levels): [H, W] or [C, H, W]."""
+        T = self.tile
+        if self.channels:
+            out = np.empty((self.channels, self.rows * T, self.cols * T), self.dtype)
+        else:
+            out = np.empty((self.rows * T, self.cols * T), self.dtype)
+        for r in range(self.rows):
+            for c in range(self.cols):
+                out[..., r * T:(r + 1) * T, c * T:(c + 1) * T] = self.get(r, c)
+        return out[..., :self.height, :self.width]
+
+    def close(self, remove: bool = True) -> None:
+        try:
+            self._fh.close()
+        finally:
+            if remove:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+
+
+class OutputTiles:
+    """Assembles finalised pieces into output tiles; a complete tile goes to the spool.
+
+    ``expected`` pixels per output tile are known up front (pixels of pieces that some tile
+    covers); tiles with none are never allocated and read back as the spool's fill value.
+    """
+
+    def __init__(self, spool: TileSpool, expected: np.ndarray) -> None:
+        self.spool = spool
+        self.remaining = expected.astype(np.int64)  # [rows, cols]
+        self.buffers: Dict[Tuple[int, int], np.ndarray] = {}
+        self.peak_buffers = 0
+
+    def paste(self, x: int, y: int, block: np.ndarray) -> None:
+        """Copy block ([h, w] or [C, h, w]) whose top-left grid pixel is (x, y)."""
+        T = self.spool.tile
+        h, w = block.shape[-2:]
+        for r in range(y // T, (y + h - 1) // T + 1):
+            for c in range(x // T, (x + w - 1) // T + 1):
+                y0, y1 = max(y, r * T), min(y + h, (r + 1) * T)
+                x0, x1 = max(x, c * T), min(x + w, (c + 1) * T)
+                buf = self.buffers.get((r, c))
+                if buf is None:
+                    shape = (self.spool.channels, T, T) if self.spool.channels else (T, T)
+                    buf = self.buffers[(r, c)] = np.full(shape, self.spool.fill, self.spool.dtype)
+                    self.peak_buffers = max(self.peak_buffers, len(self.buffers))
+                buf[..., y0 - r * T:y1 - r * T, x0 - c * T:x1 - c * T] = block[..., y0 - y:y1 - y, x0 - x:x1 - x]
+                self.remaining[r, c] -= (y1 - y0) * (x1 - x0)
+                if self.remaining[r, c] == 0:
+                    self.spool.put(r, c, self.buffers.pop((r, c)))
+
+
+class Stitcher:
+    """Blends tile probabilities [K, t, t] into labels, piece by piece (see module docstring).
+
+    tiles: the (x, y) of every tile that will be added (each exactly once, any order);
+    finalize(x, y, probs [K, h, w] float32 normalised) -> labels uint8 [h, w] for a piece;
+    labels_out / probs_out: OutputTiles receiving label pieces and (optionally) float16
+    probabilities; class_pixels accumulates the count of each label value.
+    """
+
+    def __init__(self, width: int, height: int, tile: int, xs: List[int], ys: List[int],
+                 tiles: List[Tuple[int, int]], window: np.ndarray, num_classes: int,
+                 finalize: Callable[[int, int, np.ndarray], np.ndarray],
+                 labels_out: OutputTiles, probs_out: Optional[OutputTiles] = None) -> None:
+        self.width, self.height, self.tile = width, height, tile
+        self.window = window
+        self.num_classes = num_classes
+        self.finalize = finalize
+        self.labels_out, self.probs_out = labels_out, probs_out
+        self.bx = self._bounds(xs, width)
+        self.by = self._bounds(ys, height)
+        self.count = np.zeros((len(self.by) - 1, len(self.bx) - 1), np.int32)
+        for (x, y) in tiles:
+            (jy0, jy1), (jx0, jx1) = self._piece_range(y, self.by, height), self._piece_range(x, self.bx, width)
+            self.count[jy0:jy1, jx0:jx1] += 1
+        self.acc: Dict[Tuple[int, int], np.ndarray] = {}
+        self.peak_pieces = 0
+        self.peak_piece_bytes = 0
+        self._live_bytes = 0
+        self.class_pixels = np.zeros(256, np.int64)
+
+    def _bounds(self, starts: List[int], length: int) -> List[int]:
+        cuts = {0, length}
+        for s in starts:
+            cuts.add(min(s, length))
+            cuts.add(min(s + self.tile, length))
+        return sorted(cuts)
+
+    def _piece_range(self, start: int, bounds: List[int], length: int) -> Tuple[int, int]:
+        j0 = bisect.bisect_left(bounds, start)
+        j1 = bisect.bisect_left(bounds, min(start + self.tile, length))
+        return j0, j1
+
+    def covered_pixels_per_output_tile(self, out_tile: int) -> np.ndarray:
+        """int64 [rows, cols]: pixels of each output tile that some selected tile covers."""
+        rows, cols = -(-self.height // out_tile), -(-self.width // out_tile)
+        expected = np.zeros((rows, cols), np.int64)
+        for jy, jx in zip(*np.nonzero(self.count)):
+            y0, y1, x0, x1 = self.by[jy], self.by[jy + 1], self.bx[jx], self.bx[jx + 1]
+            for r in range(y0 // out_tile, (y1 - 1) // out_tile + 1):
+                h = min(y1, (r + 1) * out_tile) - max(y0, r * out_tile)
+                for c in range(x0 // out_tile, (x1 - 1) // out_tile + 1):
+                    expected[r, c] += h * (min(x1, (c + 1) * out_tile) - max(x0, c * out_tile))
+        return expected
+
+    def add(self, x: int, y: int, probs: np.ndarray) -> None:
+        """probs: float32 [K, t, t] (gated) probabilities of the tile at (x, y)."""
+        K = self.num_classes
+        (jy0, jy1), (jx0, jx1) = self._piece_range(y, self.by, self.height), self._piece_range(x, self.bx, self.width)
+        for jy in range(jy0, jy1):
+            py0, py1 = self.by[jy], self.by[jy + 1]
+            for jx in range(jx0, jx1):
+                px0, px1 = self.bx[jx], self.bx[jx + 1]
+                sub_p = probs[:, py0 - y:py1 - y, px0 - x:px1 - x]
+                sub_w = self.window[py0 - y:py1 - y, px0 - x:px1 - x]
+                key = (jy, jx)
+                acc = self.acc.get(key)
+                if self.count[jy, jx] == 1 and acc is None:
+                    # single-tile piece: no accumulator needed
+                    self._finish(px0, py0, sub_p * sub_w, sub_w.copy())
+                    self.count[jy, jx] = 0
+                    continue
+                if acc is None:
+                    acc = self.acc[key] = np.zeros((K + 1, py1 - py0, px1 - px0), np.float32)
+                    self._live_bytes += acc.nbytes
+                    self.peak_pieces = max(self.peak_pieces, len(self.acc))
+                    self.peak_piece_bytes = max(self.peak_piece_bytes, self._live_bytes)
+                acc[:K] += sub_p * sub_w
+                acc[K] += sub_w
+                self.count[jy, jx] -= 1
+                if self.count[jy, jx] == 0:
+                    del self.acc[key]
+                    self._live_bytes -= acc.nbytes
+                    self._finish(px0, py0, acc[:K], acc[K])
+
+    def _finish(self, x: int, y: int, weighted: np.ndarray, weight: np.ndarray) -> None:
+        probs = weighted / weight[None]
+        labels = self.finalize(x, y, probs)
+        self.class_pixels += np.bincount(labels.ravel(), minlength=256)
+        self.labels_out.paste(x, y, labels)
+        if self.probs_out is not None:
+            self.probs_out.paste(x, y, probs.astype(np.float16))
+
+    @property
+    def pending(self) -> int:
+        """Pieces still waiting for tiles (0 once every selected tile was added)."""
+        return int(self.count.sum())

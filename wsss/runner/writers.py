@@ -1,0 +1,309 @@
+"""Per-slide output files, each written atomically (temp file in the same folder + os.replace).
+
+- labels.tiff: tiled pyramidal TIFF (one page per level, so OpenSlide's generic-tiff reader
+  sees every level), palette colormap, resolution tags in pixels per centimetre (mpp), levels
+  built by 2x2 majority vote from the level below (not max, not nearest).
+- probs.tiff (optional): float16 blended class probabilities, K planes, tiled, level 0 only.
+- overlay.png, tissue_qc.png: thumbnails for a human check.
+- areas.json / areas.csv: pixels, mm2 and % of tissue per class.
+- polygons.geojson: one MultiPolygon feature per class (QuPath annotations, level-0 slide
+  pixel coordinates of the input slide).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from wsss.runner.stitching import TileSpool
+
+__all__ = [
+    "atomic_path", "write_json_atomic", "downsample_majority", "build_label_pyramid",
+    "write_label_tiff", "write_probs_tiff", "palette_image", "write_overlay", "write_tissue_qc",
+    "class_areas", "write_areas", "label_polygons", "write_geojson",
+]
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path next to ``final``; on success os.replace it into place, else delete it.
+
+    NB: the temp name starts with '.' and ends with '.tmp', so an interrupted run never
+    leaves a file that looks like a result.
+    """
+    final = Path(final)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------
+# Label pyramid
+# --------------------------------------------------------------------------------------
+def downsample_majority(labels: np.ndarray) -> np.ndarray:
+    """uint8 [2h, 2w] -> [h, w]: the most frequent value of each 2x2 block.
+
+    Ties: a 2-2 split or four different values keep the top-left value's class when it is
+    among the most frequent, else the first most frequent in reading order.
+    """
+    a, b = labels[0::2, 0::2], labels[0::2, 1::2]
+    c, d = labels[1::2, 0::2], labels[1::2, 1::2]
+    out = d.copy()  # d wins only where it is strictly the majority: (b==d or c==d) and not caught below
+    out = np.where(c == d, c, out)
+    out = np.where((b == c) | (b == d), b, out)
+    out = np.where((a == b) | (a == c) | (a == d), a, out)
+    # four different values: fall back to a
+    distinct = (a != b) & (a != c) & (a != d) & (b != c) & (b != d) & (c != d)
+    return np.where(distinct, a, out)
+
+
+def build_label_pyramid(level0: TileSpool, tmp_dir: Path, *, fill: int) -> List[TileSpool]:
+    """Spools for levels 1.. (each half the size of the one below), until one tile covers it."""
+    levels = [level0]
+    T = level0.tile
+    while max(levels[-1].width, levels[-1].height) > T:
+        below = levels[-1]
+        w, h = -(-below.width // 2), -(-below.height // 2)
+        spool = TileSpool(str(Path(tmp_dir) / f".level{len(levels)}.spool.tmp"), T, w, h, np.uint8, fill=fill)
+        for r in range(spool.rows):
+            for c in range(spool.cols):
+                keys = [(2 * r + i, 2 * c + j) for i in (0, 1) for j in (0, 1)]
+                if not any(k in below for k in keys):
+                    continue  # all four below are fill: so is this one
+                block = np.full((2 * T, 2 * T), fill, np.uint8)
+                for (br, bc) in keys:
+                    if br < below.rows and bc < below.cols:
+                        block[(br - 2 * r) * T:(br - 2 * r + 1) * T, (bc - 2 * c) * T:(bc - 2 * c + 1) * T] = below.get(br, bc)
+                # NB: pixels past the edge of the level below are fill; mask them out of the vote
+                # by copying the nearest valid pixel so an edge half-block is not outvoted by padding.
+                vh = min(2 * T, below.height - 2 * r * T)
+                vw = min(2 * T, below.width - 2 * c * T)
+                if vh < 2 * T:
+                    block[vh:] = block[vh - 1:vh]
+                if vw < 2 * T:
+                    block[:, vw:] = block[:, vw - 1:vw]
+                spool.put(r, c, downsample_majority(block))
+        levels.append(spool)
+    return levels
+
+
+def _colormap(palette: Sequence[Sequence[int]], background_index: int) -> np.ndarray:
+    """uint16 [3, 256] TIFF colormap; unlisted values (incl. background) are white."""
+    cmap = np.full((3, 256), 65535, np.uint16)
+    for i, rgb in enumerate(palette):
+        if i < 256:
+            cmap[:, i] = np.asarray(rgb[:3], np.uint16) * 257
+    return cmap
+
+
+def write_label_tiff(path: Path, levels: List[TileSpool], *, mpp: float, palette, background_index: int,
+                     class_names: Sequence[str]) -> None:
+    """The pyramidal palette TIFF (atomically).  mpp: microns per level-0 pixel."""
+    import tifffile
+
+    T = levels[0].tile
+    cmap = _colormap(palette, background_index)
+    nbytes = sum(s.width * s.height for s in levels)
+    description = json.dumps({"wsss": "labels", "classes": list(class_names),
+                              "background_index": background_index, "mpp": mpp})
+    with atomic_path(path) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=nbytes > 2**31) as tif:
+            for i, spool in enumerate(levels):
+                level_mpp = mpp * (levels[0].width / spool.width)
+                res = 1e4 / level_mpp  # pixels per centimetre
+                tif.write(
+                    spool.iter_tiles(), shape=(spool.height, spool.width), dtype=np.uint8,
+                    tile=(T, T), photometric="palette", colormap=cmap, compression="zlib",
+                    resolution=(res, res), resolutionunit="CENTIMETER",
+                    subfiletype=0 if i == 0 else 1, description=description if i == 0 else None,
+                    metadata=None, software="wsss",
+                )
+
+
+def write_probs_tiff(path: Path, spool: TileSpool, *, mpp: float, class_names: Sequence[str]) -> None:
+    """float16 [K, H, W] class probabilities, tiled, planar (one plane per class)."""
+    import tifffile
+
+    def tiles():
+        for k in range(spool.channels):
+            yield from spool.iter_tiles(channel=k)
+
+    res = 1e4 / mpp
+    with atomic_path(path) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=spool.width * spool.height * spool.channels * 2 > 2**31) as tif:
+            tif.write(tiles(), shape=(spool.channels, spool.height, spool.width), dtype=np.float16,
+                      tile=(spool.tile, spool.tile), photometric="minisblack", planarconfig="separate",
+                      compression="zlib", predictor=False, resolution=(res, res), resolutionunit="CENTIMETER",
+                      description=json.dumps({"wsss": "class probabilities (blended, gated)",
+                                              "classes": list(class_names), "mpp": mpp}),
+                      metadata=None, software="wsss")
+
+
+# --------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------
+def palette_image(labels: np.ndarray, palette, background_index: int) -> np.ndarray:
+    """uint8 [h, w, 3] colour picture of labels (background and unknown values white)."""
+    lut = np.full((256, 3), 255, np.uint8)
+    for i, rgb in enumerate(palette):
+        if i < 256 and i != background_index:
+            lut[i] = rgb[:3]
+    return lut[labels]
+
+
+def _save_png(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
+
+
+def write_overlay(path: Path, thumb: np.ndarray, labels: np.ndarray, palette, background_index: int,
+                  alpha: float = 0.45) -> None:
+    """Slide thumbnail with class colours blended in where a class was assigned."""
+    from PIL import Image
+
+    h, w = thumb.shape[:2]
+    if labels.shape != (h, w):
+        labels = np.asarray(Image.fromarray(labels).resize((w, h), resample=Image.NEAREST))
+    colour = palette_image(labels, palette, background_index).astype(np.float32)
+    out = thumb.astype(np.float32)
+    fg = labels != background_index
+    out[fg] = (1 - alpha) * out[fg] + alpha * colour[fg]
+    legend = np.concatenate([out.astype(np.uint8), palette_image(labels, palette, background_index)], axis=1)
+    _save_png(path, legend)
+
+
+def write_tissue_qc(path: Path, thumb: np.ndarray, mask: np.ndarray, tiles_box: Optional[np.ndarray] = None) -> None:
+    """Thumbnail with non-tissue dimmed and the tissue outline in green; processed tiles tinted blue."""
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+
+    h, w = thumb.shape[:2]
+    if mask.shape != (h, w):
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), resample=Image.NEAREST)) > 0
+    out = thumb.astype(np.float32)
+    out[~mask] = out[~mask] * 0.45 + 0.55 * 128
+    if tiles_box is not None:
+        if tiles_box.shape != (h, w):
+            tiles_box = np.asarray(Image.fromarray(tiles_box.astype(np.uint8) * 255).resize((w, h), resample=Image.NEAREST)) > 0
+        edge = find_boundaries(tiles_box, mode="inner")
+        out[edge] = (40, 90, 255)
+    out[find_boundaries(mask, mode="inner")] = (0, 200, 0)
+    _save_png(path, out.clip(0, 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------------------
+# Tables and shapes
+# --------------------------------------------------------------------------------------
+def class_areas(class_pixels: np.ndarray, *, mpp: float, class_names: Sequence[str], background_index: int) -> dict:
+    """Per class: pixels, area in mm2 and % of tissue (tissue = every non-background pixel)."""
+    px_mm2 = (mpp * 1e-3) ** 2
+    tissue = int(sum(int(class_pixels[k]) for k in range(len(class_names)) if k != background_index))
+    rows = []
+    for k, name in enumerate(class_names):
+        if k == background_index:
+            continue
+        n = int(class_pixels[k])
+        rows.append({"index": k, "class": name, "pixels": n, "area_mm2": n * px_mm2,
+                     "percent_of_tissue": (100.0 * n / tissue) if tissue else 0.0})
+    return {"mpp": mpp, "pixel_area_mm2": px_mm2, "tissue_pixels": tissue, "tissue_area_mm2": tissue * px_mm2,
+            "background_pixels": int(class_pixels[background_index]) if background_index < 256 else 0,
+            "classes": rows}
+
+
+def write_areas(json_path: Path, csv_path: Path, areas: dict) -> None:
+    write_json_atomic(json_path, areas)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["index", "class", "pixels", "area_mm2", "percent_of_tissue"])
+    for row in areas["classes"]:
+        writer.writerow([row["index"], row["class"], row["pixels"], f"{row['area_mm2']:.6f}",
+                         f"{row['percent_of_tissue']:.3f}"])
+    with atomic_path(csv_path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simplify: float = 0.75):
+    """shapely (Multi)Polygon of the pixels equal to class_index, in units of ``scale`` x label pixels.
+
+    Outer boundaries and holes come from skimage contours of each connected component.
+    """
+    from shapely.geometry import Polygon
+    from shapely.ops import unary_union
+    from skimage import measure
+
+    mask = labels == class_index
+    if not mask.any():
+        return None
+    comps = measure.label(mask, connectivity=1)
+    polys = []
+    for region in measure.regionprops(comps):
+        r0, c0, r1, c1 = region.bbox
+        sub = np.pad(region.image, 1)
+        contours = measure.find_contours(sub.astype(np.uint8), 0.5)
+        rings = []
+        for ct in contours:
+            if len(ct) < 4:
+                continue
+            xy = np.stack([ct[:, 1] + c0 - 1 + 0.5, ct[:, 0] + r0 - 1 + 0.5], axis=1) * scale
+            ring = Polygon(xy)
+            if ring.is_valid and ring.area > 0:
+                rings.append(ring)
+            elif ring.area > 0:
+                rings.append(ring.buffer(0))
+        if not rings:
+            continue
+        rings.sort(key=lambda p: p.area, reverse=True)
+        outer = rings[0]
+        for hole in rings[1:]:
+            outer = outer.difference(hole)
+        polys.append(outer.simplify(simplify * scale, preserve_topology=True))
+    if not polys:
+        return None
+    return unary_union(polys)
+
+
+def write_geojson(path: Path, labels: np.ndarray, *, scale: float, class_names: Sequence[str], palette,
+                  background_index: int) -> int:
+    """QuPath-style FeatureCollection: one annotation per class.  Returns the number of features."""
+    from shapely.geometry import mapping
+
+    features = []
+    for k, name in enumerate(class_names):
+        if k == background_index:
+            continue
+        geom = label_polygons(labels, k, scale=scale)
+        if geom is None or geom.is_empty:
+            continue
+        colour = list(palette[k][:3]) if k < len(palette) else [128, 128, 128]
+        features.append({
+            "type": "Feature",
+            "geometry": mapping(geom),
+            "properties": {"objectType": "annotation", "name": name,
+                           "classification": {"name": name, "color": [int(v) for v in colour]}},
+        })
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return len(features)

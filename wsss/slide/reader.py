@@ -1,0 +1,404 @@
+"""Whole-slide readers: one interface over OpenSlide (vendor formats) and tifffile (generic/OME TIFF).
+
+A ``SlideReader`` exposes the pyramid (``level_dimensions``, ``level_downsamples``), the
+level-0 microns per pixel (``mpp``) and ``read_region(level, x, y, w, h) -> uint8 [h, w, 3]``
+in that level's own pixel coordinates; pixels outside the level are white (255).
+
+The tifffile reader never decodes a whole level: it reads only the file's own tiles (or
+strips) that a region touches, straight from their byte offsets, and keeps a small LRU
+cache of decoded tiles so overlapping reads (tiling with overlap) decode each tile once.
+NB: readers are not shared between threads; a worker calls ``reopen()`` for its own handle.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from wsss.errors import SlideError
+
+__all__ = ["SlideReader", "OpenSlideReader", "TiffSlideReader", "open_slide", "READERS"]
+
+READERS = ("auto", "openslide", "tifffile")
+
+# File suffixes OpenSlide knows as vendor formats (everything a TIFF reader should not guess at).
+_VENDOR_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm", ".tiff", ".tif"}
+
+
+class SlideReader:
+    """Common interface.  Coordinates: (x, y) = (column, row) in the pixels of ``level``."""
+
+    kind: str = "?"
+
+    def __init__(self, path: Path, mpp_override: Optional[float] = None) -> None:
+        self.path = Path(path)
+        self.mpp_override = mpp_override
+        self.level_dimensions: list[Tuple[int, int]] = []  # (width, height) per level
+        self.level_downsamples: list[float] = []
+        self.level_tile_sizes: list[Optional[Tuple[int, int]]] = []  # (tile_w, tile_h) in the file
+        self._metadata_mpp: Optional[Tuple[float, float]] = None
+
+    # -- geometry ----------------------------------------------------------------------
+    @property
+    def dimensions(self) -> Tuple[int, int]:
+        """(width, height) of level 0."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def has_mpp(self) -> bool:
+        return self.mpp_override is not None or self._metadata_mpp is not None
+
+    @property
+    def mpp(self) -> float:
+        """Microns per pixel of level 0 (the mean of x and y); SlideError if unknown."""
+        if self.mpp_override is not None:
+            return float(self.mpp_override)
+        if self._metadata_mpp is None:
+            raise SlideError(
+                f"{self.path}: the slide has no microns-per-pixel metadata; "
+                f"pass --mpp (e.g. --mpp 0.5 for a 20x scan) to say its resolution")
+        return float(sum(self._metadata_mpp) / 2.0)
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def describe(self) -> dict:
+        """JSON-able summary for run.json."""
+        return {
+            "path": str(self.path), "reader": self.kind,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": [float(d) for d in self.level_downsamples],
+            "mpp": self.mpp if self.has_mpp else None,
+            "mpp_source": "--mpp" if self.mpp_override is not None else ("metadata" if self._metadata_mpp else None),
+        }
+
+    # -- reading ----------------------------------------------------------------------
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """uint8 [height, width, 3] RGB of ``level`` starting at (x, y); outside the level is white."""
+        raise NotImplementedError
+
+    def reopen(self) -> "SlideReader":
+        """A new, independent handle on the same file (for another thread)."""
+        return type(self)(self.path, mpp_override=self.mpp_override)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_level(self, level: int) -> None:
+        if not 0 <= level < self.level_count:
+            raise SlideError(f"{self.path}: level {level} does not exist (the slide has {self.level_count})")
+
+
+# --------------------------------------------------------------------------------------
+# OpenSlide
+# --------------------------------------------------------------------------------------
+class OpenSlideReader(SlideReader):
+    """Vendor formats through openslide-python (+ openslide-bin)."""
+
+    kind = "openslide"
+
+    def __init__(self, path: Path, mpp_override: Optional[float] = None) -> None:
+        super().__init__(path, mpp_override)
+        import openslide
+
+        try:
+            self._slide = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError:
+            raise SlideError(f"{self.path}: not a slide OpenSlide can open (unsupported or unrecognised format)") from None
+        except openslide.OpenSlideError as e:
+            raise SlideError(f"{self.path}: OpenSlide cannot read the slide: {e}") from None
+        self.level_dimensions = [tuple(int(v) for v in d) for d in self._slide.level_dimensions]
+        self.level_downsamples = [float(d) for d in self._slide.level_downsamples]
+        props = self._slide.properties
+        for lvl in range(self.level_count):
+            tw = props.get(f"openslide.level[{lvl}].tile-width")
+            th = props.get(f"openslide.level[{lvl}].tile-height")
+            self.level_tile_sizes.append((int(tw), int(th)) if tw and th else None)
+        try:
+            mx, my = float(props[openslide.PROPERTY_NAME_MPP_X]), float(props[openslide.PROPERTY_NAME_MPP_Y])
+            if mx > 0 and my > 0 and math.isfinite(mx) and math.isfinite(my):
+                self._metadata_mpp = (mx, my)
+        except (KeyError, ValueError):
+            pass
+        self.vendor = props.get("openslide.vendor", "?")
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        import openslide
+
+        self._check_level(level)
+        ds = self.level_downsamples[level]
+        try:
+            rgba = np.asarray(self._slide.read_region((int(round(x * ds)), int(round(y * ds))), level,
+                                                      (int(width), int(height))))
+        except openslide.OpenSlideError as e:
+            raise SlideError(f"{self.path}: cannot read level {level} region x={x} y={y} "
+                             f"{width}x{height} (corrupt tile?): {e}") from None
+        return _rgba_on_white(rgba)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["vendor"] = self.vendor
+        return d
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
+    """uint8 [h,w,4] -> uint8 [h,w,3] composited over white (transparent = outside the slide)."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.uint16)
+    return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------
+# tifffile
+# --------------------------------------------------------------------------------------
+class TiffSlideReader(SlideReader):
+    """Generic / OME / pyramidal TIFF through tifffile, decoding only the tiles a read touches.
+
+    Levels: the pyramid of the first series (SubIFDs / OME / SVS) or, for files written as
+    one page per level, the following pages whose shape is a downsample of page 0.
+    """
+
+    kind = "tifffile"
+    cache_bytes = 48 << 20
+
+    def __init__(self, path: Path, mpp_override: Optional[float] = None) -> None:
+        super().__init__(path, mpp_override)
+        import tifffile
+
+        try:
+            self._tif = tifffile.TiffFile(str(self.path))
+        except (tifffile.TiffFileError, ValueError, OSError) as e:
+            raise SlideError(f"{self.path}: not a TIFF slide tifffile can open: {e}") from None
+        try:
+            self._pages = self._find_levels()
+        except SlideError:
+            self._tif.close()
+            raise
+        for page in self._pages:
+            h, w = int(page.shape[0]), int(page.shape[1])
+            self.level_dimensions.append((w, h))
+            self.level_tile_sizes.append((int(page.tilewidth), int(page.tilelength)) if page.is_tiled else None)
+        w0 = self.level_dimensions[0][0]
+        self.level_downsamples = [w0 / d[0] for d in self.level_dimensions]
+        self._metadata_mpp = self._read_mpp()
+        self._cache: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+        self._cache_used = 0
+        self._lock = threading.Lock()
+
+    # -- structure ----------------------------------------------------------------------
+    def _find_levels(self) -> list:
+        tif = self._tif
+        if not tif.series:
+            raise SlideError(f"{self.path}: TIFF file has no images")
+        series = tif.series[0]
+        pages = []
+        for lvl in series.levels:
+            page = lvl.keyframe if hasattr(lvl, "keyframe") else lvl.pages[0]
+            pages.append(page)
+        if len(pages) == 1:
+            # One page per level (no SubIFDs): take later pages that downsample page 0.
+            base = pages[0]
+            h0, w0 = base.shape[:2]
+            for page in tif.pages[1:]:
+                if not hasattr(page, "shape") or len(page.shape) < 2:
+                    continue
+                h, w = page.shape[:2]
+                prev_h, prev_w = pages[-1].shape[:2]
+                if not (h < prev_h and w < prev_w):
+                    continue
+                if abs(w / w0 - h / h0) > 0.01:  # not a downsample of level 0
+                    continue
+                if not page.is_tiled:  # thumbnails / label images are stripped
+                    continue
+                pages.append(page)
+        for page in pages:
+            self._check_page(page)
+        return pages
+
+    def _check_page(self, page) -> None:
+        shape = page.shape
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
+            raise SlideError(f"{self.path}: unsupported image shape {tuple(shape)} (expected H x W x 1/3/4 samples)")
+        if page.dtype != np.uint8:
+            raise SlideError(f"{self.path}: unsupported pixel type {page.dtype} (8-bit RGB or grey slides only)")
+        if page.planarconfig != 1 and len(shape) == 3 and shape[2] > 1:
+            raise SlideError(f"{self.path}: planar (separate) colour channels are not supported")
+        if getattr(page, "imagedepth", 1) != 1:
+            raise SlideError(f"{self.path}: 3-D (image depth > 1) TIFF is not a slide")
+
+    def _read_mpp(self) -> Optional[Tuple[float, float]]:
+        tif = self._tif
+        page = self._pages[0]
+        # Aperio description "... |MPP = 0.499|"
+        desc = page.description or ""
+        m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", desc)
+        if m:
+            try:
+                v = float(m.group(1))
+                if v > 0:
+                    return (v, v)
+            except ValueError:
+                pass
+        # OME-XML PhysicalSizeX/Y (default unit micrometre)
+        if tif.is_ome and tif.ome_metadata:
+            mx = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
+            my = re.search(r'PhysicalSizeY="([0-9.eE+-]+)"', tif.ome_metadata)
+            ux = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
+            scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(ux.group(1) if ux else "µm")
+            if mx and scale:
+                x = float(mx.group(1)) * scale
+                y = float(my.group(1)) * scale if my else x
+                if x > 0 and y > 0:
+                    return (x, y)
+        # Resolution tags: pixels per unit, unit 2 = inch, 3 = centimetre.
+        tags = page.tags
+        unit = tags.get("ResolutionUnit")
+        xr, yr = tags.get("XResolution"), tags.get("YResolution")
+        if unit is not None and xr is not None and yr is not None:
+            per_unit_um = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+            try:
+                xres = xr.value[0] / xr.value[1]
+                yres = yr.value[0] / yr.value[1]
+            except (TypeError, ZeroDivisionError, IndexError):
+                return None
+            if per_unit_um and xres > 0 and yres > 0:
+                return (per_unit_um / xres, per_unit_um / yres)
+        return None
+
+    # -- reading ------------------------------------------------------------------------
+    def _decoded_chunk(self, level: int, cy: int, cx: int) -> np.ndarray:
+        """Decoded chunk (file tile or strip) at chunk row cy, column cx: uint8 [ch, cw, S]."""
+        key = (level, cy, cx)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        page = self._pages[level]
+        ny, nx = page.chunked[0], page.chunked[1]
+        index = cy * nx + cx
+        ch, cw = page.chunks[0], page.chunks[1]
+        samples = page.shape[2] if len(page.shape) == 3 else 1
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        if count == 0 or offset == 0:
+            chunk = np.full((ch, cw, samples), 255, np.uint8)  # sparse (never written) tile
+        else:
+            fh = self._tif.filehandle
+            with self._lock:
+                fh.seek(offset)
+                data = fh.read(count)
+            if len(data) != count:
+                raise SlideError(f"{self.path}: level {level} tile {index} is truncated "
+                                 f"(file ends before its {count} bytes)")
+            try:
+                decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
+            except Exception as e:  # codec errors come in many types
+                raise SlideError(f"{self.path}: level {level} tile {index} (row {cy}, column {cx}) "
+                                 f"cannot be decoded (corrupt tile?): {type(e).__name__}: {e}") from None
+            if decoded is None:
+                raise SlideError(f"{self.path}: level {level} tile {index} cannot be decoded (corrupt tile?)")
+            chunk = np.asarray(decoded).reshape(decoded.shape[-3], decoded.shape[-2], -1)
+        with self._lock:
+            self._cache[key] = chunk
+            self._cache_used += chunk.nbytes
+            while self._cache_used > self.cache_bytes and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cache_used -= old.nbytes
+        return chunk
+
+    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        self._check_level(level)
+        x, y, width, height = int(x), int(y), int(width), int(height)
+        out = np.full((height, width, 3), 255, np.uint8)
+        page = self._pages[level]
+        lw, lh = self.level_dimensions[level]
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, lw), min(y + height, lh)
+        if x0 >= x1 or y0 >= y1:
+            return out
+        ch, cw = page.chunks[0], page.chunks[1]
+        for cy in range(y0 // ch, (y1 - 1) // ch + 1):
+            for cx in range(x0 // cw, (x1 - 1) // cw + 1):
+                chunk = self._decoded_chunk(level, cy, cx)
+                # intersection of the chunk with the requested (clipped) region, in level coords
+                gy0, gx0 = max(cy * ch, y0), max(cx * cw, x0)
+                gy1 = min(cy * ch + chunk.shape[0], y1)
+                gx1 = min(cx * cw + chunk.shape[1], x1)
+                if gy0 >= gy1 or gx0 >= gx1:
+                    continue
+                part = chunk[gy0 - cy * ch:gy1 - cy * ch, gx0 - cx * cw:gx1 - cx * cw]
+                dst = out[gy0 - y:gy1 - y, gx0 - x:gx1 - x]
+                if part.shape[2] == 1:
+                    dst[...] = part
+                elif part.shape[2] == 3:
+                    dst[...] = part
+                else:
+                    dst[...] = _rgba_on_white(part)
+        return out
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+# --------------------------------------------------------------------------------------
+# Opening
+# --------------------------------------------------------------------------------------
+def open_slide(path, *, reader: str = "auto", mpp: Optional[float] = None) -> SlideReader:
+    """Open ``path`` with the named reader ("auto", "openslide", "tifffile").
+
+    auto: OpenSlide for vendor formats (what OpenSlide recognises as anything but a generic
+    TIFF); tifffile for generic/OME TIFF (faster: reads file tiles directly); OpenSlide again
+    for what tifffile cannot read.  ``mpp`` overrides (or supplies) level-0 microns per pixel.
+    """
+    path = Path(path)
+    if reader not in READERS:
+        raise SlideError(f"unknown reader {reader!r}; choose one of {', '.join(READERS)}")
+    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+        raise SlideError(f"--mpp must be a positive number of microns per pixel, got {mpp}")
+    if not path.exists():
+        raise SlideError(f"{path}: no such file")
+    if path.is_dir() and path.suffix.lower() != ".mrxs":
+        raise SlideError(f"{path}: is a directory, not a slide file")
+    if not os.access(path, os.R_OK):
+        raise SlideError(f"{path}: file is not readable (permission denied)")
+    if reader == "openslide":
+        return OpenSlideReader(path, mpp)
+    if reader == "tifffile":
+        return TiffSlideReader(path, mpp)
+    import openslide
+
+    try:
+        fmt = openslide.OpenSlide.detect_format(str(path))
+    except Exception:
+        fmt = None
+    if fmt is not None and fmt != "generic-tiff":
+        return OpenSlideReader(path, mpp)
+    try:
+        return TiffSlideReader(path, mpp)
+    except SlideError as tiff_error:
+        if fmt is not None:
+            return OpenSlideReader(path, mpp)
+        raise SlideError(f"{path}: not a slide: neither OpenSlide nor tifffile can open it "
+                         f"({tiff_error.args[0].split(': ', 1)[-1]})") from None

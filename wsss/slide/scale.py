@@ -1,0 +1,138 @@
+"""Reading a slide at a requested resolution (microns per pixel).
+
+``plan_scale`` picks the pyramid level to read for a target mpp: the coarsest level that is
+still at least as fine as the target (so nothing is upsampled when avoidable); when that
+level's mpp is within ``tolerance`` of the target it is read as is (the output grid then has
+that level's true mpp), otherwise regions are resampled.  ``SlideView`` reads regions in the
+output grid's coordinates.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, asdict
+
+import numpy as np
+
+from wsss.errors import SlideError
+from wsss.slide.reader import SlideReader
+
+__all__ = ["ScalePlan", "plan_scale", "SlideView"]
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """How the output grid maps onto the slide.
+
+    level: pyramid level read; level_mpp: its microns per pixel; mpp: microns per pixel of
+    the output grid; scale: level pixels per output pixel (1.0 = read as is, > 1 downsample);
+    width, height: the output grid size in pixels.
+    """
+
+    level: int
+    level_mpp: float
+    mpp: float
+    scale: float
+    width: int
+    height: int
+
+    @property
+    def resampled(self) -> bool:
+        return self.scale != 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_scale(reader: SlideReader, target_mpp: float, *, tolerance: float = 0.05) -> ScalePlan:
+    """Pick the level and resampling factor that read ``reader`` at ``target_mpp``.
+
+    NB: a level within ``tolerance`` (relative) of the target is used without resampling,
+    e.g. a 0.499 um/px scan for a 0.5 um/px model: resampling by 0.2% would only blur.
+    """
+    if not (target_mpp > 0 and math.isfinite(target_mpp)):
+        raise SlideError(f"target mpp must be a positive number, got {target_mpp}")
+    mpp0 = reader.mpp
+    level_mpps = [reader.level_mpp(lvl) for lvl in range(reader.level_count)]
+    # Prefer a level that matches within tolerance (the coarsest such one).
+    matching = [lvl for lvl, m in enumerate(level_mpps) if abs(m / target_mpp - 1.0) <= tolerance]
+    if matching:
+        lvl = max(matching, key=lambda i: level_mpps[i])
+        w, h = reader.level_dimensions[lvl]
+        return ScalePlan(lvl, level_mpps[lvl], level_mpps[lvl], 1.0, int(w), int(h))
+    finer = [lvl for lvl, m in enumerate(level_mpps) if m <= target_mpp]
+    lvl = max(finer, key=lambda i: level_mpps[i]) if finer else 0
+    scale = target_mpp / level_mpps[lvl]
+    w0, h0 = reader.dimensions
+    width = max(1, int(round(w0 * mpp0 / target_mpp)))
+    height = max(1, int(round(h0 * mpp0 / target_mpp)))
+    return ScalePlan(lvl, level_mpps[lvl], float(target_mpp), float(scale), width, height)
+
+
+class SlideView:
+    """Regions of a slide in the output grid of a ``ScalePlan``.
+
+    ``read(x, y, w, h) -> uint8 [h, w, 3]``; outside the slide is white.  Resampled reads use
+    PIL's antialiased bilinear filter on a source box with a margin wide enough that the
+    filter never touches the box edge, so overlapping tiles see the same pixels.
+    """
+
+    def __init__(self, reader: SlideReader, plan: ScalePlan) -> None:
+        self.reader = reader
+        self.plan = plan
+
+    def reopen(self) -> "SlideView":
+        return SlideView(self.reader.reopen(), self.plan)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        plan = self.plan
+        if not plan.resampled:
+            return self.reader.read_region(plan.level, x, y, width, height)
+        from PIL import Image
+
+        s = plan.scale
+        margin = int(math.ceil(max(s, 1.0))) + 2
+        sx0, sy0 = x * s, y * s
+        sx1, sy1 = (x + width) * s, (y + height) * s
+        rx0, ry0 = int(math.floor(sx0)) - margin, int(math.floor(sy0)) - margin
+        rx1, ry1 = int(math.ceil(sx1)) + margin, int(math.ceil(sy1)) + margin
+        src = self.reader.read_region(plan.level, rx0, ry0, rx1 - rx0, ry1 - ry0)
+        img = Image.fromarray(src)
+        out = img.resize((int(width), int(height)), resample=Image.BILINEAR,
+                         box=(sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0))
+        return np.asarray(out)
+
+    def read_downsampled(self, factor: float, *, block: int = 2048) -> np.ndarray:
+        """The whole output grid reduced by ``factor`` (>= 1), read in bands: uint8 [h, w, 3].
+
+        Used for thumbnails; reads the coarsest pyramid level that is fine enough, so a big
+        slide with a pyramid never decodes level 0; blocks of ``block`` source pixels.
+        """
+        from PIL import Image
+
+        reader, plan = self.reader, self.plan
+        # microns per thumbnail pixel; choose the coarsest level at least that fine
+        mpp_thumb = plan.mpp * factor
+        level_mpps = [reader.level_mpp(lvl) for lvl in range(reader.level_count)]
+        finer = [lvl for lvl, m in enumerate(level_mpps) if m <= mpp_thumb * 1.001]
+        lvl = max(finer, key=lambda i: level_mpps[i]) if finer else 0
+        lw, lh = reader.level_dimensions[lvl]
+        f = mpp_thumb / level_mpps[lvl]  # level pixels per thumbnail pixel
+        tw = max(1, int(round(plan.width / factor)))
+        th = max(1, int(round(plan.height / factor)))
+        # Read the level in blocks of whole thumbnail pixels (bounded memory on big levels).
+        step = max(1, int(block // max(f, 1e-9)))
+        out = np.empty((th, tw, 3), np.uint8)
+        for ty0 in range(0, th, step):
+            ty1 = min(th, ty0 + step)
+            for tx0 in range(0, tw, step):
+                tx1 = min(tw, tx0 + step)
+                sx0, sx1, sy0, sy1 = tx0 * f, tx1 * f, ty0 * f, ty1 * f
+                rx0, ry0 = int(math.floor(sx0)), int(math.floor(sy0))
+                rx1, ry1 = max(rx0 + 1, int(math.ceil(sx1))), max(ry0 + 1, int(math.ceil(sy1)))
+                src = Image.fromarray(reader.read_region(lvl, rx0, ry0, rx1 - rx0, ry1 - ry0))
+                out[ty0:ty1, tx0:tx1] = np.asarray(src.resize(
+                    (tx1 - tx0, ty1 - ty0), resample=Image.BOX, box=(sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)))
+        return out

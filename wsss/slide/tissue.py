@@ -1,0 +1,129 @@
+"""Tissue detection on a low-resolution view of a slide, and user-supplied masks.
+
+``detect_tissue``: Otsu threshold on HSV saturation of a thumbnail (H&E tissue is coloured,
+glass and background are grey/white), then closing, hole filling and removal of objects
+smaller than a physical area.  ``load_tissue_mask``: any image file whose non-zero pixels
+are tissue, stretched over the whole slide.  Both give a ``TissueMask``: a small bool array
+plus the microns per mask pixel, which maps any region of an output grid onto the mask.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from wsss.errors import SlideError
+
+__all__ = ["TissueMask", "detect_tissue", "load_tissue_mask", "full_tissue_mask"]
+
+
+@dataclass
+class TissueMask:
+    """mask: bool [h, w] over the whole slide; mpp_y, mpp_x: microns per mask pixel; source: how it was made."""
+
+    mask: np.ndarray
+    mpp_y: float
+    mpp_x: float
+    source: str
+    threshold: Optional[float] = None
+
+    def region(self, x: int, y: int, width: int, height: int, grid_mpp: float) -> np.ndarray:
+        """bool [height, width]: the mask (nearest neighbour) over a region of a grid at ``grid_mpp``.
+
+        Output pixel (r, c) samples the mask at the micron position of its centre.
+        """
+        mh, mw = self.mask.shape
+        rows = ((np.arange(y, y + height) + 0.5) * (grid_mpp / self.mpp_y)).astype(np.int64)
+        cols = ((np.arange(x, x + width) + 0.5) * (grid_mpp / self.mpp_x)).astype(np.int64)
+        inside_r = (rows >= 0) & (rows < mh)
+        inside_c = (cols >= 0) & (cols < mw)
+        out = self.mask[np.clip(rows, 0, mh - 1)[:, None], np.clip(cols, 0, mw - 1)[None, :]]
+        return out & inside_r[:, None] & inside_c[None, :]
+
+    def fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+
+def full_tissue_mask(width_um: float, height_um: float) -> TissueMask:
+    """Everything is tissue (used with --no-tissue-detection and in tests)."""
+    return TissueMask(np.ones((1, 1), bool), height_um, width_um, "all")
+
+
+def detect_tissue(
+    view,
+    *,
+    mask_mpp: Optional[float] = None,
+    min_object_um2: float = 20_000.0,
+    min_hole_um2: float = 20_000.0,
+    closing_um: float = 16.0,
+    min_saturation: float = 0.04,
+) -> tuple[TissueMask, np.ndarray]:
+    """Detect tissue on a thumbnail of ``view`` (a SlideView).  Returns (mask, thumbnail uint8 [h,w,3]).
+
+    mask_mpp: microns per mask pixel; default: about 1024 px along the longest side, within
+    4..32 um/px (and no finer than the view).  min_object_um2 / min_hole_um2: objects
+    and holes smaller than this area (square microns) are removed / filled.  NB: the Otsu
+    threshold is floored at ``min_saturation`` so a slide of only background (where Otsu
+    would split noise) yields no tissue.
+    """
+    from skimage import filters, morphology
+
+    plan = view.plan
+    extent_um = max(plan.width, plan.height) * plan.mpp
+    if mask_mpp is None:
+        mask_mpp = min(max(extent_um / 1024.0, 4.0, plan.mpp), 32.0)
+    factor = max(1.0, mask_mpp / plan.mpp)
+    thumb = view.read_downsampled(factor)
+    th, tw = thumb.shape[:2]
+    mpp_y = plan.height * plan.mpp / th
+    mpp_x = plan.width * plan.mpp / tw
+    rgb = thumb.astype(np.float32) / 255.0
+    cmax, cmin = rgb.max(axis=2), rgb.min(axis=2)
+    saturation = np.where(cmax > 0, (cmax - cmin) / np.maximum(cmax, 1e-6), 0.0)
+    if float(saturation.max() - saturation.min()) < 1e-3:
+        threshold = 1.0  # uniform image: no tissue
+    else:
+        threshold = max(float(filters.threshold_otsu(saturation)), min_saturation)
+    mask = (saturation > threshold) & (cmax > 0.1)  # NB: near-black (pen, dust, folds) is not tissue
+    px_area = mpp_y * mpp_x
+    radius = max(1, int(round(closing_um / math.sqrt(px_area))))
+    mask = morphology.closing(mask, morphology.disk(radius)) if radius > 0 else mask
+    mask = _remove_small(morphology.remove_small_holes, mask, int(min_hole_um2 / px_area))
+    mask = _remove_small(morphology.remove_small_objects, mask, int(min_object_um2 / px_area))
+    return TissueMask(mask.astype(bool), mpp_y, mpp_x, "otsu-saturation", threshold), thumb
+
+
+def _remove_small(fn, mask: np.ndarray, area_px: int) -> np.ndarray:
+    """skimage's remove_small_objects/holes across versions (max_size since 0.26: removes <=)."""
+    import inspect
+
+    if area_px < 1:
+        return mask
+    if "max_size" in inspect.signature(fn).parameters:
+        return fn(mask, max_size=area_px - 1)
+    return fn(mask, area_px)
+
+
+def load_tissue_mask(path, *, slide_width_um: float, slide_height_um: float) -> TissueMask:
+    """A user mask image (PNG/TIFF/...; non-zero = tissue) stretched over the whole slide."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(f"--tissue-mask {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("L"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise SlideError(f"--tissue-mask {path}: not an image file ({e})") from None
+    if arr.ndim != 2 or arr.size == 0:
+        raise SlideError(f"--tissue-mask {path}: expected a 2-D mask image, got shape {arr.shape}")
+    h, w = arr.shape
+    aspect_slide = slide_width_um / slide_height_um
+    if abs((w / h) / aspect_slide - 1.0) > 0.05 + 2.0 / min(w, h):
+        raise SlideError(f"--tissue-mask {path}: its aspect ratio {w}x{h} does not match the slide's "
+                         f"({slide_width_um:.0f} x {slide_height_um:.0f} um)")
+    return TissueMask(arr > 0, slide_height_um / h, slide_width_um / w, f"file:{path}")
