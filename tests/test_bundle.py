@@ -1,0 +1,161 @@
+"""Bundles: save -> load -> same outputs, metadata, error messages, predictor precisions."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import zipfile
+
+import pytest
+import torch
+
+from wsss.bundle import (BUNDLE_FORMAT_VERSION, METADATA_FILE, load_bundle, read_bundle_metadata, save_bundle)
+from wsss.errors import BundleError
+from wsss.models import DeepLabV3Plus, ResNet38Classifier, TissueSegmenter
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.* deprecation notices
+
+META = {
+    "class_names": ["TE", "NEC", "LYM", "TAS"],
+    "palette": [[205, 51, 51], [0, 255, 0], [65, 105, 225], [255, 165, 0], [255, 255, 255]],
+    "background_index": 4,
+    "tile_size": 64,
+    "mpp": 1.0,
+    "input_scale": 1 / 255,
+    "gate_eps": 0.1,
+    "config": {"note": "test"},
+}
+
+
+def _segmenter_module(seed: int = 0) -> TissueSegmenter:
+    torch.manual_seed(seed)
+    clf = ResNet38Classifier(4, width=0.0625)
+    seg = DeepLabV3Plus(4, backbone="resnet50", width=0.0625)
+    return TissueSegmenter(clf, seg, eps=0.1).eval()
+
+
+@pytest.fixture(scope="module")
+def bundle_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bundle") / "model.pt"
+    save_bundle(path, _segmenter_module(), META)
+    return path
+
+
+def _tiles(n=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+def test_save_load_roundtrip_matches_eager(tmp_path):
+    module = _segmenter_module()
+    digest = save_bundle(tmp_path / "b.pt", module, META)
+    bundle = load_bundle(tmp_path / "b.pt")
+    assert bundle.sha256 == digest and len(digest) == 64
+    assert isinstance(bundle.module, torch.jit.ScriptModule)
+    tiles = _tiles()
+    for a, b in zip(module(tiles, True), bundle.module(tiles, True)):
+        assert torch.equal(a, b)
+    meta = bundle.metadata
+    assert meta["format"] == "wsss-bundle" and meta["format_version"] == BUNDLE_FORMAT_VERSION
+    assert meta["class_names"] == META["class_names"] and meta["palette"] == META["palette"]
+    assert meta["torch_version"] == torch.__version__ and len(meta["content_hash"]) == 64
+    assert read_bundle_metadata(tmp_path / "b.pt") == meta
+    assert [p.name for p in tmp_path.iterdir()] == ["b.pt"]  # no temp file left behind
+
+
+def test_content_hash_names_the_model_not_the_file(tmp_path):
+    save_bundle(tmp_path / "a.pt", _segmenter_module(0), META)
+    save_bundle(tmp_path / "b.pt", torch.jit.script(_segmenter_module(0)), META)
+    save_bundle(tmp_path / "c.pt", _segmenter_module(1), META)
+    h = [read_bundle_metadata(tmp_path / f"{n}.pt")["content_hash"] for n in "abc"]
+    assert h[0] == h[1] != h[2]
+
+
+def test_save_bundle_accepts_any_scripted_module_with_the_signature(tmp_path):
+    class Trivial(torch.nn.Module):
+        def forward(self, tiles: torch.Tensor, with_scores: bool = False):
+            labels = (tiles[:, 0] > 127).to(torch.uint8)
+            prob = torch.full((tiles.shape[0], 2), 0.9)
+            return labels, torch.empty(0), prob
+
+    save_bundle(tmp_path / "t.pt", Trivial(), dict(META, class_names=["a", "b"], palette=[[0, 0, 0], [1, 1, 1]],
+                                                  background_index=255, tile_size=16))
+    predict = load_bundle(tmp_path / "t.pt").predictor()
+    labels, scores, prob = predict(torch.full((3, 16, 16), 200, dtype=torch.uint8))
+    assert labels.shape == (1, 16, 16) and labels.all() and prob.shape == (1, 2)
+
+
+def test_bad_metadata_is_refused(tmp_path):
+    with pytest.raises(BundleError, match=r"missing tile_size"):
+        save_bundle(tmp_path / "x.pt", _segmenter_module(), {k: v for k, v in META.items() if k != "tile_size"})
+    with pytest.raises(BundleError, match="palette must be"):
+        save_bundle(tmp_path / "x.pt", _segmenter_module(), dict(META, palette=[[0, 0, 0]]))
+    with pytest.raises(BundleError, match="background_index must be"):
+        save_bundle(tmp_path / "x.pt", _segmenter_module(), dict(META, background_index=300))
+    assert not os.listdir(tmp_path)
+
+
+def test_load_errors_name_the_file(tmp_path, bundle_path):
+    with pytest.raises(BundleError, match=r"missing\.pt: no such file"):
+        load_bundle(tmp_path / "missing.pt")
+    (tmp_path / "text.pt").write_text("not a zip")
+    with pytest.raises(BundleError, match=r"text\.pt: not a TorchScript archive"):
+        load_bundle(tmp_path / "text.pt")
+    plain = torch.jit.script(_segmenter_module())
+    torch.jit.save(plain, str(tmp_path / "plain.pt"))
+    with pytest.raises(BundleError, match=rf"plain\.pt: no {METADATA_FILE}"):
+        load_bundle(tmp_path / "plain.pt")
+    for name, text, match in (("badjson.pt", "{not json", "invalid wsss_bundle.json"),
+                              ("future.pt", json.dumps({"format": "wsss-bundle", "format_version": 99}),
+                               "unsupported format_version 99")):
+        torch.jit.save(plain, str(tmp_path / name), _extra_files={METADATA_FILE: text})
+        with pytest.raises(BundleError, match=match):
+            load_bundle(tmp_path / name)
+
+
+def test_edited_bundle_fails_hash_check(tmp_path, bundle_path):
+    bundle = load_bundle(bundle_path)
+    meta = dict(bundle.metadata, gate_eps=0.5)  # claims another eps than the one hashed
+    torch.jit.save(bundle.module, str(tmp_path / "edited.pt"), _extra_files={METADATA_FILE: json.dumps(meta)})
+    with pytest.raises(BundleError, match="content hash mismatch"):
+        load_bundle(tmp_path / "edited.pt")
+    assert load_bundle(tmp_path / "edited.pt", verify=False).metadata["gate_eps"] == 0.5
+
+
+def test_metadata_is_a_plain_zip_entry_for_cpp(bundle_path):
+    with zipfile.ZipFile(bundle_path) as zf:
+        entry = [n for n in zf.namelist() if n.endswith("extra/" + METADATA_FILE)]
+        assert len(entry) == 1
+        assert json.loads(zf.read(entry[0]))["class_names"] == META["class_names"]
+
+
+def test_predictor_float32_equals_module_and_handles_layout(bundle_path):
+    bundle = load_bundle(bundle_path)
+    tiles = _tiles(3)
+    expected = bundle.module(tiles, True)
+    predict = bundle.predictor("cpu", "float32")
+    got = predict(tiles, with_scores=True)
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=2e-5)  # channels_last reorders sums
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-4, atol=2e-5)
+    assert predict(tiles)[1].numel() == 0
+    with pytest.raises(BundleError, match="precision must be one of"):
+        bundle.predictor(precision="int8")
+    with pytest.raises(BundleError, match=r"tiles must have shape \[N, 3, H, W\]"):
+        predict(torch.zeros(2, 4, 8, 8, dtype=torch.uint8))
+
+
+def test_predictor_bfloat16_agrees_with_float32_on_synthetic_tissue(bundle_path):
+    render_tissue = pytest.importorskip("wsss.synthetic").render_tissue
+    import numpy as np
+
+    tiles = torch.from_numpy(np.stack([render_tissue(64, 64, seed=s)[0] for s in range(4)])).permute(0, 3, 1, 2)
+    bundle = load_bundle(bundle_path)
+    ref_labels, _, ref_prob = bundle.predictor(precision="float32")(tiles)
+    labels, _, prob = bundle.predictor(precision="bfloat16")(tiles)
+    assert labels.dtype == torch.uint8 and prob.dtype == torch.float32
+    agreement = (labels == ref_labels).float().mean().item()
+    # NB: a random-init tiny network has small logit margins, the worst case for rounding; the
+    # precision report in benchmarks/bench_models.py measures the same on larger tiles.
+    assert agreement >= 0.95, agreement
+    assert (prob - ref_prob).abs().max() < 0.05

@@ -1,0 +1,286 @@
+"""Model bundles: one TorchScript archive carrying the inference module and its metadata.
+
+A bundle is a file written by ``torch.jit.save`` with one extra file, ``wsss_bundle.json``
+(``_extra_files``), so both Python (``load_bundle``) and C++ (``torch::jit::load(path, device,
+extra_files)``) read the module and the metadata from the one file, nothing else needed
+except the wsss op library.
+
+The module follows the TissueSegmenter signature:
+``forward(tiles [N,3,H,W] uint8|float 0..255, with_scores: bool) -> (labels uint8 [N,H,W],
+scores float [N,K,H,W] or empty, class_prob float [N,K])``.
+
+Metadata (``wsss_bundle.json``):
+  format="wsss-bundle", format_version=1, class_names [str], palette [[r,g,b], ...],
+  background_index int, tile_size int, mpp float|null (microns/pixel the model was trained at),
+  input_scale float, gate_eps float, config dict, wsss_version, torch_version,
+  content_hash = sha256 over the module's parameters and buffers (names, dtypes, shapes, bytes)
+  and the canonical JSON of the other metadata, so it identifies the model, not the zip file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from wsss.errors import BundleError
+
+__all__ = ["Bundle", "save_bundle", "load_bundle", "read_bundle_metadata", "content_hash",
+           "BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "METADATA_FILE"]
+
+BUNDLE_FORMAT = "wsss-bundle"
+BUNDLE_FORMAT_VERSION = 1
+METADATA_FILE = "wsss_bundle.json"
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# key -> (accepted types, description); filled in by save_bundle when marked optional
+_REQUIRED = {
+    "class_names": "a non-empty list of class names",
+    "palette": "a list of [r, g, b] colours, at least one per class",
+    "background_index": "an int in 0..255",
+    "tile_size": "a positive int (pixels)",
+}
+_DEFAULTS = {"mpp": None, "input_scale": 1.0 / 255.0, "gate_eps": 0.1, "config": {}}
+_AUTOMATIC = ("format", "format_version", "wsss_version", "torch_version", "content_hash")
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hash(module: torch.nn.Module, metadata: Mapping[str, Any]) -> str:
+    """sha256 of the module's parameters and buffers and the metadata (without the automatic keys)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    payload = {k: v for k, v in metadata.items() if k not in _AUTOMATIC}
+    h.update(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def _validate_metadata(metadata: Mapping[str, Any]) -> Dict[str, Any]:
+    if not isinstance(metadata, Mapping):
+        raise BundleError(f"bundle metadata must be a dict, got {type(metadata).__name__}")
+    meta = dict(_DEFAULTS)
+    meta.update({k: v for k, v in metadata.items() if k not in _AUTOMATIC})
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise BundleError("bundle metadata is missing " + ", ".join(f"{k} ({_REQUIRED[k]})" for k in missing))
+    names = meta["class_names"]
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise BundleError(f"bundle metadata: class_names must be {_REQUIRED['class_names']}, got {names!r}")
+    palette = meta["palette"]
+    ok = isinstance(palette, (list, tuple)) and len(palette) >= len(names) and all(
+        isinstance(c, (list, tuple)) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+        for c in palette)
+    if not ok:
+        raise BundleError(f"bundle metadata: palette must be {_REQUIRED['palette']} ({len(names)} classes), "
+                          f"got {palette!r}")
+    bg = meta["background_index"]
+    if not isinstance(bg, int) or isinstance(bg, bool) or not 0 <= bg <= 255:
+        raise BundleError(f"bundle metadata: background_index must be {_REQUIRED['background_index']}, got {bg!r}")
+    ts = meta["tile_size"]
+    if not isinstance(ts, int) or isinstance(ts, bool) or ts <= 0:
+        raise BundleError(f"bundle metadata: tile_size must be {_REQUIRED['tile_size']}, got {ts!r}")
+    if meta["mpp"] is not None and not (isinstance(meta["mpp"], (int, float)) and meta["mpp"] > 0):
+        raise BundleError(f"bundle metadata: mpp must be a positive number or None, got {meta['mpp']!r}")
+    for key in ("input_scale", "gate_eps"):
+        if not isinstance(meta[key], (int, float)) or isinstance(meta[key], bool):
+            raise BundleError(f"bundle metadata: {key} must be a number, got {meta[key]!r}")
+        meta[key] = float(meta[key])
+    if not isinstance(meta["config"], Mapping):
+        raise BundleError(f"bundle metadata: config must be a dict, got {type(meta['config']).__name__}")
+    meta["class_names"] = list(names)
+    meta["palette"] = [list(c) for c in palette]
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"bundle metadata must be JSON-serialisable: {e}") from None
+    return meta
+
+
+def save_bundle(path: str, module: torch.nn.Module, metadata: Mapping[str, Any]) -> str:
+    """Write ``module`` (scripted here if it is not a ScriptModule yet) and ``metadata`` to ``path``.
+
+    The file appears atomically (temp file in the same folder, then os.replace).  Returns the
+    sha256 of the written file.  Raises BundleError for bad metadata or a module that cannot be
+    scripted.
+    """
+    import wsss
+
+    path = os.fspath(path)
+    meta = _validate_metadata(metadata)
+    if not isinstance(module, torch.jit.ScriptModule):
+        try:
+            module = torch.jit.script(module.eval())
+        except Exception as e:
+            raise BundleError(f"bundle {path}: the module cannot be scripted with TorchScript: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+    module = module.eval()
+    meta.update(format=BUNDLE_FORMAT, format_version=BUNDLE_FORMAT_VERSION, wsss_version=wsss.__version__,
+                torch_version=torch.__version__)
+    meta["content_hash"] = content_hash(module, meta)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    os.close(fd)
+    try:
+        torch.jit.save(module, tmp, _extra_files={METADATA_FILE: json.dumps(meta, indent=1, sort_keys=True)})
+        digest = _file_sha256(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return digest
+
+
+def read_bundle_metadata(path: str) -> Dict[str, Any]:
+    """The metadata of a bundle without loading its module (cheap; validates the format)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BundleError(f"bundle {path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise BundleError(f"bundle {path}: not a TorchScript archive (not a zip file)")
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        if not any(n.endswith("/constants.pkl") or n.endswith("/code/__torch__.py") or "/code/" in n for n in names):
+            raise BundleError(f"bundle {path}: not a TorchScript archive (no code/ folder)")
+        found = [n for n in names if n.endswith("/extra/" + METADATA_FILE)]
+        if not found:
+            raise BundleError(f"bundle {path}: no {METADATA_FILE} in the archive (not a wsss bundle; write bundles "
+                              f"with wsss-export or wsss.bundle.save_bundle)")
+        raw = zf.read(found[0])
+    return _parse_metadata(path, raw)
+
+
+def _parse_metadata(path: str, raw: bytes) -> Dict[str, Any]:
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"bundle {path}: invalid {METADATA_FILE}: {e}") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"bundle {path}: invalid {METADATA_FILE}: expected a JSON object")
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"bundle {path}: invalid {METADATA_FILE}: format is {meta.get('format')!r}, "
+                          f"expected {BUNDLE_FORMAT!r}")
+    version = meta.get("format_version")
+    if version != BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"bundle {path}: unsupported format_version {version!r} (this wsss reads "
+                          f"version {BUNDLE_FORMAT_VERSION}); re-export it with this wsss version")
+    missing = [k for k in list(_REQUIRED) + list(_DEFAULTS) if k not in meta]
+    if missing:
+        raise BundleError(f"bundle {path}: invalid {METADATA_FILE}: missing {', '.join(missing)}")
+    return meta
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: ``module`` (ScriptModule, eval mode, on the load device), ``metadata``,
+    ``sha256`` of the file, ``path``."""
+
+    module: torch.jit.ScriptModule
+    metadata: Dict[str, Any]
+    sha256: str
+    path: str
+
+    @property
+    def class_names(self):
+        return list(self.metadata["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.metadata["class_names"])
+
+    def predictor(self, device: str = "cpu", precision: str = "float32", *,
+                  channels_last: Optional[bool] = None) -> Callable[..., Tuple[Tensor, Tensor, Tensor]]:
+        """A callable ``predict(tiles, with_scores=False) -> (labels, scores, class_prob)``.
+
+        tiles: uint8 (or float 0..255) tensor [N,3,H,W] (or [3,H,W]) on any device; outputs come
+        back on the CPU (labels uint8 [N,H,W], scores float32 [N,K,H,W] or empty, class_prob
+        float32 [N,K]).  precision: "float32", "bfloat16" or "float16".  Reduced precision casts a
+        private copy of the module's weights (NB: TorchScript modules ignore autocast, so a
+        weight cast is how reduced precision reaches the convolutions, on CPU and CUDA alike);
+        the module upsamples, gates and argmaxes in float32.  bfloat16 is the fast CPU mode on
+        CPUs with bf16 matrix units; channels_last (default: on) suits both CPU and CUDA.
+        """
+        if precision not in PRECISIONS:
+            raise BundleError(f"bundle {self.path}: precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise BundleError(f"bundle {self.path}: invalid device {device!r}: {e}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BundleError(f"bundle {self.path}: device {device!r} requested but CUDA is not available")
+        dtype = PRECISIONS[precision]
+        use_channels_last = True if channels_last is None else bool(channels_last)
+        # NB: a private copy, so predictors of different precisions never share cast weights.
+        module = torch.jit.load(self.path, map_location=dev) if (dtype != torch.float32 or use_channels_last
+                                                                or dev != _module_device(self.module)) else self.module
+        if dtype != torch.float32:
+            module = module.to(dtype)
+        if use_channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        module.eval()
+
+        def predict(tiles: Tensor, with_scores: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+            if not isinstance(tiles, Tensor):
+                raise BundleError(f"predictor: tiles must be a torch.Tensor [N,3,H,W], got {type(tiles).__name__}")
+            if tiles.dim() == 3:
+                tiles = tiles.unsqueeze(0)
+            if tiles.dim() != 4 or tiles.shape[1] != 3:
+                raise BundleError(f"predictor: tiles must have shape [N, 3, H, W], got {list(tiles.shape)}")
+            x = tiles.to(dev, non_blocking=True)
+            if use_channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                labels, scores, class_prob = module(x, with_scores)
+            return labels.cpu(), scores.float().cpu(), class_prob.float().cpu()
+
+        predict.module = module  # type: ignore[attr-defined]
+        predict.device = dev  # type: ignore[attr-defined]
+        predict.precision = precision  # type: ignore[attr-defined]
+        return predict
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def load_bundle(path: str, *, device: str = "cpu", verify: bool = True) -> Bundle:
+    """Load a bundle written by save_bundle.  The wsss op library is loaded first (the module
+    calls torch.ops.wsss.*).  verify=True recomputes the content hash (detects a corrupted or
+    edited bundle).  Raises BundleError naming the file for: missing file, not a TorchScript
+    archive, no/invalid wsss_bundle.json, unsupported format version, hash mismatch."""
+    import wsss  # noqa: F401  (loads the op library the module calls)
+
+    path = os.fspath(path)
+    read_bundle_metadata(path)  # cheap, precise errors before the expensive load
+    extra = {METADATA_FILE: ""}
+    try:
+        module = torch.jit.load(path, map_location=device, _extra_files=extra)
+    except Exception as e:
+        raise BundleError(f"bundle {path}: not a loadable TorchScript archive: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    meta = _parse_metadata(path, extra[METADATA_FILE] if isinstance(extra[METADATA_FILE], bytes)
+                           else str(extra[METADATA_FILE]).encode())
+    if verify:
+        actual = content_hash(module, meta)
+        if actual != meta.get("content_hash"):
+            raise BundleError(f"bundle {path}: content hash mismatch (file corrupted or edited): "
+                              f"metadata says {meta.get('content_hash')}, contents give {actual}")
+    return Bundle(module=module.eval(), metadata=meta, sha256=_file_sha256(path), path=path)
