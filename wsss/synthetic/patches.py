@@ -41,8 +41,7 @@ def patch_label(labels: np.ndarray, num_classes: int, min_fraction: float) -> np
 def _save_png(path: str, array: np.ndarray, palette: Optional[list] = None) -> None:
     img = Image.fromarray(array)
     if palette is not None:
-        img = img.convert("P") if img.mode != "P" else img
-        img.putpalette(palette)
+        img.putpalette(palette)  # "L" -> "P", values kept
     tmp = f"{path}.tmp{os.getpid()}.png"
     img.save(tmp)
     os.replace(tmp, path)

@@ -30,8 +30,8 @@ class ConfusionMatrix:
 
     def update(self, truth, prediction) -> None:
         """truth, prediction: integer arrays/tensors of the same shape (any shape)."""
-        t = torch.as_tensor(truth).reshape(-1).to(torch.int64)
-        p = torch.as_tensor(prediction).reshape(-1).to(torch.int64).to(t.device)
+        t = _as_tensor(truth).reshape(-1).to(torch.int64)
+        p = _as_tensor(prediction).reshape(-1).to(torch.int64).to(t.device)
         if t.shape != p.shape:
             raise ValueError(f"truth and prediction must have the same number of pixels, got {t.numel()} and {p.numel()}")
         k = self.num_classes
@@ -43,6 +43,12 @@ class ConfusionMatrix:
 
     def scores(self, class_names: Optional[Sequence[str]] = None) -> Dict:
         return segmentation_scores(self.matrix, self.missed, class_names)
+
+
+def _as_tensor(a) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    return torch.from_numpy(np.array(a))  # a copy: read-only arrays (e.g. from PIL) are fine
 
 
 def segmentation_scores(matrix: np.ndarray, missed: Optional[np.ndarray] = None,

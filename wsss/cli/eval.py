@@ -1,0 +1,80 @@
+"""wsss-eval: confusion-matrix metrics (IoU per class, mIoU, FwIoU, ACC) with and without the classification gate."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Dict, Optional, Sequence
+
+from wsss.cli import run
+from wsss.cli._train_args import add_common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wsss-eval", description=__doc__.split(":", 1)[1].strip())
+    p.add_argument("data", help="dataset root (with SPLIT/img and SPLIT/mask)")
+    p.add_argument("--segmenter", required=True, help="stage-3 checkpoint")
+    p.add_argument("--classifier", help="stage-1 checkpoint (for the gated metrics and classifier F1)")
+    p.add_argument("--split", default="test", help="[test]")
+    p.add_argument("--gate-eps", type=float, default=0.1, help="[0.1]")
+    p.add_argument("--batch-size", type=int, default=16, help="[16]")
+    p.add_argument("--json", help="write the metrics here as JSON")
+    add_common(p, seed=False)
+    return p
+
+
+def write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=float)
+    os.replace(tmp, path)
+
+
+def format_table(results: Dict) -> str:
+    """Rows: IoU per class, mIoU, FwIoU, ACC (percent); columns: ungated, gated."""
+    cols = [c for c in ("ungated", "gated") if c in results]
+    names = list(results[cols[0]]["iou"])
+    rows = [(f"IoU {n}", [results[c]["iou"][n] for c in cols]) for n in names]
+    rows += [(m, [results[c][m.lower()] for c in cols]) for m in ("mIoU", "FwIoU", "ACC")]
+    width = max(len(r[0]) for r in rows) + 2
+    lines = ["".ljust(width) + "".join(c.rjust(10) for c in cols)]
+    for label, values in rows:
+        lines.append(label.ljust(width) + "".join(("n/a" if math.isnan(v) else f"{100 * v:.2f}").rjust(10)
+                                                  for v in values))
+    if "classifier_f1" in results:
+        lines.append(f"classifier F1 (macro) {100 * results['classifier_f1']['macro']:.2f}")
+    return "\n".join(lines)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
+    from wsss.data import MaskedPatches, get_description
+    from wsss.models.checkpoints import load_classifier_checkpoint, load_segmenter_checkpoint
+    from wsss.train.common import resolve_device
+    from wsss.train.segmenter import evaluate_segmenter
+
+    device = resolve_device(args.device)
+    description = get_description(args.dataset, args.data)
+    dataset = MaskedPatches(args.data, description, args.split)
+    segmenter = load_segmenter_checkpoint(args.segmenter, num_classes=description.num_classes).to(device)
+    classifier = None
+    if args.classifier:
+        classifier = load_classifier_checkpoint(args.classifier, num_classes=description.num_classes).to(device)
+    results = evaluate_segmenter(segmenter, classifier, dataset, description, device=args.device,
+                                 precision=args.precision, batch_size=args.batch_size, eps=args.gate_eps)
+    results.update(split=args.split, images=len(dataset), gate_eps=args.gate_eps, dataset=description.name)
+    print(f"wsss-eval: {description.name} {args.split} ({len(dataset)} images)")
+    print(format_table(results))
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run("wsss-eval", _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

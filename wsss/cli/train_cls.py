@@ -1,0 +1,55 @@
+"""wsss-train-cls: stage 1, the ResNet-38 patch classifier with Progressive Dropout Attention."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from wsss.cli import run
+from wsss.cli._train_args import add_common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wsss-train-cls", description=__doc__.split(":", 1)[1].strip())
+    p.add_argument("data", help="dataset root (with train/, file names carry the patch labels)")
+    p.add_argument("--out", required=True, help="output folder (classifier.pt, classifier_last.pt)")
+    p.add_argument("--epochs", type=int, default=20, help="[20]")
+    p.add_argument("--batch-size", type=int, default=20, help="[20]")
+    p.add_argument("--lr", type=float, default=0.01, help="base learning rate, fc8 gets 10x [0.01]")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (reference: none) [0]")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="[5e-4]")
+    p.add_argument("--mu-schedule", default="paper", choices=("paper", "reference", "constant", "none"),
+                   help="paper: mu=1 for 3 epochs then x0.985 floored at 0.65; reference: x0.98 every "
+                        "epoch, PDA from epoch 3; constant: --mu; none: no attention [paper]")
+    p.add_argument("--mu", type=float, default=1.0, help="mu for --mu-schedule constant [1.0]")
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1 = reference) [1.0]")
+    p.add_argument("--init", help="initial weights (classifier state_dict; fc8 may differ)")
+    p.add_argument("--freeze", default="auto", choices=("auto", "reference", "none"),
+                   help="reference: conv1a..b2_2 and all BN frozen; auto: reference only with --init [auto]")
+    p.add_argument("--max-steps-per-epoch", type=int, help="cap on batches per epoch (quick runs)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/classifier_last.pt exists")
+    add_common(p)
+    return p
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
+    from wsss.train.classifier import ClassifierConfig, train_classifier
+
+    cfg = ClassifierConfig(data_root=args.data, out_dir=args.out, dataset=args.dataset, epochs=args.epochs,
+                           batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, mu_schedule=args.mu_schedule, mu=args.mu,
+                           width=args.width, freeze=args.freeze, init=args.init, seed=args.seed, device=args.device,
+                           precision=args.precision, workers=args.workers,
+                           max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.quiet)
+    result = train_classifier(cfg, resume=not args.no_resume)
+    last = result["history"][-1] if result["history"] else {}
+    print(f"wsss-train-cls: wrote {result['checkpoint']} (final loss {last.get('loss', float('nan')):.4f})")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run("wsss-train-cls", _main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,246 @@
+"""Stage 1: train the ResNet-38 patch classifier with Progressive Dropout Attention.
+
+METHOD.md, stage 1: multilabel soft margin loss on patch-level labels, SGD lr 0.01 with fc8 at
+10x, poly decay 0.9, weight decay 5e-4, random horizontal + vertical flips, batch 20, 20 epochs.
+
+mu schedules (``mu_schedule``):
+- "paper" (default): mu = 1 for the first 3 epochs, then mu_t = max(0.65, 0.985 * mu_{t-1});
+- "reference": mu_e = 0.98 ** e (multiplied after every epoch from epoch 0), PDA only from
+  epoch 3 (plain GAP before), as ChuHan89/WSSS-Tissue does;
+- "constant": mu fixed at ``mu`` (mu = 1 drops nothing: the "PDA off" ablation);
+- "none": no attention at all (plain GAP + channel dropout).
+
+Checkpoints (``out_dir/classifier_last.pt`` after every epoch, ``classifier.pt`` at the end)
+hold {'model', 'config', 'epoch', 'optimizer', 'kind': 'classifier', 'step', 'history'}: a run
+resumed from the last one continues exactly where it stopped (each epoch's shuffling and flips
+come from generators seeded by (seed, epoch)).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from wsss.errors import WsssError
+
+__all__ = ["ClassifierConfig", "mu_for_epoch", "train_classifier", "evaluate_classifier", "build_classifier"]
+
+MU_SCHEDULES = ("paper", "reference", "constant", "none")
+
+
+@dataclass
+class ClassifierConfig:
+    data_root: str
+    out_dir: str
+    dataset: str = "auto"
+    epochs: int = 20
+    batch_size: int = 20
+    lr: float = 0.01
+    fc8_lr_mult: float = 10.0
+    momentum: float = 0.0  # NB: the reference's PolyOptimizer is plain SGD without momentum
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    mu_schedule: str = "paper"
+    mu: float = 1.0  # for mu_schedule="constant"
+    width: float = 1.0
+    freeze: str = "auto"  # "reference" | "none" | "auto" (reference only with --init weights)
+    init: Optional[str] = None
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    workers: int = 0
+    max_steps_per_epoch: Optional[int] = None  # for quick runs
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.mu_schedule not in MU_SCHEDULES:
+            raise WsssError(f"--mu-schedule must be one of {', '.join(MU_SCHEDULES)}, got {self.mu_schedule!r}")
+        if not 0.0 <= self.mu <= 1.0:
+            raise WsssError(f"--mu must be in [0, 1], got {self.mu}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise WsssError(f"--epochs and --batch-size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if not self.width > 0:
+            raise WsssError(f"--width must be > 0, got {self.width}")
+        if self.freeze not in ("auto", "reference", "none"):
+            raise WsssError(f"--freeze must be auto, reference or none, got {self.freeze!r}")
+
+
+def mu_for_epoch(schedule: str, epoch: int, mu: float = 1.0) -> Optional[float]:
+    """The PDA threshold factor of an epoch (0-based); None means: no attention this epoch."""
+    if schedule == "paper":
+        value = 1.0
+        for _ in range(3, epoch + 1):
+            value = max(0.65, 0.985 * value)
+        return value
+    if schedule == "reference":
+        return 0.98 ** epoch if epoch >= 3 else None
+    if schedule == "constant":
+        return float(mu)
+    if schedule == "none":
+        return None
+    raise WsssError(f"unknown mu schedule {schedule!r}")
+
+
+def build_classifier(num_classes: int, width: float):
+    from wsss.models import ResNet38Classifier
+
+    return ResNet38Classifier(num_classes, width=width)
+
+
+def _param_groups(model, cfg: ClassifierConfig) -> List[Dict]:
+    fc8, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("fc8"):
+            fc8.append(p)
+        elif p.dim() <= 1:  # BatchNorm affine parameters (trained only when BN is not frozen)
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "lr_mult": 1.0, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "lr_mult": 1.0, "weight_decay": 0.0},
+              {"params": fc8, "lr_mult": cfg.fc8_lr_mult, "weight_decay": cfg.weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
+def _load_init(model, path: str) -> None:
+    """Initial weights (e.g. ImageNet model A1 converted): every key but fc8 must match."""
+    from wsss.models.checkpoints import read_checkpoint
+
+    contents = read_checkpoint(path, expected_kind="classifier")
+    state = {k: v for k, v in contents.state_dict.items() if not k.startswith("fc8")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc8")]
+    if missing or unexpected:
+        raise WsssError(f"--init {path}: does not match the network (missing {missing[:4]}, unexpected {unexpected[:4]})")
+
+
+def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
+    """Train (or resume) stage 1; returns a summary dict with the final checkpoint path and history."""
+    from wsss.data import LabelledPatches, get_description
+    from wsss.train.common import (autocast, load_checkpoint, make_loader, poly_lr, random_flips, resolve_device,
+                                   save_atomic, seed_everything)
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    description = get_description(cfg.dataset, cfg.data_root)
+    train_set = LabelledPatches(cfg.data_root, description)
+    seed_everything(cfg.seed)
+    model = build_classifier(description.num_classes, cfg.width)
+    freeze = cfg.freeze if cfg.freeze != "auto" else ("reference" if cfg.init else "none")
+    if cfg.init:
+        _load_init(model, cfg.init)
+    if freeze == "reference":
+        # NB: freezing conv1a..b2_2 and every BN only makes sense from pretrained weights; from a
+        # random init it would freeze random filters and turn BN into an identity.
+        model.freeze_reference_layers()
+    model.to(device)
+    groups = _param_groups(model, cfg)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    max_steps = steps_per_epoch * cfg.epochs
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    last_path = os.path.join(cfg.out_dir, "classifier_last.pt")
+    final_path = os.path.join(cfg.out_dir, "classifier.pt")
+    config = dataclasses.asdict(cfg)
+    config.update(num_classes=description.num_classes, class_names=list(description.class_names),
+                  description=description.to_dict(), freeze_resolved=freeze)
+
+    start_epoch, step, history = 0, 0, []
+    if resume and os.path.isfile(last_path):
+        ckpt = load_checkpoint(last_path, "classifier")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, step, history = ckpt["epoch"] + 1, ckpt["step"], list(ckpt.get("history", []))
+        _log(cfg, f"resuming from {last_path} at epoch {start_epoch}")
+
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch, cfg.epochs):
+        mu = mu_for_epoch(cfg.mu_schedule, epoch, cfg.mu)
+        model.train()
+        loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
+                             workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
+        flips = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7)
+        torch.manual_seed(cfg.seed * 1000 + epoch + 13)  # dropout masks
+        total, count, t0 = 0.0, 0, time.time()
+        bar = tqdm(total=steps_per_epoch, desc=f"cls epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                   unit="batch", dynamic_ncols=True)
+        for i, batch in enumerate(loader):
+            if i >= steps_per_epoch:
+                break
+            lr = poly_lr(cfg.lr, step, max_steps, cfg.poly_power)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_mult"]
+            x = random_flips(batch["image"], flips, vertical=True).to(device).float().div_(255.0)
+            y = batch["label"].to(device)
+            with autocast(device, cfg.precision):
+                logits = model(x) if mu is None else model.forward_pda(x, mu)
+            loss = F.multilabel_soft_margin_loss(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise WsssError(f"classifier training diverged at epoch {epoch + 1}, step {i} (loss {loss.item()}); "
+                                f"lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            total += loss.item() * x.shape[0]
+            count += x.shape[0]
+            bar.set_postfix(loss=f"{total / count:.4f}", mu="off" if mu is None else f"{mu:.3f}", lr=f"{lr:.2e}")
+            bar.update(1)
+        bar.close()
+        history.append({"epoch": epoch, "loss": total / max(count, 1), "mu": mu, "seconds": time.time() - t0})
+        save_atomic({"model": model.state_dict(), "config": config, "epoch": epoch, "optimizer": optimizer.state_dict(),
+                     "kind": "classifier", "step": step, "history": history}, last_path)
+    model.eval()
+    save_atomic({"model": model.state_dict(), "config": config, "epoch": cfg.epochs - 1, "optimizer": None,
+                 "kind": "classifier", "step": step, "history": history}, final_path)
+    return {"checkpoint": final_path, "history": history, "config": config}
+
+
+def _log(cfg, message: str) -> None:
+    if cfg.progress:
+        print(message, flush=True)
+
+
+@torch.no_grad()
+def evaluate_classifier(model, dataset, description, *, device: str = "cpu", batch_size: int = 32,
+                        threshold: float = 0.5, precision: str = "fp32") -> Dict:
+    """Multilabel F1 of sigmoid(logits) > threshold against patch labels.
+
+    ``dataset`` items need "image" and either "label" [K] or "mask" [H,W] (labels are then the
+    classes present in the mask).
+    """
+    from wsss.train.common import autocast, make_loader, resolve_device
+    from wsss.train.metrics import multilabel_f1
+
+    dev = resolve_device(device)
+    model.eval().to(dev)
+    k = description.num_classes
+    truth, pred = [], []
+    for batch in make_loader(dataset, batch_size, shuffle=False, seed=0):
+        x = batch["image"].to(dev).float().div_(255.0)
+        with autocast(dev, precision):
+            prob = torch.sigmoid(model(x).float())
+        if "label" in batch:
+            t = batch["label"]
+        else:
+            m = batch["mask"]
+            t = torch.stack([(m == c).flatten(1).any(1) for c in range(k)], dim=1).float()
+        truth.append(t.cpu())
+        pred.append((prob > threshold).cpu())
+    return multilabel_f1(torch.cat(truth), torch.cat(pred))
+
+
+def config_to_json(cfg: ClassifierConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2)

@@ -1,0 +1,128 @@
+"""Shared training plumbing: seeding, devices, precision, poly schedule, atomic checkpoints, flips."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import Any, Dict, Iterator, Optional
+
+import numpy as np
+import torch
+
+from wsss.errors import WsssError
+
+__all__ = ["seed_everything", "resolve_device", "autocast", "poly_lr", "save_atomic", "load_checkpoint",
+           "random_flips", "make_loader", "WorkerSeed"]
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
+    """Seed python, numpy and torch; returns a torch.Generator for the training loop's own draws."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def resolve_device(name: str) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto'; WsssError when CUDA is asked for and missing."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise WsssError(f"--device: {name!r} is not a device (expected cpu, cuda, cuda:N or auto)") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WsssError(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise WsssError(f"--device: expected cpu, cuda or auto, got {name!r}")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """A context: bf16 autocast for precision 'bf16', nothing for 'fp32'."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise WsssError(f"--precision must be fp32 or bf16, got {precision!r}")
+
+
+def poly_lr(base_lr: float, step: int, max_steps: int, power: float = 0.9) -> float:
+    """Poly decay as the reference: base * (1 - step/max_steps) ** power."""
+    return base_lr * (1.0 - min(step, max_steps) / max(max_steps, 1)) ** power
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """torch.save to a temporary name in the same folder, then os.replace (never half-written)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, expected_kind: Optional[str] = None) -> Dict[str, Any]:
+    """A wsss training checkpoint (dict with 'model', 'kind', ...), read with weights_only."""
+    from wsss.errors import BundleError
+
+    if not os.path.isfile(path):
+        raise BundleError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file to the user
+        raise BundleError(f"checkpoint {path}: cannot be read: {e}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise BundleError(f"checkpoint {path}: not a wsss training checkpoint (no 'model' entry)")
+    if expected_kind is not None and ckpt.get("kind") not in (None, expected_kind):
+        raise BundleError(f"checkpoint {path}: holds a {ckpt.get('kind')}, expected a {expected_kind}")
+    return ckpt
+
+
+def random_flips(images: torch.Tensor, gen: torch.Generator, vertical: bool = True,
+                 masks: Optional[torch.Tensor] = None):
+    """Per-sample random horizontal (and vertical) flips of images [N,C,H,W] and masks [N,...,H,W].
+
+    Draws come from ``gen`` only, so runs are reproducible whatever the loader does.
+    """
+    n = images.shape[0]
+    hflip = torch.rand(n, generator=gen) < 0.5
+    vflip = torch.rand(n, generator=gen) < 0.5 if vertical else torch.zeros(n, dtype=torch.bool)
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        shape = (n,) + (1,) * (t.dim() - 1)
+        h = hflip.to(t.device).reshape(shape)
+        v = vflip.to(t.device).reshape(shape)
+        t = torch.where(h, t.flip(-1), t)
+        return torch.where(v, t.flip(-2), t)
+
+    images = apply(images)
+    if masks is None:
+        return images
+    return images, apply(masks)
+
+
+class WorkerSeed:
+    """worker_init_fn that seeds numpy/random in DataLoader workers from torch's per-worker seed."""
+
+    def __call__(self, worker_id: int) -> None:
+        s = torch.initial_seed() % (2 ** 32)
+        np.random.seed(s)
+        random.seed(s)
+
+
+def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, workers: int = 0,
+                drop_last: bool = False) -> torch.utils.data.DataLoader:
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                                       num_workers=workers, drop_last=drop_last, worker_init_fn=WorkerSeed(),
+                                       persistent_workers=False)
+
+
+def iterate_forever(loader) -> Iterator:
+    while True:
+        yield from loader

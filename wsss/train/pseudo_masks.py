@@ -1,0 +1,245 @@
+"""Stage 2: multi-layer Grad-CAM pseudo masks, batched (METHOD.md, stage 2).
+
+For each training patch and layer l in (b4_5, b5_2, bn7), and each class logit z_k:
+  alpha_kc = mean_hw dz_k/dF_c,  L_k = sum_c alpha_kc F_c (no ReLU),  bilinear to the patch size;
+per patch, one min-max normalisation over the K maps jointly; maps of classes absent from the
+patch label set to 0; LUAD-style background (gray > 200, objects < 50 px removed) becomes one
+more channel scoring just above 1; pseudo mask = argmax -> palette PNG per layer and patch.
+
+Batching (the reference runs one patch, one layer, one class backward at a time):
+- one forward pass per batch gives all three layers;
+- BN is in eval mode and samples are independent, so d(sum_n z_nk)/dF_n = dz_nk/dF_n: ONE
+  backward per class serves the whole batch and both b4_5 and b5_2 (or a single vmapped
+  backward over the K classes, ``autograd.grad(..., is_grads_batched=True)``);
+- at bn7 no backward is needed: z_k = sum_c w_kc mean_hw F_c, so dz_k/dF_c = w_kc / (h w) and
+  L_k = CAM_k / (h w), one matmul.
+Grad-CAM maps of b4_5 and b5_2 come from the fused op wsss.ops.gradcam.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsss.errors import WsssError
+
+__all__ = ["LAYERS", "PseudoMaskConfig", "gradcam_maps", "gradcam_maps_reference_loop", "masks_from_cams",
+           "background_mask", "generate_pseudo_masks", "score_pseudo_masks"]
+
+LAYERS = ("b4_5", "b5_2", "bn7")
+
+
+@dataclass
+class PseudoMaskConfig:
+    data_root: str
+    checkpoint: str
+    out_dir: str
+    dataset: str = "auto"
+    batch_size: int = 16
+    layers: Tuple[str, ...] = LAYERS
+    device: str = "cpu"
+    precision: str = "fp32"
+    workers: int = 0
+    truth_dir: Optional[str] = None  # palette masks of the train patches, to score the pseudo masks
+    progress: bool = True
+
+
+def gradcam_maps(model, x: torch.Tensor, layers: Sequence[str] = LAYERS, batched_backward: bool = True
+                 ) -> Dict[str, torch.Tensor]:
+    """Grad-CAM maps {layer: [N,K,h_l,w_l]} (no ReLU, not resized) of scaled input x [N,3,H,W].
+
+    ``model`` must be a ResNet38Classifier in eval mode.  One forward; backward passes only for
+    b4_5/b5_2 (one vmapped backward over the K classes, or one per class when
+    ``batched_backward`` is False); none for bn7.
+    """
+    from wsss import ops
+    from wsss.reference import class_activation_maps
+
+    if model.training:
+        raise WsssError("gradcam_maps: the classifier must be in eval mode (BN statistics, no dropout)")
+    backward_layers = [l for l in layers if l != "bn7"]
+    with torch.enable_grad():
+        maps = model.feature_maps(x)
+        logits = maps["logits"]  # [N,K]
+        k = logits.shape[1]
+        out: Dict[str, torch.Tensor] = {}
+        if backward_layers:
+            feats = [maps[l] for l in backward_layers]
+            if batched_backward:
+                # grad_outputs [K,N,K]: one-hot class k for every sample -> grads [K,N,C,h,w] per layer.
+                eye = torch.eye(k, dtype=logits.dtype, device=logits.device)[:, None, :].expand(k, logits.shape[0], k)
+                grads = torch.autograd.grad(logits, feats, grad_outputs=eye, is_grads_batched=True)
+                per_layer = [g.transpose(0, 1) for g in grads]  # [N,K,C,h,w]
+            else:
+                per_class = [torch.autograd.grad(logits[:, c].sum(), feats, retain_graph=c < k - 1) for c in range(k)]
+                per_layer = [torch.stack([pc[i] for pc in per_class], dim=1) for i in range(len(feats))]
+            for name, f, g in zip(backward_layers, feats, per_layer):
+                out[name] = ops.gradcam(f.detach().contiguous(), g.detach().to(f.dtype).contiguous())
+    if "bn7" in layers:
+        bn7 = maps["bn7"].detach()
+        h, w = bn7.shape[2:]
+        weight = model.fc8.weight.detach().reshape(k, -1)
+        out["bn7"] = class_activation_maps(bn7, weight) / float(h * w)
+    return {l: out[l] for l in layers}
+
+
+def gradcam_maps_reference_loop(model, x: torch.Tensor, layers: Sequence[str] = LAYERS) -> Dict[str, torch.Tensor]:
+    """The reference code's way, faithfully re-created: one patch, one layer, one class at a time,
+    a fresh forward per (patch, layer) and a backward per class, Grad-CAM by hand.  For the
+    benchmark and as an oracle; returns the same maps as gradcam_maps."""
+    out = {l: [] for l in layers}
+    for n in range(x.shape[0]):
+        xi = x[n:n + 1]
+        for layer in layers:
+            per_class = []
+            k = None
+            with torch.enable_grad():
+                maps = model.feature_maps(xi)
+                logits = maps["logits"]
+                k = logits.shape[1]
+                feat = maps[layer]
+                for c in range(k):
+                    g = torch.autograd.grad(logits[0, c], feat, retain_graph=True)[0]  # [1,C,h,w]
+                    alpha = g.mean(dim=(2, 3), keepdim=True)
+                    per_class.append((alpha * feat).sum(dim=1).detach())  # [1,h,w]
+            out[layer].append(torch.stack(per_class, dim=1))
+    return {l: torch.cat(v) for l, v in out.items()}
+
+
+def background_mask(images: torch.Tensor, white_threshold: int = 200, min_object_px: int = 50) -> torch.Tensor:
+    """LUAD background: gray > threshold with objects smaller than min_object_px removed.
+
+    images uint8 [N,3,H,W] -> bool [N,H,W].  Gray as PIL's 'L' (ITU-R 601-2 luma).
+    """
+    from skimage.morphology import remove_small_objects
+
+    rgb = images.float()
+    gray = (rgb[:, 0] * 299 + rgb[:, 1] * 587 + rgb[:, 2] * 114) / 1000.0
+    white = (gray > white_threshold).cpu().numpy()
+    cleaned = np.stack([remove_small_objects(m, max_size=min_object_px - 1) if m.any() else m for m in white]) \
+        if _skimage_has_max_size() else np.stack([remove_small_objects(m, min_size=min_object_px) for m in white])
+    return torch.from_numpy(cleaned)
+
+
+def _skimage_has_max_size() -> bool:
+    import inspect
+
+    from skimage.morphology import remove_small_objects
+
+    return "max_size" in inspect.signature(remove_small_objects).parameters
+
+
+def masks_from_cams(cams: torch.Tensor, labels: torch.Tensor, size: Tuple[int, int],
+                    background: Optional[torch.Tensor], background_index: int) -> torch.Tensor:
+    """Pseudo masks uint8 [N,H,W] from Grad-CAM maps [N,K,h,w] and patch labels [N,K] (0/1).
+
+    Bilinear to ``size``; per-patch joint min-max over the K maps; absent classes -> 0;
+    background [N,H,W] bool (or None) -> a channel scoring just above 1 -> background_index.
+    """
+    n, k = cams.shape[:2]
+    up = F.interpolate(cams.float(), size=size, mode="bilinear", align_corners=False)
+    flat = up.reshape(n, -1)
+    lo = flat.min(dim=1).values[:, None, None, None]
+    hi = flat.max(dim=1).values[:, None, None, None]
+    norm = (up - lo) / (hi - lo).clamp_min(1e-12)
+    norm = norm * labels.to(norm.dtype)[:, :, None, None]
+    if background is not None:
+        bg = background.to(norm.device)[:, None].to(norm.dtype) * 1.0001  # just above 1 where background
+        norm = torch.cat([norm, bg], dim=1)
+    idx = norm.max(dim=1).indices  # NB: max(1).indices, not argmax(1): far faster on CPU
+    out = idx.to(torch.uint8)
+    if background is not None:
+        out = torch.where(idx == k, torch.full_like(out, background_index), out)
+    return out
+
+
+def _write_palette_png(path: str, mask: np.ndarray, palette: List[int]) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))  # mode "L"
+    img.putpalette(palette)  # "L" -> "P", values kept
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
+    """Write out_dir/<layer>/<stem>.png for every train patch; returns timing (and scores if truth given)."""
+    from tqdm import tqdm
+
+    from wsss.data import LabelledPatches, get_description
+    from wsss.models.checkpoints import load_classifier_checkpoint
+    from wsss.train.common import autocast, make_loader, resolve_device
+
+    bad = [l for l in cfg.layers if l not in LAYERS]
+    if bad:
+        raise WsssError(f"--layers: unknown layer(s) {bad}; choose from {', '.join(LAYERS)}")
+    device = resolve_device(cfg.device)
+    description = get_description(cfg.dataset, cfg.data_root)
+    dataset = LabelledPatches(cfg.data_root, description)
+    model = load_classifier_checkpoint(cfg.checkpoint, num_classes=description.num_classes)
+    model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in cfg.layers:
+        os.makedirs(os.path.join(cfg.out_dir, layer), exist_ok=True)
+    palette = description.palette_flat()
+    use_bg = not description.background_is_tissue
+    t0 = time.time()
+    loader = make_loader(dataset, cfg.batch_size, shuffle=False, seed=0, workers=cfg.workers)
+    bar = tqdm(total=len(dataset), desc="pseudo masks", unit="patch", disable=not cfg.progress, dynamic_ncols=True)
+    for batch in loader:
+        images = batch["image"]
+        x = images.to(device).float().div_(255.0)
+        # NB: the input needs no gradient; activations still get one because the graph is
+        # recorded from feature_maps' intermediate tensors (see gradcam_maps).
+        with autocast(device, cfg.precision):
+            cams = _gradcam_with_grad(model, x, cfg.layers)
+        bg = background_mask(images, description.white_threshold, description.min_object_px) if use_bg else None
+        for layer in cfg.layers:
+            masks = masks_from_cams(cams[layer], batch["label"].to(device), tuple(images.shape[2:]), bg,
+                                    description.background_index).cpu().numpy()
+            for name, mask in zip(batch["name"], masks):
+                _write_palette_png(os.path.join(cfg.out_dir, layer, os.path.splitext(name)[0] + ".png"), mask, palette)
+        bar.update(images.shape[0])
+    bar.close()
+    seconds = time.time() - t0
+    result = {"patches": len(dataset), "seconds": seconds, "patches_per_second": len(dataset) / max(seconds, 1e-9),
+              "out_dir": cfg.out_dir, "layers": list(cfg.layers)}
+    if cfg.truth_dir:
+        result["scores"] = score_pseudo_masks(cfg.out_dir, cfg.truth_dir, description, cfg.layers)
+    return result
+
+
+def _gradcam_with_grad(model, x, layers):
+    """gradcam_maps on a model whose parameters do not require grad: enable grad on the input so
+    the activations are part of a graph (the input gradient itself is never computed)."""
+    x = x.detach().requires_grad_(True)
+    return gradcam_maps(model, x, layers)
+
+
+def score_pseudo_masks(pseudo_dir: str, truth_dir: str, description, layers: Sequence[str] = LAYERS) -> Dict:
+    """mIoU etc. of each layer's pseudo masks against truth palette masks of the same names."""
+    from wsss.data import read_mask
+    from wsss.errors import DataError
+    from wsss.train.metrics import ConfusionMatrix
+
+    scores = {}
+    for layer in layers:
+        cm = ConfusionMatrix(description.num_classes, description.background_index)
+        folder = os.path.join(pseudo_dir, layer)
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+        if not names:
+            raise DataError(f"pseudo masks: {folder} holds no masks")
+        for name in names:
+            truth_path = os.path.join(truth_dir, name)
+            if not os.path.isfile(truth_path):
+                raise DataError(f"pseudo masks: no truth mask {truth_path} for {os.path.join(folder, name)}")
+            cm.update(read_mask(truth_path, description), read_mask(os.path.join(folder, name), description))
+        scores[layer] = cm.scores(description.class_names)
+    return scores

@@ -1,0 +1,254 @@
+"""Stage 3: DeepLabV3+ trained on the multi-layer pseudo masks (METHOD.md, stage 3).
+
+Loss = sum_l weight_l * CE(logits, PM_l), default 0.2 CE(PM_b4_5) + 0.2 CE(PM_b5_2) + 0.6 CE(PM_bn7);
+pixels at the background index carry no loss (ignore_index, the job of the reference's
+constant 100 logit).  SGD momentum 0.9, weight decay 5e-4, lr 0.01 (ASPP + decoder 10x), poly
+0.9, joint horizontal flip and Gaussian blur of the image; the checkpoint with the best
+validation mIoU is kept (``segmenter_best.pt``), ``segmenter_last.pt`` after every epoch for
+resuming.  The same code trains the fully supervised baseline: ``layers=("",)`` with
+``mask_dir`` the folder of true masks and ``layer_weights=(1.0,)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from wsss.errors import WsssError
+
+__all__ = ["SegmenterConfig", "train_segmenter", "build_segmenter", "evaluate_segmenter", "write_bundle"]
+
+
+@dataclass
+class SegmenterConfig:
+    data_root: str
+    mask_dir: str  # stage-2 output folder (with one sub-folder per layer)
+    out_dir: str
+    dataset: str = "auto"
+    layers: Tuple[str, ...] = ("b4_5", "b5_2", "bn7")
+    layer_weights: Tuple[float, ...] = (0.2, 0.2, 0.6)
+    backbone: str = "resnet101"
+    width: float = 1.0
+    epochs: int = 30
+    batch_size: int = 20
+    lr: float = 0.01
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    poly_power: float = 0.9
+    blur_prob: float = 0.5
+    val_split: Optional[str] = "val"
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    workers: int = 0
+    max_steps_per_epoch: Optional[int] = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        if len(self.layers) != len(self.layer_weights) or not self.layers:
+            raise WsssError(f"--layers and --layer-weights must have the same (non-zero) length, got "
+                            f"{list(self.layers)} and {list(self.layer_weights)}")
+        if any(w < 0 for w in self.layer_weights) or sum(self.layer_weights) <= 0:
+            raise WsssError(f"--layer-weights must be >= 0 with a positive sum, got {list(self.layer_weights)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise WsssError(f"--epochs and --batch-size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if not self.width > 0:
+            raise WsssError(f"--width must be > 0, got {self.width}")
+
+
+def build_segmenter(num_classes: int, backbone: str, width: float):
+    from wsss.models import DeepLabV3Plus
+
+    try:
+        return DeepLabV3Plus(num_classes, backbone=backbone, width=width)
+    except ValueError as e:
+        raise WsssError(str(e)) from e
+
+
+def _gaussian_blur(images: torch.Tensor, gen: torch.Generator, prob: float) -> torch.Tensor:
+    """Blur a random subset of images [N,3,H,W] (float) with a 5x5 Gaussian of random sigma in [0.1, 2]."""
+    n = images.shape[0]
+    pick = torch.rand(n, generator=gen) < prob
+    sigmas = 0.1 + 1.9 * torch.rand(n, generator=gen)
+    if not pick.any():
+        return images
+    out = images.clone()
+    coords = torch.arange(5, dtype=images.dtype, device=images.device) - 2
+    for i in torch.nonzero(pick).flatten().tolist():
+        k1 = torch.exp(-(coords ** 2) / (2 * float(sigmas[i]) ** 2))
+        k1 = k1 / k1.sum()
+        k2 = (k1[:, None] * k1[None, :]).expand(3, 1, 5, 5)
+        padded = F.pad(images[i:i + 1], (2, 2, 2, 2), mode="reflect")
+        out[i:i + 1] = F.conv2d(padded, k2, groups=3)
+    return out
+
+
+def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
+    """Train (or resume) stage 3; returns {'best': path, 'last': path, 'best_miou', 'history'}."""
+    from tqdm import tqdm
+
+    from wsss.data import MaskedPatches, PseudoMaskPatches, get_description
+    from wsss.train.common import (autocast, load_checkpoint, make_loader, poly_lr, random_flips, resolve_device,
+                                   save_atomic, seed_everything)
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    description = get_description(cfg.dataset, cfg.data_root)
+    k = description.num_classes
+    ignore = description.background_index
+    train_set = PseudoMaskPatches(cfg.data_root, cfg.mask_dir, cfg.layers, description)
+    val_set = MaskedPatches(cfg.data_root, description, cfg.val_split) if cfg.val_split else None
+    seed_everything(cfg.seed)
+    model = build_segmenter(k, cfg.backbone, cfg.width).to(device)
+    optimizer = torch.optim.SGD([
+        {"params": model.backbone_parameters(), "lr_mult": 1.0},
+        {"params": model.head_parameters(), "lr_mult": cfg.head_lr_mult},
+    ], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    max_steps = steps_per_epoch * cfg.epochs
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    last_path = os.path.join(cfg.out_dir, "segmenter_last.pt")
+    best_path = os.path.join(cfg.out_dir, "segmenter_best.pt")
+    config = dataclasses.asdict(cfg)
+    config.update(num_classes=k, class_names=list(description.class_names), description=description.to_dict())
+    weights = torch.tensor(cfg.layer_weights, dtype=torch.float32)
+
+    start_epoch, step, history, best_miou = 0, 0, [], -1.0
+    if resume and os.path.isfile(last_path):
+        ckpt = load_checkpoint(last_path, "segmenter")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
+        history, best_miou = list(ckpt.get("history", [])), float(ckpt.get("best_miou", -1.0))
+        if cfg.progress:
+            print(f"resuming from {last_path} at epoch {start_epoch}", flush=True)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
+                             workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
+        aug = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7)
+        total, count, t0 = 0.0, 0, time.time()
+        bar = tqdm(total=steps_per_epoch, desc=f"seg epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                   unit="batch", dynamic_ncols=True)
+        for i, batch in enumerate(loader):
+            if i >= steps_per_epoch:
+                break
+            lr = poly_lr(cfg.lr, step, max_steps, cfg.poly_power)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_mult"]
+            images, masks = random_flips(batch["image"], aug, vertical=False, masks=batch["masks"])
+            x = _gaussian_blur(images.float().div_(255.0), aug, cfg.blur_prob).to(device)
+            masks = masks.to(device)  # [N,L,H,W]
+            with autocast(device, cfg.precision):
+                logits = model(x)
+            logits = logits.float()
+            loss = logits.new_zeros(())
+            for l in range(masks.shape[1]):
+                if weights[l] > 0:
+                    layer_loss = F.cross_entropy(logits, masks[:, l], ignore_index=ignore)
+                    if torch.isfinite(layer_loss):  # all-ignored batch -> nan; carries no loss
+                        loss = loss + weights[l] * layer_loss
+            if not torch.isfinite(loss):
+                raise WsssError(f"segmenter training diverged at epoch {epoch + 1}, step {i}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            total += loss.item() * x.shape[0]
+            count += x.shape[0]
+            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+        bar.close()
+        entry = {"epoch": epoch, "loss": total / max(count, 1), "seconds": time.time() - t0}
+        is_best = True
+        if val_set is not None:
+            scores = evaluate_segmenter(model, None, val_set, description, device=cfg.device,
+                                        precision=cfg.precision, batch_size=cfg.batch_size)["ungated"]
+            entry["val_miou"] = scores["miou"]
+            is_best = scores["miou"] > best_miou
+            if is_best:
+                best_miou = scores["miou"]
+            if cfg.progress:
+                print(f"seg epoch {epoch + 1}: loss {entry['loss']:.4f}, val mIoU {scores['miou']:.4f} "
+                      f"(best {best_miou:.4f})", flush=True)
+        history.append(entry)
+        state = {"model": model.state_dict(), "config": config, "epoch": epoch, "kind": "segmenter", "step": step,
+                 "history": history, "best_miou": best_miou}
+        if is_best:
+            save_atomic(dict(state, optimizer=None), best_path)
+        save_atomic(dict(state, optimizer=optimizer.state_dict()), last_path)
+    return {"best": best_path, "last": last_path, "best_miou": best_miou, "history": history, "config": config}
+
+
+@torch.no_grad()
+def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: str = "cpu", precision: str = "fp32",
+                       batch_size: int = 16, eps: float = 0.1) -> Dict:
+    """Metrics of a split (items with "image" and "mask"): "ungated" always, "gated" with a classifier.
+
+    Gated labels follow wsss.ops.gate_argmax (a class with sigmoid prob <= eps never wins; where
+    no class passes, the ungated decision is kept).  Also "classifier_f1" with a classifier
+    (labels: the classes present in each mask).
+    """
+    from wsss import ops
+    from wsss.train.common import autocast, make_loader, resolve_device
+    from wsss.train.metrics import ConfusionMatrix, multilabel_f1
+
+    dev = resolve_device(device)
+    was_training = segmenter.training
+    segmenter.eval()
+    if classifier is not None:
+        classifier.eval()
+    k = description.num_classes
+    ungated = ConfusionMatrix(k, description.background_index)
+    gated = ConfusionMatrix(k, description.background_index)
+    truth_labels, pred_labels = [], []
+    for batch in make_loader(dataset, batch_size, shuffle=False, seed=0):
+        x = batch["image"].to(dev).float().div_(255.0)
+        mask = batch["mask"]
+        with autocast(dev, precision):
+            logits = segmenter(x)
+        logits = logits.float()
+        ungated.update(mask, logits.max(dim=1).indices.cpu())
+        if classifier is not None:
+            with autocast(dev, precision):
+                class_prob = torch.sigmoid(classifier(x).float())
+            gated.update(mask, ops.gate_argmax(logits, class_prob, eps).cpu())
+            truth_labels.append(torch.stack([(mask == c).flatten(1).any(1) for c in range(k)], dim=1))
+            pred_labels.append((class_prob > 0.5).cpu())
+    segmenter.train(was_training)
+    out = {"ungated": ungated.scores(description.class_names)}
+    if classifier is not None:
+        out["gated"] = gated.scores(description.class_names)
+        out["classifier_f1"] = multilabel_f1(torch.cat(truth_labels), torch.cat(pred_labels))
+    return out
+
+
+def write_bundle(path: str, classifier, segmenter, description, *, tile_size: int, eps: float = 0.1,
+                 config: Optional[Dict] = None, mpp: Optional[float] = None, extra: Optional[Dict] = None) -> str:
+    """Script TissueSegmenter(classifier, segmenter) and save it with its metadata (wsss.bundle)."""
+    from wsss.bundle import save_bundle
+    from wsss.models import TissueSegmenter
+
+    module = TissueSegmenter(classifier.eval().cpu(), segmenter.eval().cpu(), eps=eps, input_scale=1.0 / 255.0)
+    metadata = {
+        "class_names": list(description.class_names),
+        "palette": [list(c) for c in description.palette],
+        "background_index": int(description.background_index),
+        "tile_size": int(tile_size),
+        "mpp": mpp if mpp is not None else description.mpp,
+        "input_scale": 1.0 / 255.0,
+        "gate_eps": float(eps),
+        "config": dict(config or {}),
+    }
+    metadata.update(extra or {})
+    return save_bundle(path, module, metadata)
