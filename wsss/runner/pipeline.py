@@ -37,7 +37,7 @@ import numpy as np
 
 from wsss.errors import WsssError, SlideError, BundleError
 
-__all__ = ["SlideModel", "RunOptions", "SlideResult", "run_slide", "run_slides", "OUTPUT_FILES",
+__all__ = ["SlideModel", "RunOptions", "resolve_precision", "check_output_dir", "SlideResult", "run_slide", "run_slides", "OUTPUT_FILES",
            "RUN_FORMAT_VERSION"]
 
 RUN_FORMAT_VERSION = 1
@@ -57,31 +57,58 @@ class SlideModel:
     class_names: Sequence[str]
     palette: Sequence[Sequence[int]]
     background_index: int
-    mpp: float
+    mpp: Optional[float]  # None: read the slide at its own level-0 resolution
     tile_size: int
     identity: str
     description: dict = field(default_factory=dict)
 
     @classmethod
     def from_bundle(cls, bundle, *, device: str = "cpu", precision: str = "auto") -> "SlideModel":
-        """Adapter over wsss.bundle.Bundle: uses ``bundle.predictor(device, precision)``."""
+        """Adapter over wsss.bundle.Bundle: ``bundle.predictor(device, precision)(tiles, True)[1]``.
+
+        precision: "auto" (see ``resolve_precision``), "float32", "bfloat16" or "float16"
+        (also fp32 / bf16 / fp16).
+        """
         md = bundle.metadata
+        precision = resolve_precision(precision, device)
         predictor = bundle.predictor(device, precision)
 
         def predict(tiles):
-            out = predictor(tiles)
-            return out[1]  # (labels, gated probabilities, class_prob)
+            return predictor(tiles, True)[1]  # (labels, gated probabilities, class_prob)
 
         try:
             return cls(predict=predict, class_names=list(md["class_names"]), palette=[list(p) for p in md["palette"]],
-                       background_index=int(md["background_index"]), mpp=float(md["mpp"]),
-                       tile_size=int(md["tile_size"]), identity=str(bundle.sha256),
+                       background_index=int(md["background_index"]),
+                       mpp=None if md.get("mpp") is None else float(md["mpp"]),
+                       tile_size=int(md["tile_size"]), identity=f"{bundle.sha256}:{precision}",
                        description={"path": str(bundle.path), "sha256": bundle.sha256,
                                     "content_hash": md.get("content_hash"), "wsss_version": md.get("wsss_version"),
                                     "torch_version": md.get("torch_version"), "device": device,
                                     "precision": precision})
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{bundle.path}: bundle metadata lacks or mangles a field the runner needs: {e}") from None
+
+
+_PRECISION_ALIASES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+                      "fp16": "float16", "float16": "float16", "auto": "auto"}
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """"auto": bfloat16 on a CPU with bf16 matrix units (AMX / AVX512-BF16), else float32;
+    on CUDA bfloat16 where supported, else float16.  Aliases fp32/bf16/fp16 accepted."""
+    import torch
+
+    name = _PRECISION_ALIASES.get(str(precision).lower())
+    if name is None:
+        raise WsssError(f"--precision must be one of auto, float32, bfloat16, float16 (or fp32, bf16, fp16), "
+                        f"got {precision!r}")
+    if name != "auto":
+        return name
+    if str(device).startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
+    cpu = torch.cpu
+    has_bf16 = any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return "bfloat16" if has_bf16 else "float32"
 
 
 @dataclass
@@ -245,7 +272,7 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
         # NB: the folder stops claiming completeness before any output is replaced.
         with contextlib.suppress(FileNotFoundError):
             (out_dir / "run.json").unlink()
-        plan = plan_scale(reader, model.mpp, tolerance=options.mpp_tolerance)
+        plan = plan_scale(reader, model.mpp if model.mpp is not None else reader.mpp, tolerance=options.mpp_tolerance)
         view = SlideView(reader, plan)
         grid = TileGrid(plan.width, plan.height, tile, overlap)
 

@@ -109,7 +109,12 @@ class SlideReader:
 # OpenSlide
 # --------------------------------------------------------------------------------------
 class OpenSlideReader(SlideReader):
-    """Vendor formats through openslide-python (+ openslide-bin)."""
+    """Vendor formats through openslide-python (+ openslide-bin).
+
+    NB: OpenSlide takes a level-L region's origin in level-0 coordinates; where a level's
+    downsample is not an integer, (x, y) * downsample is rounded and OpenSlide interpolates
+    the sub-pixel rest, so reads at such levels may differ slightly from the stored pixels.
+    """
 
     kind = "openslide"
 

@@ -1,0 +1,261 @@
+"""wsss.slide: readers (OpenSlide, tifffile), resolution planning, tissue detection, errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsss.errors import SlideError
+from wsss.slide import (SlideView, TissueMask, TiffSlideReader, detect_tissue, load_tissue_mask, open_slide,
+                        plan_scale)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REAL_SLIDE = SHARED / "data" / "slides" / "cmu-1-small-region.svs"
+needs_real = pytest.mark.skipif(not REAL_SLIDE.is_file(), reason=f"real test slide absent: {REAL_SLIDE}")
+
+
+def pattern(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """uint8 [h, w, 3], every pixel distinct enough to catch any offset error."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    img = np.stack([(xx * 7 + yy * 3) % 251, (yy * 5 + xx) % 253, rng.integers(0, 256, (h, w))], -1)
+    return img.astype(np.uint8)
+
+
+def write_pyramid(path: Path, levels, *, mpp=0.5, tile=32, compression="zlib", resolution=True) -> None:
+    """One page per level (how wsss.synthetic and OpenSlide generic-tiff pyramids are laid out)."""
+    with tifffile.TiffWriter(path) as tif:
+        for i, img in enumerate(levels):
+            kw = {}
+            if resolution:
+                res = 1e4 / (mpp * levels[0].shape[1] / img.shape[1])
+                kw = dict(resolution=(res, res), resolutionunit="CENTIMETER")
+            tif.write(img, tile=(tile, tile), photometric="rgb", compression=compression,
+                      subfiletype=0 if i == 0 else 1, **kw)
+
+
+@pytest.fixture
+def pyramid(tmp_path):
+    l0 = pattern(203, 171)
+    l1 = l0[::2, ::2].copy()
+    l2 = l1[::2, ::2].copy()
+    path = tmp_path / "p.tif"
+    write_pyramid(path, [l0, l1, l2])
+    return path, [l0, l1, l2]
+
+
+# --------------------------------------------------------------------------------------
+# tifffile reader
+# --------------------------------------------------------------------------------------
+def test_tiff_reader_levels_and_mpp(pyramid):
+    path, levels = pyramid
+    with open_slide(path) as r:
+        assert r.kind == "tifffile"
+        assert r.level_dimensions == [(171, 203), (86, 102), (43, 51)]
+        assert r.level_count == 3
+        assert r.mpp == pytest.approx(0.5)
+        assert r.level_downsamples[1] == pytest.approx(171 / 86)
+        assert r.level_tile_sizes[0] == (32, 32)
+
+
+@pytest.mark.parametrize("x,y,w,h", [(0, 0, 32, 32), (5, 7, 61, 45), (30, 31, 3, 2), (150, 190, 40, 40),
+                                     (-10, -3, 20, 20), (0, 0, 171, 203), (170, 202, 1, 1)])
+def test_tiff_reader_regions_match_pixels(pyramid, x, y, w, h):
+    path, levels = pyramid
+    with open_slide(path, reader="tifffile") as r:
+        for lvl, img in enumerate(levels):
+            got = r.read_region(lvl, x, y, w, h)
+            want = np.full((h, w, 3), 255, np.uint8)
+            H, W = img.shape[:2]
+            ys, xs = slice(max(y, 0), min(y + h, H)), slice(max(x, 0), min(x + w, W))
+            if ys.start < ys.stop and xs.start < xs.stop:
+                want[ys.start - y:ys.stop - y, xs.start - x:xs.stop - x] = img[ys, xs]
+            np.testing.assert_array_equal(got, want)
+
+
+def test_tiff_reader_reads_only_touched_tiles(pyramid):
+    path, _ = pyramid
+    with open_slide(path, reader="tifffile") as r:
+        r.read_region(0, 40, 40, 10, 10)  # inside tile (1, 1) only
+        assert set(r._cache) == {(0, 1, 1)}
+        r.read_region(0, 30, 30, 4, 4)  # corner of four tiles
+        assert {(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)} <= set(r._cache)
+
+
+def test_openslide_and_tifffile_agree_on_generic_tiff(pyramid):
+    path, levels = pyramid
+    with open_slide(path, reader="openslide") as a, open_slide(path, reader="tifffile") as b:
+        assert a.level_dimensions == b.level_dimensions
+        assert a.mpp == pytest.approx(b.mpp)
+        np.testing.assert_array_equal(a.read_region(0, 3, 4, 50, 40), b.read_region(0, 3, 4, 50, 40))
+        # NB: OpenSlide places level-L reads at level-0 coordinates; with a non-integer downsample
+        # (odd sizes: 171/86) only the origin maps exactly, elsewhere it interpolates.
+        np.testing.assert_array_equal(a.read_region(1, 0, 0, 50, 40), b.read_region(1, 0, 0, 50, 40))
+
+
+# --------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------
+def test_missing_file(tmp_path):
+    with pytest.raises(SlideError, match="no such file"):
+        open_slide(tmp_path / "nope.svs")
+
+
+def test_not_a_slide(tmp_path):
+    p = tmp_path / "notes.svs"
+    p.write_text("hello, not a slide")
+    with pytest.raises(SlideError, match="not a slide"):
+        open_slide(p)
+    with pytest.raises(SlideError, match="not a TIFF slide"):
+        open_slide(p, reader="tifffile")
+    with pytest.raises(SlideError, match="OpenSlide"):
+        open_slide(p, reader="openslide")
+
+
+def test_unknown_reader(pyramid):
+    with pytest.raises(SlideError, match="unknown reader 'pil'"):
+        open_slide(pyramid[0], reader="pil")
+
+
+def test_corrupt_tile_is_named(tmp_path):
+    img = pattern(64, 64)
+    path = tmp_path / "c.tif"
+    write_pyramid(path, [img], tile=32, compression="zlib")
+    with tifffile.TiffFile(path) as t:
+        off = t.pages[0].dataoffsets[3]
+    data = bytearray(path.read_bytes())
+    data[off:off + 16] = b"\x00garbage-bytes!!"
+    path.write_bytes(bytes(data))
+    with open_slide(path, reader="tifffile") as r:
+        r.read_region(0, 0, 0, 32, 32)  # an intact tile still reads
+        with pytest.raises(SlideError, match=r"level 0 tile 3 .*cannot be decoded"):
+            r.read_region(0, 32, 32, 32, 32)
+
+
+def test_no_mpp_needs_override(tmp_path):
+    path = tmp_path / "nompp.tif"
+    write_pyramid(path, [pattern(64, 64)], resolution=False)
+    with open_slide(path) as r:
+        assert not r.has_mpp
+        with pytest.raises(SlideError, match="no microns-per-pixel.*--mpp"):
+            r.mpp
+    with open_slide(path, mpp=0.25) as r:
+        assert r.mpp == 0.25
+    with pytest.raises(SlideError, match="--mpp must be a positive"):
+        open_slide(path, mpp=-1.0)
+
+
+# --------------------------------------------------------------------------------------
+# resolution planning
+# --------------------------------------------------------------------------------------
+def test_plan_picks_matching_level_then_resamples(pyramid):
+    path, levels = pyramid
+    with open_slide(path) as r:
+        p = plan_scale(r, 0.5)
+        assert (p.level, p.scale, p.width, p.height) == (0, 1.0, 171, 203)
+        p = plan_scale(r, 1.0)  # level 1 is 0.5 * 171/86 = 0.994 um/px: within 5%
+        assert (p.level, p.scale, p.width, p.height) == (1, 1.0, 86, 102)
+        assert p.mpp == pytest.approx(0.5 * 171 / 86)
+        p = plan_scale(r, 1.5)  # between levels: read the finer level 1 and downsample
+        assert p.level == 1 and p.resampled and p.scale == pytest.approx(1.5 / (0.5 * 171 / 86))
+        assert (p.width, p.height) == (round(171 / 3), round(203 / 3))
+        p = plan_scale(r, 0.25)  # finer than level 0: upsample level 0
+        assert p.level == 0 and p.scale == pytest.approx(0.5)
+
+
+def test_view_reads_level_exactly_and_resamples_smoothly(pyramid):
+    path, levels = pyramid
+    with open_slide(path) as r:
+        v = SlideView(r, plan_scale(r, 1.0))
+        np.testing.assert_array_equal(v.read(10, 20, 30, 40), levels[1][20:60, 10:40])
+        v2 = SlideView(r, plan_scale(r, 1.5))
+        a = v2.read(0, 0, 40, 40).astype(int)
+        b = v2.read(20, 20, 40, 40).astype(int)
+        # overlapping reads see the same pixels (margin keeps the filter off the box edge)
+        assert np.abs(a[20:, 20:] - b[:20, :20]).max() <= 1
+
+
+# --------------------------------------------------------------------------------------
+# tissue
+# --------------------------------------------------------------------------------------
+def test_detect_tissue_on_synthetic_blob(tmp_path):
+    h, w = 400, 600
+    img = np.full((h, w, 3), 242, np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    blob = (yy - 200) ** 2 + (xx - 250) ** 2 < 120 ** 2
+    img[blob] = (200, 90, 160)  # eosin-ish pink
+    speck = (yy - 50) ** 2 + (xx - 550) ** 2 < 3 ** 2
+    img[speck] = (120, 40, 140)  # a tiny dark speck: removed as too small
+    path = tmp_path / "blob.tif"
+    write_pyramid(path, [img], mpp=2.0)
+    with open_slide(path) as r:
+        mask, thumb = detect_tissue(SlideView(r, plan_scale(r, 2.0)), mask_mpp=4.0)
+    assert mask.mask.shape == (200, 300)
+    assert mask.mask[100, 125] and not mask.mask[10, 10] and not mask.mask[25, 275]
+    assert mask.fraction() == pytest.approx(blob.mean(), abs=0.02)
+
+
+def test_detect_tissue_blank_slide_is_empty(tmp_path):
+    path = tmp_path / "blank.tif"
+    write_pyramid(path, [np.full((128, 128, 3), 240, np.uint8)], mpp=1.0)
+    with open_slide(path) as r:
+        mask, _ = detect_tissue(SlideView(r, plan_scale(r, 1.0)))
+    assert not mask.mask.any()
+
+
+def test_tissue_mask_region_maps_microns():
+    m = np.zeros((10, 20), bool)
+    m[2:4, 5:10] = True  # mask px = 4 um
+    tm = TissueMask(m, 4.0, 4.0, "test")
+    reg = tm.region(0, 0, 80, 40, 1.0)  # grid at 1 um/px
+    assert reg.shape == (40, 80)
+    assert reg[8:16, 20:40].all() and reg.sum() == 8 * 20
+    assert not tm.region(100, 100, 5, 5, 1.0).any()
+
+
+def test_load_tissue_mask(tmp_path):
+    from PIL import Image
+
+    arr = np.zeros((50, 100), np.uint8)
+    arr[10:20, 10:30] = 255
+    p = tmp_path / "m.png"
+    Image.fromarray(arr).save(p)
+    tm = load_tissue_mask(p, slide_width_um=1000, slide_height_um=500)
+    assert tm.mpp_x == 10 and tm.mpp_y == 10 and tm.mask.sum() == 200
+    with pytest.raises(SlideError, match="aspect ratio"):
+        load_tissue_mask(p, slide_width_um=500, slide_height_um=1000)
+    with pytest.raises(SlideError, match="no such file"):
+        load_tissue_mask(tmp_path / "x.png", slide_width_um=1, slide_height_um=1)
+    (tmp_path / "bad.png").write_text("nope")
+    with pytest.raises(SlideError, match="not an image"):
+        load_tissue_mask(tmp_path / "bad.png", slide_width_um=1, slide_height_um=1)
+
+
+# --------------------------------------------------------------------------------------
+# the real slide
+# --------------------------------------------------------------------------------------
+@needs_real
+def test_real_slide_both_readers():
+    with open_slide(REAL_SLIDE) as a, open_slide(REAL_SLIDE, reader="tifffile") as b:
+        assert a.kind == "openslide" and b.kind == "tifffile"
+        assert a.dimensions == b.dimensions == (2220, 2967)
+        assert a.mpp == pytest.approx(0.499) and b.mpp == pytest.approx(0.499)
+        assert a.level_tile_sizes[0] == b.level_tile_sizes[0] == (240, 240)
+        ra, rb = a.read_region(0, 100, 230, 300, 200), b.read_region(0, 100, 230, 300, 200)
+        assert ra.shape == (200, 300, 3)
+        assert np.abs(ra.astype(int) - rb).mean() < 1.0  # same JPEG tiles, maybe different IDCT
+        assert (a.read_region(0, 2200, 2950, 40, 40)[-5:, -5:] == 255).all()  # outside: white
+
+
+@needs_real
+def test_real_slide_tissue_and_plan():
+    with open_slide(REAL_SLIDE) as r:
+        plan = plan_scale(r, 0.5)
+        assert (plan.level, plan.scale, plan.width, plan.height) == (0, 1.0, 2220, 2967)
+        mask, thumb = detect_tissue(SlideView(r, plan))
+    assert 0.25 < mask.fraction() < 0.6  # skin tissue strip on white glass
+    h, w = mask.mask.shape
+    assert not mask.mask[: h // 10, : w // 10].any()  # top-left corner is glass
+    assert mask.mask[int(h * 0.75), int(w * 0.5)]  # lower middle is tissue
