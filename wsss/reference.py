@@ -40,6 +40,8 @@ def pda_attention(features: Tensor, weight: Tensor, mu: float) -> Tensor:
     through the kept CAM values (A is not detached).
     """
     cams = torch.relu(class_activation_maps(features, weight))  # [N,K,H,W]
+    if cams.shape[2] * cams.shape[3] == 0:
+        return cams[:, :1]  # empty spatial extent: an empty map
     beta = mu * cams.amax(dim=(2, 3), keepdim=True)  # [N,K,1,1]
     kept = torch.where(cams <= beta, cams, torch.zeros_like(cams))
     return kept.mean(dim=1, keepdim=True)

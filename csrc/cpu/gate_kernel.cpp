@@ -14,6 +14,7 @@
 
 #include "common/checks.h"
 #include "common/pda.h"
+#include "cpu/multiversion.h"
 
 namespace wsss::cpu {
 namespace {
@@ -42,50 +43,65 @@ std::vector<uint8_t> gate_table(const at::Tensor& class_prob, double eps) {
   return allowed;
 }
 
+// One block of len <= kBlock pixels of one sample: s points at scores[n, 0, p0], classes
+// kStride = P apart; allow [K]; mask [len] or null; out [len].
 template <typename scalar_t>
-void gate_argmax_impl(const scalar_t* __restrict scores, int64_t N, int64_t K, int64_t P, const uint8_t* allowed,
-                      const uint8_t* __restrict mask, uint8_t background, uint8_t* __restrict out) {
+inline void gate_block_impl(const scalar_t* __restrict s, int64_t K, int64_t P, int64_t len, const uint8_t* allow,
+                            const uint8_t* __restrict mask, uint8_t background, uint8_t* __restrict out) {
   using acc_t = at::opmath_type<scalar_t>;
+  alignas(64) acc_t best[kBlock];
+  alignas(64) int32_t best_k[kBlock];
+  int32_t first = 0;
+  while (!allow[first]) ++first;  // the table guarantees one allowed class
+  {
+    const scalar_t* sk = s + first * P;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      best[i] = static_cast<acc_t>(sk[i]);
+      best_k[i] = first;
+    }
+  }
+  for (int32_t k = first + 1; k < K; ++k) {
+    if (!allow[k]) continue;
+    const scalar_t* sk = s + k * P;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t v = static_cast<acc_t>(sk[i]);
+      const bool better = v > best[i];  // strict: ties keep the lower index
+      best[i] = better ? v : best[i];
+      best_k[i] = better ? k : best_k[i];
+    }
+  }
+  if (mask != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) out[i] = mask[i] ? static_cast<uint8_t>(best_k[i]) : background;
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<uint8_t>(best_k[i]);
+  }
+}
+
+#define WSSS_GATE_BLOCK(T)                                                                                 \
+  WSSS_MULTIVERSION void gate_block(const T* s, int64_t K, int64_t P, int64_t len, const uint8_t* allow,   \
+                                    const uint8_t* mask, uint8_t background, uint8_t* out) {               \
+    gate_block_impl<T>(s, K, P, len, allow, mask, background, out);                                         \
+  }
+WSSS_GATE_BLOCK(float)
+WSSS_GATE_BLOCK(double)
+WSSS_GATE_BLOCK(c10::BFloat16)
+WSSS_GATE_BLOCK(c10::Half)
+#undef WSSS_GATE_BLOCK
+
+template <typename scalar_t>
+void gate_argmax_impl(const scalar_t* scores, int64_t N, int64_t K, int64_t P, const uint8_t* allowed,
+                      const uint8_t* mask, uint8_t background, uint8_t* out) {
   const int64_t blocks_per_sample = (P + kBlock - 1) / kBlock;
   at::parallel_for(0, N * blocks_per_sample, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t best[kBlock];
-    alignas(64) int32_t best_k[kBlock];
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n = b / blocks_per_sample;
       const int64_t p0 = (b % blocks_per_sample) * kBlock;
-      const int64_t len = std::min(kBlock, P - p0);
-      const uint8_t* allow = allowed + n * K;
-      int32_t first = 0;
-      while (!allow[first]) ++first;  // the table guarantees one allowed class
-      const scalar_t* s = scores + (n * K) * P + p0;
-      {
-        const scalar_t* sk = s + first * P;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          best[i] = static_cast<acc_t>(sk[i]);
-          best_k[i] = first;
-        }
-      }
-      for (int32_t k = first + 1; k < K; ++k) {
-        if (!allow[k]) continue;
-        const scalar_t* sk = s + k * P;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const acc_t v = static_cast<acc_t>(sk[i]);
-          const bool better = v > best[i];  // strict: ties keep the lower index
-          best[i] = better ? v : best[i];
-          best_k[i] = better ? k : best_k[i];
-        }
-      }
-      uint8_t* o = out + n * P + p0;
-      if (mask != nullptr) {
-        const uint8_t* m = mask + n * P + p0;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) o[i] = m[i] ? static_cast<uint8_t>(best_k[i]) : background;
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) o[i] = static_cast<uint8_t>(best_k[i]);
-      }
+      gate_block(scores + n * K * P + p0, K, P, std::min(kBlock, P - p0), allowed + n * K,
+                 mask ? mask + n * P + p0 : nullptr, background, out + n * P + p0);
     }
   });
 }

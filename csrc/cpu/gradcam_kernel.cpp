@@ -13,9 +13,29 @@
 
 #include "common/checks.h"
 #include "cpu/channel_contract.h"
+#include "cpu/multiversion.h"
 
 namespace wsss::cpu {
 namespace {
+
+// maps [K, P] of one sample from fn [C, P] and its channel weights alpha_n [K, C]; row [4, P] scratch.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline void gradcam_sample_impl(const scalar_t* fn, int64_t C, int64_t P, const acc_t* alpha_n, int64_t K,
+                                acc_t* maps, acc_t* row, scalar_t* out) {
+  contract_channels(fn, 0, C, P, alpha_n, C, K, maps, row);
+  for (int64_t i = 0; i < K * P; ++i) out[i] = static_cast<scalar_t>(maps[i]);
+}
+
+#define WSSS_GRADCAM_SAMPLE(T)                                                                                   \
+  WSSS_MULTIVERSION void gradcam_sample(const T* fn, int64_t C, int64_t P, const at::opmath_type<T>* alpha_n,   \
+                                        int64_t K, at::opmath_type<T>* maps, at::opmath_type<T>* row, T* out) { \
+    gradcam_sample_impl<T>(fn, C, P, alpha_n, K, maps, row, out);                                                \
+  }
+WSSS_GRADCAM_SAMPLE(float)
+WSSS_GRADCAM_SAMPLE(double)
+WSSS_GRADCAM_SAMPLE(c10::BFloat16)
+WSSS_GRADCAM_SAMPLE(c10::Half)
+#undef WSSS_GRADCAM_SAMPLE
 
 template <typename scalar_t>
 void gradcam_impl(const scalar_t* f, const scalar_t* g, int64_t N, int64_t K, int64_t C, int64_t P, scalar_t* out) {
@@ -32,11 +52,9 @@ void gradcam_impl(const scalar_t* f, const scalar_t* g, int64_t N, int64_t K, in
     }
   });
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> maps(K * P), row(P);
+    std::vector<acc_t> maps(K * P), row(4 * P);
     for (int64_t n = begin; n < end; ++n) {
-      contract_channels(f + n * C * P, C, P, alpha.data() + n * K * C, C, 1, K, maps.data(), row.data());
-      scalar_t* o = out + n * K * P;
-      for (int64_t i = 0; i < K * P; ++i) o[i] = static_cast<scalar_t>(maps[i]);
+      gradcam_sample(f + n * C * P, C, P, alpha.data() + n * K * C, K, maps.data(), row.data(), out + n * K * P);
     }
   });
 }

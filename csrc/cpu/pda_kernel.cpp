@@ -1,8 +1,9 @@
 // CPU kernels of Progressive Dropout Attention: the attention map A, the fused pooled
-// features GAP(A * F), and both backwards.  Per sample: one pass over F for the CAMs
-// (and the pooled gradient's projection), a tiny [K, P] step for thresholds and A, then a
-// second pass over F (from cache for typical sizes).  Never allocates an [N,C,H,W] temporary
-// in the forward.  Parallel over samples; math in float (double for double inputs).
+// features GAP(A * F), and both backwards.  Samples are processed one after another and
+// each sample's channels are split across threads: pass 1 contracts F with the classifier
+// rows into the CAMs, a tiny [K, P] step gives thresholds and A, pass 2 reads F again
+// (one sample, ~13 MB at the reference size, is still in L3).  No [N,C,H,W] temporary.
+// Math in float (double for double inputs); results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,11 +18,93 @@
 #include "common/checks.h"
 #include "common/pda.h"
 #include "cpu/channel_contract.h"
+#include "cpu/multiversion.h"
 
 namespace wsss::cpu {
 namespace {
 
-// From the raw CAMs z [K, P] of one sample: thresholds beta [K] and attention A [P].
+template <typename T>
+using acc = at::opmath_type<T>;
+
+// ---- hot loops, cloned per CPU target (see multiversion.h) --------------------------------
+
+// pooled[c] = inv_p * sum_p A[p] f[c, p]  for c in [c0, c1)
+template <typename T>
+inline void pool_range_impl(const T* f, int64_t c0, int64_t c1, int64_t P, const acc<T>* A, acc<T> inv_p,
+                            T* pooled, acc<T>* scratch) {
+  for (int64_t c = c0; c < c1; ++c) pooled[c] = static_cast<T>(dot(A, math_row(f, c, P, scratch), P) * inv_p);
+}
+
+// For c in [c0, c1): grad_f[c, p] = gc * A[p] + sum_k w[k, c] dz[k, p]  (gc = g[c] * inv_p, or 0)
+//                    gw[k, c] += sum_p dz[k, p] f[c, p]
+template <typename T>
+inline void backward_range_impl(const T* f, int64_t c0, int64_t c1, int64_t P, int64_t C, int64_t K, const acc<T>* A,
+                                const acc<T>* dz, const acc<T>* w, const T* g_pooled, acc<T> inv_p, T* grad_f,
+                                acc<T>* gw, acc<T>* scratch) {
+  acc<T>* gf_row = scratch + P;
+  for (int64_t c = c0; c < c1; ++c) {
+    const acc<T>* x = math_row(f, c, P, scratch);
+    const acc<T> gc = g_pooled != nullptr ? static_cast<acc<T>>(g_pooled[c]) * inv_p : acc<T>(0);
+#pragma omp simd
+    for (int64_t i = 0; i < P; ++i) gf_row[i] = gc * A[i];
+    for (int64_t k = 0; k < K; ++k) {
+      const acc<T>* dzk = dz + k * P;
+      const acc<T> wkc = w[k * C + c];
+#pragma omp simd
+      for (int64_t i = 0; i < P; ++i) gf_row[i] += wkc * dzk[i];
+      gw[k * C + c] += dot(dzk, x, P);
+    }
+    T* out = grad_f + c * P;
+#pragma omp simd
+    for (int64_t i = 0; i < P; ++i) out[i] = static_cast<T>(gf_row[i]);
+  }
+}
+
+#define WSSS_PDA_HOT_LOOPS(T)                                                                                    \
+  WSSS_MULTIVERSION void contract_range(const T* f, int64_t c0, int64_t c1, int64_t P, const acc<T>* w,          \
+                                        int64_t w_row, int64_t R, acc<T>* out, acc<T>* scratch) {                \
+    contract_channels(f, c0, c1, P, w, w_row, R, out, scratch);                                                  \
+  }                                                                                                              \
+  WSSS_MULTIVERSION void pool_range(const T* f, int64_t c0, int64_t c1, int64_t P, const acc<T>* A,              \
+                                    acc<T> inv_p, T* pooled, acc<T>* scratch) {                                  \
+    pool_range_impl<T>(f, c0, c1, P, A, inv_p, pooled, scratch);                                                 \
+  }                                                                                                              \
+  WSSS_MULTIVERSION void backward_range(const T* f, int64_t c0, int64_t c1, int64_t P, int64_t C, int64_t K,     \
+                                        const acc<T>* A, const acc<T>* dz, const acc<T>* w, const T* g_pooled,   \
+                                        acc<T> inv_p, T* grad_f, acc<T>* gw, acc<T>* scratch) {                  \
+    backward_range_impl<T>(f, c0, c1, P, C, K, A, dz, w, g_pooled, inv_p, grad_f, gw, scratch);                  \
+  }
+WSSS_PDA_HOT_LOOPS(float)
+WSSS_PDA_HOT_LOOPS(double)
+WSSS_PDA_HOT_LOOPS(c10::BFloat16)
+WSSS_PDA_HOT_LOOPS(c10::Half)
+#undef WSSS_PDA_HOT_LOOPS
+
+// ---- per-sample steps ---------------------------------------------------------------------
+
+// Pass 1 of one sample: z [R, P] = w [R, C] @ f [C, P], channel chunks in parallel, partial
+// sums added in chunk order (deterministic).  partial: scratch [chunks, R, P].
+template <typename T>
+void cams(const T* f, int64_t C, int64_t P, const acc<T>* w, int64_t R, acc<T>* z, std::vector<acc<T>>& partial) {
+  const int64_t chunk = channel_chunk(C);
+  const int64_t chunks = (C + chunk - 1) / chunk;
+  partial.resize(static_cast<size_t>(chunks * R * P));
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    std::vector<acc<T>> scratch(4 * P);
+    for (int64_t j = b; j < e; ++j)
+      contract_range(f, j * chunk, std::min(C, (j + 1) * chunk), P, w, C, R, partial.data() + j * R * P,
+                     scratch.data());
+  });
+  at::parallel_for(0, R * P, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      acc<T> s = 0;
+      for (int64_t j = 0; j < chunks; ++j) s += partial[j * R * P + i];
+      z[i] = s;
+    }
+  });
+}
+
+// Thresholds beta [K] and attention A [P] from the raw CAMs z [K, P] of one sample.
 template <typename acc_t>
 void attention_from_cams(const acc_t* z, int64_t K, int64_t P, acc_t mu, acc_t* beta, acc_t* A) {
   for (int64_t k = 0; k < K; ++k) {
@@ -34,117 +117,86 @@ void attention_from_cams(const acc_t* z, int64_t K, int64_t P, acc_t mu, acc_t* 
   for (int64_t k = 0; k < K; ++k) {
     const acc_t* zk = z + k * P;
     const acc_t b = beta[k];
-#pragma omp simd
     for (int64_t i = 0; i < P; ++i) A[i] += pda_kept(zk[i], b);
   }
   const acc_t inv_k = acc_t(1) / acc_t(K);
-#pragma omp simd
   for (int64_t i = 0; i < P; ++i) A[i] *= inv_k;
 }
 
-// Forward.  pooled: [N, C] or nullptr; attention: [N, P] or nullptr.
-template <typename scalar_t>
-void pda_forward_impl(const at::Tensor& features, const at::Tensor& weight, double mu_d, scalar_t* pooled,
-                      scalar_t* attention) {
-  using acc_t = at::opmath_type<scalar_t>;
+template <typename T>
+std::vector<acc<T>> weight_rows(const at::Tensor& weight, int64_t extra_rows) {
+  const int64_t K = weight.size(0), C = weight.size(1);
+  std::vector<acc<T>> w((K + extra_rows) * C);
+  const T* src = weight.const_data_ptr<T>();
+  for (int64_t i = 0; i < K * C; ++i) w[i] = static_cast<acc<T>>(src[i]);
+  return w;
+}
+
+// Forward.  pooled [N, C] or null; attention [N, P] or null.
+template <typename T>
+void pda_forward_impl(const at::Tensor& features, const at::Tensor& weight, double mu, T* pooled, T* attention) {
   const int64_t N = features.size(0), C = features.size(1), P = features.size(2) * features.size(3);
   const int64_t K = weight.size(0);
-  const scalar_t* f = features.const_data_ptr<scalar_t>();
-  const scalar_t* w = weight.const_data_ptr<scalar_t>();
-  const acc_t mu = static_cast<acc_t>(mu_d);
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> z(K * P), A(P), row(P), beta(K);
-    for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* fn = f + n * C * P;
-      contract_channels(fn, C, P, w, C, 1, K, z.data(), row.data());  // pass 1: CAMs
-      attention_from_cams(z.data(), K, P, mu, beta.data(), A.data());
-      if (attention != nullptr) {
-        for (int64_t i = 0; i < P; ++i) attention[n * P + i] = static_cast<scalar_t>(A[i]);
-      }
-      if (pooled != nullptr) {  // pass 2: pooled[c] = mean_p A[p] F[c, p]
-        const acc_t inv_p = P > 0 ? acc_t(1) / acc_t(P) : acc_t(0);
-        for (int64_t c = 0; c < C; ++c) {
-          load_row(fn + c * P, row.data(), P);
-          pooled[n * C + c] = static_cast<scalar_t>(dot(A.data(), row.data(), P) * inv_p);
-        }
-      }
+  const T* f = features.const_data_ptr<T>();
+  const auto w = weight_rows<T>(weight, 0);
+  std::vector<acc<T>> z(K * P), A(P), beta(K), partial;
+  const acc<T> inv_p = acc<T>(1) / acc<T>(P);
+  const int64_t chunk = channel_chunk(C);
+  for (int64_t n = 0; n < N; ++n) {
+    const T* fn = f + n * C * P;
+    cams(fn, C, P, w.data(), K, z.data(), partial);
+    attention_from_cams(z.data(), K, P, static_cast<acc<T>>(mu), beta.data(), A.data());
+    if (attention != nullptr)
+      for (int64_t i = 0; i < P; ++i) attention[n * P + i] = static_cast<T>(A[i]);
+    if (pooled != nullptr) {
+      at::parallel_for(0, C, chunk, [&](int64_t b, int64_t e) {
+        std::vector<acc<T>> scratch(P);
+        pool_range(fn, b, e, P, A.data(), inv_p, pooled + n * C, scratch.data());
+      });
     }
-  });
+  }
 }
 
 // Backward.  Exactly one of grad_pooled [N, C] / grad_attention [N, P] is given.
 // dL/dz_k[p] = gA[p] / K * 1[0 < z_k[p] <= beta_k], with gA = grad_attention, or for the
 // pooled form gA[p] = (1/P) sum_c g[c] F[c, p] (computed in pass 1 as an extra CAM row).
 // grad_F[c, p] = sum_k w_kc dz_k[p] (+ g[c] A[p] / P for the pooled form);
-// grad_w[k, c] = sum_{n, p} dz_k[p] F[c, p]  (per-sample partials summed in fixed order).
-template <typename scalar_t>
-void pda_backward_impl(const at::Tensor& features, const at::Tensor& weight, double mu_d,
-                       const scalar_t* grad_pooled, const scalar_t* grad_attention, scalar_t* grad_f,
-                       at::Tensor& grad_w) {
-  using acc_t = at::opmath_type<scalar_t>;
+// grad_w[k, c] = sum_{n, p} dz_k[p] F[c, p], accumulated over samples in order.
+template <typename T>
+void pda_backward_impl(const at::Tensor& features, const at::Tensor& weight, double mu, const T* grad_pooled,
+                       const T* grad_attention, T* grad_f, T* grad_w) {
   const int64_t N = features.size(0), C = features.size(1), P = features.size(2) * features.size(3);
   const int64_t K = weight.size(0);
-  const scalar_t* f = features.const_data_ptr<scalar_t>();
-  const scalar_t* w = weight.const_data_ptr<scalar_t>();
-  const acc_t mu = static_cast<acc_t>(mu_d);
+  const T* f = features.const_data_ptr<T>();
   const bool pooled_form = grad_pooled != nullptr;
-  const int64_t R = pooled_form ? K + 1 : K;  // extra row: the pooled gradient's projection
-  // Combined contraction weights [R, C]: K classifier rows (+ g / P).
-  std::vector<acc_t> partial_gw(static_cast<size_t>(N * K * C), acc_t(0));
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> wr(R * C), z(R * P), A(P), row(P), beta(K), dz(K * P), gf_row(P);
+  const int64_t R = pooled_form ? K + 1 : K;
+  auto w = weight_rows<T>(weight, pooled_form ? 1 : 0);
+  std::vector<acc<T>> z(R * P), A(P), beta(K), dz(K * P), gA_given(P), gw(K * C, acc<T>(0)), partial;
+  const acc<T> inv_p = acc<T>(1) / acc<T>(P), inv_k = acc<T>(1) / acc<T>(K);
+  const int64_t chunk = channel_chunk(C);
+  for (int64_t n = 0; n < N; ++n) {
+    const T* fn = f + n * C * P;
+    if (pooled_form)
+      for (int64_t c = 0; c < C; ++c) w[K * C + c] = static_cast<acc<T>>(grad_pooled[n * C + c]) * inv_p;
+    cams(fn, C, P, w.data(), R, z.data(), partial);
+    attention_from_cams(z.data(), K, P, static_cast<acc<T>>(mu), beta.data(), A.data());
+    const acc<T>* gA = z.data() + K * P;
+    if (!pooled_form) {
+      load_row(grad_attention + n * P, gA_given.data(), P);
+      gA = gA_given.data();
+    }
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t c = 0; c < C; ++c) wr[k * C + c] = static_cast<acc_t>(w[k * C + c]);
-    const acc_t inv_p = P > 0 ? acc_t(1) / acc_t(P) : acc_t(0);
-    const acc_t inv_k = acc_t(1) / acc_t(K);
-    for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* fn = f + n * C * P;
-      if (pooled_form)
-        for (int64_t c = 0; c < C; ++c) wr[K * C + c] = static_cast<acc_t>(grad_pooled[n * C + c]) * inv_p;
-      contract_channels(fn, C, P, wr.data(), C, 1, R, z.data(), row.data());  // pass 1
-      attention_from_cams(z.data(), K, P, mu, beta.data(), A.data());
-      const acc_t* gA = z.data() + K * P;
-      std::vector<acc_t> gA_given;
-      if (!pooled_form) {
-        gA_given.resize(P);
-        for (int64_t i = 0; i < P; ++i) gA_given[i] = static_cast<acc_t>(grad_attention[n * P + i]);
-        gA = gA_given.data();
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t* zk = z.data() + k * P;
-        acc_t* dzk = dz.data() + k * P;
-        const acc_t b = beta[k];
-#pragma omp simd
-        for (int64_t i = 0; i < P; ++i) dzk[i] = gA[i] * inv_k * pda_kept_grad(zk[i], b);
-      }
-      acc_t* gw_n = partial_gw.data() + n * K * C;
-      for (int64_t c = 0; c < C; ++c) {  // pass 2
-        load_row(fn + c * P, row.data(), P);
-        const acc_t gc = pooled_form ? static_cast<acc_t>(grad_pooled[n * C + c]) * inv_p : acc_t(0);
-#pragma omp simd
-        for (int64_t i = 0; i < P; ++i) gf_row[i] = gc * A[i];
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t* dzk = dz.data() + k * P;
-          const acc_t wkc = wr[k * C + c];
-#pragma omp simd
-          for (int64_t i = 0; i < P; ++i) gf_row[i] += wkc * dzk[i];
-          gw_n[k * C + c] = dot(dzk, row.data(), P);
-        }
-        scalar_t* out = grad_f + (n * C + c) * P;
-        for (int64_t i = 0; i < P; ++i) out[i] = static_cast<scalar_t>(gf_row[i]);
-      }
-    }
-  });
-  // Fixed-order reduction over samples keeps grad_w deterministic.
-  scalar_t* gw = grad_w.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, K * C, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      acc_t s = 0;
-      for (int64_t n = 0; n < N; ++n) s += partial_gw[n * K * C + j];
-      gw[j] = static_cast<scalar_t>(s);
-    }
-  });
+      for (int64_t i = 0; i < P; ++i) dz[k * P + i] = gA[i] * inv_k * pda_kept_grad(z[k * P + i], beta[k]);
+    at::parallel_for(0, C, chunk, [&](int64_t b, int64_t e) {
+      std::vector<acc<T>> scratch(2 * P);
+      backward_range(fn, b, e, P, C, K, A.data(), dz.data(), w.data(), pooled_form ? grad_pooled + n * C : nullptr,
+                     inv_p, grad_f + n * C * P, gw.data(), scratch.data());
+    });
+  }
+  for (int64_t i = 0; i < K * C; ++i) grad_w[i] = static_cast<T>(gw[i]);
 }
+
+// ---- registered kernels -------------------------------------------------------------------
 
 at::Tensor pda_attention_cpu(const at::Tensor& features, const at::Tensor& weight, double mu) {
   check_pda_args("pda_attention", features, weight, mu);
@@ -152,7 +204,6 @@ at::Tensor pda_attention_cpu(const at::Tensor& features, const at::Tensor& weigh
   const auto w = weight.contiguous();
   auto out = at::empty({f.size(0), 1, f.size(2), f.size(3)}, f.options());
   if (out.numel() == 0) return out;
-  if (f.size(1) == 0 || w.size(0) == 0) return out.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.scalar_type(), "pda_attention_cpu", [&] {
     pda_forward_impl<scalar_t>(f, w, mu, nullptr, out.mutable_data_ptr<scalar_t>());
   });
@@ -165,7 +216,7 @@ at::Tensor pda_pool_cpu(const at::Tensor& features, const at::Tensor& weight, do
   const auto w = weight.contiguous();
   auto out = at::empty({f.size(0), f.size(1)}, f.options());
   if (out.numel() == 0) return out;
-  if (f.size(2) * f.size(3) == 0 || w.size(0) == 0) return out.zero_();
+  if (f.size(2) * f.size(3) == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());  // mean of nothing
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.scalar_type(), "pda_pool_cpu", [&] {
     pda_forward_impl<scalar_t>(f, w, mu, out.mutable_data_ptr<scalar_t>(), nullptr);
   });
@@ -181,10 +232,10 @@ std::tuple<at::Tensor, at::Tensor> pda_attention_backward_cpu(const at::Tensor& 
   const auto g = grad.to(f.scalar_type()).contiguous();
   auto grad_f = at::empty(f.sizes(), f.options());
   auto grad_w = at::zeros(w.sizes(), w.options());
-  if (f.numel() == 0 || w.size(0) == 0) return {grad_f.zero_(), grad_w};
+  if (f.numel() == 0) return {grad_f, grad_w};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.scalar_type(), "pda_attention_backward_cpu", [&] {
     pda_backward_impl<scalar_t>(f, w, mu, nullptr, g.const_data_ptr<scalar_t>(), grad_f.mutable_data_ptr<scalar_t>(),
-                                grad_w);
+                                grad_w.mutable_data_ptr<scalar_t>());
   });
   return {grad_f, grad_w};
 }
@@ -198,10 +249,10 @@ std::tuple<at::Tensor, at::Tensor> pda_pool_backward_cpu(const at::Tensor& grad,
   const auto g = grad.to(f.scalar_type()).contiguous();
   auto grad_f = at::empty(f.sizes(), f.options());
   auto grad_w = at::zeros(w.sizes(), w.options());
-  if (f.numel() == 0 || w.size(0) == 0) return {grad_f.zero_(), grad_w};
+  if (f.numel() == 0) return {grad_f, grad_w};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.scalar_type(), "pda_pool_backward_cpu", [&] {
     pda_backward_impl<scalar_t>(f, w, mu, g.const_data_ptr<scalar_t>(), nullptr, grad_f.mutable_data_ptr<scalar_t>(),
-                                grad_w);
+                                grad_w.mutable_data_ptr<scalar_t>());
   });
   return {grad_f, grad_w};
 }

@@ -1,0 +1,497 @@
+"""The wsss custom ops against their pure-PyTorch specification (wsss/reference.py).
+
+Values are proven by the reference comparison; opcheck proves the registration (fake
+kernels, autograd, schema); script/compile/export prove the ops work where users call them.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import wsss
+from wsss import ops, reference
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
+
+
+def _features(n, c, h, w, k, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    wt = torch.randn(k, c, generator=g, dtype=torch.float64) / c**0.5
+    return f.to(device=device, dtype=dtype), wt.to(device=device, dtype=dtype)
+
+
+PDA_SHAPES = [(1, 1, 1, 1, 1), (2, 8, 5, 7, 4), (3, 33, 9, 4, 3), (4, 64, 28, 28, 4), (2, 130, 3, 17, 10)]
+
+
+# --------------------------------------------------------------------------------------
+# PDA: reference match
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", PDA_SHAPES)
+@pytest.mark.parametrize("mu", [1.0, 0.985, 0.65, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pda_matches_reference(device, shape, mu, dtype):
+    f, w = _features(*shape, dtype=dtype, device=device)
+    torch.testing.assert_close(ops.pda_attention(f, w, mu), reference.pda_attention(f, w, mu), **TOL[dtype])
+    torch.testing.assert_close(ops.pda_pool(f, w, mu), reference.pda_pool(f, w, mu), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pda_reduced_precision_matches_float64_reference(dtype):
+    # Inputs are rounded to the low precision first; the kernel computes in float32.
+    f, w = _features(2, 48, 6, 5, 4, dtype=dtype)
+    want_a = reference.pda_attention(f.double(), w.double(), 0.9)
+    want_p = reference.pda_pool(f.double(), w.double(), 0.9)
+    got_a, got_p = ops.pda_attention(f, w, 0.9), ops.pda_pool(f, w, 0.9)
+    assert got_a.dtype == dtype and got_p.dtype == dtype
+    torch.testing.assert_close(got_a.double(), want_a, **TOL[dtype])
+    torch.testing.assert_close(got_p.double(), want_p, **TOL[dtype])
+
+
+def test_pda_threshold_drops_peaks_exactly():
+    # One channel, identity weight: CAM = ReLU(F).  mu = 0.5 drops everything above half the max.
+    f = torch.tensor([[[[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 2.5, 2.0]]]])
+    w = torch.ones(1, 1)
+    a = ops.pda_attention(f, w, 0.5)
+    assert torch.equal(a, torch.tensor([[[[1.0, 2.0, 0.0, 0.0], [0.0, 0.5, 0.0, 2.0]]]]))
+    # Two classes: A is their mean.
+    w2 = torch.tensor([[1.0], [-1.0]])
+    a2 = ops.pda_attention(f, w2, 1.0)
+    assert torch.equal(a2, (f.clamp(min=0) + (-f).clamp(min=0)) / 2)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "expanded_weight"])
+def test_pda_non_contiguous(layout):
+    f, w = _features(3, 24, 7, 9, 4)
+    if layout == "channels_last":
+        fx, wx = f.to(memory_format=torch.channels_last), w
+    elif layout == "sliced":
+        big = torch.randn(3, 48, 14, 9)
+        fx, wx = big[:, ::2, ::2], torch.randn(24, 4).t()
+        f, w = fx.contiguous(), wx.contiguous()
+    else:
+        fx, wx = f, w[:1].expand(4, 24)
+        w = wx.contiguous()
+    assert not (fx.is_contiguous() and wx.is_contiguous())
+    torch.testing.assert_close(ops.pda_pool(fx, wx, 0.8), reference.pda_pool(f, w, 0.8))
+    torch.testing.assert_close(ops.pda_attention(fx, wx, 0.8), reference.pda_attention(f, w, 0.8))
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3, 2), (2, 0, 3, 3, 2), (2, 4, 0, 3, 2)])
+def test_pda_empty_inputs(shape):
+    f, w = _features(*shape)
+    torch.testing.assert_close(ops.pda_attention(f, w, 0.9), reference.pda_attention(f, w, 0.9), equal_nan=True)
+    torch.testing.assert_close(ops.pda_pool(f, w, 0.9), reference.pda_pool(f, w, 0.9), equal_nan=True)
+
+
+def test_pda_result_independent_of_thread_count():
+    f, w = _features(3, 200, 9, 9, 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = (ops.pda_pool(f, w, 0.7), ops.pda_attention(f, w, 0.7))
+        torch.set_num_threads(max(2, before))
+        two = (ops.pda_pool(f, w, 0.7), ops.pda_attention(f, w, 0.7))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+# --------------------------------------------------------------------------------------
+# PDA: gradients
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["pda_pool", "pda_attention"])
+@pytest.mark.parametrize("mu", [1.0, 0.7])
+def test_pda_gradcheck(op, mu):
+    f, w = _features(2, 6, 4, 3, 3, dtype=torch.float64, seed=1)
+    f.requires_grad_()
+    w.requires_grad_()
+    fn = getattr(ops, op)
+    assert torch.autograd.gradcheck(lambda f, w: fn(f, w, mu), (f, w))
+
+
+@pytest.mark.parametrize("op", ["pda_pool", "pda_attention"])
+@pytest.mark.parametrize("shape", PDA_SHAPES[1:])
+def test_pda_backward_matches_reference_autograd(op, shape):
+    f, w = _features(*shape, dtype=torch.float64, seed=2)
+    out_shape = (shape[0], shape[1]) if op == "pda_pool" else (shape[0], 1, shape[2], shape[3])
+    grad = torch.randn(out_shape, dtype=torch.float64)
+    got = torch.autograd.grad(getattr(ops, op)(f.requires_grad_(), w.requires_grad_(), 0.8), (f, w), grad)
+    want = torch.autograd.grad(getattr(reference, op)(f, w, 0.8), (f, w), grad)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+
+
+def test_pda_backward_float32_and_bfloat16():
+    f, w = _features(2, 40, 6, 6, 4, seed=3)
+    grad = torch.randn(2, 40)
+    fd, wd = f.double().requires_grad_(), w.double().requires_grad_()
+    want = torch.autograd.grad(reference.pda_pool(fd, wd, 0.9), (fd, wd), grad.double())
+    for dtype in (torch.float32, torch.bfloat16):
+        fx, wx = f.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+        got = torch.autograd.grad(ops.pda_pool(fx, wx, 0.9), (fx, wx), grad.to(dtype))
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+        # bf16 rounds the inputs: compare against the reference on the rounded inputs.
+        if dtype == torch.bfloat16:
+            fd2, wd2 = fx.detach().double().requires_grad_(), wx.detach().double().requires_grad_()
+            want2 = torch.autograd.grad(reference.pda_pool(fd2, wd2, 0.9), (fd2, wd2), grad.to(dtype).double())
+        else:
+            want2 = want
+        for g, r in zip(got, want2):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g.double(), r, **tol)
+
+
+def test_pda_pool_gradient_reaches_classifier_weight_through_attention():
+    # A is not detached: with mu < 1, the weight gets a gradient even though pda_pool's
+    # output does not multiply the weight directly.
+    f, w = _features(2, 8, 5, 5, 3, seed=4)
+    w.requires_grad_()
+    ops.pda_pool(f, w, 0.5).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------
+# gate_argmax
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 4, 5, 7), (3, 5, 33, 17), (2, 4, 64, 64), (1, 12, 3, 2049)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_gate_argmax_matches_reference(device, shape, dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    scores = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    prob = torch.rand(shape[:2], generator=g).to(device=device, dtype=dtype)
+    prob[0] = 0.01  # first sample: no class passes -> ungated argmax
+    got = ops.gate_argmax(scores, prob, 0.3)
+    assert got.dtype == torch.uint8 and got.shape == (shape[0], shape[2], shape[3])
+    assert torch.equal(got, reference.gate_argmax(scores, prob, 0.3))
+
+
+def test_gate_excludes_gated_class_even_where_all_allowed_scores_are_negative():
+    # The reference code multiplies logits by 0/1, so a gated class (logit -> 0) wins where
+    # all allowed logits are negative.  Here class 0 is gated and must never win.
+    scores = torch.tensor([[[[5.0, -1.0]], [[-3.0, -2.0]], [[-4.0, -0.5]]]])  # [1,3,1,2]
+    prob = torch.tensor([[0.05, 0.9, 0.8]])
+    assert ops.gate_argmax(scores, prob, 0.1).tolist() == [[[1, 2]]]
+    buggy = (scores * (prob > 0.1)[:, :, None, None]).argmax(1)
+    assert buggy.tolist() == [[[0, 0]]]  # what the reference code would have said
+
+
+def test_gate_none_pass_keeps_ungated_argmax_and_ties_go_low():
+    scores = torch.tensor([[[[1.0, 2.0, 2.0]], [[1.0, 3.0, 2.0]]]])  # [1,2,1,3]
+    none = torch.tensor([[0.0, 0.1]])  # eps = 0.1: 0.1 is not > 0.1
+    assert ops.gate_argmax(scores, none, 0.1).tolist() == [[[0, 1, 0]]]
+    only_first = torch.tensor([[0.5, 0.0]])
+    assert ops.gate_argmax(scores, only_first, 0.1).tolist() == [[[0, 0, 0]]]
+
+
+def test_gate_eps_compares_in_class_prob_dtype():
+    # float32(0.1) > 0.1 is False in PyTorch (eps is cast to the tensor's dtype); the op agrees.
+    scores = torch.tensor([[[[0.0]], [[1.0]]]])
+    prob = torch.tensor([[0.9, 0.1]], dtype=torch.float32)
+    assert ops.gate_argmax(scores, prob, 0.1).item() == 0
+    assert reference.gate_argmax(scores, prob, 0.1).item() == 0
+
+
+def test_gate_infinite_scores_and_gated_classes():
+    scores = torch.tensor([[[[-float("inf")]], [[-float("inf")]], [[float("inf")]]]])
+    prob = torch.tensor([[0.0, 0.9, 0.0]])
+    assert ops.gate_argmax(scores, prob, 0.5).item() == 1
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8])
+def test_gate_tissue_mask_and_background_index(mask_dtype):
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(2, 4, 9, 10, generator=g)
+    prob = torch.rand(2, 4, generator=g)
+    mask = (torch.rand(2, 9, 10, generator=g) > 0.3).to(mask_dtype)
+    got = ops.gate_argmax(scores, prob, 0.2, mask, 4)
+    assert torch.equal(got, reference.gate_argmax(scores, prob, 0.2, mask, 4))
+    assert (got[mask == 0] == 4).all() and (got[mask != 0] < 4).all()
+
+
+def test_gate_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(2, 9, 4, 11, generator=g)
+    scores = base.permute(0, 3, 1, 2)[:, ::2]  # [2, 6, 9, 4] strided
+    prob = torch.rand(6, 2, generator=g).t()
+    assert torch.equal(ops.gate_argmax(scores, prob, 0.4), reference.gate_argmax(scores, prob, 0.4))
+    cl = torch.randn(2, 4, 8, 8, generator=g).to(memory_format=torch.channels_last)
+    p2 = torch.rand(2, 4, generator=g)
+    assert torch.equal(ops.gate_argmax(cl, p2, 0.4), reference.gate_argmax(cl.contiguous(), p2, 0.4))
+
+
+def test_gate_empty():
+    assert ops.gate_argmax(torch.zeros(0, 4, 3, 3), torch.zeros(0, 4), 0.1).shape == (0, 3, 3)
+    assert ops.gate_argmax(torch.zeros(2, 4, 0, 3), torch.ones(2, 4), 0.1).shape == (2, 0, 3)
+
+
+def test_gated_scores_zero_exactly_the_gated_classes():
+    probs = torch.rand(2, 3, 4, 4)
+    cp = torch.tensor([[0.9, 0.05, 0.5], [0.0, 0.0, 0.0]])
+    out = ops.gated_scores(probs, cp, 0.1)
+    assert torch.equal(out[0, 1], torch.zeros(4, 4)) and torch.equal(out[0, 0], probs[0, 0])
+    assert torch.equal(out[1], probs[1])  # none pass -> ungated
+    assert torch.equal(ops.gate_argmax(out, torch.ones(2, 3), 0.0), ops.gate_argmax(probs, cp, 0.1))
+
+
+# --------------------------------------------------------------------------------------
+# gradcam
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 3, 17, 5, 6), (3, 4, 64, 28, 28), (1, 2, 130, 3, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradcam_matches_reference(device, shape, dtype):
+    n, k, c, h, w = shape
+    g = torch.Generator().manual_seed(7)
+    f = torch.randn(n, c, h, w, generator=g).to(device=device, dtype=dtype)
+    gr = torch.randn(n, k, c, h, w, generator=g).to(device=device, dtype=dtype)
+    torch.testing.assert_close(ops.gradcam(f, gr), reference.gradcam(f, gr), **TOL[dtype])
+
+
+def test_gradcam_reduced_precision_and_non_contiguous():
+    g = torch.Generator().manual_seed(8)
+    f = torch.randn(2, 16, 6, 5, generator=g)
+    gr = torch.randn(2, 3, 16, 6, 5, generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = ops.gradcam(f.to(dtype), gr.to(dtype))
+        torch.testing.assert_close(got.double(), reference.gradcam(f.to(dtype).double(), gr.to(dtype).double()),
+                                   **TOL[dtype])
+    fx = f.to(memory_format=torch.channels_last)
+    grx = gr.transpose(3, 4).contiguous().transpose(3, 4)
+    assert not fx.is_contiguous() and not grx.is_contiguous()
+    torch.testing.assert_close(ops.gradcam(fx, grx), reference.gradcam(f, gr))
+    assert ops.gradcam(torch.zeros(0, 3, 2, 2), torch.zeros(0, 2, 3, 2, 2)).shape == (0, 2, 2, 2)
+    assert torch.equal(ops.gradcam(torch.ones(1, 0, 2, 2), torch.ones(1, 2, 0, 2, 2)), torch.zeros(1, 2, 2, 2))
+
+
+def test_gradcam_gradcheck():
+    g = torch.Generator().manual_seed(9)
+    f = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    gr = torch.randn(2, 3, 5, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.gradcam, (f, gr))
+
+
+# --------------------------------------------------------------------------------------
+# Error messages: the kernels and the fake (meta) kernels say the same words
+# --------------------------------------------------------------------------------------
+ERRORS = [
+    ("pda_pool", lambda d: (torch.zeros(2, 3, 4, device=d), torch.zeros(2, 3, device=d), 0.5),
+     r"wsss::pda_pool: features must be a 4-D tensor \[N, C, H, W\], got shape \[2, 3, 4\]"),
+    ("pda_pool", lambda d: (torch.zeros(2, 3, 4, 4, device=d), torch.zeros(2, 5, device=d), 0.5),
+     r"wsss::pda_pool: weight must have shape \[K, C\] with K >= 1 and C = features.size\(1\) = 3, got shape \[2, 5\]"),
+    ("pda_attention", lambda d: (torch.zeros(2, 3, 4, 4, device=d), torch.zeros(2, 3, device=d), 1.5),
+     r"wsss::pda_attention: mu must be in \[0, 1\], got 1.5"),
+    ("pda_attention", lambda d: (torch.zeros(2, 3, 4, 4, device=d), torch.zeros(2, 3, dtype=torch.float64, device=d), 0.5),
+     r"wsss::pda_attention: weight must have the dtype of features \(Float\), got Double"),
+    ("pda_pool", lambda d: (torch.zeros(2, 3, 4, 4, dtype=torch.int64, device=d), torch.zeros(2, 3, device=d), 0.5),
+     r"wsss::pda_pool: features must be a floating tensor \(Float, Double, BFloat16, Half\), got Long"),
+    ("gate_argmax", lambda d: (torch.zeros(2, 4, 3, 3, device=d), torch.zeros(2, 3, device=d), 0.1),
+     r"wsss::gate_argmax: class_prob must have shape \[N, K\] = \[2, 4\], got shape \[2, 3\]"),
+    ("gate_argmax", lambda d: (torch.zeros(4, 3, 3, device=d), torch.zeros(2, 3, device=d), 0.1),
+     r"wsss::gate_argmax: scores must be a 4-D tensor \[N, K, H, W\], got shape \[4, 3, 3\]"),
+    ("gate_argmax", lambda d: (torch.zeros(1, 256, 1, 1, device=d), torch.zeros(1, 256, device=d), 0.1),
+     r"wsss::gate_argmax: scores must have 1 to 255 classes \(dim 1\), got 256"),
+    ("gate_argmax", lambda d: (torch.zeros(2, 4, 3, 3, device=d), torch.zeros(2, 4, device=d), 0.1,
+                               torch.ones(2, 3, 4, dtype=torch.bool, device=d)),
+     r"wsss::gate_argmax: tissue_mask must have shape \[N, H, W\] = \[2, 3, 3\], got shape \[2, 3, 4\]"),
+    ("gate_argmax", lambda d: (torch.zeros(2, 4, 3, 3, device=d), torch.zeros(2, 4, device=d), 0.1,
+                               torch.ones(2, 3, 3, dtype=torch.float32, device=d)),
+     r"wsss::gate_argmax: tissue_mask must be Bool or Byte, got Float"),
+    ("gate_argmax", lambda d: (torch.zeros(2, 4, 3, 3, device=d), torch.zeros(2, 4, device=d), 0.1, None, 300),
+     r"wsss::gate_argmax: background_index must be in \[0, 255\], got 300"),
+    ("gradcam", lambda d: (torch.zeros(2, 3, 4, 4, device=d), torch.zeros(2, 2, 3, 4, 5, device=d)),
+     r"wsss::gradcam: grads must have shape \[N, K, C, h, w\] = \[2, K, 3, 4, 4\], got shape \[2, 2, 3, 4, 5\]"),
+    ("gradcam", lambda d: (torch.zeros(2, 3, 4, 4, device=d), torch.zeros(2, 2, 3, 4, 4, dtype=torch.float64, device=d)),
+     r"wsss::gradcam: grads must have the dtype of features \(Float\), got Double"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES + ["meta"])
+@pytest.mark.parametrize("op,make_args,message", ERRORS, ids=[f"{e[0]}-{i}" for i, e in enumerate(ERRORS)])
+def test_error_messages(device, op, make_args, message):
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.wsss, op)(*make_args(device))
+
+
+def test_backward_grad_shape_errors():
+    f, w = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3)
+    for device in DEVICES + ["meta"]:
+        with pytest.raises(RuntimeError, match=r"wsss::pda_pool_backward: grad_pooled must have shape \[2, 3\], got shape \[2, 4\]"):
+            torch.ops.wsss.pda_pool_backward(torch.zeros(2, 4, device=device), f.to(device), w.to(device), 0.5)
+        with pytest.raises(RuntimeError, match=r"wsss::pda_attention_backward: grad_attention must have shape \[2, 1, 4, 4\], got shape \[2, 4, 4\]"):
+            torch.ops.wsss.pda_attention_backward(torch.zeros(2, 4, 4, device=device), f.to(device), w.to(device), 0.5)
+
+
+def test_device_mismatch_message():
+    if not CUDA:
+        with pytest.raises(RuntimeError, match=r"wsss::pda_pool: weight must be on the device of features \(meta\), got cpu"):
+            torch.ops.wsss.pda_pool(torch.zeros(2, 3, 4, 4, device="meta"), torch.zeros(2, 3), 0.5)
+    else:
+        with pytest.raises(RuntimeError, match=r"weight must be on the device of features \(cuda:0\), got cpu"):
+            torch.ops.wsss.pda_pool(torch.zeros(2, 3, 4, 4, device="cuda"), torch.zeros(2, 3), 0.5)
+
+
+# --------------------------------------------------------------------------------------
+# Registration: opcheck (schema, fake kernels, autograd, dynamic shapes)
+# --------------------------------------------------------------------------------------
+def _opcheck_cases():
+    f, w = _features(2, 6, 5, 3, 3, seed=10)
+    fg, wg = f.clone().requires_grad_(), w.clone().requires_grad_()
+    g = torch.Generator().manual_seed(11)
+    scores, prob = torch.randn(2, 3, 5, 6, generator=g), torch.rand(2, 3, generator=g)
+    mask = torch.rand(2, 5, 6, generator=g) > 0.5
+    gf = torch.randn(2, 6, 5, 3, generator=g)
+    gg = torch.randn(2, 3, 6, 5, 3, generator=g)
+    return [
+        ("pda_attention", (f, w, 0.8)),
+        ("pda_attention", (fg, wg, 0.8)),
+        ("pda_pool", (f, w, 0.8)),
+        ("pda_pool", (fg, wg, 1.0)),
+        ("pda_pool_backward", (torch.randn(2, 6), f, w, 0.8)),
+        ("pda_attention_backward", (torch.randn(2, 1, 5, 3), f, w, 0.8)),
+        ("gate_argmax", (scores, prob, 0.3)),
+        ("gate_argmax", (scores, prob, 0.3, mask, 7)),
+        ("gradcam", (gf, gg)),
+        ("gradcam", (gf.clone().requires_grad_(), gg.clone().requires_grad_())),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
+def test_opcheck(case):
+    name, args = _opcheck_cases()[case]
+    torch.library.opcheck(getattr(torch.ops.wsss, name).default, args)
+
+
+# --------------------------------------------------------------------------------------
+# Callers: TorchScript, torch.compile, torch.export
+# --------------------------------------------------------------------------------------
+class AllOps(torch.nn.Module):
+    """Calls every op through the scriptable wrappers."""
+
+    def __init__(self, eps: float = 0.3):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, f: torch.Tensor, w: torch.Tensor, grads: torch.Tensor, class_prob: torch.Tensor):
+        pooled = ops.pda_pool(f, w, 0.8)
+        attention = ops.pda_attention(f, w, 0.8)
+        cams = ops.gradcam(f, grads)
+        labels = ops.gate_argmax(cams, class_prob, self.eps)
+        return pooled, attention, cams, labels
+
+
+def _all_ops_inputs(seed=12):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(2, 8, 6, 5, generator=g)
+    w = torch.randn(3, 8, generator=g)
+    grads = torch.randn(2, 3, 8, 6, 5, generator=g)
+    cp = torch.rand(2, 3, generator=g)
+    return f, w, grads, cp
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        if x.dtype == torch.uint8:
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y)
+
+
+def test_scripted_caller_saved_reloaded_matches_eager(tmp_path):
+    model = AllOps()
+    scripted = torch.jit.script(model)
+    path = tmp_path / "all_ops.pt"
+    scripted.save(str(path))
+    loaded = torch.jit.load(str(path))
+    inputs = _all_ops_inputs()
+    _assert_same(loaded(*inputs), model(*inputs))
+    # Autograd through the scripted caller.
+    f, w, grads, cp = _all_ops_inputs(13)
+    f.requires_grad_()
+    w.requires_grad_()
+    pooled, attention, _, _ = loaded(f, w, grads, cp)
+    (pooled.sum() + attention.sum()).backward()
+    fe, we = f.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    (reference.pda_pool(fe, we, 0.8).sum() + reference.pda_attention(fe, we, 0.8).sum()).backward()
+    torch.testing.assert_close(f.grad, fe.grad)
+    torch.testing.assert_close(w.grad, we.grad)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = AllOps()
+    compiled = torch.compile(model, fullgraph=True)
+    inputs = _all_ops_inputs()
+    _assert_same(compiled(*inputs), model(*inputs))
+
+
+def test_compile_fullgraph_backward_aot_eager():
+    torch._dynamo.reset()
+
+    def loss(f, w):
+        return ops.pda_pool(f, w, 0.8).square().sum() + ops.pda_attention(f, w, 0.8).sum()
+
+    f, w = _features(2, 8, 4, 4, 3, seed=14)
+    f1, w1 = f.clone().requires_grad_(), w.clone().requires_grad_()
+    torch.compile(loss, fullgraph=True, backend="aot_eager")(f1, w1).backward()
+    f2, w2 = f.clone().requires_grad_(), w.clone().requires_grad_()
+    loss(f2, w2).backward()
+    torch.testing.assert_close(f1.grad, f2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+def test_export_keeps_custom_ops_as_graph_nodes():
+    model = AllOps()
+    inputs = _all_ops_inputs()
+    exported = torch.export.export(model, inputs)
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    for name in ("pda_pool", "pda_attention", "gradcam", "gate_argmax"):
+        assert f"wsss.{name}.default" in targets, targets
+    _assert_same(exported.module()(*inputs), model(*inputs))
+
+
+def test_library_loaded_once_and_reload_is_harmless():
+    path = wsss._library.load()
+    assert wsss._library.load() == path
+    assert hasattr(torch.ops.wsss, "pda_pool")
+
+
+# --------------------------------------------------------------------------------------
+# CPU/CUDA parity (only where a GPU is present)
+# --------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cuda_cpu_parity(dtype):
+    f, w = _features(4, 96, 28, 28, 4, dtype=dtype, seed=15)
+    tol = TOL[dtype] if dtype in (torch.float32, torch.float64) else dict(rtol=3e-2, atol=3e-2)
+    for mu in (1.0, 0.7):
+        torch.testing.assert_close(ops.pda_pool(f.cuda(), w.cuda(), mu).cpu(), ops.pda_pool(f, w, mu), **tol)
+        torch.testing.assert_close(ops.pda_attention(f.cuda(), w.cuda(), mu).cpu(), ops.pda_attention(f, w, mu), **tol)
+        g = torch.randn(4, 96, dtype=torch.float64).to(dtype)
+        fc, wc = f.cuda().requires_grad_(), w.cuda().requires_grad_()
+        got = torch.autograd.grad(ops.pda_pool(fc, wc, mu), (fc, wc), g.cuda())
+        fh, wh = f.clone().requires_grad_(), w.clone().requires_grad_()
+        want = torch.autograd.grad(ops.pda_pool(fh, wh, mu), (fh, wh), g)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.cpu(), b, **tol)
+    s = torch.randn(3, 5, 67, 131, dtype=torch.float64).to(dtype)
+    p = torch.rand(3, 5, dtype=torch.float64).to(dtype)
+    m = torch.rand(3, 67, 131) > 0.2
+    assert torch.equal(ops.gate_argmax(s.cuda(), p.cuda(), 0.4, m.cuda(), 9).cpu(), ops.gate_argmax(s, p, 0.4, m, 9))
+    gf = torch.randn(2, 64, 28, 28, dtype=torch.float64).to(dtype)
+    gg = torch.randn(2, 4, 64, 28, 28, dtype=torch.float64).to(dtype)
+    torch.testing.assert_close(ops.gradcam(gf.cuda(), gg.cuda()).cpu(), ops.gradcam(gf, gg), **tol)
