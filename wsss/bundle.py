@@ -134,8 +134,7 @@ def save_bundle(path: str, module: torch.nn.Module, metadata: Mapping[str, Any])
     meta["content_hash"] = content_hash(module, meta)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    os.close(fd)
+    tmp = temp_path_beside(path, ".pt")
     try:
         torch.jit.save(module, tmp, _extra_files={METADATA_FILE: json.dumps(meta, indent=1, sort_keys=True)})
         digest = _file_sha256(tmp)
@@ -145,6 +144,17 @@ def save_bundle(path: str, module: torch.nn.Module, metadata: Mapping[str, Any])
             os.unlink(tmp)
         raise
     return digest
+
+
+def temp_path_beside(path: str, suffix: str) -> str:
+    """A new empty temp file in the folder of ``path`` (for write-then-os.replace), with the
+    permissions a plainly created file would get (mkstemp alone gives 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-wsss-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
 
 
 def read_bundle_metadata(path: str) -> Dict[str, Any]:

@@ -1,0 +1,123 @@
+"""wsss-export: checkpoints (reference and wsss formats) -> bundle (+ .pt2), self-check, clear errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from wsss.bundle import load_bundle
+from wsss.cli.export import compare_outputs, main
+from wsss.errors import BundleError
+from wsss.models import DeepLabV3Plus, ResNet38Classifier, TissueSegmenter
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+WIDTH = 0.0625
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    clf = ResNet38Classifier(4, width=WIDTH).eval()
+    seg = DeepLabV3Plus(4, backbone="resnet50", width=WIDTH).eval()
+    # reference formats: stage 1 plain state_dict, stage 2 {'state_dict', 'optimizer'}
+    torch.save(clf.state_dict(), folder / "stage1.pth")
+    torch.save({"state_dict": seg.state_dict(), "optimizer": {"state": {}, "param_groups": []}}, folder / "stage2.pth")
+    # wsss training format
+    torch.save({"model": seg.state_dict(), "config": {"dataset": "bcss", "lr": 0.01}, "epoch": 3,
+                "optimizer": {}, "kind": "segmenter"}, folder / "seg_wsss.pt")
+    return folder, clf, seg
+
+
+def test_help_is_fast_and_lists_flags():
+    out = subprocess.run([sys.executable, "-c", "import sys; from wsss.cli.export import main; sys.exit(main(['--help']))"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--classifier" in out.stdout and "--pt2" in out.stdout
+
+
+def test_export_reference_checkpoints_to_bundle(checkpoints, tmp_path, capsys):
+    folder, clf, seg = checkpoints
+    out = tmp_path / "model.pt"
+    rc = main(["--classifier", str(folder / "stage1.pth"), "--segmenter", str(folder / "stage2.pth"),
+               "--out", str(out), "--tile-size", "48", "--dataset", "luad", "--eps", "0.2"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "self-check bundle: label agreement 1.00000" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temp files left
+    bundle = load_bundle(out)
+    meta = bundle.metadata
+    assert meta["class_names"] == ["TE", "NEC", "LYM", "TAS"] and meta["background_index"] == 4
+    assert meta["tile_size"] == 48 and meta["gate_eps"] == 0.2 and meta["mpp"] == 1.0
+    assert meta["config"]["segmenter"]["format"] == "reference-stage2"
+    assert meta["config"]["classifier"]["format"] == "reference-stage1"
+    tiles = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    expected = TissueSegmenter(clf, seg, eps=0.2).eval()(tiles, True)
+    for a, b in zip(bundle.module(tiles, True), expected):
+        assert torch.equal(a, b)
+
+
+def test_export_wsss_checkpoint_takes_dataset_from_config(checkpoints, tmp_path):
+    folder, _, _ = checkpoints
+    assert main(["--classifier", str(folder / "stage1.pth"), "--segmenter", str(folder / "seg_wsss.pt"),
+                 "--out", str(tmp_path / "m.pt"), "--tile-size", "32"]) == 0
+    meta = load_bundle(tmp_path / "m.pt").metadata
+    assert meta["class_names"] == ["TUM", "STR", "LYM", "NEC"] and meta["mpp"] == 0.25
+    assert meta["config"]["segmenter"]["train_config"]["lr"] == 0.01
+
+
+def test_export_errors_are_one_line_and_write_nothing(checkpoints, tmp_path, capsys):
+    folder, _, _ = checkpoints
+    s1, s2 = str(folder / "stage1.pth"), str(folder / "stage2.pth")
+    cases = [
+        (["--classifier", str(tmp_path / "nope.pth"), "--segmenter", s2], "--classifier .*nope.pth: no such file"),
+        (["--classifier", s2, "--segmenter", s1], "wrong network: expected a classifier checkpoint, got a segmenter"),
+        (["--classifier", s1, "--segmenter", s2, "--dataset", "nosuch"], "dataset 'nosuch'"),
+        (["--classifier", s1, "--segmenter", s2, "--eps", "1.5"], r"--eps must be in \[0, 1\)"),
+    ]
+    for extra, message in cases:
+        rc = main(extra + ["--out", str(tmp_path / "m.pt")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2, err
+        assert err.startswith("wsss-export: error:") and len(err.splitlines()) == 1, err
+        assert __import__("re").search(message, err), err
+    (tmp_path / "three.json").write_text('{"name": "three", "class_names": ["a", "b", "c"], '
+                                         '"palette": [[0,0,0],[1,1,1],[2,2,2],[255,255,255]], "background_index": 3}')
+    rc = main(["--classifier", s1, "--segmenter", s2, "--dataset", str(tmp_path / "three.json"),
+               "--out", str(tmp_path / "m.pt")])
+    assert rc == 2 and "wrong num_classes: the classifier has 4 classes, expected 3" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["three.json"]
+
+
+def test_compare_outputs_refuses_a_mismatch():
+    labels = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    prob = torch.full((1, 4), 0.5)
+    other = labels.clone()
+    other[0, :2] = 1
+    with pytest.raises(BundleError, match="self-check of the thing failed: label agreement 0.75000"):
+        compare_outputs((labels, None, prob), (other, None, prob), "thing")
+    assert compare_outputs((labels, None, prob), (labels, None, prob + 1e-5), "x")["label_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_export_pt2_keeps_custom_ops_and_matches_eager(checkpoints, tmp_path, capsys):
+    """AOTInductor compiles C++ for this CPU: about 1-2 minutes on 2 cores even for a tiny network."""
+    folder, clf, seg = checkpoints
+    rc = main(["--classifier", str(folder / "stage1.pth"), "--segmenter", str(folder / "stage2.pth"),
+               "--out", str(tmp_path / "m.pt"), "--pt2", str(tmp_path / "m.pt2"), "--tile-size", "32",
+               "--pt2-max-batch", "4"])
+    assert rc == 0, capsys.readouterr().err
+    assert "self-check pt2: label agreement 1.00000" in capsys.readouterr().out
+    runner = torch._inductor.aoti_load_package(str(tmp_path / "m.pt2"))
+    tiles = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)  # another batch size than exported with
+    labels, scores, prob = runner(tiles)
+    expected = TissueSegmenter(clf, seg).eval()(tiles, True)
+    assert torch.equal(labels, expected[0])
+    torch.testing.assert_close(prob, expected[2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scores, expected[1], rtol=1e-4, atol=1e-5)
+    meta = runner.get_metadata()
+    assert "wsss_bundle.json" in meta and '"class_names"' in meta["wsss_bundle.json"]

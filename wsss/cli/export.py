@@ -1,0 +1,225 @@
+"""wsss-export: checkpoints -> model bundle (.pt, TorchScript) and optionally an AOTInductor package (.pt2).
+
+    wsss-export --classifier stage1.pth --segmenter stage2.pth --out model.pt [--pt2 model.pt2]
+                [--dataset luad|bcss|description.json] [--tile-size 224] [--mpp 1.0] [--eps 0.1]
+
+Checkpoints may be reference-format (stage 1: plain state_dict; stage 2: {'state_dict', 'optimizer'})
+or wsss training checkpoints ({'model', 'config', ...}); see wsss.models.checkpoints.  Before a
+file is put in place, the exported module is run on random tiles and compared with the eager
+module (labels, class probabilities); on a mismatch nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, Optional, Sequence
+
+from wsss.cli import run
+
+PROG = "wsss-export"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Export trained checkpoints as a wsss model bundle "
+                                "(TorchScript .pt with metadata) and optionally an AOTInductor package (.pt2).")
+    p.add_argument("--classifier", required=True, help="stage-1 ResNet-38 checkpoint (reference or wsss format)")
+    p.add_argument("--segmenter", required=True, help="stage-3 DeepLabV3+ checkpoint (reference or wsss format)")
+    p.add_argument("--out", required=True, help="bundle file to write (.pt)")
+    p.add_argument("--pt2", default=None, help="also write an AOTInductor package here (.pt2; compiles for this CPU)")
+    p.add_argument("--dataset", default=None,
+                   help="dataset description: built-in name (luad, bcss) or JSON file; gives class names, palette, "
+                        "background index and mpp (default: the checkpoint config's 'dataset', else luad)")
+    p.add_argument("--tile-size", type=int, default=224, help="tile size the model runs at (default 224)")
+    p.add_argument("--mpp", type=float, default=None, help="microns per pixel trained at (default: the dataset's)")
+    p.add_argument("--eps", type=float, default=0.1, help="classification gate threshold (default 0.1)")
+    p.add_argument("--input-scale", type=float, default=1.0 / 255.0, help="pixel scaling (default 1/255)")
+    p.add_argument("--check-tiles", type=int, default=2, help="random tiles for the self-check (default 2)")
+    p.add_argument("--pt2-max-batch", type=int, default=64, help="largest batch the .pt2 accepts (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the self-check tiles")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from wsss.errors import WsssError
+
+    for flag, path in (("--classifier", args.classifier), ("--segmenter", args.segmenter)):
+        if not os.path.isfile(path):
+            raise WsssError(f"{flag} {path}: no such file")
+    for flag, path in (("--out", args.out), ("--pt2", args.pt2)):
+        if path is not None:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise WsssError(f"{flag} {path}: folder {folder} does not exist")
+    if args.pt2 is not None and os.path.abspath(args.pt2) == os.path.abspath(args.out):
+        raise WsssError("--pt2 and --out must be different files")
+    if args.tile_size < 16:
+        raise WsssError(f"--tile-size must be >= 16, got {args.tile_size}")
+    if not 0.0 <= args.eps < 1.0:
+        raise WsssError(f"--eps must be in [0, 1), got {args.eps}")
+    if args.input_scale <= 0:
+        raise WsssError(f"--input-scale must be > 0, got {args.input_scale}")
+    if args.mpp is not None and args.mpp <= 0:
+        raise WsssError(f"--mpp must be > 0, got {args.mpp}")
+    if args.check_tiles < 1:
+        raise WsssError(f"--check-tiles must be >= 1, got {args.check_tiles}")
+    if args.pt2_max_batch < 2:
+        raise WsssError(f"--pt2-max-batch must be >= 2, got {args.pt2_max_batch}")
+
+
+def compare_outputs(expected, got, what: str, *, min_agreement: float = 0.999, prob_tol: float = 1e-3) -> Dict[str, float]:
+    """Compare (labels, scores, class_prob) of an exported module with the eager ones.
+
+    Returns {"label_agreement", "class_prob_max_diff"}; raises BundleError when labels agree on
+    fewer than ``min_agreement`` of the pixels or class probabilities differ by more than prob_tol.
+    """
+    from wsss.errors import BundleError
+
+    labels_e, _, prob_e = expected
+    labels_g, _, prob_g = got
+    if tuple(labels_g.shape) != tuple(labels_e.shape) or tuple(prob_g.shape) != tuple(prob_e.shape):
+        raise BundleError(f"self-check of the {what} failed: output shapes {list(labels_g.shape)}, "
+                          f"{list(prob_g.shape)} differ from eager {list(labels_e.shape)}, {list(prob_e.shape)}")
+    agreement = (labels_g.cpu() == labels_e.cpu()).float().mean().item()
+    prob_diff = (prob_g.float().cpu() - prob_e.float().cpu()).abs().max().item()
+    if agreement < min_agreement or prob_diff > prob_tol:
+        raise BundleError(f"self-check of the {what} failed: label agreement {agreement:.5f} (need >= "
+                          f"{min_agreement}), class_prob max diff {prob_diff:.2e} (need <= {prob_tol:g})")
+    return {"label_agreement": agreement, "class_prob_max_diff": prob_diff}
+
+
+def export_pt2(module, example_tiles, path: str, *, max_batch: int = 64, metadata: Optional[Dict[str, Any]] = None) -> str:
+    """torch.export + AOTInductor package of ``module`` (TissueSegmenter signature, eager) at
+    ``path``; dynamic batch (2..max_batch, and 1 via specialisation-free export), fixed H x W.
+
+    The package's forward takes tiles [N,3,H,W] uint8 and returns [labels, scores, class_prob]
+    (scores always computed).  The wsss custom ops stay graph nodes (torch.ops.wsss.*), so a
+    host must load the op library first.  Metadata (bundle JSON) goes in the package's
+    aot_inductor.metadata as {"wsss_bundle.json": ...}.
+    """
+    import torch
+    from torch.export import Dim
+
+    class _WithScores(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, tiles):
+            return self.inner(tiles, True)
+
+    wrapper = _WithScores(module).eval()
+    batch = Dim("batch", min=1, max=max_batch)
+    with torch.no_grad():
+        exported = torch.export.export(wrapper, (example_tiles,), dynamic_shapes={"tiles": {0: batch}})
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    if not any(t.startswith("wsss.") for t in targets):
+        from wsss.errors import BundleError
+        raise BundleError("export: the exported graph lost the wsss custom ops (expected wsss.gate_argmax)")
+    configs: Dict[str, Any] = {}
+    if metadata is not None:
+        configs["aot_inductor.metadata"] = {"wsss_bundle.json": json.dumps(metadata, sort_keys=True)}
+    return torch._inductor.aoti_compile_and_package(exported, package_path=path, inductor_configs=configs)
+
+
+def _default_dataset(*configs: Dict[str, Any]) -> str:
+    for config in configs:
+        value = config.get("dataset") if isinstance(config, dict) else None
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            return value["name"]
+    return "luad"
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = _parser().parse_args(argv)
+    _check_args(args)
+
+    import warnings
+
+    import torch
+
+    from wsss.bundle import load_bundle, save_bundle, temp_path_beside
+    from wsss.data.description import get_description
+    from wsss.errors import BundleError
+    from wsss.models import TissueSegmenter
+    from wsss.models.checkpoints import classifier_from_state_dict, read_checkpoint, segmenter_from_state_dict
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+    cls_ckpt = read_checkpoint(args.classifier, expected_kind="classifier")
+    seg_ckpt = read_checkpoint(args.segmenter, expected_kind="segmenter")
+    description = get_description(args.dataset or _default_dataset(seg_ckpt.config, cls_ckpt.config))
+    k = len(description.class_names)
+    classifier = classifier_from_state_dict(cls_ckpt.state_dict, num_classes=k, where=f"--classifier {cls_ckpt.path}")
+    segmenter = segmenter_from_state_dict(seg_ckpt.state_dict, num_classes=k, where=f"--segmenter {seg_ckpt.path}")
+    module = TissueSegmenter(classifier, segmenter, eps=args.eps, input_scale=args.input_scale).eval()
+
+    metadata = {
+        "class_names": list(description.class_names),
+        "palette": [list(c) for c in description.palette],
+        "background_index": int(description.background_index),
+        "tile_size": int(args.tile_size),
+        "mpp": args.mpp if args.mpp is not None else description.mpp,
+        "input_scale": args.input_scale,
+        "gate_eps": args.eps,
+        "config": {
+            "dataset": description.name,
+            "classifier": {"checkpoint": os.path.basename(cls_ckpt.path), "format": cls_ckpt.source_format,
+                           "width": classifier.width, "epoch": cls_ckpt.epoch, "train_config": cls_ckpt.config},
+            "segmenter": {"checkpoint": os.path.basename(seg_ckpt.path), "format": seg_ckpt.source_format,
+                          "backbone": segmenter.backbone_name, "width": segmenter.width,
+                          "output_stride": segmenter.output_stride, "epoch": seg_ckpt.epoch,
+                          "train_config": seg_ckpt.config},
+        },
+    }
+    g = torch.Generator().manual_seed(args.seed)
+    tiles = torch.randint(0, 256, (args.check_tiles, 3, args.tile_size, args.tile_size), dtype=torch.uint8, generator=g)
+    with torch.inference_mode():
+        expected = module(tiles, True)
+
+    written = []
+    try:
+        tmp_bundle = temp_path_beside(args.out, ".pt")
+        written.append(tmp_bundle)
+        save_bundle(tmp_bundle, module, metadata)
+        bundle = load_bundle(tmp_bundle)
+        with torch.inference_mode():
+            report = {"bundle": compare_outputs(expected, bundle.module(tiles, True), "TorchScript bundle")}
+        if args.pt2 is not None:
+            tmp_pt2 = temp_path_beside(args.pt2, ".pt2")
+            written.append(tmp_pt2)
+            export_pt2(module, tiles, tmp_pt2, max_batch=args.pt2_max_batch, metadata=bundle.metadata)
+            runner = torch._inductor.aoti_load_package(tmp_pt2)
+            with torch.inference_mode():
+                got = runner(tiles)
+            report["pt2"] = compare_outputs(expected, tuple(got), "AOTInductor package")
+            os.replace(tmp_pt2, args.pt2)
+        os.replace(tmp_bundle, args.out)
+    except BundleError:
+        raise
+    except Exception as e:  # export/compile failures: one line, nothing half-written
+        raise BundleError(f"export failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+    finally:
+        for path in written:
+            if os.path.exists(path):
+                os.unlink(path)
+
+    print(f"{PROG}: wrote {args.out} (sha256 {bundle.sha256[:16]}..., content_hash "
+          f"{bundle.metadata['content_hash'][:16]}...)")
+    if args.pt2 is not None:
+        print(f"{PROG}: wrote {args.pt2}")
+    for what, numbers in report.items():
+        print(f"{PROG}: self-check {what}: label agreement {numbers['label_agreement']:.5f}, "
+              f"class_prob max diff {numbers['class_prob_max_diff']:.2e} on {args.check_tiles} random "
+              f"{args.tile_size}x{args.tile_size} tiles")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(PROG, _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
