@@ -70,6 +70,13 @@ def _extensions():
     link = ["-fopenmp", f"-Wl,-rpath,{torch_lib}", "-Wl,-rpath,$ORIGIN/../torch/lib", "-Wl,--no-undefined"]
     kwargs = dict(extra_link_args=link)
     if want_cuda:
+        # NB: on GPU machines without a toolkit, libcudart comes from the nvidia wheel that torch
+        # depends on (site-packages/nvidia/cu*/lib); C++ hosts need an rpath to find it.
+        site = os.path.dirname(os.path.dirname(torch.__file__))
+        for d in sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib"))):
+            if glob.glob(os.path.join(d, "libcudart.so*")):
+                rel = os.path.relpath(d, site)
+                link += [f"-Wl,-rpath,{d}", f"-Wl,-rpath,$ORIGIN/../{rel}"]
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         ext = cpp_extension.CUDAExtension(
             "wsss._ops",
