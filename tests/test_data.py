@@ -1,0 +1,95 @@
+"""Dataset descriptions and readers: built-ins as METHOD.md, clear DataErrors naming the file."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsss.data import (BCSS_WSSS, LUAD_HISTOSEG, DatasetDescription, LabelledPatches, MaskedPatches,
+                       PseudoMaskPatches, format_label, get_description, parse_label)
+from wsss.errors import DataError
+
+
+def test_builtins_match_method():
+    assert LUAD_HISTOSEG.class_names == ("TE", "NEC", "LYM", "TAS")
+    assert LUAD_HISTOSEG.palette == ((205, 51, 51), (0, 255, 0), (65, 105, 225), (255, 165, 0), (255, 255, 255))
+    assert LUAD_HISTOSEG.background_index == 4 and not LUAD_HISTOSEG.background_is_tissue
+    assert BCSS_WSSS.class_names == ("TUM", "STR", "LYM", "NEC")
+    assert BCSS_WSSS.palette == ((255, 0, 0), (0, 255, 0), (0, 0, 255), (153, 0, 255), (255, 255, 255))
+    assert BCSS_WSSS.background_is_tissue
+    assert get_description("luad") is LUAD_HISTOSEG and get_description("BCSS-WSSS") is BCSS_WSSS
+
+
+def test_label_parsing():
+    assert parse_label("1031280-2300-27920-[1 0 0 1].png", LUAD_HISTOSEG) == [1, 0, 0, 1]
+    assert parse_label("TCGA-A1-A0SK-DX1_xmin45749_ymin25055_MPP-0.2500+0[1101].png", BCSS_WSSS) == [1, 1, 0, 1]
+    assert format_label([1, 0, 0, 1], LUAD_HISTOSEG) == "[1 0 0 1]"
+    assert format_label([1, 1, 0, 1], BCSS_WSSS) == "[1101]"
+    with pytest.raises(DataError, match=r"x-\[1 0 2 1\]\.png: cannot parse"):
+        parse_label("x-[1 0 2 1].png", LUAD_HISTOSEG)
+    with pytest.raises(DataError, match=r"nolabel\.png.*no '\[\.\.\.\]'"):
+        parse_label("nolabel.png", LUAD_HISTOSEG)
+    with pytest.raises(DataError, match="expected 4 digits"):
+        parse_label("a-[1 0 1].png", LUAD_HISTOSEG)
+
+
+def test_description_json_round_trip_and_three_classes(tmp_path):
+    d = DatasetDescription(name="cohort3", class_names=("A", "B", "C"),
+                           palette=((1, 2, 3), (4, 5, 6), (7, 8, 9), (255, 255, 255)), background_index=3,
+                           label_parser="bracket_compact")
+    path = str(tmp_path / "d.json")
+    d.save_json(path)
+    assert DatasetDescription.load_json(path) == d
+    assert get_description(path) == d
+    assert parse_label("p[101].png", d) == [1, 0, 1]
+    with pytest.raises(DataError, match="collides"):
+        DatasetDescription(name="x", class_names=("A", "B"), palette=((0, 0, 0),) * 3, background_index=1)
+    with pytest.raises(DataError, match="unknown keys"):
+        DatasetDescription.from_dict({**d.to_dict(), "colour": 1})
+    with pytest.raises(DataError, match="not a built-in"):
+        get_description("no-such-dataset")
+
+
+def _png(path, array, palette=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img = Image.fromarray(array)
+    if palette is not None:
+        img.putpalette(palette)
+    img.save(path)
+
+
+def _dataset(tmp_path, mask_value=1, mask_size=(16, 16)):
+    rgb = np.full((16, 16, 3), 128, np.uint8)
+    _png(str(tmp_path / "train" / "a-[1 0 0 1].png"), rgb)
+    _png(str(tmp_path / "val" / "img" / "v.png"), rgb)
+    _png(str(tmp_path / "val" / "mask" / "v.png"), np.full(mask_size, mask_value, np.uint8), LUAD_HISTOSEG.palette_flat())
+
+
+def test_readers(tmp_path):
+    _dataset(tmp_path)
+    train = LabelledPatches(str(tmp_path), LUAD_HISTOSEG)
+    item = train[0]
+    assert item["image"].shape == (3, 16, 16) and item["label"].tolist() == [1, 0, 0, 1]
+    val = MaskedPatches(str(tmp_path), LUAD_HISTOSEG, "val")
+    assert val[0]["mask"].unique().tolist() == [1]
+
+
+def test_bad_data_errors_name_the_file(tmp_path):
+    _dataset(tmp_path / "big", mask_size=(12, 16))
+    with pytest.raises(DataError, match=r"v\.png: mask size 16x12 does not match"):
+        MaskedPatches(str(tmp_path / "big"), LUAD_HISTOSEG, "val").validate()
+    _dataset(tmp_path / "idx", mask_value=7)
+    with pytest.raises(DataError, match=r"v\.png: palette index 7 out of range"):
+        MaskedPatches(str(tmp_path / "idx"), LUAD_HISTOSEG, "val")[0]
+    os.makedirs(tmp_path / "empty" / "train")
+    with pytest.raises(DataError, match="empty split"):
+        LabelledPatches(str(tmp_path / "empty"), LUAD_HISTOSEG)
+    _dataset(tmp_path / "lab")
+    _png(str(tmp_path / "lab" / "train" / "bad-[1 x 0 1].png"), np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(DataError, match=r"bad-\[1 x 0 1\]\.png"):
+        LabelledPatches(str(tmp_path / "lab"), LUAD_HISTOSEG)
+    with pytest.raises(DataError, match="no 'test' split"):
+        MaskedPatches(str(tmp_path / "lab"), LUAD_HISTOSEG, "test")
+    with pytest.raises(DataError, match="does not exist"):
+        PseudoMaskPatches(str(tmp_path / "idx"), str(tmp_path / "nope"), ["bn7"], LUAD_HISTOSEG)
