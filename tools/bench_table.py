@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Turn a pytest-benchmark JSON file into the Markdown table of the README.
+
+    pytest benchmarks/bench_ops.py --benchmark-only --benchmark-json=bench.json
+    python tools/bench_table.py bench.json [--targets]
+
+One row per benchmark: group, implementation, median time, achieved GB/s (minimum bytes the
+op must move / median), and the ratio to the wsss kernel of the same group.  All ratios come
+from the one run in the file.  --targets adds the issue's targets for the op benchmarks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    groups: dict = defaultdict(dict)
+    for b in data["benchmarks"]:
+        impl = b["extra_info"].get("impl", b["name"])
+        groups[b["group"] or b["name"]][impl] = b
+    return {"groups": groups, "machine": data.get("machine_info", {}), "when": data.get("datetime", "")}
+
+
+def table(groups: dict) -> list[str]:
+    lines = ["| group | implementation | median | GB/s | time / wsss |", "|---|---|---:|---:|---:|"]
+    for group, impls in groups.items():
+        base = impls.get("wsss")
+        for impl, b in sorted(impls.items(), key=lambda kv: kv[1]["stats"]["median"]):
+            med = b["stats"]["median"]
+            gbs = b["extra_info"].get("gb_per_s")
+            ratio = f"{med / base['stats']['median']:.2f}x" if base else ""
+            lines.append(f"| {group} | {impl} | {med * 1e3:.2f} ms | {gbs if gbs is not None else ''} | {ratio} |")
+    return lines
+
+
+def targets(groups: dict) -> list[str]:
+    def med(group, impl):
+        b = groups.get(group, {}).get(impl)
+        return b["stats"]["median"] if b else None
+
+    read = groups.get("memory", {}).get("read")
+    read_gbs = read["extra_info"].get("gb_per_s") if read else None
+    out = []
+
+    def row(name, value, goal, ok):
+        out.append(f"| {name} | {value} | {goal} | {'met' if ok else 'NOT met'} |")
+
+    fwd, fwd_eager = med("pda_pool forward", "wsss"), med("pda_pool forward", "eager")
+    if fwd and read_gbs:
+        pda = groups["pda_pool forward"]["wsss"]["extra_info"]
+        one_read = pda["min_bytes"] / (read_gbs * 1e9)
+        row("PDA pooled forward / one read of the features", f"{fwd / one_read:.2f}x", "<= 2x", fwd / one_read <= 2)
+    if fwd and fwd_eager:
+        row("PDA pooled forward speed-up over eager", f"{fwd_eager / fwd:.1f}x", ">= 2.5x", fwd_eager / fwd >= 2.5)
+    fb, fb_eager = med("pda_pool forward+backward", "wsss"), med("pda_pool forward+backward", "eager")
+    if fb and fb_eager:
+        row("PDA forward+backward speed-up over eager", f"{fb_eager / fb:.1f}x", ">= 2x", fb_eager / fb >= 2)
+    gate = groups.get("gate_argmax", {})
+    if "wsss" in gate and read_gbs:
+        g = gate["wsss"]["extra_info"].get("gb_per_s")
+        if g:
+            row("gate+argmax bandwidth / measured read bandwidth", f"{g / read_gbs:.0%}", ">= 70%", g / read_gbs >= 0.7)
+    for eager in ("eager_argmax", "eager_reference"):
+        if "wsss" in gate and eager in gate:
+            r = med("gate_argmax", eager) / med("gate_argmax", "wsss")
+            row(f"gate+argmax speed-up over {eager}", f"{r:.0f}x", ">= 50x", r >= 50)
+    if "wsss" in gate and "compiled" in gate:
+        r = med("gate_argmax", "compiled") / med("gate_argmax", "wsss")
+        row("gate+argmax vs torch.compile", f"{r:.2f}x faster", "> 1x", r > 1)
+    gc = groups.get("gradcam", {}).get("wsss")
+    if gc and read_gbs:
+        one_read = gc["extra_info"]["min_bytes"] / (read_gbs * 1e9)
+        r = gc["stats"]["median"] / one_read
+        row("Grad-CAM / one read of its inputs", f"{r:.2f}x", "<= 2x", r <= 2)
+    if out:
+        out = ["| target | measured | goal | |", "|---|---:|---|---|"] + out
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("json_file")
+    p.add_argument("--targets", action="store_true", help="also print the op targets table")
+    args = p.parse_args(argv)
+    data = load(args.json_file)
+    m = data["machine"]
+    print(f"Measured {data['when'][:16]} on {m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, "
+          f"{m.get('cpu', {}).get('count', '?')} cores; medians.\n")
+    print("\n".join(table(data["groups"])))
+    if args.targets:
+        print()
+        print("\n".join(targets(data["groups"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
