@@ -128,6 +128,7 @@ class RunOptions:
     resume: bool = False
     progress: bool = True
     mpp_tolerance: float = 0.05
+    min_polygon_um2: float = 200.0  # GeoJSON: smaller objects/holes are dropped/filled
 
     def fingerprint_fields(self) -> dict:
         d = asdict(self)
@@ -352,12 +353,14 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
                 tiles_mask = _tiles_footprint(grid, tile, plan, qc_thumb.shape[:2])
                 writers.write_tissue_qc(out_dir / "tissue_qc.png", qc_thumb, _mask_at(tissue, plan, qc_thumb.shape[:2]),
                                         tiles_mask)
-                poly = next((s for s in levels if max(s.width, s.height) <= 4096), levels[-1])
-                poly_labels = poly.read_all() if poly is not over else over_labels
-                # GeoJSON in level-0 pixels of the input slide (what QuPath shows)
-                scale = (plan.width / poly.width) * plan.mpp / reader.mpp
-                n_features = writers.write_geojson(out_dir / "polygons.geojson", poly_labels, scale=scale,
-                                                   class_names=names[:K], palette=model.palette, background_index=bg)
+                # NB: polygons come from the overlay level (<= 2048 px a side) so their size stays
+                # bounded on any slide; objects under options.min_polygon_um2 are dropped.
+                poly_mpp = plan.mpp * plan.width / over.width
+                scale = (plan.width / over.width) * plan.mpp / reader.mpp  # -> level-0 px of the input slide
+                n_features = writers.write_geojson(
+                    out_dir / "polygons.geojson", over_labels, scale=scale, class_names=names[:K],
+                    palette=model.palette, background_index=bg,
+                    min_area_px=max(4, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
         finally:
             for s in spools:
                 s.close()

@@ -245,48 +245,61 @@ def write_areas(json_path: Path, csv_path: Path, areas: dict) -> None:
         tmp.write_text(buf.getvalue())
 
 
-def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simplify: float = 0.75):
-    """shapely (Multi)Polygon of the pixels equal to class_index, in units of ``scale`` x label pixels.
+def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simplify: float = 0.75,
+                   min_area_px: int = 4):
+    """shapely MultiPolygon of the pixels equal to class_index, in units of ``scale`` x label pixels.
 
-    Outer boundaries and holes come from skimage contours of each connected component.
+    One marching-squares pass over the class mask; rings oriented counter-clockwise (positive
+    area, x right / y down) are outer boundaries, the others holes, each hole given to the
+    smallest outer ring containing it.  Components and holes smaller than ``min_area_px``
+    are dropped / filled first (speckle would only bloat the file).  Vectorised shapely 2.
     """
-    from shapely.geometry import Polygon
-    from shapely.ops import unary_union
-    from skimage import measure
+    import shapely
+    from skimage import measure, morphology
+
+    from wsss.slide.tissue import _remove_small
 
     mask = labels == class_index
+    if min_area_px > 1:
+        mask = _remove_small(morphology.remove_small_objects, mask, min_area_px)
+        mask = _remove_small(morphology.remove_small_holes, mask, min_area_px)
     if not mask.any():
         return None
-    comps = measure.label(mask, connectivity=1)
-    polys = []
-    for region in measure.regionprops(comps):
-        r0, c0, r1, c1 = region.bbox
-        sub = np.pad(region.image, 1)
-        contours = measure.find_contours(sub.astype(np.uint8), 0.5)
-        rings = []
-        for ct in contours:
-            if len(ct) < 4:
-                continue
-            xy = np.stack([ct[:, 1] + c0 - 1 + 0.5, ct[:, 0] + r0 - 1 + 0.5], axis=1) * scale
-            ring = Polygon(xy)
-            if ring.is_valid and ring.area > 0:
-                rings.append(ring)
-            elif ring.area > 0:
-                rings.append(ring.buffer(0))
-        if not rings:
+    outers, holes, outer_area = [], [], []
+    for ct in measure.find_contours(np.pad(mask, 1).astype(np.uint8), 0.5):
+        if len(ct) < 4:
             continue
-        rings.sort(key=lambda p: p.area, reverse=True)
-        outer = rings[0]
-        for hole in rings[1:]:
-            outer = outer.difference(hole)
-        polys.append(outer.simplify(simplify * scale, preserve_topology=True))
-    if not polys:
+        x, y = ct[:, 1] - 0.5, ct[:, 0] - 0.5  # pixel-corner coordinates (pad of 1 removed)
+        area = 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
+        ring = np.stack([x, y], axis=1) * scale
+        if area > 0:
+            outers.append(ring)
+            outer_area.append(area)
+        else:
+            holes.append(ring)
+    if not outers:
         return None
-    return unary_union(polys)
+    outer_polys = shapely.polygons([shapely.linearrings(r) for r in outers])
+    children: List[list] = [[] for _ in outers]
+    if holes:
+        hole_polys = shapely.polygons([shapely.linearrings(r) for r in holes])
+        probes = shapely.point_on_surface(hole_polys)
+        pairs = shapely.STRtree(outer_polys).query(probes, predicate="within")
+        best: dict = {}
+        for h, o in zip(*pairs):
+            if h not in best or outer_area[o] < outer_area[best[h]]:
+                best[h] = o
+        for h, o in best.items():
+            children[o].append(holes[h])
+    polys = np.array([shapely.Polygon(ring, hs) for ring, hs in zip(outers, children)], dtype=object)
+    polys = shapely.make_valid(polys)
+    polys = shapely.simplify(polys, simplify * scale, preserve_topology=True)
+    parts = [g for g in shapely.get_parts(polys) if g.geom_type == "Polygon" and not g.is_empty]
+    return shapely.MultiPolygon(parts) if parts else None
 
 
 def write_geojson(path: Path, labels: np.ndarray, *, scale: float, class_names: Sequence[str], palette,
-                  background_index: int) -> int:
+                  background_index: int, min_area_px: int = 4) -> int:
     """QuPath-style FeatureCollection: one annotation per class.  Returns the number of features."""
     from shapely.geometry import mapping
 
@@ -294,7 +307,7 @@ def write_geojson(path: Path, labels: np.ndarray, *, scale: float, class_names: 
     for k, name in enumerate(class_names):
         if k == background_index:
             continue
-        geom = label_polygons(labels, k, scale=scale)
+        geom = label_polygons(labels, k, scale=scale, min_area_px=min_area_px)
         if geom is None or geom.is_empty:
             continue
         colour = list(palette[k][:3]) if k < len(palette) else [128, 128, 128]

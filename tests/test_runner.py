@@ -1,0 +1,364 @@
+"""wsss.runner: exact reconstruction with trivial predictors, outputs, memory bound, resume, failures."""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from wsss.errors import BundleError
+from wsss.runner import RunOptions, SlideModel, TileGrid, run_slide, run_slides, tile_starts, weight_window
+from wsss.runner.stitching import OutputTiles, Stitcher, TileSpool
+from wsss.runner.writers import downsample_majority
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REAL_SLIDE = SHARED / "data" / "slides" / "cmu-1-small-region.svs"
+
+K = 4
+PALETTE = [[205, 51, 51], [0, 255, 0], [65, 105, 225], [255, 165, 0], [255, 255, 255]]
+
+
+def colour_slide(h: int, w: int, seed: int = 0, block: int = 5) -> np.ndarray:
+    """uint8 [h, w, 3]: blocks whose red channel encodes a class (red // 64)."""
+    rng = np.random.default_rng(seed)
+    cls = rng.integers(0, K, (h // block + 1, w // block + 1)).repeat(block, 0).repeat(block, 1)[:h, :w]
+    img = np.empty((h, w, 3), np.uint8)
+    img[..., 0] = cls * 64 + 20
+    img[..., 1] = rng.integers(0, 256, (h, w))
+    img[..., 2] = 255 - img[..., 0]
+    return img
+
+
+def write_pyramid(path: Path, levels, *, mpp=0.5, tile=32):
+    with tifffile.TiffWriter(path) as tif:
+        for i, img in enumerate(levels):
+            res = 1e4 / (mpp * levels[0].shape[1] / img.shape[1])
+            tif.write(img, tile=(tile, tile), photometric="rgb", compression="zlib", resolution=(res, res),
+                      resolutionunit="CENTIMETER", subfiletype=0 if i == 0 else 1)
+
+
+def red_class(x: torch.Tensor) -> torch.Tensor:
+    """Trivial predictor: one-hot of red // 64.  uint8 [N,3,H,W] -> float32 [N,K,H,W]."""
+    c = (x[:, 0].long() // 64).clamp(0, K - 1)
+    return torch.nn.functional.one_hot(c, K).permute(0, 3, 1, 2).float()
+
+
+def soft_colour(x: torch.Tensor) -> torch.Tensor:
+    """Trivial smooth predictor: softmax of a fixed linear map of the pixel colour."""
+    w = torch.tensor([[0.02, 0.0, -0.01], [-0.01, 0.01, 0.0], [0.0, -0.01, 0.02], [0.005, 0.005, 0.005]])
+    logits = torch.einsum("kc,nchw->nkhw", w, x.float())
+    return torch.softmax(logits, dim=1)
+
+
+def model(predict=red_class, tile=32, mpp=0.5, bg=4):
+    return SlideModel(predict, ["A", "B", "C", "D"], PALETTE, bg, mpp, tile, identity=f"test-{predict.__name__}")
+
+
+def opts(**kw):
+    base = dict(tissue="none", progress=False, output_tile=32, workers=2, batch_size=3)
+    base.update(kw)
+    return RunOptions(**base)
+
+
+# --------------------------------------------------------------------------------------
+# pieces
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("length,tile,overlap", [(1, 32, 0), (31, 32, 8), (32, 32, 8), (33, 32, 8), (100, 32, 0),
+                                                 (101, 32, 31), (517, 64, 12)])
+def test_tile_starts_cover_and_end_at_edge(length, tile, overlap):
+    s = tile_starts(length, tile, overlap)
+    assert s[0] == 0 and s == sorted(set(s))
+    covered = np.zeros(length, bool)
+    for a in s:
+        covered[a:a + tile] = True
+    assert covered.all()
+    if length >= tile:
+        assert s[-1] == length - tile
+        assert all(b - a <= tile - overlap for a, b in zip(s, s[1:]))
+
+
+def test_weight_window_positive_symmetric():
+    w = weight_window(32, 8)
+    assert w.shape == (32, 32) and w.min() > 0 and w.max() == 1.0
+    np.testing.assert_allclose(w, w[::-1, ::-1])
+    np.testing.assert_allclose(w, w.T)
+    # in an overlap the two ramps cross-fade: they sum to a constant
+    ramp = w[16]
+    np.testing.assert_allclose(ramp[24:] + ramp[:8], 1.0, atol=1e-6)
+    assert weight_window(32, 0).min() == 1.0
+
+
+def test_majority_vote_downsample_is_the_mode():
+    vals = list(itertools.product(range(3), repeat=4))
+    blocks = np.array(vals, np.uint8).reshape(-1, 2, 2)
+    img = np.concatenate(list(blocks), axis=1)  # [2, 2 * n]
+    got = downsample_majority(img)[0]
+    for (a, b, c, d), g in zip(vals, got):
+        counts = {v: (a, b, c, d).count(v) for v in (a, b, c, d)}
+        assert counts[g] == max(counts.values()), (a, b, c, d, g)
+        if counts[a] == max(counts.values()):
+            assert g == a  # ties keep the top-left class
+
+
+# --------------------------------------------------------------------------------------
+# exact reconstruction
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("h,w,tile,overlap,out_tile", [
+    (97, 131, 32, 8, 32),    # odd sizes, multiple tiles
+    (31, 29, 32, 8, 16),     # slide smaller than one tile
+    (150, 64, 48, 20, 32),   # big overlap, width = exact tiles
+    (77, 200, 32, 0, 48),    # no overlap
+    (120, 90, 40, 13, 64),   # odd overlap
+])
+def test_exact_reconstruction_one_hot(tmp_path, h, w, tile, overlap, out_tile):
+    img = colour_slide(h, w)
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [img])
+    res = run_slide(path, model(tile=tile), tmp_path / "out", opts(overlap=overlap, output_tile=out_tile,
+                                                                    write_probs=True))
+    assert res.status == "done"
+    labels = tifffile.imread(tmp_path / "out" / "labels.tiff", key=0)
+    np.testing.assert_array_equal(labels, (img[..., 0] // 64).clip(0, K - 1))
+    probs = tifffile.imread(tmp_path / "out" / "probs.tiff")
+    assert probs.shape == (K, h, w) and probs.dtype == np.float16
+    onehot = np.eye(K, dtype=np.float16)[labels].transpose(2, 0, 1)
+    np.testing.assert_allclose(probs, onehot, atol=1e-3)
+
+
+def test_exact_reconstruction_smooth_predictor(tmp_path):
+    """Blending is a weighted mean: a per-pixel predictor comes back unchanged at every pixel."""
+    img = colour_slide(70, 85, seed=3, block=1)
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [img])
+    run_slide(path, model(soft_colour, tile=32), tmp_path / "out", opts(overlap=11, write_probs=True))
+    want = soft_colour(torch.from_numpy(img.transpose(2, 0, 1))[None])[0].numpy()
+    probs = tifffile.imread(tmp_path / "out" / "probs.tiff").astype(np.float32)
+    np.testing.assert_allclose(probs, want, atol=1e-3)  # float16 storage
+    labels = tifffile.imread(tmp_path / "out" / "labels.tiff", key=0)
+    agree = labels == want.argmax(0)
+    margin = np.sort(want, 0)[-1] - np.sort(want, 0)[-2]
+    assert agree[margin > 1e-5].all()
+
+
+@pytest.mark.parametrize("target_mpp,level", [(1.0, 1), (2.0, 2)])
+def test_exact_reconstruction_on_pyramid_level(tmp_path, target_mpp, level):
+    l0 = colour_slide(256, 192, block=8)
+    levels = [l0, l0[::2, ::2].copy(), l0[::4, ::4].copy()]
+    path = tmp_path / "p.tif"
+    write_pyramid(path, levels, mpp=0.5)
+    run_slide(path, model(tile=32, mpp=target_mpp), tmp_path / "out", opts(overlap=6))
+    with tifffile.TiffFile(tmp_path / "out" / "labels.tiff") as t:
+        labels = t.pages[0].asarray()
+        res = t.pages[0].tags["XResolution"].value
+    np.testing.assert_array_equal(labels, (levels[level][..., 0] // 64).clip(0, K - 1))
+    assert 1e4 / (res[0] / res[1]) == pytest.approx(target_mpp)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["scale"]["level"] == level and run["scale"]["scale"] == 1.0
+
+
+def test_resampled_read_matches_pil(tmp_path):
+    from PIL import Image
+
+    img = np.repeat(np.repeat(colour_slide(40, 50, block=4), 3, 0), 3, 1)  # 120 x 150, blocks of 12 px
+    path = tmp_path / "r.tif"
+    write_pyramid(path, [img], mpp=0.5)
+    run_slide(path, model(tile=32, mpp=1.5), tmp_path / "out", opts(overlap=8, write_probs=True))
+    labels = tifffile.imread(tmp_path / "out" / "labels.tiff", key=0)
+    assert labels.shape == (40, 50)
+    small = np.asarray(Image.fromarray(img).resize((50, 40), Image.BILINEAR))
+    assert (labels == (small[..., 0] // 64).clip(0, K - 1)).mean() > 0.97
+
+
+# --------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------
+def test_outputs_open_in_openslide_and_agree(tmp_path):
+    import openslide
+    from shapely.geometry import shape
+
+    img = colour_slide(300, 260, block=20)
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [img])
+    res = run_slide(path, model(tile=64), tmp_path / "out", opts(overlap=16, min_polygon_um2=0.0))
+    out = tmp_path / "out"
+    for name in ("labels.tiff", "overlay.png", "tissue_qc.png", "areas.json", "areas.csv", "polygons.geojson",
+                 "run.json"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".*")), "temporary files left behind"
+    o = openslide.OpenSlide(str(out / "labels.tiff"))
+    assert o.level_dimensions[0] == (260, 300) and o.level_count >= 3
+    assert float(o.properties[openslide.PROPERTY_NAME_MPP_X]) == pytest.approx(0.5)
+    # palette image: OpenSlide shows the class colours
+    rgb = np.asarray(o.read_region((0, 0), 0, (260, 300)))[..., :3]
+    labels = tifffile.imread(out / "labels.tiff", key=0)
+    np.testing.assert_array_equal(rgb, np.asarray(PALETTE, np.uint8)[labels])
+    # majority-vote levels: level 1 equals the mode of 2x2 blocks of level 0
+    l1 = tifffile.imread(out / "labels.tiff", key=1)
+    np.testing.assert_array_equal(l1, downsample_majority(labels[:300, :260]))
+    # areas
+    areas = json.loads((out / "areas.json").read_text())
+    counts = np.bincount(labels.ravel(), minlength=K)
+    px_mm2 = (0.5e-3) ** 2
+    for row in areas["classes"]:
+        assert row["pixels"] == counts[row["index"]]
+        assert row["area_mm2"] == pytest.approx(counts[row["index"]] * px_mm2)
+    assert sum(r["percent_of_tissue"] for r in areas["classes"]) == pytest.approx(100.0)
+    assert (out / "areas.csv").read_text().splitlines()[0] == "index,class,pixels,area_mm2,percent_of_tissue"
+    # polygons: per-class area matches the pixel count (coarse: simplified outlines)
+    gj = json.loads((out / "polygons.geojson").read_text())
+    assert gj["type"] == "FeatureCollection"
+    for f in gj["features"]:
+        k = ["A", "B", "C", "D"].index(f["properties"]["classification"]["name"])
+        assert shape(f["geometry"]).area == pytest.approx(counts[k], rel=0.05)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["model"]["identity"] == "test-red_class"
+    assert run["tiles"]["run"] == len(tile_starts(300, 64, 16)) * len(tile_starts(260, 64, 16))
+    assert {"read (worker time)", "infer", "stitch", "pyramid", "total"} <= set(run["timings_s"])
+    assert res.areas == areas
+
+
+def test_tissue_mask_limits_tiles_and_labels(tmp_path):
+    from PIL import Image
+
+    img = colour_slide(128, 128, block=8)
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [img])
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:8, :8] = 1  # top-left quarter (64 x 64 px) is tissue
+    Image.fromarray(mask * 255).save(tmp_path / "mask.png")
+    run_slide(path, model(tile=32), tmp_path / "out", opts(overlap=0, tissue=str(tmp_path / "mask.png")))
+    labels = tifffile.imread(tmp_path / "out" / "labels.tiff", key=0)
+    want = np.full((128, 128), 4, np.uint8)
+    want[:64, :64] = (img[:64, :64, 0] // 64).clip(0, K - 1)
+    np.testing.assert_array_equal(labels, want)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["tiles"]["run"] == 4 and run["tiles"]["grid"] == 16
+    areas = json.loads((tmp_path / "out" / "areas.json").read_text())
+    assert areas["tissue_pixels"] == 64 * 64
+
+
+def test_stitcher_memory_is_one_overlap_row():
+    """Live accumulators in raster order: about one row of overlap strips, never the canvas."""
+    W, H, tile, ov = 2000, 1500, 64, 8
+    grid = TileGrid(W, H, tile, ov)
+    spool = TileSpool("/dev/null", 64, W, H, np.uint8, fill=4)
+    spool.put = lambda *a: None  # noqa: E731  (count only)
+    finalize = lambda x, y, p: p.argmax(0).astype(np.uint8)  # noqa: E731
+    st = Stitcher(W, H, tile, grid.xs, grid.ys, grid.tiles, weight_window(tile, ov), K, finalize, labels_out=None)
+    st.labels_out = OutputTiles(spool, st.covered_pixels_per_output_tile(64))
+    p = np.random.default_rng(0).random((K, tile, tile), dtype=np.float32)
+    for (x, y) in grid.tiles:
+        st.add(x, y, p)
+    assert st.pending == 0 and not st.acc
+    # the snapped last row overlaps its neighbour by more than ``ov``
+    max_ov = max(a + tile - b for a, b in zip(grid.ys, grid.ys[1:]))
+    strip_row = W * max_ov * (K + 1) * 4
+    assert st.peak_piece_bytes <= 2 * strip_row + (K + 1) * 4 * tile * tile
+    assert st.peak_piece_bytes < 0.05 * W * H * (K + 1) * 4
+    assert st.labels_out.peak_buffers <= 2 * (W // 64 + 2)
+
+
+# --------------------------------------------------------------------------------------
+# failures, many slides, resume
+# --------------------------------------------------------------------------------------
+def test_model_with_wrong_output_shape(tmp_path):
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(40, 40)])
+    bad = model(lambda x: torch.zeros(x.shape[0], K, 16, 16), tile=32)
+    with pytest.raises(BundleError, match=r"expected \[\d+, K, 32, 32\]"):
+        run_slide(path, bad, tmp_path / "out", opts())
+    assert not (tmp_path / "out" / "labels.tiff").exists()
+    assert not list((tmp_path / "out").glob(".*"))
+
+
+def test_many_slides_bad_one_skipped(tmp_path):
+    good = tmp_path / "a.tif"
+    write_pyramid(good, [colour_slide(40, 50)])
+    bad = tmp_path / "b.tif"
+    bad.write_bytes(b"II*\x00garbage")
+    res = run_slides([bad, good], model(), [tmp_path / "o" / "b", tmp_path / "o" / "a"], opts(), log=lambda s: None)
+    assert [r.status for r in res] == ["failed", "done"]
+    assert "b.tif" in res[0].message
+    assert (tmp_path / "o" / "a" / "run.json").is_file()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_kill_gives_identical_outputs(tmp_path):
+    img = colour_slide(150, 140, block=9)
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [img])
+    o = opts(overlap=8, resume=True)
+    # 1. uninterrupted reference run
+    run_slide(path, model(tile=32), tmp_path / "ref", o)
+    # 2. a run killed part way (predictor dies on the 4th batch)
+    calls = {"n": 0}
+
+    def dying(x):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Interrupt("killed")
+        return red_class(x)
+
+    dying.__name__ = "red_class"
+    with pytest.raises(Interrupt):
+        run_slide(path, model(dying, tile=32), tmp_path / "out", o)
+    assert not (tmp_path / "out" / "run.json").exists()
+    assert not (tmp_path / "out" / "labels.tiff").exists()
+    assert not list((tmp_path / "out").glob(".*")), "temporary files left behind"
+    # 3. resume: runs (nothing complete), then a second resume skips
+    r = run_slide(path, model(tile=32), tmp_path / "out", o)
+    assert r.status == "done"
+    for name in ("labels.tiff", "areas.json", "areas.csv", "polygons.geojson", "overlay.png", "tissue_qc.png"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    assert run_slide(path, model(tile=32), tmp_path / "out", o).status == "skipped"
+    # other options or another model: not skipped
+    assert run_slide(path, model(tile=32), tmp_path / "out", opts(overlap=4, resume=True)).status == "done"
+    assert run_slide(path, model(soft_colour, tile=32), tmp_path / "out", opts(overlap=4, resume=True)).status == "done"
+    # a deleted output means not complete
+    (tmp_path / "out" / "areas.csv").unlink()
+    assert run_slide(path, model(soft_colour, tile=32), tmp_path / "out", opts(overlap=4, resume=True)).status == "done"
+
+
+def test_workers_zero_and_many_agree(tmp_path):
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(100, 90)])
+    run_slide(path, model(soft_colour), tmp_path / "a", opts(workers=0, batch_size=1, overlap=8))
+    run_slide(path, model(soft_colour), tmp_path / "b", opts(workers=3, batch_size=7, overlap=8))
+    assert (tmp_path / "a" / "labels.tiff").read_bytes() == (tmp_path / "b" / "labels.tiff").read_bytes()
+
+
+# --------------------------------------------------------------------------------------
+# the real slide
+# --------------------------------------------------------------------------------------
+@pytest.mark.skipif(not REAL_SLIDE.is_file(), reason=f"real test slide absent: {REAL_SLIDE}")
+def test_real_slide_end_to_end(tmp_path):
+    import openslide
+
+    def brightness_class(x):  # a trivial "model": class by darkness
+        g = x.float().mean(1)
+        c = torch.bucketize(g, torch.tensor([90.0, 150.0, 200.0]))
+        return torch.nn.functional.one_hot(c, K).permute(0, 3, 1, 2).float()
+
+    res = run_slide(REAL_SLIDE, model(brightness_class, tile=256), tmp_path / "out",
+                    RunOptions(overlap=32, progress=False, workers=2, batch_size=4))
+    out = tmp_path / "out"
+    run = json.loads((out / "run.json").read_text())
+    assert run["slide"]["reader"] == "openslide" and run["scale"]["mpp"] == pytest.approx(0.499)
+    assert 0 < run["tiles"]["run"] < run["tiles"]["grid"]  # glass tiles skipped
+    o = openslide.OpenSlide(str(out / "labels.tiff"))
+    assert o.dimensions == (2220, 2967)
+    labels = tifffile.imread(out / "labels.tiff", key=0)
+    assert (labels[:100, :100] == 4).all()  # glass corner: background
+    assert 0.2 < (labels != 4).mean() < 0.7
+    gj = json.loads((out / "polygons.geojson").read_text())
+    xs = [pt[0] for f in gj["features"] for poly in (f["geometry"]["coordinates"] if f["geometry"]["type"] == "MultiPolygon"
+                                                     else [f["geometry"]["coordinates"]]) for pt in poly[0]]
+    assert gj["features"] and 0 <= min(xs) and max(xs) <= 2220
+    assert res.timings["total"] > 0
