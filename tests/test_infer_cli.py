@@ -1,0 +1,202 @@
+"""wsss-infer: arguments, bundle lookup, errors before work, many slides, exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from torch import Tensor
+
+from wsss.cli.infer import HOW_TO_GET_A_BUNDLE, demo_bundle_path, main
+
+K = 4
+
+
+class RedClassModule(torch.nn.Module):
+    """Trivial bundle module: class = red // 64, one-hot scores, every class present."""
+
+    def forward(self, tiles: Tensor, with_scores: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        c = torch.clamp(tiles[:, 0].to(torch.int64) // 64, 0, 3)
+        scores = torch.nn.functional.one_hot(c, 4).permute(0, 3, 1, 2).to(torch.float32)
+        class_prob = torch.ones(tiles.shape[0], 4)
+        labels = c.to(torch.uint8)
+        if not with_scores:
+            scores = torch.empty(0)
+        return labels, scores, class_prob
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from wsss.bundle import save_bundle
+
+    path = tmp_path_factory.mktemp("b") / "red.pt"
+    save_bundle(str(path), torch.jit.script(RedClassModule()), {
+        "class_names": ["A", "B", "C", "D"],
+        "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 255, 255]],
+        "background_index": 4, "tile_size": 32, "mpp": 0.5})
+    return path
+
+
+def slide(path: Path, h=70, w=90, seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(img, tile=(32, 32), photometric="rgb", compression="zlib", resolution=(2e4, 2e4),
+                  resolutionunit="CENTIMETER")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("WSSS_BUNDLE", raising=False)
+    monkeypatch.setenv("WSSS_CONFIG", str(tmp_path / "no-config.json"))
+
+
+def test_help_is_fast_and_lists_options():
+    r = subprocess.run([sys.executable, "-c", "import sys, wsss.cli.infer as m; sys.exit(m.main(['--help']))"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    for opt in ("--model", "--device", "--batch-size", "--workers", "--precision", "--mpp", "--reader",
+                "--tile-size", "--overlap", "--resume", "--demo"):
+        assert opt in r.stdout
+
+
+def test_run_one_slide(tmp_path, bundle, capsys):
+    s = slide(tmp_path / "a.tif")
+    rc = main([str(s), "--model", str(bundle), "-o", str(tmp_path / "out"), "--no-tissue-detection",
+               "--overlap", "8", "--probs"])
+    assert rc == 0
+    out = tmp_path / "out" / "a"
+    labels = tifffile.imread(out / "labels.tiff", key=0)
+    img = tifffile.imread(s)
+    np.testing.assert_array_equal(labels, (img[..., 0] // 64).clip(0, 3))
+    assert (out / "probs.tiff").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"]["sha256"] and run["model"]["precision"] in ("float32", "bfloat16")
+    assert "1 done" in capsys.readouterr().err
+    # --resume skips it
+    rc = main([str(s), "--model", str(bundle), "-o", str(tmp_path / "out"), "--no-tissue-detection",
+               "--overlap", "8", "--probs", "--resume"])
+    assert rc == 0 and "1 skipped" in capsys.readouterr().err
+
+
+def test_bundle_from_env_and_config(tmp_path, bundle, monkeypatch):
+    s = slide(tmp_path / "a.tif")
+    monkeypatch.setenv("WSSS_BUNDLE", str(bundle))
+    assert main([str(s), "--no-tissue-detection"]) == 0
+    assert (tmp_path / "a.wsss" / "labels.tiff").is_file()  # default: next to the slide
+    monkeypatch.delenv("WSSS_BUNDLE")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"bundle": str(bundle)}))
+    monkeypatch.setenv("WSSS_CONFIG", str(cfg))
+    assert main([str(s), "-o", str(tmp_path / "o2"), "--no-tissue-detection"]) == 0
+
+
+def test_no_bundle_says_how_to_get_one(tmp_path, capsys):
+    s = slide(tmp_path / "a.tif")
+    assert main([str(s)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--demo" in err and "wsss-export" in err and "WSSS_BUNDLE" in err
+    assert not (tmp_path / "a.wsss").exists()
+
+
+def test_bad_bundle(tmp_path, capsys):
+    s = slide(tmp_path / "a.tif")
+    fake = tmp_path / "fake.pt"
+    fake.write_text("not a bundle")
+    assert main([str(s), "--model", str(fake), "-o", str(tmp_path / "o")]) == 2
+    assert "bundle" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "a").exists()
+
+
+def test_missing_and_bad_slides_reported_others_finish(tmp_path, bundle, capsys):
+    good = slide(tmp_path / "good.tif")
+    notslide = tmp_path / "bad.svs"
+    notslide.write_text("text")
+    rc = main([str(tmp_path / "missing.svs"), str(notslide), str(good), "--model", str(bundle),
+               "-o", str(tmp_path / "o"), "--no-tissue-detection"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "missing.svs: no such file" in err and "bad.svs" in err and "1 done" in err and "2 failed" in err
+    assert (tmp_path / "o" / "good" / "run.json").is_file()
+    assert not (tmp_path / "o" / "bad").exists()
+
+
+def test_all_slides_bad_exit_2(tmp_path, bundle, capsys):
+    assert main([str(tmp_path / "missing.svs"), "--model", str(bundle), "-o", str(tmp_path / "o")]) == 2
+    assert "nothing was run" in capsys.readouterr().err
+
+
+def test_slide_without_mpp_needs_flag(tmp_path, bundle, capsys):
+    p = tmp_path / "nompp.tif"
+    tifffile.imwrite(p, np.zeros((40, 40, 3), np.uint8), tile=(32, 32), photometric="rgb")
+    assert main([str(p), "--model", str(bundle), "-o", str(tmp_path / "o")]) == 2
+    assert "--mpp" in capsys.readouterr().err
+    assert main([str(p), "--model", str(bundle), "-o", str(tmp_path / "o"), "--mpp", "0.5",
+                 "--no-tissue-detection"]) == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output(tmp_path, bundle, capsys):
+    s = slide(tmp_path / "a.tif")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    assert main([str(s), "--model", str(bundle), "-o", str(ro / "x")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
+def test_output_is_a_file(tmp_path, bundle, capsys):
+    s = slide(tmp_path / "a.tif")
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main([str(s), "--model", str(bundle), "-o", str(f)]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--overlap", "40"], "--overlap (40) must be smaller than the tile size (32)"),
+    (["--precision", "int8"], "--precision must be one of"),
+    (["--mpp", "-2"], "--mpp must be a positive"),
+    (["--tissue-mask", "/nonexistent.png"], "--tissue-mask /nonexistent.png: no such file"),
+])
+def test_bad_options_rejected_before_work(tmp_path, bundle, capsys, args, match):
+    s = slide(tmp_path / "a.tif")
+    assert main([str(s), "--model", str(bundle), "-o", str(tmp_path / "o")] + args) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "o" / "a").exists()
+
+
+def test_same_stem_twice_rejected(tmp_path, bundle, capsys):
+    (tmp_path / "x").mkdir()
+    a = slide(tmp_path / "a.tif")
+    b = slide(tmp_path / "x" / "a.tif")
+    assert main([str(a), str(b), "--model", str(bundle), "-o", str(tmp_path / "o")]) == 2
+    assert "same folder" in capsys.readouterr().err
+
+
+def test_demo_without_bundle_says_so(tmp_path, capsys):
+    if demo_bundle_path().is_file():
+        pytest.skip("demo bundle is installed; the demo itself is exercised in test_demo_runs")
+    assert main(["--demo", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "demo bundle" in err and "never substitutes a fake model" in err
+
+
+@pytest.mark.slow
+def test_demo_runs(tmp_path, capsys, monkeypatch):
+    if not demo_bundle_path().is_file():
+        pytest.skip(f"demo bundle not built yet ({demo_bundle_path()}; tools/make_demo_bundle.py)")
+    monkeypatch.setenv("WSSS_DEMO_SIZE", "1024")
+    assert main(["--demo", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "pixel accuracy" in out
+    assert (tmp_path / "d" / "synthetic_slide" / "labels.tiff").is_file()
