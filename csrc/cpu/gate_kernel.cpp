@@ -43,12 +43,66 @@ std::vector<uint8_t> gate_table(const at::Tensor& class_prob, double eps) {
   return allowed;
 }
 
+// Up to kMaxUnrolled allowed classes: per pixel, a running max over the allowed class planes
+// held in registers (the class loop is unrolled at compile time, so the pixel loop
+// vectorises: one load per class and pixel, one byte store per pixel).
+constexpr int kMaxUnrolled = 8;
+
+template <int KA, typename scalar_t>
+inline void gate_pixels_unrolled(const scalar_t* const* planes, const int32_t* classes, int64_t len,
+                                 const uint8_t* __restrict mask, uint8_t background, uint8_t* __restrict out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict p[KA];
+  int32_t cls[KA];
+  for (int j = 0; j < KA; ++j) {
+    p[j] = planes[j];
+    cls[j] = classes[j];
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    acc_t best = static_cast<acc_t>(p[0][i]);
+    int32_t best_k = cls[0];
+#pragma GCC unroll 8
+    for (int j = 1; j < KA; ++j) {
+      const acc_t v = static_cast<acc_t>(p[j][i]);
+      const bool better = v > best;  // strict: ties keep the lower index
+      best = better ? v : best;
+      best_k = better ? cls[j] : best_k;
+    }
+    const uint8_t label = static_cast<uint8_t>(best_k);
+    out[i] = (mask == nullptr || mask[i]) ? label : background;
+  }
+}
+
 // One block of len <= kBlock pixels of one sample: s points at scores[n, 0, p0], classes
-// kStride = P apart; allow [K]; mask [len] or null; out [len].
+// P apart; allow [K]; mask [len] or null; out [len].
 template <typename scalar_t>
 inline void gate_block_impl(const scalar_t* __restrict s, int64_t K, int64_t P, int64_t len, const uint8_t* allow,
                             const uint8_t* __restrict mask, uint8_t background, uint8_t* __restrict out) {
   using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* planes[kMaxUnrolled];
+  int32_t classes[kMaxUnrolled];
+  int ka = 0;
+  for (int32_t k = 0; k < K && ka <= kMaxUnrolled; ++k) {
+    if (!allow[k]) continue;
+    if (ka < kMaxUnrolled) {
+      planes[ka] = s + k * P;
+      classes[ka] = k;
+    }
+    ++ka;
+  }
+  switch (ka) {
+    case 1: return gate_pixels_unrolled<1>(planes, classes, len, mask, background, out);
+    case 2: return gate_pixels_unrolled<2>(planes, classes, len, mask, background, out);
+    case 3: return gate_pixels_unrolled<3>(planes, classes, len, mask, background, out);
+    case 4: return gate_pixels_unrolled<4>(planes, classes, len, mask, background, out);
+    case 5: return gate_pixels_unrolled<5>(planes, classes, len, mask, background, out);
+    case 6: return gate_pixels_unrolled<6>(planes, classes, len, mask, background, out);
+    case 7: return gate_pixels_unrolled<7>(planes, classes, len, mask, background, out);
+    case 8: return gate_pixels_unrolled<8>(planes, classes, len, mask, background, out);
+    default: break;
+  }
+  // Many allowed classes: running max and index per pixel in L1-resident block arrays.
   alignas(64) acc_t best[kBlock];
   alignas(64) int32_t best_k[kBlock];
   int32_t first = 0;
