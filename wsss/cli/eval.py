@@ -55,6 +55,11 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from wsss.train.common import resolve_device
     from wsss.train.segmenter import evaluate_segmenter
 
+    from wsss.errors import WsssError
+
+    for flag, path in (("--segmenter", args.segmenter), ("--classifier", args.classifier)):
+        if path and not os.path.isfile(path):
+            raise WsssError(f"{flag} {path}: no such file")
     device = resolve_device(args.device)
     description = get_description(args.dataset, args.data)
     dataset = MaskedPatches(args.data, description, args.split)

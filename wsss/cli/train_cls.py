@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", default="auto", choices=("auto", "reference", "none"),
                    help="reference: conv1a..b2_2 and all BN frozen; auto: reference only with --init [auto]")
     p.add_argument("--max-steps-per-epoch", type=int, help="cap on batches per epoch (quick runs)")
+    p.add_argument("--stop-after-epochs", type=int,
+                   help="end this run after N more epochs (resume later with the same command)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/classifier_last.pt exists")
     add_common(p)
     return p
@@ -40,7 +42,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                            weight_decay=args.weight_decay, mu_schedule=args.mu_schedule, mu=args.mu,
                            width=args.width, freeze=args.freeze, init=args.init, seed=args.seed, device=args.device,
                            precision=args.precision, workers=args.workers,
-                           max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.quiet)
+                           max_steps_per_epoch=args.max_steps_per_epoch,
+                           stop_after_epochs=args.stop_after_epochs, progress=not args.quiet)
     result = train_classifier(cfg, resume=not args.no_resume)
     last = result["history"][-1] if result["history"] else {}
     print(f"wsss-train-cls: wrote {result['checkpoint']} (final loss {last.get('loss', float('nan')):.4f})")

@@ -57,6 +57,7 @@ class ClassifierConfig:
     precision: str = "fp32"
     workers: int = 0
     max_steps_per_epoch: Optional[int] = None  # for quick runs
+    stop_after_epochs: Optional[int] = None  # end this invocation early (resume later); schedule unchanged
     progress: bool = True
 
     def validate(self) -> None:
@@ -166,7 +167,8 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
 
     from tqdm import tqdm
 
-    for epoch in range(start_epoch, cfg.epochs):
+    end_epoch = cfg.epochs if not cfg.stop_after_epochs else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
         mu = mu_for_epoch(cfg.mu_schedule, epoch, cfg.mu)
         model.train()
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
@@ -202,10 +204,12 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
         history.append({"epoch": epoch, "loss": total / max(count, 1), "mu": mu, "seconds": time.time() - t0})
         save_atomic({"model": model.state_dict(), "config": config, "epoch": epoch, "optimizer": optimizer.state_dict(),
                      "kind": "classifier", "step": step, "history": history}, last_path)
+    if end_epoch < cfg.epochs:
+        return {"checkpoint": last_path, "history": history, "config": config, "finished": False}
     model.eval()
     save_atomic({"model": model.state_dict(), "config": config, "epoch": cfg.epochs - 1, "optimizer": None,
                  "kind": "classifier", "step": step, "history": history}, final_path)
-    return {"checkpoint": final_path, "history": history, "config": config}
+    return {"checkpoint": final_path, "history": history, "config": config, "finished": True}
 
 
 def _log(cfg, message: str) -> None:

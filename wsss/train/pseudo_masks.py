@@ -89,25 +89,41 @@ def gradcam_maps(model, x: torch.Tensor, layers: Sequence[str] = LAYERS, batched
 
 
 def gradcam_maps_reference_loop(model, x: torch.Tensor, layers: Sequence[str] = LAYERS) -> Dict[str, torch.Tensor]:
-    """The reference code's way, faithfully re-created: one patch, one layer, one class at a time,
-    a fresh forward per (patch, layer) and a backward per class, Grad-CAM by hand.  For the
-    benchmark and as an oracle; returns the same maps as gradcam_maps."""
+    """The reference code's way, faithfully re-created (for the benchmark and as an oracle).
+
+    One patch, one layer, one class at a time: a fresh forward per (patch, layer), a hook that
+    keeps the target layer's gradient, and per class ``model.zero_grad(); logits.backward(
+    one_hot, retain_graph=True)``, so parameter gradients are computed too, as in the
+    reference; Grad-CAM by hand.  Returns the same maps as gradcam_maps.
+    """
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(True)
     out = {l: [] for l in layers}
-    for n in range(x.shape[0]):
-        xi = x[n:n + 1]
-        for layer in layers:
-            per_class = []
-            k = None
-            with torch.enable_grad():
-                maps = model.feature_maps(xi)
-                logits = maps["logits"]
-                k = logits.shape[1]
-                feat = maps[layer]
-                for c in range(k):
-                    g = torch.autograd.grad(logits[0, c], feat, retain_graph=True)[0]  # [1,C,h,w]
-                    alpha = g.mean(dim=(2, 3), keepdim=True)
-                    per_class.append((alpha * feat).sum(dim=1).detach())  # [1,h,w]
-            out[layer].append(torch.stack(per_class, dim=1))
+    try:
+        for n in range(x.shape[0]):
+            xi = x[n:n + 1].detach()
+            for layer in layers:
+                per_class = []
+                with torch.enable_grad():
+                    maps = model.feature_maps(xi)
+                    feat = maps[layer]
+                    saved = {}
+                    feat.register_hook(lambda g: saved.__setitem__("grad", g))
+                    logits = maps["logits"]
+                    k = logits.shape[1]
+                    for c in range(k):
+                        model.zero_grad()
+                        one_hot = torch.zeros_like(logits)
+                        one_hot[0, c] = 1.0
+                        logits.backward(gradient=one_hot, retain_graph=True)
+                        alpha = saved["grad"].mean(dim=(2, 3), keepdim=True)
+                        per_class.append((alpha * feat).sum(dim=1).detach())  # [1,h,w]
+                out[layer].append(torch.stack(per_class, dim=1))
+    finally:
+        model.zero_grad()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
     return {l: torch.cat(v) for l, v in out.items()}
 
 
