@@ -186,7 +186,7 @@ class TiffSlideReader(SlideReader):
     """
 
     kind = "tifffile"
-    cache_bytes = 48 << 20
+    cache_bytes = 16 << 20  # per handle; NB: each reader thread has its own
 
     def __init__(self, path: Path, mpp_override: Optional[float] = None) -> None:
         super().__init__(path, mpp_override)
