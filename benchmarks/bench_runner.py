@@ -4,7 +4,7 @@
   the whole runner (read, blend, stitch, write every output).  extra_info has Mpx/s of both
   and the overhead; the target is end-to-end tile stage <= 1.10 x model-only.
 - test_peak_memory_flat: peak RSS of a subprocess running a small and a big synthetic slide
-  with a cheap predictor (WSSS_BENCH_BIG sets the big edge, default 6144; use 60000 for the
+  with a cheap predictor (WSSS_BENCH_BIG sets the big edge, default 3072; use 60000 for the
   issue's 60k x 60k case).  Target: flat.
 - test_monai_sliding_window: the same model through MONAI's sliding_window_inference on the
   same (in-memory) region, only if MONAI is installed.
@@ -154,7 +154,7 @@ def _peak(tmp_path: Path, size: int) -> dict:
 
 
 def test_peak_memory_flat(benchmark, tmp_path):
-    big = int(os.environ.get("WSSS_BENCH_BIG", "6144"))
+    big = int(os.environ.get("WSSS_BENCH_BIG", "3072"))
     small_size = 1024
     result = {}
 
