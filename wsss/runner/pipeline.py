@@ -343,24 +343,28 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
             with timer("write_other"):
                 areas = writers.class_areas(class_pixels, mpp=plan.mpp, class_names=names[:K], background_index=bg)
                 writers.write_areas(out_dir / "areas.json", out_dir / "areas.csv", areas)
-                # pictures and polygons from the smallest pyramid level that is still detailed enough
-                over = next((s for s in levels if max(s.width, s.height) <= 2048), levels[-1])
-                over_labels = over.read_all()
-                thumb = view.read_downsampled(plan.width / over.width)
-                writers.write_overlay(out_dir / "overlay.png", thumb, over_labels, model.palette, bg)
-                if qc_thumb is None:
-                    qc_thumb = thumb
-                tiles_mask = _tiles_footprint(grid, tile, plan, qc_thumb.shape[:2])
-                writers.write_tissue_qc(out_dir / "tissue_qc.png", qc_thumb, _mask_at(tissue, plan, qc_thumb.shape[:2]),
-                                        tiles_mask)
-                # NB: polygons come from the overlay level (<= 2048 px a side) so their size stays
-                # bounded on any slide; objects under options.min_polygon_um2 are dropped.
-                poly_mpp = plan.mpp * plan.width / over.width
-                scale = (plan.width / over.width) * plan.mpp / reader.mpp  # -> level-0 px of the input slide
-                n_features = writers.write_geojson(
-                    out_dir / "polygons.geojson", over_labels, scale=scale, class_names=names[:K],
-                    palette=model.palette, background_index=bg,
-                    min_area_px=max(4, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
+                # NB: pictures and polygons come from low-resolution levels of the label pyramid
+                # (majority vote), so their cost is bounded on any slide (see writers.*_level).
+                with timer("write_overlay"):
+                    over = levels[writers.overview_level(levels)]
+                    over_labels = over.read_all()
+                    thumb = view.read_downsampled(plan.width / over.width)
+                    writers.write_overlay(out_dir / "overlay.png", thumb, over_labels, model.palette, bg)
+                with timer("write_qc"):
+                    if qc_thumb is None:
+                        qc_thumb = thumb
+                    tiles_mask = _tiles_footprint(grid, tile, plan, qc_thumb.shape[:2])
+                    writers.write_tissue_qc(out_dir / "tissue_qc.png", qc_thumb,
+                                            _mask_at(tissue, plan, qc_thumb.shape[:2]), tiles_mask)
+                with timer("write_geojson"):
+                    poly = levels[writers.polygon_level(levels, plan.mpp)]
+                    poly_labels = over_labels if poly is over else poly.read_all()
+                    poly_mpp = plan.mpp * plan.width / poly.width
+                    scale = (plan.width / poly.width) * plan.mpp / reader.mpp  # -> level-0 px of the input slide
+                    n_features = writers.write_geojson(
+                        out_dir / "polygons.geojson", poly_labels, scale=scale, class_names=names[:K],
+                        palette=model.palette, background_index=bg,
+                        min_area_px=max(1, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
         finally:
             for s in spools:
                 s.close()
