@@ -10,7 +10,8 @@ Batching (the reference runs one patch, one layer, one class backward at a time)
 - one forward pass per batch gives all three layers;
 - BN is in eval mode and samples are independent, so d(sum_n z_nk)/dF_n = dz_nk/dF_n: ONE
   backward per class serves the whole batch and both b4_5 and b5_2 (or a single vmapped
-  backward over the K classes, ``autograd.grad(..., is_grads_batched=True)``);
+  backward over the K classes, ``autograd.grad(..., is_grads_batched=True)``, which measured
+  slower on CPU);
 - at bn7 no backward is needed: z_k = sum_c w_kc mean_hw F_c, so dz_k/dF_c = w_kc / (h w) and
   L_k = CAM_k / (h w), one matmul.
 Grad-CAM maps of b4_5 and b5_2 come from the fused op wsss.ops.gradcam.
@@ -49,13 +50,15 @@ class PseudoMaskConfig:
     progress: bool = True
 
 
-def gradcam_maps(model, x: torch.Tensor, layers: Sequence[str] = LAYERS, batched_backward: bool = True
+def gradcam_maps(model, x: torch.Tensor, layers: Sequence[str] = LAYERS, batched_backward: bool = False
                  ) -> Dict[str, torch.Tensor]:
     """Grad-CAM maps {layer: [N,K,h_l,w_l]} (no ReLU, not resized) of scaled input x [N,3,H,W].
 
     ``model`` must be a ResNet38Classifier in eval mode.  One forward; backward passes only for
-    b4_5/b5_2 (one vmapped backward over the K classes, or one per class when
-    ``batched_backward`` is False); none for bn7.
+    b4_5/b5_2: one per class for the whole batch and both layers (default), or one vmapped
+    backward over the K classes when ``batched_backward`` is True; none for bn7.
+    NB: measured on CPU (benchmarks/bench_pseudo_masks.py) the vmapped backward is ~1.5x
+    slower than K plain batched backward passes, hence the default.
     """
     from wsss import ops
     from wsss.reference import class_activation_maps
