@@ -483,6 +483,9 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     def read(pos):
         v = getattr(local, "view", None)
         if v is None:
+            # NB: OpenMP's thread count is per calling thread: helper threads that touch torch
+            # get one, so they never spawn a second team competing with the model's threads.
+            torch.set_num_threads(1)
             v = local.view = view.reopen()
             with views_lock:
                 views.append(v)
@@ -496,6 +499,7 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     holder: dict = {}
 
     def stitch_worker():
+        torch.set_num_threads(1)  # gate_argmax on small pieces: no OpenMP team beside the model's
         try:
             while True:
                 item = stitch_q.get()
@@ -532,14 +536,17 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
                 pending.append((pos, pool.submit(read, pos) if pool else None))
 
         submit_more()
-        batch = np.empty((options.batch_size, 3, tile, tile), np.uint8)
+        # NB: tiles are stacked as read (NHWC) and handed to the model as an NCHW view with
+        # channels_last strides: no transpose copy, and the bundle predictor's
+        # .contiguous(channels_last) is then free.
+        batch = np.empty((options.batch_size, tile, tile, 3), np.uint8)
         while pending:
             positions = []
             t0 = time.perf_counter()
             while pending and len(positions) < options.batch_size:
                 pos, fut = pending.popleft()
                 arr = fut.result() if fut is not None else read(pos)
-                batch[len(positions)] = arr.transpose(2, 0, 1)
+                batch[len(positions)] = arr
                 positions.append(pos)
                 submit_more()
             timer.add("read (waiting)", time.perf_counter() - t0)
@@ -547,15 +554,18 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
                 raise errors[0]
             n = len(positions)
             with timer("infer"):
-                x = torch.from_numpy(batch[:n])
+                x = torch.from_numpy(batch[:n]).permute(0, 3, 1, 2)
                 probs = model.predict(x)
-                probs = probs.detach().to("cpu", torch.float32).numpy() if isinstance(probs, torch.Tensor) \
-                    else np.asarray(probs, np.float32)
+                if isinstance(probs, torch.Tensor):
+                    # NB: a view of the model's fresh output tensor (kept alive by the array), no copy
+                    probs = probs.detach().to("cpu", torch.float32).contiguous().numpy()
+                else:  # a callable may hand back a buffer it reuses: own a copy
+                    probs = np.array(probs, np.float32, copy=True)
             if probs.ndim != 4 or probs.shape[0] != n or probs.shape[2:] != (tile, tile):
                 raise BundleError(f"model returned probabilities of shape {tuple(probs.shape)} for tiles "
                                   f"[{n}, 3, {tile}, {tile}]; expected [{n}, K, {tile}, {tile}]")
             t0 = time.perf_counter()
-            stitch_q.put((positions, probs.copy() if probs.base is not None else probs))
+            stitch_q.put((positions, probs))
             timer.add("stitch (waiting)", time.perf_counter() - t0)
             progress.update(n)
     finally:

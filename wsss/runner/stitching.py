@@ -189,7 +189,12 @@ class Stitcher:
         return expected
 
     def add(self, x: int, y: int, probs: np.ndarray) -> None:
-        """probs: float32 [K, t, t] (gated) probabilities of the tile at (x, y)."""
+        """probs: float32 [K, t, t] (gated) probabilities of the tile at (x, y).
+
+        NB: pieces covered by this tile alone (the tile's centre) are finalised straight from
+        ``probs`` (their blend is the tile itself); only overlap strips are weighted into
+        accumulators, with in-place multiply-adds (no per-piece temporaries).
+        """
         K = self.num_classes
         (jy0, jy1), (jx0, jx1) = self._piece_range(y, self.by, self.height), self._piece_range(x, self.bx, self.width)
         for jy in range(jy0, jy1):
@@ -197,29 +202,39 @@ class Stitcher:
             for jx in range(jx0, jx1):
                 px0, px1 = self.bx[jx], self.bx[jx + 1]
                 sub_p = probs[:, py0 - y:py1 - y, px0 - x:px1 - x]
-                sub_w = self.window[py0 - y:py1 - y, px0 - x:px1 - x]
                 key = (jy, jx)
                 acc = self.acc.get(key)
                 if self.count[jy, jx] == 1 and acc is None:
-                    # single-tile piece: no accumulator needed
-                    self._finish(px0, py0, sub_p * sub_w, sub_w.copy())
+                    self._emit(px0, py0, sub_p)  # single-tile piece: no accumulator needed
                     self.count[jy, jx] = 0
                     continue
+                sub_w = self.window[py0 - y:py1 - y, px0 - x:px1 - x]
                 if acc is None:
                     acc = self.acc[key] = np.zeros((K + 1, py1 - py0, px1 - px0), np.float32)
                     self._live_bytes += acc.nbytes
                     self.peak_pieces = max(self.peak_pieces, len(self.acc))
                     self.peak_piece_bytes = max(self.peak_piece_bytes, self._live_bytes)
-                acc[:K] += sub_p * sub_w
+                scratch = self._scratch(acc[:K].shape)
+                np.multiply(sub_p, sub_w, out=scratch)
+                acc[:K] += scratch
                 acc[K] += sub_w
                 self.count[jy, jx] -= 1
                 if self.count[jy, jx] == 0:
                     del self.acc[key]
                     self._live_bytes -= acc.nbytes
-                    self._finish(px0, py0, acc[:K], acc[K])
+                    weighted = acc[:K]
+                    weighted /= acc[K][None]
+                    self._emit(px0, py0, weighted)
 
-    def _finish(self, x: int, y: int, weighted: np.ndarray, weight: np.ndarray) -> None:
-        probs = weighted / weight[None]
+    def _scratch(self, shape) -> np.ndarray:
+        n = int(np.prod(shape))
+        buf = getattr(self, "_scratch_buf", None)
+        if buf is None or buf.size < n:
+            buf = self._scratch_buf = np.empty(max(n, 1), np.float32)
+        return buf[:n].reshape(shape)
+
+    def _emit(self, x: int, y: int, probs: np.ndarray) -> None:
+        """probs: float32 [K, h, w] blended probabilities of the piece at (x, y)."""
         labels = self.finalize(x, y, probs)
         self.class_pixels += np.bincount(labels.ravel(), minlength=256)
         self.labels_out.paste(x, y, labels)
