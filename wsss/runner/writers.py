@@ -134,7 +134,7 @@ def write_label_tiff(path: Path, levels: List[TileSpool], *, mpp: float, palette
                 level_mpp = mpp * (levels[0].width / spool.width)
                 res = 1e4 / level_mpp  # pixels per centimetre
                 tif.write(
-                    spool.iter_tiles(), shape=(spool.height, spool.width), dtype=np.uint8,
+                    spool.iter_compressed(), shape=(spool.height, spool.width), dtype=np.uint8,
                     tile=(T, T), photometric="palette", colormap=cmap, compression="zlib",
                     resolution=(res, res), resolutionunit="CENTIMETER",
                     subfiletype=0 if i == 0 else 1, description=description if i == 0 else None,
