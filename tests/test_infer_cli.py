@@ -183,20 +183,40 @@ def test_same_stem_twice_rejected(tmp_path, bundle, capsys):
     assert "same folder" in capsys.readouterr().err
 
 
-def test_demo_without_bundle_says_so(tmp_path, capsys):
-    if demo_bundle_path().is_file():
-        pytest.skip("demo bundle is installed; the demo itself is exercised in test_demo_runs")
+SOURCE_DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "wsss" / "assets" / "demo_bundle.pt"
+
+
+def test_demo_without_bundle_says_so(tmp_path, capsys, monkeypatch):
+    import wsss.cli.infer as infer
+
+    monkeypatch.setattr(infer, "demo_bundle_path", lambda: tmp_path / "assets" / "demo_bundle.pt")
     assert main(["--demo", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "demo bundle" in err and "never substitutes a fake model" in err
+    assert not (tmp_path / "d" / "synthetic_slide").exists()
 
 
 @pytest.mark.slow
 def test_demo_runs(tmp_path, capsys, monkeypatch):
+    """The README's first command: shipped demo bundle on a generated slide, accuracy printed."""
+    import re
+
     if not demo_bundle_path().is_file():
+        # NB: a bundle in the source tree that did not reach the installed package is a broken
+        # build (package-data), not a reason to skip.
+        assert not SOURCE_DEMO_BUNDLE.is_file(), f"{SOURCE_DEMO_BUNDLE} exists but is not installed"
         pytest.skip(f"demo bundle not built yet ({demo_bundle_path()}; tools/make_demo_bundle.py)")
     monkeypatch.setenv("WSSS_DEMO_SIZE", "1024")
     assert main(["--demo", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
-    assert "pixel accuracy" in out
-    assert (tmp_path / "d" / "synthetic_slide" / "labels.tiff").is_file()
+    m = re.search(r"pixel accuracy ([0-9.]+) over (\d+) tissue pixels", out)
+    assert m, out
+    # 4 classes: chance is ~0.25; the demo model reaches ~0.68 on this slide (measured)
+    assert float(m.group(1)) > 0.5 and int(m.group(2)) > 0.5 * 1024 * 1024
+    res = tmp_path / "d" / "synthetic_slide"
+    for name in ("labels.tiff", "overlay.png", "tissue_qc.png", "areas.json", "areas.csv", "polygons.geojson",
+                 "run.json"):
+        assert (res / name).is_file(), name
+    run = json.loads((res / "run.json").read_text())
+    assert run["status"] == "complete" and Path(run["model"]["path"]).name == "demo_bundle.pt"
+    assert json.loads((res / "polygons.geojson").read_text())["features"]

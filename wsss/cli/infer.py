@@ -143,8 +143,13 @@ def _load_model(path: str, args):
     from wsss.bundle import load_bundle
     from wsss.runner import SlideModel
 
-    bundle = load_bundle(path, device="cpu")
-    return SlideModel.from_bundle(bundle, device=args.device, precision=args.precision)
+    import warnings
+
+    with warnings.catch_warnings():
+        # NB: torch 2.14 marks torch.jit.load deprecated on every call; a user can do nothing about it
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        bundle = load_bundle(path, device="cpu")
+        return SlideModel.from_bundle(bundle, device=args.device, precision=args.precision)
 
 
 def out_dir_for(slide: Path, output: Optional[str]) -> Path:
