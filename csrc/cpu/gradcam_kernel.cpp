@@ -26,10 +26,26 @@ inline void gradcam_sample_impl(const scalar_t* fn, int64_t C, int64_t P, const 
   for (int64_t i = 0; i < K * P; ++i) out[i] = static_cast<scalar_t>(maps[i]);
 }
 
+// alpha[r] = mean_p g[r, p] for rows r in [r0, r1).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline void row_means_impl(const scalar_t* g, int64_t r0, int64_t r1, int64_t P, acc_t inv_p, acc_t* alpha) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* gr = g + r * P;
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < P; ++i) s += static_cast<acc_t>(gr[i]);
+    alpha[r] = s * inv_p;
+  }
+}
+
 #define WSSS_GRADCAM_SAMPLE(T)                                                                                   \
   WSSS_MULTIVERSION void gradcam_sample(const T* fn, int64_t C, int64_t P, const at::opmath_type<T>* alpha_n,   \
                                         int64_t K, at::opmath_type<T>* maps, at::opmath_type<T>* row, T* out) { \
     gradcam_sample_impl<T>(fn, C, P, alpha_n, K, maps, row, out);                                                \
+  }                                                                                                              \
+  WSSS_MULTIVERSION void row_means(const T* g, int64_t r0, int64_t r1, int64_t P, at::opmath_type<T> inv_p,     \
+                                   at::opmath_type<T>* alpha) {                                                  \
+    row_means_impl<T>(g, r0, r1, P, inv_p, alpha);                                                               \
   }
 WSSS_GRADCAM_SAMPLE(float)
 WSSS_GRADCAM_SAMPLE(double)
@@ -42,14 +58,8 @@ void gradcam_impl(const scalar_t* f, const scalar_t* g, int64_t N, int64_t K, in
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> alpha(N * K * C);
   const acc_t inv_p = P > 0 ? acc_t(1) / acc_t(P) : acc_t(0);
-  at::parallel_for(0, N * K * C, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* gr = g + r * P;
-      acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t i = 0; i < P; ++i) s += static_cast<acc_t>(gr[i]);
-      alpha[r] = s * inv_p;
-    }
+  at::parallel_for(0, N * K * C, 256, [&](int64_t begin, int64_t end) {
+    row_means(g, begin, end, P, inv_p, alpha.data());
   });
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> maps(K * P), row(4 * P);

@@ -1,8 +1,7 @@
 // CPU kernels of Progressive Dropout Attention: the attention map A, the fused pooled
-// features GAP(A * F), and both backwards.  Samples are processed one after another and
-// each sample's channels are split across threads: pass 1 contracts F with the classifier
-// rows into the CAMs, a tiny [K, P] step gives thresholds and A, pass 2 reads F again
-// (one sample, ~13 MB at the reference size, is still in L3).  No [N,C,H,W] temporary.
+// features GAP(A * F), and both backwards.  Per sample: pass 1 contracts F with the
+// classifier rows into the CAMs, a tiny [K, P] step gives thresholds and A, pass 2 reads F
+// again (from cache where the sample fits).  No [N,C,H,W] temporary in the forward.
 // Math in float (double for double inputs); results do not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +17,7 @@
 #include "common/checks.h"
 #include "common/pda.h"
 #include "cpu/channel_contract.h"
+#include "cpu/huge_pages.h"
 #include "cpu/multiversion.h"
 
 namespace wsss::cpu {
@@ -82,26 +82,31 @@ WSSS_PDA_HOT_LOOPS(c10::Half)
 
 // ---- per-sample steps ---------------------------------------------------------------------
 
-// Pass 1 of one sample: z [R, P] = w [R, C] @ f [C, P], channel chunks in parallel, partial
-// sums added in chunk order (deterministic).  partial: scratch [chunks, R, P].
+// Pass 1 of one sample: z [R, P] = w [R, C] @ f [C, P] as partial sums over fixed channel
+// chunks added in chunk order, so the result does not depend on who computes which chunk.
+// partial: scratch [chunks, R, P]; scratch4: [4, P].  `parallel`: chunks across threads.
 template <typename T>
-void cams(const T* f, int64_t C, int64_t P, const acc<T>* w, int64_t R, acc<T>* z, std::vector<acc<T>>& partial) {
+void cams(const T* f, int64_t C, int64_t P, const acc<T>* w, int64_t R, acc<T>* z, std::vector<acc<T>>& partial,
+          bool parallel) {
   const int64_t chunk = channel_chunk(C);
   const int64_t chunks = (C + chunk - 1) / chunk;
   partial.resize(static_cast<size_t>(chunks * R * P));
-  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+  auto run = [&](int64_t b, int64_t e) {
     std::vector<acc<T>> scratch(4 * P);
     for (int64_t j = b; j < e; ++j)
       contract_range(f, j * chunk, std::min(C, (j + 1) * chunk), P, w, C, R, partial.data() + j * R * P,
                      scratch.data());
-  });
-  at::parallel_for(0, R * P, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      acc<T> s = 0;
-      for (int64_t j = 0; j < chunks; ++j) s += partial[j * R * P + i];
-      z[i] = s;
-    }
-  });
+  };
+  if (parallel) {
+    at::parallel_for(0, chunks, 1, run);
+  } else {
+    run(0, chunks);
+  }
+  for (int64_t i = 0; i < R * P; ++i) {
+    acc<T> s = 0;
+    for (int64_t j = 0; j < chunks; ++j) s += partial[j * R * P + i];
+    z[i] = s;
+  }
 }
 
 // Thresholds beta [K] and attention A [P] from the raw CAMs z [K, P] of one sample.
@@ -132,6 +137,12 @@ std::vector<acc<T>> weight_rows(const at::Tensor& weight, int64_t extra_rows) {
   return w;
 }
 
+// NB: two schedules with identical arithmetic.  With at least as many samples as threads,
+// one parallel region hands whole samples to threads (few fork/joins: robust when other
+// processes share the cores).  With fewer samples than threads, samples run one after
+// another with their channels split across threads (one sample stays in L3 for pass 2).
+inline bool samples_per_thread(int64_t N) { return N >= at::get_num_threads(); }
+
 // Forward.  pooled [N, C] or null; attention [N, P] or null.
 template <typename T>
 void pda_forward_impl(const at::Tensor& features, const at::Tensor& weight, double mu, T* pooled, T* attention) {
@@ -139,21 +150,33 @@ void pda_forward_impl(const at::Tensor& features, const at::Tensor& weight, doub
   const int64_t K = weight.size(0);
   const T* f = features.const_data_ptr<T>();
   const auto w = weight_rows<T>(weight, 0);
-  std::vector<acc<T>> z(K * P), A(P), beta(K), partial;
   const acc<T> inv_p = acc<T>(1) / acc<T>(P);
   const int64_t chunk = channel_chunk(C);
-  for (int64_t n = 0; n < N; ++n) {
+  const bool by_sample = samples_per_thread(N);
+  auto sample = [&](int64_t n, bool inner_parallel) {
+    std::vector<acc<T>> z(K * P), A(P), beta(K), partial;
     const T* fn = f + n * C * P;
-    cams(fn, C, P, w.data(), K, z.data(), partial);
+    cams(fn, C, P, w.data(), K, z.data(), partial, inner_parallel);
     attention_from_cams(z.data(), K, P, static_cast<acc<T>>(mu), beta.data(), A.data());
     if (attention != nullptr)
       for (int64_t i = 0; i < P; ++i) attention[n * P + i] = static_cast<T>(A[i]);
-    if (pooled != nullptr) {
-      at::parallel_for(0, C, chunk, [&](int64_t b, int64_t e) {
-        std::vector<acc<T>> scratch(P);
-        pool_range(fn, b, e, P, A.data(), inv_p, pooled + n * C, scratch.data());
-      });
+    if (pooled == nullptr) return;
+    auto pool = [&](int64_t b, int64_t e) {
+      std::vector<acc<T>> scratch(P);
+      pool_range(fn, b, e, P, A.data(), inv_p, pooled + n * C, scratch.data());
+    };
+    if (inner_parallel) {
+      at::parallel_for(0, C, chunk, pool);
+    } else {
+      pool(0, C);
     }
+  };
+  if (by_sample) {
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) sample(n, false);
+    });
+  } else {
+    for (int64_t n = 0; n < N; ++n) sample(n, true);
   }
 }
 
@@ -170,15 +193,19 @@ void pda_backward_impl(const at::Tensor& features, const at::Tensor& weight, dou
   const T* f = features.const_data_ptr<T>();
   const bool pooled_form = grad_pooled != nullptr;
   const int64_t R = pooled_form ? K + 1 : K;
-  auto w = weight_rows<T>(weight, pooled_form ? 1 : 0);
-  std::vector<acc<T>> z(R * P), A(P), beta(K), dz(K * P), gA_given(P), gw(K * C, acc<T>(0)), partial;
+  const auto w_classes = weight_rows<T>(weight, 0);
   const acc<T> inv_p = acc<T>(1) / acc<T>(P), inv_k = acc<T>(1) / acc<T>(K);
   const int64_t chunk = channel_chunk(C);
-  for (int64_t n = 0; n < N; ++n) {
+  // Per-sample grad_w partials [N, K, C], summed over samples in order at the end (deterministic).
+  std::vector<acc<T>> gw_partial(static_cast<size_t>(N * K * C), acc<T>(0));
+  auto sample = [&](int64_t n, bool inner_parallel) {
     const T* fn = f + n * C * P;
-    if (pooled_form)
+    std::vector<acc<T>> w(w_classes), z(R * P), A(P), beta(K), dz(K * P), gA_given(P), partial;
+    if (pooled_form) {
+      w.resize(R * C);
       for (int64_t c = 0; c < C; ++c) w[K * C + c] = static_cast<acc<T>>(grad_pooled[n * C + c]) * inv_p;
-    cams(fn, C, P, w.data(), R, z.data(), partial);
+    }
+    cams(fn, C, P, w.data(), R, z.data(), partial, inner_parallel);
     attention_from_cams(z.data(), K, P, static_cast<acc<T>>(mu), beta.data(), A.data());
     const acc<T>* gA = z.data() + K * P;
     if (!pooled_form) {
@@ -187,13 +214,31 @@ void pda_backward_impl(const at::Tensor& features, const at::Tensor& weight, dou
     }
     for (int64_t k = 0; k < K; ++k)
       for (int64_t i = 0; i < P; ++i) dz[k * P + i] = gA[i] * inv_k * pda_kept_grad(z[k * P + i], beta[k]);
-    at::parallel_for(0, C, chunk, [&](int64_t b, int64_t e) {
+    auto rows = [&](int64_t b, int64_t e) {
       std::vector<acc<T>> scratch(2 * P);
       backward_range(fn, b, e, P, C, K, A.data(), dz.data(), w.data(), pooled_form ? grad_pooled + n * C : nullptr,
-                     inv_p, grad_f + n * C * P, gw.data(), scratch.data());
+                     inv_p, grad_f + n * C * P, gw_partial.data() + n * K * C, scratch.data());
+    };
+    if (inner_parallel) {
+      at::parallel_for(0, C, chunk, rows);
+    } else {
+      rows(0, C);
+    }
+  };
+  if (samples_per_thread(N)) {
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) sample(n, false);
     });
+  } else {
+    for (int64_t n = 0; n < N; ++n) sample(n, true);
   }
-  for (int64_t i = 0; i < K * C; ++i) grad_w[i] = static_cast<T>(gw[i]);
+  at::parallel_for(0, K * C, 2048, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      acc<T> s = 0;
+      for (int64_t n = 0; n < N; ++n) s += gw_partial[n * K * C + i];
+      grad_w[i] = static_cast<T>(s);
+    }
+  });
 }
 
 // ---- registered kernels -------------------------------------------------------------------
@@ -231,6 +276,7 @@ std::tuple<at::Tensor, at::Tensor> pda_attention_backward_cpu(const at::Tensor& 
   const auto w = weight.contiguous();
   const auto g = grad.to(f.scalar_type()).contiguous();
   auto grad_f = at::empty(f.sizes(), f.options());
+  advise_huge_pages(grad_f);
   auto grad_w = at::zeros(w.sizes(), w.options());
   if (f.numel() == 0) return {grad_f, grad_w};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.scalar_type(), "pda_attention_backward_cpu", [&] {
@@ -248,6 +294,7 @@ std::tuple<at::Tensor, at::Tensor> pda_pool_backward_cpu(const at::Tensor& grad,
   const auto w = weight.contiguous();
   const auto g = grad.to(f.scalar_type()).contiguous();
   auto grad_f = at::empty(f.sizes(), f.options());
+  advise_huge_pages(grad_f);
   auto grad_w = at::zeros(w.sizes(), w.options());
   if (f.numel() == 0) return {grad_f, grad_w};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.scalar_type(), "pda_pool_backward_cpu", [&] {
