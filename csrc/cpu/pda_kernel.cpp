@@ -268,10 +268,9 @@ at::Tensor pda_pool_cpu(const at::Tensor& features, const at::Tensor& weight, do
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> pda_attention_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
-                                                             const at::Tensor& weight, double mu) {
-  check_pda_args("pda_attention_backward", features, weight, mu);
-  check_pda_attention_grad(grad, features);
+// Both backwards; grad is grad_pooled [N, C] (pooled form) or grad_attention [N, 1, H, W].
+std::tuple<at::Tensor, at::Tensor> pda_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
+                                                   const at::Tensor& weight, double mu, bool pooled_form) {
   const auto f = features.contiguous();
   const auto w = weight.contiguous();
   const auto g = grad.to(f.scalar_type()).contiguous();
@@ -279,29 +278,26 @@ std::tuple<at::Tensor, at::Tensor> pda_attention_backward_cpu(const at::Tensor& 
   advise_huge_pages(grad_f);
   auto grad_w = at::zeros(w.sizes(), w.options());
   if (f.numel() == 0) return {grad_f, grad_w};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.scalar_type(), "pda_attention_backward_cpu", [&] {
-    pda_backward_impl<scalar_t>(f, w, mu, nullptr, g.const_data_ptr<scalar_t>(), grad_f.mutable_data_ptr<scalar_t>(),
-                                grad_w.mutable_data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.scalar_type(), "pda_backward_cpu", [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    pda_backward_impl<scalar_t>(f, w, mu, pooled_form ? gp : nullptr, pooled_form ? nullptr : gp,
+                                grad_f.mutable_data_ptr<scalar_t>(), grad_w.mutable_data_ptr<scalar_t>());
   });
   return {grad_f, grad_w};
+}
+
+std::tuple<at::Tensor, at::Tensor> pda_attention_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
+                                                             const at::Tensor& weight, double mu) {
+  check_pda_args("pda_attention_backward", features, weight, mu);
+  check_pda_attention_grad(grad, features);
+  return pda_backward_cpu(grad, features, weight, mu, /*pooled_form=*/false);
 }
 
 std::tuple<at::Tensor, at::Tensor> pda_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& features,
                                                         const at::Tensor& weight, double mu) {
   check_pda_args("pda_pool_backward", features, weight, mu);
   check_pda_pool_grad(grad, features);
-  const auto f = features.contiguous();
-  const auto w = weight.contiguous();
-  const auto g = grad.to(f.scalar_type()).contiguous();
-  auto grad_f = at::empty(f.sizes(), f.options());
-  advise_huge_pages(grad_f);
-  auto grad_w = at::zeros(w.sizes(), w.options());
-  if (f.numel() == 0) return {grad_f, grad_w};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.scalar_type(), "pda_pool_backward_cpu", [&] {
-    pda_backward_impl<scalar_t>(f, w, mu, g.const_data_ptr<scalar_t>(), nullptr, grad_f.mutable_data_ptr<scalar_t>(),
-                                grad_w.mutable_data_ptr<scalar_t>());
-  });
-  return {grad_f, grad_w};
+  return pda_backward_cpu(grad, features, weight, mu, /*pooled_form=*/true);
 }
 
 }  // namespace
