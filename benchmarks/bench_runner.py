@@ -4,7 +4,8 @@
   (model.predict on pre-read batches) and through the whole runner (read, blend, stitch,
   write every output).  The bundle has the demo model's architecture (TissueSegmenter:
   ResNet-38 classifier width 1/16 + DeepLabV3+ ResNet-50 width 1/8, random weights: speed
-  does not depend on them), and the same at widths 1/4 + 1/4 ("quarter", ~8x the compute);
+  does not depend on them), and with WSSS_BENCH_MODELS=demo,quarter also at widths 1/4 + 1/4
+  ("quarter", ~8x the compute);
   or WSSS_BENCH_BUNDLE=path for any one bundle.  test_end_to_end also
   times a model-only pass before every round (untimed setup) so the overhead compares runs
   made moments apart on a shared machine; extra_info has Mpx/s of both, the per-stage
@@ -17,7 +18,7 @@
   same (in-memory) region, only if MONAI is installed.
 
 Run: pytest benchmarks/bench_runner.py --benchmark-only   (CI: --benchmark-disable)
-     WSSS_BENCH_SIZE=1536 WSSS_BENCH_BIG=60000 pytest benchmarks/bench_runner.py --benchmark-only
+     WSSS_BENCH_SIZE=1536 WSSS_BENCH_BIG=60000 WSSS_BENCH_MODELS=demo,quarter pytest benchmarks/bench_runner.py --benchmark-only
 """
 from __future__ import annotations
 
@@ -91,7 +92,11 @@ def bench_slide(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", params=list(MODEL_WIDTHS))
+# NB: CI (--benchmark-disable) runs only the demo size; WSSS_BENCH_MODELS=demo,quarter for the table
+BENCH_MODELS = [m for m in os.environ.get("WSSS_BENCH_MODELS", "demo").split(",") if m]
+
+
+@pytest.fixture(scope="module", params=BENCH_MODELS)
 def slide_model(request, tmp_path_factory):
     import warnings
 
