@@ -21,6 +21,8 @@ def test_mu_schedules():
     ref = [mu_for_epoch("reference", e) for e in range(6)]
     assert ref[:3] == [None, None, None] and ref[3] == pytest.approx(0.98 ** 3)
     assert mu_for_epoch("constant", 7, 1.0) == 1.0 and mu_for_epoch("none", 5) is None
+    warm = [mu_for_epoch("warmup-constant", e, 1.0) for e in range(5)]
+    assert warm == [None, None, None, 1.0, 1.0]
 
 
 def test_poly_and_flips():
@@ -130,3 +132,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "empty split" in capsys.readouterr().err
     assert eval_main([str(tmp_path), "--segmenter", str(tmp_path / "none.pt")]) == 2
     assert "none.pt" in capsys.readouterr().err
+
+
+def test_evaluate_segmenter_gate_diagnostics():
+    """The gate's cost is measured: pixels whose true class the classifier gates out."""
+    from wsss.synthetic import synthetic_description
+    from wsss.train.segmenter import evaluate_segmenter
+
+    description = synthetic_description(4)
+    masks = torch.tensor([[[0, 1], [1, 4]], [[2, 2], [3, 1]]])  # index 4 = background, not scored
+    items = [{"image": torch.zeros(3, 2, 2, dtype=torch.uint8), "mask": m, "name": str(i)} for i, m in enumerate(masks)]
+
+    class Segmenter(torch.nn.Module):
+        def forward(self, x):  # class 1 everywhere, class 0 second
+            return torch.tensor([2.0, 3.0, 0.0, 0.0])[None, :, None, None].expand(x.shape[0], 4, *x.shape[2:])
+
+    class Classifier(torch.nn.Module):
+        def forward(self, x):  # sigmoid(-3) = 0.047 <= 0.1: class 1 gated; the others pass
+            return torch.tensor([3.0, -3.0, 3.0, 3.0]).expand(x.shape[0], 4)
+
+    out = evaluate_segmenter(Segmenter(), Classifier(), items, description, batch_size=2, eps=0.1)
+    gate = out["gate"]
+    assert gate["pixels_true_class_gated"] == pytest.approx(3 / 7)  # 3 of 7 tissue pixels are class 1
+    assert gate["present_gated"] == pytest.approx(2 / 5)  # present pairs: {0,1} and {1,2,3}
+    assert gate["absent_passed"] == pytest.approx(1.0)  # absent pairs {2,3} and {0}: all pass
+    assert out["ungated"]["iou"]["LYM"] == 0.0 and out["gated"]["acc"] == pytest.approx(1 / 7)  # gated: class 0 wins

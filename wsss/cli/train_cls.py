@@ -17,10 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01, help="base learning rate, fc8 gets 10x [0.01]")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (reference: none) [0]")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="[5e-4]")
-    p.add_argument("--mu-schedule", default="paper", choices=("paper", "reference", "constant", "none"),
+    p.add_argument("--mu-schedule", default="paper", choices=("paper", "reference", "constant", "warmup-constant", "none"),
                    help="paper: mu=1 for 3 epochs then x0.985 floored at 0.65; reference: x0.98 every "
-                        "epoch, PDA from epoch 3; constant: --mu; none: no attention [paper]")
-    p.add_argument("--mu", type=float, default=1.0, help="mu for --mu-schedule constant [1.0]")
+                        "epoch, PDA from epoch 3; constant: --mu; warmup-constant: plain GAP for 3 epochs, "
+                        "then --mu; none: no attention [paper]")
+    p.add_argument("--mu", type=float, default=1.0,
+                   help="mu for --mu-schedule constant / warmup-constant (1 = attention without dropping) [1.0]")
     p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1 = reference) [1.0]")
     p.add_argument("--init", help="initial weights (classifier state_dict; fc8 may differ)")
     p.add_argument("--freeze", default="auto", choices=("auto", "reference", "none"),

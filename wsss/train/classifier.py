@@ -7,7 +7,10 @@ mu schedules (``mu_schedule``):
 - "paper" (default): mu = 1 for the first 3 epochs, then mu_t = max(0.65, 0.985 * mu_{t-1});
 - "reference": mu_e = 0.98 ** e (multiplied after every epoch from epoch 0), PDA only from
   epoch 3 (plain GAP before), as ChuHan89/WSSS-Tissue does;
-- "constant": mu fixed at ``mu`` (mu = 1 drops nothing: the "PDA off" ablation);
+- "constant": mu fixed at ``mu`` from the first step (mu = 1 drops nothing);
+- "warmup-constant": plain GAP for the first 3 epochs (as "reference"), then mu fixed at ``mu``;
+  with mu = 1 this is the "PDA off" ablation (attention on, no peak dropped) with the same
+  warm-up as the reference schedule, so the two differ only in the dropping.
 - "none": no attention at all (plain GAP + channel dropout).
 
 Checkpoints (``out_dir/classifier_last.pt`` after every epoch, ``classifier.pt`` at the end)
@@ -32,7 +35,8 @@ from wsss.errors import WsssError
 
 __all__ = ["ClassifierConfig", "mu_for_epoch", "train_classifier", "evaluate_classifier", "build_classifier"]
 
-MU_SCHEDULES = ("paper", "reference", "constant", "none")
+MU_SCHEDULES = ("paper", "reference", "constant", "warmup-constant", "none")
+WARMUP_EPOCHS = 3  # plain-GAP epochs of the reference schedule before PDA starts
 
 
 @dataclass
@@ -81,9 +85,11 @@ def mu_for_epoch(schedule: str, epoch: int, mu: float = 1.0) -> Optional[float]:
             value = max(0.65, 0.985 * value)
         return value
     if schedule == "reference":
-        return 0.98 ** epoch if epoch >= 3 else None
+        return 0.98 ** epoch if epoch >= WARMUP_EPOCHS else None
     if schedule == "constant":
         return float(mu)
+    if schedule == "warmup-constant":
+        return float(mu) if epoch >= WARMUP_EPOCHS else None
     if schedule == "none":
         return None
     raise WsssError(f"unknown mu schedule {schedule!r}")

@@ -197,7 +197,11 @@ def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: s
 
     Gated labels follow wsss.ops.gate_argmax (a class with sigmoid prob <= eps never wins; where
     no class passes, the ungated decision is kept).  Also "classifier_f1" with a classifier
-    (labels: the classes present in each mask).
+    (labels: the classes present in each mask) and "gate" diagnostics: ``pixels_true_class_gated``
+    = share of scored pixels whose true class the gate removes (those pixels cannot be right
+    after gating: the direct cost of the gate), ``present_gated`` = share of (image, present
+    class) pairs gated, ``absent_passed`` = share of (image, absent class) pairs NOT gated (what
+    the gate fails to remove), and the median class probability of present / absent classes.
     """
     from wsss import ops
     from wsss.train.common import autocast, make_loader, resolve_device
@@ -211,7 +215,8 @@ def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: s
     k = description.num_classes
     ungated = ConfusionMatrix(k, description.background_index)
     gated = ConfusionMatrix(k, description.background_index)
-    truth_labels, pred_labels = [], []
+    truth_labels, pred_labels, probs = [], [], []
+    pixels_scored, pixels_true_gated = 0, 0
     for batch in make_loader(dataset, batch_size, shuffle=False, seed=0):
         x = batch["image"].to(dev).float().div_(255.0)
         mask = batch["mask"]
@@ -225,11 +230,33 @@ def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: s
             gated.update(mask, ops.gate_argmax(logits, class_prob, eps).cpu())
             truth_labels.append(torch.stack([(mask == c).flatten(1).any(1) for c in range(k)], dim=1))
             pred_labels.append((class_prob > 0.5).cpu())
+            probs.append(class_prob.cpu())
+            m = mask.to(torch.int64)
+            scored = (m >= 0) & (m < k)
+            gated_class = (class_prob.cpu() <= eps)  # [N,K]
+            true_gated = torch.gather(gated_class, 1, m.clamp(0, k - 1).flatten(1)).reshape(m.shape) & scored
+            pixels_scored += int(scored.sum())
+            pixels_true_gated += int(true_gated.sum())
     segmenter.train(was_training)
     out = {"ungated": ungated.scores(description.class_names)}
     if classifier is not None:
         out["gated"] = gated.scores(description.class_names)
         out["classifier_f1"] = multilabel_f1(torch.cat(truth_labels), torch.cat(pred_labels))
+        present, prob = torch.cat(truth_labels), torch.cat(probs)
+        gated_pairs = prob <= eps
+
+        def share(sel):
+            return float(sel.float().mean()) if sel.numel() else float("nan")
+
+        def median(sel):
+            return float(sel.median()) if sel.numel() else float("nan")
+
+        out["gate"] = {"eps": float(eps),
+                       "pixels_true_class_gated": pixels_true_gated / max(pixels_scored, 1),
+                       "present_gated": share(gated_pairs[present]),
+                       "absent_passed": share(~gated_pairs[~present]),
+                       "median_prob_present": median(prob[present]),
+                       "median_prob_absent": median(prob[~present])}
     return out
 
 
