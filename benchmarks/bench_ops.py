@@ -5,8 +5,9 @@
 
 Every benchmark records shapes, dtype, threads, the minimum bytes the op must move and the
 achieved GB/s in extra_info, and checks its result.  The `memory` group measures this
-machine's read and copy bandwidth in the same run, so each kernel's GB/s can be read
-against it.  With --benchmark-disable (CI) the sizes shrink so the file runs in seconds.
+machine's read and copy bandwidth in the same run, and each op group times `one_read` (a
+reduction over the op's inputs) right beside the kernel, so "x times one read" is a ratio
+of neighbours even on a machine shared with other work.  With --benchmark-disable (CI) the sizes shrink so the file runs in seconds.
 """
 from __future__ import annotations
 
@@ -103,7 +104,13 @@ def _pda_eager_best(f, w, mu):
     return torch.bmm(f.reshape(n, c, -1), a.reshape(n, -1, 1)).squeeze(-1) / a[0].numel()
 
 
+def _one_read(*tensors):
+    """One read of the op's inputs (a reduction over each), timed beside the op in its group."""
+    return [t.sum() for t in tensors if isinstance(t, torch.Tensor) and t.numel() > 1024]
+
+
 PDA_IMPLS = {
+    "one_read": lambda f, w, mu: _one_read(f),
     "wsss": ops.pda_pool,
     "eager": reference.pda_pool,
     "eager_best": _pda_eager_best,
@@ -119,7 +126,10 @@ def test_pda_pool_forward(benchmark, full_size, impl):
     min_bytes = f.nbytes
     _record(benchmark, shape=shape, dtype=f.dtype, min_bytes=min_bytes, impl=impl)
     out = benchmark(_synced(fn), f, w, 0.9)
-    torch.testing.assert_close(out, reference.pda_pool(f, w, 0.9), rtol=1e-4, atol=1e-5)
+    if impl == "one_read":
+        torch.testing.assert_close(out[0], f.sum())
+    else:
+        torch.testing.assert_close(out, reference.pda_pool(f, w, 0.9), rtol=1e-4, atol=1e-5)
     _finish(benchmark, min_bytes)
 
 
@@ -175,9 +185,17 @@ def _gate_eager_max_indices(scores, prob, eps):
 
 
 @pytest.mark.benchmark(group="gate_argmax")
-@pytest.mark.parametrize("impl", ["wsss", "eager_reference", "eager_argmax", "eager_max_indices", "compiled"])
+@pytest.mark.parametrize("impl", ["one_read", "wsss", "eager_reference", "eager_argmax", "eager_max_indices",
+                                  "compiled"])
 def test_gate_argmax(benchmark, full_size, impl):
     scores, prob, shape = _gate_inputs(full_size)
+    if impl == "one_read":
+        min_bytes = scores.nbytes
+        _record(benchmark, shape=shape, dtype=scores.dtype, min_bytes=min_bytes, impl=impl)
+        out = benchmark(_synced(_one_read), scores)
+        torch.testing.assert_close(out[0], scores.sum())
+        _finish(benchmark, min_bytes)
+        return
     fn = {
         "wsss": ops.gate_argmax,
         "eager_reference": reference.gate_argmax,
@@ -199,15 +217,19 @@ def test_gate_argmax(benchmark, full_size, impl):
 # Grad-CAM combination: N=8, K=4, C=1024 (b5_2), 28x28
 # --------------------------------------------------------------------------------------
 @pytest.mark.benchmark(group="gradcam")
-@pytest.mark.parametrize("impl", ["wsss", "eager", "compiled"])
+@pytest.mark.parametrize("impl", ["one_read", "wsss", "eager", "compiled"])
 def test_gradcam(benchmark, full_size, impl):
     n, k, c, h, w = (8, 4, 1024, 28, 28) if full_size else (2, 4, 64, 28, 28)
     g = torch.Generator().manual_seed(3)
     f = torch.randn(n, c, h, w, generator=g).to(DEVICE)
     grads = torch.randn(n, k, c, h, w, generator=g).to(DEVICE)
-    fn = {"wsss": ops.gradcam, "eager": reference.gradcam, "compiled": _compiled(reference.gradcam)}[impl]
     min_bytes = f.nbytes + grads.nbytes + n * k * h * w * 4
     _record(benchmark, shape=dict(N=n, K=k, C=c, H=h, W=w), dtype=f.dtype, min_bytes=min_bytes, impl=impl)
-    out = benchmark(_synced(fn), f, grads)
-    torch.testing.assert_close(out, reference.gradcam(f, grads), rtol=1e-4, atol=1e-4)
+    if impl == "one_read":
+        out = benchmark(_synced(_one_read), f, grads)
+        torch.testing.assert_close(out[1], grads.sum())
+    else:
+        fn = {"wsss": ops.gradcam, "eager": reference.gradcam, "compiled": _compiled(reference.gradcam)}[impl]
+        out = benchmark(_synced(fn), f, grads)
+        torch.testing.assert_close(out, reference.gradcam(f, grads), rtol=1e-4, atol=1e-4)
     _finish(benchmark, min_bytes)

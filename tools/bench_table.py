@@ -51,20 +51,22 @@ def targets(groups: dict) -> list[str]:
         out.append(f"| {name} | {value} | {goal} | {'met' if ok else 'NOT met'} |")
 
     fwd, fwd_eager = med("pda_pool forward", "wsss"), med("pda_pool forward", "eager")
-    if fwd and read_gbs:
-        pda = groups["pda_pool forward"]["wsss"]["extra_info"]
-        one_read = pda["min_bytes"] / (read_gbs * 1e9)
-        row("PDA pooled forward / one read of the features", f"{fwd / one_read:.2f}x", "<= 2x", fwd / one_read <= 2)
+    if fwd and med("pda_pool forward", "one_read"):
+        r = fwd / med("pda_pool forward", "one_read")
+        row("PDA pooled forward / one read of the features (same group)", f"{r:.2f}x", "<= 2x", r <= 2)
     if fwd and fwd_eager:
         row("PDA pooled forward speed-up over eager", f"{fwd_eager / fwd:.1f}x", ">= 2.5x", fwd_eager / fwd >= 2.5)
     fb, fb_eager = med("pda_pool forward+backward", "wsss"), med("pda_pool forward+backward", "eager")
     if fb and fb_eager:
         row("PDA forward+backward speed-up over eager", f"{fb_eager / fb:.1f}x", ">= 2x", fb_eager / fb >= 2)
     gate = groups.get("gate_argmax", {})
+    if "wsss" in gate and "one_read" in gate:
+        r = med("gate_argmax", "one_read") / med("gate_argmax", "wsss")
+        row("gate+argmax speed / one read of the scores (same group)", f"{r:.0%}", ">= 70%", r >= 0.7)
     if "wsss" in gate and read_gbs:
         g = gate["wsss"]["extra_info"].get("gb_per_s")
         if g:
-            row("gate+argmax bandwidth / measured read bandwidth", f"{g / read_gbs:.0%}", ">= 70%", g / read_gbs >= 0.7)
+            row("gate+argmax GB/s / memory-group read GB/s", f"{g / read_gbs:.0%}", ">= 70%", g / read_gbs >= 0.7)
     for eager in ("eager_argmax", "eager_reference"):
         if "wsss" in gate and eager in gate:
             r = med("gate_argmax", eager) / med("gate_argmax", "wsss")
@@ -72,11 +74,9 @@ def targets(groups: dict) -> list[str]:
     if "wsss" in gate and "compiled" in gate:
         r = med("gate_argmax", "compiled") / med("gate_argmax", "wsss")
         row("gate+argmax vs torch.compile", f"{r:.2f}x faster", "> 1x", r > 1)
-    gc = groups.get("gradcam", {}).get("wsss")
-    if gc and read_gbs:
-        one_read = gc["extra_info"]["min_bytes"] / (read_gbs * 1e9)
-        r = gc["stats"]["median"] / one_read
-        row("Grad-CAM / one read of its inputs", f"{r:.2f}x", "<= 2x", r <= 2)
+    if med("gradcam", "wsss") and med("gradcam", "one_read"):
+        r = med("gradcam", "wsss") / med("gradcam", "one_read")
+        row("Grad-CAM / one read of its inputs (same group)", f"{r:.2f}x", "<= 2x", r <= 2)
     if out:
         out = ["| target | measured | goal | |", "|---|---:|---|---|"] + out
     return out
