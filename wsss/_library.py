@@ -22,8 +22,14 @@ def library_path() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     found = sorted(glob.glob(os.path.join(here, "_ops*.so")) + glob.glob(os.path.join(here, "_ops*.pyd")))
     if not found:
+        source_tree = os.path.exists(os.path.join(os.path.dirname(here), "setup.py"))
+        hint = (
+            " (this is the source folder: after `pip install .` the built package lives in "
+            "site-packages; run from another folder, or build in place with "
+            "`pip install --no-build-isolation -e .`)" if source_tree else ""
+        )
         raise OpLibraryError(
-            f"wsss: the op library (wsss/_ops*.so) is missing from {here}: the package was not "
+            f"wsss: the op library (wsss/_ops*.so) is missing from {here}{hint}: the package was not "
             f"built; {REBUILD_HINT}"
         )
     return found[0]
