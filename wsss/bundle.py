@@ -51,7 +51,8 @@ _DEFAULTS = {"mpp": None, "input_scale": 1.0 / 255.0, "gate_eps": 0.1, "config":
 _AUTOMATIC = ("format", "format_version", "wsss_version", "torch_version", "content_hash")
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -138,7 +139,7 @@ def save_bundle(path: str, module: torch.nn.Module, metadata: Mapping[str, Any])
     tmp = temp_path_beside(path, ".pt")
     try:
         torch.jit.save(module, tmp, _extra_files={METADATA_FILE: json.dumps(meta, indent=1, sort_keys=True)})
-        digest = _file_sha256(tmp)
+        digest = file_sha256(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -312,4 +313,4 @@ def load_bundle(path: str, *, device: str = "cpu", verify: bool = True) -> Bundl
         if actual != meta.get("content_hash"):
             raise BundleError(f"bundle {path}: content hash mismatch (file corrupted or edited): "
                               f"metadata says {meta.get('content_hash')}, contents give {actual}")
-    return Bundle(module=module.eval(), metadata=meta, sha256=_file_sha256(path), path=path)
+    return Bundle(module=module.eval(), metadata=meta, sha256=file_sha256(path), path=path)

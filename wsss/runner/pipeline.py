@@ -135,7 +135,9 @@ class RunOptions:
         for k in ("batch_size", "workers", "resume", "progress"):
             d.pop(k)
         if self.tissue not in ("auto", "none"):
-            d["tissue_sha256"] = _sha256_file(Path(self.tissue)) if Path(self.tissue).is_file() else None
+            from wsss.bundle import file_sha256
+
+            d["tissue_sha256"] = file_sha256(Path(self.tissue)) if Path(self.tissue).is_file() else None
         return d
 
 
@@ -168,12 +170,6 @@ class _StageTimer:
             self.add(stage, time.perf_counter() - t0)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _slide_identity(path: Path) -> dict:
