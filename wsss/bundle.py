@@ -18,6 +18,7 @@ Metadata (``wsss_bundle.json``):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from wsss.errors import BundleError
 
-__all__ = ["Bundle", "save_bundle", "load_bundle", "read_bundle_metadata", "content_hash", "cpu_reduced_precision_supported",
+__all__ = ["Bundle", "BundlePredictor", "PendingPrediction", "save_bundle", "load_bundle", "read_bundle_metadata", "content_hash", "cpu_reduced_precision_supported",
            "BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "METADATA_FILE"]
 
 BUNDLE_FORMAT = "wsss-bundle"
@@ -216,59 +217,224 @@ class Bundle:
     def num_classes(self) -> int:
         return len(self.metadata["class_names"])
 
-    def predictor(self, device: str = "cpu", precision: str = "float32", *,
-                  channels_last: Optional[bool] = None) -> Callable[..., Tuple[Tensor, Tensor, Tensor]]:
-        """A callable ``predict(tiles, with_scores=False) -> (labels, scores, class_prob)``.
+    def predictor(self, device: str = "cpu", precision: str = "float32", *, channels_last: Optional[bool] = None,
+                  precision_mode: Optional[str] = None) -> "BundlePredictor":
+        """A ``BundlePredictor``: ``predict(tiles, with_scores=False) -> (labels, scores, class_prob)``
+        and ``predict.submit(tiles, ...) -> PendingPrediction`` (see BundlePredictor).
 
-        tiles: uint8 (or float 0..255) tensor [N,3,H,W] (or [3,H,W]) on any device; outputs come
-        back on the CPU (labels uint8 [N,H,W], scores float32 [N,K,H,W] or empty, class_prob
-        float32 [N,K]).  precision: "float32", "bfloat16" or "float16".  Reduced precision casts a
-        private copy of the module's weights (NB: TorchScript modules ignore autocast, so a
-        weight cast is how reduced precision reaches the convolutions, on CPU and CUDA alike);
-        the module upsamples, gates and argmaxes in float32.  bfloat16 is the fast CPU mode only on
-        CPUs with bf16 units (AVX-512 BF16 / AMX; see cpu_reduced_precision_supported, which warns
-        otherwise); channels_last (default: on) suits both CPU and CUDA.
+        precision: "float32", "bfloat16" or "float16".  precision_mode says how reduced precision
+        reaches the convolutions:
+
+        - "autocast" (default on CUDA): float32 weights, the module runs under
+          ``torch.autocast(device.type, dtype)``.  NB: autocast acts in the dispatcher, so it
+          reaches the ops a TorchScript module calls (checked: conv outputs come out bf16).
+        - "cast" (default on CPU, the behaviour measured in docs/models.md): a private copy of the
+          module's weights cast to the dtype; the module casts its input to the weights' dtype.
+
+        Either way the module upsamples, gates and argmaxes in float32 (TissueSegmenter calls
+        ``.float()`` on the network outputs), so scores and class_prob are float32.  bfloat16 is the
+        fast CPU mode only on CPUs with bf16 units (AVX-512 BF16 / AMX; see
+        cpu_reduced_precision_supported, which warns otherwise); channels_last (default: on) suits
+        both CPU and CUDA.
         """
         if precision not in PRECISIONS:
             raise BundleError(f"bundle {self.path}: precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision_mode not in (None,) + PRECISION_MODES:
+            raise BundleError(f"bundle {self.path}: precision_mode must be one of {list(PRECISION_MODES)} or None, "
+                              f"got {precision_mode!r}")
         try:
             dev = torch.device(device)
         except RuntimeError as e:
             raise BundleError(f"bundle {self.path}: invalid device {device!r}: {e}") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise BundleError(f"bundle {self.path}: device must be cpu, cuda or cuda:N, got {device!r}")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BundleError(f"bundle {self.path}: device {device!r} requested but CUDA is not available")
         dtype = PRECISIONS[precision]
+        mode = precision_mode or ("autocast" if dev.type == "cuda" else "cast")
         if dev.type == "cpu" and not cpu_reduced_precision_supported(dtype):
             warnings.warn(f"wsss: {precision} inference on this CPU ({torch.backends.cpu.get_cpu_capability()}) has no "
                           f"fast {precision} kernels and will be slower than float32", RuntimeWarning, stacklevel=2)
         use_channels_last = True if channels_last is None else bool(channels_last)
-        # NB: a private copy, so predictors of different precisions never share cast weights.
-        module = torch.jit.load(self.path, map_location=dev) if (dtype != torch.float32 or use_channels_last
+        cast_weights = dtype != torch.float32 and mode == "cast"
+        # NB: a private copy, so predictors of different precisions or layouts never share weights.
+        module = torch.jit.load(self.path, map_location=dev) if (cast_weights or use_channels_last
                                                                 or dev != _module_device(self.module)) else self.module
-        if dtype != torch.float32:
+        if cast_weights:
             module = module.to(dtype)
         if use_channels_last:
             module = module.to(memory_format=torch.channels_last)
         module.eval()
+        return BundlePredictor(module, dev, precision, mode, use_channels_last)
 
-        def predict(tiles: Tensor, with_scores: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-            if not isinstance(tiles, Tensor):
-                raise BundleError(f"predictor: tiles must be a torch.Tensor [N,3,H,W], got {type(tiles).__name__}")
-            if tiles.dim() == 3:
-                tiles = tiles.unsqueeze(0)
-            if tiles.dim() != 4 or tiles.shape[1] != 3:
-                raise BundleError(f"predictor: tiles must have shape [N, 3, H, W], got {list(tiles.shape)}")
-            x = tiles.to(dev, non_blocking=True)
-            if use_channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+
+PRECISION_MODES = ("cast", "autocast")
+PREDICTION_OUTPUTS = ("labels", "scores", "class_prob")
+
+
+class BundlePredictor:
+    """A bundle's module bound to a device and precision (made by ``Bundle.predictor``).
+
+    ``predict(tiles, with_scores=False) -> (labels, scores, class_prob)``, synchronous:
+    tiles uint8 (or float 0..255) [N,3,H,W] (or [3,H,W]) on any device; outputs on the CPU:
+    labels uint8 [N,H,W], scores float32 [N,K,H,W] (empty unless with_scores), class_prob
+    float32 [N,K].
+
+    ``predict.submit(tiles, with_scores=False, outputs=...) -> PendingPrediction`` starts the
+    same work and returns at once where the device allows; ``.result()`` gives the same triple
+    (None for outputs not asked for).  On the CPU, submit computes before it returns (the
+    result is ready).  On CUDA it overlaps transfers with compute:
+
+    - the tiles are copied into a pinned host buffer from a small ring (``PINNED_RING``
+      buffers, allocated once per tile shape and dtype at the largest batch seen);
+    - the upload runs on its own stream with non_blocking=True; an event recorded after it
+      guards the ring buffer's reuse; the device copy is record_stream'ed to the compute stream
+      so the caching allocator never hands its memory out while the model still reads it;
+    - the model runs on the current (compute) stream after waiting for the upload;
+    - the outputs asked for are made contiguous on the compute stream, then downloaded on a
+      third stream with non_blocking=True into pinned host tensors (torch's caching host
+      allocator: a freed block is reused only once the copies recorded on it are done);
+    - ``result()`` waits for that download's event (the GIL is released while waiting).
+
+    So batch i+1's upload and compute overlap batch i's download and whatever the caller does
+    with batch i's result, when the caller submits i+1 before it asks for i's result.
+    """
+
+    PINNED_RING = 3
+
+    def __init__(self, module, device: torch.device, precision: str, precision_mode: str, channels_last: bool) -> None:
+        self.module = module
+        self.device = device
+        self.precision = precision
+        self.precision_mode = precision_mode
+        self.channels_last = channels_last
+        self._dtype = PRECISIONS[precision]
+        self._cuda: Optional[_CudaOverlap] = None
+
+    def _autocast(self):
+        if self.precision_mode == "autocast" and self._dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self._dtype)
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def _check(tiles) -> Tensor:
+        if not isinstance(tiles, Tensor):
+            raise BundleError(f"predictor: tiles must be a torch.Tensor [N,3,H,W], got {type(tiles).__name__}")
+        if tiles.dim() == 3:
+            tiles = tiles.unsqueeze(0)
+        if tiles.dim() != 4 or tiles.shape[1] != 3:
+            raise BundleError(f"predictor: tiles must have shape [N, 3, H, W], got {list(tiles.shape)}")
+        return tiles
+
+    def _run(self, x: Tensor, with_scores: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            return self.module(x, with_scores)
+
+    def __call__(self, tiles: Tensor, with_scores: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        tiles = self._check(tiles)
+        labels, scores, class_prob = self._run(tiles.to(self.device, non_blocking=True), with_scores)
+        return labels.cpu(), scores.float().cpu(), class_prob.float().cpu()
+
+    def submit(self, tiles: Tensor, with_scores: bool = False, *,
+               outputs: Tuple[str, ...] = PREDICTION_OUTPUTS) -> "PendingPrediction":
+        """Start predicting ``tiles``; see the class docstring.  The caller may reuse the memory
+        of ``tiles`` as soon as submit returns (they have been copied or consumed)."""
+        tiles = self._check(tiles)
+        bad = [o for o in outputs if o not in PREDICTION_OUTPUTS]
+        if bad:
+            raise BundleError(f"predictor.submit: outputs must be among {list(PREDICTION_OUTPUTS)}, got {bad}")
+        if "scores" in outputs and not with_scores:
+            raise BundleError("predictor.submit: outputs include 'scores' but with_scores is False")
+        if self.device.type != "cuda":
+            full = self(tiles, with_scores)
+            return PendingPrediction(tuple(t if name in outputs else None for name, t in zip(PREDICTION_OUTPUTS, full)))
+        if self._cuda is None:
+            self._cuda = _CudaOverlap(self.device, self.PINNED_RING)
+        return self._cuda.submit(self, tiles, with_scores, outputs)
+
+
+class PendingPrediction:
+    """A submitted prediction; ``result()`` -> (labels, scores, class_prob) CPU tensors (None for
+    outputs not asked for).  ``host_outputs`` holds the same tensors (pinned on CUDA)."""
+
+    def __init__(self, host_outputs: Tuple[Optional[Tensor], ...], done_event=None) -> None:
+        self.host_outputs = host_outputs
+        self._done = done_event
+
+    def ready(self) -> bool:
+        return self._done is None or self._done.query()
+
+    def result(self) -> Tuple[Optional[Tensor], ...]:
+        if self._done is not None:
+            self._done.synchronize()  # NB: releases the GIL; CUDA errors of the batch surface here
+            self._done = None
+        return self.host_outputs
+
+
+class _CudaOverlap:
+    """Streams and pinned staging buffers behind BundlePredictor.submit on one CUDA device."""
+
+    def __init__(self, device: torch.device, ring_size: int) -> None:
+        self.device = device
+        self.ring_size = ring_size
+        self.upload = torch.cuda.Stream(device)
+        self.download = torch.cuda.Stream(device)
+        self._ring_key: Optional[tuple] = None
+        self._ring: list = []  # [(pinned host tensor [cap,3,H,W] channels_last, event after its upload)]
+        self._next = 0
+
+    def _staging(self, tiles: Tensor) -> Tuple[Tensor, Any]:
+        """A pinned host view [n,3,H,W] (channels_last) holding a copy of ``tiles``, and the
+        event to record after its upload."""
+        n, c, h, w = tiles.shape
+        key = (c, h, w, tiles.dtype)
+        if key != self._ring_key or n > self._ring[0][0].shape[0]:
+            for _, done in self._ring:  # uploads from the old buffers must finish before they go
+                done.synchronize()
+            # NB: NHWC memory seen as NCHW (channels_last strides): the runner's batches have this
+            # layout, so the host copy below is a plain memcpy.
+            self._ring = [(torch.empty((n, h, w, c), dtype=tiles.dtype, pin_memory=True).permute(0, 3, 1, 2),
+                           torch.cuda.Event()) for _ in range(self.ring_size)]
+            self._ring_key, self._next = key, 0
+        host, done = self._ring[self._next]
+        self._next = (self._next + 1) % self.ring_size
+        done.synchronize()  # its previous upload has finished reading it (no-op if never recorded)
+        view = host[:n]
+        view.copy_(tiles)
+        return view, done
+
+    def submit(self, predictor: BundlePredictor, tiles: Tensor, with_scores: bool,
+               outputs: Tuple[str, ...]) -> PendingPrediction:
+        with torch.cuda.device(self.device):
+            compute = torch.cuda.current_stream(self.device)
+            if tiles.device.type == "cuda":
+                x = tiles.to(self.device)
+            else:
+                host, uploaded = self._staging(tiles)
+                with torch.cuda.stream(self.upload):
+                    x = torch.empty_like(host, device=self.device)  # allocated on the upload stream
+                    x.copy_(host, non_blocking=True)
+                    uploaded.record(self.upload)
+                compute.wait_stream(self.upload)
+                x.record_stream(compute)  # NB: freed after this batch's kernels, not after the upload
             with torch.inference_mode():
-                labels, scores, class_prob = module(x, with_scores)
-            return labels.cpu(), scores.float().cpu(), class_prob.float().cpu()
-
-        predict.module = module  # type: ignore[attr-defined]
-        predict.device = dev  # type: ignore[attr-defined]
-        predict.precision = precision  # type: ignore[attr-defined]
-        return predict
+                results = predictor._run(x, with_scores)
+                device_out = [t.float().contiguous() if name != "labels" else t.contiguous()
+                              for name, t in zip(PREDICTION_OUTPUTS, results) if name in outputs]
+                self.download.wait_stream(compute)
+                host_out = []
+                with torch.cuda.stream(self.download):
+                    for t in device_out:
+                        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                        pinned.copy_(t, non_blocking=True)
+                        t.record_stream(self.download)
+                        host_out.append(pinned)
+                    done = torch.cuda.Event()
+                    done.record(self.download)
+        it = iter(host_out)
+        return PendingPrediction(tuple(next(it) if name in outputs else None for name in PREDICTION_OUTPUTS), done)
 
 
 def cpu_reduced_precision_supported(dtype: torch.dtype) -> bool:
