@@ -37,7 +37,7 @@ import numpy as np
 
 from wsss.errors import WsssError, SlideError, BundleError
 
-__all__ = ["SlideModel", "RunOptions", "resolve_precision", "check_output_dir", "SlideResult", "run_slide", "run_slides", "OUTPUT_FILES",
+__all__ = ["SlideModel", "PendingProbabilities", "RunOptions", "resolve_precision", "check_output_dir", "SlideResult", "run_slide", "run_slides", "OUTPUT_FILES",
            "RUN_FORMAT_VERSION"]
 
 RUN_FORMAT_VERSION = 1
@@ -51,6 +51,9 @@ class SlideModel:
     predict: uint8 torch tensor [N, 3, t, t] -> float tensor/array [N, K, t, t] of per-tile gated
     class probabilities.  mpp / tile_size: the resolution and tile edge the model expects.
     identity: a string that changes whenever the model's outputs could (bundle sha256).
+    submit: optional ``tiles -> handle`` whose ``handle.result()`` gives what predict would have
+    returned, for models that can start a batch and finish it later (the bundle predictor's
+    overlapped CUDA path); None: ``predict`` runs when the batch is submitted.
     """
 
     predict: Callable
@@ -61,32 +64,89 @@ class SlideModel:
     tile_size: int
     identity: str
     description: dict = field(default_factory=dict)
+    submit: Optional[Callable] = None
+
+    def predict_async(self, tiles) -> "PendingProbabilities":
+        """Start predicting ``tiles`` (uint8 [N,3,t,t]); ``.result()`` -> float32 array [N,K,t,t]
+        that the caller owns.  The caller may overwrite ``tiles`` once this returns.
+
+        NB: without ``submit`` the prediction runs here and is copied out at once (a plain
+        callable may reuse its output buffer), so the runner's one-batch-behind loop behaves the
+        same for every model, and the CPU tests exercise it.
+        """
+        if self.submit is None:
+            return PendingProbabilities(ready=_owned_probs(self.predict(tiles)))
+        return PendingProbabilities(handle=self.submit(tiles))
 
     @classmethod
-    def from_bundle(cls, bundle, *, device: str = "cpu", precision: str = "auto") -> "SlideModel":
-        """Adapter over wsss.bundle.Bundle: ``bundle.predictor(device, precision)(tiles, True)[1]``.
+    def from_bundle(cls, bundle, *, device: str = "cpu", precision: str = "auto",
+                    precision_mode: Optional[str] = None) -> "SlideModel":
+        """Adapter over wsss.bundle.Bundle: ``bundle.predictor(device, precision)(tiles, True)[1]``
+        for ``predict``, and the predictor's ``submit`` (scores only) for ``submit``.
 
         precision: "auto" (see ``resolve_precision``), "float32", "bfloat16" or "float16"
-        (also fp32 / bf16 / fp16).
+        (also fp32 / bf16 / fp16).  precision_mode: "cast" or "autocast" (None: the predictor's
+        default, autocast on CUDA and cast on CPU; see wsss.bundle.Bundle.predictor).
         """
         md = bundle.metadata
         precision = resolve_precision(precision, device)
-        predictor = bundle.predictor(device, precision)
+        predictor = bundle.predictor(device, precision, precision_mode=precision_mode)
 
         def predict(tiles):
             return predictor(tiles, True)[1]  # (labels, gated probabilities, class_prob)
 
+        def submit(tiles):
+            return _ScoresOf(predictor.submit(tiles, True, outputs=("scores",)))
+
+        # NB: how reduced precision is applied changes the outputs, so it is part of the identity
+        # (float32 keeps the identity it always had).
+        identity = f"{bundle.sha256}:{precision}" + ("" if precision == "float32" else f":{predictor.precision_mode}")
         try:
             return cls(predict=predict, class_names=list(md["class_names"]), palette=[list(p) for p in md["palette"]],
                        background_index=int(md["background_index"]),
                        mpp=None if md.get("mpp") is None else float(md["mpp"]),
-                       tile_size=int(md["tile_size"]), identity=f"{bundle.sha256}:{precision}",
+                       tile_size=int(md["tile_size"]), identity=identity,
                        description={"path": str(bundle.path), "sha256": bundle.sha256,
                                     "content_hash": md.get("content_hash"), "wsss_version": md.get("wsss_version"),
                                     "torch_version": md.get("torch_version"), "device": device,
-                                    "precision": precision})
+                                    "precision": precision, "precision_mode": predictor.precision_mode},
+                       submit=submit)
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{bundle.path}: bundle metadata lacks or mangles a field the runner needs: {e}") from None
+
+
+class _ScoresOf:
+    """The scores of a wsss.bundle.PendingPrediction."""
+
+    def __init__(self, pending) -> None:
+        self.pending = pending
+
+    def result(self):
+        return self.pending.result()[1]
+
+
+class PendingProbabilities:
+    """A batch handed to the model: ``result()`` -> float32 array [N, K, t, t] owned by the caller."""
+
+    def __init__(self, *, ready=None, handle=None) -> None:
+        self._ready, self._handle = ready, handle
+
+    def result(self) -> np.ndarray:
+        if self._handle is not None:
+            self._ready, self._handle = _owned_probs(self._handle.result()), None
+        return self._ready
+
+
+def _owned_probs(probs) -> np.ndarray:
+    """Model output -> float32 numpy array the runner may keep.  A torch tensor is taken as the
+    model's fresh output and viewed without a copy when it is already float32, contiguous and on
+    the CPU (the array keeps the tensor, pinned or not, alive); anything else a callable returns
+    may be a buffer it reuses, so it is copied."""
+    import torch
+
+    if isinstance(probs, torch.Tensor):
+        return probs.detach().to("cpu", torch.float32).contiguous().numpy()
+    return np.array(probs, np.float32, copy=True)
 
 
 _PRECISION_ALIASES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -533,9 +593,32 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
 
         submit_more()
         batches = 0
+        # NB: one batch behind: batch i+1 is submitted to the model before batch i's result is
+        # taken, so on CUDA batch i+1's upload and compute overlap batch i's download and its
+        # hand-off to the stitcher.  On the CPU (and for plain callables) predict_async has
+        # finished by the time it returns, and the same loop runs with a ready result.
+        in_flight = None  # (positions, PendingProbabilities, batch number) of the batch submitted last
+
+        def take_result(positions, handle, number):
+            n = len(positions)
+            with timer("infer"):
+                try:
+                    probs = handle.result()
+                except Exception as e:
+                    _note_batch(e, number, positions)
+                    raise
+            if probs.ndim != 4 or probs.shape[0] != n or probs.shape[2:] != (tile, tile):
+                raise BundleError(f"model returned probabilities of shape {tuple(probs.shape)} for tiles "
+                                  f"[{n}, 3, {tile}, {tile}]; expected [{n}, K, {tile}, {tile}]")
+            t0 = time.perf_counter()
+            stitch_q.put((positions, probs))
+            timer.add("stitch (waiting)", time.perf_counter() - t0)
+            progress.update(n)
+
         # NB: tiles are stacked as read (NHWC) and handed to the model as an NCHW view with
         # channels_last strides: no transpose copy, and the bundle predictor's
-        # .contiguous(channels_last) is then free.
+        # .contiguous(channels_last) is then free.  predict_async copies or consumes the batch
+        # before it returns, so the one buffer is refilled for the next batch.
         batch = np.empty((options.batch_size, tile, tile, 3), np.uint8)
         while pending:
             positions = []
@@ -550,24 +633,22 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
             if errors:
                 raise errors[0]
             n = len(positions)
+            batches += 1
             with timer("infer"):
                 x = torch.from_numpy(batch[:n]).permute(0, 3, 1, 2)
-                probs = model.predict(x)
-                if isinstance(probs, torch.Tensor):
-                    # NB: a view of the model's fresh output tensor (kept alive by the array), no copy
-                    probs = probs.detach().to("cpu", torch.float32).contiguous().numpy()
-                else:  # a callable may hand back a buffer it reuses: own a copy
-                    probs = np.array(probs, np.float32, copy=True)
-            if probs.ndim != 4 or probs.shape[0] != n or probs.shape[2:] != (tile, tile):
-                raise BundleError(f"model returned probabilities of shape {tuple(probs.shape)} for tiles "
-                                  f"[{n}, 3, {tile}, {tile}]; expected [{n}, K, {tile}, {tile}]")
-            t0 = time.perf_counter()
-            stitch_q.put((positions, probs))
-            timer.add("stitch (waiting)", time.perf_counter() - t0)
-            progress.update(n)
-            batches += 1
+                try:
+                    handle = model.predict_async(x)
+                except Exception as e:
+                    _note_batch(e, batches, positions)
+                    raise
+            if in_flight is not None:
+                take_result(*in_flight)
+            in_flight = (positions, handle, batches)
             if batches % 4 == 0:
                 _release_free_heap()
+        if in_flight is not None:
+            take_result(*in_flight)
+            in_flight = None
     finally:
         stitch_q.put(None)
         stitch_thread.join()
@@ -582,6 +663,14 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     if st.pending:
         raise RuntimeError(f"internal error: {st.pending} tile-piece contributions never arrived")
     return st
+
+
+def _note_batch(error: BaseException, number: int, positions) -> None:
+    """Add a note (shown under the traceback, the error's type and message unchanged) naming the
+    batch and the tiles the model failed on."""
+    (x0, y0), (x1, y1) = positions[0], positions[-1]
+    error.add_note(f"wsss runner: the model failed on batch {number} ({len(positions)} tiles, at grid pixels "
+                   f"x={x0},y={y0} .. x={x1},y={y1})")
 
 
 _LIBC: list = []
