@@ -7,6 +7,12 @@
 One row per benchmark: group, implementation, median time, achieved GB/s (minimum bytes the
 op must move / median), and the ratio to the wsss kernel of the same group.  All ratios come
 from the one run in the file.  --targets adds the issue's targets for the op benchmarks.
+
+    pytest benchmarks/bench_models.py --benchmark-only --benchmark-json=models.json
+    python tools/bench_table.py models.json --models
+
+--models: one row per network/width/batch, one column per mode, tiles/s with the speed-up over
+eager float32 of the same row; then the precision-agreement table.
 """
 from __future__ import annotations
 
@@ -82,16 +88,56 @@ def targets(groups: dict) -> list[str]:
     return out
 
 
+def models_table(groups: dict) -> list[str]:
+    """Rows: (net, width tag, batch) x precision; columns: modes; cells: tiles/s (x eager fp32)."""
+    modes = ["eager", "scripted", "frozen", "compiled"]
+    lines = ["| network | width, batch | precision | " + " | ".join(modes) + " |",
+             "|---|---|---|" + "---:|" * len(modes)]
+    agreement = []
+    for group, impls in groups.items():
+        if group == "precision-agreement":
+            agreement = sorted(impls.values(), key=lambda b: b["extra_info"]["precision"])
+            continue
+        if not group.startswith("models-"):
+            continue
+        _, net, tag, batch = group.split("-")
+        base = impls.get("eager float32")
+        base_tps = base["extra_info"].get("tiles_per_s") if base else None
+        precisions = sorted({b["extra_info"]["precision"] for b in impls.values()},
+                            key=lambda p: ("float32", "bfloat16", "bfloat16-autocast").index(p))
+        for precision in precisions:
+            cells = []
+            for mode in modes:
+                b = impls.get(f"{mode} {precision}")
+                tps = b["extra_info"].get("tiles_per_s") if b else None
+                if tps is None:
+                    cells.append("-")
+                else:
+                    cells.append(f"{tps:.3g}" + (f" ({tps / base_tps:.2f}x)" if base_tps else ""))
+            lines.append(f"| {net} | {tag}, {batch} | {precision} | " + " | ".join(cells) + " |")
+    if agreement:
+        lines += ["", "| reduced precision (demo bundle) | label agreement with float32 | same, pixels not near a tie "
+                      "| tissue accuracy vs truth: float32 / reduced | tiles |", "|---|---:|---:|---:|---|"]
+        for b in agreement:
+            e = b["extra_info"]
+            lines.append(f"| {e['precision']} | {100 * e['label_agreement']:.2f}% | "
+                         f"{100 * e['agreement_clear_pixels']:.2f}% ({100 * e['clear_pixel_share']:.0f}% of pixels) | "
+                         f"{100 * e['accuracy_float32']:.1f}% / {100 * e['accuracy_reduced']:.1f}% | "
+                         f"{e['tiles']} x {e['tile']} px |")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("json_file")
     p.add_argument("--targets", action="store_true", help="also print the op targets table")
+    p.add_argument("--models", action="store_true", help="the models table (benchmarks/bench_models.py)")
     args = p.parse_args(argv)
     data = load(args.json_file)
     m = data["machine"]
     print(f"Measured {data['when'][:16]} on {m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, "
           f"{m.get('cpu', {}).get('count', '?')} cores; medians.\n")
-    print("\n".join(table(data["groups"])))
+    print("\n".join(models_table(data["groups"]) if args.models else table(data["groups"])))
     if args.targets:
         print()
         print("\n".join(targets(data["groups"])))
