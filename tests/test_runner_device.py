@@ -238,6 +238,8 @@ def test_reduced_precision_modes_on_cpu(demo, tissue_tiles, precision, mode):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "slower than float32" on CPUs without bf16/fp16 units
         predict = demo.predictor("cpu", precision, precision_mode=mode)
+        private = demo.predictor("cpu", precision, precision_mode=mode, channels_last=False)
+    assert private.module is not demo.module  # never the bundle's own module (nor its optimised graphs)
     weight_dtype = next(predict.module.parameters()).dtype
     assert weight_dtype == (torch.float32 if mode == "autocast" else getattr(torch, precision))
     labels, scores, class_prob = predict(tissue_tiles, True)

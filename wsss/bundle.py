@@ -257,9 +257,11 @@ class Bundle:
                           f"fast {precision} kernels and will be slower than float32", RuntimeWarning, stacklevel=2)
         use_channels_last = True if channels_last is None else bool(channels_last)
         cast_weights = dtype != torch.float32 and mode == "cast"
-        # NB: a private copy, so predictors of different precisions or layouts never share weights.
-        module = torch.jit.load(self.path, map_location=dev) if (cast_weights or use_channels_last
-                                                                or dev != _module_device(self.module)) else self.module
+        # NB: a private copy, so predictors of different precisions or layouts never share weights,
+        # nor TorchScript's optimised graphs (an executor that first ran under autocast is never
+        # reused without it).
+        shared = dtype == torch.float32 and not use_channels_last and dev == _module_device(self.module)
+        module = self.module if shared else torch.jit.load(self.path, map_location=dev)
         if cast_weights:
             module = module.to(dtype)
         if use_channels_last:
@@ -423,16 +425,20 @@ class _CudaOverlap:
                 results = predictor._run(x, with_scores)
                 device_out = [t.float().contiguous() if name != "labels" else t.contiguous()
                               for name, t in zip(PREDICTION_OUTPUTS, results) if name in outputs]
-                self.download.wait_stream(compute)
-                host_out = []
-                with torch.cuda.stream(self.download):
-                    for t in device_out:
-                        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                        pinned.copy_(t, non_blocking=True)
-                        t.record_stream(self.download)
-                        host_out.append(pinned)
-                    done = torch.cuda.Event()
-                    done.record(self.download)
+            self.download.wait_stream(compute)
+            host_out = []
+            # NB: host tensors made outside inference mode, like the synchronous path's .cpu()
+            # copies, so callers may update them in place.
+            with torch.cuda.stream(self.download):
+                for t in device_out:
+                    pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    pinned.copy_(t, non_blocking=True)
+                    t.record_stream(self.download)  # allocated on the compute stream, read here
+                    host_out.append(pinned)
+                # NB: blocking=True: result() sleeps instead of spinning a core, which the reader
+                # and stitcher threads need
+                done = torch.cuda.Event(blocking=True)
+                done.record(self.download)
         it = iter(host_out)
         return PendingPrediction(tuple(next(it) if name in outputs else None for name in PREDICTION_OUTPUTS), done)
 
