@@ -1,8 +1,10 @@
 """The whole-slide pipeline: read tiles -> batch -> predict -> blend/stitch -> write outputs.
 
 Stages overlap: reader threads (each with its own slide handle) decode tiles ahead of the
-model; the main thread batches and runs the model (torch releases the GIL); a stitcher
-thread blends predictions, finalises labels and compresses output tiles to a spool on disk.
+model; the main thread batches, submits each batch to the model (torch releases the GIL) and
+takes its result one batch later (``SlideModel.predict_async``: on CUDA the bundle predictor
+uploads and computes batch i+1 while batch i downloads); a stitcher thread blends
+predictions, finalises labels and compresses output tiles to a spool on disk.
 After the last tile the pyramid and the other outputs are written from the spool.
 
 Python API::
