@@ -302,6 +302,134 @@ def test_cuda_requested_without_gpu_is_one_clear_error(tmp_path, capsys, monkeyp
     assert not (tmp_path / "o" / "s").exists()
 
 
+class _FakeCudaApi:
+    """Stand-ins for the torch.cuda calls of wsss.bundle._CudaOverlap, logging what is done, so
+    its ring/stream/event logic runs on the CPU (NB: no real pinned memory or stream is touched)."""
+
+    def __init__(self):
+        self.log: list = []
+        api = self
+
+        class Stream:
+            count = 0
+
+            def __init__(self, device=None):
+                Stream.count += 1
+                self.name = f"s{Stream.count}"
+
+            def wait_stream(self, other):
+                api.log.append(("wait", self.name, other.name))
+
+        class Event:
+            count = 0
+
+            def __init__(self, **kw):
+                Event.count += 1
+                self.name, self.blocking = f"e{Event.count}", kw.get("blocking", False)
+
+            def record(self, stream):
+                api.log.append(("record", self.name, stream.name))
+
+            def synchronize(self):
+                api.log.append(("sync", self.name))
+
+            def query(self):
+                return True
+
+        self.Stream, self.Event = Stream, Event
+        self.compute = Stream()
+        self.compute.name = "compute"
+        self.current = [self.compute]
+
+    def stream(self, s):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self.current.append(s)
+            yield
+            self.current.pop()
+        return ctx()
+
+    def device(self, d):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def current_stream(self, device=None):
+        return self.current[-1]
+
+
+class _FakeTorch:
+    """wsss.bundle's view of torch with the CUDA calls faked and pin_memory dropped (logged)."""
+
+    def __init__(self, cuda):
+        self.cuda, self.pinned = cuda, []
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def empty(self, *args, pin_memory=False, **kw):
+        t = torch.empty(*args, **kw)
+        if pin_memory:
+            self.pinned.append(t)
+        return t
+
+    def empty_like(self, t, device=None, **kw):
+        return torch.empty_like(t, **kw)
+
+
+def test_cuda_overlap_logic_with_fake_streams(monkeypatch):
+    """The staging ring, stream waits and events of the CUDA path, run on the CPU with fakes."""
+    import wsss.bundle as wb
+
+    cuda = _FakeCudaApi()
+    fake = _FakeTorch(cuda)
+    monkeypatch.setattr(wb, "torch", fake)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: cuda.log.append(("record_stream", s.name)),
+                        raising=False)
+    calls = []
+
+    class Predictor:  # what _CudaOverlap needs of a BundlePredictor
+        def _run(self, x, with_scores):
+            calls.append(x.clone())
+            n = x.shape[0]
+            scores = x.float().mean(1, keepdim=True).expand(n, 2, *x.shape[2:]) / 255  # non-contiguous
+            return x[:, 0].clone(), scores, torch.ones(n, 2)
+
+    overlap = wb._CudaOverlap(torch.device("cpu"), ring_size=2)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (n, 8, 8, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+               for n in (3, 3, 3, 1, 5)]
+    pending, logs = [], []
+    for b in batches:
+        cuda.log = []
+        logs.append(cuda.log)
+        pending.append(overlap.submit(Predictor(), b, True, ("labels", "scores")))
+        kinds = [e[0] for e in cuda.log]
+        # upload recorded on the upload stream, compute waits for it, input kept for compute,
+        # download waits for compute, outputs kept for the download stream, done recorded there
+        up, down = overlap.upload.name, overlap.download.name
+        assert kinds.index("record") < kinds.index("wait") and cuda.log[kinds.index("record")][2] == up
+        assert ("wait", "compute", up) in cuda.log and ("record_stream", "compute") in cuda.log
+        assert ("wait", down, "compute") in cuda.log and cuda.log.count(("record_stream", down)) == 2
+        assert cuda.log[-1][0] == "record" and cuda.log[-1][2] == down and pending[-1]._done.blocking
+    # the ring: 2 buffers of the first batch's size, reused in turn, each after waiting for the
+    # event of its previous upload; the batch of 1 in a slice; the batch of 5 in a new ring,
+    # after waiting for both old buffers' uploads
+    uploaded = [next(e[1] for e in log if e[0] == "record") for log in logs]
+    synced = [[e[1] for e in log if e[0] == "sync"] for log in logs]
+    assert synced[2] == [uploaded[0]] and synced[3] == [uploaded[1]]
+    assert synced[4][:2] == [uploaded[2], uploaded[3]]
+    host_buffers = [t for t in fake.pinned if t.dim() == 4 and t.shape[-1] == 3]  # NHWC staging, not outputs
+    assert [tuple(t.shape) for t in host_buffers] == [(3, 8, 8, 3)] * 2 + [(5, 8, 8, 3)] * 2
+    for b, x, p in zip(batches, calls, pending):
+        assert torch.equal(x, b) and x.is_contiguous(memory_format=torch.channels_last)
+        labels, scores, class_prob = p.result()
+        assert class_prob is None and torch.equal(labels, b[:, 0])
+        assert scores.is_contiguous() and torch.equal(scores, b.float().mean(1, keepdim=True).expand_as(scores) / 255)
+        assert all(t is not None and any(t is q for q in fake.pinned) for t in (labels, scores))
+
+
 # --------------------------------------------------------------------------------------
 # CUDA (run by tools/gpu_check.sh on a GPU machine)
 # --------------------------------------------------------------------------------------
