@@ -385,8 +385,13 @@ def test_cuda_overlap_logic_with_fake_streams(monkeypatch):
     cuda = _FakeCudaApi()
     fake = _FakeTorch(cuda)
     monkeypatch.setattr(wb, "torch", fake)
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: cuda.log.append(("record_stream", s.name)),
-                        raising=False)
+
+    def record_stream(tensor, stream):
+        # NB: record_stream's schema writes its tensor: an inference tensor only inside inference mode
+        assert not tensor.is_inference() or torch.is_inference_mode_enabled()
+        cuda.log.append(("record_stream", stream.name))
+
+    monkeypatch.setattr(torch.Tensor, "record_stream", record_stream, raising=False)
     calls = []
 
     class Predictor:  # what _CudaOverlap needs of a BundlePredictor

@@ -426,15 +426,16 @@ class _CudaOverlap:
                 device_out = [t.float().contiguous() if name != "labels" else t.contiguous()
                               for name, t in zip(PREDICTION_OUTPUTS, results) if name in outputs]
             self.download.wait_stream(compute)
-            host_out = []
-            # NB: host tensors made outside inference mode, like the synchronous path's .cpu()
-            # copies, so callers may update them in place.
             with torch.cuda.stream(self.download):
-                for t in device_out:
-                    pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                    pinned.copy_(t, non_blocking=True)
-                    t.record_stream(self.download)  # allocated on the compute stream, read here
-                    host_out.append(pinned)
+                # NB: host tensors made outside inference mode, like the synchronous path's .cpu()
+                # copies, so callers may update them in place; the copies and record_stream (which
+                # counts as a write to the device tensor) stay inside it, as the device tensors
+                # are inference tensors.
+                host_out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in device_out]
+                with torch.inference_mode():
+                    for pinned, t in zip(host_out, device_out):
+                        pinned.copy_(t, non_blocking=True)
+                        t.record_stream(self.download)  # allocated on the compute stream, read here
                 # NB: blocking=True: result() sleeps instead of spinning a core, which the reader
                 # and stitcher threads need
                 done = torch.cuda.Event(blocking=True)
