@@ -22,9 +22,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--work", help="working folder (kept); default: a temporary folder (removed)")
     p.add_argument("--patch", type=int, default=96)
-    p.add_argument("--n-train", type=int, default=400)
-    p.add_argument("--cls-epochs", type=int, default=12)
-    p.add_argument("--seg-epochs", type=int, default=10)
+    p.add_argument("--n-train", type=int, default=600)
+    p.add_argument("--cls-epochs", type=int, default=16)
+    p.add_argument("--seg-epochs", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
