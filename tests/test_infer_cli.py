@@ -64,7 +64,7 @@ def test_help_is_fast_and_lists_options():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     for opt in ("--model", "--device", "--batch-size", "--workers", "--precision", "--mpp", "--reader",
-                "--tile-size", "--overlap", "--resume", "--demo"):
+                "--precision-mode", "--tile-size", "--overlap", "--resume", "--demo"):
         assert opt in r.stdout
 
 
@@ -85,6 +85,23 @@ def test_run_one_slide(tmp_path, bundle, capsys):
     rc = main([str(s), "--model", str(bundle), "-o", str(tmp_path / "out"), "--no-tissue-detection",
                "--overlap", "8", "--probs", "--resume"])
     assert rc == 0 and "1 skipped" in capsys.readouterr().err
+
+
+def test_precision_mode_reaches_the_run(tmp_path, bundle, capsys):
+    """--precision bfloat16 --precision-mode autocast: run.json records both; identity differs from cast."""
+    s = slide(tmp_path / "a.tif")
+    runs = {}
+    for mode in ("autocast", "cast"):
+        rc = main([str(s), "--model", str(bundle), "-o", str(tmp_path / mode), "--no-tissue-detection",
+                   "--precision", "bf16", "--precision-mode", mode, "--no-progress"])
+        assert rc == 0
+        runs[mode] = json.loads((tmp_path / mode / "a" / "run.json").read_text())
+        assert runs[mode]["model"]["precision"] == "bfloat16"
+        assert runs[mode]["model"]["precision_mode"] == mode
+    assert runs["autocast"]["model"]["identity"] != runs["cast"]["model"]["identity"]
+    with pytest.raises(SystemExit) as e:  # argparse's own choices check
+        main([str(s), "--model", str(bundle), "--precision-mode", "fast"])
+    assert e.value.code == 2 and "--precision-mode" in capsys.readouterr().err
 
 
 def test_bundle_from_env_and_config(tmp_path, bundle, monkeypatch):

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--precision", default="auto",
                    help="auto (bf16 on CPUs with bf16 units / CUDA, else float32), float32, bfloat16, float16")
+    p.add_argument("--precision-mode", choices=["cast", "autocast"],
+                   help="how reduced precision is applied: cast (a bf16/fp16 copy of the weights; default on CPU) "
+                        "or autocast (float32 weights under torch.autocast; default on CUDA)")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default 8)")
     p.add_argument("--workers", type=int, default=2, help="tile reader threads, each with its own slide handle (default 2)")
     p.add_argument("--mpp", type=float, help="microns per pixel of the slide's level 0 (for slides without it)")
@@ -149,7 +152,8 @@ def _load_model(path: str, args):
         # NB: torch 2.14 marks torch.jit.load deprecated on every call; a user can do nothing about it
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         bundle = load_bundle(path, device="cpu")
-        return SlideModel.from_bundle(bundle, device=args.device, precision=args.precision)
+        return SlideModel.from_bundle(bundle, device=args.device, precision=args.precision,
+                                      precision_mode=args.precision_mode)
 
 
 def out_dir_for(slide: Path, output: Optional[str]) -> Path:
