@@ -95,31 +95,61 @@ def main(argv=None) -> int:
     p.add_argument("--cls-width", type=float, default=1 / 16)
     p.add_argument("--seg-width", type=float, default=1 / 8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2): one run per seed in WORK/seed<N>, "
+                                   "each seed's table, then mean +- sd over the seeds")
     p.add_argument("--jobs", type=int, default=2, help="worker processes for independent runs [2]")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker [cores // jobs]")
     p.add_argument("--with-plain-gap", action="store_true", help="add the no-attention classifier row")
     p.add_argument("--markdown", help="also write the table (markdown) here")
     args = p.parse_args(argv)
     command = "python tools/run_synthetic_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    t0 = time.time()
+    if not args.seeds:
+        runs, threads = _run_seed(args, args.seed, args.work)
+        text = _table(runs) + "\n\n" + "\n".join(f"- {n}" for n in _notes(args, runs, threads, t0, command))
+    else:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        per_seed = {}
+        parts = []
+        for seed in seeds:
+            runs, threads = _run_seed(args, seed, os.path.join(args.work, f"seed{seed}"))
+            per_seed[seed] = runs
+            parts.append(f"### seed {seed}\n\n" + _table(runs) + "\n\n"
+                         + "\n".join(f"- {n}" for n in _notes(args, runs, threads, t0, None)))
+            print(parts[-1], flush=True)
+        text = (f"### mean +- sd over seeds {', '.join(map(str, seeds))}\n\n" + _summary(per_seed)
+                + f"\n\n- command: {command}; total {time.time() - t0:.0f} s\n\n" + "\n\n".join(parts))
+        with open(os.path.join(args.work, "results.json"), "w") as f:
+            json.dump({str(k): v for k, v in per_seed.items()}, f, indent=1, default=str)
+    print(text, flush=True)
+    if args.markdown:
+        tmp = f"{args.markdown}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.markdown)
+    return 0
 
+
+def _run_seed(args, seed, work):
+    """All runs of one seed (data, classifier, pseudo masks, segmenters) in ``work``."""
     from wsss.synthetic import write_patch_dataset
 
     t0 = time.time()
-    data = os.path.join(args.work, "data")
+    data = os.path.join(work, "data")
     truth = os.path.join(data, "train_truth")
     if not os.path.isfile(os.path.join(data, "dataset.json")):
         write_patch_dataset(data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, patch=args.patch,
-                            seed=args.seed)
+                            seed=seed)
     threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
-    cls = dict(epochs=args.cls_epochs, batch_size=16, width=args.cls_width, lr=0.02, momentum=0.9, seed=args.seed,
+    cls = dict(epochs=args.cls_epochs, batch_size=16, width=args.cls_width, lr=0.02, momentum=0.9, seed=seed,
                progress=False)
-    seg = dict(epochs=args.seg_epochs, batch_size=16, width=args.seg_width, backbone="resnet50", seed=args.seed,
+    seg = dict(epochs=args.seg_epochs, batch_size=16, width=args.seg_width, backbone="resnet50", seed=seed,
                progress=False)
     pm = dict(batch_size=32, progress=False)
 
     def spec(name, cls_over=None, seg_over=None, **kw):
         settings = dict(classifier={**cls, **(cls_over or {})}, pseudo_masks=pm, segmenter={**seg, **(seg_over or {})})
-        return (name, data, os.path.join(args.work, name.split(" (")[0].replace(" ", "_")), settings, truth, kw,
+        return (name, data, os.path.join(work, name.split(" (")[0].replace(" ", "_")), settings, truth, kw,
                 threads)
 
     runs = {}
@@ -148,13 +178,19 @@ def main(argv=None) -> int:
                     pending[pool.submit(_job, *spec(FULL, seg_over={"layers": ("",), "layer_weights": (1.0,)},
                                                     pseudo_dir=truth, **shared))] = FULL
                     if args.with_plain_gap:
-                        pending[pool.submit(_classifier_job, PLAIN, data, os.path.join(args.work, "plain_gap"),
+                        pending[pool.submit(_classifier_job, PLAIN, data, os.path.join(work, "plain_gap"),
                                             {**cls, "mu_schedule": "none"}, threads)] = PLAIN
     finally:
         pool.shutdown(cancel_futures=True)
 
     if PLAIN in runs:  # the WSSS segmenter, gated by the plain-GAP classifier
         runs[PLAIN]["test"] = _gate_with(runs[PLAIN]["classifier"], runs[WSSS]["segmenter"], data)
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump(runs, f, indent=1, default=str)
+    return runs, threads
+
+
+def _table(runs) -> str:
     order = [n for n in (WSSS, PLAIN, PDA_OFF, BN7, FULL) if n in runs]
     header = ("| run | cls F1 | true class gated | PM b4_5 | PM b5_2 | PM bn7 | mIoU | FwIoU | ACC | "
               "mIoU gated | FwIoU gated | ACC gated |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -169,10 +205,16 @@ def main(argv=None) -> int:
                      f"{_pct(r['test']['gate']['pixels_true_class_gated'])} | " + " | ".join(pm_cells)
                      + f" | {_pct(u['miou'])} | {_pct(u['fwiou'])} | {_pct(u['acc'])} | {_pct(g['miou'])} | "
                        f"{_pct(g['fwiou'])} | {_pct(g['acc'])} |")
-    table = "\n".join(lines)
+    return "\n".join(lines)
 
+
+def _miou(runs, name, key="ungated"):
+    return runs[name]["test"][key]["miou"]
+
+
+def _notes(args, runs, threads, t0, command):
     def miou(name, key="ungated"):
-        return runs[name]["test"][key]["miou"]
+        return _miou(runs, name, key)
 
     notes = [f"weakly vs fully supervised mIoU gap (ungated): {100 * (miou(FULL) - miou(WSSS)):.1f} points "
              f"(target: within 5); gated: {100 * (miou(FULL, 'gated') - miou(WSSS, 'gated')):.1f} points",
@@ -184,18 +226,40 @@ def main(argv=None) -> int:
              f"data: {args.n_train} train / {args.n_val} val / {args.n_test} test patches of {args.patch} px; "
              f"classifier ResNet-38 width {args.cls_width:g}, {args.cls_epochs} epochs; segmenter DeepLabV3+-ResNet-50 "
              f"width {args.seg_width:g}, {args.seg_epochs} epochs; {args.jobs} workers x {threads} threads; "
-             f"total {time.time() - t0:.0f} s",
-             f"command: {command}"]
-    text = table + "\n\n" + "\n".join(f"- {n}" for n in notes)
-    print(text, flush=True)
-    with open(os.path.join(args.work, "results.json"), "w") as f:
-        json.dump(runs, f, indent=1, default=str)
-    if args.markdown:
-        tmp = f"{args.markdown}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.markdown)
-    return 0
+             f"{time.time() - t0:.0f} s since the start"] + ([f"command: {command}"] if command else [])
+    return notes
+
+
+def _summary(per_seed) -> str:
+    """Mean +- sample sd over seeds of the headline numbers, and the per-seed gap."""
+    import statistics
+
+    def cell(values):
+        values = [100 * v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        if not values:
+            return "n/a"
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.1f} +- {sd:.1f}"
+
+    seeds = list(per_seed)
+    lines = ["| run | cls F1 | PM bn7 | mIoU | mIoU gated |", "|---|---|---|---|---|"]
+    for name in (WSSS, PLAIN, PDA_OFF, BN7, FULL):
+        if not all(name in per_seed[s] for s in seeds):
+            continue
+        rs = [per_seed[s][name] for s in seeds]
+        pm = [r.get("pseudo_masks", {}).get("scores", {}).get("bn7", {}).get("miou") for r in rs]
+        lines.append(f"| {name} | {cell([r['test']['classifier_f1']['macro'] for r in rs])} | "
+                     f"{cell(pm) if any(v is not None for v in pm) else '-'} | "
+                     f"{cell([r['test']['ungated']['miou'] for r in rs])} | {cell([r['test']['gated']['miou'] for r in rs])} |")
+    gaps = [100 * (_miou(per_seed[s], FULL) - _miou(per_seed[s], WSSS)) for s in seeds]
+    gaps_g = [100 * (_miou(per_seed[s], FULL, "gated") - _miou(per_seed[s], WSSS, "gated")) for s in seeds]
+    pda = [100 * (_miou(per_seed[s], WSSS) - _miou(per_seed[s], PDA_OFF)) for s in seeds]
+    ml = [100 * (_miou(per_seed[s], WSSS) - _miou(per_seed[s], BN7)) for s in seeds]
+    fmt = lambda xs: ", ".join(f"{x:+.1f}" for x in xs)  # noqa: E731
+    lines += ["", f"- weak vs full gap per seed (ungated): {fmt(gaps)} (mean {statistics.mean(gaps):.1f}; target "
+                  f"within 5: met in {sum(g <= 5 for g in gaps)} of {len(gaps)}); gated: {fmt(gaps_g)}",
+              f"- PDA minus PDA off per seed: {fmt(pda)}; 3-layer minus bn7-only loss per seed: {fmt(ml)}"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
