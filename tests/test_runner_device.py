@@ -456,3 +456,36 @@ def test_cuda_autocast_agrees_with_float32(precision):
     # the margin > 0.05), fp16 0.995 (1.0)
     assert clear_agreement >= 0.99
     assert agreement >= (0.99 if precision == "float16" else 0.95)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_model_keeps_the_callers_thread_count(tmp_path, workers):
+    """Helper threads take one OpenMP thread each, but the model (main thread) keeps the caller's
+    count, in the first run of a process too, and the process default is restored afterwards
+    (regression: torch.set_num_threads(1) in a reader thread made the model single-threaded)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+        from pathlib import Path
+        from runner_kit import colour_slide, write_pyramid, model, opts, red_class
+        from wsss.runner import run_slide
+        torch.set_num_threads(2)
+        seen = []
+        def predict(x):
+            seen.append(torch.get_num_threads())
+            return red_class(x)
+        d = Path({str(tmp_path)!r})
+        write_pyramid(d / "s.tif", [colour_slide(160, 160)])
+        run_slide(d / "s.tif", model(predict), d / "out", opts(batch_size=2, workers={workers}), log=lambda s: None)
+        import threading
+        fresh = []
+        t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads())); t.start(); t.join()
+        print(sorted(set(seen)), torch.get_num_threads(), fresh[0])
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-3:] == ["[2]", "2", "2"], r.stdout

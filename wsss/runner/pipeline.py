@@ -537,13 +537,22 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     tile = grid.tile
     local = threading.local()
     views_lock = threading.Lock()
+    # NB: helper threads that touch torch get one OpenMP thread, so they never spawn a second
+    # team competing with the model's.  torch.set_num_threads also stores a process-wide
+    # default that a thread adopts when it first uses torch: this thread reads its own count
+    # now (fixing it before any helper runs), and the caller's count is restored at the end.
+    # Without this the model ran on ONE thread in the first run of a process.
+    caller = threading.current_thread()
+    caller_threads = torch.get_num_threads()
+
+    def one_thread_if_helper():
+        if threading.current_thread() is not caller:
+            torch.set_num_threads(1)
 
     def read(pos):
         v = getattr(local, "view", None)
         if v is None:
-            # NB: OpenMP's thread count is per calling thread: helper threads that touch torch
-            # get one, so they never spawn a second team competing with the model's threads.
-            torch.set_num_threads(1)
+            one_thread_if_helper()
             v = local.view = view.reopen()
             with views_lock:
                 views.append(v)
@@ -557,7 +566,7 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     holder: dict = {}
 
     def stitch_worker():
-        torch.set_num_threads(1)  # gate_argmax on small pieces: no OpenMP team beside the model's
+        one_thread_if_helper()  # gate_argmax on small pieces: no OpenMP team beside the model's
         try:
             while True:
                 item = stitch_q.get()
@@ -659,6 +668,7 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
             for _, fut in pending:
                 fut.cancel()
             pool.shutdown(wait=True)
+        torch.set_num_threads(caller_threads)
     if errors:
         raise errors[0]
     st = holder["stitcher"]
