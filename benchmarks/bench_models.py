@@ -37,6 +37,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch.optim.swa_utils import update_bn
 
 from wsss.bundle import cpu_reduced_precision_supported
 from wsss.models import DeepLabV3Plus, ResNet38Classifier, TissueSegmenter
@@ -68,8 +69,14 @@ def _network(net: str, width: float) -> torch.nn.Module:
         torch.manual_seed(0)
         clf = ResNet38Classifier(4, width=width)
         seg = DeepLabV3Plus(4, backbone="resnet101", width=width)
-        # NB: random init, BatchNorm statistics (0, 1): no trained weights can be downloaded here;
-        # speed does not depend on the values
+        # NB: random weights (no trained weights can be downloaded here)
+        # NB: random init with BatchNorm statistics (0, 1) is numerically pathological (DeepLab
+        # activations ~1e6, classifier outputs ~1e-3 with denormals inside, which made some
+        # variants 5-100x slower or faster for no real reason): BatchNorm statistics are
+        # recomputed from synthetic tissue (torch.optim.swa_utils.update_bn), as training would.
+        calibration = [_tiles(8, TILE, seed0=1000).float() / 255]
+        update_bn(calibration, clf)
+        update_bn(calibration, seg)
         tissue = TissueSegmenter(clf, seg)
         for name, module in (("classifier", clf), ("segmenter", seg), ("tissue", tissue)):
             _NETS[(name, width)] = module.eval()

@@ -71,17 +71,29 @@ MODEL_WIDTHS = {"demo": (1 / 16, 1 / 8), "quarter": (1 / 4, 1 / 4)}
 
 def make_bench_bundle(path: Path, size: str = "demo") -> Path:
     """A bundle (ResNet-38 + DeepLabV3+ ResNet-50 at MODEL_WIDTHS[size]) at tile 256, 0.5 um/px,
-    random weights."""
+    random weights, BatchNorm statistics recomputed on synthetic tissue.
+
+    NB: random init with BatchNorm statistics (0, 1) is numerically pathological (activations
+    exploding or vanishing into denormals), which distorts timings; update_bn gives the
+    activations a trained network has."""
+    from torch.optim.swa_utils import update_bn
+
     from wsss.bundle import save_bundle
     from wsss.models import DeepLabV3Plus, ResNet38Classifier, TissueSegmenter
+    from wsss.synthetic import render_tissue
 
     torch.manual_seed(0)
     cls_w, seg_w = MODEL_WIDTHS[size]
-    module = TissueSegmenter(ResNet38Classifier(K, width=cls_w),
-                             DeepLabV3Plus(K, backbone="resnet50", width=seg_w)).eval()
+    classifier = ResNet38Classifier(K, width=cls_w)
+    segmenter = DeepLabV3Plus(K, backbone="resnet50", width=seg_w)
+    calibration = [torch.from_numpy(np.stack([render_tissue(TILE, TILE, seed=1000 + s)[0] for s in range(8)]))
+                   .permute(0, 3, 1, 2).float() / 255]
+    update_bn(calibration, classifier)
+    update_bn(calibration, segmenter)
+    module = TissueSegmenter(classifier, segmenter).eval()
     save_bundle(str(path), module, {"class_names": CLASSES, "palette": PALETTE, "background_index": K,
                                     "tile_size": TILE, "mpp": 0.5,
-                                    "config": {"note": "benchmark model, random weights"}})
+                                    "config": {"note": "benchmark model, random weights, BatchNorm statistics from synthetic tissue"}})
     return path
 
 
