@@ -107,6 +107,23 @@ void load_op_library(const std::string& path) {
   }
 }
 
+// An AOTInductor package's compiled model links libtorch.so, which this host does not (it links
+// libtorch_cpu and libc10).  The host's rpath only serves its own direct dependencies, so the
+// dlopen inside AOTIModelPackageLoader would not find libtorch.so: load it first, from the
+// folder the running libtorch_cpu.so came from (so it is the same wheel's), RTLD_GLOBAL.
+void load_libtorch_for_aoti() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&at::set_num_threads), &info) == 0 || info.dli_fname == nullptr)
+    fail("cannot locate libtorch_cpu.so (dladdr failed), needed to find libtorch.so for the .pt2 package");
+  std::string dir(info.dli_fname);
+  dir = dir.substr(0, dir.find_last_of('/'));
+  const std::string lib = dir + "/libtorch.so";
+  if (dlopen(lib.c_str(), RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+    const char* why = dlerror();
+    fail("cannot load " + lib + " (an AOTInductor package needs it): " + (why ? why : "unknown dlopen error"));
+  }
+}
+
 // Checks the bundle format marker written by wsss.bundle.save_bundle (json.dumps, indent=1).
 void check_metadata(const std::string& path, const std::string& json) {
   if (json.empty()) fail("bundle " + path + ": no " + kMetadataFile + " in the archive (not a wsss bundle)");
@@ -138,6 +155,7 @@ int main(int argc, char** argv) {
       metadata = extra[kMetadataFile];
       check_metadata(args.get("--bundle"), metadata);
     } else {
+      load_libtorch_for_aoti();
       package = std::make_unique<torch::inductor::AOTIModelPackageLoader>(args.get("--pt2"));
       auto meta = package->get_metadata();
       metadata = meta.count(kMetadataFile) ? meta[kMetadataFile] : "";
