@@ -16,7 +16,10 @@ Columns: classifier F1 (macro, test split, threshold 0.5), share of test tissue 
 true class the gate removes (eps 0.1), pseudo-mask mIoU per layer (train split vs. its
 truth), segmentation mIoU / FwIoU / ACC on the test split without and with the gate.
 
-    python tools/run_synthetic_experiment.py --work /tmp/wsss-exp [--markdown table.md]
+    python tools/run_synthetic_experiment.py --work /tmp/wsss-exp --seeds 0,1,2 [--markdown table.md]
+
+(the defaults are the configuration of docs/experiments.md's main table: about 6 minutes per
+seed on 2 cores)
 
 Independent runs go to ``--jobs`` worker processes (default 2, one torch thread each on 2
 cores): the tiny networks use one core far better than two threads share it.
@@ -88,10 +91,10 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True, help="working folder (data, checkpoints, results.json)")
     p.add_argument("--patch", type=int, default=64)
     p.add_argument("--n-train", type=int, default=480)
-    p.add_argument("--n-val", type=int, default=24)
-    p.add_argument("--n-test", type=int, default=48)
-    p.add_argument("--cls-epochs", type=int, default=16)
-    p.add_argument("--seg-epochs", type=int, default=10)
+    p.add_argument("--n-val", type=int, default=48)
+    p.add_argument("--n-test", type=int, default=96)
+    p.add_argument("--cls-epochs", type=int, default=30)
+    p.add_argument("--seg-epochs", type=int, default=16)
     p.add_argument("--cls-width", type=float, default=1 / 16)
     p.add_argument("--seg-width", type=float, default=1 / 8)
     p.add_argument("--seed", type=int, default=0)
