@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 import zipfile
 
@@ -111,6 +112,24 @@ def test_load_errors_name_the_file(tmp_path, bundle_path):
         torch.jit.save(plain, str(tmp_path / name), _extra_files={METADATA_FILE: text})
         with pytest.raises(BundleError, match=match):
             load_bundle(tmp_path / name)
+
+
+def test_bundle_from_another_torch_says_which(tmp_path, bundle_path):
+    """A bundle whose code calls an op this torch lacks (as a torch 2.14 bundle does in 2.11):
+    the message names both torch versions."""
+    out = tmp_path / "newer.pt"
+    with zipfile.ZipFile(bundle_path) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("/code/__torch__/wsss/models/segmenter.py"):
+                assert b"torch.softmax(" in data
+                data = data.replace(b"torch.softmax(", b"torch._wsss_op_of_a_future_torch(", 1)
+            elif item.filename.endswith("/extra/" + METADATA_FILE):
+                data = json.dumps(dict(json.loads(data), torch_version="99.0.0")).encode()
+            dst.writestr(item, data)
+    with pytest.raises(BundleError, match=r"newer\.pt: not a loadable TorchScript archive: .*saved with torch 99\.0\.0, "
+                                          rf"this is torch {re.escape(torch.__version__)}"):
+        load_bundle(out)
 
 
 def test_edited_bundle_fails_hash_check(tmp_path, bundle_path):

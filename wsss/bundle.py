@@ -472,13 +472,19 @@ def load_bundle(path: str, *, device: str = "cpu", verify: bool = True) -> Bundl
     import wsss  # noqa: F401  (loads the op library the module calls)
 
     path = os.fspath(path)
-    read_bundle_metadata(path)  # cheap, precise errors before the expensive load
+    saved = read_bundle_metadata(path)  # cheap, precise errors before the expensive load
     extra = {METADATA_FILE: ""}
     try:
         module = torch.jit.load(path, map_location=device, _extra_files=extra)
     except Exception as e:
-        raise BundleError(f"bundle {path}: not a loadable TorchScript archive: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        made_with = saved.get("torch_version")
+        if made_with and made_with != torch.__version__:
+            # NB: TorchScript archives hold code compiled by the saving torch (e.g. 2.14's
+            # F.interpolate calls ops that 2.11 lacks): they load in that torch or a newer one
+            why += (f" (the bundle was saved with torch {made_with}, this is torch {torch.__version__}; a bundle "
+                    f"loads in the torch it was saved with or a newer one - re-export it here or install that torch)")
+        raise BundleError(f"bundle {path}: not a loadable TorchScript archive: {why}") from None
     meta = _parse_metadata(path, extra[METADATA_FILE] if isinstance(extra[METADATA_FILE], bytes)
                            else str(extra[METADATA_FILE]).encode())
     if verify:
