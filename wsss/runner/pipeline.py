@@ -365,7 +365,7 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
             def make_stitcher(K: int) -> Stitcher:
                 probs_out = None
                 stitcher = Stitcher(plan.width, plan.height, tile, grid.xs, grid.ys, grid.tiles, window, K,
-                                    finalize, labels_out=None)  # type: ignore[arg-type]
+                                    finalize, labels_out=None, background_index=bg)  # type: ignore[arg-type]
                 expected = stitcher.covered_pixels_per_output_tile(T)
                 stitcher.labels_out = OutputTiles(label_spool, expected)
                 if options.write_probs:
