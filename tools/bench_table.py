@@ -104,7 +104,7 @@ def models_table(groups: dict) -> list[str]:
         base = impls.get("eager float32")
         base_tps = base["extra_info"].get("tiles_per_s") if base else None
         precisions = sorted({b["extra_info"]["precision"] for b in impls.values()},
-                            key=lambda p: ("float32", "bfloat16", "bfloat16-autocast").index(p))
+                            key=lambda p: ("float32", "bfloat16", "bfloat16-autocast", "float16-autocast").index(p))
         for precision in precisions:
             cells = []
             for mode in modes:
