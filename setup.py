@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
 import shutil
+import subprocess
 import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -49,6 +52,40 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and cuda_home is not None
 
 
+def _shared_libstdcxx_link_args() -> list:
+    """Link args that keep libstdc++ shared when the C++ compiler would link a static copy.
+
+    NB: a GPU machine's environment set CXX=/opt/gcc/bin/g++, a toolchain without a shared
+    libstdc++.so: the op library got a private static copy of libstdc++ (180 of its internals),
+    whose iostreams were never initialised - error messages formatted there segfaulted.  Such a
+    compiler prints a bare name for -print-file-name=libstdc++.so; then the op library is linked
+    against the libstdc++.so.6 this process (torch) uses, which comes first, so nothing is taken
+    from the static archive.  (tests/test_library.py checks the built library.)
+    """
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    try:
+        found = subprocess.run(shlex.split(cxx) + ["-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+    if os.path.isabs(found) and os.path.exists(found):
+        return []  # the compiler links the shared library itself
+    import torch  # noqa: F401  (loads the process's libstdc++)
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "/libstdc++.so" in line})
+    except OSError:
+        paths = []
+    if not paths:
+        print(f"wsss setup: WARNING: {cxx} has no shared libstdc++ and the one in use was not found; the op "
+              f"library may get a static copy (set CXX to the system compiler)", file=sys.stderr)
+        return []
+    print(f"wsss setup: {cxx} has no shared libstdc++.so; linking {paths[0]} (the one torch uses) instead of "
+          f"a static copy", file=sys.stderr)
+    return [paths[0]]
+
+
 def _extensions():
     want_cuda = _want_cuda()
     if want_cuda:
@@ -68,6 +105,7 @@ def _extensions():
     # NB: rpath to torch/lib so C++ hosts find libc10/libtorch_cpu; $ORIGIN form for installs
     # next to torch in site-packages, absolute form for editable/in-tree builds.
     link = ["-fopenmp", f"-Wl,-rpath,{torch_lib}", "-Wl,-rpath,$ORIGIN/../torch/lib", "-Wl,--no-undefined"]
+    link += _shared_libstdcxx_link_args()
     kwargs = dict(extra_link_args=link)
     if want_cuda:
         # NB: on GPU machines without a toolkit, libcudart comes from the nvidia wheel that torch

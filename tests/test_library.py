@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -82,3 +83,20 @@ def test_wsss_info_reports_backends_and_threads():
     assert isinstance(info["cpu"]["bf16_matrix_units"], bool)
     text = subprocess.run([sys.executable, "-m", "wsss.info"], capture_output=True, text=True, timeout=120)
     assert "wsss::gate_argmax" in text.stdout and "bf16 matrix units" in text.stdout
+
+
+def test_library_shares_the_process_libstdcxx():
+    """The op library must use the process's (torch's) shared libstdc++, not carry a static copy
+    (a link with -static-libstdc++): a private copy's locale is never set up, so iostream number
+    formatting in it cut error messages short here and segfaulted on a GPU machine."""
+    from wsss._library import library_path
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("binutils' nm is not installed (it comes with the compiler that builds the op library)")
+    r = subprocess.run([nm, "--defined-only", "-C", library_path()], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    private = [line for line in r.stdout.splitlines()
+               if re.search(r"std::locale::|std::ios_base::Init|std::basic_ostream<[^>]*>::_M_insert", line)]
+    assert not private, (f"{library_path()} defines {len(private)} libstdc++ internals (a static copy, e.g. "
+                         f"LDFLAGS=-static-libstdc++), such as {private[:3]}")
