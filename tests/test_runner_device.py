@@ -140,6 +140,49 @@ def test_wrong_shape_from_a_deferred_model(tmp_path):
     nothing_left(tmp_path / "out")
 
 
+# --------------------------------------------------------------------------------------
+# the finalising thread (stitch_threads=2: default on CUDA, any device here)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("predict", [red_class, soft_colour])
+def test_finalise_thread_gives_identical_outputs(tmp_path, predict):
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(173, 151, block=7)])
+    base = dict(overlap=8, write_probs=True)
+    one = run_slide(path, model(predict), tmp_path / "one", opts(stitch_threads=1, **base))
+    two = run_slide(path, model(predict), tmp_path / "two", opts(stitch_threads=2, **base))
+    assert one.status == two.status == "done"
+    outputs_equal(tmp_path / "one", tmp_path / "two", ("labels.tiff", "probs.tiff", "areas.json", "areas.csv",
+                                                      "polygons.geojson", "overlay.png"))
+    assert "stitch (finalise thread)" in two.timings and "stitch (finalise thread)" not in one.timings
+    # not part of the resume fingerprint: the outputs are the same
+    again = run_slide(path, model(predict), tmp_path / "one", opts(stitch_threads=2, resume=True, **base))
+    assert again.status == "skipped"
+
+
+def test_finalise_thread_error_fails_the_run_and_leaves_nothing(tmp_path, monkeypatch):
+    import wsss.runner.pipeline as pipeline
+
+    make = pipeline._make_finalize
+
+    def failing_make(*args, **kw):
+        finalize, calls = make(*args, **kw), []
+
+        def fin(x, y, probs):
+            calls.append(1)
+            if len(calls) == 5:
+                raise Interrupt("finaliser broke")
+            return finalize(x, y, probs)
+
+        return fin
+
+    monkeypatch.setattr(pipeline, "_make_finalize", failing_make)
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(200, 180, block=9)])
+    with pytest.raises(Interrupt, match="finaliser broke"):
+        run_slide(path, model(red_class), tmp_path / "out", opts(overlap=8, batch_size=1, stitch_threads=2))
+    nothing_left(tmp_path / "out")
+
+
 def test_predict_async_owns_a_copy_of_a_reused_output_buffer():
     """A plain callable that hands back the same buffer each call: the deferred result of batch i
     must not change when batch i+1 runs."""

@@ -175,12 +175,17 @@ def resolve_precision(precision: str, device: str) -> str:
 
 @dataclass
 class RunOptions:
-    """Options that shape the result (all but ``progress``/``workers`` enter the resume fingerprint)."""
+    """Options that shape the result (all but ``batch_size``/``workers``/``stitch_threads``/
+    ``resume``/``progress`` enter the resume fingerprint)."""
 
     tile_size: Optional[int] = None  # default: the model's tile size
     overlap: Optional[int] = None  # default: tile_size // 8
     batch_size: int = 8
     workers: int = 2
+    # 1: blend and finalise on one thread; 2: finalise (gate+argmax, counts, paste, deflate) on a
+    # second thread; 0 (auto): 2 when the model runs on CUDA (a GPU outruns one stitch thread),
+    # else 1 (on the CPU every helper thread takes cores from the model)
+    stitch_threads: int = 0
     mpp: Optional[float] = None  # slide level-0 microns per pixel, overrides metadata
     reader: str = "auto"
     tissue: str = "auto"  # "auto" (detect), "none" (everything), or a mask image path
@@ -194,7 +199,7 @@ class RunOptions:
 
     def fingerprint_fields(self) -> dict:
         d = asdict(self)
-        for k in ("batch_size", "workers", "resume", "progress"):
+        for k in ("batch_size", "workers", "stitch_threads", "resume", "progress"):
             d.pop(k)
         if self.tissue not in ("auto", "none"):
             from wsss.bundle import file_sha256
@@ -565,25 +570,39 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     errors: list = []
     holder: dict = {}
 
+    stitch_threads = options.stitch_threads or (2 if str(model.description.get("device", "cpu")).startswith("cuda")
+                                                else 1)
+
     def stitch_worker():
         one_thread_if_helper()  # gate_argmax on small pieces: no OpenMP team beside the model's
+        drained = False
         try:
             while True:
                 item = stitch_q.get()
                 if item is None:
-                    return
+                    drained = True
+                    break
                 positions, probs = item
                 if "stitcher" not in holder:
-                    holder["stitcher"] = make_stitcher(probs.shape[1])
+                    st = holder["stitcher"] = make_stitcher(probs.shape[1])
+                    if stitch_threads > 1:
+                        st.start_emit_thread(init=one_thread_if_helper,
+                                             timer=lambda s: timer.add("stitch (finalise thread)", s))
                 st = holder["stitcher"]
                 t0 = time.perf_counter()
                 for (x, y), p in zip(positions, probs):
                     st.add(x, y, p)
                 timer.add("stitch", time.perf_counter() - t0)
+            if "stitcher" in holder:
+                t0 = time.perf_counter()
+                holder["stitcher"].finish()
+                timer.add("stitch", time.perf_counter() - t0)
         except BaseException as e:  # surfaced in the main thread
             errors.append(e)
+            if "stitcher" in holder:
+                holder["stitcher"].finish(raise_errors=False)
             # drain so the producer never blocks
-            while stitch_q.get() is not None:
+            while not drained and stitch_q.get() is not None:
                 pass
 
     stitch_thread = threading.Thread(target=stitch_worker, name="wsss-stitch", daemon=True)

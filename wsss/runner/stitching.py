@@ -7,6 +7,10 @@ blended probabilities -> ``wsss.ops.gate_argmax`` (with the tissue mask) -> labe
 are copied into output tiles (``OutputTiles``); a full output tile is compressed into a
 ``TileSpool`` on disk and dropped from memory.
 
+With ``start_emit_thread`` the finalising (gate+argmax, class counts, pastes, deflate of full
+output tiles) runs on a second thread, fed through a bounded queue, while the first keeps
+blending: on a GPU one thread could not stitch as fast as the model predicted.
+
 NB: only pieces still waiting for a tile live in RAM: in raster order that is one row of
 overlap strips across the grid (width x overlap x (K+1) floats) plus one row of output
 tiles (uint8), never a canvas of the slide.  Arrival order does not matter for the result.
@@ -16,7 +20,9 @@ from __future__ import annotations
 import bisect
 import math
 import os
+import queue
 import threading
+import time
 import zlib
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -198,6 +204,9 @@ class Stitcher:
         self.peak_piece_bytes = 0
         self._live_bytes = 0
         self._scratch_buf = np.empty(0, np.float32)
+        self._emit_q: Optional[queue.Queue] = None
+        self._emit_thread: Optional[threading.Thread] = None
+        self._emit_errors: List[BaseException] = []
         self.class_pixels = np.zeros(256, np.int64)
         # the label values finalize produces (gate_argmax: the classes and the background)
         self._label_values = (sorted(set(range(num_classes)) | {background_index})
@@ -269,7 +278,52 @@ class Stitcher:
                     weighted /= acc[K][None]
                     done.append((jy, jx, weighted))
         if done:
-            self._emit_pieces(done)
+            if self._emit_q is None:
+                self._emit_pieces(done)
+            else:
+                if self._emit_errors:
+                    raise self._emit_errors[0]
+                self._emit_q.put(done)
+
+    # -- optional second stage: finalise (gate+argmax, counts, paste, deflate) on another thread
+    def start_emit_thread(self, init: Optional[Callable[[], None]] = None, maxsize: int = 4,
+                          timer: Optional[Callable[[float], None]] = None) -> None:
+        """Finalise completed pieces on a second thread from now on, so blending (this thread)
+        and finalising overlap.  ``init`` runs first on that thread; at most ``maxsize`` tiles'
+        pieces wait for it (bounded memory); ``timer(seconds)`` gets its busy time per tile.
+        Call ``finish()`` before reading results."""
+        if self._emit_thread is not None:
+            return
+        self._emit_q = queue.Queue(maxsize=maxsize)
+
+        def work() -> None:
+            if init is not None:
+                init()
+            while True:
+                item = self._emit_q.get()
+                if item is None:
+                    return
+                if self._emit_errors:
+                    continue  # drain after a failure: the producer must never block
+                t0 = time.perf_counter()
+                try:
+                    self._emit_pieces(item)
+                except BaseException as e:  # re-raised in the blending thread
+                    self._emit_errors.append(e)
+                if timer is not None:
+                    timer(time.perf_counter() - t0)
+
+        self._emit_thread = threading.Thread(target=work, name="wsss-finalise", daemon=True)
+        self._emit_thread.start()
+
+    def finish(self, raise_errors: bool = True) -> None:
+        """Wait for the finalising thread (if any) to drain; re-raise its first error."""
+        if self._emit_thread is not None:
+            self._emit_q.put(None)
+            self._emit_thread.join()
+            self._emit_thread, self._emit_q = None, None
+        if raise_errors and self._emit_errors:
+            raise self._emit_errors[0]
 
     def _emit_pieces(self, done: List[Tuple[int, int, np.ndarray]]) -> None:
         """Finalise completed pieces, merged into rectangles: the whole set when it fills its
