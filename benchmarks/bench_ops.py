@@ -206,7 +206,9 @@ def test_gate_argmax(benchmark, full_size, impl):
     # NB: a gated class's plane is never read: the minimum is the allowed planes + uint8 labels.
     allowed = prob > 0.1
     allowed = allowed | ~allowed.any(1, keepdim=True)
-    min_bytes = int(scores[:, 0].nbytes * allowed.sum().item()) + scores[:, 0].numel()
+    # (one [H, W] plane per allowed (sample, class) pair: scores[0, 0], not scores[:, 0], which
+    # is N planes - that slip counted N times the bytes and overstated GB/s N-fold)
+    min_bytes = int(scores[0, 0].nbytes * allowed.sum().item()) + scores[:, 0].numel()
     _record(benchmark, shape=shape, dtype=scores.dtype, min_bytes=min_bytes, impl=impl)
     if impl == "eager_reference" and full_size:
         out = benchmark.pedantic(_synced(fn), args=(scores, prob, 0.1), rounds=3, iterations=1)
