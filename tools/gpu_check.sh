@@ -16,6 +16,8 @@
 # number of failed steps.  A test that crashes the interpreter is named, backtraced with
 # cuda-gdb where it is installed, and deselected so that the others still run.
 #
+# Step names: build op_tests runner_tests bench_runner bench_models runner_smoke real_slide bench_ops.
+#
 #   tools/gpu_check.sh                          # every step, from the repository root
 #   tools/gpu_check.sh op_tests runner_tests    # some steps (the build is skipped when the
 #                                               # installed wsss already has CUDA kernels)
