@@ -133,7 +133,7 @@ def _load_init(model, path: str) -> None:
 def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
     """Train (or resume) stage 1; returns a summary dict with the final checkpoint path and history."""
     from wsss.data import LabelledPatches, get_description
-    from wsss.train.common import (autocast, load_checkpoint, make_loader, poly_lr, random_flips, resolve_device,
+    from wsss.train.common import (autocast, load_checkpoint, make_loader, random_flips, resolve_device, train_epoch,
                                    save_atomic, seed_everything)
 
     cfg.validate()
@@ -171,43 +171,29 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
         start_epoch, step, history = ckpt["epoch"] + 1, ckpt["step"], list(ckpt.get("history", []))
         _log(cfg, f"resuming from {last_path} at epoch {start_epoch}")
 
-    from tqdm import tqdm
-
     end_epoch = cfg.epochs if not cfg.stop_after_epochs else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
         mu = mu_for_epoch(cfg.mu_schedule, epoch, cfg.mu)
-        model.train()
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
                              workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
         flips = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7)
         torch.manual_seed(cfg.seed * 1000 + epoch + 13)  # dropout masks
-        total, count, t0 = 0.0, 0, time.time()
-        bar = tqdm(total=steps_per_epoch, desc=f"cls epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   unit="batch", dynamic_ncols=True)
-        for i, batch in enumerate(loader):
-            if i >= steps_per_epoch:
-                break
-            lr = poly_lr(cfg.lr, step, max_steps, cfg.poly_power)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_mult"]
+        t0 = time.time()
+
+        def loss_of(batch, mu=mu, flips=flips):
             x = random_flips(batch["image"], flips, vertical=True).to(device).float().div_(255.0)
             y = batch["label"].to(device)
             with autocast(device, cfg.precision):
                 logits = model(x) if mu is None else model.forward_pda(x, mu)
-            loss = F.multilabel_soft_margin_loss(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise WsssError(f"classifier training diverged at epoch {epoch + 1}, step {i} (loss {loss.item()}); "
-                                f"lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            total += loss.item() * x.shape[0]
-            count += x.shape[0]
-            bar.set_postfix(loss=f"{total / count:.4f}", mu="off" if mu is None else f"{mu:.3f}", lr=f"{lr:.2e}")
-            bar.update(1)
-        bar.close()
-        history.append({"epoch": epoch, "loss": total / max(count, 1), "mu": mu, "seconds": time.time() - t0})
+            return F.multilabel_soft_margin_loss(logits.float(), y), x.shape[0]
+
+        mean_loss, step = train_epoch(
+            model, optimizer, loader, step=step, steps=steps_per_epoch, max_steps=max_steps, base_lr=cfg.lr,
+            poly_power=cfg.poly_power, loss_of=loss_of, desc=f"cls epoch {epoch + 1}/{cfg.epochs}",
+            progress=cfg.progress, postfix={"mu": "off" if mu is None else f"{mu:.3f}"},
+            diverged=lambda i, loss, epoch=epoch: (f"classifier training diverged at epoch {epoch + 1}, step {i} "
+                                                   f"(loss {loss.item()}); lower --lr"))
+        history.append({"epoch": epoch, "loss": mean_loss, "mu": mu, "seconds": time.time() - t0})
         save_atomic({"model": model.state_dict(), "config": config, "epoch": epoch, "optimizer": optimizer.state_dict(),
                      "kind": "classifier", "step": step, "history": history}, last_path)
     if end_epoch < cfg.epochs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -126,3 +126,40 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, workers: 
 def iterate_forever(loader) -> Iterator:
     while True:
         yield from loader
+
+
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, *, step: int, steps: int,
+                max_steps: int, base_lr: float, poly_power: float,
+                loss_of: Callable[[Dict[str, torch.Tensor]], Tuple[torch.Tensor, int]],
+                diverged: Callable[[int, torch.Tensor], str], desc: str, progress: bool,
+                postfix: Optional[Dict[str, str]] = None) -> Tuple[float, int]:
+    """One epoch of SGD as both trainers run it: at most ``steps`` batches, the poly learning
+    rate per step (times each param group's ``lr_mult``), ``loss_of(batch) -> (loss, batch
+    size)``, a WsssError with ``diverged(i, loss)`` as its message on a non-finite loss, a
+    tqdm bar.  Returns (mean loss per sample, the global step after the epoch)."""
+    from tqdm import tqdm
+
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(total=steps, desc=desc, disable=not progress, unit="batch", dynamic_ncols=True)
+    try:
+        for i, batch in enumerate(loader):
+            if i >= steps:
+                break
+            lr = poly_lr(base_lr, step, max_steps, poly_power)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_mult"]
+            loss, n = loss_of(batch)
+            if not torch.isfinite(loss):
+                raise WsssError(diverged(i, loss))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            total += loss.item() * n
+            count += n
+            bar.set_postfix(loss=f"{total / count:.4f}", **(postfix or {}), lr=f"{lr:.2e}")
+            bar.update(1)
+    finally:
+        bar.close()
+    return total / max(count, 1), step

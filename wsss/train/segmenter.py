@@ -92,11 +92,9 @@ def _gaussian_blur(images: torch.Tensor, gen: torch.Generator, prob: float) -> t
 
 def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
     """Train (or resume) stage 3; returns {'best': path, 'last': path, 'best_miou', 'history'}."""
-    from tqdm import tqdm
-
     from wsss.data import MaskedPatches, PseudoMaskPatches, get_description
-    from wsss.train.common import (autocast, load_checkpoint, make_loader, poly_lr, random_flips, resolve_device,
-                                   save_atomic, seed_everything)
+    from wsss.train.common import (autocast, load_checkpoint, make_loader, random_flips, resolve_device, save_atomic,
+                                   seed_everything, train_epoch)
 
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -133,19 +131,12 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
             print(f"resuming from {last_path} at epoch {start_epoch}", flush=True)
 
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
                              workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
         aug = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7)
-        total, count, t0 = 0.0, 0, time.time()
-        bar = tqdm(total=steps_per_epoch, desc=f"seg epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   unit="batch", dynamic_ncols=True)
-        for i, batch in enumerate(loader):
-            if i >= steps_per_epoch:
-                break
-            lr = poly_lr(cfg.lr, step, max_steps, cfg.poly_power)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_mult"]
+        t0 = time.time()
+
+        def loss_of(batch, aug=aug):
             images, masks = random_flips(batch["image"], aug, vertical=False, masks=batch["masks"])
             x = _gaussian_blur(images.float().div_(255.0), aug, cfg.blur_prob).to(device)
             masks = masks.to(device)  # [N,L,H,W]
@@ -158,18 +149,15 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
                     layer_loss = F.cross_entropy(logits, masks[:, l], ignore_index=ignore)
                     if torch.isfinite(layer_loss):  # all-ignored batch -> nan; carries no loss
                         loss = loss + weights[l] * layer_loss
-            if not torch.isfinite(loss):
-                raise WsssError(f"segmenter training diverged at epoch {epoch + 1}, step {i}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            total += loss.item() * x.shape[0]
-            count += x.shape[0]
-            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
-            bar.update(1)
-        bar.close()
-        entry = {"epoch": epoch, "loss": total / max(count, 1), "seconds": time.time() - t0}
+            return loss, x.shape[0]
+
+        mean_loss, step = train_epoch(
+            model, optimizer, loader, step=step, steps=steps_per_epoch, max_steps=max_steps, base_lr=cfg.lr,
+            poly_power=cfg.poly_power, loss_of=loss_of, desc=f"seg epoch {epoch + 1}/{cfg.epochs}",
+            progress=cfg.progress,
+            diverged=lambda i, loss, epoch=epoch: (f"segmenter training diverged at epoch {epoch + 1}, step {i}; "
+                                                   f"lower --lr"))
+        entry = {"epoch": epoch, "loss": mean_loss, "seconds": time.time() - t0}
         is_best = True
         if val_set is not None:
             scores = evaluate_segmenter(model, None, val_set, description, device=cfg.device,
