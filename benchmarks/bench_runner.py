@@ -183,16 +183,22 @@ def test_model_only(benchmark, bench_slide, slide_model):
         benchmark.extra_info["model_mpx_per_s"] = mpx / benchmark.stats.stats.median
 
 
-# NB: on CUDA also the runner with the synchronous model path (no pinned ring, no copy streams):
-# what the overlap buys
-PIPELINES = ["overlapped"] + (["synchronous"] if DEVICE.startswith("cuda") else [])
+# The runner's ways to feed the model and blend (stitch_device "auto" picks the device on CUDA):
+# on CUDA also blending in CPU threads ("host-blend") and the synchronous model path (no pinned
+# ring, no copy streams, host blending): what device blending and the overlap buy.
+# WSSS_BENCH_PIPELINES=a,b,... picks others (e.g. device-blend on the CPU).
+_PIPELINE_SETUP = {"overlapped": ("async", "auto"), "host-blend": ("async", "cpu"),
+                   "device-blend": ("async", "model"), "synchronous": ("sync", "cpu")}
+PIPELINES = [p for p in os.environ.get("WSSS_BENCH_PIPELINES", "").split(",") if p] or \
+    (["overlapped", "host-blend", "synchronous"] if DEVICE.startswith("cuda") else ["overlapped"])
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)
 def test_end_to_end(benchmark, bench_slide, slide_model, tmp_path, pipeline):
     import dataclasses
 
-    runner_model = slide_model if pipeline == "overlapped" else dataclasses.replace(slide_model, submit=None)
+    feed, stitch_device = _PIPELINE_SETUP[pipeline]
+    runner_model = slide_model if feed == "async" else dataclasses.replace(slide_model, submit=None)
     tile = slide_model.tile_size
     tiles = _tiles_of(bench_slide, tile)
     _warm_up(slide_model, tiles)
@@ -203,7 +209,8 @@ def test_end_to_end(benchmark, bench_slide, slide_model, tmp_path, pipeline):
         _model_only(slide_model, tiles)
         model_s.append(time.perf_counter() - t0)
 
-    opts = RunOptions(overlap=OVERLAP, tissue="none", progress=False, batch_size=BATCH, workers=WORKERS)
+    opts = RunOptions(overlap=OVERLAP, tissue="none", progress=False, batch_size=BATCH, workers=WORKERS,
+                      stitch_device=stitch_device)
     runs: list = []
 
     def run():
@@ -232,7 +239,7 @@ def test_end_to_end(benchmark, bench_slide, slide_model, tmp_path, pipeline):
         tile_stage_overhead_best=min(r["tiles"] for r in runs) / min(model_s) - 1.0,
         # each runner round against the model-only pass made just before it (robust to drift)
         tile_stage_overhead_paired=float(np.median([r["tiles"] / m for r, m in zip(runs, model_s)])) - 1.0,
-        pipeline=pipeline,
+        pipeline=pipeline, stitch_device=run["tiles"]["stitch_device"],
         total_overhead_best=min(r["total"] for r in runs) / min(model_s) - 1.0,
         model_only_s_all=model_s, tile_stage_s_all=[r["tiles"] for r in runs])
 

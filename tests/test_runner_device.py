@@ -435,6 +435,42 @@ def test_cuda_overlap_logic_with_fake_streams(monkeypatch):
         assert all(t is not None and any(t is q for q in fake.pinned) for t in (labels, scores))
 
 
+def test_on_device_uploads_like_submit_and_downloads_nothing(monkeypatch):
+    """BundlePredictor.on_device (the runner's device blending) with the CUDA calls faked: the
+    tiles go through the staging ring and the upload stream, the model runs on the compute
+    stream, and its outputs come back as they are: no download, no host copy, no wait."""
+    import wsss.bundle as wb
+
+    cuda = _FakeCudaApi()
+    fake = _FakeTorch(cuda)
+    monkeypatch.setattr(wb, "torch", fake)
+    monkeypatch.setattr(torch.Tensor, "record_stream",
+                        lambda t, s: cuda.log.append(("record_stream", s.name)), raising=False)
+    seen = []
+
+    def module(x, with_scores):
+        seen.append(x.clone())
+        return x[:, 0].clone(), x.float() / 255, torch.ones(x.shape[0], 3)
+
+    pred = BundlePredictor(module, torch.device("cuda"), "float32", "cast", channels_last=True)
+    g = torch.Generator().manual_seed(1)
+    b = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
+    labels, scores, _ = pred.on_device(b, True)
+    up = pred._cuda.upload.name
+    assert ("wait", "compute", up) in cuda.log and ("record_stream", "compute") in cuda.log
+    assert [e for e in cuda.log if e[0] == "record"][0][2] == up
+    assert not any(e[0] == "wait" and e[1] == pred._cuda.download.name for e in cuda.log)
+    # nothing waited for (the ring's first use "waits" for its buffer's never-recorded event)
+    recorded_before = set()
+    for e in cuda.log:
+        assert e[0] != "sync" or e[1] not in recorded_before, e
+        if e[0] == "record":
+            recorded_before.add(e[1])
+    assert torch.equal(seen[0], b) and torch.equal(labels, b[:, 0]) and torch.equal(scores, b.float() / 255)
+    # the staging ring only: no pinned output buffers
+    assert len(fake.pinned) == pred.PINNED_RING and all(t.shape == (2, 8, 8, 3) for t in fake.pinned)
+
+
 # --------------------------------------------------------------------------------------
 # CUDA (run by tools/gpu_check.sh on a GPU machine)
 # --------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ pytest_surviving_crashes() {  # pytest ARGS...: rerun without any test that kill
 }
 export -f pytest_surviving_crashes
 want op_tests && step op_tests 300 pytest_surviving_crashes tests/test_ops.py tests/test_library.py
-want runner_tests && step runner_tests 240 pytest_surviving_crashes tests/test_runner_device.py tests/test_bundle.py -s
+want runner_tests && step runner_tests 240 pytest_surviving_crashes tests/test_runner_device.py tests/test_band_stitching.py tests/test_bundle.py -s
 
 want bench_runner && step bench_runner 300 env WSSS_BENCH_DEVICE=cuda WSSS_BENCH_MODELS=reference WSSS_BENCH_BATCH=32 \
     WSSS_BENCH_WORKERS=8 WSSS_BENCH_SIZE="${WSSS_BENCH_SIZE:-4096}" \
@@ -102,7 +102,7 @@ want bench_models && step bench_models 300 env WSSS_BENCH_DEVICE=cuda python -m 
     -k "${WSSS_GPU_CHECK_MODELS_K:-not compiled}" --benchmark-json="$OUT/bench_models_cuda.json"
 [ -s "$OUT/bench_runner_cuda.json" ] && python - "$OUT/bench_runner_cuda.json" <<'PY'
 import json, sys
-keys = ("tiles", "batch", "workers", "precision", "model_mpx_per_s", "model_only_mpx_per_s", "tile_stage_mpx_per_s",
+keys = ("pipeline", "stitch_device", "tiles", "batch", "workers", "precision", "model_mpx_per_s", "model_only_mpx_per_s", "tile_stage_mpx_per_s",
         "total_mpx_per_s", "tile_stage_overhead", "tile_stage_overhead_best", "tile_stage_overhead_paired",
         "total_overhead", "stages_s")
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
@@ -135,7 +135,9 @@ for precision in ("float32", "float16", "bfloat16"):
         r = run_slide(tmp / "s.tif", mm, tmp / name, opts, log=lambda s: None)
         t = r.timings
         print(f"{precision:9s} {name:5s} tiles {t['tiles']:.3f}s  infer {t.get('infer', 0):.3f}s  "
-              f"read(wait) {t.get('read (waiting)', 0):.3f}s  stitch {t.get('stitch', 0):.3f}s")
+              f"read(wait) {t.get('read (waiting)', 0):.3f}s  stitch {t.get('stitch', 0):.3f}s  "
+              f"device-blend queueing {t.get('stitch (device, queueing)', 0):.3f}s  "
+              f"band writer {t.get('stitch (band writer)', 0):.3f}s")
 PY
 }
 export -f smoke

@@ -357,6 +357,20 @@ class BundlePredictor:
         return self._cuda.submit(self, tiles, with_scores, outputs)
 
 
+    def on_device(self, tiles: Tensor, with_scores: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        """(labels, scores, class_prob) left on the predictor's device, in the model's output
+        dtypes, queued on the current stream (on CUDA: nothing waits for them; the upload
+        overlaps as in ``submit``).  For callers that go on computing there, e.g. the runner's
+        device-side blending.  The caller may reuse the memory of ``tiles`` at once."""
+        tiles = self._check(tiles)
+        if self.device.type != "cuda":
+            return self._run(tiles.to(self.device), with_scores)
+        if self._cuda is None:
+            self._cuda = _CudaOverlap(self.device, self.PINNED_RING)
+        with torch.cuda.device(self.device):
+            return self._run(self._cuda.stage(tiles), with_scores)
+
+
 class PendingPrediction:
     """A submitted prediction; ``result()`` -> (labels, scores, class_prob) CPU tensors (None for
     outputs not asked for).  ``host_outputs`` holds the same tensors (pinned on CUDA)."""
@@ -407,20 +421,27 @@ class _CudaOverlap:
         view.copy_(tiles)
         return view, done
 
+    def stage(self, tiles: Tensor) -> Tensor:
+        """``tiles`` on the device, ready for kernels on the current (compute) stream: CPU tiles
+        go through a pinned ring buffer and the upload stream, so the caller may reuse their
+        memory at once."""
+        compute = torch.cuda.current_stream(self.device)
+        if tiles.device.type == "cuda":
+            return tiles.to(self.device)
+        host, uploaded = self._staging(tiles)
+        with torch.cuda.stream(self.upload):
+            x = torch.empty_like(host, device=self.device)  # allocated on the upload stream
+            x.copy_(host, non_blocking=True)
+            uploaded.record(self.upload)
+        compute.wait_stream(self.upload)
+        x.record_stream(compute)  # NB: freed after this batch's kernels, not after the upload
+        return x
+
     def submit(self, predictor: BundlePredictor, tiles: Tensor, with_scores: bool,
                outputs: Tuple[str, ...]) -> PendingPrediction:
         with torch.cuda.device(self.device):
             compute = torch.cuda.current_stream(self.device)
-            if tiles.device.type == "cuda":
-                x = tiles.to(self.device)
-            else:
-                host, uploaded = self._staging(tiles)
-                with torch.cuda.stream(self.upload):
-                    x = torch.empty_like(host, device=self.device)  # allocated on the upload stream
-                    x.copy_(host, non_blocking=True)
-                    uploaded.record(self.upload)
-                compute.wait_stream(self.upload)
-                x.record_stream(compute)  # NB: freed after this batch's kernels, not after the upload
+            x = self.stage(tiles)
             with torch.inference_mode():
                 results = predictor._run(x, with_scores)
                 device_out = [t.float().contiguous() if name != "labels" else t.contiguous()

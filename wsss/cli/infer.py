@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="tile reader threads, each with its own slide handle (default 2)")
     p.add_argument("--stitch-threads", type=int, default=0, choices=[0, 1, 2],
                    help="1: blend and finalise output on one thread; 2: finalise on a second thread; "
-                        "0 (default): 2 on CUDA, 1 on the CPU")
+                        "0 (default): 2 on CUDA, 1 on the CPU (blending on the CPU only)")
+    p.add_argument("--stitch-device", default="auto", choices=["auto", "cpu", "model"],
+                   help="where overlapping predictions are blended: on the model's device (model) or in CPU "
+                        "threads (cpu); auto (default): the device on CUDA when its band fits, else the CPU")
     p.add_argument("--mpp", type=float, help="microns per pixel of the slide's level 0 (for slides without it)")
     p.add_argument("--reader", default="auto", choices=["auto", "openslide", "tifffile"], help="slide reader (default auto)")
     p.add_argument("--tile-size", type=int, help="tile edge in pixels at the model's resolution (default: the bundle's)")
@@ -135,7 +138,7 @@ def _options(args, **overrides):
     if args.tissue_mask and not Path(args.tissue_mask).is_file():
         raise WsssError(f"--tissue-mask {args.tissue_mask}: no such file")
     opts = RunOptions(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
-                      stitch_threads=args.stitch_threads,
+                      stitch_threads=args.stitch_threads, stitch_device=args.stitch_device,
                       mpp=args.mpp, reader=args.reader, tissue=tissue, min_tissue=args.min_tissue,
                       write_probs=args.probs, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
     for k, v in overrides.items():

@@ -56,6 +56,8 @@ class SlideModel:
     submit: optional ``tiles -> handle`` whose ``handle.result()`` gives what predict would have
     returned, for models that can start a batch and finish it later (the bundle predictor's
     overlapped CUDA path); None: ``predict`` runs when the batch is submitted.
+    predict_device: optional ``tiles -> tensor [N,K,t,t]`` left on the model's device and queued
+    on its current stream (nothing waits for it), for blending there (``--stitch-device``).
     """
 
     predict: Callable
@@ -67,6 +69,7 @@ class SlideModel:
     identity: str
     description: dict = field(default_factory=dict)
     submit: Optional[Callable] = None
+    predict_device: Optional[Callable] = None
 
     def predict_async(self, tiles) -> "PendingProbabilities":
         """Start predicting ``tiles`` (uint8 [N,3,t,t]); ``.result()`` -> float32 array [N,K,t,t]
@@ -100,6 +103,9 @@ class SlideModel:
         def submit(tiles):
             return _ScoresOf(predictor.submit(tiles, True, outputs=("scores",)))
 
+        def predict_device(tiles):
+            return predictor.on_device(tiles, True)[1]
+
         # NB: how reduced precision is applied changes the outputs, so it is part of the identity
         # (float32 keeps the identity it always had).
         identity = f"{bundle.sha256}:{precision}" + ("" if precision == "float32" else f":{predictor.precision_mode}")
@@ -112,7 +118,7 @@ class SlideModel:
                                     "content_hash": md.get("content_hash"), "wsss_version": md.get("wsss_version"),
                                     "torch_version": md.get("torch_version"), "device": device,
                                     "precision": precision, "precision_mode": predictor.precision_mode},
-                       submit=submit)
+                       submit=submit, predict_device=predict_device)
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{bundle.path}: bundle metadata lacks or mangles a field the runner needs: {e}") from None
 
@@ -176,7 +182,10 @@ def resolve_precision(precision: str, device: str) -> str:
 @dataclass
 class RunOptions:
     """Options that shape the result (all but ``batch_size``/``workers``/``stitch_threads``/
-    ``resume``/``progress`` enter the resume fingerprint)."""
+    ``stitch_device``/``resume``/``progress`` enter the resume fingerprint).
+
+    NB: where blending runs can move a label only where two classes tie to the last float32
+    bit (see wsss.runner.band_stitching), as the batch size can on a GPU: not a new result."""
 
     tile_size: Optional[int] = None  # default: the model's tile size
     overlap: Optional[int] = None  # default: tile_size // 8
@@ -186,6 +195,10 @@ class RunOptions:
     # second thread; 0 (auto): 2 when the model runs on CUDA (a GPU outruns one stitch thread),
     # else 1 (on the CPU every helper thread takes cores from the model)
     stitch_threads: int = 0
+    # where overlapping predictions are blended: "cpu" (the Stitcher, in host threads), "model"
+    # (the BandStitcher, on the model's device), "auto": the model's device when it is CUDA and
+    # the band fits (see _stitch_on_device), else the CPU
+    stitch_device: str = "auto"
     mpp: Optional[float] = None  # slide level-0 microns per pixel, overrides metadata
     reader: str = "auto"
     tissue: str = "auto"  # "auto" (detect), "none" (everything), or a mask image path
@@ -199,7 +212,7 @@ class RunOptions:
 
     def fingerprint_fields(self) -> dict:
         d = asdict(self)
-        for k in ("batch_size", "workers", "stitch_threads", "resume", "progress"):
+        for k in ("batch_size", "workers", "stitch_threads", "stitch_device", "resume", "progress"):
             d.pop(k)
         if self.tissue not in ("auto", "none"):
             from wsss.bundle import file_sha256
@@ -307,6 +320,7 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
     import torch
 
     from wsss.runner import writers
+    from wsss.runner.band_stitching import BandStitcher
     from wsss.runner.stitching import OutputTiles, Stitcher, TileSpool
     from wsss.runner.tiling import TileGrid, weight_window
     from wsss.slide import SlideView, detect_tissue, full_tissue_mask, load_tissue_mask, open_slide, plan_scale
@@ -324,6 +338,8 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
         raise WsssError(f"--min-tissue must be in [0, 1), got {options.min_tissue}")
     if options.batch_size < 1:
         raise WsssError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.stitch_device not in ("auto", "cpu", "model"):
+        raise WsssError(f"--stitch-device must be auto, cpu or model, got {options.stitch_device!r}")
 
     with timer("open"):
         reader = open_slide(slide, reader=options.reader, mpp=options.mpp)
@@ -367,10 +383,15 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
             # K is only known after the first prediction: build the stitcher lazily.
             state: dict = {}
 
-            def make_stitcher(K: int) -> Stitcher:
-                probs_out = None
-                stitcher = Stitcher(plan.width, plan.height, tile, grid.xs, grid.ys, grid.tiles, window, K,
-                                    finalize, labels_out=None, background_index=bg)  # type: ignore[arg-type]
+            def make_stitcher(K: int, device=None):
+                if device is None:
+                    stitcher = Stitcher(plan.width, plan.height, tile, grid.xs, grid.ys, grid.tiles, window, K,
+                                        finalize, labels_out=None, background_index=bg)  # type: ignore[arg-type]
+                else:
+                    stitcher = BandStitcher(plan.width, plan.height, tile, grid.tiles, window, K, device,
+                                            tissue=tissue if options.tissue != "none" else None, grid_mpp=plan.mpp,
+                                            background_index=bg,
+                                            timer=lambda s: timer.add("stitch (band writer)", s))
                 expected = stitcher.covered_pixels_per_output_tile(T)
                 stitcher.labels_out = OutputTiles(label_spool, expected)
                 if options.write_probs:
@@ -446,7 +467,8 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
             "scale": plan.to_dict(),
             "tissue": {"source": tissue.source, "fraction": tissue.fraction(), "threshold": tissue.threshold,
                        "mask_shape": list(tissue.mask.shape)},
-            "tiles": {"run": n_tiles, "grid": grid.total, "peak_live_pieces": state.get("peak_pieces", 0),
+            "tiles": {"run": n_tiles, "grid": grid.total, "stitch_device": state.get("stitch_device"),
+                      "peak_live_pieces": state.get("peak_pieces", 0),
                       "peak_piece_mb": state.get("peak_piece_mb", 0.0), "heap_trims": state.get("heap_trims", 0)},
             "throughput": {"megapixels_per_second": n_tiles * tile * tile / 1e6 / max(timings.get("tiles", 0), 1e-9),
                            "tiles_per_second": n_tiles / max(timings.get("tiles", 0), 1e-9)},
@@ -533,15 +555,15 @@ def _tiles_footprint(grid, tile: int, plan, shape) -> np.ndarray:
 
 def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher, views: list,
                state: dict, slide: Path):
-    """Read, predict and stitch every selected tile; returns the Stitcher (None if no tiles)."""
+    """Read, predict and stitch every selected tile; returns the stitcher (None if no tiles).
+
+    make_stitcher(K, device): a ``Stitcher`` (device None: blend on the CPU) or a
+    ``BandStitcher`` on ``device`` (blend where the model's outputs are; see
+    ``_stitch_on_device``)."""
     import torch
 
-    tiles = grid.tiles
-    if not tiles:
+    if not grid.tiles:
         return None
-    tile = grid.tile
-    local = threading.local()
-    views_lock = threading.Lock()
     # NB: helper threads that touch torch get one OpenMP thread, so they never spawn a second
     # team competing with the model's.  torch.set_num_threads also stores a process-wide
     # default that a thread adopts when it first uses torch: this thread reads its own count
@@ -553,6 +575,62 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     def one_thread_if_helper():
         if threading.current_thread() is not caller:
             torch.set_num_threads(1)
+
+    on_device = _stitch_on_device(model, options, grid)
+    state["stitch_device"] = "model" if on_device else "cpu"
+    progress = _progress(len(grid.tiles), slide.name, options.progress, grid.tile)
+    trim_heap = _HeapTrimmer()
+    batches = _read_batches(view, grid, options, timer, views, one_thread_if_helper)
+    try:
+        run = _predict_and_stitch_on_device if on_device else _predict_and_stitch
+        st = run(batches, grid.tile, model, options, timer, make_stitcher, progress, trim_heap, one_thread_if_helper)
+    finally:
+        batches.close()  # stops and joins the readers
+        progress.close()
+        torch.set_num_threads(caller_threads)
+        state["heap_trims"] = trim_heap.trims
+    if st.pending:
+        raise RuntimeError(f"internal error: {st.pending} tile contributions never arrived")
+    return st
+
+
+def _stitch_on_device(model: SlideModel, options: RunOptions, grid) -> bool:
+    """Whether to blend on the model's device (``--stitch-device``): "model" always (the model
+    must offer ``predict_device``); "auto" when the model runs on CUDA and the band accumulator
+    fits in a quarter of the free device memory; "cpu" never."""
+    if options.stitch_device == "cpu":
+        return False
+    if model.predict_device is None:
+        if options.stitch_device == "model":
+            raise WsssError("--stitch-device model needs a model that can leave its outputs on its device "
+                            "(a bundle: SlideModel.from_bundle); this one only returns host arrays")
+        return False
+    if options.stitch_device == "model":
+        return True
+    device = str(model.description.get("device", "cpu"))
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    from wsss.runner.band_stitching import BandStitcher
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return BandStitcher.device_bytes(len(model.class_names), grid.tile, grid.width) <= free // 4
+
+
+def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: list, one_thread_if_helper):
+    """Yield (positions, uint8 tiles [n,3,t,t]) in the grid's raster order, read ahead by
+    ``options.workers`` threads (each with its own slide handle).
+
+    NB: tiles are stacked as read (NHWC) and handed out as an NCHW view with channels_last
+    strides: no transpose copy, and the bundle predictor's .contiguous(channels_last) is then
+    free.  The one buffer is refilled for the next batch: consumers copy or consume it first.
+    """
+    import torch
+
+    tile = grid.tile
+    local = threading.local()
+    views_lock = threading.Lock()
 
     def read(pos):
         v = getattr(local, "view", None)
@@ -566,6 +644,48 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
         timer.add("read (worker time)", time.perf_counter() - t0)
         return arr
 
+    pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="wsss-read") \
+        if options.workers > 0 else None
+    pending: deque = deque()
+    lookahead = options.batch_size * (max(1, options.workers) + 2)
+    it = iter(grid.tiles)
+
+    def submit_more():
+        while len(pending) < lookahead:
+            pos = next(it, None)
+            if pos is None:
+                return
+            pending.append((pos, pool.submit(read, pos) if pool else None))
+
+    batch = np.empty((options.batch_size, tile, tile, 3), np.uint8)
+    try:
+        submit_more()
+        while pending:
+            positions = []
+            t0 = time.perf_counter()
+            while pending and len(positions) < options.batch_size:
+                pos, fut = pending.popleft()
+                batch[len(positions)] = fut.result() if fut is not None else read(pos)
+                positions.append(pos)
+                submit_more()
+            timer.add("read (waiting)", time.perf_counter() - t0)
+            yield positions, torch.from_numpy(batch[:len(positions)]).permute(0, 3, 1, 2)
+    finally:
+        if pool is not None:
+            for _, fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True)
+
+
+def _check_probs_shape(shape, n: int, tile: int) -> None:
+    if len(shape) != 4 or shape[0] != n or tuple(shape[2:]) != (tile, tile):
+        raise BundleError(f"model returned probabilities of shape {tuple(shape)} for tiles "
+                          f"[{n}, 3, {tile}, {tile}]; expected [{n}, K, {tile}, {tile}]")
+
+
+def _predict_and_stitch(batches, tile: int, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher,
+                        progress, trim_heap, one_thread_if_helper):
+    """The host-blending consumer: model results (numpy) -> a stitcher thread (``Stitcher``)."""
     stitch_q: "queue.Queue" = queue.Queue(maxsize=3)
     errors: list = []
     holder: dict = {}
@@ -584,7 +704,7 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
                     break
                 positions, probs = item
                 if "stitcher" not in holder:
-                    st = holder["stitcher"] = make_stitcher(probs.shape[1])
+                    st = holder["stitcher"] = make_stitcher(probs.shape[1], None)
                     if stitch_threads > 1:
                         st.start_emit_thread(init=one_thread_if_helper,
                                              timer=lambda s: timer.add("stitch (finalise thread)", s))
@@ -607,23 +727,7 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
 
     stitch_thread = threading.Thread(target=stitch_worker, name="wsss-stitch", daemon=True)
     stitch_thread.start()
-    progress = _progress(len(tiles), slide.name, options.progress, tile)
-    trim_heap = _HeapTrimmer()
-    pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="wsss-read") \
-        if options.workers > 0 else None
-    pending: deque = deque()
-    lookahead = options.batch_size * (max(1, options.workers) + 2)
-    it = iter(tiles)
     try:
-        def submit_more():
-            while len(pending) < lookahead:
-                pos = next(it, None)
-                if pos is None:
-                    return
-                pending.append((pos, pool.submit(read, pos) if pool else None))
-
-        submit_more()
-        batches = 0
         # NB: one batch behind: batch i+1 is submitted to the model before batch i's result is
         # taken, so on CUDA batch i+1's upload and compute overlap batch i's download and its
         # hand-off to the stitcher.  On the CPU (and for plain callables) predict_async has
@@ -638,63 +742,92 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
                 except Exception as e:
                     _note_batch(e, number, positions)
                     raise
-            if probs.ndim != 4 or probs.shape[0] != n or probs.shape[2:] != (tile, tile):
-                raise BundleError(f"model returned probabilities of shape {tuple(probs.shape)} for tiles "
-                                  f"[{n}, 3, {tile}, {tile}]; expected [{n}, K, {tile}, {tile}]")
+            _check_probs_shape(probs.shape, n, tile)
             t0 = time.perf_counter()
             stitch_q.put((positions, probs))
             timer.add("stitch (waiting)", time.perf_counter() - t0)
             progress.update(n)
 
-        # NB: tiles are stacked as read (NHWC) and handed to the model as an NCHW view with
-        # channels_last strides: no transpose copy, and the bundle predictor's
-        # .contiguous(channels_last) is then free.  predict_async copies or consumes the batch
-        # before it returns, so the one buffer is refilled for the next batch.
-        batch = np.empty((options.batch_size, tile, tile, 3), np.uint8)
-        while pending:
-            positions = []
-            t0 = time.perf_counter()
-            while pending and len(positions) < options.batch_size:
-                pos, fut = pending.popleft()
-                arr = fut.result() if fut is not None else read(pos)
-                batch[len(positions)] = arr
-                positions.append(pos)
-                submit_more()
-            timer.add("read (waiting)", time.perf_counter() - t0)
+        for number, (positions, x) in enumerate(batches, 1):
             if errors:
                 raise errors[0]
-            n = len(positions)
-            batches += 1
             with timer("infer"):
-                x = torch.from_numpy(batch[:n]).permute(0, 3, 1, 2)
                 try:
                     handle = model.predict_async(x)
                 except Exception as e:
-                    _note_batch(e, batches, positions)
+                    _note_batch(e, number, positions)
                     raise
             if in_flight is not None:
                 take_result(*in_flight)
-            in_flight = (positions, handle, batches)
-            if batches % 4 == 0:
+            in_flight = (positions, handle, number)
+            if number % 4 == 0:
                 trim_heap()
         if in_flight is not None:
             take_result(*in_flight)
-            in_flight = None
     finally:
         stitch_q.put(None)
         stitch_thread.join()
-        progress.close()
-        if pool is not None:
-            for _, fut in pending:
-                fut.cancel()
-            pool.shutdown(wait=True)
-        torch.set_num_threads(caller_threads)
-        state["heap_trims"] = trim_heap.trims
     if errors:
         raise errors[0]
-    st = holder["stitcher"]
-    if st.pending:
-        raise RuntimeError(f"internal error: {st.pending} tile-piece contributions never arrived")
+    return holder["stitcher"]
+
+
+def _predict_and_stitch_on_device(batches, tile: int, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher,
+                                  progress, trim_heap, one_thread_if_helper):
+    """The device-blending consumer: ``model.predict_device`` outputs stay on the device and a
+    ``BandStitcher`` blends them there, on the same stream (no host round trip).
+
+    NB: the main thread queues batch i+1 (upload, model, blend) before it waits for batch i's
+    event, so the device always has the next batch while the host never runs more than two
+    batches ahead (bounded device memory for inputs)."""
+    import torch
+
+    st = None
+    prev = None  # (event or None, positions, number) of the batch queued last
+
+    def wait(item):
+        event, positions, number = item
+        if event is not None:
+            with timer("infer"):
+                try:
+                    event.synchronize()  # NB: blocking event: sleeps with the GIL released
+                except Exception as e:
+                    _note_batch(e, number, positions)
+                    raise
+        progress.update(len(positions))
+
+    try:
+        for number, (positions, x) in enumerate(batches, 1):
+            with timer("infer"):
+                try:
+                    probs = model.predict_device(x)
+                except Exception as e:
+                    _note_batch(e, number, positions)
+                    raise
+            _check_probs_shape(probs.shape, len(positions), tile)
+            if st is None:
+                st = make_stitcher(probs.shape[1], probs.device)
+            t0 = time.perf_counter()
+            st.add_batch(positions, probs)
+            timer.add("stitch (device, queueing)", time.perf_counter() - t0)
+            event = None
+            if probs.device.type == "cuda":
+                event = torch.cuda.Event(blocking=True)
+                event.record()
+            if prev is not None:
+                wait(prev)
+            prev = (event, positions, number)
+            if number % 4 == 0:
+                trim_heap()
+        if prev is not None:
+            wait(prev)
+        t0 = time.perf_counter()
+        st.finish()
+        timer.add("stitch (device, queueing)", time.perf_counter() - t0)
+    except BaseException:
+        if st is not None:
+            st.finish(raise_errors=False)
+        raise
     return st
 
 

@@ -35,13 +35,16 @@ class TissueMask:
 
         Output pixel (r, c) samples the mask at the micron position of its centre.
         """
-        mh, mw = self.mask.shape
-        rows = ((np.arange(y, y + height) + 0.5) * (grid_mpp / self.mpp_y)).astype(np.int64)
-        cols = ((np.arange(x, x + width) + 0.5) * (grid_mpp / self.mpp_x)).astype(np.int64)
-        inside_r = (rows >= 0) & (rows < mh)
-        inside_c = (cols >= 0) & (cols < mw)
-        out = self.mask[np.clip(rows, 0, mh - 1)[:, None], np.clip(cols, 0, mw - 1)[None, :]]
-        return out & inside_r[:, None] & inside_c[None, :]
+        rows, inside_r = self.sample_index(y, height, grid_mpp, axis=0)
+        cols, inside_c = self.sample_index(x, width, grid_mpp, axis=1)
+        return self.mask[rows[:, None], cols[None, :]] & inside_r[:, None] & inside_c[None, :]
+
+    def sample_index(self, start: int, n: int, grid_mpp: float, axis: int) -> tuple:
+        """(index int64 [n] clipped into the mask, inside bool [n]) of grid pixels start..start+n-1
+        along ``axis`` (0: rows, 1: columns): ``region`` is the outer product of two of these."""
+        m = self.mask.shape[axis]
+        idx = ((np.arange(start, start + n) + 0.5) * (grid_mpp / (self.mpp_y if axis == 0 else self.mpp_x))).astype(np.int64)
+        return np.clip(idx, 0, m - 1), (idx >= 0) & (idx < m)
 
     def fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0

@@ -1,0 +1,259 @@
+"""Blending on the model's device, one band of tile rows at a time (the CUDA default).
+
+On a GPU the model outruns CPU stitching (measured on an H200: one stitch thread needed as
+long as the model).  ``BandStitcher`` keeps the blend where the probabilities already are:
+
+- an accumulator ``acc`` [K+1, tile, W] on the device holds the weighted class sums and the
+  weight sum of the rows [base, base + tile), ``base`` being the current tile row's start;
+- each tile adds ``probs * window`` and ``window`` into its columns (one batched multiply per
+  batch, one in-place add per tile, all queued on the model's stream: no host round trip);
+- when the first tile of the next row arrives (tiles come in raster order), the rows above
+  it are final: they are normalised, gated by the tissue mask and arg-maxed by the fused
+  ``gate_argmax`` op, their labels counted on the device, and only uint8 labels
+  (and optional float16 probabilities) go to pinned host memory; the rest of ``acc`` moves up;
+- a writer thread waits for each band's download and pastes its covered columns into the
+  same ``OutputTiles`` the CPU ``Stitcher`` feeds (compressing full output tiles).
+
+The sums are the CPU stitcher's, term for term and in the same order (``0 + p1*w1 + p2*w2 ...``
+then one division), so pixels covered by two or more tiles get bit-identical blends.  Pixels
+covered by one tile get ``(p*w)/w`` where the CPU stitcher takes ``p`` itself: equal or one
+float32 rounding apart (a label can differ only where two classes tie to the last bit).
+
+Memory on the device: ``acc`` plus about as much again while a band is finalised, i.e. about
+3 x (K+1) x tile x W x 4 bytes (W: the grid width); ``device_bytes`` gives the estimate the
+runner checks against free device memory before choosing this path.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["BandStitcher", "band_plan"]
+
+Interval = Tuple[int, int]
+
+
+def _merge(intervals: List[Interval]) -> List[Interval]:
+    out: List[Interval] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def band_plan(tiles: Sequence[Tuple[int, int]], tile: int, width: int, height: int) -> List[Tuple[int, int, List[Interval]]]:
+    """The bands a raster-ordered tile list produces: [(y0, y1, column intervals)].
+
+    A band runs from one tile row's start to the next one's (at most ``tile`` rows: rows below
+    a gap that no tile covers form no band); its intervals are the merged column spans of every
+    tile that covers any of its rows.  These rectangles are what ``BandStitcher`` pastes, each
+    pixel exactly once (pixels inside them that no tile covers get the background label).
+    """
+    rows: dict = {}
+    for x, y in tiles:
+        rows.setdefault(y, []).append((x, min(x + tile, width)))
+    starts = sorted(rows)
+    plan = []
+    for i, a in enumerate(starts):
+        b = min(a + tile, height, starts[i + 1] if i + 1 < len(starts) else height)
+        spans = [s for y in starts[max(0, i - tile):i + 1] if y + tile > a for s in rows[y]]
+        plan.append((a, b, _merge(spans)))
+    return plan
+
+
+class BandStitcher:
+    """Blends tile probabilities on their device into labels, band by band (module docstring).
+
+    tiles: the (x, y) of every tile, in the raster order they will be added; window: float32
+    [tile, tile]; tissue: a ``TissueMask`` (None: everything is tissue) sampled at ``grid_mpp``;
+    labels_out / probs_out: ``OutputTiles`` (set before the first ``add_batch``).
+    ``device_bytes(K, tile, width)`` estimates the device memory it needs.
+    """
+
+    def __init__(self, width: int, height: int, tile: int, tiles: Sequence[Tuple[int, int]], window: np.ndarray,
+                 num_classes: int, device, *, tissue=None, grid_mpp: float = 1.0, background_index: int = 0,
+                 timer: Optional[Callable[[float], None]] = None) -> None:
+        self.width, self.height, self.tile = width, height, tile
+        self.num_classes = K = num_classes
+        self.device = torch.device(device)
+        self.background_index = background_index
+        self.plan = band_plan(tiles, tile, width, height)
+        self.labels_out = None
+        self.probs_out = None
+        self.class_pixels = np.zeros(256, np.int64)
+        self._left = len(tiles)
+        self._band = -1  # index into plan of the band being accumulated
+        self.acc = torch.zeros((K + 1, min(tile, height), width), dtype=torch.float32, device=self.device)
+        self._window = torch.from_numpy(np.ascontiguousarray(window, np.float32)).to(self.device)
+        self._ones = torch.ones((1, K), dtype=torch.float32, device=self.device)
+        values = sorted(set(range(K)) | {background_index})
+        self._values = torch.tensor(values, dtype=torch.uint8, device=self.device)
+        self._value_index = np.asarray(values)
+        self._counts = torch.zeros(len(values), dtype=torch.int64, device=self.device)
+        self._counted = 0
+        self._tissue = tissue
+        if tissue is not None:
+            self._mask = torch.from_numpy(np.ascontiguousarray(tissue.mask)).to(self.device)
+            rows, rows_inside = tissue.sample_index(0, height, grid_mpp, axis=0)
+            cols, cols_inside = tissue.sample_index(0, width, grid_mpp, axis=1)
+            self._mask_rows = torch.from_numpy(rows).to(self.device)
+            self._mask_rows_inside = torch.from_numpy(rows_inside).to(self.device)
+            self._mask_cols = torch.from_numpy(cols).to(self.device)
+            self._mask_cols_inside = torch.from_numpy(cols_inside).to(self.device)
+        self._pin = self.device.type == "cuda"
+        # peak device bytes (accumulator + the largest band's temporaries), for run.json
+        self.peak_piece_bytes = 3 * self.acc.numel() * 4
+        self.peak_pieces = 1
+        self._timer = timer
+        self._q: "queue.Queue" = queue.Queue(maxsize=4)
+        self._errors: List[BaseException] = []
+        self._writer = threading.Thread(target=self._write_bands, name="wsss-band-writer", daemon=True)
+        self._writer.start()
+
+    @staticmethod
+    def device_bytes(num_classes: int, tile: int, width: int) -> int:
+        """Device memory the stitcher needs (accumulator and finalising temporaries)."""
+        return 3 * (num_classes + 1) * tile * width * 4
+
+    @property
+    def pending(self) -> int:
+        """Tiles not yet added (0 once every planned tile was)."""
+        return self._left
+
+    def covered_pixels_per_output_tile(self, out_tile: int) -> np.ndarray:
+        """int64 [rows, cols]: pixels of each output tile this stitcher will paste."""
+        rows, cols = -(-self.height // out_tile), -(-self.width // out_tile)
+        expected = np.zeros((rows, cols), np.int64)
+        for y0, y1, spans in self.plan:
+            for r in range(y0 // out_tile, (y1 - 1) // out_tile + 1):
+                h = min(y1, (r + 1) * out_tile) - max(y0, r * out_tile)
+                for x0, x1 in spans:
+                    for c in range(x0 // out_tile, (x1 - 1) // out_tile + 1):
+                        expected[r, c] += h * (min(x1, (c + 1) * out_tile) - max(x0, c * out_tile))
+        return expected
+
+    # -- producer side (the thread that runs the model, on its stream) ------------------------
+    def add_batch(self, positions: Sequence[Tuple[int, int]], probs: torch.Tensor) -> None:
+        """probs: [N, K, tile, tile] gated class probabilities of the tiles at ``positions``."""
+        if self._errors:
+            raise self._errors[0]
+        K, t = self.num_classes, self.tile
+        with torch.inference_mode():
+            weighted = torch.empty((len(positions), K + 1, t, t), dtype=torch.float32, device=self.device)
+            torch.mul(probs, self._window, out=weighted[:, :K])
+            weighted[:, K] = self._window
+            for i, (x, y) in enumerate(positions):
+                if self._band < 0 or y != self.plan[self._band][0]:
+                    self._next_band(y)
+                h, w = min(t, self.height - y), min(t, self.width - x)
+                self.acc[:, :h, x:x + w] += weighted[i, :, :h, :w]
+                self._left -= 1
+
+    def _next_band(self, y: int) -> None:
+        nxt = self._band + 1
+        if nxt >= len(self.plan) or self.plan[nxt][0] != y:
+            raise RuntimeError(f"internal error: tile row y={y} arrived out of raster order "
+                               f"(expected y={self.plan[nxt][0] if nxt < len(self.plan) else 'none'})")
+        if self._band >= 0:
+            self._finalise_band()
+            shift = y - self.plan[self._band][0]
+            keep = self.acc.shape[1] - shift
+            if keep > 0:
+                self.acc[:, :keep] = self.acc[:, shift:].clone()
+                self.acc[:, keep:] = 0
+            else:
+                self.acc.zero_()
+        self._band = nxt
+
+    def _finalise_band(self) -> None:
+        from wsss.ops import gate_argmax
+
+        y0, y1, spans = self.plan[self._band]
+        n, K = y1 - y0, self.num_classes
+        acc = self.acc[:, :n]
+        covered = acc[K] > 0
+        # NB: uncovered pixels have zero sums: any positive divisor gives them 0 probabilities
+        probs = acc[:K] / acc[K].clamp_min(1e-30)
+        mask = None
+        if self._tissue is not None:
+            rows, inside = self._mask_rows[y0:y1], self._mask_rows_inside[y0:y1]
+            mask = (self._mask[rows][:, self._mask_cols] & inside[:, None] & self._mask_cols_inside[None, :])[None]
+        labels = gate_argmax(probs[None], self._ones, 0.0, mask, self.background_index)[0]
+        labels.masked_fill_(~covered, self.background_index)
+        # NB: not torch.bincount: on CUDA it reads the input's maximum back to the host, a stream
+        # sync that would stall this thread until the device caught up.  gate_argmax gives only
+        # the classes and the background: one comparison per value, summed on the device.
+        self._counts += (labels[None] == self._values[:, None, None]).sum((1, 2))
+        self._counted += labels.numel()
+        labels_host = torch.empty(labels.shape, dtype=torch.uint8, pin_memory=self._pin)
+        labels_host.copy_(labels, non_blocking=self._pin)
+        probs_host = None
+        if self.probs_out is not None:
+            half = probs.to(torch.float16)
+            probs_host = torch.empty(half.shape, dtype=torch.float16, pin_memory=self._pin)
+            probs_host.copy_(half, non_blocking=self._pin)
+        done = None
+        if self._pin:
+            done = torch.cuda.Event(blocking=True)
+            done.record()
+        self._put((y0, spans, labels_host, probs_host, done))
+
+    def _put(self, item) -> None:
+        while True:  # NB: never block forever on a writer that died
+            if self._errors:
+                raise self._errors[0]
+            try:
+                self._q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self, raise_errors: bool = True) -> None:
+        """Finalise the last band, wait for the writer, and collect the class counts."""
+        try:
+            if not self._errors and self._band >= 0 and self._left == 0:
+                with torch.inference_mode():
+                    self._finalise_band()
+                self._band = len(self.plan)
+        finally:
+            if self._writer.is_alive():
+                self._q.put(None)
+                self._writer.join()
+        if raise_errors and self._errors:
+            raise self._errors[0]
+        counts = self._counts.cpu().numpy()
+        if counts.sum() != self._counted:  # pragma: no cover - gate_argmax's contract broken
+            raise RuntimeError(f"internal error: {self._counted - counts.sum()} label values outside the classes "
+                               "and the background")
+        self.class_pixels[self._value_index] += counts
+
+    # -- writer thread ------------------------------------------------------------------------
+    def _write_bands(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._errors:
+                continue
+            y0, spans, labels_host, probs_host, done = item
+            try:
+                t0 = time.perf_counter()
+                if done is not None:
+                    done.synchronize()  # releases the GIL
+                labels = labels_host.numpy()
+                probs = probs_host.numpy() if probs_host is not None else None
+                for x0, x1 in spans:
+                    self.labels_out.paste(x0, y0, labels[:, x0:x1])
+                    if probs is not None:
+                        self.probs_out.paste(x0, y0, probs[:, :, x0:x1])
+                if self._timer is not None:
+                    self._timer(time.perf_counter() - t0)
+            except BaseException as e:  # re-raised on the producer's side
+                self._errors.append(e)
