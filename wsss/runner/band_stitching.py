@@ -202,7 +202,7 @@ class BandStitcher:
         done = None
         if self._pin:
             done = torch.cuda.Event(blocking=True)
-            done.record()
+            done.record(torch.cuda.current_stream(self.device))
         self._put((y0, spans, labels_host, probs_host, done))
 
     def _put(self, item) -> None:

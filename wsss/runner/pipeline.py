@@ -813,7 +813,7 @@ def _predict_and_stitch_on_device(batches, tile: int, model: SlideModel, options
             event = None
             if probs.device.type == "cuda":
                 event = torch.cuda.Event(blocking=True)
-                event.record()
+                event.record(torch.cuda.current_stream(probs.device))
             if prev is not None:
                 wait(prev)
             prev = (event, positions, number)
