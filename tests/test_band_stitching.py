@@ -169,6 +169,25 @@ def test_auto_blends_on_the_host_for_a_cpu_model(tmp_path):
     assert json.loads((tmp_path / "out" / "run.json").read_text())["tiles"]["stitch_device"] == "cpu"
 
 
+@pytest.mark.parametrize("free_mb,want", [(1, "cpu"), (4096, "model")])
+def test_auto_blends_on_a_cuda_model_when_the_band_fits(tmp_path, monkeypatch, free_mb, want):
+    """auto: the device when the accumulator (x3) fits in a quarter of the free device memory."""
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(90, 300)])
+    asked = []
+
+    def mem_get_info(device):
+        asked.append(str(device))
+        return free_mb * 2**20, 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    m = dataclasses.replace(on_device(), description={"device": "cuda:1"})  # CPU tensors all the same
+    run_slide(path, m, tmp_path / "out", opts(overlap=8))
+    assert asked == ["cuda:1"]
+    assert BandStitcher.device_bytes(K, 32, 300) == 3 * 5 * 32 * 300 * 4  # 0.55 MB here
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["tiles"]["stitch_device"] == want
+
+
 def test_writer_failure_surfaces_and_leaves_no_result(tmp_path, monkeypatch):
     from wsss.runner import stitching
 

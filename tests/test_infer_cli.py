@@ -104,6 +104,21 @@ def test_precision_mode_reaches_the_run(tmp_path, bundle, capsys):
     assert e.value.code == 2 and "--precision-mode" in capsys.readouterr().err
 
 
+def test_stitch_device_reaches_the_run_and_resume_ignores_it(tmp_path, bundle, capsys):
+    """--stitch-device model blends on the model's device (the CPU here); same outputs as the
+    host stitcher, and --resume treats the two as the same result."""
+    s = slide(tmp_path / "a.tif")
+    args = [str(s), "--model", str(bundle), "-o", str(tmp_path / "o"), "--no-tissue-detection", "--no-progress"]
+    assert main(args + ["--stitch-device", "model"]) == 0
+    run = json.loads((tmp_path / "o" / "a" / "run.json").read_text())
+    assert run["tiles"]["stitch_device"] == "model" and run["options"]["stitch_device"] == "model"
+    assert main(args + ["--stitch-device", "cpu", "--resume"]) == 0
+    assert "1 skipped" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--stitch-device", "gpu"])
+    assert e.value.code == 2 and "--stitch-device" in capsys.readouterr().err
+
+
 def test_bundle_from_env_and_config(tmp_path, bundle, monkeypatch):
     s = slide(tmp_path / "a.tif")
     monkeypatch.setenv("WSSS_BUNDLE", str(bundle))
