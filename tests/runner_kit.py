@@ -49,6 +49,29 @@ def soft_colour(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
+def dies_at(call: int, error: Exception, predict=red_class):
+    """A predictor that raises ``error`` on its ``call``-th call (1-based), else predicts."""
+    calls = {"n": 0}
+
+    def dying(x):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise error
+        return predict(x)
+
+    return dying
+
+
+# (height, width, tile, overlap, output tile) of the exact-reconstruction checks
+GEOMETRIES = [
+    (97, 131, 32, 8, 32),    # odd sizes, multiple tiles
+    (31, 29, 32, 8, 16),     # slide smaller than one tile
+    (150, 64, 48, 20, 32),   # big overlap, width = exact tiles
+    (77, 200, 32, 0, 48),    # no overlap
+    (120, 90, 40, 13, 64),   # odd overlap
+]
+
+
 def model(predict=red_class, tile=32, mpp=0.5, bg=4):
     return SlideModel(predict, ["A", "B", "C", "D"], PALETTE, bg, mpp, tile, identity=f"test-{predict.__name__}")
 

@@ -21,7 +21,7 @@ from wsss.runner import run_slide
 from wsss.runner.band_stitching import BandStitcher, band_plan
 from wsss.runner.tiling import TileGrid, weight_window
 
-from runner_kit import K, colour_slide, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402
+from runner_kit import GEOMETRIES, K, colour_slide, dies_at, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.* deprecation notices
 
@@ -86,13 +86,7 @@ def test_tiles_out_of_raster_order_are_an_internal_error():
 # --------------------------------------------------------------------------------------
 # the device path gives the host stitcher's outputs
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("h,w,tile,overlap,out_tile", [
-    (97, 131, 32, 8, 32),    # odd sizes, multiple tiles
-    (31, 29, 32, 8, 16),     # slide smaller than one tile
-    (150, 64, 48, 20, 32),   # big overlap, width = exact tiles
-    (77, 200, 32, 0, 48),    # no overlap
-    (120, 90, 40, 13, 64),   # odd overlap
-])
+@pytest.mark.parametrize("h,w,tile,overlap,out_tile", GEOMETRIES)
 def test_one_hot_outputs_identical_to_host_blending(tmp_path, h, w, tile, overlap, out_tile):
     img = colour_slide(h, w)
     path = tmp_path / "s.tif"
@@ -208,14 +202,7 @@ def test_writer_failure_surfaces_and_leaves_no_result(tmp_path, monkeypatch):
 def test_model_failure_midway_leaves_no_result(tmp_path):
     path = tmp_path / "s.tif"
     write_pyramid(path, [colour_slide(150, 140, block=9)])
-    calls = {"n": 0}
-
-    def dying(x):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("killed (test)")
-        return red_class(x)
-
+    dying = dies_at(3, RuntimeError("killed (test)"))
     with pytest.raises(RuntimeError, match="killed") as info:
         run_slide(path, on_device(dying), tmp_path / "out", opts(overlap=8, stitch_device="model"))
     assert any("the model failed on batch 3" in n for n in info.value.__notes__)

@@ -18,7 +18,7 @@ from wsss.runner.writers import downsample_majority
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL_SLIDE = SHARED / "data" / "slides" / "cmu-1-small-region.svs"
 
-from runner_kit import K, PALETTE, colour_slide, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402,F401
+from runner_kit import GEOMETRIES, K, PALETTE, colour_slide, dies_at, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("length,tile,overlap", [(1, 32, 0), (31, 32, 8), (32, 32, 8), (33, 32, 8), (100, 32, 0),
@@ -61,13 +61,7 @@ def test_majority_vote_downsample_is_the_mode():
 # --------------------------------------------------------------------------------------
 # exact reconstruction
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("h,w,tile,overlap,out_tile", [
-    (97, 131, 32, 8, 32),    # odd sizes, multiple tiles
-    (31, 29, 32, 8, 16),     # slide smaller than one tile
-    (150, 64, 48, 20, 32),   # big overlap, width = exact tiles
-    (77, 200, 32, 0, 48),    # no overlap
-    (120, 90, 40, 13, 64),   # odd overlap
-])
+@pytest.mark.parametrize("h,w,tile,overlap,out_tile", GEOMETRIES)
 def test_exact_reconstruction_one_hot(tmp_path, h, w, tile, overlap, out_tile):
     img = colour_slide(h, w)
     path = tmp_path / "s.tif"
@@ -313,14 +307,7 @@ def test_resume_after_kill_gives_identical_outputs(tmp_path):
     # 1. uninterrupted reference run
     run_slide(path, model(tile=32), tmp_path / "ref", o)
     # 2. a run killed part way (predictor dies on the 4th batch)
-    calls = {"n": 0}
-
-    def dying(x):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise Interrupt("killed")
-        return red_class(x)
-
+    dying = dies_at(4, Interrupt("killed"))
     dying.__name__ = "red_class"
     with pytest.raises(Interrupt):
         run_slide(path, model(dying, tile=32), tmp_path / "out", o)

@@ -21,7 +21,7 @@ DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "wsss" / "assets" / "demo_bu
 needs_demo = pytest.mark.skipif(not DEMO_BUNDLE.is_file(), reason=f"demo bundle not built ({DEMO_BUNDLE})")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
 
-from runner_kit import K, PALETTE, colour_slide, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402,F401
+from runner_kit import K, PALETTE, colour_slide, dies_at, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402,F401
 
 
 
@@ -105,16 +105,8 @@ def test_one_tile_one_batch(tmp_path):
 def test_error_at_submit_names_the_batch(tmp_path):
     path = tmp_path / "s.tif"
     write_pyramid(path, [colour_slide(150, 140, block=9)])
-    calls = {"n": 0}
-
-    def dying(x):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise Interrupt("killed")
-        return red_class(x)
-
     with pytest.raises(Interrupt, match="killed") as info:
-        run_slide(path, model(dying), tmp_path / "out", opts(overlap=8))
+        run_slide(path, model(dies_at(3, Interrupt("killed"))), tmp_path / "out", opts(overlap=8))
     assert any("the model failed on batch 3 (3 tiles" in note for note in info.value.__notes__)
     nothing_left(tmp_path / "out")
 

@@ -736,12 +736,8 @@ def _predict_and_stitch(batches, tile: int, model: SlideModel, options: RunOptio
 
         def take_result(positions, handle, number):
             n = len(positions)
-            with timer("infer"):
-                try:
-                    probs = handle.result()
-                except Exception as e:
-                    _note_batch(e, number, positions)
-                    raise
+            with timer("infer"), _naming_batch(number, positions):
+                probs = handle.result()
             _check_probs_shape(probs.shape, n, tile)
             t0 = time.perf_counter()
             stitch_q.put((positions, probs))
@@ -751,12 +747,8 @@ def _predict_and_stitch(batches, tile: int, model: SlideModel, options: RunOptio
         for number, (positions, x) in enumerate(batches, 1):
             if errors:
                 raise errors[0]
-            with timer("infer"):
-                try:
-                    handle = model.predict_async(x)
-                except Exception as e:
-                    _note_batch(e, number, positions)
-                    raise
+            with timer("infer"), _naming_batch(number, positions):
+                handle = model.predict_async(x)
             if in_flight is not None:
                 take_result(*in_flight)
             in_flight = (positions, handle, number)
@@ -788,22 +780,14 @@ def _predict_and_stitch_on_device(batches, tile: int, model: SlideModel, options
     def wait(item):
         event, positions, number = item
         if event is not None:
-            with timer("infer"):
-                try:
-                    event.synchronize()  # NB: blocking event: sleeps with the GIL released
-                except Exception as e:
-                    _note_batch(e, number, positions)
-                    raise
+            with timer("infer"), _naming_batch(number, positions):
+                event.synchronize()  # NB: blocking event: sleeps with the GIL released
         progress.update(len(positions))
 
     try:
         for number, (positions, x) in enumerate(batches, 1):
-            with timer("infer"):
-                try:
-                    probs = model.predict_device(x)
-                except Exception as e:
-                    _note_batch(e, number, positions)
-                    raise
+            with timer("infer"), _naming_batch(number, positions):
+                probs = model.predict_device(x)
             _check_probs_shape(probs.shape, len(positions), tile)
             if st is None:
                 st = make_stitcher(probs.shape[1], probs.device)
@@ -831,12 +815,17 @@ def _predict_and_stitch_on_device(batches, tile: int, model: SlideModel, options
     return st
 
 
-def _note_batch(error: BaseException, number: int, positions) -> None:
-    """Add a note (shown under the traceback, the error's type and message unchanged) naming the
-    batch and the tiles the model failed on."""
-    (x0, y0), (x1, y1) = positions[0], positions[-1]
-    error.add_note(f"wsss runner: the model failed on batch {number} ({len(positions)} tiles, at grid pixels "
-                   f"x={x0},y={y0} .. x={x1},y={y1})")
+@contextlib.contextmanager
+def _naming_batch(number: int, positions):
+    """An error inside gets a note (shown under the traceback, its type and message unchanged)
+    naming the batch and the tiles the model failed on."""
+    try:
+        yield
+    except Exception as error:
+        (x0, y0), (x1, y1) = positions[0], positions[-1]
+        error.add_note(f"wsss runner: the model failed on batch {number} ({len(positions)} tiles, at grid pixels "
+                       f"x={x0},y={y0} .. x={x1},y={y1})")
+        raise
 
 
 class _HeapTrimmer:
