@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -134,7 +133,7 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
     """Train (or resume) stage 1; returns a summary dict with the final checkpoint path and history."""
     from wsss.data import LabelledPatches, get_description
     from wsss.train.common import (autocast, load_checkpoint, make_loader, random_flips, resolve_device, train_epoch,
-                                   save_atomic, seed_everything)
+                                   save_atomic, seed_everything, step_plan)
 
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -152,10 +151,7 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
     model.to(device)
     groups = _param_groups(model, cfg)
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    max_steps = steps_per_epoch * cfg.epochs
+    steps_per_epoch, max_steps = step_plan(len(train_set), cfg.batch_size, cfg.epochs, cfg.max_steps_per_epoch)
     os.makedirs(cfg.out_dir, exist_ok=True)
     last_path = os.path.join(cfg.out_dir, "classifier_last.pt")
     final_path = os.path.join(cfg.out_dir, "classifier.pt")

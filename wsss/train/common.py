@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -55,6 +56,15 @@ def autocast(device: torch.device, precision: str):
 def poly_lr(base_lr: float, step: int, max_steps: int, power: float = 0.9) -> float:
     """Poly decay as the reference: base * (1 - step/max_steps) ** power."""
     return base_lr * (1.0 - min(step, max_steps) / max(max_steps, 1)) ** power
+
+
+def step_plan(n_samples: int, batch_size: int, epochs: int, max_steps_per_epoch: Optional[int]) -> Tuple[int, int]:
+    """(optimiser steps per epoch, total steps): one pass over the data per epoch (the last batch
+    may be short), capped at ``max_steps_per_epoch`` when set (quick runs)."""
+    per_epoch = math.ceil(n_samples / batch_size)
+    if max_steps_per_epoch:
+        per_epoch = min(per_epoch, max_steps_per_epoch)
+    return per_epoch, per_epoch * epochs
 
 
 def save_atomic(obj: Any, path: str) -> None:

@@ -11,7 +11,6 @@ resuming.  The same code trains the fully supervised baseline: ``layers=("",)`` 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -94,7 +93,7 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
     """Train (or resume) stage 3; returns {'best': path, 'last': path, 'best_miou', 'history'}."""
     from wsss.data import MaskedPatches, PseudoMaskPatches, get_description
     from wsss.train.common import (autocast, load_checkpoint, make_loader, random_flips, resolve_device, save_atomic,
-                                   seed_everything, train_epoch)
+                                   seed_everything, step_plan, train_epoch)
 
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -109,10 +108,7 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
         {"params": model.backbone_parameters(), "lr_mult": 1.0},
         {"params": model.head_parameters(), "lr_mult": cfg.head_lr_mult},
     ], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    max_steps = steps_per_epoch * cfg.epochs
+    steps_per_epoch, max_steps = step_plan(len(train_set), cfg.batch_size, cfg.epochs, cfg.max_steps_per_epoch)
     os.makedirs(cfg.out_dir, exist_ok=True)
     last_path = os.path.join(cfg.out_dir, "segmenter_last.pt")
     best_path = os.path.join(cfg.out_dir, "segmenter_best.pt")
