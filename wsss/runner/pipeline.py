@@ -4,7 +4,10 @@ Stages overlap: reader threads (each with its own slide handle) decode tiles ahe
 model; the main thread batches, submits each batch to the model (torch releases the GIL) and
 takes its result one batch later (``SlideModel.predict_async``: on CUDA the bundle predictor
 uploads and computes batch i+1 while batch i downloads); a stitcher thread blends
-predictions, finalises labels and compresses output tiles to a spool on disk.
+predictions, finalises labels and compresses output tiles to a spool on disk.  Or, with
+blending on the model's device (``RunOptions.stitch_device``, the CUDA default), the
+probabilities never leave it: ``BandStitcher`` blends them on the model's stream and a writer
+thread receives finished bands of uint8 labels (wsss.runner.band_stitching).
 After the last tile the pyramid and the other outputs are written from the spool.
 
 Python API::
