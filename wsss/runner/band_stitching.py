@@ -129,15 +129,10 @@ class BandStitcher:
 
     def covered_pixels_per_output_tile(self, out_tile: int) -> np.ndarray:
         """int64 [rows, cols]: pixels of each output tile this stitcher will paste."""
-        rows, cols = -(-self.height // out_tile), -(-self.width // out_tile)
-        expected = np.zeros((rows, cols), np.int64)
-        for y0, y1, spans in self.plan:
-            for r in range(y0 // out_tile, (y1 - 1) // out_tile + 1):
-                h = min(y1, (r + 1) * out_tile) - max(y0, r * out_tile)
-                for x0, x1 in spans:
-                    for c in range(x0 // out_tile, (x1 - 1) // out_tile + 1):
-                        expected[r, c] += h * (min(x1, (c + 1) * out_tile) - max(x0, c * out_tile))
-        return expected
+        from wsss.runner.stitching import pixels_per_output_tile
+
+        return pixels_per_output_tile(((y0, y1, x0, x1) for y0, y1, spans in self.plan for x0, x1 in spans),
+                                      self.width, self.height, out_tile)
 
     # -- producer side (the thread that runs the model, on its stream) ------------------------
     def add_batch(self, positions: Sequence[Tuple[int, int]], probs: torch.Tensor) -> None:

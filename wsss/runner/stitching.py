@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["TileSpool", "OutputTiles", "Stitcher"]
+__all__ = ["TileSpool", "OutputTiles", "Stitcher", "pixels_per_output_tile"]
 
 
 try:  # NB: libdeflate (via imagecodecs) writes the same zlib streams about 2x faster than zlib
@@ -173,6 +173,18 @@ class OutputTiles:
                     self.spool.put(r, c, self.buffers.pop((r, c)))
 
 
+def pixels_per_output_tile(rects, width: int, height: int, out_tile: int) -> np.ndarray:
+    """int64 [rows, cols]: how many pixels of disjoint rectangles (y0, y1, x0, x1) fall in each
+    ``out_tile`` output tile of a width x height grid (what an OutputTiles waits for)."""
+    expected = np.zeros((-(-height // out_tile), -(-width // out_tile)), np.int64)
+    for y0, y1, x0, x1 in rects:
+        for r in range(y0 // out_tile, (y1 - 1) // out_tile + 1):
+            h = min(y1, (r + 1) * out_tile) - max(y0, r * out_tile)
+            for c in range(x0 // out_tile, (x1 - 1) // out_tile + 1):
+                expected[r, c] += h * (min(x1, (c + 1) * out_tile) - max(x0, c * out_tile))
+    return expected
+
+
 class Stitcher:
     """Blends tile probabilities [K, t, t] into labels, piece by piece (see module docstring).
 
@@ -226,15 +238,9 @@ class Stitcher:
 
     def covered_pixels_per_output_tile(self, out_tile: int) -> np.ndarray:
         """int64 [rows, cols]: pixels of each output tile that some selected tile covers."""
-        rows, cols = -(-self.height // out_tile), -(-self.width // out_tile)
-        expected = np.zeros((rows, cols), np.int64)
-        for jy, jx in zip(*np.nonzero(self.count)):
-            y0, y1, x0, x1 = self.by[jy], self.by[jy + 1], self.bx[jx], self.bx[jx + 1]
-            for r in range(y0 // out_tile, (y1 - 1) // out_tile + 1):
-                h = min(y1, (r + 1) * out_tile) - max(y0, r * out_tile)
-                for c in range(x0 // out_tile, (x1 - 1) // out_tile + 1):
-                    expected[r, c] += h * (min(x1, (c + 1) * out_tile) - max(x0, c * out_tile))
-        return expected
+        return pixels_per_output_tile(((self.by[jy], self.by[jy + 1], self.bx[jx], self.bx[jx + 1])
+                                       for jy, jx in zip(*np.nonzero(self.count))),
+                                      self.width, self.height, out_tile)
 
     def add(self, x: int, y: int, probs: np.ndarray) -> None:
         """probs: float32 [K, t, t] (gated) probabilities of the tile at (x, y).
