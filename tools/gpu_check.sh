@@ -4,9 +4,10 @@
 #   1. build with CUDA kernels for this GPU's architecture;
 #   2. op tests (every op on cpu and cuda, CUDA/CPU parity, device checks);
 #   3. runner + bundle predictor tests on CUDA (pinned staging ring, copy streams,
-#      one-batch-behind results, autocast agreement);
+#      one-batch-behind results, autocast agreement, blending on the device vs the host);
 #   4. runner benchmark on CUDA: reference-width bundle, model-only (pipelined) vs the runner's
-#      tile stage, on a WSSS_BENCH_SIZE^2 synthetic slide;
+#      tile stage with device blending, host blending and synchronous model calls, on a
+#      WSSS_BENCH_SIZE^2 synthetic slide;
 #   5. model benchmarks on CUDA: reference widths, batch 32, eager/scripted x
 #      fp32/bf16/bf16-autocast/fp16-autocast, and precision agreement of the trained demo bundle;
 #   6. the demo bundle's tile stage, overlapped vs synchronous, per precision (a smoke timing);
