@@ -85,3 +85,82 @@ def opts(**kw):
 # --------------------------------------------------------------------------------------
 # pieces
 # --------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------
+# CUDA stand-ins: the stream/event logic of the CUDA paths, run on the CPU
+# --------------------------------------------------------------------------------------
+class FakeCudaApi:
+    """Stand-ins for the torch.cuda calls of wsss.bundle._CudaOverlap, logging what is done, so
+    its ring/stream/event logic runs on the CPU (NB: no real pinned memory or stream is touched)."""
+
+    def __init__(self):
+        self.log: list = []
+        api = self
+
+        class Stream:
+            count = 0
+
+            def __init__(self, device=None):
+                Stream.count += 1
+                self.name = f"s{Stream.count}"
+
+            def wait_stream(self, other):
+                api.log.append(("wait", self.name, other.name))
+
+        class Event:
+            count = 0
+
+            def __init__(self, **kw):
+                Event.count += 1
+                self.name, self.blocking = f"e{Event.count}", kw.get("blocking", False)
+
+            def record(self, stream):
+                api.log.append(("record", self.name, stream.name))
+
+            def synchronize(self):
+                api.log.append(("sync", self.name))
+
+            def query(self):
+                return True
+
+        self.Stream, self.Event = Stream, Event
+        self.compute = Stream()
+        self.compute.name = "compute"
+        self.current = [self.compute]
+
+    def stream(self, s):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self.current.append(s)
+            yield
+            self.current.pop()
+        return ctx()
+
+    def device(self, d):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def current_stream(self, device=None):
+        return self.current[-1]
+
+
+class FakeTorch:
+    """wsss.bundle's view of torch with the CUDA calls faked and pin_memory dropped (logged)."""
+
+    def __init__(self, cuda):
+        self.cuda, self.pinned = cuda, []
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def empty(self, *args, pin_memory=False, **kw):
+        t = torch.empty(*args, **kw)
+        if pin_memory:
+            self.pinned.append(t)
+        return t
+
+    def empty_like(self, t, device=None, **kw):
+        return torch.empty_like(t, **kw)

@@ -21,7 +21,7 @@ from wsss.runner import run_slide
 from wsss.runner.band_stitching import BandStitcher, band_plan
 from wsss.runner.tiling import TileGrid, weight_window
 
-from runner_kit import GEOMETRIES, K, colour_slide, dies_at, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402
+from runner_kit import GEOMETRIES, FakeCudaApi, FakeTorch, K, colour_slide, dies_at, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.* deprecation notices
 
@@ -207,6 +207,46 @@ def test_model_failure_midway_leaves_no_result(tmp_path):
         run_slide(path, on_device(dying), tmp_path / "out", opts(overlap=8, stitch_device="model"))
     assert any("the model failed on batch 3" in n for n in info.value.__notes__)
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_cuda_band_download_logic_with_fake_events(monkeypatch):
+    """The CUDA branch's pinned copies and events, run on the CPU with stand-ins: every band's
+    download event is recorded on the device's current stream by the producer, and the writer
+    synchronises it before it reads that band's host buffer."""
+    import threading
+
+    from wsss.runner import band_stitching
+
+    cuda = FakeCudaApi()
+    fake = FakeTorch(cuda)
+    monkeypatch.setattr(band_stitching, "torch", fake)
+    W, H, tile = 150, 110, 32
+    grid = TileGrid(W, H, tile, 8)
+    st = BandStitcher(W, H, tile, grid.tiles, weight_window(tile, 8), K, "cpu", background_index=4)
+    st._pin = True  # the CUDA branch (pinned buffers, non-blocking copies, events)
+    canvas = np.full((H, W), 255, np.uint8)
+
+    class Out:
+        def paste(self, x, y, block):
+            cuda.log.append(("paste", y, threading.current_thread().name))
+            canvas[y:y + block.shape[0], x:x + block.shape[1]] = block
+
+    st.labels_out = Out()
+    img = colour_slide(H, W)
+    x = torch.from_numpy(img.transpose(2, 0, 1).copy())
+    for i in range(0, len(grid.tiles), 5):
+        pos = grid.tiles[i:i + 5]
+        st.add_batch(pos, red_class(torch.stack([x[:, y:y + tile, xx:xx + tile] for xx, y in pos])))
+    st.finish()
+    np.testing.assert_array_equal(canvas, (img[..., 0] // 64).clip(0, K - 1))
+    records = [e for e in cuda.log if e[0] == "record"]
+    assert len(records) == len(st.plan) and all(e[2] == "compute" for e in records)
+    assert len(fake.pinned) == len(st.plan)  # one pinned label buffer per band
+    for (y0, _, _), rec in zip(st.plan, records):
+        i_rec, i_sync = cuda.log.index(rec), cuda.log.index(("sync", rec[1]))
+        pastes = [i for i, e in enumerate(cuda.log) if e[0] == "paste" and e[1] == y0]
+        assert pastes and i_rec < i_sync < min(pastes)
+        assert all(cuda.log[i][2] == "wsss-band-writer" for i in pastes)
 
 
 # --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "wsss" / "assets" / "demo_bu
 needs_demo = pytest.mark.skipif(not DEMO_BUNDLE.is_file(), reason=f"demo bundle not built ({DEMO_BUNDLE})")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
 
-from runner_kit import K, PALETTE, colour_slide, dies_at, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402,F401
+from runner_kit import FakeCudaApi, FakeTorch, K, PALETTE, colour_slide, dies_at, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402,F401
 
 
 
@@ -294,88 +294,12 @@ def test_cuda_requested_without_gpu_is_one_clear_error(tmp_path, capsys, monkeyp
     assert not (tmp_path / "o" / "s").exists()
 
 
-class _FakeCudaApi:
-    """Stand-ins for the torch.cuda calls of wsss.bundle._CudaOverlap, logging what is done, so
-    its ring/stream/event logic runs on the CPU (NB: no real pinned memory or stream is touched)."""
-
-    def __init__(self):
-        self.log: list = []
-        api = self
-
-        class Stream:
-            count = 0
-
-            def __init__(self, device=None):
-                Stream.count += 1
-                self.name = f"s{Stream.count}"
-
-            def wait_stream(self, other):
-                api.log.append(("wait", self.name, other.name))
-
-        class Event:
-            count = 0
-
-            def __init__(self, **kw):
-                Event.count += 1
-                self.name, self.blocking = f"e{Event.count}", kw.get("blocking", False)
-
-            def record(self, stream):
-                api.log.append(("record", self.name, stream.name))
-
-            def synchronize(self):
-                api.log.append(("sync", self.name))
-
-            def query(self):
-                return True
-
-        self.Stream, self.Event = Stream, Event
-        self.compute = Stream()
-        self.compute.name = "compute"
-        self.current = [self.compute]
-
-    def stream(self, s):
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            self.current.append(s)
-            yield
-            self.current.pop()
-        return ctx()
-
-    def device(self, d):
-        import contextlib
-        return contextlib.nullcontext()
-
-    def current_stream(self, device=None):
-        return self.current[-1]
-
-
-class _FakeTorch:
-    """wsss.bundle's view of torch with the CUDA calls faked and pin_memory dropped (logged)."""
-
-    def __init__(self, cuda):
-        self.cuda, self.pinned = cuda, []
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def empty(self, *args, pin_memory=False, **kw):
-        t = torch.empty(*args, **kw)
-        if pin_memory:
-            self.pinned.append(t)
-        return t
-
-    def empty_like(self, t, device=None, **kw):
-        return torch.empty_like(t, **kw)
-
-
 def test_cuda_overlap_logic_with_fake_streams(monkeypatch):
     """The staging ring, stream waits and events of the CUDA path, run on the CPU with fakes."""
     import wsss.bundle as wb
 
-    cuda = _FakeCudaApi()
-    fake = _FakeTorch(cuda)
+    cuda = FakeCudaApi()
+    fake = FakeTorch(cuda)
     monkeypatch.setattr(wb, "torch", fake)
 
     def record_stream(tensor, stream):
@@ -433,8 +357,8 @@ def test_on_device_uploads_like_submit_and_downloads_nothing(monkeypatch):
     stream, and its outputs come back as they are: no download, no host copy, no wait."""
     import wsss.bundle as wb
 
-    cuda = _FakeCudaApi()
-    fake = _FakeTorch(cuda)
+    cuda = FakeCudaApi()
+    fake = FakeTorch(cuda)
     monkeypatch.setattr(wb, "torch", fake)
     monkeypatch.setattr(torch.Tensor, "record_stream",
                         lambda t, s: cuda.log.append(("record_stream", s.name)), raising=False)
