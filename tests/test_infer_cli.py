@@ -161,6 +161,22 @@ def test_missing_and_bad_slides_reported_others_finish(tmp_path, bundle, capsys)
     assert not (tmp_path / "o" / "bad").exists()
 
 
+@pytest.mark.parametrize("flag", ["--background-outputs", "--no-background-outputs"])
+def test_background_outputs_flag(tmp_path, bundle, capsys, flag):
+    a, b = slide(tmp_path / "a.tif"), slide(tmp_path / "b.tif")
+    notslide = tmp_path / "c.svs"
+    notslide.write_text("text")
+    rc = main([str(a), str(notslide), str(b), "--model", str(bundle), "-o", str(tmp_path / "o"),
+               "--no-tissue-detection", "--no-progress", flag])
+    err = capsys.readouterr().err
+    assert rc == 1 and "2 done" in err and "1 failed" in err
+    ends = [line.split(":")[0] for line in err.splitlines() if ": done in" in line]
+    assert ends == ["a.tif", "b.tif"] and "c.svs" in err  # the bad one up front, then in order
+    for name in ("a", "b"):
+        run = json.loads((tmp_path / "o" / name / "run.json").read_text())
+        assert run["options"]["background_outputs"] is (flag == "--background-outputs")
+
+
 def test_all_slides_bad_exit_2(tmp_path, bundle, capsys):
     assert main([str(tmp_path / "missing.svs"), "--model", str(bundle), "-o", str(tmp_path / "o")]) == 2
     assert "nothing was run" in capsys.readouterr().err

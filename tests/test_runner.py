@@ -295,6 +295,96 @@ def test_many_slides_bad_one_skipped(tmp_path):
     assert (tmp_path / "o" / "a" / "run.json").is_file()
 
 
+# --------------------------------------------------------------------------------------
+# many slides: outputs written in the background while the next slide's tiles run
+# --------------------------------------------------------------------------------------
+def _four_slides(tmp_path):
+    paths = []
+    for name, (h, w) in zip("abcd", [(90, 70), (0, 0), (64, 131), (45, 45)]):
+        p = tmp_path / f"{name}.tif"
+        if h:
+            write_pyramid(p, [colour_slide(h, w, seed=ord(name))])
+        else:
+            p.write_bytes(b"II*\x00not a slide")
+        paths.append(p)
+    return paths
+
+
+@pytest.mark.parametrize("first_fails", [False, True])
+def test_background_outputs_equal_sequential_ones(tmp_path, first_fails):
+    slides = _four_slides(tmp_path)
+    if first_fails:
+        slides = slides[1:] + slides[:1]
+    names = [p.stem for p in slides]
+    logs = {}
+    for mode in (False, True):
+        logs[mode] = []
+        res = run_slides(slides, model(), [tmp_path / str(mode) / n for n in names],
+                         opts(overlap=8, background_outputs=mode, write_probs=True), log=logs[mode].append)
+        assert [r.slide for r in res] == [str(p) for p in slides]
+        assert [r.status for r in res] == ["failed" if n == "b" else "done" for n in names]
+    for n in names:
+        if n == "b":
+            continue
+        for f in ("labels.tiff", "probs.tiff", "areas.json", "areas.csv", "polygons.geojson", "overlay.png",
+                  "tissue_qc.png"):
+            assert (tmp_path / "True" / n / f).read_bytes() == (tmp_path / "False" / n / f).read_bytes(), (n, f)
+    # one result line per slide, in the slides' order, either way
+    ends = {m: [line.split(":")[0] for line in logs[m] if ": done in" in line or "FAILED" in line] for m in logs}
+    assert ends[False] == ends[True] == [f"{n}.tif" for n in names]
+
+
+def test_background_outputs_overlap_the_next_slides_tiles(tmp_path, monkeypatch):
+    """Slide a's GeoJSON waits until the model has seen slide c's tiles: only possible when a's
+    outputs are written while c's tile stage runs (else it times out and a fails)."""
+    import threading
+
+    from wsss.runner import writers
+
+    slides = [p for p in _four_slides(tmp_path) if p.stem != "b"]
+    next_slide_running = threading.Event()
+    real = writers.write_geojson
+
+    def geojson(path, *args, **kw):
+        if path.parent.name == "a" and not next_slide_running.wait(timeout=30):
+            raise TimeoutError("slide c's tiles never ran while a's outputs were written")
+        return real(path, *args, **kw)
+
+    calls = []
+
+    def predict(x):  # NB: batch_size 64: each slide's tiles are one batch, so call 2 is slide c's
+        calls.append(x.shape[0])
+        if len(calls) == 2:
+            next_slide_running.set()
+        return red_class(x)
+
+    monkeypatch.setattr(writers, "write_geojson", geojson)
+    res = run_slides(slides, model(predict), [tmp_path / "o" / p.stem for p in slides],
+                     opts(overlap=8, background_outputs=True, batch_size=64), log=lambda s: None)
+    assert [r.status for r in res] == ["done"] * 3, [r.message for r in res]
+    assert next_slide_running.is_set() and len(calls) == 3
+
+
+def test_background_output_failure_is_its_slides_alone(tmp_path, monkeypatch):
+    from wsss.runner import writers
+
+    slides = [p for p in _four_slides(tmp_path) if p.stem != "b"]
+    real = writers.write_overlay
+
+    def overlay(path, *args, **kw):
+        if path.parent.name == "a":
+            raise OSError("disk full (test)")
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(writers, "write_overlay", overlay)
+    outs = [tmp_path / "o" / p.stem for p in slides]
+    res = run_slides(slides, model(), outs, opts(overlap=8, background_outputs=True), log=lambda s: None)
+    assert [r.status for r in res] == ["failed", "done", "done"]
+    assert "disk full" in res[0].message
+    assert not (outs[0] / "run.json").exists() and not list(outs[0].glob(".*")), "partial results left"
+    assert all((o / "run.json").is_file() for o in outs[1:])
+
+
 class Interrupt(Exception):
     pass
 

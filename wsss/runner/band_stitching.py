@@ -221,6 +221,7 @@ class BandStitcher:
             if self._writer.is_alive():
                 self._q.put(None)
                 self._writer.join()
+            self.acc = None  # the device memory goes back now, not at garbage collection
         if raise_errors and self._errors:
             raise self._errors[0]
         counts = self._counts.cpu().numpy()

@@ -185,7 +185,7 @@ def resolve_precision(precision: str, device: str) -> str:
 @dataclass
 class RunOptions:
     """Options that shape the result (all but ``batch_size``/``workers``/``stitch_threads``/
-    ``stitch_device``/``resume``/``progress`` enter the resume fingerprint).
+    ``stitch_device``/``background_outputs``/``resume``/``progress`` enter the resume fingerprint).
 
     NB: where blending runs can move a label only where two classes tie to the last float32
     bit (see wsss.runner.band_stitching), as the batch size can on a GPU: not a new result."""
@@ -202,6 +202,9 @@ class RunOptions:
     # (the BandStitcher, on the model's device), "auto": the model's device when it is CUDA and
     # the band fits (see _stitch_on_device), else the CPU
     stitch_device: str = "auto"
+    # run_slides: write a slide's outputs on a second thread while the next slide's tiles run
+    # (None: when the model runs on CUDA, where the CPU-only outputs would leave the GPU idle)
+    background_outputs: Optional[bool] = None
     mpp: Optional[float] = None  # slide level-0 microns per pixel, overrides metadata
     reader: str = "auto"
     tissue: str = "auto"  # "auto" (detect), "none" (everything), or a mask image path
@@ -215,7 +218,8 @@ class RunOptions:
 
     def fingerprint_fields(self) -> dict:
         d = asdict(self)
-        for k in ("batch_size", "workers", "stitch_threads", "stitch_device", "resume", "progress"):
+        for k in ("batch_size", "workers", "stitch_threads", "stitch_device", "background_outputs", "resume",
+                  "progress"):
             d.pop(k)
         if self.tissue not in ("auto", "none"):
             from wsss.bundle import file_sha256
@@ -320,6 +324,28 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
 
     Raises WsssError subclasses for expected mistakes (bad slide, bad options).
     """
+    phases = _slide_phases(slide, model, out_dir, options, log)
+    result = _advance(phases)  # the tile stage
+    return result if result is not None else _advance(phases)  # the outputs
+
+
+def _advance(phases) -> Optional[SlideResult]:
+    """Run a slide's phases to the next pause: None after the tile stage, else its result."""
+    try:
+        next(phases)
+    except StopIteration as stop:
+        return stop.value
+    return None
+
+
+def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOptions], log: Callable[[str], None]):
+    """``run_slide`` as a generator that pauses once, after the tile stage (the model is free
+    from there on), and returns the SlideResult; one that is skipped or fails never pauses.
+
+    NB: whoever resumes it may be another thread (``run_slides`` writes one slide's outputs
+    in the background while the next slide's tiles run); every resource it opens is released
+    by its own finally blocks, wherever it ends.
+    """
     import torch
 
     from wsss.runner import writers
@@ -414,6 +440,12 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
                 K = stitcher.num_classes
                 state["peak_pieces"] = stitcher.peak_pieces
                 state["peak_piece_mb"] = stitcher.peak_piece_bytes / 2**20
+            stitcher = None  # NB: a device stitcher's accumulator must not outlive the tile stage
+            paused = time.perf_counter()
+            yield  # the tile stage is done; the outputs follow (maybe on another thread, later)
+            waited = time.perf_counter() - paused
+            if waited > 1e-3:
+                timer.add("outputs (waiting for the slide before)", waited)
             covered = int(class_pixels.sum())
             class_pixels[bg] += plan.width * plan.height - covered  # tiles never run: background
             names = _class_names(model, K)
@@ -894,22 +926,68 @@ def _progress(total: int, name: str, enabled: bool, tile: int):
 # --------------------------------------------------------------------------------------
 def run_slides(slides: Sequence, model: SlideModel, out_dirs: Sequence, options: Optional[RunOptions] = None, *,
                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> List[SlideResult]:
-    """Run each slide into its out_dir; a failing slide is reported and skipped, the others finish."""
-    results = []
-    for slide, out_dir in zip(slides, out_dirs):
-        try:
-            res = run_slide(slide, model, out_dir, options, log=log)
-        except WsssError as e:
-            res = SlideResult(str(slide), str(out_dir), "failed", str(e))
-        except Exception as e:  # NB: one broken slide must not lose the others' results
-            res = SlideResult(str(slide), str(out_dir), "failed", f"{type(e).__name__}: {e}")
-        results.append(res)
-        if res.status == "failed":
-            log(f"{Path(slide).name}: FAILED: {res.message}")
-        elif res.status == "skipped":
-            log(f"{Path(slide).name}: skipped ({res.message})")
-        else:
-            t = res.timings
-            stages = ", ".join(f"{k} {v:.2f}s" for k, v in t.items() if k != "total")
-            log(f"{Path(slide).name}: done in {t.get('total', 0):.2f}s -> {out_dir}  [{stages}]")
-    return results
+    """Run each slide into its out_dir; a failing slide is reported and skipped, the others finish.
+
+    With background outputs (``RunOptions.background_outputs``; default: when the model runs on
+    CUDA) a slide's outputs (pyramid, TIFF, pictures, polygons, run.json) are written on a
+    second thread while the next slide's tiles run, at most one slide behind: the model never
+    waits for the CPU-only tail of the slide before.  Results and log lines keep the order of
+    ``slides``.
+    """
+    options = options or RunOptions()
+    background = options.background_outputs
+    if background is None:
+        background = str(model.description.get("device", "cpu")).startswith("cuda")
+    results: List[Optional[SlideResult]] = [None] * len(slides)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsss-outputs") \
+        if background and len(slides) > 1 else None
+    behind = None  # (index, future) of the slide whose outputs are being written
+    reported = 0
+
+    def report_done() -> None:  # log results in input order as soon as they are known
+        nonlocal reported
+        while reported < len(results) and results[reported] is not None:
+            _log_result(results[reported], log)
+            reported += 1
+
+    try:
+        for i, (slide, out_dir) in enumerate(zip(slides, out_dirs)):
+            phases = _slide_phases(slide, model, out_dir, options, log)
+            results[i] = _attempt(slide, out_dir, _advance, phases)  # the tile stage (None: paused)
+            if results[i] is None and pool is None:
+                results[i] = _attempt(slide, out_dir, _advance, phases)  # its outputs, here and now
+            elif results[i] is None:
+                if behind is not None:  # one slide behind at most
+                    results[behind[0]] = behind[1].result()
+                behind = (i, pool.submit(_attempt, slide, out_dir, _advance, phases))
+            report_done()
+        if behind is not None:
+            results[behind[0]] = behind[1].result()
+            behind = None
+        report_done()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)  # NB: an interrupted run still finishes (or cleans up) the slide behind
+    return results  # type: ignore[return-value]
+
+
+def _attempt(slide, out_dir, fn, *args) -> Optional[SlideResult]:
+    """fn(*args), with an error turned into a failed SlideResult for that slide."""
+    try:
+        return fn(*args)
+    except WsssError as e:
+        return SlideResult(str(slide), str(out_dir), "failed", str(e))
+    except Exception as e:  # NB: one broken slide must not lose the others' results
+        return SlideResult(str(slide), str(out_dir), "failed", f"{type(e).__name__}: {e}")
+
+
+def _log_result(res: SlideResult, log: Callable[[str], None]) -> None:
+    name = Path(res.slide).name
+    if res.status == "failed":
+        log(f"{name}: FAILED: {res.message}")
+    elif res.status == "skipped":
+        log(f"{name}: skipped ({res.message})")
+    else:
+        t = res.timings
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in t.items() if k != "total")
+        log(f"{name}: done in {t.get('total', 0):.2f}s -> {res.out_dir}  [{stages}]")
