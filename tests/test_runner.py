@@ -365,6 +365,15 @@ def test_background_outputs_overlap_the_next_slides_tiles(tmp_path, monkeypatch)
     assert next_slide_running.is_set() and len(calls) == 3
 
 
+def test_many_slides_need_their_own_folders(tmp_path):
+    from wsss.errors import WsssError
+
+    a, _, c, _ = _four_slides(tmp_path)
+    with pytest.raises(WsssError, match="would write to the same folder"):
+        run_slides([a, c], model(), [tmp_path / "o", tmp_path / "x" / ".." / "o"], opts())
+    assert not (tmp_path / "o").exists()
+
+
 def test_background_output_failure_is_its_slides_alone(tmp_path, monkeypatch):
     from wsss.runner import writers
 

@@ -175,18 +175,14 @@ def run_many(args, slides: List[Path]) -> int:
     """Check everything that can be checked, then run the good slides; exit 1 if any slide failed."""
     from wsss.errors import WsssError
     from wsss.runner import run_slides
-    from wsss.runner.pipeline import check_output_dir
+    from wsss.runner.pipeline import check_distinct_out_dirs, check_output_dir
     from wsss.slide import open_slide
 
     options = _options(args)
     bundle_path = find_bundle(args.model)
     # Output folders: distinct per slide, writable.
     out_dirs = [out_dir_for(s, args.output) for s in slides]
-    seen = {}
-    for s, o in zip(slides, out_dirs):
-        if o.resolve() in seen:
-            raise WsssError(f"slides {seen[o.resolve()]} and {s} would write to the same folder {o} (same file stem)")
-        seen[o.resolve()] = s
+    check_distinct_out_dirs(slides, out_dirs)
     if args.output:
         check_output_dir(Path(args.output))
     model = _load_model(bundle_path, args)
@@ -229,7 +225,7 @@ def run_demo(args) -> int:
     if args.model:
         raise WsssError("--demo uses the shipped demo bundle; do not combine it with --model")
     out = Path(args.demo)
-    from wsss.runner.pipeline import check_output_dir
+    from wsss.runner.pipeline import check_distinct_out_dirs, check_output_dir
     check_output_dir(out)
     model = _load_model(str(bundle), args)
     from wsss.synthetic import write_synthetic_slide

@@ -42,7 +42,8 @@ import numpy as np
 
 from wsss.errors import WsssError, SlideError, BundleError
 
-__all__ = ["SlideModel", "PendingProbabilities", "RunOptions", "resolve_precision", "check_output_dir", "SlideResult", "run_slide", "run_slides", "OUTPUT_FILES",
+__all__ = ["SlideModel", "PendingProbabilities", "RunOptions", "resolve_precision", "check_output_dir",
+           "check_distinct_out_dirs", "SlideResult", "run_slide", "run_slides", "OUTPUT_FILES",
            "RUN_FORMAT_VERSION"]
 
 RUN_FORMAT_VERSION = 1
@@ -932,9 +933,10 @@ def run_slides(slides: Sequence, model: SlideModel, out_dirs: Sequence, options:
     CUDA) a slide's outputs (pyramid, TIFF, pictures, polygons, run.json) are written on a
     second thread while the next slide's tiles run, at most one slide behind: the model never
     waits for the CPU-only tail of the slide before.  Results and log lines keep the order of
-    ``slides``.
+    ``slides``.  Two slides with one output folder are a WsssError before any work.
     """
     options = options or RunOptions()
+    check_distinct_out_dirs(slides, out_dirs)
     background = options.background_outputs
     if background is None:
         background = str(model.description.get("device", "cpu")).startswith("cuda")
@@ -969,6 +971,17 @@ def run_slides(slides: Sequence, model: SlideModel, out_dirs: Sequence, options:
         if pool is not None:
             pool.shutdown(wait=True)  # NB: an interrupted run still finishes (or cleans up) the slide behind
     return results  # type: ignore[return-value]
+
+
+def check_distinct_out_dirs(slides: Sequence, out_dirs: Sequence) -> None:
+    """WsssError unless every slide has its own output folder (two runs would overwrite each
+    other, and with background outputs write into it at the same time)."""
+    seen: dict = {}
+    for slide, out_dir in zip(slides, out_dirs):
+        key = Path(out_dir).resolve()
+        if key in seen:
+            raise WsssError(f"slides {seen[key]} and {slide} would write to the same folder {out_dir}")
+        seen[key] = slide
 
 
 def _attempt(slide, out_dir, fn, *args) -> Optional[SlideResult]:
