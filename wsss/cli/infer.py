@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stitch-device", default="auto", choices=["auto", "cpu", "model"],
                    help="where overlapping predictions are blended: on the model's device (model) or in CPU "
                         "threads (cpu); auto (default): the device on CUDA when its band fits, else the CPU")
-    p.add_argument("--background-outputs", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--background-outputs", action=argparse.BooleanOptionalAction, default=True,
                    help="with several slides, write one slide's outputs while the next slide's tiles run "
-                        "(default: on with --device cuda, off on the CPU)")
+                        "(default: on)")
     p.add_argument("--mpp", type=float, help="microns per pixel of the slide's level 0 (for slides without it)")
     p.add_argument("--reader", default="auto", choices=["auto", "openslide", "tifffile"], help="slide reader (default auto)")
     p.add_argument("--tile-size", type=int, help="tile edge in pixels at the model's resolution (default: the bundle's)")
