@@ -7,7 +7,7 @@
 #      one-batch-behind results, autocast agreement, blending on the device vs the host);
 #   4. runner benchmark on CUDA: reference-width bundle, model-only (pipelined) vs the runner's
 #      tile stage with device blending, host blending and synchronous model calls, on a
-#      WSSS_BENCH_SIZE^2 synthetic slide;
+#      WSSS_BENCH_SIZE^2 synthetic slide; 4 slides with and without background outputs;
 #   5. model benchmarks on CUDA: reference widths, batch 32, eager/scripted x
 #      fp32/bf16/bf16-autocast/fp16-autocast, and precision agreement of the trained demo bundle;
 #   6. the demo bundle's tile stage, overlapped vs synchronous, per precision (a smoke timing);
@@ -96,14 +96,14 @@ want op_tests && step op_tests 300 pytest_surviving_crashes tests/test_ops.py te
 want runner_tests && step runner_tests 240 pytest_surviving_crashes tests/test_runner_device.py tests/test_band_stitching.py tests/test_bundle.py -s
 
 want bench_runner && step bench_runner 300 env WSSS_BENCH_DEVICE=cuda WSSS_BENCH_MODELS=reference WSSS_BENCH_BATCH=32 \
-    WSSS_BENCH_WORKERS=8 WSSS_BENCH_SIZE="${WSSS_BENCH_SIZE:-4096}" \
-    python -m pytest benchmarks/bench_runner.py --benchmark-only -q -k "model_only or end_to_end" \
+    WSSS_BENCH_WORKERS=8 WSSS_BENCH_SIZE="${WSSS_BENCH_SIZE:-4096}" WSSS_BENCH_MANY_SIZE=2048 \
+    python -m pytest benchmarks/bench_runner.py --benchmark-only -q -k "model_only or end_to_end or many_slides" \
     --benchmark-json="$OUT/bench_runner_cuda.json"
 want bench_models && step bench_models 300 env WSSS_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_models.py --benchmark-only -q -s \
     -k "${WSSS_GPU_CHECK_MODELS_K:-not compiled}" --benchmark-json="$OUT/bench_models_cuda.json"
 [ -s "$OUT/bench_runner_cuda.json" ] && python - "$OUT/bench_runner_cuda.json" <<'PY'
 import json, sys
-keys = ("pipeline", "stitch_device", "tiles", "batch", "workers", "precision", "model_mpx_per_s", "model_only_mpx_per_s", "tile_stage_mpx_per_s",
+keys = ("pipeline", "stitch_device", "engine", "background_outputs", "tiles", "batch", "workers", "precision", "model_mpx_per_s", "model_only_mpx_per_s", "tile_stage_mpx_per_s",
         "total_mpx_per_s", "tile_stage_overhead", "tile_stage_overhead_best", "tile_stage_overhead_paired",
         "total_overhead", "stages_s")
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
