@@ -930,9 +930,10 @@ def run_slides(slides: Sequence, model: SlideModel, out_dirs: Sequence, options:
                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> List[SlideResult]:
     """Run each slide into its out_dir; a failing slide is reported and skipped, the others finish.
 
-    With background outputs (``RunOptions.background_outputs``, the default) a slide's outputs (pyramid, TIFF, pictures, polygons, run.json) are written on a
-    second thread while the next slide's tiles run, at most one slide behind: the model never
-    waits for the CPU-only tail of the slide before.  Results and log lines keep the order of
+    With background outputs (``RunOptions.background_outputs``, the default) a slide's outputs
+    (pyramid, TIFF, pictures, polygons, run.json) are written on a second thread while the next
+    slide's tiles run, at most one slide behind: the model never waits for the CPU-only tail of
+    the slide before.  Results and log lines keep the order of
     ``slides``.  Two slides with one output folder are a WsssError before any work.
     """
     options = options or RunOptions()
