@@ -109,7 +109,7 @@ class BandStitcher:
             self._mask_cols_inside = torch.from_numpy(cols_inside).to(self.device)
         self._pin = self.device.type == "cuda"
         # peak device bytes (accumulator + the largest band's temporaries), for run.json
-        self.peak_piece_bytes = 3 * self.acc.numel() * 4
+        self.peak_piece_bytes = self.device_bytes(K, self.acc.shape[1], width)
         self.peak_pieces = 1
         self._timer = timer
         self._q: "queue.Queue" = queue.Queue(maxsize=4)
