@@ -1,0 +1,109 @@
+"""wsss.runner.writers.label_polygons / write_geojson: label map -> QuPath polygons.
+
+The oracle is the label map itself: unsimplified outlines must contain exactly the class's
+pixel centres, parts must never overlap (a MultiPolygon with overlapping parts is invalid
+GeoJSON and double-counts area in QuPath), and speckle rules must drop what they say.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import shapely
+from shapely.geometry import shape
+
+from wsss.runner.writers import label_polygons, write_geojson
+
+
+def centres_inside(geom, h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    if geom is None:
+        return np.zeros((h, w), bool)
+    return shapely.contains_xy(geom, xx + 0.5, yy + 0.5)  # pixel (x, y) spans [x, x+1] x [y, y+1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_unsimplified_outlines_hold_exactly_the_class_pixels(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(30):
+        h, w = (int(v) for v in rng.integers(1, 48, 2))
+        labels = (rng.random((h, w)) * rng.integers(1, 5)).astype(np.uint8)
+        if rng.random() < 0.5:  # blobs as well as salt and pepper
+            labels = np.kron(labels[: h // 4 + 1, : w // 4 + 1], np.ones((4, 4), np.uint8))[:h, :w]
+        for k in range(int(labels.max()) + 2):
+            g = label_polygons(labels, k, scale=1.0, simplify=0, min_area_px=0)
+            assert (centres_inside(g, h, w) == (labels == k)).all()
+            if g is not None:
+                assert g.is_valid
+                assert sum(p.area for p in g.geoms) == pytest.approx(g.area)  # parts do not overlap
+
+
+def nested() -> np.ndarray:
+    """An object (class 1) with a big hole holding an island, a 2x2 hole and a lone pixel."""
+    lab = np.zeros((40, 40), np.uint8)
+    lab[2:38, 2:38] = 1
+    lab[8:30, 8:30] = 0  # big hole (484 px) ...
+    lab[14:20, 14:20] = 1  # ... with an island of 36 px inside
+    lab[33:35, 33:35] = 0  # small hole: 4 px
+    lab[0, 39] = 1  # lone pixel
+    return lab
+
+
+def test_island_inside_a_hole_is_its_own_part_and_nothing_overlaps():
+    g = label_polygons(nested(), 1, scale=1.0, simplify=0, min_area_px=0)
+    assert g.is_valid and len(g.geoms) == 3
+    areas = sorted(p.area for p in g.geoms)
+    assert areas[0] == pytest.approx(0.5)  # the lone pixel: a diamond (marching squares)
+    assert areas[1] == pytest.approx(36 - 0.5)  # the island: four chamfered corners
+    big = max(g.geoms, key=lambda p: p.area)
+    assert len(big.interiors) == 2
+    assert sum(p.area for p in g.geoms) == pytest.approx(g.area)
+
+
+def test_speckle_rules():
+    # min area 5: the lone pixel and the 4-px hole go (hole filled); the island and big hole stay
+    g = label_polygons(nested(), 1, scale=1.0, simplify=0, min_area_px=5)
+    assert g.is_valid and len(g.geoms) == 2
+    big = max(g.geoms, key=lambda p: p.area)
+    assert len(big.interiors) == 1
+    assert big.contains(shapely.Point(33.9, 33.9))  # the small hole is filled
+    # min area 500: the big hole (~484 px) is filled, so the island inside it must go too
+    g = label_polygons(nested(), 1, scale=1.0, simplify=0, min_area_px=500)
+    assert g.is_valid and len(g.geoms) == 1 and len(g.geoms[0].interiors) == 0
+    assert label_polygons(nested(), 1, scale=1.0, min_area_px=10_000) is None
+    assert label_polygons(nested(), 7, scale=1.0) is None  # class absent
+
+
+def test_simplified_outlines_are_valid_close_and_scaled():
+    rng = np.random.default_rng(7)
+    coarse = (rng.random((12, 12)) * 3).astype(np.uint8)
+    labels = np.kron(coarse, np.ones((8, 8), np.uint8))
+    for k in range(3):
+        exact = label_polygons(labels, k, scale=1.0, simplify=0, min_area_px=0)
+        g = label_polygons(labels, k, scale=2.5, min_area_px=0)
+        assert g.is_valid
+        assert g.area / 2.5**2 == pytest.approx(exact.area, rel=0.01)
+        assert g.area / 2.5**2 == pytest.approx((labels == k).sum(), rel=0.02)
+    # straight runs of pixel edges collapse to their ends: a square is 8 corners (+ the closing one)
+    square = np.zeros((20, 20), np.uint8)
+    square[4:12, 6:14] = 1
+    assert shapely.get_num_coordinates(label_polygons(square, 1, scale=1.0, simplify=0, min_area_px=0)) == 9
+
+
+def test_geojson_file(tmp_path):
+    labels = nested()
+    labels[20:26, 30:36] = 2
+    n = write_geojson(tmp_path / "p.geojson", labels, scale=4.0, class_names=["glass", "tumour", "stroma"],
+                      palette=[[0, 0, 0], [200, 0, 0], [0, 0, 200]], background_index=0, min_area_px=1)
+    gj = json.loads((tmp_path / "p.geojson").read_text())
+    assert n == 2 and gj["type"] == "FeatureCollection" and len(gj["features"]) == 2
+    by_name = {f["properties"]["name"]: f for f in gj["features"]}
+    assert set(by_name) == {"tumour", "stroma"}
+    tumour = by_name["tumour"]
+    assert tumour["properties"]["classification"] == {"name": "tumour", "color": [200, 0, 0]}
+    assert tumour["properties"]["objectType"] == "annotation"
+    geom = shape(tumour["geometry"])
+    assert geom.is_valid and geom.geom_type == "MultiPolygon"
+    assert geom.area / 16 == pytest.approx((labels == 1).sum(), rel=0.02)
+    assert shape(by_name["stroma"]["geometry"]).bounds == pytest.approx((120, 80, 144, 104), abs=2.5)
