@@ -58,6 +58,35 @@ def test_majority_vote_downsample_is_the_mode():
             assert g == a  # ties keep the top-left class
 
 
+@pytest.mark.parametrize("top", [2, 5, 16, 17, 256])
+def test_majority_vote_table_agrees_with_the_rules(top):
+    from wsss.runner.writers import _majority_by_comparison
+
+    rng = np.random.default_rng(top)
+    img = (rng.random((64, 96)) * top).astype(np.uint8)  # < 16: the table; else the comparisons
+    np.testing.assert_array_equal(downsample_majority(img), _majority_by_comparison(img))
+
+
+def test_pyramid_threads_do_not_change_a_byte(tmp_path):
+    from wsss.runner.writers import build_label_pyramid, write_label_tiff
+
+    rng = np.random.default_rng(3)
+    level0 = TileSpool(str(tmp_path / "l0"), 32, 300, 170, np.uint8, fill=4)
+    for r in range(level0.rows):
+        for c in range(level0.cols):
+            if (r + c) % 3:  # some tiles never stored: fill
+                level0.put(r, c, (rng.random((32, 32)) * 5).astype(np.uint8))
+    digests = []
+    for threads in (1, 4):
+        levels = build_label_pyramid(level0, tmp_path, fill=4, threads=threads)
+        write_label_tiff(tmp_path / f"t{threads}.tiff", levels, mpp=0.5, palette=PALETTE, background_index=4,
+                         class_names=list("ABCDE"))
+        digests.append((tmp_path / f"t{threads}.tiff").read_bytes())
+        for s in levels[1:]:
+            s.close()
+    assert digests[0] == digests[1]
+
+
 # --------------------------------------------------------------------------------------
 # exact reconstruction
 # --------------------------------------------------------------------------------------

@@ -455,37 +455,43 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             with timer("pyramid"):
                 levels = writers.build_label_pyramid(label_spool, work, fill=bg)
                 spools.extend(levels[1:])
-            with timer("write_labels"):
-                writers.write_label_tiff(out_dir / "labels.tiff", levels, mpp=plan.mpp, palette=model.palette,
-                                         background_index=bg, class_names=names)
-                if options.write_probs and "probs_spool" in state:
-                    writers.write_probs_tiff(out_dir / "probs.tiff", state["probs_spool"], mpp=plan.mpp,
-                                             class_names=names[:K])
-            with timer("write_other"):
-                areas = writers.class_areas(class_pixels, mpp=plan.mpp, class_names=names[:K], background_index=bg)
-                writers.write_areas(out_dir / "areas.json", out_dir / "areas.csv", areas)
+            # NB: the GeoJSON (the slowest writer; contourpy, shapely and GEOS release the GIL)
+            # runs on its own thread while the others are written; leaving this block waits for
+            # it, so the spools it reads are closed only after it ends, however the block ends.
+            with timer("outputs"), ThreadPoolExecutor(1, thread_name_prefix="wsss-geojson") as side:
+                def polygons() -> int:
+                    with timer("write_geojson"):
+                        poly = levels[writers.polygon_level(levels, plan.mpp)]
+                        poly_mpp = plan.mpp * plan.width / poly.width
+                        scale = (plan.width / poly.width) * plan.mpp / reader.mpp  # -> level-0 px of the input slide
+                        return writers.write_geojson(
+                            out_dir / "polygons.geojson", poly.read_all(), scale=scale, class_names=names[:K],
+                            palette=model.palette, background_index=bg,
+                            min_area_px=max(1, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
+
+                n_features = side.submit(polygons)
+                with timer("write_labels"):
+                    writers.write_label_tiff(out_dir / "labels.tiff", levels, mpp=plan.mpp, palette=model.palette,
+                                             background_index=bg, class_names=names)
+                    if options.write_probs and "probs_spool" in state:
+                        writers.write_probs_tiff(out_dir / "probs.tiff", state["probs_spool"], mpp=plan.mpp,
+                                                 class_names=names[:K])
+                with timer("write_areas"):
+                    areas = writers.class_areas(class_pixels, mpp=plan.mpp, class_names=names[:K], background_index=bg)
+                    writers.write_areas(out_dir / "areas.json", out_dir / "areas.csv", areas)
                 # NB: pictures and polygons come from low-resolution levels of the label pyramid
                 # (majority vote), so their cost is bounded on any slide (see writers.*_level).
                 with timer("write_overlay"):
                     over = levels[writers.overview_level(levels)]
-                    over_labels = over.read_all()
                     thumb = view.read_downsampled(plan.width / over.width)
-                    writers.write_overlay(out_dir / "overlay.png", thumb, over_labels, model.palette, bg)
+                    writers.write_overlay(out_dir / "overlay.png", thumb, over.read_all(), model.palette, bg)
                 with timer("write_qc"):
                     if qc_thumb is None:
                         qc_thumb = thumb
                     tiles_mask = _tiles_footprint(grid, tile, plan, qc_thumb.shape[:2])
                     writers.write_tissue_qc(out_dir / "tissue_qc.png", qc_thumb,
                                             _mask_at(tissue, plan, qc_thumb.shape[:2]), tiles_mask)
-                with timer("write_geojson"):
-                    poly = levels[writers.polygon_level(levels, plan.mpp)]
-                    poly_labels = over_labels if poly is over else poly.read_all()
-                    poly_mpp = plan.mpp * plan.width / poly.width
-                    scale = (plan.width / poly.width) * plan.mpp / reader.mpp  # -> level-0 px of the input slide
-                    n_features = writers.write_geojson(
-                        out_dir / "polygons.geojson", poly_labels, scale=scale, class_names=names[:K],
-                        palette=model.palette, background_index=bg,
-                        min_area_px=max(1, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
+                n_features = n_features.result()
         finally:
             for s in spools:
                 s.close()

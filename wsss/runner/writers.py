@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
@@ -62,12 +63,7 @@ def write_json_atomic(path: Path, obj) -> None:
 # --------------------------------------------------------------------------------------
 # Label pyramid
 # --------------------------------------------------------------------------------------
-def downsample_majority(labels: np.ndarray) -> np.ndarray:
-    """uint8 [2h, 2w] -> [h, w]: the most frequent value of each 2x2 block.
-
-    Ties: a 2-2 split or four different values keep the top-left value's class when it is
-    among the most frequent, else the first most frequent in reading order.
-    """
+def _majority_by_comparison(labels: np.ndarray) -> np.ndarray:
     a, b = labels[0::2, 0::2], labels[0::2, 1::2]
     c, d = labels[1::2, 0::2], labels[1::2, 1::2]
     out = d.copy()  # d wins only where it is strictly the majority: (b==d or c==d) and not caught below
@@ -79,34 +75,76 @@ def downsample_majority(labels: np.ndarray) -> np.ndarray:
     return np.where(distinct, a, out)
 
 
-def build_label_pyramid(level0: TileSpool, tmp_dir: Path, *, fill: int) -> List[TileSpool]:
-    """Spools for levels 1.. (each half the size of the one below), until one tile covers it."""
+@functools.lru_cache(maxsize=1)
+def _majority_table() -> np.ndarray:
+    """uint8 [65536]: the vote of every 2x2 block of values < 16, indexed by a b c d nibbles."""
+    codes = np.arange(1 << 16, dtype=np.uint16)
+    blocks = np.empty((2, 2 * len(codes)), np.uint8)
+    blocks[0, 0::2], blocks[0, 1::2] = codes >> 12, (codes >> 8) & 15
+    blocks[1, 0::2], blocks[1, 1::2] = (codes >> 4) & 15, codes & 15
+    return _majority_by_comparison(blocks)[0]
+
+
+def downsample_majority(labels: np.ndarray) -> np.ndarray:
+    """uint8 [2h, 2w] -> [h, w]: the most frequent value of each 2x2 block.
+
+    Ties: a 2-2 split or four different values keep the top-left value's class when it is
+    among the most frequent, else the first most frequent in reading order.  Label maps with
+    values < 16 (any model with up to 15 classes and background) take one table look-up per
+    block, built from the comparison rules themselves (~4x faster); others the comparisons.
+    """
+    if labels.size and int(labels.max()) >= 16:
+        return _majority_by_comparison(labels)
+    hi = labels[0::2].astype(np.uint16)  # a b a b ... -> a << 4 | b, the same for c d
+    hi = (hi[:, 0::2] << 4) | hi[:, 1::2]
+    lo = labels[1::2].astype(np.uint16)
+    lo = (lo[:, 0::2] << 4) | lo[:, 1::2]
+    return _majority_table()[(hi << 8) | lo]
+
+
+def build_label_pyramid(level0: TileSpool, tmp_dir: Path, *, fill: int, threads: Optional[int] = None) -> List[TileSpool]:
+    """Spools for levels 1.. (each half the size of the one below), until one tile covers it.
+
+    The tiles of a level are independent: ``threads`` (default: up to 8, one per core) build
+    them at once (zlib and numpy release the GIL; the spools are thread-safe, and a level's
+    bytes do not depend on the order its tiles were stored in).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     levels = [level0]
     T = level0.tile
-    while max(levels[-1].width, levels[-1].height) > T:
-        below = levels[-1]
-        w, h = -(-below.width // 2), -(-below.height // 2)
-        spool = TileSpool(str(Path(tmp_dir) / f".level{len(levels)}.spool.tmp"), T, w, h, np.uint8, fill=fill)
-        for r in range(spool.rows):
-            for c in range(spool.cols):
-                keys = [(2 * r + i, 2 * c + j) for i in (0, 1) for j in (0, 1)]
-                if not any(k in below for k in keys):
-                    continue  # all four below are fill: so is this one
-                block = np.full((2 * T, 2 * T), fill, np.uint8)
-                for (br, bc) in keys:
-                    if br < below.rows and bc < below.cols:
-                        block[(br - 2 * r) * T:(br - 2 * r + 1) * T, (bc - 2 * c) * T:(bc - 2 * c + 1) * T] = below.get(br, bc)
-                # NB: pixels past the edge of the level below are fill; mask them out of the vote
-                # by copying the nearest valid pixel so an edge half-block is not outvoted by padding.
-                vh = min(2 * T, below.height - 2 * r * T)
-                vw = min(2 * T, below.width - 2 * c * T)
-                if vh < 2 * T:
-                    block[vh:] = block[vh - 1:vh]
-                if vw < 2 * T:
-                    block[:, vw:] = block[:, vw - 1:vw]
-                spool.put(r, c, downsample_majority(block))
-        levels.append(spool)
+    n_threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="wsss-pyramid") as pool:
+        while max(levels[-1].width, levels[-1].height) > T:
+            below = levels[-1]
+            w, h = -(-below.width // 2), -(-below.height // 2)
+            spool = TileSpool(str(Path(tmp_dir) / f".level{len(levels)}.spool.tmp"), T, w, h, np.uint8, fill=fill)
+            levels.append(spool)
+            parents = [(r, c) for r in range(spool.rows) for c in range(spool.cols)
+                       if any((2 * r + i, 2 * c + j) in below for i in (0, 1) for j in (0, 1))]
+            # (a parent of four never-stored tiles is fill: so is this one, left unstored)
+            for _ in pool.map(lambda rc: _build_parent(below, spool, *rc, fill=fill), parents):
+                pass  # NB: consumes the results, so a failure in any tile raises here
     return levels
+
+
+def _build_parent(below: TileSpool, spool: TileSpool, r: int, c: int, *, fill: int) -> None:
+    T = below.tile
+    block = np.full((2 * T, 2 * T), fill, np.uint8)
+    for i in (0, 1):
+        for j in (0, 1):
+            br, bc = 2 * r + i, 2 * c + j
+            if br < below.rows and bc < below.cols and (br, bc) in below:
+                block[i * T:(i + 1) * T, j * T:(j + 1) * T] = below.get(br, bc)
+    # NB: pixels past the edge of the level below are fill; mask them out of the vote
+    # by copying the nearest valid pixel so an edge half-block is not outvoted by padding.
+    vh = min(2 * T, below.height - 2 * r * T)
+    vw = min(2 * T, below.width - 2 * c * T)
+    if vh < 2 * T:
+        block[vh:] = block[vh - 1:vh]
+    if vw < 2 * T:
+        block[:, vw:] = block[:, vw - 1:vw]
+    spool.put(r, c, downsample_majority(block))
 
 
 def _colormap(palette: Sequence[Sequence[int]], background_index: int) -> np.ndarray:
