@@ -18,6 +18,8 @@
   after each slide or in the background while the next slide's tiles run, with a model that
   only sleeps (WSSS_BENCH_ACCEL_MS per tile, like a GPU: no CPU) and with the bench bundle;
   compare the medians of each pair.
+- test_early_pyramid: one slide (WSSS_BENCH_PYRAMID_SIZE^2) through the stand-in accelerator,
+  the label pyramid built after the tile stage or while it runs (RunOptions.early_pyramid).
 - test_monai_sliding_window: the same model through MONAI's sliding_window_inference on the
   same (in-memory) region, only if MONAI is installed.
 
@@ -371,6 +373,38 @@ def test_many_slides(benchmark, bench_model, many_slides, tmp_path, engine, back
                                 per_slide_median_s=stages,
                                 **({"accel_ms_per_tile": ACCEL_MS, "model_s": tiles * ACCEL_MS * 1e-3}
                                    if engine == "accelerator" else {}))
+
+
+@pytest.fixture(scope="module")
+def pyramid_slide(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pyramid") / "slide.tif"
+    write_slide(path, int(os.environ.get("WSSS_BENCH_PYRAMID_SIZE", "1024")))
+    return path
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["pyramid-after", "pyramid-during-tiles"])
+def test_early_pyramid(benchmark, pyramid_slide, tmp_path, early):
+    """One slide (WSSS_BENCH_PYRAMID_SIZE^2) through the stand-in accelerator, the label pyramid
+    built after the tile stage or during it (RunOptions.early_pyramid, the CUDA default): on a
+    machine whose model leaves the CPU idle the pyramid's time leaves the critical path.
+    extra_info: the median stages, and total - model time (the runner's whole overhead)."""
+    opts = RunOptions(overlap=OVERLAP, tissue="none", progress=False, batch_size=BATCH, workers=WORKERS,
+                      early_pyramid=early)
+    runs: list = []
+
+    def run():
+        res = run_slide(pyramid_slide, _accelerator(), tmp_path / "out", opts, log=lambda s: None)
+        runs.append(res.timings)
+        return res
+
+    res = benchmark.pedantic(run, rounds=3, iterations=1)
+    run_info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert res.status == "done" and run_info["tiles"]["pyramid_during_tiles"] is early
+    model_s = run_info["tiles"]["run"] * ACCEL_MS * 1e-3
+    stages = {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in runs[0]}
+    benchmark.extra_info.update(early_pyramid=early, tiles=run_info["tiles"]["run"], accel_ms_per_tile=ACCEL_MS,
+                                model_s=model_s, stages_s=stages, overhead_s=stages["total"] - model_s,
+                                total_overhead=stages["total"] / model_s - 1.0)
 
 
 def test_monai_sliding_window(benchmark, bench_slide, slide_model, tmp_path):

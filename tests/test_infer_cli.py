@@ -177,6 +177,15 @@ def test_background_outputs_flag(tmp_path, bundle, capsys, flag):
         assert run["options"]["background_outputs"] is (flag == "--background-outputs")
 
 
+@pytest.mark.parametrize("flag,early", [([], False), (["--early-pyramid"], True), (["--no-early-pyramid"], False)])
+def test_early_pyramid_flag(tmp_path, bundle, flag, early):
+    a = slide(tmp_path / "a.tif")
+    assert main([str(a), "--model", str(bundle), "-o", str(tmp_path / "o"), "--no-tissue-detection",
+                 "--no-progress", *flag]) == 0
+    run = json.loads((tmp_path / "o" / "a" / "run.json").read_text())
+    assert run["tiles"]["pyramid_during_tiles"] is early  # default: only when the model runs on CUDA
+
+
 def test_all_slides_bad_exit_2(tmp_path, bundle, capsys):
     assert main([str(tmp_path / "missing.svs"), "--model", str(bundle), "-o", str(tmp_path / "o")]) == 2
     assert "nothing was run" in capsys.readouterr().err

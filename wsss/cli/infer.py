@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background-outputs", action=argparse.BooleanOptionalAction, default=True,
                    help="with several slides, write one slide's outputs while the next slide's tiles run "
                         "(default: on)")
+    p.add_argument("--early-pyramid", action=argparse.BooleanOptionalAction, default=None,
+                   help="build the label pyramid while the tiles run, on cores the model leaves idle "
+                        "(default: on when the model runs on CUDA)")
     p.add_argument("--mpp", type=float, help="microns per pixel of the slide's level 0 (for slides without it)")
     p.add_argument("--reader", default="auto", choices=["auto", "openslide", "tifffile"], help="slide reader (default auto)")
     p.add_argument("--tile-size", type=int, help="tile edge in pixels at the model's resolution (default: the bundle's)")
@@ -142,7 +145,7 @@ def _options(args, **overrides):
         raise WsssError(f"--tissue-mask {args.tissue_mask}: no such file")
     opts = RunOptions(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
                       stitch_threads=args.stitch_threads, stitch_device=args.stitch_device,
-                      background_outputs=args.background_outputs,
+                      background_outputs=args.background_outputs, early_pyramid=args.early_pyramid,
                       mpp=args.mpp, reader=args.reader, tissue=tissue, min_tissue=args.min_tissue,
                       write_probs=args.probs, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
     for k, v in overrides.items():

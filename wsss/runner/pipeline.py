@@ -207,6 +207,10 @@ class RunOptions:
     # (on a GPU the CPU-only outputs would leave it idle; 4 slides on a 2-core CPU: -8% wall time
     # with a CPU model, -23% with a stand-in accelerator; docs/runner.md)
     background_outputs: bool = True
+    # build the label pyramid's coarser levels during the tile stage, from output tile rows as
+    # they become final, on otherwise idle cores; None (auto): when the model runs on CUDA (on
+    # a CPU model the pyramid threads would take its cores); same file either way
+    early_pyramid: Optional[bool] = None
     mpp: Optional[float] = None  # slide level-0 microns per pixel, overrides metadata
     reader: str = "auto"
     tissue: str = "auto"  # "auto" (detect), "none" (everything), or a mask image path
@@ -220,8 +224,8 @@ class RunOptions:
 
     def fingerprint_fields(self) -> dict:
         d = asdict(self)
-        for k in ("batch_size", "workers", "stitch_threads", "stitch_device", "background_outputs", "resume",
-                  "progress"):
+        for k in ("batch_size", "workers", "stitch_threads", "stitch_device", "background_outputs", "early_pyramid",
+                  "resume", "progress"):
             d.pop(k)
         if self.tissue not in ("auto", "none"):
             from wsss.bundle import file_sha256
@@ -404,6 +408,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
 
         work = Path(tempfile.mkdtemp(prefix=".work.", suffix=".tmp", dir=out_dir))
         spools: List[TileSpool] = []
+        state: dict = {}  # what the tile stage leaves for the outputs (and the cleanup)
         try:
             bg = int(model.background_index)
             T = options.output_tile
@@ -411,8 +416,10 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             spools.append(label_spool)
             window = weight_window(tile, overlap)
             finalize = _make_finalize(tissue if options.tissue != "none" else None, plan.mpp, bg, timer)
+            early_pyramid = options.early_pyramid
+            if early_pyramid is None:
+                early_pyramid = str(model.description.get("device", "cpu")).startswith("cuda")
             # K is only known after the first prediction: build the stitcher lazily.
-            state: dict = {}
 
             def make_stitcher(K: int, device=None):
                 if device is None:
@@ -425,6 +432,11 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                                             timer=lambda s: timer.add("stitch (band writer)", s))
                 expected = stitcher.covered_pixels_per_output_tile(T)
                 stitcher.labels_out = OutputTiles(label_spool, expected)
+                if early_pyramid:
+                    pyramid = state["pyramid"] = writers.LabelPyramid(label_spool, work, fill=bg, expected=expected)
+                    state["pyramid_during_tiles"] = True
+                    spools.extend(pyramid.levels[1:])
+                    stitcher.labels_out.on_stored = pyramid.tile_stored
                 if options.write_probs:
                     ps = TileSpool(str(work / "probs.spool"), T, plan.width, plan.height, np.float16, channels=K, fill=0)
                     spools.append(ps)
@@ -452,9 +464,11 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             class_pixels[bg] += plan.width * plan.height - covered  # tiles never run: background
             names = _class_names(model, K)
 
-            with timer("pyramid"):
-                levels = writers.build_label_pyramid(label_spool, work, fill=bg)
-                spools.extend(levels[1:])
+            with timer("pyramid"):  # (what is left of it, when built during the tile stage)
+                if "pyramid" not in state:
+                    state["pyramid"] = writers.LabelPyramid(label_spool, work, fill=bg)
+                    spools.extend(state["pyramid"].levels[1:])
+                levels = state["pyramid"].finish()
             # NB: the GeoJSON (the slowest writer; contourpy, shapely and GEOS release the GIL)
             # runs on its own thread while the others are written; leaving this block waits for
             # it, so the spools it reads are closed only after it ends, however the block ends.
@@ -493,6 +507,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                                             _mask_at(tissue, plan, qc_thumb.shape[:2]), tiles_mask)
                 n_features = n_features.result()
         finally:
+            if "pyramid" in state:
+                state["pyramid"].close()  # NB: waits for rows in flight: they read and write spools
             for s in spools:
                 s.close()
             shutil.rmtree(work, ignore_errors=True)
@@ -511,6 +527,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             "tissue": {"source": tissue.source, "fraction": tissue.fraction(), "threshold": tissue.threshold,
                        "mask_shape": list(tissue.mask.shape)},
             "tiles": {"run": n_tiles, "grid": grid.total, "stitch_device": state.get("stitch_device"),
+                      "pyramid_during_tiles": state.get("pyramid_during_tiles", False),
                       "peak_live_pieces": state.get("peak_pieces", 0),
                       "peak_piece_mb": state.get("peak_piece_mb", 0.0), "heap_trims": state.get("heap_trims", 0)},
             "throughput": {"megapixels_per_second": n_tiles * tile * tile / 1e6 / max(timings.get("tiles", 0), 1e-9),

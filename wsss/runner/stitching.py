@@ -148,11 +148,13 @@ class OutputTiles:
     covers); tiles with none are never allocated and read back as the spool's fill value.
     """
 
-    def __init__(self, spool: TileSpool, expected: np.ndarray) -> None:
+    def __init__(self, spool: TileSpool, expected: np.ndarray,
+                 on_stored: Optional[Callable[[int, int], None]] = None) -> None:
         self.spool = spool
         self.remaining = expected.astype(np.int64)  # [rows, cols]
         self.buffers: Dict[Tuple[int, int], np.ndarray] = {}
         self.peak_buffers = 0
+        self.on_stored = on_stored  # (row, col) of each tile once it is in the spool
 
     def paste(self, x: int, y: int, block: np.ndarray) -> None:
         """Copy block ([h, w] or [C, h, w]) whose top-left grid pixel is (x, y)."""
@@ -171,6 +173,8 @@ class OutputTiles:
                 self.remaining[r, c] -= (y1 - y0) * (x1 - x0)
                 if self.remaining[r, c] == 0:
                     self.spool.put(r, c, self.buffers.pop((r, c)))
+                    if self.on_stored is not None:
+                        self.on_stored(r, c)
 
 
 def pixels_per_output_tile(rects, width: int, height: int, out_tile: int) -> np.ndarray:

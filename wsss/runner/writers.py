@@ -18,6 +18,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
@@ -26,7 +27,7 @@ import numpy as np
 from wsss.runner.stitching import TileSpool
 
 __all__ = [
-    "atomic_path", "write_json_atomic", "downsample_majority", "build_label_pyramid",
+    "atomic_path", "write_json_atomic", "downsample_majority", "LabelPyramid", "build_label_pyramid",
     "write_label_tiff", "write_probs_tiff", "palette_image", "write_overlay", "write_tissue_qc", "inner_boundary",
     "overview_level", "polygon_level",
     "class_areas", "write_areas", "label_polygons", "write_geojson",
@@ -102,30 +103,104 @@ def downsample_majority(labels: np.ndarray) -> np.ndarray:
     return _majority_table()[(hi << 8) | lo]
 
 
-def build_label_pyramid(level0: TileSpool, tmp_dir: Path, *, fill: int, threads: Optional[int] = None) -> List[TileSpool]:
-    """Spools for levels 1.. (each half the size of the one below), until one tile covers it.
+class LabelPyramid:
+    """Levels 1.. of a label spool (each half the size of the one below, until one tile covers
+    it), built row by row as soon as the rows below are final.
 
-    The tiles of a level are independent: ``threads`` (default: up to 8, one per core) build
-    them at once (zlib and numpy release the GIL; the spools are thread-safe, and a level's
-    bytes do not depend on the order its tiles were stored in).
+    Row p of level L+1 is built (tiles in a thread pool: zlib and numpy release the GIL) once
+    rows 2p and 2p+1 of level L hold every tile they ever will.  With ``expected`` (level-0
+    pixels per tile, what the stitcher's OutputTiles waits for) the level-0 rows become final
+    through ``tile_stored`` while the tiles still run, so the pyramid is built during the tile
+    stage on cores the model leaves idle (a GPU's host); without it, ``finish`` builds it all.
+    Either way a level's bytes do not depend on the order its tiles were stored in, and every
+    parent is made from final children: the same TIFF (tested).
     """
-    from concurrent.futures import ThreadPoolExecutor
 
-    levels = [level0]
-    T = level0.tile
-    n_threads = threads or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="wsss-pyramid") as pool:
-        while max(levels[-1].width, levels[-1].height) > T:
-            below = levels[-1]
-            w, h = -(-below.width // 2), -(-below.height // 2)
-            spool = TileSpool(str(Path(tmp_dir) / f".level{len(levels)}.spool.tmp"), T, w, h, np.uint8, fill=fill)
-            levels.append(spool)
-            parents = [(r, c) for r in range(spool.rows) for c in range(spool.cols)
-                       if any((2 * r + i, 2 * c + j) in below for i in (0, 1) for j in (0, 1))]
-            # (a parent of four never-stored tiles is fill: so is this one, left unstored)
-            for _ in pool.map(lambda rc: _build_parent(below, spool, *rc, fill=fill), parents):
-                pass  # NB: consumes the results, so a failure in any tile raises here
-    return levels
+    def __init__(self, level0: TileSpool, tmp_dir: Path, *, fill: int, threads: Optional[int] = None,
+                 expected: Optional[np.ndarray] = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fill = fill
+        self.levels = [level0]
+        T = level0.tile
+        while max(self.levels[-1].width, self.levels[-1].height) > T:
+            below = self.levels[-1]
+            self.levels.append(TileSpool(str(Path(tmp_dir) / f".level{len(self.levels)}.spool.tmp"), T,
+                                         -(-below.width // 2), -(-below.height // 2), np.uint8, fill=fill))
+        self._lock = threading.Condition()
+        self._final = [np.zeros(s.rows, bool) for s in self.levels]
+        self._rows_to_build = sum(s.rows for s in self.levels[1:])
+        self._error: Optional[BaseException] = None
+        self._pool = ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1),
+                                        thread_name_prefix="wsss-pyramid")
+        self._waiting: Optional[np.ndarray] = None
+        if expected is not None:
+            assert expected.shape == (level0.rows, level0.cols), (expected.shape, level0.rows, level0.cols)
+            self._waiting = (expected > 0).sum(axis=1)  # level-0 tiles still to come, per row
+            with self._lock:
+                for r in np.flatnonzero(self._waiting == 0):
+                    self._row_final(0, int(r))
+
+    def tile_stored(self, row: int, col: int) -> None:
+        """OutputTiles' callback: level-0 tile (row, col) is in the spool, final."""
+        if self._waiting is None:
+            return
+        with self._lock:
+            self._waiting[row] -= 1
+            if self._waiting[row] == 0:
+                self._row_final(0, row)
+
+    def finish(self) -> List[TileSpool]:
+        """Every level, complete (waits for the rows in flight; builds the rest)."""
+        with self._lock:
+            for r in range(self.levels[0].rows):
+                self._row_final(0, r)  # NB: with expected, every tile is stored by now
+            while self._rows_to_build and self._error is None:
+                self._lock.wait()
+            if self._error is not None:
+                raise self._error
+        return self.levels
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "LabelPyramid":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _row_final(self, level: int, row: int) -> None:  # NB: holds self._lock
+        if self._final[level][row]:
+            return
+        self._final[level][row] = True
+        if level + 1 < len(self.levels):
+            rows = [r for r in (row - row % 2, row - row % 2 + 1) if r < self.levels[level].rows]
+            if self._final[level][rows].all():
+                self._pool.submit(self._build_row, level + 1, row // 2)
+
+    def _build_row(self, level: int, row: int) -> None:
+        try:
+            below, spool = self.levels[level - 1], self.levels[level]
+            for c in range(spool.cols):
+                if any((2 * row + i, 2 * c + j) in below for i in (0, 1) for j in (0, 1)):
+                    _build_parent(below, spool, row, c, fill=self.fill)
+                # (a parent of four never-stored tiles is fill: so is this one, left unstored)
+        except BaseException as e:  # noqa: B036 - handed to finish(), which raises it
+            with self._lock:
+                self._error = self._error or e
+                self._lock.notify_all()
+            return
+        with self._lock:
+            self._rows_to_build -= 1
+            self._row_final(level, row)
+            self._lock.notify_all()
+
+
+def build_label_pyramid(level0: TileSpool, tmp_dir: Path, *, fill: int, threads: Optional[int] = None) -> List[TileSpool]:
+    """Spools for levels 1.. of a complete level-0 spool (see LabelPyramid)."""
+    with LabelPyramid(level0, tmp_dir, fill=fill, threads=threads) as pyramid:
+        return pyramid.finish()
 
 
 def _build_parent(below: TileSpool, spool: TileSpool, r: int, c: int, *, fill: int) -> None:
@@ -353,17 +428,17 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
         return None
     # NB: padding closes the objects that touch the border.  Marching squares puts pixel i's
     # centre at i + 1 (padded); -0.5 gives pixel-corner coordinates: pixel i spans [i, i + 1].
-    gen = contourpy.contour_generator(z=np.pad(mask, 1).astype(np.float32), name="serial",
-                                      fill_type=contourpy.FillType.OuterOffset)
-    polys, offsets = gen.filled(0.5, 1.5)
-    if not polys:
+    gen = contourpy.contour_generator(z=np.pad(mask, 1).astype(np.float64), name="serial",
+                                      fill_type=contourpy.FillType.ChunkCombinedOffsetOffset)
+    (points,), (ring_offsets,), (outer_offsets,) = gen.filled(0.5, 1.5)  # one chunk: flat arrays
+    if points is None:
         return None
-    # flat arrays: every ring's points (closed: last == first), ring -> polygon, ring bounds
-    ring_counts = np.concatenate([np.diff(o) for o in offsets]).astype(np.int64)
-    ring_poly = np.repeat(np.arange(len(offsets)), [len(o) - 1 for o in offsets])
-    xy = np.concatenate(polys) - 0.5
-    ends = np.cumsum(ring_counts)
-    starts = ends - ring_counts
+    # every ring's points (closed: last == first); ring -> polygon (its outer ring comes first)
+    xy = points - 0.5
+    ring_offsets = ring_offsets.astype(np.int64)
+    ring_counts = np.diff(ring_offsets)
+    ring_poly = np.repeat(np.arange(len(outer_offsets) - 1), np.diff(outer_offsets.astype(np.int64)))
+    starts, ends = ring_offsets[:-1], ring_offsets[1:]
     # shoelace area per ring (outer rings positive, holes negative: x right, y down)
     # (cumulative sums are exact here: coordinates are multiples of 0.5, far below 2**50)
     cross = np.concatenate([[0.0], np.cumsum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1])])
@@ -374,23 +449,19 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
     keep_ring &= keep_ring[np.flatnonzero(is_outer)][ring_poly]  # a dropped object takes its holes along
     if not keep_ring.any():
         return None
-    # open rings (closing point dropped), then no collinear vertex
-    open_n = ring_counts - 1
-    sel = np.repeat(keep_ring, ring_counts) & (np.arange(len(xy)) != np.repeat(ends - 1, ring_counts))
-    pts = xy[sel]
-    ring_id = np.repeat(np.flatnonzero(keep_ring), open_n[keep_ring])
-    n = open_n[ring_id]
-    first = np.repeat(np.cumsum(open_n[keep_ring]) - open_n[keep_ring], open_n[keep_ring])
-    local = np.arange(len(pts)) - first
-    prev = pts[first + (local - 1) % n]
-    nxt = pts[first + (local + 1) % n]
+    # open rings (closing point dropped), then no collinear vertex; rings renumbered 0.. (shapely
+    # wants indices without gaps)
+    kept = np.flatnonzero(keep_ring)
+    n_open = ring_counts[kept] - 1
+    pts = xy[np.repeat(keep_ring, ring_counts) & (np.arange(len(xy)) != np.repeat(ends - 1, ring_counts))]
+    ring_id = np.repeat(np.arange(len(kept)), n_open)
+    first = np.repeat(np.cumsum(n_open) - n_open, n_open)
+    local, n = np.arange(len(pts)) - first, n_open[ring_id]
+    prev, nxt = pts[first + (local - 1) % n], pts[first + (local + 1) % n]
     turn = (pts[:, 0] - prev[:, 0]) * (nxt[:, 1] - pts[:, 1]) - (pts[:, 1] - prev[:, 1]) * (nxt[:, 0] - pts[:, 0])
     corner = turn != 0.0
-    # NB: shapely wants indices 0..n-1 without gaps, hence the renumbering
-    kept = np.flatnonzero(keep_ring)
-    rings = shapely.linearrings(pts[corner] * scale, indices=np.searchsorted(kept, ring_id[corner]))  # closed by shapely
-    poly_of_ring = ring_poly[kept]
-    geoms = shapely.polygons(rings, indices=np.unique(poly_of_ring, return_inverse=True)[1])  # outer ring first
+    rings = shapely.linearrings(pts[corner] * scale, indices=ring_id[corner])  # closed by shapely
+    geoms = shapely.polygons(rings, indices=np.unique(ring_poly[kept], return_inverse=True)[1])  # outer ring first
     bad = ~shapely.is_valid(geoms)
     if bad.any():  # never seen on marching-squares output; cheap insurance
         geoms[bad] = shapely.make_valid(geoms[bad])
@@ -398,7 +469,7 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
         geoms = shapely.simplify(geoms, simplify * scale, preserve_topology=True)
     parts = shapely.get_parts(geoms)
     parts = parts[(shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts)]
-    return shapely.MultiPolygon(list(parts)) if len(parts) else None
+    return shapely.multipolygons(parts) if len(parts) else None
 
 
 def write_geojson(path: Path, labels: np.ndarray, *, scale: float, class_names: Sequence[str], palette,

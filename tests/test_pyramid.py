@@ -1,0 +1,148 @@
+"""wsss.runner.writers.LabelPyramid: the label pyramid built while the tiles run.
+
+The oracle is the pyramid built after the fact from the complete level 0: the label TIFF must
+be the same bytes whichever way and in whatever order the pyramid was built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from wsss.runner import run_slide
+from wsss.runner import writers
+from wsss.runner.stitching import TileSpool
+from wsss.runner.writers import LabelPyramid, build_label_pyramid, write_label_tiff
+
+from runner_kit import GEOMETRIES, PALETTE, colour_slide, model, opts, red_class, write_pyramid  # noqa: E402
+
+
+def level0(tmp_path: Path, w=300, h=170, tile=32, seed=0):
+    """A level-0 spool with some tiles never stored, and its tiles (what a stitcher would put)."""
+    rng = np.random.default_rng(seed)
+    spool = TileSpool(str(tmp_path / f"l0-{seed}"), tile, w, h, np.uint8, fill=4)
+    tiles = {(r, c): (rng.random((tile, tile)) * 5).astype(np.uint8)
+             for r in range(spool.rows) for c in range(spool.cols) if (r * 7 + c) % 5}
+    return spool, tiles
+
+
+def tiff_bytes(path: Path, levels) -> bytes:
+    write_label_tiff(path, levels, mpp=0.5, palette=PALETTE, background_index=4, class_names=list("ABCDE"))
+    return path.read_bytes()
+
+
+def expected_of(spool: TileSpool, tiles) -> np.ndarray:
+    expected = np.zeros((spool.rows, spool.cols), np.int64)
+    for (r, c) in tiles:
+        expected[r, c] = 1  # any positive count: "this tile will come"
+    return expected
+
+
+@pytest.mark.parametrize("order", ["raster", "reversed", "shuffled"])
+def test_built_during_the_tiles_gives_the_same_file(tmp_path, order):
+    spool, tiles = level0(tmp_path)
+    for (r, c), t in tiles.items():
+        spool.put(r, c, t)
+    (tmp_path / "a").mkdir()
+    want = tiff_bytes(tmp_path / "after.tiff", build_label_pyramid(spool, tmp_path / "a", fill=4))
+
+    early, tiles2 = level0(tmp_path, seed=0)
+    keys = list(tiles2)
+    if order == "reversed":
+        keys = keys[::-1]
+    elif order == "shuffled":
+        np.random.default_rng(1).shuffle(keys)
+    (tmp_path / "b").mkdir()
+    with LabelPyramid(early, tmp_path / "b", fill=4, threads=3, expected=expected_of(early, tiles2)) as pyramid:
+        for (r, c) in keys:
+            early.put(r, c, tiles2[(r, c)])
+            pyramid.tile_stored(r, c)
+        got = tiff_bytes(tmp_path / "early.tiff", pyramid.finish())
+    assert got == want
+
+
+def test_rows_are_built_as_soon_as_the_rows_below_are_final(tmp_path):
+    spool, tiles = level0(tmp_path, w=128, h=128)  # 4 x 4 tiles: levels of 2 x 2 and 1 x 1 above
+    with LabelPyramid(spool, tmp_path, fill=4, threads=2, expected=expected_of(spool, tiles)) as pyramid:
+        level1 = pyramid.levels[1]
+        for (r, c), t in tiles.items():
+            if r < 2:
+                spool.put(r, c, t)
+                pyramid.tile_stored(r, c)
+        deadline = time.monotonic() + 10
+        while not all((0, c) in level1 for c in range(2)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert all((0, c) in level1 for c in range(2)), "row 0 of level 1 not built from final rows 0-1"
+        assert not any((1, c) in level1 for c in range(2))  # rows 2-3 of level 0 are still to come
+        assert len(pyramid.levels[2]._index) == 0
+        for (r, c), t in tiles.items():
+            if r >= 2:
+                spool.put(r, c, t)
+                pyramid.tile_stored(r, c)
+        levels = pyramid.finish()
+    assert (0, 0) in levels[2]
+
+
+def test_a_failed_row_fails_finish(tmp_path, monkeypatch):
+    spool, tiles = level0(tmp_path)
+
+    def broken(*args, **kw):
+        raise OSError("disk full (test)")
+
+    monkeypatch.setattr(writers, "_build_parent", broken)
+    with LabelPyramid(spool, tmp_path, fill=4, threads=2, expected=expected_of(spool, tiles)) as pyramid:
+        for (r, c), t in tiles.items():
+            spool.put(r, c, t)
+            pyramid.tile_stored(r, c)
+        with pytest.raises(OSError, match="disk full"):
+            pyramid.finish()
+
+
+def on_device(**kw):
+    return dataclasses.replace(model(**kw), predict_device=red_class)
+
+
+@pytest.mark.parametrize("stitch_device", ["cpu", "model"])
+@pytest.mark.parametrize("h,w,tile,overlap,out_tile", GEOMETRIES)
+def test_runner_early_pyramid_same_outputs(tmp_path, stitch_device, h, w, tile, overlap, out_tile):
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(h, w)])
+    outs = {}
+    for early in (False, True):
+        out = tmp_path / f"early-{early}"
+        res = run_slide(path, on_device(tile=tile), out, opts(overlap=overlap, output_tile=out_tile, early_pyramid=early,
+                                                              stitch_device=stitch_device))
+        assert res.status == "done"
+        run = json.loads((out / "run.json").read_text())
+        assert run["tiles"]["pyramid_during_tiles"] is early
+        outs[early] = out
+    a, b = outs[False], outs[True]
+    assert json.loads((a / "run.json").read_text())["fingerprint"] == json.loads((b / "run.json").read_text())["fingerprint"]
+    for name in ("labels.tiff", "overlay.png", "polygons.geojson", "areas.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    with tifffile.TiffFile(b / "labels.tiff") as t:
+        assert len(t.pages) > 1 or max(h, w) <= out_tile
+
+
+def test_runner_early_pyramid_with_tissue_gaps(tmp_path):
+    """Whole output-tile rows no tile covers: final from the start, their parents built early."""
+    from PIL import Image
+
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(260, 230, block=8)])
+    mask = np.zeros((26, 23), np.uint8)
+    mask[:5, :8] = 1
+    mask[17:, 10:] = 1
+    Image.fromarray(mask * 255).save(tmp_path / "mask.png")
+    outs = []
+    for early in (False, True):
+        out = tmp_path / f"e{early}"
+        assert run_slide(path, model(), out, opts(overlap=6, tissue=str(tmp_path / "mask.png"), min_tissue=0.2,
+                                                  early_pyramid=early)).status == "done"
+        outs.append((out / "labels.tiff").read_bytes())
+    assert outs[0] == outs[1]
