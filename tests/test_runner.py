@@ -218,6 +218,29 @@ def test_tissue_mask_limits_tiles_and_labels(tmp_path):
     assert areas["tissue_pixels"] == 64 * 64
 
 
+@pytest.mark.parametrize("tissue,reads", [("auto", 1), ("none", 1)])
+def test_overlay_reuses_the_detection_thumbnail(tmp_path, monkeypatch, tissue, reads):
+    """One low-resolution read of the slide per run: detection's thumbnail (here as fine as the
+    overview level) also makes the overlay; without detection the overlay reads its own."""
+    from PIL import Image
+
+    from wsss.slide import SlideView
+
+    img = colour_slide(320, 300, block=8)
+    img[:, :110] = 240  # glass: detection keeps the right part
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [img], mpp=4.0)
+    calls = []
+    real = SlideView.read_downsampled
+    monkeypatch.setattr(SlideView, "read_downsampled", lambda self, f, **kw: calls.append(f) or real(self, f, **kw))
+    res = run_slide(path, model(tile=32, mpp=4.0), tmp_path / "out", opts(overlap=8, tissue=tissue))
+    assert res.status == "done" and len(calls) == reads
+    overlay = np.asarray(Image.open(tmp_path / "out" / "overlay.png"))
+    assert overlay.shape == (320, 2 * 300, 3)  # thumbnail | legend colours, at the overview level
+    if tissue == "auto":
+        np.testing.assert_array_equal(overlay[:, :100], 240)  # glass: background, no tint
+
+
 def test_stitcher_memory_is_one_overlap_row():
     """Live accumulators in raster order: about one row of overlap strips, never the canvas."""
     W, H, tile, ov = 2000, 1500, 64, 8

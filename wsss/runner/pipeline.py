@@ -359,6 +359,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
     from wsss.runner.stitching import OutputTiles, Stitcher, TileSpool
     from wsss.runner.tiling import TileGrid, weight_window
     from wsss.slide import SlideView, detect_tissue, full_tissue_mask, load_tissue_mask, open_slide, plan_scale
+    from wsss.slide.tissue import detection_factor
 
     options = options or RunOptions()
     slide = Path(slide)
@@ -391,10 +392,18 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
         view = SlideView(reader, plan)
         grid = TileGrid(plan.width, plan.height, tile, overlap)
 
+        # the overlay's thumbnail: the slide at the label pyramid's overview level
+        sizes = writers.level_sizes(plan.width, plan.height, options.output_tile)
+        overview_factor = plan.width / sizes[writers.overview_level(sizes)][0]
+        overview_thumb = None
         with timer("tissue"):
             qc_thumb = None
             if options.tissue == "auto":
-                tissue, qc_thumb = detect_tissue(view)
+                # NB: one read of the slide for both pictures: whichever is finer is read, the
+                # other resized from it (a slide without a pyramid is decoded whole per read)
+                if view.thumbnail_size(overview_factor)[0] > view.thumbnail_size(detection_factor(view))[0]:
+                    overview_thumb = view.read_downsampled(overview_factor)
+                tissue, qc_thumb = detect_tissue(view, finer=[overview_thumb])
             elif options.tissue == "none":
                 tissue = full_tissue_mask(plan.width * plan.mpp, plan.height * plan.mpp)
             else:
@@ -496,8 +505,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 # NB: pictures and polygons come from low-resolution levels of the label pyramid
                 # (majority vote), so their cost is bounded on any slide (see writers.*_level).
                 with timer("write_overlay"):
-                    over = levels[writers.overview_level(levels)]
-                    thumb = view.read_downsampled(plan.width / over.width)
+                    over = levels[writers.overview_level([(s.width, s.height) for s in levels])]
+                    thumb = view.thumbnail(overview_factor, finer=[overview_thumb, qc_thumb])
                     writers.write_overlay(out_dir / "overlay.png", thumb, over.read_all(), model.palette, bg)
                 with timer("write_qc"):
                     if qc_thumb is None:

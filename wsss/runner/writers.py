@@ -121,12 +121,9 @@ class LabelPyramid:
         from concurrent.futures import ThreadPoolExecutor
 
         self.fill = fill
-        self.levels = [level0]
-        T = level0.tile
-        while max(self.levels[-1].width, self.levels[-1].height) > T:
-            below = self.levels[-1]
-            self.levels.append(TileSpool(str(Path(tmp_dir) / f".level{len(self.levels)}.spool.tmp"), T,
-                                         -(-below.width // 2), -(-below.height // 2), np.uint8, fill=fill))
+        self.levels = [level0] + [
+            TileSpool(str(Path(tmp_dir) / f".level{i}.spool.tmp"), level0.tile, w, h, np.uint8, fill=fill)
+            for i, (w, h) in enumerate(level_sizes(level0.width, level0.height, level0.tile)) if i]
         self._lock = threading.Condition()
         self._final = [np.zeros(s.rows, bool) for s in self.levels]
         self._rows_to_build = sum(s.rows for s in self.levels[1:])
@@ -279,9 +276,17 @@ POLYGON_MIN_MPP = 2.0  # GeoJSON outlines: traced at >= 2 um per pixel (about a 
 POLYGON_MAX_PIXELS = 2048 * 2048  # ... and from at most this many label pixels
 
 
-def overview_level(levels: List[TileSpool], max_px: int = OVERVIEW_MAX_PX) -> int:
-    """Index of the finest pyramid level whose longest side is <= max_px (else the coarsest)."""
-    return next((i for i, s in enumerate(levels) if max(s.width, s.height) <= max_px), len(levels) - 1)
+def level_sizes(width: int, height: int, tile: int) -> List[tuple]:
+    """(width, height) of each label pyramid level: halved (rounding up) until one tile covers it."""
+    sizes = [(width, height)]
+    while max(sizes[-1]) > tile:
+        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
+    return sizes
+
+
+def overview_level(sizes: List[tuple], max_px: int = OVERVIEW_MAX_PX) -> int:
+    """Index of the finest level (sizes: level_sizes) whose longest side is <= max_px (else the coarsest)."""
+    return next((i for i, wh in enumerate(sizes) if max(wh) <= max_px), len(sizes) - 1)
 
 
 def polygon_level(levels: List[TileSpool], mpp: float, *, min_mpp: float = POLYGON_MIN_MPP,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, asdict
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -104,6 +105,22 @@ class SlideView:
                          box=(sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0))
         return np.asarray(out)
 
+    def thumbnail_size(self, factor: float) -> tuple:
+        """(width, height) of ``read_downsampled(factor)``."""
+        return (max(1, int(round(self.plan.width / factor))), max(1, int(round(self.plan.height / factor))))
+
+    def thumbnail(self, factor: float, *, finer: Sequence[Optional[np.ndarray]] = ()) -> np.ndarray:
+        """``read_downsampled(factor)``, or one of ``finer`` (whole-view thumbnails already read)
+        box-resized when it is at least as fine: a slide without a pyramid is decoded whole
+        for each read, so a run reads its thumbnail once (tissue detection, overlay)."""
+        from PIL import Image
+
+        w, h = self.thumbnail_size(factor)
+        for t in finer:
+            if t is not None and t.shape[0] >= h and t.shape[1] >= w:
+                return t if t.shape[:2] == (h, w) else np.asarray(Image.fromarray(t).resize((w, h), resample=Image.BOX))
+        return self.read_downsampled(factor)
+
     def read_downsampled(self, factor: float, *, block: int = 2048) -> np.ndarray:
         """The whole output grid reduced by ``factor`` (>= 1), read in bands: uint8 [h, w, 3].
 
@@ -120,8 +137,7 @@ class SlideView:
         lvl = max(finer, key=lambda i: level_mpps[i]) if finer else 0
         lw, lh = reader.level_dimensions[lvl]
         f = mpp_thumb / level_mpps[lvl]  # level pixels per thumbnail pixel
-        tw = max(1, int(round(plan.width / factor)))
-        th = max(1, int(round(plan.height / factor)))
+        tw, th = self.thumbnail_size(factor)
         # Read the level in blocks of whole thumbnail pixels (bounded memory on big levels).
         step = max(1, int(block // max(f, 1e-9)))
         out = np.empty((th, tw, 3), np.uint8)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -55,6 +55,15 @@ def full_tissue_mask(width_um: float, height_um: float) -> TissueMask:
     return TissueMask(np.ones((1, 1), bool), height_um, width_um, "all")
 
 
+def detection_factor(view, mask_mpp: Optional[float] = None) -> float:
+    """Output-grid pixels per mask pixel of ``detect_tissue`` (see its mask_mpp)."""
+    plan = view.plan
+    if mask_mpp is None:
+        extent_um = max(plan.width, plan.height) * plan.mpp
+        mask_mpp = min(max(extent_um / 1024.0, 4.0, plan.mpp), 32.0)
+    return max(1.0, mask_mpp / plan.mpp)
+
+
 def detect_tissue(
     view,
     *,
@@ -63,6 +72,7 @@ def detect_tissue(
     min_hole_um2: float = 20_000.0,
     closing_um: float = 16.0,
     min_saturation: float = 0.04,
+    finer: Sequence[Optional[np.ndarray]] = (),
 ) -> tuple[TissueMask, np.ndarray]:
     """Detect tissue on a thumbnail of ``view`` (a SlideView).  Returns (mask, thumbnail uint8 [h,w,3]).
 
@@ -70,16 +80,14 @@ def detect_tissue(
     4..32 um/px (and no finer than the view).  min_object_um2 / min_hole_um2: objects
     and holes smaller than this area (square microns) are removed / filled.  NB: the Otsu
     threshold is floored at ``min_saturation`` so a slide of only background (where Otsu
-    would split noise) yields no tissue.
+    would split noise) yields no tissue.  finer: whole-view thumbnails already read; one at
+    least as fine as the mask is resized instead of reading the slide again (SlideView.thumbnail).
     """
     from skimage import filters, morphology
 
     plan = view.plan
-    extent_um = max(plan.width, plan.height) * plan.mpp
-    if mask_mpp is None:
-        mask_mpp = min(max(extent_um / 1024.0, 4.0, plan.mpp), 32.0)
-    factor = max(1.0, mask_mpp / plan.mpp)
-    thumb = view.read_downsampled(factor)
+    factor = detection_factor(view, mask_mpp)
+    thumb = view.thumbnail(factor, finer=finer)
     th, tw = thumb.shape[:2]
     mpp_y = plan.height * plan.mpp / th
     mpp_x = plan.width * plan.mpp / tw
