@@ -13,6 +13,14 @@ from the one run in the file.  --targets adds the issue's targets for the op ben
 
 --models: one row per network/width/batch, one column per mode, tiles/s with the speed-up over
 eager float32 of the same row; then the precision-agreement table.
+
+    for i in 1 2 3; do WSSS_BENCH_SIZE=3072 pytest benchmarks/bench_runner.py --benchmark-only \
+        -k end_to_end --benchmark-json=r$i.json; done
+    python tools/bench_table.py r1.json r2.json r3.json --runner
+
+--runner: pools the end-to-end rounds of every file (each runner round against the model-only
+pass made just before it) into the runner's overheads: tile stage and whole run (all outputs
+written) over model-only, median and quartiles, per pipeline and model.
 """
 from __future__ import annotations
 
@@ -127,13 +135,50 @@ def models_table(groups: dict) -> list[str]:
     return lines
 
 
+def runner_table(paths: list) -> list[str]:
+    import numpy as np
+
+    pooled: dict = defaultdict(lambda: defaultdict(list))
+    for path in paths:
+        with open(path) as f:
+            for b in json.load(f)["benchmarks"]:
+                e = b["extra_info"]
+                if "tile_stage_s_all" not in e:
+                    continue  # not an end-to-end benchmark
+                key = (e.get("pipeline", "overlapped"), b["params"].get("slide_model", "") if b.get("params") else "",
+                       e["tiles"], e["device"])
+                for k in ("model_only_s_all", "tile_stage_s_all", "total_s_all"):
+                    pooled[key][k] += e.get(k, [])
+    lines = ["| pipeline, model, tiles, device | rounds | model only | tile stage: overhead (quartiles) "
+             "| whole run: overhead (quartiles) |", "|---|---:|---:|---:|---:|"]
+
+    def pct(xs, ms):
+        if len(xs) != len(ms) or not xs:
+            return "-"
+        r = 100 * (np.asarray(xs) / np.asarray(ms) - 1)
+        return f"{np.median(r):+.1f}% ({np.quantile(r, .25):+.1f} / {np.quantile(r, .75):+.1f}%)"
+
+    for (pipeline, model, tiles, device), v in pooled.items():
+        ms = v["model_only_s_all"]
+        lines.append(f"| {pipeline}, {model or 'bundle'}, {tiles}, {device} | {len(ms)} | {np.median(ms):.3f} s | "
+                     f"{pct(v['tile_stage_s_all'], ms)} | {pct(v['total_s_all'], ms)} |")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json_file")
+    p.add_argument("json_file", nargs="+", help="pytest-benchmark JSON (several only with --runner)")
     p.add_argument("--targets", action="store_true", help="also print the op targets table")
     p.add_argument("--models", action="store_true", help="the models table (benchmarks/bench_models.py)")
+    p.add_argument("--runner", action="store_true", help="the runner's overheads, rounds pooled over the files "
+                                                         "(benchmarks/bench_runner.py -k end_to_end)")
     args = p.parse_args(argv)
-    data = load(args.json_file)
+    if args.runner:
+        print("\n".join(runner_table(args.json_file)))
+        return 0
+    if len(args.json_file) > 1:
+        p.error("several files only with --runner")
+    data = load(args.json_file[0])
     m = data["machine"]
     print(f"Measured {data['when'][:16]} on {m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, "
           f"{m.get('cpu', {}).get('count', '?')} cores; medians.\n")

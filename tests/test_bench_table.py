@@ -1,0 +1,45 @@
+"""tools/bench_table.py --runner: the README's runner overheads, pooled over benchmark files."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_table.py"
+
+
+def bench_table():
+    spec = importlib.util.spec_from_file_location("bench_table", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def end_to_end(model_s, tiles_s, total_s):
+    return {"name": "test_end_to_end[demo-overlapped]", "group": None,
+            "params": {"slide_model": "demo", "pipeline": "overlapped"}, "stats": {"median": 1.0},
+            "extra_info": {"pipeline": "overlapped", "tiles": 196, "device": "cpu", "model_only_s_all": model_s,
+                           "tile_stage_s_all": tiles_s, "total_s_all": total_s}}
+
+
+def test_runner_rounds_pooled_over_files(tmp_path, capsys):
+    files = []
+    for i, (m, t, tot) in enumerate([([1.0, 2.0], [1.1, 2.0], [1.2, 2.4]), ([1.0], [1.3], [1.5])]):
+        path = tmp_path / f"r{i}.json"
+        other = {"name": "test_model_only[demo]", "group": None, "params": {}, "stats": {"median": 1.0}, "extra_info": {}}
+        path.write_text(json.dumps({"benchmarks": [end_to_end(m, t, tot), other]}))
+        files.append(str(path))
+    assert bench_table().main(files + ["--runner"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    row = [line for line in out if line.startswith("| overlapped")]
+    # per round: tile stage +10%, 0%, +30% -> median +10%; whole run +20%, +20%, +50% -> +20%
+    assert row == ["| overlapped, demo, 196, cpu | 3 | 1.000 s | +10.0% (+5.0 / +20.0%) | +20.0% (+20.0 / +35.0%) |"]
+
+
+def test_several_files_only_with_runner(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(SystemExit):
+        bench_table().main([str(path), str(path)])
