@@ -96,8 +96,8 @@ want op_tests && step op_tests 300 pytest_surviving_crashes tests/test_ops.py te
 want runner_tests && step runner_tests 240 pytest_surviving_crashes tests/test_runner_device.py tests/test_band_stitching.py tests/test_bundle.py -s
 
 want bench_runner && step bench_runner 300 env WSSS_BENCH_DEVICE=cuda WSSS_BENCH_MODELS=reference WSSS_BENCH_BATCH=32 \
-    WSSS_BENCH_WORKERS=8 WSSS_BENCH_SIZE="${WSSS_BENCH_SIZE:-4096}" WSSS_BENCH_MANY_SIZE=2048 \
-    python -m pytest benchmarks/bench_runner.py --benchmark-only -q -k "model_only or end_to_end or many_slides" \
+    WSSS_BENCH_WORKERS=8 WSSS_BENCH_SIZE="${WSSS_BENCH_SIZE:-4096}" WSSS_BENCH_MANY_SIZE=2048 WSSS_BENCH_PYRAMID_SIZE=4096 \
+    python -m pytest benchmarks/bench_runner.py --benchmark-only -q -k "model_only or end_to_end or many_slides or early_pyramid" \
     --benchmark-json="$OUT/bench_runner_cuda.json"
 want bench_models && step bench_models 300 env WSSS_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_models.py --benchmark-only -q -s \
     -k "${WSSS_GPU_CHECK_MODELS_K:-not compiled}" --benchmark-json="$OUT/bench_models_cuda.json"
@@ -105,10 +105,11 @@ want bench_models && step bench_models 300 env WSSS_BENCH_DEVICE=cuda python -m 
 import json, sys
 keys = ("pipeline", "stitch_device", "engine", "background_outputs", "tiles", "batch", "workers", "precision", "model_mpx_per_s", "model_only_mpx_per_s", "tile_stage_mpx_per_s",
         "total_mpx_per_s", "tile_stage_overhead", "tile_stage_overhead_best", "tile_stage_overhead_paired",
-        "total_overhead", "stages_s")
+        "total_overhead", "total_overhead_paired", "early_pyramid", "overhead_s", "stages_s")
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     print(b["name"], "median %.3f s" % b["stats"]["median"], {k: b["extra_info"][k] for k in keys if k in b["extra_info"]})
 PY
+[ -s "$OUT/bench_runner_cuda.json" ] && python tools/bench_table.py "$OUT/bench_runner_cuda.json" --runner
 for kind in models; do
     json="$OUT/bench_${kind}_cuda.json"
     [ -s "$json" ] || continue
