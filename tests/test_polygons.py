@@ -31,6 +31,8 @@ def test_unsimplified_outlines_hold_exactly_the_class_pixels(seed):
         labels = (rng.random((h, w)) * rng.integers(1, 5)).astype(np.uint8)
         if rng.random() < 0.5:  # blobs as well as salt and pepper
             labels = np.kron(labels[: h // 4 + 1, : w // 4 + 1], np.ones((4, 4), np.uint8))[:h, :w]
+        if rng.random() < 0.5:  # rows without a class: the tracer's pieces (one pass each)
+            labels[rng.random(h) < 0.3] = 9
         for k in range(int(labels.max()) + 2):
             g = label_polygons(labels, k, scale=1.0, simplify=0, min_area_px=0)
             assert (centres_inside(g, h, w) == (labels == k)).all()

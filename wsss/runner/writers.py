@@ -409,6 +409,39 @@ def write_areas(json_path: Path, csv_path: Path, areas: dict) -> None:
         tmp.write_text(buf.getvalue())
 
 
+def _filled_contours(mask: np.ndarray):
+    """Filled marching squares at 0.5 over a bool mask: (points [n, 2] float64 in pixel-corner
+    coordinates - pixel (x, y) spans [x, x + 1] x [y, y + 1] -, ring offsets [r + 1],
+    outer offsets [p + 1]: polygon i's rings, its outer one first), all int64.
+
+    NB: contourpy works on float64 with float64 x/y grids (~24 bytes per pixel), so the mask
+    goes in pieces: runs of rows that hold the class (no object spans a row without it: the
+    same result as one pass), each cropped to its columns.  Sparse classes then cost their
+    own extent, not the map's."""
+    import contourpy
+
+    rows = np.flatnonzero(mask.any(axis=1))
+    gaps = np.flatnonzero(np.diff(rows) > 1)
+    points, rings, outers = [], [np.zeros(1, np.int64)], [np.zeros(1, np.int64)]
+    n_points = n_rings = 0
+    for r0, r1 in zip(np.r_[rows[0], rows[gaps + 1]], np.r_[rows[gaps], rows[-1]] + 1):
+        cols = np.flatnonzero(mask[r0:r1].any(axis=0))
+        c0, c1 = int(cols[0]), int(cols[-1]) + 1
+        # padding closes the objects at the piece's border; marching squares puts the centre of
+        # piece pixel (i, j) at (j + 1, i + 1) (padded): -0.5 + the piece's origin gives corners
+        gen = contourpy.contour_generator(z=np.pad(mask[r0:r1, c0:c1], 1).astype(np.float64), name="serial",
+                                          fill_type=contourpy.FillType.ChunkCombinedOffsetOffset)
+        (pts,), (ro,), (oo,) = gen.filled(0.5, 1.5)  # one chunk: flat arrays
+        if pts is None:
+            continue
+        points.append(pts + (c0 - 0.5, r0 - 0.5))
+        rings.append(ro[1:].astype(np.int64) + n_points)
+        outers.append(oo[1:].astype(np.int64) + n_rings)
+        n_points += len(pts)
+        n_rings += len(ro) - 1
+    return np.concatenate(points), np.concatenate(rings), np.concatenate(outers)
+
+
 def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simplify: float = 0.4,
                    min_area_px: int = 4):
     """shapely MultiPolygon of the pixels equal to class_index, in units of ``scale`` x label pixels.
@@ -425,24 +458,15 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
     them: straight runs of pixel edges) go before shapely sees the rings, in one vectorised
     pass; Douglas-Peucker would never pick them.
     """
-    import contourpy
     import shapely
 
     mask = labels == class_index
     if not mask.any():
         return None
-    # NB: padding closes the objects that touch the border.  Marching squares puts pixel i's
-    # centre at i + 1 (padded); -0.5 gives pixel-corner coordinates: pixel i spans [i, i + 1].
-    gen = contourpy.contour_generator(z=np.pad(mask, 1).astype(np.float64), name="serial",
-                                      fill_type=contourpy.FillType.ChunkCombinedOffsetOffset)
-    (points,), (ring_offsets,), (outer_offsets,) = gen.filled(0.5, 1.5)  # one chunk: flat arrays
-    if points is None:
-        return None
+    xy, ring_offsets, outer_offsets = _filled_contours(mask)
     # every ring's points (closed: last == first); ring -> polygon (its outer ring comes first)
-    xy = points - 0.5
-    ring_offsets = ring_offsets.astype(np.int64)
     ring_counts = np.diff(ring_offsets)
-    ring_poly = np.repeat(np.arange(len(outer_offsets) - 1), np.diff(outer_offsets.astype(np.int64)))
+    ring_poly = np.repeat(np.arange(len(outer_offsets) - 1), np.diff(outer_offsets))
     starts, ends = ring_offsets[:-1], ring_offsets[1:]
     # shoelace area per ring (outer rings positive, holes negative: x right, y down)
     # (cumulative sums are exact here: coordinates are multiples of 0.5, far below 2**50)
