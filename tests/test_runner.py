@@ -218,25 +218,30 @@ def test_tissue_mask_limits_tiles_and_labels(tmp_path):
     assert areas["tissue_pixels"] == 64 * 64
 
 
-@pytest.mark.parametrize("tissue,reads", [("auto", 1), ("none", 1)])
-def test_overlay_reuses_the_detection_thumbnail(tmp_path, monkeypatch, tissue, reads):
-    """One low-resolution read of the slide per run: detection's thumbnail (here as fine as the
-    overview level) also makes the overlay; without detection the overlay reads its own."""
+@pytest.mark.parametrize("tissue,mpp,k", [("auto", 4.0, 1), ("auto", 0.5, 2), ("none", 4.0, 1)])
+def test_one_thumbnail_read_per_slide(tmp_path, monkeypatch, tissue, mpp, k):
+    """One low-resolution read of the slide per run, shared by tissue detection and the overlay:
+    at 4 um/px detection's thumbnail is as fine as the overview level and makes the overlay; at
+    0.5 um/px the overview level is finer (detection wants >= 4 um/px), is read first and
+    detection resizes it; without detection the overlay reads its own."""
     from PIL import Image
 
     from wsss.slide import SlideView
 
-    img = colour_slide(320, 300, block=8)
-    img[:, :110] = 240  # glass: detection keeps the right part
+    img = colour_slide(320 * k, 300 * k, block=8)
+    img[:, :110 * k] = 240  # glass: detection keeps the right part
     path = tmp_path / "s.tif"
-    write_pyramid(path, [img], mpp=4.0)
+    write_pyramid(path, [img], mpp=mpp)
     calls = []
     real = SlideView.read_downsampled
     monkeypatch.setattr(SlideView, "read_downsampled", lambda self, f, **kw: calls.append(f) or real(self, f, **kw))
-    res = run_slide(path, model(tile=32, mpp=4.0), tmp_path / "out", opts(overlap=8, tissue=tissue))
-    assert res.status == "done" and len(calls) == reads
+    res = run_slide(path, model(tile=32, mpp=mpp), tmp_path / "out", opts(overlap=8, tissue=tissue))
+    assert res.status == "done" and calls == [1.0]  # the overview level here is level 0
     overlay = np.asarray(Image.open(tmp_path / "out" / "overlay.png"))
-    assert overlay.shape == (320, 2 * 300, 3)  # thumbnail | legend colours, at the overview level
+    assert overlay.shape == (320 * k, 2 * 300 * k, 3)  # thumbnail | legend colours, at the overview level
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    if tissue == "auto":
+        assert 0.5 < run["tissue"]["fraction"] < 0.7  # the right 190 of 300 columns
     if tissue == "auto":
         np.testing.assert_array_equal(overlay[:, :100], 240)  # glass: background, no tint
 
