@@ -401,7 +401,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             if options.tissue == "auto":
                 # NB: one read of the slide for both pictures: whichever is finer is read, the
                 # other resized from it (a slide without a pyramid is decoded whole per read)
-                if view.thumbnail_size(overview_factor)[0] > view.thumbnail_size(detection_factor(view))[0]:
+                if overview_factor < detection_factor(view):
                     overview_thumb = view.read_downsampled(overview_factor)
                 tissue, qc_thumb = detect_tissue(view, finer=[overview_thumb])
             elif options.tissue == "none":
@@ -505,7 +505,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 # NB: pictures and polygons come from low-resolution levels of the label pyramid
                 # (majority vote), so their cost is bounded on any slide (see writers.*_level).
                 with timer("write_overlay"):
-                    over = levels[writers.overview_level([(s.width, s.height) for s in levels])]
+                    over = levels[writers.overview_level(sizes)]  # (sizes: these levels' sizes)
                     thumb = view.thumbnail(overview_factor, finer=[overview_thumb, qc_thumb])
                     writers.write_overlay(out_dir / "overlay.png", thumb, over.read_all(), model.palette, bg)
                 with timer("write_qc"):
