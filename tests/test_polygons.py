@@ -109,3 +109,24 @@ def test_geojson_file(tmp_path):
     assert geom.is_valid and geom.geom_type == "MultiPolygon"
     assert geom.area / 16 == pytest.approx((labels == 1).sum(), rel=0.02)
     assert shape(by_name["stroma"]["geometry"]).bounds == pytest.approx((120, 80, 144, 104), abs=2.5)
+
+
+def test_an_outline_plain_simplification_breaks_is_redone_with_topology(monkeypatch):
+    """Plain Douglas-Peucker runs first (fast); any outline it leaves invalid or empty is
+    simplified again with topology preserved.  Forced here: the plain pass returns a bow-tie."""
+    labels = nested()
+    want = label_polygons(labels, 1, scale=1.0, min_area_px=0)
+    real = shapely.simplify
+    bowtie = shapely.Polygon([(0, 0), (2, 2), (2, 0), (0, 2)])
+
+    def simplify(geoms, tolerance, preserve_topology=True):
+        out = real(geoms, tolerance, preserve_topology=preserve_topology)
+        if not preserve_topology:
+            out = out.copy()
+            out[0] = bowtie  # invalid: self-intersecting
+        return out
+
+    monkeypatch.setattr(shapely, "simplify", simplify)
+    got = label_polygons(labels, 1, scale=1.0, min_area_px=0)
+    assert got.is_valid and got.area == pytest.approx(want.area)
+    assert not any(p.equals(bowtie) for p in got.geoms)

@@ -451,8 +451,8 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
     are separate objects, the same convention as skimage's find_contours).  Objects and holes
     enclosing fewer than ``min_area_px`` pixels are dropped (a dropped hole is filled): speckle
     would only bloat the file (an object inside a dropped hole is smaller still, so dropped
-    too: parts never overlap).  simplify (label pixels): Douglas-Peucker tolerance, topology
-    preserved; NB: 0.4 drops collinear points but keeps marching squares' corner chamfers (at
+    too: parts never overlap).  simplify (label pixels): Douglas-Peucker tolerance (outlines
+    stay valid); NB: 0.4 drops collinear points but keeps marching squares' corner chamfers (at
     0.5 a 5-px square collapses to a diamond and loses ~15% of its area); 0 keeps every
     corner, and the outlines then contain exactly the mask's pixel centres.  Collinear vertices (most of
     them: straight runs of pixel edges) go before shapely sees the rings, in one vectorised
@@ -495,7 +495,14 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
     if bad.any():  # never seen on marching-squares output; cheap insurance
         geoms[bad] = shapely.make_valid(geoms[bad])
     if simplify > 0:
-        geoms = shapely.simplify(geoms, simplify * scale, preserve_topology=True)
+        # NB: plain Douglas-Peucker is ~5x faster than the topology-preserving variant and on
+        # marching-squares rings at this tolerance nearly always valid (same vertices, maybe
+        # another start point); the rare outline it breaks is redone with topology preserved.
+        fast = shapely.simplify(geoms, simplify * scale, preserve_topology=False)
+        broken = ~shapely.is_valid(fast) | shapely.is_empty(fast)
+        if broken.any():
+            fast[broken] = shapely.simplify(geoms[broken], simplify * scale, preserve_topology=True)
+        geoms = fast
     parts = shapely.get_parts(geoms)
     parts = parts[(shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts)]
     return shapely.multipolygons(parts) if len(parts) else None
