@@ -180,6 +180,46 @@ def test_view_reads_level_exactly_and_resamples_smoothly(pyramid):
 # --------------------------------------------------------------------------------------
 # tissue
 # --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reader", ["tifffile", "openslide"])
+@pytest.mark.parametrize("factor", [1.0, 2.5, 7.0])
+def test_thumbnail_read_in_threads_is_the_same(tmp_path, monkeypatch, reader, factor):
+    """read_downsampled(workers=n): blocks in n threads, each with its own handle (all closed
+    again), the same pixels as one thread."""
+    path = tmp_path / "flat.tif"
+    write_pyramid(path, [pattern(203, 171)])  # one level: the thumbnail decodes level 0
+    with open_slide(path, reader=reader) as r:
+        view = SlideView(r, plan_scale(r, 0.5))
+        one = view.read_downsampled(factor, block=40)
+        handles = []
+        real_reopen = type(r).reopen
+
+        def reopen(self):
+            h = real_reopen(self)
+            real_close, h.closed = h.close, False
+            h.close = lambda: (real_close(), setattr(h, "closed", True))
+            handles.append(h)
+            return h
+
+        monkeypatch.setattr(type(r), "reopen", reopen)
+        many = view.read_downsampled(factor, block=40, workers=3)
+    np.testing.assert_array_equal(many, one)
+    assert 1 <= len(handles) <= 3 and all(h.closed for h in handles)
+
+
+def test_thumbnail_block_failure_raises(tmp_path):
+    img = pattern(64, 64)
+    path = tmp_path / "c.tif"
+    write_pyramid(path, [img], tile=32, compression="zlib")
+    with tifffile.TiffFile(path) as t:
+        off = t.pages[0].dataoffsets[3]
+    data = bytearray(path.read_bytes())
+    data[off:off + 16] = b"\x00garbage-bytes!!"
+    path.write_bytes(bytes(data))
+    with open_slide(path, reader="tifffile") as r:
+        with pytest.raises(SlideError, match=r"level 0 tile 3 .*cannot be decoded"):
+            SlideView(r, plan_scale(r, 0.5)).read_downsampled(1.0, block=32, workers=2)
+
+
 def test_detect_tissue_on_synthetic_blob(tmp_path):
     h, w = 400, 600
     img = np.full((h, w, 3), 242, np.uint8)

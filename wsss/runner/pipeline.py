@@ -402,8 +402,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 # NB: one read of the slide for both pictures: whichever is finer is read, the
                 # other resized from it (a slide without a pyramid is decoded whole per read)
                 if overview_factor < detection_factor(view):
-                    overview_thumb = view.read_downsampled(overview_factor)
-                tissue, qc_thumb = detect_tissue(view, finer=[overview_thumb])
+                    overview_thumb = view.read_downsampled(overview_factor, workers=options.workers)
+                tissue, qc_thumb = detect_tissue(view, finer=[overview_thumb], workers=options.workers)
             elif options.tissue == "none":
                 tissue = full_tissue_mask(plan.width * plan.mpp, plan.height * plan.mpp)
             else:
@@ -510,7 +510,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 # (majority vote), so their cost is bounded on any slide (see writers.*_level).
                 with timer("write_overlay"):
                     over = levels[writers.overview_level(sizes)]  # (sizes: these levels' sizes)
-                    thumb = view.thumbnail(overview_factor, finer=[overview_thumb, qc_thumb])
+                    thumb = view.thumbnail(overview_factor, finer=[overview_thumb, qc_thumb], workers=options.workers)
                     writers.write_overlay(out_dir / "overlay.png", thumb, over.read_all(), model.palette, bg)
                 with timer("write_qc"):
                     if qc_thumb is None:

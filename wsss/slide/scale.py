@@ -109,7 +109,7 @@ class SlideView:
         """(width, height) of ``read_downsampled(factor)``."""
         return (max(1, int(round(self.plan.width / factor))), max(1, int(round(self.plan.height / factor))))
 
-    def thumbnail(self, factor: float, *, finer: Sequence[Optional[np.ndarray]] = ()) -> np.ndarray:
+    def thumbnail(self, factor: float, *, finer: Sequence[Optional[np.ndarray]] = (), workers: int = 1) -> np.ndarray:
         """``read_downsampled(factor)``, or one of ``finer`` (whole-view thumbnails already read)
         box-resized when it is at least as fine: a slide without a pyramid is decoded whole
         for each read, so a run reads its thumbnail once (tissue detection, overlay)."""
@@ -119,14 +119,19 @@ class SlideView:
         for t in finer:
             if t is not None and t.shape[0] >= h and t.shape[1] >= w:
                 return t if t.shape[:2] == (h, w) else np.asarray(Image.fromarray(t).resize((w, h), resample=Image.BOX))
-        return self.read_downsampled(factor)
+        return self.read_downsampled(factor, workers=workers)
 
-    def read_downsampled(self, factor: float, *, block: int = 2048) -> np.ndarray:
+    def read_downsampled(self, factor: float, *, block: int = 2048, workers: int = 1) -> np.ndarray:
         """The whole output grid reduced by ``factor`` (>= 1), read in bands: uint8 [h, w, 3].
 
         Used for thumbnails; reads the coarsest pyramid level that is fine enough, so a big
         slide with a pyramid never decodes level 0; blocks of ``block`` source pixels.
+        ``workers`` > 1 reads the blocks in that many threads, each with its own handle
+        (decoders release the GIL): a slide without a usable pyramid is decoded whole here.
         """
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
         from PIL import Image
 
         reader, plan = self.reader, self.plan
@@ -135,20 +140,41 @@ class SlideView:
         level_mpps = [reader.level_mpp(lvl) for lvl in range(reader.level_count)]
         finer = [lvl for lvl, m in enumerate(level_mpps) if m <= mpp_thumb * 1.001]
         lvl = max(finer, key=lambda i: level_mpps[i]) if finer else 0
-        lw, lh = reader.level_dimensions[lvl]
         f = mpp_thumb / level_mpps[lvl]  # level pixels per thumbnail pixel
         tw, th = self.thumbnail_size(factor)
         # Read the level in blocks of whole thumbnail pixels (bounded memory on big levels).
         step = max(1, int(block // max(f, 1e-9)))
         out = np.empty((th, tw, 3), np.uint8)
-        for ty0 in range(0, th, step):
-            ty1 = min(th, ty0 + step)
-            for tx0 in range(0, tw, step):
-                tx1 = min(tw, tx0 + step)
-                sx0, sx1, sy0, sy1 = tx0 * f, tx1 * f, ty0 * f, ty1 * f
-                rx0, ry0 = int(math.floor(sx0)), int(math.floor(sy0))
-                rx1, ry1 = max(rx0 + 1, int(math.ceil(sx1))), max(ry0 + 1, int(math.ceil(sy1)))
-                src = Image.fromarray(reader.read_region(lvl, rx0, ry0, rx1 - rx0, ry1 - ry0))
-                out[ty0:ty1, tx0:tx1] = np.asarray(src.resize(
-                    (tx1 - tx0, ty1 - ty0), resample=Image.BOX, box=(sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)))
+        blocks = [(ty0, min(th, ty0 + step), tx0, min(tw, tx0 + step))
+                  for ty0 in range(0, th, step) for tx0 in range(0, tw, step)]
+
+        def read_block(src_reader, ty0: int, ty1: int, tx0: int, tx1: int) -> None:
+            sx0, sx1, sy0, sy1 = tx0 * f, tx1 * f, ty0 * f, ty1 * f
+            rx0, ry0 = int(math.floor(sx0)), int(math.floor(sy0))
+            rx1, ry1 = max(rx0 + 1, int(math.ceil(sx1))), max(ry0 + 1, int(math.ceil(sy1)))
+            src = Image.fromarray(src_reader.read_region(lvl, rx0, ry0, rx1 - rx0, ry1 - ry0))
+            out[ty0:ty1, tx0:tx1] = np.asarray(src.resize(
+                (tx1 - tx0, ty1 - ty0), resample=Image.BOX, box=(sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0)))
+
+        n_threads = min(max(1, workers), len(blocks))
+        if n_threads == 1:
+            for b in blocks:
+                read_block(reader, *b)
+            return out
+        local, opened, lock = threading.local(), [], threading.Lock()
+
+        def task(b) -> None:
+            if not hasattr(local, "reader"):
+                local.reader = reader.reopen()
+                with lock:
+                    opened.append(local.reader)
+            read_block(local.reader, *b)
+
+        try:
+            with ThreadPoolExecutor(n_threads, thread_name_prefix="wsss-thumbnail") as pool:
+                for _ in pool.map(task, blocks):
+                    pass  # NB: consumes the results, so a failed block raises here
+        finally:
+            for r in opened:
+                r.close()
         return out

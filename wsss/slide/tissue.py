@@ -73,6 +73,7 @@ def detect_tissue(
     closing_um: float = 16.0,
     min_saturation: float = 0.04,
     finer: Sequence[Optional[np.ndarray]] = (),
+    workers: int = 1,
 ) -> tuple[TissueMask, np.ndarray]:
     """Detect tissue on a thumbnail of ``view`` (a SlideView).  Returns (mask, thumbnail uint8 [h,w,3]).
 
@@ -81,13 +82,14 @@ def detect_tissue(
     and holes smaller than this area (square microns) are removed / filled.  NB: the Otsu
     threshold is floored at ``min_saturation`` so a slide of only background (where Otsu
     would split noise) yields no tissue.  finer: whole-view thumbnails already read; one at
-    least as fine as the mask is resized instead of reading the slide again (SlideView.thumbnail).
+    least as fine as the mask is resized instead of reading the slide again (SlideView.thumbnail);
+    workers: reader threads for that read.
     """
     from skimage import filters, morphology
 
     plan = view.plan
     factor = detection_factor(view, mask_mpp)
-    thumb = view.thumbnail(factor, finer=finer)
+    thumb = view.thumbnail(factor, finer=finer, workers=workers)
     th, tw = thumb.shape[:2]
     mpp_y = plan.height * plan.mpp / th
     mpp_x = plan.width * plan.mpp / tw
