@@ -119,15 +119,20 @@ def test_unknown_reader(pyramid):
         open_slide(pyramid[0], reader="pil")
 
 
-def test_corrupt_tile_is_named(tmp_path):
-    img = pattern(64, 64)
+def corrupt_slide(tmp_path) -> Path:
+    """64x64, tiles of 32, tile 3 (bottom right) garbage."""
     path = tmp_path / "c.tif"
-    write_pyramid(path, [img], tile=32, compression="zlib")
+    write_pyramid(path, [pattern(64, 64)], tile=32, compression="zlib")
     with tifffile.TiffFile(path) as t:
         off = t.pages[0].dataoffsets[3]
     data = bytearray(path.read_bytes())
     data[off:off + 16] = b"\x00garbage-bytes!!"
     path.write_bytes(bytes(data))
+    return path
+
+
+def test_corrupt_tile_is_named(tmp_path):
+    path = corrupt_slide(tmp_path)
     with open_slide(path, reader="tifffile") as r:
         r.read_region(0, 0, 0, 32, 32)  # an intact tile still reads
         with pytest.raises(SlideError, match=r"level 0 tile 3 .*cannot be decoded"):
@@ -207,15 +212,7 @@ def test_thumbnail_read_in_threads_is_the_same(tmp_path, monkeypatch, reader, fa
 
 
 def test_thumbnail_block_failure_raises(tmp_path):
-    img = pattern(64, 64)
-    path = tmp_path / "c.tif"
-    write_pyramid(path, [img], tile=32, compression="zlib")
-    with tifffile.TiffFile(path) as t:
-        off = t.pages[0].dataoffsets[3]
-    data = bytearray(path.read_bytes())
-    data[off:off + 16] = b"\x00garbage-bytes!!"
-    path.write_bytes(bytes(data))
-    with open_slide(path, reader="tifffile") as r:
+    with open_slide(corrupt_slide(tmp_path), reader="tifffile") as r:
         with pytest.raises(SlideError, match=r"level 0 tile 3 .*cannot be decoded"):
             SlideView(r, plan_scale(r, 0.5)).read_downsampled(1.0, block=32, workers=2)
 
