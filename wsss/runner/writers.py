@@ -454,9 +454,9 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
     too: parts never overlap).  simplify (label pixels): Douglas-Peucker tolerance (outlines
     stay valid); NB: 0.4 drops collinear points but keeps marching squares' corner chamfers (at
     0.5 a 5-px square collapses to a diamond and loses ~15% of its area); 0 keeps every
-    corner, and the outlines then contain exactly the mask's pixel centres.  Collinear vertices (most of
-    them: straight runs of pixel edges) go before shapely sees the rings, in one vectorised
-    pass; Douglas-Peucker would never pick them.
+    corner, and the outlines then contain exactly the mask's pixel centres.  Collinear
+    vertices (most of them: straight runs of pixel edges) go before shapely sees the rings,
+    in one vectorised pass; Douglas-Peucker would never pick them.
     """
     import shapely
 
