@@ -701,17 +701,13 @@ def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: li
     """
     import torch
 
+    from wsss.slide import ThreadHandles
+
     tile = grid.tile
-    local = threading.local()
-    views_lock = threading.Lock()
+    handles = ThreadHandles(view, on_new=one_thread_if_helper, opened=views)  # (the caller closes views)
 
     def read(pos):
-        v = getattr(local, "view", None)
-        if v is None:
-            one_thread_if_helper()
-            v = local.view = view.reopen()
-            with views_lock:
-                views.append(v)
+        v = handles.get()
         t0 = time.perf_counter()
         arr = v.read(pos[0], pos[1], tile, tile)
         timer.add("read (worker time)", time.perf_counter() - t0)

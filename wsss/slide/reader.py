@@ -23,7 +23,7 @@ import numpy as np
 
 from wsss.errors import SlideError
 
-__all__ = ["SlideReader", "OpenSlideReader", "TiffSlideReader", "open_slide", "READERS"]
+__all__ = ["SlideReader", "OpenSlideReader", "TiffSlideReader", "open_slide", "READERS", "ThreadHandles"]
 
 READERS = ("auto", "openslide", "tifffile")
 
@@ -407,3 +407,29 @@ def open_slide(path, *, reader: str = "auto", mpp: Optional[float] = None) -> Sl
             return OpenSlideReader(path, mpp)
         raise SlideError(f"{path}: not a slide: neither OpenSlide nor tifffile can open it "
                          f"({tiff_error.args[0].split(': ', 1)[-1]})") from None
+
+
+class ThreadHandles:
+    """One handle per thread, reopened from ``source`` (a SlideReader or SlideView: handles are
+    not thread-safe) on a thread's first ``get``; ``opened`` lists them all (pass the caller's
+    list to own their lifetime), ``close`` closes them.  on_new runs in a thread before it
+    opens its handle."""
+
+    def __init__(self, source, *, on_new=None, opened: Optional[list] = None) -> None:
+        self._source, self._on_new = source, on_new
+        self._local, self._lock = threading.local(), threading.Lock()
+        self.opened = opened if opened is not None else []
+
+    def get(self):
+        handle = getattr(self._local, "handle", None)
+        if handle is None:
+            if self._on_new is not None:
+                self._on_new()
+            handle = self._local.handle = self._source.reopen()
+            with self._lock:
+                self.opened.append(handle)
+        return handle
+
+    def close(self) -> None:
+        for handle in self.opened:
+            handle.close()

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from wsss.errors import SlideError
-from wsss.slide.reader import SlideReader
+from wsss.slide.reader import SlideReader, ThreadHandles
 
 __all__ = ["ScalePlan", "plan_scale", "SlideView"]
 
@@ -129,7 +129,6 @@ class SlideView:
         ``workers`` > 1 reads the blocks in that many threads, each with its own handle
         (decoders release the GIL): a slide without a usable pyramid is decoded whole here.
         """
-        import threading
         from concurrent.futures import ThreadPoolExecutor
 
         from PIL import Image
@@ -161,20 +160,11 @@ class SlideView:
             for b in blocks:
                 read_block(reader, *b)
             return out
-        local, opened, lock = threading.local(), [], threading.Lock()
-
-        def task(b) -> None:
-            if not hasattr(local, "reader"):
-                local.reader = reader.reopen()
-                with lock:
-                    opened.append(local.reader)
-            read_block(local.reader, *b)
-
+        handles = ThreadHandles(reader)
         try:
             with ThreadPoolExecutor(n_threads, thread_name_prefix="wsss-thumbnail") as pool:
-                for _ in pool.map(task, blocks):
+                for _ in pool.map(lambda b: read_block(handles.get(), *b), blocks):
                     pass  # NB: consumes the results, so a failed block raises here
         finally:
-            for r in opened:
-                r.close()
+            handles.close()
         return out
