@@ -130,3 +130,24 @@ def test_an_outline_plain_simplification_breaks_is_redone_with_topology(monkeypa
     got = label_polygons(labels, 1, scale=1.0, min_area_px=0)
     assert got.is_valid and got.area == pytest.approx(want.area)
     assert not any(p.equals(bowtie) for p in got.geoms)
+
+
+def test_an_outline_both_simplifications_break_is_made_valid(monkeypatch):
+    """Validity is checked once, on what is written: an outline still invalid after the
+    topology-preserving pass is repaired (make_valid), never written as it is."""
+    labels = nested()
+    bowtie = shapely.Polygon([(0, 0), (2, 2), (2, 0), (0, 2)])
+    real = shapely.simplify
+
+    def simplify(geoms, tolerance, preserve_topology=True):
+        out = real(geoms, tolerance, preserve_topology=preserve_topology).copy()
+        out[0] = bowtie
+        return out
+
+    monkeypatch.setattr(shapely, "simplify", simplify)
+    got = label_polygons(labels, 1, scale=1.0, min_area_px=0)
+    assert got.is_valid
+    assert not any(p.equals(bowtie) for p in got.geoms)
+    # the bow-tie repaired: its two triangles (area 1 each) are written instead
+    triangles = shapely.get_parts(shapely.make_valid(bowtie))
+    assert len(triangles) == 2 and all(any(p.equals(t) for p in got.geoms) for t in triangles)

@@ -491,18 +491,22 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
     corner = turn != 0.0
     rings = shapely.linearrings(pts[corner] * scale, indices=ring_id[corner])  # closed by shapely
     geoms = shapely.polygons(rings, indices=np.unique(ring_poly[kept], return_inverse=True)[1])  # outer ring first
-    bad = ~shapely.is_valid(geoms)
-    if bad.any():  # never seen on marching-squares output; cheap insurance
-        geoms[bad] = shapely.make_valid(geoms[bad])
+    suspect = np.ones(len(geoms), bool)
     if simplify > 0:
         # NB: plain Douglas-Peucker is ~5x faster than the topology-preserving variant and on
         # marching-squares rings at this tolerance nearly always valid (same vertices, maybe
         # another start point); the rare outline it breaks is redone with topology preserved.
+        # Validity is checked once, on what is written (GEOS's check of a polygon with hundreds
+        # of holes costs as much as the simplification).
         fast = shapely.simplify(geoms, simplify * scale, preserve_topology=False)
-        broken = ~shapely.is_valid(fast) | shapely.is_empty(fast)
-        if broken.any():
-            fast[broken] = shapely.simplify(geoms[broken], simplify * scale, preserve_topology=True)
+        suspect = ~shapely.is_valid(fast) | shapely.is_empty(fast)
+        if suspect.any():
+            fast[suspect] = shapely.simplify(geoms[suspect], simplify * scale, preserve_topology=True)
         geoms = fast
+    bad = np.zeros(len(geoms), bool)
+    bad[suspect] = ~shapely.is_valid(geoms[suspect])
+    if bad.any():  # never seen on marching-squares output (tests/test_polygons.py); cheap insurance
+        geoms[bad] = shapely.make_valid(geoms[bad])
     parts = shapely.get_parts(geoms)
     parts = parts[(shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts)]
     return shapely.multipolygons(parts) if len(parts) else None
