@@ -223,7 +223,8 @@ def test_one_thumbnail_read_per_slide(tmp_path, monkeypatch, tissue, mpp, k):
     """One low-resolution read of the slide per run, shared by tissue detection and the overlay:
     at 4 um/px detection's thumbnail is as fine as the overview level and makes the overlay; at
     0.5 um/px the overview level is finer (detection wants >= 4 um/px), is read first and
-    detection resizes it; without detection the overlay reads its own."""
+    detection resizes it; without detection, on this flat TIFF, the reader threads sum the
+    overlay's thumbnail from the tiles (no read at all)."""
     from PIL import Image
 
     from wsss.slide import SlideView
@@ -236,14 +237,86 @@ def test_one_thumbnail_read_per_slide(tmp_path, monkeypatch, tissue, mpp, k):
     real = SlideView.read_downsampled
     monkeypatch.setattr(SlideView, "read_downsampled", lambda self, f, **kw: calls.append(f) or real(self, f, **kw))
     res = run_slide(path, model(tile=32, mpp=mpp), tmp_path / "out", opts(overlap=8, tissue=tissue))
-    assert res.status == "done" and calls == [1.0]  # the overview level here is level 0
+    # the overview level here is level 0
+    assert res.status == "done" and calls == ([] if tissue == "none" else [1.0])
     overlay = np.asarray(Image.open(tmp_path / "out" / "overlay.png"))
     assert overlay.shape == (320 * k, 2 * 300 * k, 3)  # thumbnail | legend colours, at the overview level
     run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["tiles"]["thumbnail_from_tiles"] is (tissue == "none")
     if tissue == "auto":
         assert 0.5 < run["tissue"]["fraction"] < 0.7  # the right 190 of 300 columns
     if tissue == "auto":
         np.testing.assert_array_equal(overlay[:, :100], 240)  # glass: background, no tint
+
+
+def _box_mean(img: np.ndarray, f: int) -> np.ndarray:
+    """Reference thumbnail: rounded mean over f x f blocks, partial blocks at the far edges."""
+    h, w = img.shape[:2]
+    H, W = -(-h // f), -(-w // f)
+    total = np.zeros((H * f, W * f, 3))
+    count = np.zeros((H * f, W * f, 1))
+    total[:h, :w], count[:h, :w] = img, 1
+    return np.floor(total.reshape(H, f, W, f, 3).sum((1, 3)) / count.reshape(H, f, W, f, 1).sum((1, 3)) + 0.5)
+
+
+@pytest.mark.parametrize("h,w,tile,overlap,f", [(97, 131, 32, 8, 4), (31, 29, 32, 8, 2), (150, 64, 48, 20, 1),
+                                                (77, 200, 32, 0, 16), (700, 900, 256, 0, 17), (513, 1025, 128, 64, 64),
+                                                (2000, 1500, 256, 32, 512)])
+def test_tile_thumbnail_is_the_box_mean_of_the_view(h, w, tile, overlap, f):
+    """Summed from overlapping tiles (each pixel once: a tile owns up to the next tile's start),
+    added from several threads in any order: exactly the rounded block mean of the view, on
+    the label pyramid's grid (partial blocks at the far edges); both summing paths (strided
+    adds for f <= 16, segmented sums above); None while a tile is missing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsss.runner.thumbnail import TileThumbnail
+
+    img = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    grid = TileGrid(w, h, tile, overlap)
+    padded = np.full((max(h, tile), max(w, tile), 3), 255, np.uint8)  # (a grid smaller than a tile)
+    padded[:h, :w] = img
+    thumb = TileThumbnail(w, h, f, grid.xs, grid.ys)
+    order = np.random.default_rng(1).permutation(len(grid.tiles))
+    first, last = order[:-1], order[-1]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: thumb.add(*grid.tiles[i], padded[grid.tiles[i][1]:, grid.tiles[i][0]:][:tile, :tile]),
+                      first))
+    assert thumb.image() is None  # one tile short
+    x, y = grid.tiles[last]
+    thumb.add(x, y, padded[y:y + tile, x:x + tile])
+    got = thumb.image()
+    assert got.dtype == np.uint8 and got.shape == (-(-h // f), -(-w // f), 3)
+    np.testing.assert_array_equal(got, _box_mean(img, f))
+
+
+def test_overlay_of_a_flat_slide_comes_from_the_tiles(tmp_path, monkeypatch):
+    """A flat TIFF (no coarser level) without tissue detection: the overlay is the overview
+    level's labels over the box mean of the slide, summed while the tiles were read; the slide
+    is never read again for it.  With tissue detection (or a pyramid) nothing changes."""
+    from PIL import Image
+
+    from wsss.runner import writers
+    from wsss.slide import SlideView
+
+    img = colour_slide(1100, 1300, block=8)
+    path = tmp_path / "flat.tif"
+    write_pyramid(path, [img])
+    calls = []
+    real = SlideView.read_downsampled
+    monkeypatch.setattr(SlideView, "read_downsampled", lambda self, f, **kw: calls.append(f) or real(self, f, **kw))
+    res = run_slide(path, model(tile=64), tmp_path / "out", opts(overlap=16, output_tile=64))
+    assert res.status == "done" and calls == []
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["tiles"]["thumbnail_from_tiles"] is True
+    labels = tifffile.imread(tmp_path / "out" / "labels.tiff", key=1)  # the overview level (1100 / 2 <= 1024)
+    writers.write_overlay(tmp_path / "want.png", _box_mean(img, 2).astype(np.uint8), labels, PALETTE, 4)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "overlay.png")),
+                                  np.asarray(Image.open(tmp_path / "want.png")))
+    # a slide with a level as coarse as the overview: that level is read (cheaper than summing)
+    write_pyramid(tmp_path / "pyramid.tif", [img, np.ascontiguousarray(img[::2, ::2])])
+    res = run_slide(tmp_path / "pyramid.tif", model(tile=64), tmp_path / "out2", opts(overlap=16, output_tile=64))
+    assert res.status == "done" and calls == [2.0]
+    assert json.loads((tmp_path / "out2" / "run.json").read_text())["tiles"]["thumbnail_from_tiles"] is False
 
 
 def test_stitcher_memory_is_one_overlap_row():

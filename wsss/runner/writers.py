@@ -333,11 +333,16 @@ def write_overlay(path: Path, thumb: np.ndarray, labels: np.ndarray, palette, ba
     if labels.shape != (h, w):
         labels = np.asarray(Image.fromarray(labels).resize((w, h), resample=Image.NEAREST))
     colour = palette_image(labels, palette, background_index)
-    out = thumb.copy()
-    fg = labels != background_index
-    a = int(round(alpha * 256))  # NB: integer blend, no float copies of a 2k x 2k picture
-    out[fg] = ((out[fg].astype(np.uint16) * (256 - a) + colour[fg].astype(np.uint16) * a) >> 8).astype(np.uint8)
-    legend = np.concatenate([out, colour], axis=1)
+    # NB: integer blend over whole arrays (weight 0 keeps a background pixel as it is): no
+    # float copies and no boolean gathers of a 1k x 1k picture (those took 3/4 of the time)
+    weight = np.where(labels != background_index, np.uint16(round(alpha * 256)), np.uint16(0))[..., None]
+    blend = thumb.astype(np.uint16)
+    blend *= 256 - weight
+    blend += colour * weight
+    blend >>= 8
+    legend = np.empty((h, 2 * w, 3), np.uint8)
+    legend[:, :w] = blend
+    legend[:, w:] = colour
     _save_png(path, legend)
 
 
@@ -368,10 +373,10 @@ def write_tissue_qc(path: Path, thumb: np.ndarray, mask: np.ndarray, tiles_box: 
     """Thumbnail with non-tissue dimmed and the tissue outline in green; processed tiles outlined blue."""
     h, w = thumb.shape[:2]
     mask = _resize_mask(mask, h, w)
-    out = thumb.copy()
-    dim = ~mask
-    # NB: integer blend 0.45 x pixel + 0.55 x grey, no float copy of the thumbnail
-    out[dim] = ((out[dim].astype(np.uint16) * 115 + 141 * 128) >> 8).astype(np.uint8)
+    # NB: integer blend 0.45 x pixel + 0.55 x grey off the tissue (a LUT per pixel value; no
+    # float copy and no boolean gather of the thumbnail)
+    dimmed = ((np.arange(256, dtype=np.uint16) * 115 + 141 * 128) >> 8).astype(np.uint8)
+    out = np.where(mask[..., None], thumb, dimmed[thumb])
     if tiles_box is not None:
         out[inner_boundary(_resize_mask(tiles_box, h, w))] = (40, 90, 255)
     out[inner_boundary(mask)] = (0, 200, 0)

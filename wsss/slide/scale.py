@@ -121,6 +121,14 @@ class SlideView:
                 return t if t.shape[:2] == (h, w) else np.asarray(Image.fromarray(t).resize((w, h), resample=Image.BOX))
         return self.read_downsampled(factor, workers=workers)
 
+    def thumbnail_level(self, factor: float) -> int:
+        """The pyramid level ``read_downsampled(factor)`` reads: the coarsest at least as fine
+        as the thumbnail (microns per pixel), else level 0."""
+        mpp_thumb = self.plan.mpp * factor
+        level_mpps = [self.reader.level_mpp(lvl) for lvl in range(self.reader.level_count)]
+        finer = [lvl for lvl, m in enumerate(level_mpps) if m <= mpp_thumb * 1.001]
+        return max(finer, key=lambda i: level_mpps[i]) if finer else 0
+
     def read_downsampled(self, factor: float, *, block: int = 2048, workers: int = 1) -> np.ndarray:
         """The whole output grid reduced by ``factor`` (>= 1), read in bands: uint8 [h, w, 3].
 
@@ -133,13 +141,9 @@ class SlideView:
 
         from PIL import Image
 
-        reader, plan = self.reader, self.plan
-        # microns per thumbnail pixel; choose the coarsest level at least that fine
-        mpp_thumb = plan.mpp * factor
-        level_mpps = [reader.level_mpp(lvl) for lvl in range(reader.level_count)]
-        finer = [lvl for lvl, m in enumerate(level_mpps) if m <= mpp_thumb * 1.001]
-        lvl = max(finer, key=lambda i: level_mpps[i]) if finer else 0
-        f = mpp_thumb / level_mpps[lvl]  # level pixels per thumbnail pixel
+        reader = self.reader
+        lvl = self.thumbnail_level(factor)
+        f = self.plan.mpp * factor / reader.level_mpp(lvl)  # level pixels per thumbnail pixel
         tw, th = self.thumbnail_size(factor)
         # Read the level in blocks of whole thumbnail pixels (bounded memory on big levels).
         step = max(1, int(block // max(f, 1e-9)))
