@@ -47,17 +47,21 @@ class TileThumbnail:
         oy, ox = y % f, x % f
         rows, cols = -(-(oy + h) // f), -(-(ox + w) // f)
         if f <= 16:
-            # the core placed in whole blocks (zeros around it), summed by f strided adds per
-            # axis: ~0.2 ms for a 224^2 core (np.add.reduceat: ~1 ms; decoding it: ~1 ms)
-            buf = np.empty((rows * f, cols * f, 3), np.uint32)
-            buf[:oy] = 0
-            buf[oy + h:] = 0
-            buf[oy:oy + h, :ox] = 0
-            buf[oy:oy + h, ox + w:] = 0
-            buf[oy:oy + h, ox:ox + w] = tile[:h, :w]
-            band = buf[0::f].copy()
+            # summed by f strided adds per axis in uint16 (16^2 x 255 fits): ~0.13 ms for a
+            # 224^2 core (np.add.reduceat: ~1 ms; decoding the tile: ~1 ms); a core that does
+            # not start and end on block edges is first placed in whole blocks, zeros around it
+            if oy == ox == 0 and h % f == 0 and w % f == 0:
+                src = tile[:h, :w]
+            else:
+                src = np.empty((rows * f, cols * f, 3), np.uint16)
+                src[:oy] = 0
+                src[oy + h:] = 0
+                src[oy:oy + h, :ox] = 0
+                src[oy:oy + h, ox + w:] = 0
+                src[oy:oy + h, ox:ox + w] = tile[:h, :w]
+            band = src[0::f].astype(np.uint16)
             for k in range(1, f):
-                band += buf[k::f]
+                band += src[k::f]
             sums = band[:, 0::f].copy()
             for k in range(1, f):
                 sums += band[:, k::f]
