@@ -375,8 +375,11 @@ def write_tissue_qc(path: Path, thumb: np.ndarray, mask: np.ndarray, tiles_box: 
     mask = _resize_mask(mask, h, w)
     # NB: integer blend 0.45 x pixel + 0.55 x grey off the tissue (a LUT per pixel value; no
     # float copy and no boolean gather of the thumbnail)
-    dimmed = ((np.arange(256, dtype=np.uint16) * 115 + 141 * 128) >> 8).astype(np.uint8)
-    out = np.where(mask[..., None], thumb, dimmed[thumb])
+    if mask.all():  # (no tissue detection)
+        out = thumb.copy()
+    else:
+        dimmed = ((np.arange(256, dtype=np.uint16) * 115 + 141 * 128) >> 8).astype(np.uint8)
+        out = np.where(mask[..., None], thumb, dimmed[thumb])
     if tiles_box is not None:
         out[inner_boundary(_resize_mask(tiles_box, h, w))] = (40, 90, 255)
     out[inner_boundary(mask)] = (0, 200, 0)

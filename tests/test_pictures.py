@@ -1,0 +1,61 @@
+"""The two preview pictures (overlay.png, tissue_qc.png), pixel by pixel."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from wsss.runner.writers import write_overlay, write_tissue_qc
+
+PALETTE = [[205, 51, 51], [0, 255, 0], [65, 105, 225], [255, 165, 0], [255, 255, 255]]
+A = 115  # round(0.45 * 256): the overlay's integer alpha
+
+
+def test_overlay_blends_class_colours_and_keeps_background(tmp_path):
+    rng = np.random.default_rng(0)
+    thumb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, (40, 60)).astype(np.uint8)  # 4 = background
+    write_overlay(tmp_path / "o.png", thumb, labels, PALETTE, 4)
+    got = np.asarray(Image.open(tmp_path / "o.png"))
+    assert got.shape == (40, 120, 3)
+    colour = np.array(PALETTE, np.uint16)[labels]
+    colour[labels == 4] = 255  # the legend shows background white
+    want = (thumb.astype(np.uint16) * (256 - A) + colour * A) >> 8
+    fg = labels != 4
+    np.testing.assert_array_equal(got[:, :60][fg], want[fg])
+    np.testing.assert_array_equal(got[:, :60][~fg], thumb[~fg])
+    np.testing.assert_array_equal(got[:, 60:], colour)
+
+
+def test_overlay_labels_of_another_size_are_resized_nearest(tmp_path):
+    thumb = np.full((40, 60, 3), 100, np.uint8)
+    labels = np.full((20, 30), 4, np.uint8)
+    labels[:10, :15] = 1
+    write_overlay(tmp_path / "o.png", thumb, labels, PALETTE, 4)
+    got = np.asarray(Image.open(tmp_path / "o.png"))
+    assert got.shape == (40, 120, 3)
+    blended = (100 * (256 - A) + np.array(PALETTE[1]) * A) >> 8
+    assert (got[:20, :30] == blended).all() and (got[20:, 30:60] == 100).all()
+    assert (got[:20, 30:60] == 100).all() and (got[20:, :30] == 100).all()
+
+
+def test_tissue_qc_dims_glass_and_outlines_tissue_and_tiles(tmp_path):
+    thumb = np.random.default_rng(1).integers(0, 256, (50, 50, 3), dtype=np.uint8)
+    mask = np.zeros((50, 50), bool)
+    mask[10:40, 10:40] = True
+    tiles = np.zeros((50, 50), bool)
+    tiles[5:45, 5:45] = True
+    write_tissue_qc(tmp_path / "q.png", thumb, mask, tiles)
+    got = np.asarray(Image.open(tmp_path / "q.png"))
+    dimmed = (thumb.astype(np.uint16) * 115 + 141 * 128) >> 8
+    np.testing.assert_array_equal(got[0:5], dimmed[0:5])  # glass outside the tiles: dimmed
+    np.testing.assert_array_equal(got[20:30, 20:30], thumb[20:30, 20:30])  # tissue: as it is
+    np.testing.assert_array_equal(got[10, 10:40], [[0, 200, 0]] * 30)  # tissue outline
+    np.testing.assert_array_equal(got[5, 5:45], [[40, 90, 255]] * 40)  # tiles outline
+    np.testing.assert_array_equal(got[7, 7:9], dimmed[7, 7:9])  # inside the tiles, off the tissue
+
+
+def test_tissue_qc_without_detection_is_the_thumbnail(tmp_path):
+    thumb = np.random.default_rng(2).integers(0, 256, (30, 20, 3), dtype=np.uint8)
+    full = np.ones((30, 20), bool)
+    write_tissue_qc(tmp_path / "q.png", thumb, full, full)  # (edges are no boundary)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "q.png")), thumb)
