@@ -565,6 +565,42 @@ def test_workers_zero_and_many_agree(tmp_path):
     assert (tmp_path / "a" / "labels.tiff").read_bytes() == (tmp_path / "b" / "labels.tiff").read_bytes()
 
 
+
+def test_read_ahead_is_bounded_and_reads_ahead(tmp_path, monkeypatch):
+    """Reader threads keep up to batch x (workers + 2) tiles read beyond what the model has
+    been given (memory bound), topped up once per batch - and do read ahead while it runs."""
+    import threading
+    import time
+
+    from wsss.slide import SlideView
+
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(200, 200)])
+    lock, reads = threading.Lock(), [0]
+    real = SlideView.read
+
+    def counting_read(self, *a, **kw):
+        out = real(self, *a, **kw)
+        with lock:
+            reads[0] += 1
+        return out
+
+    monkeypatch.setattr(SlideView, "read", counting_read)
+    given, ahead = [0], []
+
+    def slow(x):  # NB: the readers have time to fill the read-ahead while a batch "runs"
+        given[0] += x.shape[0]
+        time.sleep(0.03)
+        with lock:
+            ahead.append(reads[0] - given[0])
+        return red_class(x)
+
+    batch, workers = 3, 2
+    res = run_slide(path, model(slow), tmp_path / "out", opts(overlap=8, batch_size=batch, workers=workers))
+    assert res.status == "done" and given[0] == 64 and reads[0] == 64  # 8 x 8 tiles, each read once
+    assert max(ahead) <= batch * (workers + 2)
+    assert max(ahead) >= batch  # at least the next batch was read while this one ran
+
 # --------------------------------------------------------------------------------------
 # the real slide
 # --------------------------------------------------------------------------------------
