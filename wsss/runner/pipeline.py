@@ -395,7 +395,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
 
         # the overlay's thumbnail: the slide at the label pyramid's overview level
         sizes = writers.level_sizes(plan.width, plan.height, options.output_tile)
-        overview_factor = plan.width / sizes[writers.overview_level(sizes)][0]
+        overview = writers.overview_level(sizes)  # (the level the overlay shows)
+        overview_factor = plan.width / sizes[overview][0]
         overview_thumb = None
         with timer("tissue"):
             qc_thumb = None
@@ -418,7 +419,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
         tile_thumb = None
         if overview_thumb is None and qc_thumb is None and len(grid.tiles) == grid.total \
                 and view.thumbnail_level(overview_factor) <= plan.level:
-            tile_thumb = TileThumbnail(plan.width, plan.height, 2 ** writers.overview_level(sizes), grid.xs, grid.ys)
+            tile_thumb = TileThumbnail(plan.width, plan.height, 2 ** overview, grid.xs, grid.ys)
         log(f"{slide.name}: {plan.width}x{plan.height} px at {plan.mpp:.4g} um/px (level {plan.level}"
             f"{', resampled x%.3g' % plan.scale if plan.resampled else ''}), {len(grid.tiles)}/{grid.total} tiles "
             f"with tissue ({100 * tissue.fraction():.1f}% tissue)")
@@ -518,7 +519,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 # NB: pictures and polygons come from low-resolution levels of the label pyramid
                 # (majority vote), so their cost is bounded on any slide (see writers.*_level).
                 with timer("write_overlay"):
-                    over = levels[writers.overview_level(sizes)]  # (sizes: these levels' sizes)
+                    over = levels[overview]
                     thumb = tile_thumb.image() if tile_thumb is not None else None
                     state["thumbnail_from_tiles"] = thumb is not None
                     if thumb is None:
