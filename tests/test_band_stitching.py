@@ -286,3 +286,22 @@ def test_cuda_blending_on_the_device_matches_the_host(tmp_path, precision):
     # auto picks the device on CUDA
     run_slide(path, m, tmp_path / "auto", opts(tissue="none", overlap=12, batch_size=8))
     assert json.loads((tmp_path / "auto" / "run.json").read_text())["tiles"]["stitch_device"] == "model"
+
+
+def test_stitcher_setup_failure_stops_the_band_writer(tmp_path, monkeypatch):
+    """The band stitcher starts its writer thread when it is made; a failure attaching its outputs
+    (here: the early label pyramid) must not leave that thread running."""
+    import threading
+
+    import wsss.runner.writers as writers
+
+    def no_pyramid(*a, **k):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(writers, "LabelPyramid", no_pyramid)
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(97, 131)])
+    with pytest.raises(OSError, match="Too many open files"):
+        run_slide(path, on_device(), tmp_path / "out", opts(stitch_device="model", early_pyramid=True))
+    assert not [t for t in threading.enumerate() if t.name == "wsss-band-writer"]
+    assert not list((tmp_path / "out").glob(".*"))

@@ -161,6 +161,27 @@ def test_missing_and_bad_slides_reported_others_finish(tmp_path, bundle, capsys)
     assert not (tmp_path / "o" / "bad").exists()
 
 
+def test_unexpected_error_opening_one_slide_is_that_slides_alone(tmp_path, bundle, capsys, monkeypatch):
+    """Whatever goes wrong opening a slide (here a reader bug: ZeroDivisionError) is reported
+    for that slide; the others run."""
+    import wsss.slide
+
+    real_open = wsss.slide.open_slide
+
+    def open_slide(path, **kw):
+        if Path(path).name == "odd.tif":
+            raise ZeroDivisionError("division by zero")
+        return real_open(path, **kw)
+
+    monkeypatch.setattr(wsss.slide, "open_slide", open_slide)
+    odd, good = slide(tmp_path / "odd.tif"), slide(tmp_path / "good.tif")
+    rc = main([str(odd), str(good), "--model", str(bundle), "-o", str(tmp_path / "o"), "--no-tissue-detection"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert f"{odd}: cannot be opened as a slide: ZeroDivisionError: division by zero" in err
+    assert "1 done" in err and "1 failed" in err and (tmp_path / "o" / "good" / "run.json").is_file()
+
+
 @pytest.mark.parametrize("flag", ["--background-outputs", "--no-background-outputs"])
 def test_background_outputs_flag(tmp_path, bundle, capsys, flag):
     a, b = slide(tmp_path / "a.tif"), slide(tmp_path / "b.tif")

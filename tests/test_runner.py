@@ -629,3 +629,84 @@ def test_real_slide_end_to_end(tmp_path):
                                                      else [f["geometry"]["coordinates"]]) for pt in poly[0]]
     assert gj["features"] and 0 <= min(xs) and max(xs) <= 2220
     assert res.timings["total"] > 0
+
+
+# --------------------------------------------------------------------------------------
+# found by review (seventh session)
+# --------------------------------------------------------------------------------------
+def test_polygons_and_level_resolutions_use_powers_of_two(tmp_path):
+    """A level-L label pixel covers 2^L grid pixels: on a grid whose width is not a multiple of
+    2^L the ratio of the rounded-up level widths would shrink the GeoJSON (257 / 65 = 3.95, not 4)
+    and mislabel the levels' resolution."""
+    from shapely.geometry import shape
+
+    img = np.full((301, 257, 3), [20, 0, 235], np.uint8)  # class 0
+    img[100:200, 128:256, 0] = 2 * 64 + 20  # class 2: a block on level 2's grid
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [img])
+    run_slide(path, model(tile=64), tmp_path / "out", opts(overlap=16, min_polygon_um2=0.0))
+    gj = json.loads((tmp_path / "out" / "polygons.geojson").read_text())
+    block = next(f for f in gj["features"] if f["properties"]["classification"]["name"] == "C")
+    assert shape(block["geometry"]).bounds == (128.0, 100.0, 256.0, 200.0)  # level 2 (2 um/px), x4
+    with tifffile.TiffFile(tmp_path / "out" / "labels.tiff") as t:
+        for i, page in enumerate(t.pages):
+            num, den = page.tags["XResolution"].value
+            assert num / den == pytest.approx(1e4 / (0.5 * 2 ** i)), i
+
+
+def test_rerun_leaves_no_stale_optional_output(tmp_path):
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(40, 50)])
+    run_slide(path, model(), tmp_path / "out", opts(write_probs=True))
+    assert (tmp_path / "out" / "probs.tiff").is_file()
+    run_slide(path, model(), tmp_path / "out", opts())
+    assert not (tmp_path / "out" / "probs.tiff").exists()  # not this run's: not beside its run.json
+
+
+class _NoAddNote(RuntimeError):
+    """An exception as Python 3.10 has them: no add_note."""
+
+    def __getattribute__(self, name):
+        if name == "add_note":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: an illegal memory access"),
+                                   _NoAddNote("CUDA error: an illegal memory access")], ids=["py311", "py310"])
+def test_failed_slide_message_names_the_batch(tmp_path, error):
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(97, 131)])
+    res = run_slides([path], model(dies_at(2, error)), [tmp_path / "out"], opts(), log=lambda s: None)
+    assert res[0].status == "failed"
+    assert "illegal memory access" in res[0].message and "the model failed on batch 2 (3 tiles" in res[0].message
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_temporaries_of_killed_runs_are_removed(tmp_path):
+    """A run killed by a signal leaves its temporaries; the next run into the folder removes
+    those of dead processes of this host, and keeps those of live processes and other hosts."""
+    import os
+    import subprocess
+    import sys
+
+    from wsss.runner.writers import temp_tag
+
+    host = temp_tag().split(".")[0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".work.{host}.{dead}.abcd1234.tmp").mkdir()
+    (out / f".work.{host}.{dead}.abcd1234.tmp" / "labels.spool").write_bytes(b"x" * 1000)
+    (out / f".labels.tiff.{host}.{dead}.efgh5678.tmp").write_bytes(b"partial")
+    keep = [f".work.{host}.{os.getppid()}.live0000.tmp", f".labels.tiff.other-host.{dead}.abcd1234.tmp",
+            ".notes.tmp"]
+    for name in keep:
+        (out / name).write_bytes(b"")
+    logs: list = []
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(40, 50)])
+    run_slide(path, model(), out, opts(), log=logs.append)
+    assert sorted(p.name for p in out.glob(".*")) == sorted(keep)
+    assert any("removed 2 temporary file(s) an interrupted earlier run left" in line for line in logs)

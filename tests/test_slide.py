@@ -139,6 +139,62 @@ def test_corrupt_tile_is_named(tmp_path):
             r.read_region(0, 32, 32, 32, 32)
 
 
+def test_damaged_files_raise_slide_errors_only(tmp_path):
+    """Truncated files and flipped header bytes (a fixed set of 90 damages of a small pyramid):
+    opening and reading either work or raise SlideError, never another exception (one broken
+    file in a run of many must be reported as such, not crash the run)."""
+    src = tmp_path / "src.tif"
+    write_pyramid(src, [pattern(100, 130), pattern(50, 65)], tile=32)
+    data = src.read_bytes()
+    rng = np.random.default_rng(0)
+    damaged = tmp_path / "damaged.tif"
+    for i in range(90):
+        b = bytearray(data)
+        if i % 3 == 0:
+            b = b[:int(rng.integers(8, len(b)))]
+        else:  # header and tags (i % 3 == 1) or anywhere
+            for _ in range(int(rng.integers(1, 6))):
+                b[int(rng.integers(0, 400 if i % 3 == 1 else len(b)))] = int(rng.integers(0, 256))
+        damaged.write_bytes(bytes(b))
+        for reader in ("auto", "tifffile"):
+            try:
+                with open_slide(damaged, reader=reader, mpp=0.5) as r:
+                    w, h = r.dimensions
+                    r.read_region(0, 0, 0, min(w, 64), min(h, 64))
+                    r.read_region(r.level_count - 1, 0, 0, 16, 16)
+            except SlideError as e:
+                assert str(damaged) in str(e)
+            except Exception as e:  # noqa: BLE001
+                pytest.fail(f"damage {i}, reader {reader}: {type(e).__name__}: {e}")
+
+
+def test_channel_planes_are_not_an_rgb_slide(tmp_path):
+    path = tmp_path / "cyx.ome.tif"
+    tifffile.imwrite(path, np.stack([pattern(64, 64)[..., c] for c in range(3)]), ome=True, metadata={"axes": "CYX"})
+    with pytest.raises(SlideError, match=r"stack of planes \(3 along 'C'"):
+        open_slide(path, reader="tifffile")
+
+
+def test_screen_resolution_is_not_a_scan_resolution(tmp_path):
+    path = tmp_path / "dpi72.tif"
+    tifffile.imwrite(path, pattern(64, 64), tile=(32, 32), photometric="rgb", resolution=(72, 72),
+                     resolutionunit="INCH")
+    with open_slide(path) as r:
+        assert not r.has_mpp and r.describe()["mpp"] is None
+        with pytest.raises(SlideError, match=r"352\.8 x 352\.8 um/px, outside what a microscope scan has.*--mpp"):
+            r.mpp
+    with open_slide(path, mpp=0.5) as r:
+        assert r.mpp == 0.5
+
+
+def test_plan_refuses_to_upsample_far(pyramid):
+    path, _ = pyramid
+    with open_slide(path) as r:
+        assert plan_scale(r, 0.25).scale == pytest.approx(0.5)  # 2x: allowed
+        with pytest.raises(SlideError, match=r"0\.5 um/px, 4x coarser than the model's 0\.125 um/px.*--mpp"):
+            plan_scale(r, 0.125)
+
+
 def test_no_mpp_needs_override(tmp_path):
     path = tmp_path / "nompp.tif"
     write_pyramid(path, [pattern(64, 64)], resolution=False)

@@ -200,9 +200,10 @@ def run_many(args, slides: List[Path]) -> int:
             if not args.output:
                 check_output_dir(o)
             good.append((s, o))
-        except WsssError as e:
-            bad.append((s, str(e)))
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+        except Exception as e:  # a bad slide is reported and skipped; the others run
+            message = str(e) if isinstance(e, WsssError) else f"{s}: cannot be opened as a slide: {type(e).__name__}: {e}"
+            bad.append((s, message))
+            print(f"{PROG}: error: {message}", file=sys.stderr)
     if not good:
         raise WsssError(f"none of the {len(slides)} slide(s) can be read; nothing was run")
     results = run_slides([s for s, _ in good], model, [o for _, o in good], options)

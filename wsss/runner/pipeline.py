@@ -383,12 +383,18 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
     views: List = []
     try:
         check_output_dir(out_dir)
+        stale = writers.remove_stale_temporaries(out_dir)
+        if stale:
+            log(f"{slide.name}: removed {stale} temporary file(s) an interrupted earlier run left in {out_dir}")
         fp = fingerprint(slide, model, options)
         if options.resume and _is_complete(out_dir, fp):
             return SlideResult(str(slide), str(out_dir), "skipped", "outputs match the same model and options")
-        # NB: the folder stops claiming completeness before any output is replaced.
-        with contextlib.suppress(FileNotFoundError):
-            (out_dir / "run.json").unlink()
+        # NB: the folder stops claiming completeness before any output is replaced; an optional
+        # output of an earlier run goes too (this run writes it again if asked), so no stale
+        # probs.tiff of another model or options sits beside this run's run.json
+        for name in ("run.json", "probs.tiff"):
+            with contextlib.suppress(FileNotFoundError):
+                (out_dir / name).unlink()
         plan = plan_scale(reader, model.mpp if model.mpp is not None else reader.mpp, tolerance=options.mpp_tolerance)
         view = SlideView(reader, plan)
         grid = TileGrid(plan.width, plan.height, tile, overlap)
@@ -424,7 +430,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             f"{', resampled x%.3g' % plan.scale if plan.resampled else ''}), {len(grid.tiles)}/{grid.total} tiles "
             f"with tissue ({100 * tissue.fraction():.1f}% tissue)")
 
-        work = Path(tempfile.mkdtemp(prefix=".work.", suffix=".tmp", dir=out_dir))
+        work = Path(tempfile.mkdtemp(prefix=f".work.{writers.temp_tag()}.", suffix=".tmp", dir=out_dir))
         spools: List[TileSpool] = []
         state: dict = {}  # what the tile stage leaves for the outputs (and the cleanup)
         try:
@@ -448,6 +454,13 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                                             tissue=tissue if options.tissue != "none" else None, grid_mpp=plan.mpp,
                                             background_index=bg,
                                             timer=lambda s: timer.add("stitch (band writer)", s))
+                try:
+                    return _attach_outputs(stitcher)
+                except BaseException:  # NB: the band stitcher's writer thread is already running
+                    stitcher.finish(raise_errors=False)
+                    raise
+
+            def _attach_outputs(stitcher):
                 expected = stitcher.covered_pixels_per_output_tile(T)
                 stitcher.labels_out = OutputTiles(label_spool, expected)
                 if early_pyramid:
@@ -460,7 +473,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     spools.extend(pyramid.levels[1:])
                     stitcher.labels_out.on_stored = pyramid.tile_stored
                 if options.write_probs:
-                    ps = TileSpool(str(work / "probs.spool"), T, plan.width, plan.height, np.float16, channels=K, fill=0)
+                    ps = TileSpool(str(work / "probs.spool"), T, plan.width, plan.height, np.float16,
+                                   channels=stitcher.num_classes, fill=0)
                     spools.append(ps)
                     state["probs_spool"] = ps
                     stitcher.probs_out = OutputTiles(ps, expected)
@@ -498,9 +512,12 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             with timer("outputs"), ThreadPoolExecutor(1, thread_name_prefix="wsss-geojson") as side:
                 def polygons() -> int:
                     with timer("write_geojson"):
-                        poly = levels[writers.polygon_level(levels, plan.mpp)]
-                        poly_mpp = plan.mpp * plan.width / poly.width
-                        scale = (plan.width / poly.width) * plan.mpp / reader.mpp  # -> level-0 px of the input slide
+                        # NB: a level-L label pixel covers 2^L grid pixels (the last one of a row
+                        # only partly): 2^L, not the ratio of the rounded-up level widths
+                        poly_level = writers.polygon_level(levels, plan.mpp)
+                        poly = levels[poly_level]
+                        poly_mpp = plan.mpp * 2 ** poly_level
+                        scale = poly_mpp / reader.mpp  # -> level-0 px of the input slide
                         return writers.write_geojson(
                             out_dir / "polygons.geojson", poly.read_all(), scale=scale, class_names=names[:K],
                             palette=model.palette, background_index=bg,
@@ -914,8 +931,12 @@ def _naming_batch(number: int, positions):
         yield
     except Exception as error:
         (x0, y0), (x1, y1) = positions[0], positions[-1]
-        error.add_note(f"wsss runner: the model failed on batch {number} ({len(positions)} tiles, at grid pixels "
-                       f"x={x0},y={y0} .. x={x1},y={y1})")
+        note = (f"wsss runner: the model failed on batch {number} ({len(positions)} tiles, at grid pixels "
+                f"x={x0},y={y0} .. x={x1},y={y1})")
+        if hasattr(error, "add_note"):
+            error.add_note(note)
+        else:  # Python 3.10: what add_note does (a failed slide's message lists the notes either way)
+            error.__notes__ = [*getattr(error, "__notes__", []), note]
         raise
 
 
@@ -1041,10 +1062,10 @@ def _attempt(slide, out_dir, fn, *args) -> Optional[SlideResult]:
     """fn(*args), with an error turned into a failed SlideResult for that slide."""
     try:
         return fn(*args)
-    except WsssError as e:
-        return SlideResult(str(slide), str(out_dir), "failed", str(e))
     except Exception as e:  # NB: one broken slide must not lose the others' results
-        return SlideResult(str(slide), str(out_dir), "failed", f"{type(e).__name__}: {e}")
+        message = str(e) if isinstance(e, WsssError) else f"{type(e).__name__}: {e}"
+        notes = [n for n in getattr(e, "__notes__", []) if isinstance(n, str)]
+        return SlideResult(str(slide), str(out_dir), "failed", "; ".join([message, *notes]))
 
 
 def _log_result(res: SlideResult, log: Callable[[str], None]) -> None:

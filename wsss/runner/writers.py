@@ -17,6 +17,8 @@ import functools
 import io
 import json
 import os
+import shutil
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -27,11 +29,54 @@ import numpy as np
 from wsss.runner.stitching import TileSpool
 
 __all__ = [
-    "atomic_path", "write_json_atomic", "downsample_majority", "LabelPyramid", "build_label_pyramid",
+    "atomic_path", "temp_tag", "remove_stale_temporaries", "write_json_atomic", "downsample_majority", "LabelPyramid", "build_label_pyramid",
     "write_label_tiff", "write_probs_tiff", "palette_image", "write_overlay", "write_tissue_qc", "inner_boundary",
     "overview_level", "polygon_level",
     "class_areas", "write_areas", "label_polygons", "write_geojson",
 ]
+
+
+def temp_tag() -> str:
+    """'<host>.<pid>': what the runner's temporary names carry, so a later run on the same host
+    can tell the leftovers of a killed process (see ``remove_stale_temporaries``)."""
+    return f"{socket.gethostname().replace('.', '-') or 'host'}.{os.getpid()}"
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporaries (``.<name>.<host>.<pid>.<random>.tmp`` files and folders) that a
+    process of this host which no longer runs left in ``folder`` (a run killed by a signal or
+    a batch system's time limit gets no chance to clean up; a spool folder can hold gigabytes).
+    Returns how many were removed.  NB: leftovers of other hosts (a shared file system) and of
+    live processes are kept."""
+    host = temp_tag().split(".")[0]
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        parts = entry.name.split(".")
+        if len(parts) < 6 or parts[0] != "" or parts[-1] != "tmp" or parts[-4] != host or not parts[-3].isdigit():
+            continue
+        pid = int(parts[-3])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass  # gone: its leftovers go
+        except OSError:
+            continue  # e.g. PermissionError: another user's live process
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 @contextlib.contextmanager
@@ -39,10 +84,10 @@ def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temp path next to ``final``; on success os.replace it into place, else delete it.
 
     NB: the temp name starts with '.' and ends with '.tmp', so an interrupted run never
-    leaves a file that looks like a result.
+    leaves a file that looks like a result; it carries ``temp_tag()`` for the clean-up.
     """
     final = Path(final)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{temp_tag()}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -241,7 +286,7 @@ def write_label_tiff(path: Path, levels: List[TileSpool], *, mpp: float, palette
     with atomic_path(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=nbytes > 2**31) as tif:
             for i, spool in enumerate(levels):
-                level_mpp = mpp * (levels[0].width / spool.width)
+                level_mpp = mpp * 2 ** i  # (level i halves level i - 1, rounding up)
                 res = 1e4 / level_mpp  # pixels per centimetre
                 tif.write(
                     spool.iter_compressed(), shape=(spool.height, spool.width), dtype=np.uint8,
@@ -298,7 +343,7 @@ def polygon_level(levels: List[TileSpool], mpp: float, *, min_mpp: float = POLYG
     majority-vote level at ~2 um/px keeps outlines at cell scale with bounded cost.
     """
     for i, s in enumerate(levels):
-        level_mpp = mpp * levels[0].width / s.width
+        level_mpp = mpp * 2 ** i
         if level_mpp >= min_mpp * 0.999 and s.width * s.height <= max_pixels:
             return i
     return len(levels) - 1

@@ -27,6 +27,11 @@ __all__ = ["SlideReader", "OpenSlideReader", "TiffSlideReader", "open_slide", "R
 
 READERS = ("auto", "openslide", "tifffile")
 
+# Level-0 microns per pixel a microscope scan can have.  Resolution metadata outside this range
+# describes something else (a screen or print resolution: 72 dpi is 352.8 um/px), and a run at
+# it would upsample the slide into millions of tiles of nothing.
+PLAUSIBLE_MPP = (0.02, 20.0)
+
 # File suffixes OpenSlide knows as vendor formats (everything a TIFF reader should not guess at).
 _VENDOR_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm", ".tiff", ".tif"}
 
@@ -56,17 +61,29 @@ class SlideReader:
 
     @property
     def has_mpp(self) -> bool:
-        return self.mpp_override is not None or self._metadata_mpp is not None
+        return self.mpp_override is not None or (self._metadata_mpp is not None and self._metadata_mpp_plausible)
+
+    @property
+    def _metadata_mpp_plausible(self) -> bool:
+        lo, hi = PLAUSIBLE_MPP
+        return self._metadata_mpp is not None and all(lo <= v <= hi for v in self._metadata_mpp)
 
     @property
     def mpp(self) -> float:
-        """Microns per pixel of level 0 (the mean of x and y); SlideError if unknown."""
+        """Microns per pixel of level 0 (the mean of x and y); SlideError if unknown or implausible."""
         if self.mpp_override is not None:
             return float(self.mpp_override)
         if self._metadata_mpp is None:
             raise SlideError(
                 f"{self.path}: the slide has no microns-per-pixel metadata; "
                 f"pass --mpp (e.g. --mpp 0.5 for a 20x scan) to say its resolution")
+        if not self._metadata_mpp_plausible:
+            mx, my = self._metadata_mpp
+            raise SlideError(
+                f"{self.path}: the slide's resolution metadata says {mx:.4g} x {my:.4g} um/px, outside what "
+                f"a microscope scan has ({PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} um/px; a screen or print "
+                f"resolution such as 72 dpi is 352.8 um/px); pass --mpp (e.g. --mpp 0.5 for a 20x scan) "
+                f"to say its resolution")
         return float(sum(self._metadata_mpp) / 2.0)
 
     def level_mpp(self, level: int) -> float:
@@ -79,7 +96,7 @@ class SlideReader:
             "level_dimensions": [list(d) for d in self.level_dimensions],
             "level_downsamples": [float(d) for d in self.level_downsamples],
             "mpp": self.mpp if self.has_mpp else None,
-            "mpp_source": "--mpp" if self.mpp_override is not None else ("metadata" if self._metadata_mpp else None),
+            "mpp_source": "--mpp" if self.mpp_override is not None else ("metadata" if self.has_mpp else None),
         }
 
     # -- reading ----------------------------------------------------------------------
@@ -194,30 +211,49 @@ class TiffSlideReader(SlideReader):
 
         try:
             self._tif = tifffile.TiffFile(str(self.path))
-        except (tifffile.TiffFileError, ValueError, OSError) as e:
+        except Exception as e:  # TiffFileError, OSError, and others from a damaged header
             raise SlideError(f"{self.path}: not a TIFF slide tifffile can open: {e}") from None
         try:
-            self._pages = self._find_levels()
-        except SlideError:
+            self._read_structure()
+        except BaseException as e:
             self._tif.close()
-            raise
-        for page in self._pages:
-            h, w = int(page.shape[0]), int(page.shape[1])
-            self.level_dimensions.append((w, h))
-            self.level_tile_sizes.append((int(page.tilewidth), int(page.tilelength)) if page.is_tiled else None)
-        w0 = self.level_dimensions[0][0]
-        self.level_downsamples = [w0 / d[0] for d in self.level_dimensions]
-        self._metadata_mpp = self._read_mpp()
+            if isinstance(e, SlideError) or not isinstance(e, Exception):
+                raise
+            # NB: a damaged header fails inside tifffile in many ways (ValueError, TypeError,
+            # IndexError, KeyError, ...): one message, the run's other slides go on
+            raise SlideError(f"{self.path}: the TIFF's structure cannot be read (corrupt or truncated "
+                             f"file?): {type(e).__name__}: {e}") from None
         self._cache: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
         self._cache_used = 0
         self._lock = threading.Lock()
 
     # -- structure ----------------------------------------------------------------------
+    def _read_structure(self) -> None:
+        self._pages = self._find_levels()
+        for level, page in enumerate(self._pages):
+            h, w = int(page.shape[0]), int(page.shape[1])
+            if h < 1 or w < 1:
+                raise SlideError(f"{self.path}: an image level of {w} x {h} pixels is empty")
+            self.level_dimensions.append((w, h))
+            self.level_tile_sizes.append((int(page.tilewidth), int(page.tilelength)) if page.is_tiled else None)
+            chunks = math.prod(page.chunked)
+            if len(page.dataoffsets) < chunks or len(page.databytecounts) < chunks:
+                raise SlideError(f"{self.path}: level {level} lists {len(page.dataoffsets)} tile offsets and "
+                                 f"{len(page.databytecounts)} byte counts for {chunks} tiles (corrupt file?)")
+        w0 = self.level_dimensions[0][0]
+        self.level_downsamples = [w0 / d[0] for d in self.level_dimensions]
+        self._metadata_mpp = self._read_mpp()
+
     def _find_levels(self) -> list:
         tif = self._tif
         if not tif.series:
             raise SlideError(f"{self.path}: TIFF file has no images")
         series = tif.series[0]
+        extra = {a: n for a, n in zip(series.axes, series.shape) if a not in "YXS" and n > 1}
+        if extra:  # e.g. an OME-TIFF with channels as separate planes (CYX), a z-stack, a time series
+            what = ", ".join(f"{n} along {a!r}" for a, n in extra.items())
+            raise SlideError(f"{self.path}: the image is a stack of planes ({what}; axes {series.axes}), "
+                             f"not an RGB or grey slide; wsss reads 8-bit RGB (interleaved) or grey slides")
         pages = []
         for lvl in series.levels:
             page = lvl.keyframe if hasattr(lvl, "keyframe") else lvl.pages[0]

@@ -17,7 +17,9 @@ import numpy as np
 from wsss.errors import SlideError
 from wsss.slide.reader import SlideReader, ThreadHandles
 
-__all__ = ["ScalePlan", "plan_scale", "SlideView"]
+__all__ = ["ScalePlan", "plan_scale", "SlideView", "MAX_UPSAMPLING"]
+
+MAX_UPSAMPLING = 2.0  # the most a slide's finest level is enlarged to reach a model's mpp
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,11 @@ def plan_scale(reader: SlideReader, target_mpp: float, *, tolerance: float = 0.0
     finer = [lvl for lvl, m in enumerate(level_mpps) if m <= target_mpp]
     lvl = max(finer, key=lambda i: level_mpps[i]) if finer else 0
     scale = target_mpp / level_mpps[lvl]
+    if scale * MAX_UPSAMPLING * (1.0 + tolerance) < 1.0:
+        raise SlideError(
+            f"{reader.path}: the slide's finest level is {level_mpps[0]:.4g} um/px, {1 / scale:.3g}x coarser "
+            f"than the model's {target_mpp:g} um/px; upsampling by more than {MAX_UPSAMPLING:g}x would show the "
+            f"model tissue at a scale it never saw.  If the slide's resolution is recorded wrongly, pass --mpp")
     w0, h0 = reader.dimensions
     width = max(1, int(round(w0 * mpp0 / target_mpp)))
     height = max(1, int(round(h0 * mpp0 / target_mpp)))
