@@ -511,7 +511,7 @@ def test_background_output_failure_is_its_slides_alone(tmp_path, monkeypatch):
     real = writers.write_overlay
 
     def overlay(path, *args, **kw):
-        if path.parent.name == "a":
+        if "a" in [q.name for q in path.parents]:  # (written in the run's work folder inside o/a)
             raise OSError("disk full (test)")
         return real(path, *args, **kw)
 
@@ -521,6 +521,7 @@ def test_background_output_failure_is_its_slides_alone(tmp_path, monkeypatch):
     assert [r.status for r in res] == ["failed", "done", "done"]
     assert "disk full" in res[0].message
     assert not (outs[0] / "run.json").exists() and not list(outs[0].glob(".*")), "partial results left"
+    assert not list(outs[0].iterdir()), "no output of a failed slide is published"
     assert all((o / "run.json").is_file() for o in outs[1:])
 
 
@@ -710,3 +711,29 @@ def test_temporaries_of_killed_runs_are_removed(tmp_path):
     run_slide(path, model(), out, opts(), log=logs.append)
     assert sorted(p.name for p in out.glob(".*")) == sorted(keep)
     assert any("removed 2 temporary file(s) an interrupted earlier run left" in line for line in logs)
+
+
+@pytest.mark.parametrize("stage", ["tiles", "outputs"])
+def test_failed_rerun_keeps_the_earlier_result(tmp_path, monkeypatch, stage):
+    """A rerun into a folder that holds a complete result writes its files in its work folder and
+    publishes them only when all are written: failing in the tile stage or in the last writer
+    leaves the earlier result (run.json included) byte for byte, and no mix of old and new files."""
+    from wsss.runner import writers
+
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(97, 131)])
+    out = tmp_path / "out"
+    assert run_slide(path, model(), out, opts(write_probs=True)).status == "done"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if stage == "tiles":
+        m = model(dies_at(2, RuntimeError("out of memory (test)")))
+    else:
+        m = model(soft_colour)  # other labels: any file of this run that got out would show
+
+        def no_space(*a, **k):
+            raise OSError(28, "No space left on device (test)")
+
+        monkeypatch.setattr(writers, "write_tissue_qc", no_space)
+    res = run_slides([path], m, [out], opts(write_probs=False), log=lambda s: None)
+    assert res[0].status == "failed"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -48,6 +48,7 @@ __all__ = ["SlideModel", "PendingProbabilities", "RunOptions", "resolve_precisio
 
 RUN_FORMAT_VERSION = 1
 OUTPUT_FILES = ("labels.tiff", "overlay.png", "tissue_qc.png", "areas.json", "areas.csv", "polygons.geojson")
+OPTIONAL_OUTPUT_FILES = ("probs.tiff",)  # (--probs)
 
 
 @dataclass
@@ -389,12 +390,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
         fp = fingerprint(slide, model, options)
         if options.resume and _is_complete(out_dir, fp):
             return SlideResult(str(slide), str(out_dir), "skipped", "outputs match the same model and options")
-        # NB: the folder stops claiming completeness before any output is replaced; an optional
-        # output of an earlier run goes too (this run writes it again if asked), so no stale
-        # probs.tiff of another model or options sits beside this run's run.json
-        for name in ("run.json", "probs.tiff"):
-            with contextlib.suppress(FileNotFoundError):
-                (out_dir / name).unlink()
+        # NB: an earlier run's outputs stay as they are until this run has written all of its
+        # own (in its work folder): a rerun that fails loses nothing (see _publish)
         plan = plan_scale(reader, model.mpp if model.mpp is not None else reader.mpp, tolerance=options.mpp_tolerance)
         view = SlideView(reader, plan)
         grid = TileGrid(plan.width, plan.height, tile, overlap)
@@ -509,6 +506,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             # NB: the GeoJSON (the slowest writer; contourpy, shapely and GEOS release the GIL)
             # runs on its own thread while the others are written; leaving this block waits for
             # it, so the spools it reads are closed only after it ends, however the block ends.
+            stage = work / "outputs"  # (published into out_dir when every file is written)
+            stage.mkdir()
             with timer("outputs"), ThreadPoolExecutor(1, thread_name_prefix="wsss-geojson") as side:
                 def polygons() -> int:
                     with timer("write_geojson"):
@@ -519,20 +518,20 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                         poly_mpp = plan.mpp * 2 ** poly_level
                         scale = poly_mpp / reader.mpp  # -> level-0 px of the input slide
                         return writers.write_geojson(
-                            out_dir / "polygons.geojson", poly.read_all(), scale=scale, class_names=names[:K],
+                            stage / "polygons.geojson", poly.read_all(), scale=scale, class_names=names[:K],
                             palette=model.palette, background_index=bg,
                             min_area_px=max(1, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
 
                 n_features = side.submit(polygons)
                 with timer("write_labels"):
-                    writers.write_label_tiff(out_dir / "labels.tiff", levels, mpp=plan.mpp, palette=model.palette,
+                    writers.write_label_tiff(stage / "labels.tiff", levels, mpp=plan.mpp, palette=model.palette,
                                              background_index=bg, class_names=names)
                     if options.write_probs and "probs_spool" in state:
-                        writers.write_probs_tiff(out_dir / "probs.tiff", state["probs_spool"], mpp=plan.mpp,
+                        writers.write_probs_tiff(stage / "probs.tiff", state["probs_spool"], mpp=plan.mpp,
                                                  class_names=names[:K])
                 with timer("write_areas"):
                     areas = writers.class_areas(class_pixels, mpp=plan.mpp, class_names=names[:K], background_index=bg)
-                    writers.write_areas(out_dir / "areas.json", out_dir / "areas.csv", areas)
+                    writers.write_areas(stage / "areas.json", stage / "areas.csv", areas)
                 # NB: pictures and polygons come from low-resolution levels of the label pyramid
                 # (majority vote), so their cost is bounded on any slide (see writers.*_level).
                 with timer("write_overlay"):
@@ -541,14 +540,42 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     state["thumbnail_from_tiles"] = thumb is not None
                     if thumb is None:
                         thumb = view.thumbnail(overview_factor, finer=[overview_thumb, qc_thumb], workers=options.workers)
-                    writers.write_overlay(out_dir / "overlay.png", thumb, over.read_all(), model.palette, bg)
+                    writers.write_overlay(stage / "overlay.png", thumb, over.read_all(), model.palette, bg)
                 with timer("write_qc"):
                     if qc_thumb is None:
                         qc_thumb = thumb
                     tiles_mask = _tiles_footprint(grid, tile, plan, qc_thumb.shape[:2])
-                    writers.write_tissue_qc(out_dir / "tissue_qc.png", qc_thumb,
+                    writers.write_tissue_qc(stage / "tissue_qc.png", qc_thumb,
                                             _mask_at(tissue, plan, qc_thumb.shape[:2]), tiles_mask)
                 n_features = n_features.result()
+
+            outputs = list(OUTPUT_FILES) + (["probs.tiff"] if options.write_probs and "probs_spool" in state else [])
+            timings = dict(timer.seconds)
+            timings["total"] = time.perf_counter() - t_start
+            n_tiles = len(grid.tiles)
+            run_info = {
+                "status": "complete", "format_version": RUN_FORMAT_VERSION, "fingerprint": fp,
+                "slide": {**reader.describe(), **_slide_identity(slide)},
+                "model": {"identity": model.identity, "mpp": model.mpp, "tile_size": model.tile_size,
+                          "class_names": list(model.class_names), "background_index": bg, **model.description},
+                "options": {**asdict(options), "tile_size": tile, "overlap": overlap},
+                "scale": plan.to_dict(),
+                "tissue": {"source": tissue.source, "fraction": tissue.fraction(), "threshold": tissue.threshold,
+                           "mask_shape": list(tissue.mask.shape)},
+                "tiles": {"run": n_tiles, "grid": grid.total, "stitch_device": state.get("stitch_device"),
+                          "pyramid_during_tiles": state.get("pyramid_during_tiles", False),
+                          "thumbnail_from_tiles": state.get("thumbnail_from_tiles", False),
+                          "peak_live_pieces": state.get("peak_pieces", 0),
+                          "peak_piece_mb": state.get("peak_piece_mb", 0.0), "heap_trims": state.get("heap_trims", 0)},
+                "throughput": {"megapixels_per_second": n_tiles * tile * tile / 1e6 / max(timings.get("tiles", 0), 1e-9),
+                               "tiles_per_second": n_tiles / max(timings.get("tiles", 0), 1e-9)},
+                "geojson_features": n_features,
+                "areas": areas,
+                "versions": _versions(),
+                "timings_s": timings,
+                "output_sizes": {name: (stage / name).stat().st_size for name in outputs},
+            }
+            _publish(stage, out_dir, outputs, run_info)
         finally:
             if "pyramid" in state:
                 state["pyramid"].close()  # NB: waits for rows in flight: they read and write spools
@@ -556,33 +583,6 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 s.close()
             shutil.rmtree(work, ignore_errors=True)
 
-        outputs = list(OUTPUT_FILES) + (["probs.tiff"] if options.write_probs and "probs_spool" in state else [])
-        timings = dict(timer.seconds)
-        timings["total"] = time.perf_counter() - t_start
-        n_tiles = len(grid.tiles)
-        run_info = {
-            "status": "complete", "format_version": RUN_FORMAT_VERSION, "fingerprint": fp,
-            "slide": {**reader.describe(), **_slide_identity(slide)},
-            "model": {"identity": model.identity, "mpp": model.mpp, "tile_size": model.tile_size,
-                      "class_names": list(model.class_names), "background_index": bg, **model.description},
-            "options": {**asdict(options), "tile_size": tile, "overlap": overlap},
-            "scale": plan.to_dict(),
-            "tissue": {"source": tissue.source, "fraction": tissue.fraction(), "threshold": tissue.threshold,
-                       "mask_shape": list(tissue.mask.shape)},
-            "tiles": {"run": n_tiles, "grid": grid.total, "stitch_device": state.get("stitch_device"),
-                      "pyramid_during_tiles": state.get("pyramid_during_tiles", False),
-                      "thumbnail_from_tiles": state.get("thumbnail_from_tiles", False),
-                      "peak_live_pieces": state.get("peak_pieces", 0),
-                      "peak_piece_mb": state.get("peak_piece_mb", 0.0), "heap_trims": state.get("heap_trims", 0)},
-            "throughput": {"megapixels_per_second": n_tiles * tile * tile / 1e6 / max(timings.get("tiles", 0), 1e-9),
-                           "tiles_per_second": n_tiles / max(timings.get("tiles", 0), 1e-9)},
-            "geojson_features": n_features,
-            "areas": areas,
-            "versions": _versions(),
-            "timings_s": timings,
-            "output_sizes": {name: (out_dir / name).stat().st_size for name in outputs},
-        }
-        writers.write_json_atomic(out_dir / "run.json", run_info)
         return SlideResult(str(slide), str(out_dir), "done", outputs={n: str(out_dir / n) for n in outputs + ["run.json"]},
                            timings=timings, areas=areas)
     finally:
@@ -590,6 +590,27 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             with contextlib.suppress(Exception):
                 v.close()
         reader.close()
+
+
+def _publish(stage: Path, out_dir: Path, outputs: List[str], run_info: dict) -> None:
+    """Move a run's finished files from its work folder into ``out_dir``, then write run.json.
+
+    NB: until here an earlier run's outputs (and its run.json) are untouched, so a rerun that
+    fails (bad slide, a kill, a full disk) loses nothing and leaves no mix of old and new files;
+    from the first move on the folder no longer claims completeness (run.json goes first) until
+    the new run.json is written last.  Outputs of the earlier run that this one does not write
+    (probs.tiff without --probs) are removed, so nothing stale sits beside the new run.json."""
+    from wsss.runner import writers
+
+    with contextlib.suppress(FileNotFoundError):
+        (out_dir / "run.json").unlink()
+    for name in (*OUTPUT_FILES, *OPTIONAL_OUTPUT_FILES):
+        if name in outputs:
+            os.replace(stage / name, out_dir / name)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (out_dir / name).unlink()
+    writers.write_json_atomic(out_dir / "run.json", run_info)
 
 
 def _class_names(model: SlideModel, K: int) -> List[str]:
