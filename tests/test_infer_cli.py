@@ -207,15 +207,19 @@ def test_early_pyramid_flag(tmp_path, bundle, flag, early):
     assert run["tiles"]["pyramid_during_tiles"] is early  # default: only when the model runs on CUDA
 
 
-def test_all_slides_bad_exit_2(tmp_path, bundle, capsys):
-    assert main([str(tmp_path / "missing.svs"), "--model", str(bundle), "-o", str(tmp_path / "o")]) == 2
-    assert "nothing was run" in capsys.readouterr().err
+def test_all_slides_bad_is_a_slide_failure(tmp_path, bundle, capsys):
+    """A slide that cannot be read fails like a slide that fails while it runs (exit 1), found
+    up front or not; and a run with nothing to do creates no output folder."""
+    assert main([str(tmp_path / "missing.svs"), "--model", str(bundle), "-o", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "missing.svs: FAILED: " in err and "no such file" in err and "0 done, 0 skipped (resume), 1 failed" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_slide_without_mpp_needs_flag(tmp_path, bundle, capsys):
     p = tmp_path / "nompp.tif"
     tifffile.imwrite(p, np.zeros((40, 40, 3), np.uint8), tile=(32, 32), photometric="rgb")
-    assert main([str(p), "--model", str(bundle), "-o", str(tmp_path / "o")]) == 2
+    assert main([str(p), "--model", str(bundle), "-o", str(tmp_path / "o")]) == 1  # (that slide failed)
     assert "--mpp" in capsys.readouterr().err
     assert main([str(p), "--model", str(bundle), "-o", str(tmp_path / "o"), "--mpp", "0.5",
                  "--no-tissue-detection"]) == 0
@@ -236,7 +240,7 @@ def test_output_is_a_file(tmp_path, bundle, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     assert main([str(s), "--model", str(bundle), "-o", str(f)]) == 2
-    assert "cannot be written" in capsys.readouterr().err
+    assert f"output directory {f} is a file, not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,match", [
@@ -272,6 +276,55 @@ def test_demo_without_bundle_says_so(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "demo bundle" in err and "never substitutes a fake model" in err
     assert not (tmp_path / "d" / "synthetic_slide").exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--mpp", "0.25"], "--demo generates its own slide (its resolution and truth known); --mpp does not apply"),
+    (["--tissue-mask", "m.png"], "--tissue-mask does not apply"),
+])
+def test_demo_checks_its_options_before_writing_the_slide(tmp_path, capsys, args, match):
+    if not demo_bundle_path().is_file():
+        pytest.skip(f"demo bundle not built yet ({demo_bundle_path()})")
+    assert main(["--demo", str(tmp_path / "d")] + args) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_what_the_run_says(tmp_path, bundle, capsys, monkeypatch):
+    """The model in use is named; a bad bundle from $WSSS_BUNDLE says where it came from; --mpp
+    overriding a slide's own resolution is said; a run without tissue says so; bad --mpp,
+    --tile-size and --tissue-mask values get one message each, before any work."""
+    s = slide(tmp_path / "a.tif")  # 0.5 um/px
+    assert main([str(s), "--model", str(bundle), "-o", str(tmp_path / "o"), "--mpp", "0.25",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"wsss-infer: model {bundle} (4 classes: A, B, C, D; 0.5 um/px, tile 32; cpu, float32" in err
+    assert "wsss-infer: warning: a.tif: --mpp 0.25 overrides the slide's own 0.5 um/px" in err
+    assert "downsampled x2" in err and "a.tif: warning: no tissue found" in err  # (random noise: no tissue)
+    monkeypatch.setenv("WSSS_BUNDLE", str(tmp_path / "gone.pt"))
+    assert main([str(s), "-o", str(tmp_path / "o2")]) == 2
+    assert "(the bundle named by $WSSS_BUNDLE)" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+    (tmp_path / "notes.png").write_text("not an image")
+    for args, match in [(["--mpp", "inf"], "--mpp must be a positive number"),
+                        (["--tile-size", "100000"], "--tile-size must be between 16 and 8192 pixels"),
+                        (["--tissue-mask", str(tmp_path / "notes.png")], "not an image PIL can read"),
+                        (["--tissue-mask", str(tmp_path)], "is a directory, not an image file")]:
+        assert main([str(s), "--model", str(bundle), "-o", str(tmp_path / "o3")] + args) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("error:") == 1, err
+    assert not (tmp_path / "o3").exists()
+
+
+def test_synthetic_only_bundle_on_a_slide_is_flagged(tmp_path, capsys):
+    if not demo_bundle_path().is_file():
+        pytest.skip(f"demo bundle not built yet ({demo_bundle_path()})")
+    s = slide(tmp_path / "a.tif", h=100, w=100)
+    assert main([str(s), "--model", str(demo_bundle_path()), "-o", str(tmp_path / "o"), "--mpp", "1.0",
+                 "--no-progress"]) == 0
+    assert "is the synthetic-only demo model, trained on generated tissue: its maps of real slides are " \
+           "meaningless" in capsys.readouterr().err
 
 
 @pytest.mark.slow

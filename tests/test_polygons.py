@@ -41,6 +41,42 @@ def test_unsimplified_outlines_hold_exactly_the_class_pixels(seed):
                 assert sum(p.area for p in g.geoms) == pytest.approx(g.area)  # parts do not overlap
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_outlines_end_at_the_slides_edge(seed):
+    """The last label pixel of a row reaches past the slide (extent): its outlines are squeezed
+    to the edge, valid, with the same pixels inside, and nothing else moves."""
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        h, w = (int(v) for v in rng.integers(2, 40, 2))
+        labels = (rng.random((h, w)) * rng.integers(1, 5)).astype(np.uint8)
+        if rng.random() < 0.5:
+            labels = np.kron(labels[: h // 3 + 1, : w // 3 + 1], np.ones((3, 3), np.uint8))[:h, :w]
+        ex, ey = w - 1 + float(rng.uniform(0.05, 1.0)), h - 1 + float(rng.uniform(0.05, 1.0))
+        for k in range(int(labels.max()) + 1):
+            for simplify in (0, 0.4):
+                g = label_polygons(labels, k, scale=2.0, simplify=simplify, min_area_px=0, extent=(ex, ey))
+                free = label_polygons(labels, k, scale=2.0, simplify=simplify, min_area_px=0)
+                if g is None:
+                    assert free is None
+                    continue
+                assert g.is_valid and len(g.geoms) == len(free.geoms)
+                x0, y0, x1, y1 = g.bounds
+                assert x0 >= 0 and y0 >= 0 and x1 <= 2 * ex + 1e-9 and y1 <= 2 * ey + 1e-9
+                if simplify > 0:  # (Douglas-Peucker may pick other vertices of a ring that is squeezed)
+                    continue
+                strips = 4 * (h * (w - ex) + w * (h - ey))  # at most the squeezed strips (areas x scale^2)
+                assert abs(g.area - free.area) <= strips + 1e-9
+                # unsimplified: nothing moves away from the last pixels (a marching-squares
+                # chamfer from the last-but-one pixel reaches half a pixel into the last one)
+                inner = shapely.box(0, 0, 2 * (w - 1.5), 2 * (h - 1.5))
+                assert g.intersection(inner).symmetric_difference(free.intersection(inner)).area < 1e-9
+                # the class pixels' centres (squeezed as well) are still inside
+                yy, xx = np.mgrid[0:h, 0:w] + 0.5
+                xx = np.where(xx > w - 1, w - 1 + (xx - (w - 1)) * (ex - (w - 1)), xx)
+                yy = np.where(yy > h - 1, h - 1 + (yy - (h - 1)) * (ey - (h - 1)), yy)
+                assert (shapely.contains_xy(g, 2 * xx, 2 * yy) == (labels == k)).all()
+
+
 def nested() -> np.ndarray:
     """An object (class 1) with a big hole holding an island, a 2x2 hole and a lone pixel."""
     lab = np.zeros((40, 40), np.uint8)

@@ -649,6 +649,10 @@ def test_polygons_and_level_resolutions_use_powers_of_two(tmp_path):
     gj = json.loads((tmp_path / "out" / "polygons.geojson").read_text())
     block = next(f for f in gj["features"] if f["properties"]["classification"]["name"] == "C")
     assert shape(block["geometry"]).bounds == (128.0, 100.0, 256.0, 200.0)  # level 2 (2 um/px), x4
+    # level 2 is 65 x 76 px = 260 x 304 grid px: its last pixels reach past the 257 x 301 slide
+    for f in gj["features"]:
+        x0, y0, x1, y1 = shape(f["geometry"]).bounds
+        assert x0 >= 0 and y0 >= 0 and x1 <= 257 and y1 <= 301
     with tifffile.TiffFile(tmp_path / "out" / "labels.tiff") as t:
         for i, page in enumerate(t.pages):
             num, den = page.tags["XResolution"].value

@@ -163,6 +163,8 @@ def temp_path_beside(path: str, suffix: str) -> str:
 def read_bundle_metadata(path: str) -> Dict[str, Any]:
     """The metadata of a bundle without loading its module (cheap; validates the format)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise BundleError(f"bundle {path}: is a directory, not a bundle file")
     if not os.path.isfile(path):
         raise BundleError(f"bundle {path}: no such file")
     if not zipfile.is_zipfile(path):
@@ -170,7 +172,8 @@ def read_bundle_metadata(path: str) -> Dict[str, Any]:
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         if not any(n.endswith("/constants.pkl") or n.endswith("/code/__torch__.py") or "/code/" in n for n in names):
-            raise BundleError(f"bundle {path}: not a TorchScript archive (no code/ folder)")
+            raise BundleError(f"bundle {path}: not a TorchScript archive (no code/ folder); a wsss bundle is "
+                              f"written by wsss-export (or wsss.bundle.save_bundle), not by torch.save")
         found = [n for n in names if n.endswith("/extra/" + METADATA_FILE)]
         if not found:
             raise BundleError(f"bundle {path}: no {METADATA_FILE} in the archive (not a wsss bundle; write bundles "

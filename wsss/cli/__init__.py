@@ -11,8 +11,13 @@ from typing import Callable, Optional, Sequence
 
 def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Run a command body; WsssError -> 'prog: error: message' on stderr and exit code 2."""
+    import warnings
+
     from wsss.errors import WsssError
 
+    # NB: a warning for the user (bf16 on a CPU without bf16 units, ...) reads as one line of the
+    # command, not as Python's "file:line: RuntimeWarning:" with a line of source code
+    warnings.formatwarning = lambda message, category, *a, **k: f"{prog}: warning: {message}\n"
     try:
         return int(body(argv) or 0)
     except WsssError as e:

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from wsss.cli import run
 
 PROG = "wsss-infer"
+MAX_TILE_SIZE = 8192  # (a batch of 8 such tiles is already 1.6 GB of RGB and 8.6 GB of K=4 scores)
 
 HOW_TO_GET_A_BUNDLE = (
     "no model bundle: pass --model BUNDLE.pt, or set WSSS_BUNDLE=/path/to/bundle.pt, or write "
@@ -34,20 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Segment whole slides into tissue classes with a wsss model bundle.",
         epilog="Outputs per slide: labels.tiff, overlay.png, tissue_qc.png, areas.json, areas.csv, "
-               "polygons.geojson, run.json (probs.tiff with --probs). Exit status: 0 all slides done or "
+               "polygons.geojson, run.json (probs.tiff with --probs); labels.tiff and the areas' pixel counts "
+               "are at the model's resolution (run.json: scale). Exit status: 0 all slides done or "
                "skipped, 1 some slide failed, 2 bad arguments/bundle (nothing run).")
     p.add_argument("slides", nargs="*", metavar="SLIDE", help="slide files (.svs, .ndpi, .tif, OME-TIFF, ...)")
-    p.add_argument("-m", "--model", metavar="BUNDLE", help="model bundle (.pt); default $WSSS_BUNDLE or user config")
+    p.add_argument("-m", "--model", metavar="BUNDLE",
+                   help="model bundle (.pt); default $WSSS_BUNDLE, else \"bundle\" in the user config "
+                        "($WSSS_CONFIG, else ~/.config/wsss/config.json)")
     p.add_argument("-o", "--output", metavar="OUTDIR",
                    help="output folder; each slide gets OUTDIR/<stem>/ (default: <slide folder>/<stem>.wsss/)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--precision", default="auto",
-                   help="auto (bf16 on CPUs with bf16 units / CUDA, else float32), float32, bfloat16, float16")
+                   help="auto (default: bfloat16 on CPUs with bf16 matrix units and on CUDA, else float32), "
+                        "float32 (fp32), bfloat16 (bf16) or float16 (fp16, half)")
     p.add_argument("--precision-mode", choices=["cast", "autocast"],
                    help="how reduced precision is applied: cast (a bf16/fp16 copy of the weights; default on CPU) "
                         "or autocast (float32 weights under torch.autocast; default on CUDA)")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default 8)")
-    p.add_argument("--workers", type=int, default=2, help="tile reader threads, each with its own slide handle (default 2)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="tile reader threads, each with its own slide handle (default 2; 0: read in the main thread)")
     p.add_argument("--stitch-threads", type=int, default=0, choices=[0, 1, 2],
                    help="1: blend and finalise output on one thread; 2: finalise on a second thread; "
                         "0 (default): 2 on CUDA, 1 on the CPU (blending on the CPU only)")
@@ -60,20 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-pyramid", action=argparse.BooleanOptionalAction, default=None,
                    help="build the label pyramid while the tiles run, on cores the model leaves idle "
                         "(default: on when the model runs on CUDA)")
-    p.add_argument("--mpp", type=float, help="microns per pixel of the slide's level 0 (for slides without it)")
+    p.add_argument("--mpp", type=float,
+                   help="microns per pixel of the slides' level 0: needed for slides without (or with implausible) "
+                        "resolution metadata; overrides the metadata of slides that have it")
     p.add_argument("--reader", default="auto", choices=["auto", "openslide", "tifffile"], help="slide reader (default auto)")
     p.add_argument("--tile-size", type=int, help="tile edge in pixels at the model's resolution (default: the bundle's)")
-    p.add_argument("--overlap", type=int, help="overlap between neighbouring tiles in pixels (default tile/8)")
+    p.add_argument("--overlap", type=int,
+                   help="overlap between neighbouring tiles in pixels at the model's resolution (default tile/8)")
     tissue = p.add_mutually_exclusive_group()
     tissue.add_argument("--tissue-mask", metavar="IMAGE", help="tissue mask image (non-zero = tissue) instead of detection")
     tissue.add_argument("--no-tissue-detection", action="store_true", help="treat the whole slide as tissue")
     p.add_argument("--min-tissue", type=float, default=0.0,
-                   help="run a tile only when its tissue fraction is above this (default 0: any tissue)")
+                   help="run a tile only when its tissue fraction is above this, in [0, 1) (default 0: any tissue)")
     p.add_argument("--probs", action="store_true", help="also write probs.tiff (float16 class probabilities)")
     p.add_argument("--resume", action="store_true", help="skip slides whose outputs match the same model and options")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--demo", metavar="OUTDIR",
-                   help="run the shipped synthetic-only demo model on a generated synthetic slide and report accuracy")
+                   help="run the shipped synthetic-only demo model on a generated synthetic slide (3072^2 px, "
+                        "$WSSS_DEMO_SIZE to change; ~6 MB with its truth mask, written into OUTDIR) and report its "
+                        "accuracy against the truth; about 40 s on 2 CPU cores")
     return p
 
 
@@ -87,13 +99,18 @@ def user_config_path() -> Path:
 
 def find_bundle(model_arg: Optional[str]) -> str:
     """--model, else $WSSS_BUNDLE, else "bundle" in the user config; else BundleError saying how to get one."""
+    return find_bundle_and_source(model_arg)[0]
+
+
+def find_bundle_and_source(model_arg: Optional[str]) -> Tuple[str, str]:
+    """(bundle path, where it was named: "--model", "$WSSS_BUNDLE" or "user config PATH")."""
     from wsss.errors import BundleError
 
     if model_arg:
-        return model_arg
+        return model_arg, "--model"
     env = os.environ.get("WSSS_BUNDLE")
     if env:
-        return env
+        return env, "$WSSS_BUNDLE"
     cfg = user_config_path()
     if cfg.is_file():
         try:
@@ -101,7 +118,7 @@ def find_bundle(model_arg: Optional[str]) -> str:
         except (OSError, ValueError, AttributeError) as e:
             raise BundleError(f"user config {cfg} is not a JSON object: {e}") from None
         if bundle:
-            return str(Path(bundle).expanduser())
+            return str(Path(bundle).expanduser()), f"user config {cfg}"
     raise BundleError(HOW_TO_GET_A_BUNDLE)
 
 
@@ -113,6 +130,11 @@ def demo_bundle_path() -> Path:
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    import logging
+
+    # NB: tifffile logs what it finds wrong in a damaged file as it parses it; the reader turns
+    # what matters into one message naming the slide, so its log lines would only be noise
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     from wsss.errors import WsssError
 
     if args.demo:
@@ -132,17 +154,17 @@ def _options(args, **overrides):
         raise WsssError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.workers < 0:
         raise WsssError(f"--workers must be 0 or more, got {args.workers}")
-    if args.tile_size is not None and args.tile_size < 16:
-        raise WsssError(f"--tile-size must be at least 16, got {args.tile_size}")
+    if args.tile_size is not None and not 16 <= args.tile_size <= MAX_TILE_SIZE:
+        raise WsssError(f"--tile-size must be between 16 and {MAX_TILE_SIZE} pixels, got {args.tile_size}")
     if args.overlap is not None and args.overlap < 0:
         raise WsssError(f"--overlap must be 0 or more, got {args.overlap}")
-    if args.mpp is not None and not args.mpp > 0:
+    if args.mpp is not None and not (args.mpp > 0 and math.isfinite(args.mpp)):
         raise WsssError(f"--mpp must be a positive number of microns per pixel, got {args.mpp}")
     if not 0.0 <= args.min_tissue < 1.0:
         raise WsssError(f"--min-tissue must be in [0, 1), got {args.min_tissue}")
     tissue = "none" if args.no_tissue_detection else (args.tissue_mask or "auto")
-    if args.tissue_mask and not Path(args.tissue_mask).is_file():
-        raise WsssError(f"--tissue-mask {args.tissue_mask}: no such file")
+    if args.tissue_mask:
+        _check_image(args.tissue_mask)
     opts = RunOptions(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
                       stitch_threads=args.stitch_threads, stitch_device=args.stitch_device,
                       background_outputs=args.background_outputs, early_pyramid=args.early_pyramid,
@@ -156,6 +178,25 @@ def _options(args, **overrides):
     return opts
 
 
+def _check_image(path: str) -> None:
+    """WsssError unless ``path`` is an image file PIL can open (a --tissue-mask is checked once,
+    before any slide runs, not once per slide)."""
+    from PIL import Image
+
+    from wsss.errors import WsssError
+
+    p = Path(path)
+    if p.is_dir():
+        raise WsssError(f"--tissue-mask {path}: is a directory, not an image file")
+    if not p.is_file():
+        raise WsssError(f"--tissue-mask {path}: no such file")
+    try:
+        with Image.open(p) as img:
+            img.size  # noqa: B018
+    except Exception as e:  # noqa: BLE001 (PIL raises several types for non-images)
+        raise WsssError(f"--tissue-mask {path}: not an image PIL can read ({type(e).__name__}: {e})") from None
+
+
 def _load_model(path: str, args):
     from wsss.bundle import load_bundle
     from wsss.runner import SlideModel
@@ -166,8 +207,18 @@ def _load_model(path: str, args):
         # NB: torch 2.14 marks torch.jit.load deprecated on every call; a user can do nothing about it
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         bundle = load_bundle(path, device="cpu")
-        return SlideModel.from_bundle(bundle, device=args.device, precision=args.precision,
-                                      precision_mode=args.precision_mode)
+        model = SlideModel.from_bundle(bundle, device=args.device, precision=args.precision,
+                                       precision_mode=args.precision_mode)
+    d = model.description
+    print(f"{PROG}: model {path} ({len(model.class_names)} classes: {', '.join(map(str, model.class_names))}; "
+          f"{'%g um/px' % model.mpp if model.mpp else 'any resolution'}, tile {model.tile_size}; "
+          f"{d.get('device', args.device)}, "
+          f"{d.get('precision', args.precision)}; sha256 {str(d.get('sha256', '?'))[:12]})", file=sys.stderr)
+    if bundle.metadata.get("synthetic_only") and not args.demo:
+        print(f"{PROG}: warning: {path} is the synthetic-only demo model, trained on generated tissue: its "
+              f"maps of real slides are meaningless (train or export a real bundle: wsss-infer --help)",
+              file=sys.stderr)
+    return model
 
 
 def out_dir_for(slide: Path, output: Optional[str]) -> Path:
@@ -175,20 +226,28 @@ def out_dir_for(slide: Path, output: Optional[str]) -> Path:
 
 
 def run_many(args, slides: List[Path]) -> int:
-    """Check everything that can be checked, then run the good slides; exit 1 if any slide failed."""
-    from wsss.errors import WsssError
+    """Check everything that can be checked, then run the good slides; exit 1 if any slide failed.
+
+    NB: nothing is created on disk before the bundle has loaded and some slide can be read: a
+    refused run leaves no empty output folders behind."""
+    from wsss.errors import BundleError, WsssError
     from wsss.runner import run_slides
     from wsss.runner.pipeline import check_distinct_out_dirs, check_output_dir
     from wsss.slide import open_slide
 
     options = _options(args)
-    bundle_path = find_bundle(args.model)
-    # Output folders: distinct per slide, writable.
+    bundle_path, source = find_bundle_and_source(args.model)
+    # Output folders: distinct per slide (checked here, created once the run can go ahead).
     out_dirs = [out_dir_for(s, args.output) for s in slides]
     check_distinct_out_dirs(slides, out_dirs)
-    if args.output:
-        check_output_dir(Path(args.output))
-    model = _load_model(bundle_path, args)
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        raise WsssError(f"output directory {args.output} is a file, not a folder")
+    try:
+        model = _load_model(bundle_path, args)
+    except BundleError as e:
+        if source == "--model":
+            raise
+        raise BundleError(f"{e} (the bundle named by {source})") from None
     if options.tile_size is None and options.overlap is not None and options.overlap >= model.tile_size:
         raise WsssError(f"--overlap ({options.overlap}) must be smaller than the tile size ({model.tile_size})")
     # Slides: open each once before any work, so bad ones are reported up front.
@@ -197,21 +256,37 @@ def run_many(args, slides: List[Path]) -> int:
         try:
             with open_slide(s, reader=args.reader, mpp=args.mpp) as r:
                 r.mpp  # noqa: B018  (raises for a slide without mpp metadata)
-            if not args.output:
-                check_output_dir(o)
+                _warn_if_mpp_overrides(r, args.mpp)
             good.append((s, o))
         except Exception as e:  # a bad slide is reported and skipped; the others run
             message = str(e) if isinstance(e, WsssError) else f"{s}: cannot be opened as a slide: {type(e).__name__}: {e}"
             bad.append((s, message))
-            print(f"{PROG}: error: {message}", file=sys.stderr)
-    if not good:
-        raise WsssError(f"none of the {len(slides)} slide(s) can be read; nothing was run")
-    results = run_slides([s for s, _ in good], model, [o for _, o in good], options)
+            print(f"{PROG}: {Path(s).name}: FAILED: {message}", file=sys.stderr)
+    if good:
+        if args.output:
+            check_output_dir(Path(args.output))
+        for s, o in list(good):
+            if not args.output:
+                try:
+                    check_output_dir(o)
+                except WsssError as e:
+                    good.remove((s, o))
+                    bad.append((s, str(e)))
+                    print(f"{PROG}: {Path(s).name}: FAILED: {e}", file=sys.stderr)
+    results = run_slides([s for s, _ in good], model, [o for _, o in good], options) if good else []
     failed = [r for r in results if r.status == "failed"] + bad
     done = sum(r.status == "done" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
     print(f"{PROG}: {done} done, {skipped} skipped (resume), {len(failed)} failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _warn_if_mpp_overrides(reader, mpp: Optional[float]) -> None:
+    """--mpp overrides a slide's own resolution metadata: say so where the two disagree."""
+    own = reader.metadata_mpp
+    if mpp is not None and own is not None and abs(own / mpp - 1.0) > 0.05:
+        print(f"{PROG}: warning: {reader.path.name}: --mpp {mpp:g} overrides the slide's own {own:.4g} um/px",
+              file=sys.stderr)
 
 
 def run_demo(args) -> int:
@@ -228,6 +303,11 @@ def run_demo(args) -> int:
                           f"tools/make_demo_bundle.py); no demo without it - wsss never substitutes a fake model")
     if args.model:
         raise WsssError("--demo uses the shipped demo bundle; do not combine it with --model")
+    for given, flag in ((args.mpp is not None, "--mpp"), (args.tissue_mask, "--tissue-mask")):
+        if given:
+            raise WsssError(f"--demo generates its own slide (its resolution and truth known); {flag} does not apply")
+    # NB: every option is checked before the synthetic slide is written (~20 s)
+    options = _options(args, tissue="none" if args.no_tissue_detection else "auto")
     out = Path(args.demo)
     from wsss.runner.pipeline import check_distinct_out_dirs, check_output_dir
     check_output_dir(out)
@@ -240,7 +320,6 @@ def run_demo(args) -> int:
     print(f"{PROG}: demo: writing a {size}x{size} synthetic slide (seed 0) to {slide}", file=sys.stderr)
     truth_path = write_synthetic_slide(str(slide), size, size, seed=0, mpp=model.mpp or 0.5,
                                        tile_size=256, num_classes=num_classes)
-    options = _options(args, tissue="none" if args.no_tissue_detection else "auto")
     results = run_slides([slide], model, [out / slide.stem], options)
     if results[0].status == "failed":
         return 1

@@ -313,6 +313,9 @@ def _versions() -> dict:
 
 def check_output_dir(out_dir: Path) -> None:
     """Create ``out_dir`` and prove it writable, or raise WsssError naming it."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise WsssError(f"output directory {out_dir} is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out_dir)
@@ -423,9 +426,13 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
         if overview_thumb is None and qc_thumb is None and len(grid.tiles) == grid.total \
                 and view.thumbnail_level(overview_factor) <= plan.level:
             tile_thumb = TileThumbnail(plan.width, plan.height, 2 ** overview, grid.xs, grid.ys)
-        log(f"{slide.name}: {plan.width}x{plan.height} px at {plan.mpp:.4g} um/px (level {plan.level}"
-            f"{', resampled x%.3g' % plan.scale if plan.resampled else ''}), {len(grid.tiles)}/{grid.total} tiles "
-            f"with tissue ({100 * tissue.fraction():.1f}% tissue)")
+        resampled = ("" if not plan.resampled else f", downsampled x{plan.scale:.3g}" if plan.scale > 1
+                     else f", upsampled x{1 / plan.scale:.3g}")
+        log(f"{slide.name}: {plan.width}x{plan.height} px at {plan.mpp:.4g} um/px (level {plan.level}{resampled}), "
+            f"{len(grid.tiles)}/{grid.total} tiles with tissue ({100 * tissue.fraction():.1f}% tissue)")
+        if not grid.tiles:
+            log(f"{slide.name}: warning: no tissue found, every pixel will be background (see tissue_qc.png; "
+                f"--no-tissue-detection runs every tile, --tissue-mask takes a mask of your own)")
 
         work = Path(tempfile.mkdtemp(prefix=f".work.{writers.temp_tag()}.", suffix=".tmp", dir=out_dir))
         spools: List[TileSpool] = []
@@ -519,7 +526,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                         scale = poly_mpp / reader.mpp  # -> level-0 px of the input slide
                         return writers.write_geojson(
                             stage / "polygons.geojson", poly.read_all(), scale=scale, class_names=names[:K],
-                            palette=model.palette, background_index=bg,
+                            palette=model.palette, background_index=bg, bounds=reader.dimensions,
                             min_area_px=max(1, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
 
                 n_features = side.submit(polygons)

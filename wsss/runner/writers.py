@@ -496,7 +496,7 @@ def _filled_contours(mask: np.ndarray):
 
 
 def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simplify: float = 0.4,
-                   min_area_px: int = 4):
+                   min_area_px: int = 4, extent: Optional[tuple] = None):
     """shapely MultiPolygon of the pixels equal to class_index, in units of ``scale`` x label pixels.
 
     Filled marching squares at 0.5 over the class mask (contourpy, matplotlib's C++ contouring:
@@ -509,7 +509,11 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
     0.5 a 5-px square collapses to a diamond and loses ~15% of its area); 0 keeps every
     corner, and the outlines then contain exactly the mask's pixel centres.  Collinear
     vertices (most of them: straight runs of pixel edges) go before shapely sees the rings,
-    in one vectorised pass; Douglas-Peucker would never pick them.
+    in one vectorised pass; Douglas-Peucker would never pick them.  extent: (width, height) of
+    the slide in label pixels, where the last pixel of a row or column reaches past it: that
+    pixel's outline coordinates are squeezed into the slide (a strictly increasing map, linear
+    on that pixel and the identity elsewhere: the outlines keep their topology, and end at the
+    slide's edge instead of up to a label pixel beyond it).
     """
     import shapely
 
@@ -536,6 +540,12 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
     kept = np.flatnonzero(keep_ring)
     n_open = ring_counts[kept] - 1
     pts = xy[np.repeat(keep_ring, ring_counts) & (np.arange(len(xy)) != np.repeat(ends - 1, ring_counts))]
+    for axis, limit in enumerate(extent or ()):
+        last = labels.shape[1 - axis] - 1  # the last pixel spans [last, last + 1]
+        if limit < last + 1:
+            v = pts[:, axis]
+            beyond = v > last
+            v[beyond] = last + (v[beyond] - last) * max(limit - last, 1e-3)
     ring_id = np.repeat(np.arange(len(kept)), n_open)
     first = np.repeat(np.cumsum(n_open) - n_open, n_open)
     local, n = np.arange(len(pts)) - first, n_open[ring_id]
@@ -566,15 +576,19 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
 
 
 def write_geojson(path: Path, labels: np.ndarray, *, scale: float, class_names: Sequence[str], palette,
-                  background_index: int, min_area_px: int = 4) -> int:
-    """QuPath-style FeatureCollection: one annotation per class.  Returns the number of features."""
+                  background_index: int, min_area_px: int = 4, bounds: Optional[tuple] = None) -> int:
+    """QuPath-style FeatureCollection: one annotation per class.  Returns the number of features.
+
+    bounds: (width, height) of the slide in output coordinates: outlines end at its edges (the
+    last label pixel of a row reaches past the slide's edge; see label_polygons' extent)."""
     import shapely
 
     features = []
     for k, name in enumerate(class_names):
         if k == background_index:
             continue
-        geom = label_polygons(labels, k, scale=scale, min_area_px=min_area_px)
+        geom = label_polygons(labels, k, scale=scale, min_area_px=min_area_px,
+                              extent=None if bounds is None else (bounds[0] / scale, bounds[1] / scale))
         if geom is None or geom.is_empty:
             continue
         colour = list(palette[k][:3]) if k < len(palette) else [128, 128, 128]

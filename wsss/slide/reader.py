@@ -69,6 +69,14 @@ class SlideReader:
         return self._metadata_mpp is not None and all(lo <= v <= hi for v in self._metadata_mpp)
 
     @property
+    def metadata_mpp(self) -> Optional[float]:
+        """Level-0 microns per pixel from the file's own metadata (mean of x and y; None where it
+        has none or an implausible one), whatever ``mpp_override`` says."""
+        if not self._metadata_mpp_plausible:
+            return None
+        return float(sum(self._metadata_mpp) / 2.0)
+
+    @property
     def mpp(self) -> float:
         """Microns per pixel of level 0 (the mean of x and y); SlideError if unknown or implausible."""
         if self.mpp_override is not None:
@@ -247,7 +255,7 @@ class TiffSlideReader(SlideReader):
     def _find_levels(self) -> list:
         tif = self._tif
         if not tif.series:
-            raise SlideError(f"{self.path}: TIFF file has no images")
+            raise SlideError(f"{self.path}: TIFF file has no images (truncated or damaged file?)")
         series = tif.series[0]
         extra = {a: n for a, n in zip(series.axes, series.shape) if a not in "YXS" and n > 1}
         if extra:  # e.g. an OME-TIFF with channels as separate planes (CYX), a z-stack, a time series
