@@ -326,6 +326,39 @@ def test_load_tissue_mask(tmp_path):
         load_tissue_mask(tmp_path / "bad.png", slide_width_um=1, slide_height_um=1)
 
 
+@pytest.mark.parametrize("dtype,on", [(np.float32, 1.0), (np.float32, 0.25), (np.uint16, 1), (np.uint16, 4000)])
+def test_tissue_mask_of_any_depth(tmp_path, dtype, on):
+    """0/1 float or 16-bit masks are masks too (8-bit conversion made values below 1 zero)."""
+    arr = np.zeros((50, 100), dtype)
+    arr[10:20, 10:30] = on
+    p = tmp_path / "m.tif"
+    tifffile.imwrite(p, arr)
+    assert load_tissue_mask(p, slide_width_um=1000, slide_height_um=500).mask.sum() == 200
+
+
+@pytest.mark.parametrize("unit,scale", [("\u00b5m", 1.0), ("\u03bcm", 1.0), ("nm", 1e-3)])
+def test_ome_resolution_of_the_image_read(tmp_path, unit, scale):
+    """OME PhysicalSize of the first image (the series read), micro sign or Greek mu."""
+    path = tmp_path / "s.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(pattern(64, 64), photometric="rgb", tile=(32, 32),
+                  metadata={"PhysicalSizeX": 0.5 / scale, "PhysicalSizeY": 0.5 / scale,
+                            "PhysicalSizeXUnit": unit, "PhysicalSizeYUnit": unit})
+        tif.write(pattern(16, 16), photometric="rgb",  # a label image with its own resolution
+                  metadata={"PhysicalSizeX": 40.0, "PhysicalSizeY": 40.0})
+    with open_slide(path, reader="tifffile") as r:
+        assert r.mpp == pytest.approx(0.5)
+
+
+def test_ome_resolution_of_another_image_is_not_the_slides(tmp_path):
+    path = tmp_path / "s.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(pattern(64, 64), photometric="rgb", tile=(32, 32))  # no PhysicalSize
+        tif.write(pattern(16, 16), photometric="rgb", metadata={"PhysicalSizeX": 8.0, "PhysicalSizeY": 8.0})
+    with open_slide(path, reader="tifffile") as r:
+        assert not r.has_mpp
+
+
 # --------------------------------------------------------------------------------------
 # the real slide
 # --------------------------------------------------------------------------------------

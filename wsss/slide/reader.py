@@ -312,10 +312,16 @@ class TiffSlideReader(SlideReader):
                 pass
         # OME-XML PhysicalSizeX/Y (default unit micrometre)
         if tif.is_ome and tif.ome_metadata:
-            mx = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata)
-            my = re.search(r'PhysicalSizeY="([0-9.eE+-]+)"', tif.ome_metadata)
-            ux = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata)
-            scale = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}.get(ux.group(1) if ux else "µm")
+            # NB: the first image's <Pixels> element (the one read: series 0), not the first
+            # PhysicalSizeX anywhere in the XML, which may belong to a label or macro image
+            pixels = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", tif.ome_metadata)
+            tag = pixels.group(0) if pixels else tif.ome_metadata
+            mx = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tag)
+            my = re.search(r'PhysicalSizeY="([0-9.eE+-]+)"', tag)
+            ux = re.search(r'PhysicalSizeXUnit="([^"]+)"', tag)
+            # (micro sign U+00B5 and Greek mu U+03BC both occur)
+            scale = {"\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4,
+                     "m": 1e6}.get(ux.group(1) if ux else "um")
             if mx and scale:
                 x = float(mx.group(1)) * scale
                 y = float(my.group(1)) * scale if my else x

@@ -129,7 +129,9 @@ def load_tissue_mask(path, *, slide_width_um: float, slide_height_um: float) -> 
         raise SlideError(f"--tissue-mask {path}: no such file")
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("L"))
+            # NB: 16-bit, 32-bit and float masks (e.g. 0/1 floats) are read as they are: converting
+            # them to 8-bit "L" first truncated values below 1 to 0 (an empty mask, silently)
+            arr = np.asarray(img if img.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F") else img.convert("L"))
     except (UnidentifiedImageError, OSError) as e:
         raise SlideError(f"--tissue-mask {path}: not an image file ({e})") from None
     if arr.ndim != 2 or arr.size == 0:
