@@ -75,6 +75,38 @@ def test_tiff_reader_regions_match_pixels(pyramid, x, y, w, h):
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("rows_per_strip", [None, 1000, 7])
+def test_large_uncompressed_strips_are_read_in_bands(tmp_path, rows_per_strip):
+    """A flat image in one (PIL's way) or a few large uncompressed strips: read in bands of rows,
+    never a whole strip per reader thread; small strips are read as they are."""
+    img = pattern(1200, 1500, seed=rows_per_strip or 0)
+    path = tmp_path / "flat.tif"
+    if rows_per_strip is None:
+        from PIL import Image
+
+        Image.fromarray(img).save(path)  # one strip, 5.4 MB
+    else:
+        tifffile.imwrite(path, img, rowsperstrip=rows_per_strip, photometric="rgb")
+    rng = np.random.default_rng(0)
+    with open_slide(path, reader="tifffile", mpp=0.5) as r:
+        bands = r._band_rows[0]
+        assert (bands is None) == (rows_per_strip == 7)
+        if bands is not None:
+            assert bands * 1500 * 3 <= r.band_bytes and (rows_per_strip is None or rows_per_strip % bands == 0)
+        for _ in range(40):
+            x, y = int(rng.integers(-50, 1500)), int(rng.integers(-50, 1200))
+            w, h = int(rng.integers(1, 400)), int(rng.integers(1, 400))
+            want = np.full((h, w, 3), 255, np.uint8)
+            ys, xs = slice(max(y, 0), min(y + h, 1200)), slice(max(x, 0), min(x + w, 1500))
+            if ys.start < ys.stop and xs.start < xs.stop:
+                want[ys.start - y:ys.stop - y, xs.start - x:xs.stop - x] = img[ys, xs]
+            np.testing.assert_array_equal(r.read_region(0, x, y, w, h), want)
+        np.testing.assert_array_equal(r.read_region(0, 0, 0, 1500, 1200), img)
+        assert r._cache_used <= r.cache_bytes
+        if bands is not None:  # nothing held is bigger than a band
+            assert max(c.nbytes for c in r._cache.values()) <= r.band_bytes
+
+
 def test_tiff_reader_reads_only_touched_tiles(pyramid):
     path, _ = pyramid
     with open_slide(path, reader="tifffile") as r:

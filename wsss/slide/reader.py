@@ -251,6 +251,25 @@ class TiffSlideReader(SlideReader):
         w0 = self.level_dimensions[0][0]
         self.level_downsamples = [w0 / d[0] for d in self.level_dimensions]
         self._metadata_mpp = self._read_mpp()
+        self._band_rows = [self._uncompressed_band_rows(page) for page in self._pages]
+
+    band_bytes = 1 << 20  # rows read at a time from a large uncompressed strip
+
+    def _uncompressed_band_rows(self, page) -> Optional[int]:
+        """Rows per read for a page of large uncompressed strips (None: read its own chunks).
+
+        NB: PIL, ImageJ and many exporters write a flat image as ONE uncompressed strip; decoding
+        it as a chunk held the whole image in every reader thread (and past the tile cache's
+        bound).  Uncompressed rows are plain bytes at known offsets, so such strips are read in
+        bands of about ``band_bytes`` rows: memory stays bounded whatever the image's size."""
+        rows_per_strip = int(page.chunks[0])
+        row_bytes = int(page.shape[1]) * (int(page.shape[2]) if len(page.shape) == 3 else 1)
+        if page.is_tiled or page.compression != 1 or rows_per_strip * row_bytes <= 4 * self.band_bytes:
+            return None
+        target = max(1, self.band_bytes // row_bytes)
+        if int(page.chunked[0]) == 1:
+            return target
+        return next(v for v in range(min(target, rows_per_strip), 0, -1) if rows_per_strip % v == 0)
 
     def _find_levels(self) -> list:
         tif = self._tif
@@ -343,38 +362,22 @@ class TiffSlideReader(SlideReader):
         return None
 
     # -- reading ------------------------------------------------------------------------
+    def _chunk_shape(self, level: int) -> Tuple[int, int]:
+        """(rows, columns) of the chunks reads of ``level`` go by (file tiles or strips, or bands)."""
+        band = self._band_rows[level]
+        page = self._pages[level]
+        return (band, int(page.shape[1])) if band is not None else (int(page.chunks[0]), int(page.chunks[1]))
+
     def _decoded_chunk(self, level: int, cy: int, cx: int) -> np.ndarray:
-        """Decoded chunk (file tile or strip) at chunk row cy, column cx: uint8 [ch, cw, S]."""
+        """Decoded chunk at chunk row cy, column cx (``_chunk_shape``): uint8 [ch, cw, S], cached."""
         key = (level, cy, cx)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        page = self._pages[level]
-        ny, nx = page.chunked[0], page.chunked[1]
-        index = cy * nx + cx
-        ch, cw = page.chunks[0], page.chunks[1]
-        samples = page.shape[2] if len(page.shape) == 3 else 1
-        offset, count = page.dataoffsets[index], page.databytecounts[index]
-        if count == 0 or offset == 0:
-            chunk = np.full((ch, cw, samples), 255, np.uint8)  # sparse (never written) tile
-        else:
-            fh = self._tif.filehandle
-            with self._lock:
-                fh.seek(offset)
-                data = fh.read(count)
-            if len(data) != count:
-                raise SlideError(f"{self.path}: level {level} tile {index} is truncated "
-                                 f"(file ends before its {count} bytes)")
-            try:
-                decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
-            except Exception as e:  # codec errors come in many types
-                raise SlideError(f"{self.path}: level {level} tile {index} (row {cy}, column {cx}) "
-                                 f"cannot be decoded (corrupt tile?): {type(e).__name__}: {e}") from None
-            if decoded is None:
-                raise SlideError(f"{self.path}: level {level} tile {index} cannot be decoded (corrupt tile?)")
-            chunk = np.asarray(decoded).reshape(decoded.shape[-3], decoded.shape[-2], -1)
+        chunk = self._uncompressed_band(level, cy) if self._band_rows[level] is not None \
+            else self._decode_file_chunk(level, cy, cx)
         with self._lock:
             self._cache[key] = chunk
             self._cache_used += chunk.nbytes
@@ -383,17 +386,66 @@ class TiffSlideReader(SlideReader):
                 self._cache_used -= old.nbytes
         return chunk
 
+    def _read_bytes(self, level: int, index: int, offset: int, count: int) -> bytes:
+        fh = self._tif.filehandle
+        with self._lock:
+            fh.seek(offset)
+            data = fh.read(count)
+        if len(data) != count:
+            raise SlideError(f"{self.path}: level {level} tile {index} is truncated "
+                             f"(file ends before its {count} bytes)")
+        return data
+
+    def _uncompressed_band(self, level: int, band: int) -> np.ndarray:
+        """Rows [band * R, (band + 1) * R) of an uncompressed stripped page, read as bytes."""
+        page = self._pages[level]
+        R = self._band_rows[level]
+        w, h = self.level_dimensions[level]
+        samples = page.shape[2] if len(page.shape) == 3 else 1
+        rows_per_strip, row_bytes = int(page.chunks[0]), w * samples
+        r0 = band * R
+        n = min(R, h - r0)
+        strip = r0 // rows_per_strip  # (R divides rows_per_strip: a band lies in one strip)
+        offset, count = page.dataoffsets[strip], page.databytecounts[strip]
+        if count == 0 or offset == 0:
+            return np.full((n, w, samples), 255, np.uint8)  # sparse (never written) strip
+        start = (r0 - strip * rows_per_strip) * row_bytes
+        if start + n * row_bytes > count:
+            raise SlideError(f"{self.path}: level {level} strip {strip} holds {count} bytes, fewer than its "
+                             f"rows need (corrupt file?)")
+        data = self._read_bytes(level, strip, offset + start, n * row_bytes)
+        return np.frombuffer(data, np.uint8).reshape(n, w, samples)
+
+    def _decode_file_chunk(self, level: int, cy: int, cx: int) -> np.ndarray:
+        """The file's own tile or strip at (cy, cx), decoded: uint8 [ch, cw, S]."""
+        page = self._pages[level]
+        nx = page.chunked[1]
+        index = cy * nx + cx
+        ch, cw = page.chunks[0], page.chunks[1]
+        samples = page.shape[2] if len(page.shape) == 3 else 1
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        if count == 0 or offset == 0:
+            return np.full((ch, cw, samples), 255, np.uint8)  # sparse (never written) tile
+        data = self._read_bytes(level, index, offset, count)
+        try:
+            decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        except Exception as e:  # codec errors come in many types
+            raise SlideError(f"{self.path}: level {level} tile {index} (row {cy}, column {cx}) "
+                             f"cannot be decoded (corrupt tile?): {type(e).__name__}: {e}") from None
+        if decoded is None:
+            raise SlideError(f"{self.path}: level {level} tile {index} cannot be decoded (corrupt tile?)")
+        return np.asarray(decoded).reshape(decoded.shape[-3], decoded.shape[-2], -1)
+
     def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         self._check_level(level)
         x, y, width, height = int(x), int(y), int(width), int(height)
         out = np.full((height, width, 3), 255, np.uint8)
-        page = self._pages[level]
         lw, lh = self.level_dimensions[level]
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, lw), min(y + height, lh)
         if x0 >= x1 or y0 >= y1:
             return out
-        ch, cw = page.chunks[0], page.chunks[1]
+        ch, cw = self._chunk_shape(level)
         for cy in range(y0 // ch, (y1 - 1) // ch + 1):
             for cx in range(x0 // cw, (x1 - 1) // cw + 1):
                 chunk = self._decoded_chunk(level, cy, cx)
