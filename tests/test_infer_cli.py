@@ -257,6 +257,14 @@ def test_bad_options_rejected_before_work(tmp_path, bundle, capsys, args, match)
     assert not (tmp_path / "o" / "a").exists()
 
 
+def test_ome_tiff_outputs_go_to_the_plain_stem():
+    from wsss.cli.infer import out_dir_for
+
+    assert out_dir_for(Path("/d/x.ome.tif"), "/o") == Path("/o/x")
+    assert out_dir_for(Path("/d/x.OME.TIFF"), None) == Path("/d/x.wsss")
+    assert out_dir_for(Path("/d/x.svs"), None) == Path("/d/x.wsss")
+
+
 def test_same_stem_twice_rejected(tmp_path, bundle, capsys):
     (tmp_path / "x").mkdir()
     a = slide(tmp_path / "a.tif")
@@ -295,13 +303,16 @@ def test_what_the_run_says(tmp_path, bundle, capsys, monkeypatch):
     """The model in use is named; a bad bundle from $WSSS_BUNDLE says where it came from; --mpp
     overriding a slide's own resolution is said; a run without tissue says so; bad --mpp,
     --tile-size and --tissue-mask values get one message each, before any work."""
-    s = slide(tmp_path / "a.tif")  # 0.5 um/px
+    s = tmp_path / "a.tif"  # 0.5 um/px, blank glass
+    tifffile.imwrite(s, np.full((70, 90, 3), 240, np.uint8), tile=(32, 32), photometric="rgb",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
     assert main([str(s), "--model", str(bundle), "-o", str(tmp_path / "o"), "--mpp", "0.25",
                  "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert f"wsss-infer: model {bundle} (4 classes: A, B, C, D; 0.5 um/px, tile 32; cpu, float32" in err
     assert "wsss-infer: warning: a.tif: --mpp 0.25 overrides the slide's own 0.5 um/px" in err
-    assert "downsampled x2" in err and "a.tif: warning: no tissue found" in err  # (random noise: no tissue)
+    assert "downsampled x2" in err
+    assert "a.tif: warning: no tissue found (the slide has no colour: detection looks for stained tissue)" in err
     monkeypatch.setenv("WSSS_BUNDLE", str(tmp_path / "gone.pt"))
     assert main([str(s), "-o", str(tmp_path / "o2")]) == 2
     assert "(the bundle named by $WSSS_BUNDLE)" in capsys.readouterr().err

@@ -521,7 +521,7 @@ def test_background_output_failure_is_its_slides_alone(tmp_path, monkeypatch):
     assert [r.status for r in res] == ["failed", "done", "done"]
     assert "disk full" in res[0].message
     assert not (outs[0] / "run.json").exists() and not list(outs[0].glob(".*")), "partial results left"
-    assert not list(outs[0].iterdir()), "no output of a failed slide is published"
+    assert not outs[0].exists(), "the folder the failed run made (and left empty) is removed"
     assert all((o / "run.json").is_file() for o in outs[1:])
 
 
@@ -741,3 +741,27 @@ def test_failed_rerun_keeps_the_earlier_result(tmp_path, monkeypatch, stage):
     res = run_slides([path], m, [out], opts(write_probs=False), log=lambda s: None)
     assert res[0].status == "failed"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_sees_typed_out_defaults_as_the_same_run(tmp_path):
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(97, 131)])
+    out = tmp_path / "out"
+    assert run_slide(path, model(tile=32), out, opts(resume=True)).status == "done"
+    same = opts(resume=True, tile_size=32, overlap=4, reader="tifffile", mpp=0.5, workers=0, batch_size=5)
+    assert run_slide(path, model(tile=32), out, same).status == "skipped"
+    assert run_slide(path, model(tile=32), out, opts(resume=True, overlap=6)).status == "done"
+
+
+def test_an_output_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    from wsss.runner import writers
+
+    def too_large(*a, **k):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(writers, "write_overlay", too_large)
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(40, 50)])
+    res = run_slides([path], model(), [tmp_path / "out"], opts(), log=lambda s: None)
+    assert res[0].status == "failed"
+    assert res[0].message == f"{tmp_path / 'out' / 'overlay.png'}: cannot be written: File too large"

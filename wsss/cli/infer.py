@@ -222,7 +222,8 @@ def _load_model(path: str, args):
 
 
 def out_dir_for(slide: Path, output: Optional[str]) -> Path:
-    return Path(output) / slide.stem if output else slide.parent / f"{slide.stem}.wsss"
+    stem = slide.stem[:-4] if slide.stem.lower().endswith(".ome") else slide.stem  # x.ome.tif -> x
+    return Path(output) / stem if output else slide.parent / f"{stem}.wsss"
 
 
 def run_many(args, slides: List[Path]) -> int:
@@ -291,7 +292,6 @@ def _warn_if_mpp_overrides(reader, mpp: Optional[float]) -> None:
 
 def run_demo(args) -> int:
     """Synthetic slide with known truth + the shipped demo bundle; prints accuracy."""
-    import numpy as np
     import tifffile
 
     from wsss.errors import BundleError, WsssError
@@ -309,7 +309,7 @@ def run_demo(args) -> int:
     # NB: every option is checked before the synthetic slide is written (~20 s)
     options = _options(args, tissue="none" if args.no_tissue_detection else "auto")
     out = Path(args.demo)
-    from wsss.runner.pipeline import check_distinct_out_dirs, check_output_dir
+    from wsss.runner.pipeline import check_output_dir
     check_output_dir(out)
     model = _load_model(str(bundle), args)
     from wsss.synthetic import write_synthetic_slide

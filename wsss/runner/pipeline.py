@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from wsss.errors import WsssError, SlideError, BundleError
+from wsss.errors import WsssError, BundleError
 
 __all__ = ["SlideModel", "PendingProbabilities", "RunOptions", "resolve_precision", "check_output_dir",
            "check_distinct_out_dirs", "SlideResult", "run_slide", "run_slides", "OUTPUT_FILES",
@@ -271,10 +271,16 @@ def _slide_identity(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def fingerprint(slide: Path, model: SlideModel, options: RunOptions) -> str:
-    """Hash of everything that decides the outputs: slide file, model identity, options."""
+def fingerprint(slide: Path, model: SlideModel, options: RunOptions, resolved: Optional[dict] = None) -> str:
+    """Hash of everything that decides the outputs: slide file, model identity, options.
+
+    resolved: the values options left to defaults resolved for this slide (tile_size, overlap,
+    the reader that opened it, its mpp): typing out a default (--overlap 12 where 12 is what the
+    bundle implies, --reader tifffile where auto picks it) is the same run, not a new one."""
+    fields = options.fingerprint_fields()
+    fields.update(resolved or {})
     blob = json.dumps({"format": RUN_FORMAT_VERSION, "slide": _slide_identity(slide), "model": model.identity,
-                       "options": options.fingerprint_fields()}, sort_keys=True)
+                       "options": fields}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -356,8 +362,6 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
     in the background while the next slide's tiles run); every resource it opens is released
     by its own finally blocks, wherever it ends.
     """
-    import torch
-
     from wsss.runner import writers
     from wsss.runner.band_stitching import BandStitcher
     from wsss.runner.stitching import OutputTiles, Stitcher, TileSpool
@@ -385,12 +389,14 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
     with timer("open"):
         reader = open_slide(slide, reader=options.reader, mpp=options.mpp)
     views: List = []
+    created = not out_dir.exists()
     try:
         check_output_dir(out_dir)
         stale = writers.remove_stale_temporaries(out_dir)
         if stale:
             log(f"{slide.name}: removed {stale} temporary file(s) an interrupted earlier run left in {out_dir}")
-        fp = fingerprint(slide, model, options)
+        fp = fingerprint(slide, model, options, {"tile_size": tile, "overlap": overlap, "reader": reader.kind,
+                                                 "mpp": reader.mpp})
         if options.resume and _is_complete(out_dir, fp):
             return SlideResult(str(slide), str(out_dir), "skipped", "outputs match the same model and options")
         # NB: an earlier run's outputs stay as they are until this run has written all of its
@@ -431,7 +437,10 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
         log(f"{slide.name}: {plan.width}x{plan.height} px at {plan.mpp:.4g} um/px (level {plan.level}{resampled}), "
             f"{len(grid.tiles)}/{grid.total} tiles with tissue ({100 * tissue.fraction():.1f}% tissue)")
         if not grid.tiles:
-            log(f"{slide.name}: warning: no tissue found, every pixel will be background (see tissue_qc.png; "
+            grey = (qc_thumb is not None and tissue.source == "otsu-saturation"
+                    and not np.ptp(qc_thumb, axis=2).any())  # every pixel R = G = B
+            why = " (the slide has no colour: detection looks for stained tissue)" if grey else ""
+            log(f"{slide.name}: warning: no tissue found{why}, every pixel will be background (see tissue_qc.png; "
                 f"--no-tissue-detection runs every tile, --tissue-mask takes a mask of your own)")
 
         work = Path(tempfile.mkdtemp(prefix=f".work.{writers.temp_tag()}.", suffix=".tmp", dir=out_dir))
@@ -517,7 +526,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             stage.mkdir()
             with timer("outputs"), ThreadPoolExecutor(1, thread_name_prefix="wsss-geojson") as side:
                 def polygons() -> int:
-                    with timer("write_geojson"):
+                    with timer("write_geojson"), _writing(out_dir / "polygons.geojson"):
                         # NB: a level-L label pixel covers 2^L grid pixels (the last one of a row
                         # only partly): 2^L, not the ratio of the rounded-up level widths
                         poly_level = writers.polygon_level(levels, plan.mpp)
@@ -530,25 +539,26 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                             min_area_px=max(1, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
 
                 n_features = side.submit(polygons)
-                with timer("write_labels"):
+                with timer("write_labels"), _writing(out_dir / "labels.tiff"):
                     writers.write_label_tiff(stage / "labels.tiff", levels, mpp=plan.mpp, palette=model.palette,
                                              background_index=bg, class_names=names)
                     if options.write_probs and "probs_spool" in state:
-                        writers.write_probs_tiff(stage / "probs.tiff", state["probs_spool"], mpp=plan.mpp,
-                                                 class_names=names[:K])
-                with timer("write_areas"):
+                        with _writing(out_dir / "probs.tiff"):
+                            writers.write_probs_tiff(stage / "probs.tiff", state["probs_spool"], mpp=plan.mpp,
+                                                     class_names=names[:K])
+                with timer("write_areas"), _writing(out_dir / "areas.json"):
                     areas = writers.class_areas(class_pixels, mpp=plan.mpp, class_names=names[:K], background_index=bg)
                     writers.write_areas(stage / "areas.json", stage / "areas.csv", areas)
                 # NB: pictures and polygons come from low-resolution levels of the label pyramid
                 # (majority vote), so their cost is bounded on any slide (see writers.*_level).
-                with timer("write_overlay"):
+                with timer("write_overlay"), _writing(out_dir / "overlay.png"):
                     over = levels[overview]
                     thumb = tile_thumb.image() if tile_thumb is not None else None
                     state["thumbnail_from_tiles"] = thumb is not None
                     if thumb is None:
                         thumb = view.thumbnail(overview_factor, finer=[overview_thumb, qc_thumb], workers=options.workers)
                     writers.write_overlay(stage / "overlay.png", thumb, over.read_all(), model.palette, bg)
-                with timer("write_qc"):
+                with timer("write_qc"), _writing(out_dir / "tissue_qc.png"):
                     if qc_thumb is None:
                         qc_thumb = thumb
                     tiles_mask = _tiles_footprint(grid, tile, plan, qc_thumb.shape[:2])
@@ -592,11 +602,25 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
 
         return SlideResult(str(slide), str(out_dir), "done", outputs={n: str(out_dir / n) for n in outputs + ["run.json"]},
                            timings=timings, areas=areas)
+    except BaseException:
+        if created:  # a folder this run made and left empty: it goes too
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     finally:
         for v in views:
             with contextlib.suppress(Exception):
                 v.close()
         reader.close()
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """An OSError writing an output (a full disk, a file size limit) names the output."""
+    try:
+        yield
+    except OSError as e:
+        raise WsssError(f"{path}: cannot be written: {e.strerror or e}") from e
 
 
 def _publish(stage: Path, out_dir: Path, outputs: List[str], run_info: dict) -> None:

@@ -17,7 +17,7 @@ import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 

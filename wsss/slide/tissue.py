@@ -104,8 +104,11 @@ def detect_tissue(
     px_area = mpp_y * mpp_x
     radius = max(1, int(round(closing_um / math.sqrt(px_area))))
     mask = morphology.closing(mask, morphology.disk(radius)) if radius > 0 else mask
-    mask = _remove_small(morphology.remove_small_holes, mask, int(min_hole_um2 / px_area))
-    mask = _remove_small(morphology.remove_small_objects, mask, int(min_object_um2 / px_area))
+    # NB: on a small image (a crop, a biopsy fragment, a test patch) the physical minimum would
+    # remove everything (a 512^2 crop at 0.25 um/px is 0.016 mm^2): at most 1% of the image
+    small = 0.01 * th * tw  # (pixels)
+    mask = _remove_small(morphology.remove_small_holes, mask, int(min(min_hole_um2 / px_area, small)))
+    mask = _remove_small(morphology.remove_small_objects, mask, int(min(min_object_um2 / px_area, small)))
     return TissueMask(mask.astype(bool), mpp_y, mpp_x, "otsu-saturation", threshold), thumb
 
 
