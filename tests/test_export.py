@@ -70,6 +70,35 @@ def test_export_wsss_checkpoint_takes_dataset_from_config(checkpoints, tmp_path)
     assert meta["config"]["segmenter"]["train_config"]["lr"] == 0.01
 
 
+def test_export_takes_the_recorded_description_not_luad(checkpoints, tmp_path, capsys):
+    """wsss checkpoints record dataset "auto" (as typed) and the resolved description: the bundle
+    gets that description (it got LUAD's names, palette and mpp); a --dataset with other classes
+    is refused."""
+    from wsss.data.description import get_description
+
+    folder, clf, seg = checkpoints
+    d = get_description("luad").to_dict()
+    d.update(name="my-cohort", class_names=["tumor", "stroma", "immune", "necrosis"], mpp=0.5)
+    d["palette"] = [[10, 20, 30]] + d["palette"][1:]
+    path = tmp_path / "seg_custom.pt"
+    torch.save({"model": seg.state_dict(), "config": {"dataset": "auto", "description": d}, "epoch": 3,
+                "optimizer": {}, "kind": "segmenter"}, path)
+    s1 = str(folder / "stage1.pth")
+    assert main(["--classifier", s1, "--segmenter", str(path), "--out", str(tmp_path / "m.pt"), "--tile-size", "32"]) == 0
+    meta = load_bundle(tmp_path / "m.pt").metadata
+    assert meta["class_names"] == ["tumor", "stroma", "immune", "necrosis"] and meta["mpp"] == 0.5
+    assert meta["palette"][0] == [10, 20, 30] and meta["config"]["dataset"] == "my-cohort"
+    capsys.readouterr()
+    assert main(["--classifier", s1, "--segmenter", str(path), "--out", str(tmp_path / "n.pt"), "--tile-size", "32",
+                 "--dataset", "luad"]) == 2
+    assert "are not the ones the checkpoints were trained on" in capsys.readouterr().err
+    assert not (tmp_path / "n.pt").exists()
+    # reference checkpoints record nothing: luad, and the run says so
+    assert main(["--classifier", s1, "--segmenter", str(folder / "stage2.pth"), "--out", str(tmp_path / "r.pt"),
+                 "--tile-size", "32"]) == 0
+    assert "the checkpoints record no dataset: using luad" in capsys.readouterr().err
+
+
 def test_export_errors_are_one_line_and_write_nothing(checkpoints, tmp_path, capsys):
     folder, _, _ = checkpoints
     s1, s2 = str(folder / "stage1.pth"), str(folder / "stage2.pth")

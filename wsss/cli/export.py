@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pt2", default=None, help="also write an AOTInductor package here (.pt2; compiles for this CPU)")
     p.add_argument("--dataset", default=None,
                    help="dataset description: built-in name (luad, bcss) or JSON file; gives class names, palette, "
-                        "background index and mpp (default: the checkpoint config's 'dataset', else luad)")
+                        "background index and mpp (default: the description the wsss checkpoints recorded; "
+                        "luad for reference-code checkpoints, which record none)")
     p.add_argument("--tile-size", type=int, default=224, help="tile size the model runs at (default 224)")
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel trained at (default: the dataset's)")
     p.add_argument("--eps", type=float, default=0.1, help="classification gate threshold (default 0.1)")
@@ -123,14 +124,45 @@ def export_pt2(module, example_tiles, path: str, *, max_batch: int = 64, metadat
     return torch._inductor.aoti_compile_and_package(exported, package_path=path, inductor_configs=configs)
 
 
-def _default_dataset(*configs: Dict[str, Any]) -> str:
+def choose_dataset(dataset_arg: Optional[str], *configs: Dict[str, Any]):
+    """The DatasetDescription a bundle gets: --dataset if given (refused when its classes differ
+    from those the checkpoints recorded), else the description a wsss training checkpoint
+    recorded, else a dataset name it recorded, else LUAD (reference-code checkpoints record
+    nothing; the run says so).
+
+    NB: wsss checkpoints record dataset "auto" (as typed) beside the resolved description: the
+    description is what counts; taking "auto" here meant LUAD's names, palette and mpp for a
+    model trained on any other dataset."""
+    from wsss.data.description import DatasetDescription, get_description
+    from wsss.errors import DataError, WsssError
+
+    recorded = None
+    for config in configs:
+        d = config.get("description") if isinstance(config, dict) else None
+        if isinstance(d, dict):
+            try:
+                recorded = DatasetDescription.from_dict(d)
+            except (DataError, KeyError, TypeError, ValueError) as e:
+                raise WsssError(f"the checkpoint's recorded dataset description is invalid: {e}") from None
+            break
+    if dataset_arg and dataset_arg != "auto":
+        chosen = get_description(dataset_arg)
+        if recorded is not None and list(chosen.class_names) != list(recorded.class_names):
+            raise WsssError(f"--dataset {dataset_arg}: its classes {list(chosen.class_names)} are not the ones the "
+                            f"checkpoints were trained on ({list(recorded.class_names)}, dataset {recorded.name!r}); "
+                            f"leave --dataset out to use the recorded description")
+        return chosen
+    if recorded is not None:
+        return recorded
     for config in configs:
         value = config.get("dataset") if isinstance(config, dict) else None
-        if isinstance(value, str):
-            return value
         if isinstance(value, dict) and isinstance(value.get("name"), str):
-            return value["name"]
-    return "luad"
+            value = value["name"]
+        if isinstance(value, str) and value != "auto":
+            return get_description(value)
+    print(f"{PROG}: the checkpoints record no dataset: using luad's classes, palette and mpp "
+          f"(--dataset names another)", file=sys.stderr)
+    return get_description("luad")
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
@@ -142,7 +174,6 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     import torch
 
     from wsss.bundle import load_bundle, save_bundle, temp_path_beside
-    from wsss.data.description import get_description
     from wsss.errors import BundleError
     from wsss.models import TissueSegmenter
     from wsss.models.checkpoints import classifier_from_state_dict, read_checkpoint, segmenter_from_state_dict
@@ -150,7 +181,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
     cls_ckpt = read_checkpoint(args.classifier, expected_kind="classifier")
     seg_ckpt = read_checkpoint(args.segmenter, expected_kind="segmenter")
-    description = get_description(args.dataset or _default_dataset(seg_ckpt.config, cls_ckpt.config))
+    description = choose_dataset(args.dataset, seg_ckpt.config, cls_ckpt.config)
     k = len(description.class_names)
     classifier = classifier_from_state_dict(cls_ckpt.state_dict, num_classes=k, where=f"--classifier {cls_ckpt.path}")
     segmenter = segmenter_from_state_dict(seg_ckpt.state_dict, num_classes=k, where=f"--segmenter {seg_ckpt.path}")
