@@ -275,9 +275,21 @@ def test_checkpoint_errors_are_clear(tmp_path):
     (tmp_path / "text.pth").write_text("hello")
     with pytest.raises(BundleError, match="not a PyTorch checkpoint"):
         load_classifier_checkpoint(tmp_path / "text.pth")
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(BundleError, match=r"not a PyTorch checkpoint \((?!.*weights_only)"):
+        load_classifier_checkpoint(tmp_path / "random.pth")
     torch.save({"x": torch.nn.Linear(2, 2)}, tmp_path / "pickled_module.pth")
-    with pytest.raises(BundleError, match="weights_only"):
+    with pytest.raises(BundleError, match="holds pickled Python objects .* weights_only=True and unpickles nothing else"):
         load_classifier_checkpoint(tmp_path / "pickled_module.pth")
+    with pytest.raises(BundleError, match="is a directory, not a checkpoint file"):
+        load_classifier_checkpoint(tmp_path)
+    from wsss.bundle import save_bundle
+
+    save_bundle(str(tmp_path / "model.pt"), torch.jit.script(torch.nn.Identity()),
+                {"class_names": ["a"], "palette": [[0, 0, 0], [255, 255, 255]], "background_index": 1,
+                 "tile_size": 32, "mpp": 1.0})
+    with pytest.raises(BundleError, match="is a wsss model bundle .* not a training checkpoint"):
+        load_classifier_checkpoint(tmp_path / "model.pt")
     seg = _small_segmenter()
     torch.save({"state_dict": seg.state_dict(), "optimizer": {}}, tmp_path / "seg.pth")
     with pytest.raises(BundleError, match="wrong network: expected a classifier checkpoint, got a segmenter"):

@@ -120,6 +120,51 @@ def test_classifier_checkpoints_resume_exactly(tmp_path):
     assert load_classifier_checkpoint(straight["checkpoint"]).num_classes == 4
 
 
+def test_segmenter_checkpoints_resume_exactly_and_say_when_unfinished(tmp_path, monkeypatch):
+    """A stage-3 run killed after its first epoch and resumed trains exactly as an uninterrupted
+    one (dropout masks from a per-epoch seed); until the run ends its best checkpoint says it is
+    unfinished, and reading it warns."""
+    import wsss.train.common as common
+    from wsss.models.checkpoints import read_checkpoint
+    from wsss.train.segmenter import SegmenterConfig, train_segmenter
+
+    data = str(tmp_path / "data")
+    _tiny_dataset(data)
+    kw = dict(data_root=data, mask_dir=os.path.join(data, "train_truth"), layers=("",), layer_weights=(1.0,),
+              backbone="resnet50", width=1 / 16, epochs=2, batch_size=4, progress=False, seed=1, val_split="val")
+    straight = train_segmenter(SegmenterConfig(out_dir=str(tmp_path / "a"), **kw))
+
+    class Killed(Exception):
+        pass
+
+    real_save, saves = common.save_atomic, []
+
+    def save_then_die(obj, path):
+        if path.endswith("segmenter_last.pt") and obj["epoch"] == 1:
+            raise Killed  # killed during epoch 2, after epoch 1's checkpoints
+        saves.append(path)
+        real_save(obj, path)
+
+    monkeypatch.setattr(common, "save_atomic", save_then_die)
+    with pytest.raises(Killed):
+        train_segmenter(SegmenterConfig(out_dir=str(tmp_path / "b"), **kw))
+    monkeypatch.setattr(common, "save_atomic", real_save)
+    best = str(tmp_path / "b" / "segmenter_best.pt")
+    with pytest.warns(UserWarning, match=r"unfinished training run \(epoch 1 of 2\)"):
+        read_checkpoint(best)
+    resumed = train_segmenter(SegmenterConfig(out_dir=str(tmp_path / "b"), **kw))
+    a = torch.load(straight["last"], weights_only=True)
+    b = torch.load(resumed["last"], weights_only=True)
+    assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_checkpoint(resumed["best"]).kind == "segmenter"  # finished: no warning
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from wsss.cli.eval import main as eval_main
     from wsss.cli.train_cls import main as cls_main
@@ -132,6 +177,66 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "empty split" in capsys.readouterr().err
     assert eval_main([str(tmp_path), "--segmenter", str(tmp_path / "none.pt")]) == 2
     assert "none.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,extra,message", [
+    ("train_cls", ["--lr", "-0.1"], "--lr must be positive, got -0.1"),
+    ("train_cls", ["--momentum", "-1"], "--momentum must be in [0, 1), got -1.0"),
+    ("train_cls", ["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
+    ("train_cls", ["--workers", "-1"], "--workers must be 0 or more, got -1"),
+    ("train_cls", ["--width", "0.001"], "--width must be in [1/64, 4]"),
+    ("train_cls", ["--max-steps-per-epoch", "-1"], "--max-steps-per-epoch must be at least 1, got -1"),
+    ("train_cls", ["--stop-after-epochs", "0"], "--stop-after-epochs must be at least 1, got 0"),
+    ("train_cls", ["--epochs", "0"], "--epochs must be at least 1"),
+    ("train_seg", ["--masks", "m", "--gate-eps", "5"], "--gate-eps must be in [0, 1), got 5.0"),
+    ("train_seg", ["--masks", "m", "--tile-size", "0"], "--tile-size must be between 16 and 8192 pixels"),
+    ("train_seg", ["--masks", "m", "--lr", "nan"], "--lr must be positive, got nan"),
+    ("pseudo_masks", ["--classifier", "c.pt", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("pseudo_masks", ["--classifier", "c.pt", "--layers", ""], "--layers names no layer"),
+    ("eval", ["--segmenter", "s.pt", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("eval", ["--segmenter", "s.pt", "--gate-eps", "-3"], "--gate-eps must be in [0, 1), got -3.0"),
+])
+def test_cli_bad_numbers_are_one_line_before_any_work(tmp_path, capsys, command, extra, message):
+    import importlib
+
+    main = importlib.import_module(f"wsss.cli.{command}").main
+    out = [] if command == "eval" else ["--out", str(tmp_path / "o")]
+    assert main([str(tmp_path / "data")] + out + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_unusable_output_paths_are_one_line(tmp_path, capsys):
+    from wsss.cli.eval import main as eval_main
+    from wsss.cli.train_cls import main as cls_main
+    from wsss.cli.train_seg import main as seg_main
+
+    (tmp_path / "afile").write_text("x")
+    assert cls_main([str(tmp_path), "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert f"--out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+    assert cls_main([str(tmp_path), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert eval_main([str(tmp_path), "--segmenter", "s.pt", "--json", str(tmp_path / "afile" / "x.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert seg_main([str(tmp_path), "--masks", "m", "--out", str(tmp_path / "o"), "--classifier", str(tmp_path / "afile"),
+                     "--bundle", str(tmp_path)]) == 2
+    assert f"--bundle {tmp_path}: is a folder, not a file" in capsys.readouterr().err
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    """An absent class's IoU is NaN: written as null (bare NaN is not JSON)."""
+    import json
+
+    import numpy as np
+
+    from wsss.cli.eval import write_json
+
+    write_json(str(tmp_path / "m.json"), {"iou": {"TAS": float("nan"), "TE": np.float32(0.5)}, "n": np.int64(3),
+                                          "per": [float("inf"), 1.0]})
+    text = (tmp_path / "m.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
+        {"iou": {"TAS": None, "TE": 0.5}, "n": 3, "per": [None, 1.0]}
 
 
 def test_evaluate_segmenter_gate_diagnostics():

@@ -1,7 +1,8 @@
 """One module per command (wsss/cli/<command>.py, each with ``main(argv=None) -> int``).
 
 Heavy imports (torch, models, readers) are deferred into the command bodies so ``--help``
-is fast.  ``run`` turns expected mistakes (WsssError) into one clear line and exit code 2.
+is fast.  ``run`` turns expected mistakes (WsssError) and failures of the file system (OSError: a full
+disk, a path that cannot be made) into one clear line and exit code 2.
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optiona
         return int(body(argv) or 0)
     except WsssError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the command could not use (a full disk, a folder where a file goes, ...)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

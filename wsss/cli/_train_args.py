@@ -26,3 +26,56 @@ def floats(text: str):
 
 def names(text: str):
     return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+# (name, test, what it must be) for the numeric options the training commands share; a value a
+# command does not have is skipped.  NB: each of these failed deep inside torch with a traceback
+# (ValueError: Invalid learning rate, batch_size should be a positive integer, ...), or worse ran
+# and wrote an untrained "result" (--max-steps-per-epoch -1).
+_NUMBER_RULES = (
+    ("epochs", lambda v: v >= 1, "at least 1"),
+    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("lr", lambda v: v > 0, "positive"),
+    ("momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("weight_decay", lambda v: v >= 0, "0 or more"),
+    ("workers", lambda v: v >= 0, "0 or more"),
+    ("width", lambda v: 1 / 64 <= v <= 4, "in [1/64, 4] (the networks' channel multiplier)"),
+    ("mu", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("max_steps_per_epoch", lambda v: v >= 1, "at least 1"),
+    ("stop_after_epochs", lambda v: v >= 1, "at least 1"),
+    ("gate_eps", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("tile_size", lambda v: 16 <= v <= 8192, "between 16 and 8192 pixels"),
+)
+
+
+def check_args(args: argparse.Namespace, *, out_folders=("out",), out_files=("json", "bundle")) -> None:
+    """WsssError naming the first option whose value cannot work, before any work is done: the
+    numbers above, --layers (not empty), output folders and files that cannot be made (a path
+    under a regular file, an existing file where a folder goes and vice versa)."""
+    import math
+    import os
+
+    from wsss.errors import WsssError
+
+    for name, ok, what in _NUMBER_RULES:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise WsssError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+    if getattr(args, "layers", None) is not None and not args.layers:
+        raise WsssError("--layers names no layer (choose from b4_5, b5_2, bn7)")
+    for name in out_folders + out_files:
+        path = getattr(args, name, None)
+        if not path:
+            continue
+        flag = f"--{name}"
+        if name in out_folders and os.path.exists(path) and not os.path.isdir(path):
+            raise WsssError(f"{flag} {path}: is a file, not a folder")
+        if name in out_files and os.path.isdir(path):
+            raise WsssError(f"{flag} {path}: is a folder, not a file")
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise WsssError(f"{flag} {path}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK):
+            raise WsssError(f"{flag} {path}: {parent} cannot be written")

@@ -8,7 +8,7 @@ import os
 from typing import Dict, Optional, Sequence
 
 from wsss.cli import run
-from wsss.cli._train_args import add_common
+from wsss.cli._train_args import add_common, check_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,11 +24,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _json_safe(obj):
+    """NaN and infinities as null (an absent class's IoU is NaN): bare NaN is not JSON, and
+    strict parsers (JavaScript, Go, serde) refuse the file."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
+        json.dump(_json_safe(obj), f, indent=2, default=float, allow_nan=False)
     os.replace(tmp, path)
 
 
@@ -50,6 +64,7 @@ def format_table(results: Dict) -> str:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
     from wsss.data import MaskedPatches, get_description
     from wsss.models.checkpoints import load_classifier_checkpoint, load_segmenter_checkpoint
     from wsss.train.common import resolve_device

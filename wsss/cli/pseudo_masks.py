@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Optional, Sequence
 
 from wsss.cli import run
-from wsss.cli._train_args import add_common, names
+from wsss.cli._train_args import add_common, names, check_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
     from wsss.train.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks
 
     cfg = PseudoMaskConfig(data_root=args.data, checkpoint=args.classifier, out_dir=args.out, dataset=args.dataset,

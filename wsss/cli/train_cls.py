@@ -5,7 +5,7 @@ import argparse
 from typing import Optional, Sequence
 
 from wsss.cli import run
-from wsss.cli._train_args import add_common
+from wsss.cli._train_args import add_common, check_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
     from wsss.train.classifier import ClassifierConfig, train_classifier
 
     cfg = ClassifierConfig(data_root=args.data, out_dir=args.out, dataset=args.dataset, epochs=args.epochs,

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Optional, Sequence
 
 from wsss.cli import run
-from wsss.cli._train_args import add_common, floats, names
+from wsss.cli._train_args import add_common, floats, names, check_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,12 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
     from wsss.errors import WsssError
 
     if args.bundle and not args.classifier:
         raise WsssError("--bundle needs --classifier (the stage-1 checkpoint for the gate)")
-    if args.classifier and not os.path.isfile(args.classifier):
-        raise WsssError(f"--classifier {args.classifier}: no such file")
+    if args.classifier:
+        # NB: checked before training (it was read only when the bundle was written, after it)
+        from wsss.models.checkpoints import read_checkpoint
+
+        read_checkpoint(args.classifier, expected_kind="classifier")
     from wsss.train.segmenter import SegmenterConfig, train_segmenter
 
     layers = tuple("" if l == "." else l for l in args.layers)
@@ -66,8 +69,7 @@ def write_bundle_from_checkpoints(bundle: str, classifier_ckpt: str, segmenter_c
                                   extra_config: Optional[dict] = None) -> str:
     """Load both checkpoints and write the inference bundle (tile size: the patch size by default)."""
     from wsss.data import LabelledPatches, get_description
-    from wsss.models.checkpoints import load_classifier_checkpoint, load_segmenter_checkpoint
-    from wsss.train.common import load_checkpoint
+    from wsss.models.checkpoints import load_classifier_checkpoint, load_segmenter_checkpoint, read_checkpoint
     from wsss.train.segmenter import write_bundle
 
     description = get_description(dataset, data_root)
@@ -75,8 +77,8 @@ def write_bundle_from_checkpoints(bundle: str, classifier_ckpt: str, segmenter_c
     segmenter = load_segmenter_checkpoint(segmenter_ckpt, num_classes=description.num_classes)
     if tile_size is None:
         tile_size = int(LabelledPatches(data_root, description)[0]["image"].shape[-1])
-    config = {"classifier": load_checkpoint(classifier_ckpt).get("config", {}),
-              "segmenter": load_checkpoint(segmenter_ckpt).get("config", {})}
+    # NB: read_checkpoint takes reference-format files too (every other command does)
+    config = {"classifier": read_checkpoint(classifier_ckpt).config, "segmenter": read_checkpoint(segmenter_ckpt).config}
     config.update(extra_config or {})
     return write_bundle(bundle, classifier, segmenter, description, tile_size=tile_size, eps=eps, config=config)
 

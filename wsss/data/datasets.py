@@ -12,7 +12,7 @@ Every problem with a file raises DataError naming the file.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch

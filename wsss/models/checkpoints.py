@@ -65,16 +65,50 @@ def _strip_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     return dict(state_dict)
 
 
+def load_checkpoint_file(path) -> Any:
+    """``torch.load(path, weights_only=True)`` of a checkpoint, or BundleError saying what the file
+    is instead: missing, a folder, a wsss model bundle or another TorchScript archive (given
+    where a training checkpoint goes), or not a checkpoint at all.
+
+    NB: torch's own message for these suggests re-running with weights_only=False, which a user
+    should not do with a file they did not make, and which would not help here anyway."""
+    import warnings
+    import zipfile
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise BundleError(f"checkpoint {path}: is a directory, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise BundleError(f"checkpoint {path}: no such file")
+    if zipfile.is_zipfile(path):
+        from wsss.bundle import METADATA_FILE
+
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        if any(n.endswith("/extra/" + METADATA_FILE) for n in names):
+            raise BundleError(f"checkpoint {path}: is a wsss model bundle (what wsss-export and wsss-train-seg "
+                              f"--bundle write, for wsss-infer), not a training checkpoint")
+        if any("/code/" in n for n in names):
+            raise BundleError(f"checkpoint {path}: is a TorchScript archive, not a training checkpoint "
+                              f"(a torch.save file of a state_dict)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, disallowed globals ...
+        if "Unsupported global" in str(e):
+            raise BundleError(f"checkpoint {path}: holds pickled Python objects (e.g. a whole nn.Module), not "
+                              f"only tensors and plain containers; wsss reads checkpoints with weights_only=True "
+                              f"and unpickles nothing else (save the model's state_dict())") from None
+        text = str(e).strip()
+        detail = type(e).__name__ if not text or "weights_only" in text else text.splitlines()[0]
+        raise BundleError(f"checkpoint {path}: not a PyTorch checkpoint ({detail})") from None
+
+
 def read_checkpoint(path: str, *, expected_kind: Optional[str] = None) -> CheckpointContents:
     """Read a checkpoint file (any accepted format) without building a network."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise BundleError(f"checkpoint {path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, zip errors, disallowed globals ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BundleError(f"checkpoint {path}: not a PyTorch checkpoint readable with weights_only=True ({first})") from None
+    obj = load_checkpoint_file(path)
     if not isinstance(obj, Mapping):
         raise BundleError(f"checkpoint {path}: expected a dict (state_dict or training checkpoint), got {type(obj).__name__}")
 
@@ -111,6 +145,12 @@ def read_checkpoint(path: str, *, expected_kind: Optional[str] = None) -> Checkp
         source_format = "reference-stage1"
     if expected_kind is not None and kind != expected_kind:
         raise BundleError(f"checkpoint {path}: wrong network: expected a {expected_kind} checkpoint, got a {kind} checkpoint")
+    if obj.get("finished") is False:  # (wsss checkpoints since the seventh session; older ones say nothing)
+        import warnings
+
+        done = f"epoch {epoch + 1} of {config.get('epochs')}" if isinstance(epoch, int) else "unfinished"
+        warnings.warn(f"checkpoint {path} comes from an unfinished training run ({done}): rerun the same "
+                      f"training command to finish it", stacklevel=2)
     return CheckpointContents(path=path, kind=kind, source_format=source_format, state_dict=dict(state_dict),
                               config=config, epoch=epoch if isinstance(epoch, int) else None)
 

@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -191,12 +191,13 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
                                                    f"(loss {loss.item()}); lower --lr"))
         history.append({"epoch": epoch, "loss": mean_loss, "mu": mu, "seconds": time.time() - t0})
         save_atomic({"model": model.state_dict(), "config": config, "epoch": epoch, "optimizer": optimizer.state_dict(),
-                     "kind": "classifier", "step": step, "history": history}, last_path)
+                     "kind": "classifier", "step": step, "history": history, "finished": epoch + 1 == cfg.epochs},
+                    last_path)
     if end_epoch < cfg.epochs:
         return {"checkpoint": last_path, "history": history, "config": config, "finished": False}
     model.eval()
     save_atomic({"model": model.state_dict(), "config": config, "epoch": cfg.epochs - 1, "optimizer": None,
-                 "kind": "classifier", "step": step, "history": history}, final_path)
+                 "kind": "classifier", "step": step, "history": history, "finished": True}, final_path)
     return {"checkpoint": final_path, "history": history, "config": config, "finished": True}
 
 

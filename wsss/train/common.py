@@ -79,12 +79,9 @@ def load_checkpoint(path: str, expected_kind: Optional[str] = None) -> Dict[str,
     """A wsss training checkpoint (dict with 'model', 'kind', ...), read with weights_only."""
     from wsss.errors import BundleError
 
-    if not os.path.isfile(path):
-        raise BundleError(f"checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file to the user
-        raise BundleError(f"checkpoint {path}: cannot be read: {e}") from e
+    from wsss.models.checkpoints import load_checkpoint_file
+
+    ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise BundleError(f"checkpoint {path}: not a wsss training checkpoint (no 'model' entry)")
     if expected_kind is not None and ckpt.get("kind") not in (None, expected_kind):

@@ -130,6 +130,9 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
                              workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
         aug = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7)
+        # NB: dropout masks from a per-epoch seed, as stage 1 does: a resumed run then trains
+        # exactly as an uninterrupted one (the global generator restarted at the seed)
+        torch.manual_seed(cfg.seed * 1000 + epoch + 13)
         t0 = time.time()
 
         def loss_of(batch, aug=aug):
@@ -167,10 +170,16 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
                       f"(best {best_miou:.4f})", flush=True)
         history.append(entry)
         state = {"model": model.state_dict(), "config": config, "epoch": epoch, "kind": "segmenter", "step": step,
-                 "history": history, "best_miou": best_miou}
+                 "history": history, "best_miou": best_miou, "finished": epoch + 1 == cfg.epochs}
         if is_best:
             save_atomic(dict(state, optimizer=None), best_path)
         save_atomic(dict(state, optimizer=optimizer.state_dict()), last_path)
+    # NB: the best checkpoint is marked as coming from a finished run only now (written during
+    # the run, it says "finished": False: a run killed after epoch 6 of 30 is not a result)
+    if os.path.isfile(best_path):
+        best = load_checkpoint(best_path, "segmenter")
+        if best.get("finished") is False:
+            save_atomic(dict(best, finished=True), best_path)
     return {"best": best_path, "last": last_path, "best_miou": best_miou, "history": history, "config": config}
 
 
