@@ -107,6 +107,7 @@ def test_export_errors_are_one_line_and_write_nothing(checkpoints, tmp_path, cap
         (["--classifier", s2, "--segmenter", s1], "wrong network: expected a classifier checkpoint, got a segmenter"),
         (["--classifier", s1, "--segmenter", s2, "--dataset", "nosuch"], "dataset 'nosuch'"),
         (["--classifier", s1, "--segmenter", s2, "--eps", "1.5"], r"--eps must be in \[0, 1\)"),
+        (["--classifier", s1, "--segmenter", s2, "--gate-eps", "1.5"], r"--eps must be in \[0, 1\)"),
     ]
     for extra, message in cases:
         rc = main(extra + ["--out", str(tmp_path / "m.pt")])
@@ -120,6 +121,27 @@ def test_export_errors_are_one_line_and_write_nothing(checkpoints, tmp_path, cap
                "--out", str(tmp_path / "m.pt")])
     assert rc == 2 and "wrong num_classes: the classifier has 4 classes, expected 3" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["three.json"]
+
+
+def test_export_output_paths_are_checked_first(checkpoints, tmp_path, capsys):
+    folder, _, _ = checkpoints
+    s1, s2 = str(folder / "stage1.pth"), str(folder / "stage2.pth")
+    (tmp_path / "afile").write_text("x")
+    for out, message in [(tmp_path, "is a folder, not a file"),
+                         (tmp_path / "afile" / "m.pt", f"{tmp_path / 'afile'} is a file, not a folder")]:
+        assert main(["--classifier", s1, "--segmenter", s2, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_plain_segmenter_state_dict_is_named_so(checkpoints, tmp_path):
+    from wsss.models.checkpoints import read_checkpoint
+
+    folder, _, seg = checkpoints
+    torch.save(seg.state_dict(), tmp_path / "plain.pth")
+    assert read_checkpoint(tmp_path / "plain.pth").source_format == "state_dict"
+    torch.save({"state_dict": seg.state_dict(), "optimizer": {}, "epoch": 7}, tmp_path / "ref.pth")
+    c = read_checkpoint(tmp_path / "ref.pth")
+    assert (c.source_format, c.epoch) == ("reference-stage2", 7)
 
 
 def test_compare_outputs_refuses_a_mismatch():

@@ -207,6 +207,25 @@ def test_cli_bad_numbers_are_one_line_before_any_work(tmp_path, capsys, command,
     assert not (tmp_path / "o").exists()
 
 
+def test_training_cli_speaks_infers_names():
+    """--precision float32/bfloat16 and --no-progress as wsss-infer spells them."""
+    from wsss.cli.train_cls import build_parser
+
+    a = build_parser().parse_args(["d", "--out", "o", "--precision", "bfloat16", "--no-progress"])
+    assert (a.precision, a.quiet) == ("bf16", True)
+    assert build_parser().parse_args(["d", "--out", "o", "--precision", "fp32"]).precision == "fp32"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["d", "--out", "o", "--precision", "int8"])
+
+
+def test_pseudo_masks_truth_folder_checked_first(tmp_path, capsys):
+    from wsss.cli.pseudo_masks import main
+
+    assert main([str(tmp_path), "--classifier", "c.pt", "--out", str(tmp_path / "o"),
+                 "--truth", str(tmp_path / "nonexist")]) == 2
+    assert f"--truth {tmp_path / 'nonexist'}: no such folder" in capsys.readouterr().err
+
+
 def test_cli_unusable_output_paths_are_one_line(tmp_path, capsys):
     from wsss.cli.eval import main as eval_main
     from wsss.cli.train_cls import main as cls_main

@@ -9,12 +9,21 @@ def add_common(parser: argparse.ArgumentParser, *, seed: bool = True) -> None:
                         help="dataset description: luad-histoseg, bcss-wsss, a JSON file, or auto "
                              "(DATA/dataset.json if present, else luad-histoseg) [auto]")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto [cpu]")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                        help="fp32, or bf16 autocast [fp32]")
+    parser.add_argument("--precision", default="fp32", type=_precision, metavar="{fp32,bf16}",
+                        help="fp32 (float32), or bf16 (bfloat16) autocast [fp32]")
     parser.add_argument("--workers", type=int, default=0, help="data loader worker processes [0]")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                        help="no progress bars (--no-progress as in wsss-infer)")
     if seed:
         parser.add_argument("--seed", type=int, default=0, help="random seed [0]")
+
+
+def _precision(text: str) -> str:
+    """fp32 / bf16, also by wsss-infer's names (float32, bfloat16)."""
+    value = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"choose fp32 (float32) or bf16 (bfloat16), got {text!r}")
+    return value
 
 
 def floats(text: str):
@@ -63,6 +72,8 @@ def check_args(args: argparse.Namespace, *, out_folders=("out",), out_files=("js
             raise WsssError(f"--{name.replace('_', '-')} must be {what}, got {value}")
     if getattr(args, "layers", None) is not None and not args.layers:
         raise WsssError("--layers names no layer (choose from b4_5, b5_2, bn7)")
+    if getattr(args, "truth", None) and not os.path.isdir(args.truth):
+        raise WsssError(f"--truth {args.truth}: no such folder")
     for name in out_folders + out_files:
         path = getattr(args, name, None)
         if not path:

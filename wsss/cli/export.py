@@ -34,11 +34,12 @@ def _parser() -> argparse.ArgumentParser:
                         "luad for reference-code checkpoints, which record none)")
     p.add_argument("--tile-size", type=int, default=224, help="tile size the model runs at (default 224)")
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel trained at (default: the dataset's)")
-    p.add_argument("--eps", type=float, default=0.1, help="classification gate threshold (default 0.1)")
+    p.add_argument("--eps", "--gate-eps", dest="eps", type=float, default=0.1,
+                   help="classification gate threshold (default 0.1; --gate-eps as in wsss-train-seg and wsss-eval)")
     p.add_argument("--input-scale", type=float, default=1.0 / 255.0, help="pixel scaling (default 1/255)")
     p.add_argument("--check-tiles", type=int, default=2, help="random tiles for the self-check (default 2)")
     p.add_argument("--pt2-max-batch", type=int, default=64, help="largest batch the .pt2 accepts (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the self-check tiles")
+    p.add_argument("--seed", type=int, default=0, help="seed of the self-check tiles (default 0)")
     return p
 
 
@@ -51,12 +52,16 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, path in (("--out", args.out), ("--pt2", args.pt2)):
         if path is not None:
             folder = os.path.dirname(os.path.abspath(path))
+            if os.path.isdir(path):
+                raise WsssError(f"{flag} {path}: is a folder, not a file")
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise WsssError(f"{flag} {path}: {folder} is a file, not a folder")
             if not os.path.isdir(folder):
                 raise WsssError(f"{flag} {path}: folder {folder} does not exist")
     if args.pt2 is not None and os.path.abspath(args.pt2) == os.path.abspath(args.out):
         raise WsssError("--pt2 and --out must be different files")
-    if args.tile_size < 16:
-        raise WsssError(f"--tile-size must be >= 16, got {args.tile_size}")
+    if not 16 <= args.tile_size <= 8192:
+        raise WsssError(f"--tile-size must be between 16 and 8192 pixels, got {args.tile_size}")
     if not 0.0 <= args.eps < 1.0:
         raise WsssError(f"--eps must be in [0, 1), got {args.eps}")
     if args.input_scale <= 0:

@@ -124,6 +124,7 @@ def read_checkpoint(path: str, *, expected_kind: Optional[str] = None) -> Checkp
     elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         source_format = "reference-stage2"
         state_dict = obj["state_dict"]
+        epoch = obj.get("epoch")
     else:
         source_format = "reference-stage1"
         state_dict = obj
@@ -143,6 +144,8 @@ def read_checkpoint(path: str, *, expected_kind: Optional[str] = None) -> Checkp
         raise BundleError(f"checkpoint {path}: says kind={declared_kind!r} but holds {kind} weights")
     if source_format == "reference-stage2" and kind == "classifier":
         source_format = "reference-stage1"
+    if source_format == "reference-stage1" and kind == "segmenter":
+        source_format = "state_dict"  # (a plain segmenter state_dict: not how the reference saves stage 2)
     if expected_kind is not None and kind != expected_kind:
         raise BundleError(f"checkpoint {path}: wrong network: expected a {expected_kind} checkpoint, got a {kind} checkpoint")
     if obj.get("finished") is False:  # (wsss checkpoints since the seventh session; older ones say nothing)

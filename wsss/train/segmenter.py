@@ -271,4 +271,9 @@ def write_bundle(path: str, classifier, segmenter, description, *, tile_size: in
         "config": dict(config or {}),
     }
     metadata.update(extra or {})
-    return save_bundle(path, module, metadata)
+    import warnings
+
+    with warnings.catch_warnings():
+        # NB: torch 2.14 marks torch.jit.script/save deprecated on every call (as in wsss-export)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        return save_bundle(path, module, metadata)
