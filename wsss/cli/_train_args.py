@@ -1,4 +1,5 @@
-"""Options shared by the training CLIs (device, precision, seed, dataset)."""
+"""Options shared by the training CLIs (device, precision, seed, dataset), and the checks of
+option values every command shares (``check_args``)."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ _NUMBER_RULES = (
     ("max_steps_per_epoch", lambda v: v >= 1, "at least 1"),
     ("stop_after_epochs", lambda v: v >= 1, "at least 1"),
     ("gate_eps", lambda v: 0 <= v < 1, "in [0, 1)"),
+    # (a batch of 8 tiles of 8192^2 is already 1.6 GB of RGB and 8.6 GB of K=4 scores)
     ("tile_size", lambda v: 16 <= v <= 8192, "between 16 and 8192 pixels"),
 )
 

@@ -17,6 +17,7 @@ import sys
 from typing import Any, Dict, Optional, Sequence
 
 from wsss.cli import run
+from wsss.cli._train_args import check_args
 
 PROG = "wsss-export"
 
@@ -49,19 +50,13 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, path in (("--classifier", args.classifier), ("--segmenter", args.segmenter)):
         if not os.path.isfile(path):
             raise WsssError(f"{flag} {path}: no such file")
+    check_args(args, out_folders=(), out_files=("out", "pt2"))  # (paths that cannot be made, --tile-size)
     for flag, path in (("--out", args.out), ("--pt2", args.pt2)):
-        if path is not None:
-            folder = os.path.dirname(os.path.abspath(path))
-            if os.path.isdir(path):
-                raise WsssError(f"{flag} {path}: is a folder, not a file")
-            if os.path.exists(folder) and not os.path.isdir(folder):
-                raise WsssError(f"{flag} {path}: {folder} is a file, not a folder")
-            if not os.path.isdir(folder):
-                raise WsssError(f"{flag} {path}: folder {folder} does not exist")
+        folder = os.path.dirname(os.path.abspath(path)) if path is not None else None
+        if folder is not None and not os.path.isdir(folder):
+            raise WsssError(f"{flag} {path}: folder {folder} does not exist")
     if args.pt2 is not None and os.path.abspath(args.pt2) == os.path.abspath(args.out):
         raise WsssError("--pt2 and --out must be different files")
-    if not 16 <= args.tile_size <= 8192:
-        raise WsssError(f"--tile-size must be between 16 and 8192 pixels, got {args.tile_size}")
     if not 0.0 <= args.eps < 1.0:
         raise WsssError(f"--eps must be in [0, 1), got {args.eps}")
     if args.input_scale <= 0:

@@ -22,7 +22,6 @@ from typing import List, Optional, Sequence, Tuple
 from wsss.cli import run
 
 PROG = "wsss-infer"
-MAX_TILE_SIZE = 8192  # (a batch of 8 such tiles is already 1.6 GB of RGB and 8.6 GB of K=4 scores)
 
 HOW_TO_GET_A_BUNDLE = (
     "no model bundle: pass --model BUNDLE.pt, or set WSSS_BUNDLE=/path/to/bundle.pt, or write "
@@ -150,12 +149,9 @@ def _options(args, **overrides):
     from wsss.errors import WsssError
     from wsss.runner import RunOptions
 
-    if args.batch_size < 1:
-        raise WsssError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise WsssError(f"--workers must be 0 or more, got {args.workers}")
-    if args.tile_size is not None and not 16 <= args.tile_size <= MAX_TILE_SIZE:
-        raise WsssError(f"--tile-size must be between 16 and {MAX_TILE_SIZE} pixels, got {args.tile_size}")
+    from wsss.cli._train_args import check_args
+
+    check_args(args, out_folders=(), out_files=())  # --batch-size, --workers, --tile-size (as the other commands)
     if args.overlap is not None and args.overlap < 0:
         raise WsssError(f"--overlap must be 0 or more, got {args.overlap}")
     if args.mpp is not None and not (args.mpp > 0 and math.isfinite(args.mpp)):
