@@ -159,8 +159,10 @@ def _options(args, **overrides):
     if not 0.0 <= args.min_tissue < 1.0:
         raise WsssError(f"--min-tissue must be in [0, 1), got {args.min_tissue}")
     tissue = "none" if args.no_tissue_detection else (args.tissue_mask or "auto")
-    if args.tissue_mask:
-        _check_image(args.tissue_mask)
+    if args.tissue_mask:  # (checked once, before any slide runs, not once per slide)
+        from wsss.slide.tissue import read_mask_image
+
+        read_mask_image(args.tissue_mask)
     opts = RunOptions(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size, workers=args.workers,
                       stitch_threads=args.stitch_threads, stitch_device=args.stitch_device,
                       background_outputs=args.background_outputs, early_pyramid=args.early_pyramid,
@@ -172,25 +174,6 @@ def _options(args, **overrides):
     if tile is not None and opts.overlap is not None and opts.overlap >= tile:
         raise WsssError(f"--overlap ({opts.overlap}) must be smaller than the tile size ({tile})")
     return opts
-
-
-def _check_image(path: str) -> None:
-    """WsssError unless ``path`` is an image file PIL can open (a --tissue-mask is checked once,
-    before any slide runs, not once per slide)."""
-    from PIL import Image
-
-    from wsss.errors import WsssError
-
-    p = Path(path)
-    if p.is_dir():
-        raise WsssError(f"--tissue-mask {path}: is a directory, not an image file")
-    if not p.is_file():
-        raise WsssError(f"--tissue-mask {path}: no such file")
-    try:
-        with Image.open(p) as img:
-            img.size  # noqa: B018
-    except Exception as e:  # noqa: BLE001 (PIL raises several types for non-images)
-        raise WsssError(f"--tissue-mask {path}: not an image PIL can read ({type(e).__name__}: {e})") from None
 
 
 def _load_model(path: str, args):

@@ -61,7 +61,7 @@ class SlideReader:
 
     @property
     def has_mpp(self) -> bool:
-        return self.mpp_override is not None or (self._metadata_mpp is not None and self._metadata_mpp_plausible)
+        return self.mpp_override is not None or self._metadata_mpp_plausible
 
     @property
     def _metadata_mpp_plausible(self) -> bool:
@@ -92,7 +92,7 @@ class SlideReader:
                 f"a microscope scan has ({PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} um/px; a screen or print "
                 f"resolution such as 72 dpi is 352.8 um/px); pass --mpp (e.g. --mpp 0.5 for a 20x scan) "
                 f"to say its resolution")
-        return float(sum(self._metadata_mpp) / 2.0)
+        return self.metadata_mpp
 
     def level_mpp(self, level: int) -> float:
         return self.mpp * self.level_downsamples[level]
@@ -223,9 +223,9 @@ class TiffSlideReader(SlideReader):
             raise SlideError(f"{self.path}: not a TIFF slide tifffile can open: {e}") from None
         try:
             self._read_structure()
-        except BaseException as e:
+        except Exception as e:
             self._tif.close()
-            if isinstance(e, SlideError) or not isinstance(e, Exception):
+            if isinstance(e, SlideError):
                 raise
             # NB: a damaged header fails inside tifffile in many ways (ValueError, TypeError,
             # IndexError, KeyError, ...): one message, the run's other slides go on

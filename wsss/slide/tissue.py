@@ -17,7 +17,7 @@ import numpy as np
 
 from wsss.errors import SlideError
 
-__all__ = ["TissueMask", "detect_tissue", "load_tissue_mask", "full_tissue_mask"]
+__all__ = ["TissueMask", "detect_tissue", "load_tissue_mask", "read_mask_image", "full_tissue_mask"]
 
 
 @dataclass
@@ -123,11 +123,13 @@ def _remove_small(fn, mask: np.ndarray, area_px: int) -> np.ndarray:
     return fn(mask, area_px)
 
 
-def load_tissue_mask(path, *, slide_width_um: float, slide_height_um: float) -> TissueMask:
-    """A user mask image (PNG/TIFF/...; non-zero = tissue) stretched over the whole slide."""
-    from PIL import Image, UnidentifiedImageError
+def read_mask_image(path) -> np.ndarray:
+    """The 2-D array of a user mask image (PNG/TIFF/...), or SlideError naming what is wrong."""
+    from PIL import Image
 
     path = Path(path)
+    if path.is_dir():
+        raise SlideError(f"--tissue-mask {path}: is a directory, not an image file")
     if not path.is_file():
         raise SlideError(f"--tissue-mask {path}: no such file")
     try:
@@ -135,10 +137,16 @@ def load_tissue_mask(path, *, slide_width_um: float, slide_height_um: float) -> 
             # NB: 16-bit, 32-bit and float masks (e.g. 0/1 floats) are read as they are: converting
             # them to 8-bit "L" first truncated values below 1 to 0 (an empty mask, silently)
             arr = np.asarray(img if img.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F") else img.convert("L"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise SlideError(f"--tissue-mask {path}: not an image file ({e})") from None
+    except Exception as e:  # noqa: BLE001 (PIL raises several types for non-images)
+        raise SlideError(f"--tissue-mask {path}: not an image PIL can read ({type(e).__name__}: {e})") from None
     if arr.ndim != 2 or arr.size == 0:
         raise SlideError(f"--tissue-mask {path}: expected a 2-D mask image, got shape {arr.shape}")
+    return arr
+
+
+def load_tissue_mask(path, *, slide_width_um: float, slide_height_um: float) -> TissueMask:
+    """A user mask image (PNG/TIFF/...; non-zero = tissue) stretched over the whole slide."""
+    arr = read_mask_image(path)
     h, w = arr.shape
     aspect_slide = slide_width_um / slide_height_um
     if abs((w / h) / aspect_slide - 1.0) > 0.05 + 2.0 / min(w, h):
