@@ -216,6 +216,23 @@ def test_all_slides_bad_is_a_slide_failure(tmp_path, bundle, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("output", [None, "new/o"])
+def test_slide_failing_midway_leaves_no_empty_folders(tmp_path, bundle, capsys, output):
+    """A slide that opens but fails while its tiles run (a corrupt tile) leaves neither its
+    default <stem>.wsss/ folder nor an -o folder the run made."""
+    p = slide(tmp_path / "c.tif", h=64, w=64)
+    with tifffile.TiffFile(p) as t:
+        off = t.pages[0].dataoffsets[3]
+    data = bytearray(p.read_bytes())
+    data[off:off + 16] = b"\x00garbage-bytes!!"
+    p.write_bytes(bytes(data))
+    before = sorted(tmp_path.iterdir())
+    args = ["-o", str(tmp_path / output)] if output else []
+    assert main([str(p), "--model", str(bundle), "--no-tissue-detection", "--no-progress", *args]) == 1
+    assert "tile 3" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == before
+
+
 def test_slide_without_mpp_needs_flag(tmp_path, bundle, capsys):
     p = tmp_path / "nompp.tif"
     tifffile.imwrite(p, np.zeros((40, 40, 3), np.uint8), tile=(32, 32), photometric="rgb")

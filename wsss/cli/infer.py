@@ -12,6 +12,7 @@ and QuPath), overlay.png, tissue_qc.png, areas.json/.csv, polygons.geojson and r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -212,7 +213,7 @@ def run_many(args, slides: List[Path]) -> int:
     refused run leaves no empty output folders behind."""
     from wsss.errors import BundleError, WsssError
     from wsss.runner import run_slides
-    from wsss.runner.pipeline import check_distinct_out_dirs, check_output_dir
+    from wsss.runner.pipeline import check_distinct_out_dirs
     from wsss.slide import open_slide
 
     options = _options(args)
@@ -242,23 +243,38 @@ def run_many(args, slides: List[Path]) -> int:
             message = str(e) if isinstance(e, WsssError) else f"{s}: cannot be opened as a slide: {type(e).__name__}: {e}"
             bad.append((s, message))
             print(f"{PROG}: {Path(s).name}: FAILED: {message}", file=sys.stderr)
+    made: List[Path] = []  # folders the checks below created: removed again if left empty
     if good:
         if args.output:
-            check_output_dir(Path(args.output))
+            made += _check_output_dir(Path(args.output))
         for s, o in list(good):
             if not args.output:
                 try:
-                    check_output_dir(o)
+                    made += _check_output_dir(o)
                 except WsssError as e:
                     good.remove((s, o))
                     bad.append((s, str(e)))
                     print(f"{PROG}: {Path(s).name}: FAILED: {e}", file=sys.stderr)
-    results = run_slides([s for s, _ in good], model, [o for _, o in good], options) if good else []
+    try:
+        results = run_slides([s for s, _ in good], model, [o for _, o in good], options) if good else []
+    finally:
+        for folder in reversed(made):  # NB: a slide that failed leaves no empty <stem>.wsss/ (or -o folder)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     failed = [r for r in results if r.status == "failed"] + bad
     done = sum(r.status == "done" for r in results)
     skipped = sum(r.status == "skipped" for r in results)
     print(f"{PROG}: {done} done, {skipped} skipped (resume), {len(failed)} failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check_output_dir(folder: Path) -> List[Path]:
+    """check_output_dir (create, prove writable); returns the folders it had to create."""
+    from wsss.runner.pipeline import check_output_dir
+
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    check_output_dir(folder)
+    return missing[::-1]  # outermost first
 
 
 def _warn_if_mpp_overrides(reader, mpp: Optional[float]) -> None:
