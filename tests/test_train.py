@@ -281,3 +281,21 @@ def test_evaluate_segmenter_gate_diagnostics():
     assert gate["present_gated"] == pytest.approx(2 / 5)  # present pairs: {0,1} and {1,2,3}
     assert gate["absent_passed"] == pytest.approx(1.0)  # absent pairs {2,3} and {0}: all pass
     assert out["ungated"]["iou"]["LYM"] == 0.0 and out["gated"]["acc"] == pytest.approx(1 / 7)  # gated: class 0 wins
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_bf16_on_a_cpu_without_bf16_units_is_flagged(monkeypatch, fast):
+    import warnings
+
+    import wsss.bundle
+    from wsss.train.common import autocast
+
+    monkeypatch.setattr(wsss.bundle, "cpu_reduced_precision_supported", lambda dtype: fast)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with autocast(torch.device("cpu"), "bf16"):
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+        with autocast(torch.device("cpu"), "fp32"):
+            pass
+    flagged = [str(w.message) for w in seen if "no fast bfloat16 kernels" in str(w.message)]
+    assert len(flagged) == (0 if fast else 1)

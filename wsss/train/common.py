@@ -5,6 +5,7 @@ import contextlib
 import math
 import os
 import random
+import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
@@ -49,6 +50,13 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16":
+        if device.type == "cpu":
+            from wsss.bundle import cpu_reduced_precision_supported
+
+            if not cpu_reduced_precision_supported(torch.bfloat16):  # NB: warned once per run (same text)
+                warnings.warn(f"bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}) has no fast bfloat16 "
+                              "kernels: training will be slower than with fp32, not faster", RuntimeWarning,
+                              stacklevel=2)
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     raise WsssError(f"--precision must be fp32 or bf16, got {precision!r}")
 
