@@ -120,6 +120,26 @@ def test_classifier_checkpoints_resume_exactly(tmp_path):
     assert load_classifier_checkpoint(straight["checkpoint"]).num_classes == 4
 
 
+def test_resuming_with_other_options_is_refused_by_name(tmp_path, capsys):
+    """A checkpoint left by a run with other options is not silently continued: the message
+    names each difference and the way out; where and how the run goes may change."""
+    from wsss.cli.train_cls import main
+
+    data = str(tmp_path / "data")
+    _tiny_dataset(data)
+    base = [data, "--out", str(tmp_path / "o"), "--width", "0.0625", "--batch-size", "4", "--epochs", "2",
+            "--quiet", "--max-steps-per-epoch", "1"]
+    assert main(base + ["--stop-after-epochs", "1"]) == 0
+    last = tmp_path / "o" / "classifier_last.pt"
+    before = last.read_bytes()
+    assert main(base + ["--lr", "0.1", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{last} was saved by a run with other options: --lr 0.01 (now 0.1); --seed 0 (now 3)" in err
+    assert "--no-resume" in err and last.read_bytes() == before and not (tmp_path / "o" / "classifier.pt").exists()
+    assert main(base + ["--workers", "0", "--device", "cpu"]) == 0  # resumed: same run
+    assert (tmp_path / "o" / "classifier.pt").exists()
+
+
 def test_segmenter_checkpoints_resume_exactly_and_say_when_unfinished(tmp_path, monkeypatch):
     """A stage-3 run killed after its first epoch and resumed trains exactly as an uninterrupted
     one (dropout masks from a per-epoch seed); until the run ends its best checkpoint says it is

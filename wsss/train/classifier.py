@@ -132,8 +132,8 @@ def _load_init(model, path: str) -> None:
 def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
     """Train (or resume) stage 1; returns a summary dict with the final checkpoint path and history."""
     from wsss.data import LabelledPatches, get_description
-    from wsss.train.common import (autocast, load_checkpoint, make_loader, random_flips, resolve_device, train_epoch,
-                                   save_atomic, seed_everything, step_plan)
+    from wsss.train.common import (autocast, check_resume_config, load_checkpoint, make_loader, random_flips,
+                                   resolve_device, save_atomic, seed_everything, step_plan, train_epoch)
 
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -162,6 +162,7 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
     start_epoch, step, history = 0, 0, []
     if resume and os.path.isfile(last_path):
         ckpt = load_checkpoint(last_path, "classifier")
+        check_resume_config(last_path, ckpt.get("config") or {}, config)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, step, history = ckpt["epoch"] + 1, ckpt["step"], list(ckpt.get("history", []))

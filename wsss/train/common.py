@@ -97,6 +97,36 @@ def load_checkpoint(path: str, expected_kind: Optional[str] = None) -> Dict[str,
     return ckpt
 
 
+# Options a resumed run may change: where and how it runs, not what it computes.
+# (--dataset as spelled: the resolved description is compared)
+RESUMABLE_CHANGES = frozenset({"out_dir", "data_root", "mask_dir", "init", "dataset", "device", "workers", "progress",
+                               "stop_after_epochs"})
+
+
+def check_resume_config(path: str, saved: Dict[str, Any], current: Dict[str, Any]) -> None:
+    """WsssError if the run that saved checkpoint ``path`` had other options than this one (its
+    "config" against ours), naming each difference: resuming would silently mix two runs (a
+    different --lr, --epochs or dataset changes the schedule or the data mid-run).  Keys either
+    side lacks (checkpoints from older versions) are not compared."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    diffs = []
+    for key in sorted(set(saved) & set(current) - RESUMABLE_CHANGES):
+        if plain(saved[key]) != plain(current[key]):
+            name = {"description": "the dataset description", "class_names": "the classes",
+                    "num_classes": "the number of classes", "freeze_resolved": "the frozen layers"}.get(
+                key, f"--{key.replace('_', '-')}")
+            diffs.append(name if key == "description" else f"{name} {plain(saved[key])} (now {plain(current[key])})")
+    if diffs:
+        raise WsssError(f"{path} was saved by a run with other options: {'; '.join(diffs)}. Resume it with the same "
+                        f"options, or start over with --no-resume (or another output folder)")
+
+
 def random_flips(images: torch.Tensor, gen: torch.Generator, vertical: bool = True,
                  masks: Optional[torch.Tensor] = None):
     """Per-sample random horizontal (and vertical) flips of images [N,C,H,W] and masks [N,...,H,W].

@@ -92,8 +92,8 @@ def _gaussian_blur(images: torch.Tensor, gen: torch.Generator, prob: float) -> t
 def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
     """Train (or resume) stage 3; returns {'best': path, 'last': path, 'best_miou', 'history'}."""
     from wsss.data import MaskedPatches, PseudoMaskPatches, get_description
-    from wsss.train.common import (autocast, load_checkpoint, make_loader, random_flips, resolve_device, save_atomic,
-                                   seed_everything, step_plan, train_epoch)
+    from wsss.train.common import (autocast, check_resume_config, load_checkpoint, make_loader, random_flips,
+                                   resolve_device, save_atomic, seed_everything, step_plan, train_epoch)
 
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -119,6 +119,7 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
     start_epoch, step, history, best_miou = 0, 0, [], -1.0
     if resume and os.path.isfile(last_path):
         ckpt = load_checkpoint(last_path, "segmenter")
+        check_resume_config(last_path, ckpt.get("config") or {}, config)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
