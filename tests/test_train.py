@@ -234,6 +234,14 @@ def test_training_cli_speaks_infers_names():
     a = build_parser().parse_args(["d", "--out", "o", "--precision", "bfloat16", "--no-progress"])
     assert (a.precision, a.quiet) == ("bf16", True)
     assert build_parser().parse_args(["d", "--out", "o", "--precision", "fp32"]).precision == "fp32"
+    # and the output the same ways in every command (-o / --out / --output)
+    import importlib
+
+    for command in ("train_cls", "train_seg", "pseudo_masks", "export", "infer"):
+        parser = importlib.import_module(f"wsss.cli.{command}").build_parser()
+        dest = "output" if command == "infer" else "out"
+        [action] = [a for a in parser._actions if a.dest == dest]
+        assert {"-o", "--out", "--output"} <= set(action.option_strings), command
     with pytest.raises(SystemExit):
         build_parser().parse_args(["d", "--out", "o", "--precision", "int8"])
 

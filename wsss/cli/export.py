@@ -22,12 +22,12 @@ from wsss.cli._train_args import check_args
 PROG = "wsss-export"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Export trained checkpoints as a wsss model bundle "
                                 "(TorchScript .pt with metadata) and optionally an AOTInductor package (.pt2).")
     p.add_argument("--classifier", required=True, help="stage-1 ResNet-38 checkpoint (reference or wsss format)")
     p.add_argument("--segmenter", required=True, help="stage-3 DeepLabV3+ checkpoint (reference or wsss format)")
-    p.add_argument("--out", required=True, help="bundle file to write (.pt)")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, help="bundle file to write (.pt)")
     p.add_argument("--pt2", default=None, help="also write an AOTInductor package here (.pt2; compiles for this CPU)")
     p.add_argument("--dataset", default=None,
                    help="dataset description: built-in name (luad, bcss) or JSON file; gives class names, palette, "
@@ -166,7 +166,7 @@ def choose_dataset(dataset_arg: Optional[str], *configs: Dict[str, Any]):
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     _check_args(args)
 
     import warnings

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", metavar="BUNDLE",
                    help="model bundle (.pt); default $WSSS_BUNDLE, else \"bundle\" in the user config "
                         "($WSSS_CONFIG, else ~/.config/wsss/config.json)")
-    p.add_argument("-o", "--output", metavar="OUTDIR",
+    p.add_argument("-o", "--output", "--out", dest="output", metavar="OUTDIR",
                    help="output folder; each slide gets OUTDIR/<stem>/ (default: <slide folder>/<stem>.wsss/)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--precision", default="auto",

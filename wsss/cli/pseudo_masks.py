@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsss-pseudo-masks", description=__doc__.split(":", 1)[1].strip())
     p.add_argument("data", help="dataset root (with train/)")
     p.add_argument("--classifier", required=True, help="stage-1 checkpoint (wsss or reference format)")
-    p.add_argument("--out", required=True, help="output folder; masks go to OUT/<layer>/<stem>.png")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, help="output folder; masks go to OUT/<layer>/<stem>.png")
     p.add_argument("--layers", type=names, default=("b4_5", "b5_2", "bn7"), help="[b4_5,b5_2,bn7]")
     p.add_argument("--batch-size", type=int, default=16, help="[16]")
     p.add_argument("--truth", help="folder of true train masks (same names) to score the pseudo masks")

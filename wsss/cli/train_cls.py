@@ -11,7 +11,7 @@ from wsss.cli._train_args import add_common, check_args
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsss-train-cls", description=__doc__.split(":", 1)[1].strip())
     p.add_argument("data", help="dataset root (with train/, file names carry the patch labels)")
-    p.add_argument("--out", required=True, help="output folder (classifier.pt, classifier_last.pt)")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, help="output folder (classifier.pt, classifier_last.pt)")
     p.add_argument("--epochs", type=int, default=20, help="[20]")
     p.add_argument("--batch-size", type=int, default=20, help="[20]")
     p.add_argument("--lr", type=float, default=0.01, help="base learning rate, fc8 gets 10x [0.01]")

@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsss-train-seg", description=__doc__.split(":", 1)[1].strip())
     p.add_argument("data", help="dataset root (train/ patches, val/ for model selection)")
     p.add_argument("--masks", required=True, help="stage-2 output folder (one sub-folder per layer)")
-    p.add_argument("--out", required=True, help="output folder (segmenter_best.pt, segmenter_last.pt)")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, help="output folder (segmenter_best.pt, segmenter_last.pt)")
     p.add_argument("--layers", type=names, default=("b4_5", "b5_2", "bn7"),
                    help="mask sub-folders; '.' for masks directly in --masks [b4_5,b5_2,bn7]")
     p.add_argument("--layer-weights", type=floats, default=(0.2, 0.2, 0.6), help="[0.2,0.2,0.6]")
