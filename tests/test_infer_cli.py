@@ -355,6 +355,52 @@ def test_synthetic_only_bundle_on_a_slide_is_flagged(tmp_path, capsys):
            "meaningless" in capsys.readouterr().err
 
 
+def test_ctrl_c_mid_run_leaves_finished_slides_and_nothing_half_written(tmp_path, bundle):
+    """SIGINT while the second of three slides runs (the first one's outputs being written
+    behind it): one line and exit 130; the first slide complete, the others absent or complete,
+    no temporaries and no work folders anywhere."""
+    import signal
+    import textwrap
+    import time
+
+    slides = [slide(tmp_path / f"{n}.tif", h=160, w=160, seed=i) for i, n in enumerate("abc")]
+    script = tmp_path / "slow_infer.py"
+    script.write_text(textwrap.dedent("""
+        import dataclasses, sys, time
+        from wsss.runner import pipeline
+        real = pipeline.SlideModel.from_bundle
+        def slow(*a, **k):  # 40 ms per batch: time to be interrupted
+            m = real(*a, **k)
+            def predict(x, inner=m.predict):
+                time.sleep(0.04)
+                return inner(x)
+            return dataclasses.replace(m, predict=predict, submit=None)
+        pipeline.SlideModel.from_bundle = staticmethod(slow)
+        from wsss.cli.infer import main
+        sys.exit(main(sys.argv[1:]))
+    """))
+    out = tmp_path / "o"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(script), *map(str, slides), "--model", str(bundle), "-o", str(out),
+                             "--no-tissue-detection", "--no-progress", "--batch-size", "1"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "a" / "run.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted: " + proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "wsss-infer: interrupted" in err and "Traceback" not in err, err
+    assert json.loads((out / "a" / "run.json").read_text())["status"] == "complete"
+    for name in "bc":
+        if (out / name).exists():
+            assert json.loads((out / name / "run.json").read_text())["status"] == "complete", name
+    left = [p.relative_to(out) for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")
+            or (p.is_dir() and p.parent != out)]
+    assert not left, left
+
+
 @pytest.mark.slow
 def test_demo_runs(tmp_path, capsys, monkeypatch):
     """The README's first command: shipped demo bundle on a generated slide, accuracy printed."""
