@@ -147,6 +147,20 @@ def test_geojson_file(tmp_path):
     assert shape(by_name["stroma"]["geometry"]).bounds == pytest.approx((120, 80, 144, 104), abs=2.5)
 
 
+def test_geojson_is_the_same_file_whatever_the_threads(tmp_path):
+    """Classes are traced on threads, largest first; the file keeps the class order."""
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.repeat(rng.integers(0, 5, (40, 50)), 3, axis=0), 3, axis=1).astype(np.uint8)
+    labels[labels == 3] = 1  # class 1 largest, class 3 absent: no feature
+    kw = dict(scale=2.0, class_names=list("ABCD"), palette=[[9, 9, 9]] * 5, background_index=4)
+    files = []
+    for threads in (1, 2, 8):
+        files.append(tmp_path / f"t{threads}.geojson")
+        assert write_geojson(files[-1], labels, threads=threads, **kw) == 3
+    assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
+    assert [f["properties"]["name"] for f in json.loads(files[1].read_text())["features"]] == ["A", "B", "C"]
+
+
 def test_an_outline_plain_simplification_breaks_is_redone_with_topology(monkeypatch):
     """Plain Douglas-Peucker runs first (fast); any outline it leaves invalid or empty is
     simplified again with topology preserved.  Forced here: the plain pass returns a bow-tie."""

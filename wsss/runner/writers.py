@@ -21,6 +21,7 @@ import shutil
 import socket
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
@@ -576,27 +577,44 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
 
 
 def write_geojson(path: Path, labels: np.ndarray, *, scale: float, class_names: Sequence[str], palette,
-                  background_index: int, min_area_px: int = 4, bounds: Optional[tuple] = None) -> int:
+                  background_index: int, min_area_px: int = 4, bounds: Optional[tuple] = None,
+                  threads: Optional[int] = None) -> int:
     """QuPath-style FeatureCollection: one annotation per class.  Returns the number of features.
 
     bounds: (width, height) of the slide in output coordinates: outlines end at its edges (the
-    last label pixel of a row reaches past the slide's edge; see label_polygons' extent)."""
+    last label pixel of a row reaches past the slide's edge; see label_polygons' extent).
+    threads: classes traced at once (None: one per core, at most one per class).
+
+    NB: contourpy's tracing and GEOS's simplification and validation release the GIL, so the
+    classes run on threads, the largest first (the outline of the commonest class usually
+    costs most: on a 2048^2 level of noisy labels, 1.55 of 2.57 s).  The file is the same
+    whatever the number of threads."""
     import shapely
 
+    classes = [k for k in range(len(class_names)) if k != background_index]
+    extent = None if bounds is None else (bounds[0] / scale, bounds[1] / scale)
+
+    def trace(k: int) -> Optional[str]:
+        geom = label_polygons(labels, k, scale=scale, min_area_px=min_area_px, extent=extent)
+        # NB: GEOS writes the coordinates (shortest round-trip floats, as json would) in C
+        return None if geom is None or geom.is_empty else shapely.to_geojson(geom)
+
+    workers = min(len(classes), threads or os.cpu_count() or 1)
+    if workers > 1:
+        order = sorted(classes, key=lambda k: -int(np.count_nonzero(labels == k)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="wsss-geojson") as pool:
+            traced = dict(zip(order, pool.map(trace, order)))
+    else:
+        traced = {k: trace(k) for k in classes}
     features = []
-    for k, name in enumerate(class_names):
-        if k == background_index:
+    for k in classes:
+        if traced[k] is None:
             continue
-        geom = label_polygons(labels, k, scale=scale, min_area_px=min_area_px,
-                              extent=None if bounds is None else (bounds[0] / scale, bounds[1] / scale))
-        if geom is None or geom.is_empty:
-            continue
+        name = class_names[k]
         colour = list(palette[k][:3]) if k < len(palette) else [128, 128, 128]
         props = {"objectType": "annotation", "name": name,
                  "classification": {"name": name, "color": [int(v) for v in colour]}}
-        # NB: GEOS writes the coordinates (shortest round-trip floats, as json would) in C
-        features.append('{"type": "Feature", "geometry": %s, "properties": %s}'
-                        % (shapely.to_geojson(geom), json.dumps(props)))
+        features.append('{"type": "Feature", "geometry": %s, "properties": %s}' % (traced[k], json.dumps(props)))
     with atomic_path(path) as tmp:
         tmp.write_text('{"type": "FeatureCollection", "features": [%s]}' % ", ".join(features))
     return len(features)
