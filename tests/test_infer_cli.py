@@ -233,6 +233,23 @@ def test_slide_failing_midway_leaves_no_empty_folders(tmp_path, bundle, capsys, 
     assert sorted(tmp_path.iterdir()) == before
 
 
+def test_a_folder_stands_for_its_slides(tmp_path, bundle, capsys):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("b.tif", "a.svs.tiff"):
+        slide(folder / name)
+    (folder / "notes.txt").write_text("not a slide")
+    (folder / "a.wsss").mkdir()  # an earlier run's outputs: not a slide
+    (tmp_path / "empty").mkdir()
+    assert main([str(folder), "--model", str(bundle), "-o", str(tmp_path / "o"), "--no-tissue-detection",
+                 "--no-progress"]) == 0
+    assert "2 done" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.svs", "b"]
+    assert main([str(tmp_path / "empty"), "--model", str(bundle), "-o", str(tmp_path / "o2")]) == 2
+    assert "empty: a folder without slide files (.svs" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
 def test_slide_without_mpp_needs_flag(tmp_path, bundle, capsys):
     p = tmp_path / "nompp.tif"
     tifffile.imwrite(p, np.zeros((40, 40, 3), np.uint8), tile=(32, 32), photometric="rgb")

@@ -1,6 +1,6 @@
 """wsss-infer: tissue maps of whole slides.
 
-    wsss-infer SLIDE... --model BUNDLE -o OUTDIR [options]
+    wsss-infer SLIDE... --model BUNDLE -o OUTDIR [options]     (SLIDE: a file, or a folder of slides)
     wsss-infer --demo OUTDIR
 
 Per slide, OUTDIR/<slide stem>/ gets labels.tiff (pyramidal palette TIFF, opens in OpenSlide
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                "polygons.geojson, run.json (probs.tiff with --probs); labels.tiff and the areas' pixel counts "
                "are at the model's resolution (run.json: scale). Exit status: 0 all slides done or "
                "skipped, 1 some slide failed, 2 bad arguments/bundle (nothing run).")
-    p.add_argument("slides", nargs="*", metavar="SLIDE", help="slide files (.svs, .ndpi, .tif, OME-TIFF, ...)")
+    p.add_argument("slides", nargs="*", metavar="SLIDE",
+                   help="slide files (.svs, .ndpi, .mrxs, .tif, OME-TIFF, ...) or folders of them")
     p.add_argument("-m", "--model", metavar="BUNDLE",
                    help="model bundle (.pt); default $WSSS_BUNDLE, else \"bundle\" in the user config "
                         "($WSSS_CONFIG, else ~/.config/wsss/config.json)")
@@ -143,7 +144,31 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         return run_demo(args)
     if not args.slides:
         raise WsssError("no slide given: wsss-infer SLIDE... --model BUNDLE -o OUTDIR (or --demo OUTDIR)")
-    return run_many(args, [Path(s) for s in args.slides])
+    return run_many(args, slides_of(args.slides))
+
+
+# what a folder argument expands to (OpenSlide's vendor formats, TIFF/OME-TIFF, QPTIFF); NB: not
+# .dcm, where a folder of files is one slide, and not the .mrxs companion folders (no suffix)
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff", ".qptiff")
+
+
+def slides_of(arguments: Sequence[str]) -> List[Path]:
+    """SLIDE arguments -> slide paths: a folder stands for the slide files directly inside it
+    (by suffix, sorted by name); anything else is taken as given (a missing file fails as that
+    slide).  A folder without slide files is a WsssError naming it."""
+    from wsss.errors import WsssError
+
+    out: List[Path] = []
+    for a in arguments:
+        p = Path(a)
+        if p.is_dir() and p.suffix.lower() != ".mrxs":
+            found = sorted(c for c in p.iterdir() if c.is_file() and c.name.lower().endswith(SLIDE_SUFFIXES))
+            if not found:
+                raise WsssError(f"{p}: a folder without slide files ({', '.join(SLIDE_SUFFIXES)})")
+            out += found
+        else:
+            out.append(p)
+    return out
 
 
 def _options(args, **overrides):
