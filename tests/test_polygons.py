@@ -129,6 +129,22 @@ def test_simplified_outlines_are_valid_close_and_scaled():
     assert shapely.get_num_coordinates(label_polygons(square, 1, scale=1.0, simplify=0, min_area_px=0)) == 9
 
 
+def test_rings_the_simplification_collapses():
+    """Douglas-Peucker at 0.6 px leaves a one-pixel diamond (half-diagonal 0.5) as a, c, a: a hole
+    that collapses is filled; an object that collapses is simplified again with its topology
+    kept.  (At the default 0.4 nothing a marching-squares ring holds collapses.)"""
+    labels = np.zeros((20, 30), np.uint8)
+    labels[2:12, 2:12] = 1
+    labels[6, 6] = 0  # a one-pixel hole
+    labels[15, 20] = 1  # a one-pixel object
+    assert len(max(label_polygons(labels, 1, scale=1.0, min_area_px=0).geoms, key=lambda p: p.area).interiors) == 1
+    g = label_polygons(labels, 1, scale=1.0, min_area_px=0, simplify=0.6)
+    assert g.is_valid and len(g.geoms) == 2
+    block, dot = sorted(g.geoms, key=lambda p: -p.area)
+    assert len(block.interiors) == 0 and block.contains(shapely.Point(6.5, 6.5))
+    assert dot.area > 0 and dot.within(shapely.box(20, 15, 21, 16))  # (a triangle: kept, not dropped)
+
+
 def test_geojson_file(tmp_path):
     labels = nested()
     labels[20:26, 30:36] = 2
