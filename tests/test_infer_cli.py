@@ -14,7 +14,7 @@ import tifffile
 import torch
 from torch import Tensor
 
-from wsss.cli.infer import HOW_TO_GET_A_BUNDLE, demo_bundle_path, main
+from wsss.cli.infer import demo_bundle_path, main
 
 K = 4
 

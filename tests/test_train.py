@@ -5,7 +5,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from wsss.train.classifier import ClassifierConfig, mu_for_epoch, train_classifier
 from wsss.train.common import poly_lr, random_flips
