@@ -145,6 +145,48 @@ def test_rings_the_simplification_collapses():
     assert dot.area > 0 and dot.within(shapely.box(20, 15, 21, 16))  # (a triangle: kept, not dropped)
 
 
+def test_the_many_holes_validity_check_answers_as_geos():
+    """writers._is_valid (a cheaper test first for polygons with many holes; here with any hole)
+    gives shapely.is_valid's answer on valid, invalid and valid-but-touching polygons, and on
+    outlines of noisy maps simplified too coarsely to stay valid."""
+    from shapely import Polygon, box
+
+    from wsss.runner.writers import _is_valid, _surely_valid
+
+    shell = [(0, 0), (20, 0), (20, 20), (0, 20)]
+    sq = lambda x, y, d=2: [(x, y), (x + d, y), (x + d, y + d), (x, y + d)]  # noqa: E731
+    cases = [
+        Polygon(shell, [sq(2, 2), sq(6, 6), sq(12, 3)]),  # valid
+        Polygon(shell, [sq(2, 2), sq(19, 5)]),  # a hole across the shell
+        Polygon(shell, [sq(2, 2), sq(30, 30)]),  # a hole outside
+        Polygon(shell, [sq(2, 2, 8), sq(4, 4)]),  # a hole inside a hole
+        Polygon(shell, [sq(2, 2, 4), sq(4, 4, 4)]),  # overlapping holes
+        Polygon(shell, [sq(2, 2), sq(2, 2)]),  # the same hole twice
+        Polygon(shell, [sq(0, 5)]),  # a hole touching the shell along an edge
+        Polygon(shell, [[(0, 5), (3, 4), (3, 6)]]),  # ... at one point: valid
+        Polygon(shell, [sq(2, 2), sq(4, 4)]),  # two holes touching at a corner: valid
+        Polygon(shell, [[(2, 2), (6, 6), (6, 2), (2, 6)]]),  # a bow-tie hole
+        Polygon([(0, 0), (20, 20), (20, 0), (0, 20)], [sq(9, 2, 1)]),  # a bow-tie shell
+        box(0, 0, 5, 5),  # no holes at all
+    ]
+    polys = np.array(cases, dtype=object)
+    assert list(_is_valid(polys, many_holes=1)) == list(shapely.is_valid(polys))
+    assert shapely.is_valid(polys).sum() == 4  # (the cases mean what they say)
+    # the shortcut decides alone where nothing touches (else GEOS decides): not a no-op
+    assert list(_surely_valid(polys)) == [True] + [False] * 10 + [True]
+    # outlines of a noisy map (58 holes in one polygon), as traced and with every vertex moved by
+    # a fixed function of its coordinates (rings stay closed; 0.4 px breaks one, 0.6 px all)
+    rng = np.random.default_rng(3)
+    labels = np.kron((rng.random((30, 30)) > 0.2).astype(np.uint8), np.ones((2, 2), np.uint8))
+    parts = shapely.get_parts(label_polygons(labels, 1, scale=1.0, simplify=0, min_area_px=0))
+    assert shapely.get_num_interior_rings(parts).max() >= 50
+    assert _surely_valid(parts).all()
+    for amp, n_invalid in ((0.0, 0), (0.4, 1), (0.6, 6)):
+        moved = shapely.transform(parts, lambda c, a=amp: c + a * np.sin(c[:, ::-1] * 12.9898 + c * 78.233))
+        valid = shapely.is_valid(moved)
+        assert list(_is_valid(moved, many_holes=1)) == list(valid) and (~valid).sum() == n_invalid
+
+
 def test_geojson_file(tmp_path):
     labels = nested()
     labels[20:26, 30:36] = 2

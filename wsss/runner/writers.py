@@ -496,6 +496,55 @@ def _filled_contours(mask: np.ndarray):
     return np.concatenate(points), np.concatenate(rings), np.concatenate(outers)
 
 
+MANY_HOLES = 64  # polygons with at least this many holes get _surely_valid before GEOS's check
+
+
+def _surely_valid(polys: np.ndarray) -> np.ndarray:
+    """bool per polygon: True only where it is valid - every ring simple, no ring meets another,
+    every hole inside the shell and none inside another hole (then the interior is connected as
+    well).  False where a ring touches another or anything else fails: maybe valid, maybe not.
+
+    NB: GEOS's validity check of a polygon with thousands of holes costs ~0.75 s (one polygon of
+    the 2048^2 benchmark level, 4938 holes); these pieces take ~0.24 s: rings one by one, holes
+    against their (prepared) shell, holes against holes only where their boxes overlap."""
+    import shapely
+
+    rings = shapely.get_rings(polys)  # each polygon's shell, then its holes
+    of = np.repeat(np.arange(len(polys)), shapely.get_num_interior_rings(polys) + 1)
+    is_shell = np.r_[True, of[1:] != of[:-1]]
+    bad = np.zeros(len(polys), bool)
+    bad[of[~shapely.is_simple(rings)]] = True
+    shells, holes, hole_of = rings[is_shell], rings[~is_shell], of[~is_shell]
+    shapely.prepare(shells)
+    bad[hole_of[shapely.intersects(shells[hole_of], holes)]] = True
+    outer = shapely.polygons(shells)
+    shapely.prepare(outer)
+    first = shapely.get_coordinates(shapely.get_point(holes, 0))
+    bad[hole_of[~shapely.contains_xy(outer[hole_of], first[:, 0], first[:, 1])]] = True
+    areas = shapely.polygons(holes)
+    a, b = shapely.STRtree(areas).query(areas)  # pairs whose boxes overlap
+    pair = (a < b) & (hole_of[a] == hole_of[b])
+    a, b = a[pair], b[pair]
+    bad[hole_of[a[shapely.intersects(areas[a], areas[b])]]] = True
+    return ~bad
+
+
+def _is_valid(polys: np.ndarray, many_holes: int = MANY_HOLES) -> np.ndarray:
+    """shapely.is_valid of polygons, the same answer sooner for those with many holes (which get
+    ``_surely_valid`` first and GEOS's check only where that cannot tell)."""
+    import shapely
+
+    valid = np.zeros(len(polys), bool)
+    many = shapely.get_num_interior_rings(polys) >= many_holes
+    valid[~many] = shapely.is_valid(polys[~many])
+    if many.any():
+        idx = np.flatnonzero(many)
+        sure = _surely_valid(polys[idx])
+        valid[idx[sure]] = True
+        valid[idx[~sure]] = shapely.is_valid(polys[idx[~sure]])
+    return valid
+
+
 def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simplify: float = 0.4,
                    min_area_px: int = 4, extent: Optional[tuple] = None):
     """shapely MultiPolygon of the pixels equal to class_index, in units of ``scale`` x label pixels.
@@ -586,13 +635,13 @@ def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simpli
         geoms[shell_ok] = shapely.polygons(
             shapely.linearrings(shapely.get_coordinates(lines[keep]), indices=np.repeat(np.arange(keep.sum()), counts[keep])),
             indices=np.unique(poly_of[keep], return_inverse=True)[1])
-        suspect = ~shapely.is_valid(geoms) | shapely.is_empty(geoms)
+        suspect = ~_is_valid(geoms) | shapely.is_empty(geoms)
         if suspect.any():
             geoms[suspect] = shapely.simplify(exact(np.flatnonzero(suspect)), simplify * scale, preserve_topology=True)
     else:
         geoms, suspect = exact(np.arange(n_polys)), np.ones(n_polys, bool)
     bad = np.zeros(len(geoms), bool)
-    bad[suspect] = ~shapely.is_valid(geoms[suspect])
+    bad[suspect] = ~_is_valid(geoms[suspect])
     if bad.any():  # never seen on marching-squares output (tests/test_polygons.py); cheap insurance
         geoms[bad] = shapely.make_valid(geoms[bad])
     parts = shapely.get_parts(geoms)
