@@ -100,7 +100,7 @@ def _extensions():
     debug = os.environ.get("WSSS_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     cxx = opt + ["-fopenmp", "-std=c++20", "-fvisibility=hidden"]
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/composite/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     # NB: rpath to torch/lib so C++ hosts find libc10/libtorch_cpu; $ORIGIN form for installs
     # next to torch in site-packages, absolute form for editable/in-tree builds.

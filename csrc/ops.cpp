@@ -1,5 +1,6 @@
 // The one schema block of the wsss op library: every op's signature, written out.
-// Kernels live per dispatch key: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA).
+// Kernels live per dispatch key: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA); ops made of
+// ATen calls, one implementation for every backend, in csrc/composite/*.cpp.
 // Fake (meta) kernels and autograd are registered from Python in wsss/ops.py.
 // The library is a plain shared object (no Python): C++ hosts dlopen it as well.
 #include <torch/library.h>
@@ -23,4 +24,7 @@ TORCH_LIBRARY(wsss, m) {
       "int background_index=255) -> Tensor");
   // features [N,C,h,w], grads [N,K,C,h,w] -> sum_c mean_hw(grads) * features [N,K,h,w]
   m.def("gradcam(Tensor features, Tensor grads) -> Tensor");
+  // acc [C,R,W] (in place), tiles [N,C,T,T], xs: N columns, rows ->
+  //   acc[:, :rows, x_i : x_i + T] += tiles[i, :, :rows] in tile order (clipped at W)
+  m.def("band_accumulate(Tensor(a!) acc, Tensor tiles, int[] xs, int rows) -> ()");
 }

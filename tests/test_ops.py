@@ -284,6 +284,38 @@ def test_gradcam_gradcheck():
 
 
 # --------------------------------------------------------------------------------------
+# band_accumulate: the runner's device-side blend; bit-identical to the tile-by-tile loop
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("xs,rows,width", [
+    ([0, 12, 24, 36], 16, 52),   # overlapping neighbours, the last one ending at the edge
+    ([0, 12, 20, 40], 7, 45),    # uneven steps, the last tile clipped at the edge (5 of 16 columns)
+    ([30, 3, 3], 16, 46),        # any order, repeats: adds in the order given
+    ([5], 0, 21),                # no rows: nothing changes
+])
+def test_band_accumulate_matches_reference_bit_for_bit(device, dtype, xs, rows, width):
+    g = torch.Generator().manual_seed(len(xs) * 100 + rows)
+    tiles = torch.rand(len(xs), 5, 16, 16, generator=g, dtype=dtype).to(device)
+    acc = torch.rand(5, 16, width, generator=g, dtype=dtype).to(device)
+    before, want = acc.clone(), acc.clone()
+    reference.band_accumulate(want, tiles, xs, rows)
+    ops.band_accumulate(acc, tiles, xs, rows)
+    assert torch.equal(acc, want)
+    assert torch.equal(acc[:, rows:], before[:, rows:])  # rows below `rows` untouched
+    added = sum(float(tiles[i, :, :rows, :width - x].double().sum()) for i, x in enumerate(xs))
+    assert float((acc - before).double().sum()) == pytest.approx(added, rel=1e-5, abs=1e-4)
+
+
+def test_band_accumulate_sums_in_tile_order():
+    # 1 + 1e-8 rounds to 1 in float32; so the order of three terms shows in the result
+    acc = torch.zeros(1, 1, 2)
+    tiles = torch.tensor([1.0, -1.0, 1e-8]).reshape(3, 1, 1, 1).expand(3, 1, 2, 2).contiguous()
+    ops.band_accumulate(acc, tiles, [0, 0, 0], 1)
+    assert acc[0, 0, 0].item() == pytest.approx(1e-8)  # (0 + 1 - 1) + 1e-8, not (0 + 1 + 1e-8) - 1
+
+
+# --------------------------------------------------------------------------------------
 # Error messages: the kernels and the fake (meta) kernels say the same words
 # --------------------------------------------------------------------------------------
 ERRORS = [
@@ -311,6 +343,20 @@ ERRORS = [
      r"wsss::gate_argmax: tissue_mask must be Bool or Byte, got Float"),
     ("gate_argmax", lambda d: (torch.zeros(2, 4, 3, 3, device=d), torch.zeros(2, 4, device=d), 0.1, None, 300),
      r"wsss::gate_argmax: background_index must be in \[0, 255\], got 300"),
+    ("band_accumulate", lambda d: (torch.zeros(5, 4, device=d), torch.zeros(2, 5, 4, 4, device=d), [0, 1], 4),
+     r"wsss::band_accumulate: acc must be a 3-D tensor \[C, R, W\], got shape \[5, 4\]"),
+    ("band_accumulate", lambda d: (torch.zeros(5, 4, 9, device=d), torch.zeros(2, 4, 4, 4, device=d), [0, 1], 4),
+     r"wsss::band_accumulate: tiles must have shape \[N, C, T, T\] with C = acc.size\(0\) = 5, got shape \[2, 4, 4, 4\]"),
+    ("band_accumulate", lambda d: (torch.zeros(5, 4, 9, device=d), torch.zeros(2, 5, 4, 4, dtype=torch.float64, device=d), [0, 1], 4),
+     r"wsss::band_accumulate: tiles must have the dtype of acc \(Float\), got Double"),
+    ("band_accumulate", lambda d: (torch.zeros(5, 4, 9, dtype=torch.int64, device=d), torch.zeros(2, 5, 4, 4, dtype=torch.int64, device=d), [0, 1], 4),
+     r"wsss::band_accumulate: acc must be a floating tensor \(Float, Double, BFloat16, Half\), got Long"),
+    ("band_accumulate", lambda d: (torch.zeros(5, 4, 9, device=d), torch.zeros(2, 5, 4, 4, device=d), [0], 4),
+     r"wsss::band_accumulate: xs must hold one column per tile \(2\), got 1"),
+    ("band_accumulate", lambda d: (torch.zeros(5, 3, 9, device=d), torch.zeros(2, 5, 4, 4, device=d), [0, 1], 4),
+     r"wsss::band_accumulate: rows must be in \[0, 3\], got 4"),
+    ("band_accumulate", lambda d: (torch.zeros(5, 4, 9, device=d), torch.zeros(2, 5, 4, 4, device=d), [0, 9], 4),
+     r"wsss::band_accumulate: every x must be in \[0, 9\), got 9"),
     ("gradcam", lambda d: (torch.zeros(2, 3, 4, 4, device=d), torch.zeros(2, 2, 3, 4, 5, device=d)),
      r"wsss::gradcam: grads must have shape \[N, K, C, h, w\] = \[2, K, 3, 4, 4\], got shape \[2, 2, 3, 4, 5\]"),
     ("gradcam", lambda d: (torch.zeros(2, 3, 4, 4, device=d), torch.zeros(2, 2, 3, 4, 4, dtype=torch.float64, device=d)),
@@ -365,6 +411,7 @@ def _opcheck_cases():
         ("gate_argmax", (scores, prob, 0.3, mask, 7)),
         ("gradcam", (gf, gg)),
         ("gradcam", (gf.clone().requires_grad_(), gg.clone().requires_grad_())),
+        ("band_accumulate", (torch.randn(4, 5, 20, generator=g), torch.randn(3, 4, 6, 6, generator=g), [0, 5, 16], 5)),
     ]
 
 

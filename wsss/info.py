@@ -12,7 +12,8 @@ import platform
 import sys
 from typing import Optional, Sequence
 
-OPS = ("pda_attention", "pda_attention_backward", "pda_pool", "pda_pool_backward", "gate_argmax", "gradcam")
+OPS = ("pda_attention", "pda_attention_backward", "pda_pool", "pda_pool_backward", "gate_argmax", "gradcam",
+       "band_accumulate")
 
 
 def cpu_features() -> dict:

@@ -12,7 +12,7 @@ Shapes: N batch, C channels, K classes, H x W spatial.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from wsss import _library
 
 _library.load()
 
-__all__ = ["pda_attention", "pda_pool", "gate_argmax", "gradcam", "gated_scores"]
+__all__ = ["pda_attention", "pda_pool", "gate_argmax", "gradcam", "gated_scores", "band_accumulate"]
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -65,6 +65,16 @@ def gate_argmax(
 def gradcam(features: Tensor, grads: Tensor) -> Tensor:
     """Grad-CAM maps (no ReLU).  features [N,C,h,w], grads [N,K,C,h,w] -> [N,K,h,w]."""
     return torch.ops.wsss.gradcam(features, grads)
+
+
+def band_accumulate(acc: Tensor, tiles: Tensor, xs: List[int], rows: int) -> None:
+    """In place, tile by tile in order: acc[:, :rows, x_i : x_i + T] += tiles[i, :, :rows]
+    (clipped at acc's width).  acc [C,R,W], tiles [N,C,T,T] of acc's dtype and device.
+
+    The runner's device-side blend (wsss.runner.band_stitching): one call per batch and tile
+    row instead of a Python loop of two torch calls per tile.  See wsss.reference.band_accumulate.
+    """
+    torch.ops.wsss.band_accumulate(acc, tiles, xs, rows)
 
 
 def gated_scores(probs: Tensor, class_prob: Tensor, eps: float) -> Tensor:
@@ -180,6 +190,26 @@ def _gradcam_fake(features, grads):
     torch._check(grads.device == features.device,
                  lambda: f"{op}: grads must be on the device of features ({features.device}), got {grads.device}")
     return features.new_empty((n, grads.shape[1], h, w))
+
+
+@torch.library.register_fake("wsss::band_accumulate")
+def _band_accumulate_fake(acc, tiles, xs, rows):
+    op = "wsss::band_accumulate: "
+    torch._check(acc.dim() == 3, lambda: f"{op}acc must be a 3-D tensor [C, R, W], got shape {_shape(acc)}")
+    torch._check(tiles.dim() == 4 and tiles.shape[1] == acc.shape[0] and tiles.shape[2] == tiles.shape[3],
+                 lambda: f"{op}tiles must have shape [N, C, T, T] with C = acc.size(0) = {acc.shape[0]}, got shape {_shape(tiles)}")
+    torch._check(acc.dtype in _FLOATS,
+                 lambda: f"{op}acc must be a floating tensor (Float, Double, BFloat16, Half), got {_dtype_name(acc.dtype)}")
+    torch._check(tiles.dtype == acc.dtype,
+                 lambda: f"{op}tiles must have the dtype of acc ({_dtype_name(acc.dtype)}), got {_dtype_name(tiles.dtype)}")
+    torch._check(tiles.device == acc.device,
+                 lambda: f"{op}tiles must be on the device of acc ({acc.device}), got {tiles.device}")
+    torch._check(len(xs) == tiles.shape[0], lambda: f"{op}xs must hold one column per tile ({tiles.shape[0]}), got {len(xs)}")
+    limit = min(acc.shape[1], tiles.shape[2])
+    torch._check(0 <= rows <= limit, lambda: f"{op}rows must be in [0, {limit}], got {rows}")
+    for x in xs:
+        torch._check(0 <= x < acc.shape[2], lambda: f"{op}every x must be in [0, {acc.shape[2]}), got {x}")
+    return None
 
 
 # --------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Shapes: N batch, C channels, K classes, H x W spatial.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ __all__ = [
     "pda_pool",
     "gate_argmax",
     "gradcam",
+    "band_accumulate",
 ]
 
 
@@ -100,3 +101,15 @@ def gradcam(features: Tensor, grads: Tensor) -> Tensor:
     alpha = grads.mean(dim=(3, 4))  # [N,K,C]
     maps = torch.matmul(alpha.to(features.dtype), features.reshape(n, c, h * w))
     return maps.reshape(n, grads.shape[1], h, w)
+
+
+def band_accumulate(acc: Tensor, tiles: Tensor, xs: List[int], rows: int) -> None:
+    """In place, tile by tile in order: acc[:, :rows, x_i : x_i + T] += tiles[i, :, :rows]
+    (clipped at acc's width).  acc [C,R,W], tiles [N,C,T,T], xs: N column offsets.
+
+    The order is part of the contract: sums of overlapping tiles are bit-identical to adding
+    them one by one (what the runner's CPU stitcher does)."""
+    t, width = tiles.shape[-1], acc.shape[-1]
+    for i, x in enumerate(xs):
+        w = min(t, width - x)
+        acc[:, :rows, x:x + w] += tiles[i, :, :rows, :w]

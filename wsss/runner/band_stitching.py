@@ -6,7 +6,8 @@ long as the model).  ``BandStitcher`` keeps the blend where the probabilities al
 - an accumulator ``acc`` [K+1, tile, W] on the device holds the weighted class sums and the
   weight sum of the rows [base, base + tile), ``base`` being the current tile row's start;
 - each tile adds ``probs * window`` and ``window`` into its columns (one batched multiply per
-  batch, one in-place add per tile, all queued on the model's stream: no host round trip);
+  batch, then the ``wsss::band_accumulate`` op per tile row of the batch, which makes the
+  in-place adds tile by tile in C++; all queued on the model's stream: no host round trip);
 - when the first tile of the next row arrives (tiles come in raster order), the rows above
   it are final: they are normalised, gated by the tissue mask and arg-maxed by the fused
   ``gate_argmax`` op, their labels counted on the device, and only uint8 labels
@@ -139,17 +140,24 @@ class BandStitcher:
         """probs: [N, K, tile, tile] gated class probabilities of the tiles at ``positions``."""
         if self._errors:
             raise self._errors[0]
-        K, t = self.num_classes, self.tile
+        from wsss.ops import band_accumulate
+
+        K, t, n = self.num_classes, self.tile, len(positions)
         with torch.inference_mode():
-            weighted = torch.empty((len(positions), K + 1, t, t), dtype=torch.float32, device=self.device)
+            weighted = torch.empty((n, K + 1, t, t), dtype=torch.float32, device=self.device)
             torch.mul(probs, self._window, out=weighted[:, :K])
             weighted[:, K] = self._window
-            for i, (x, y) in enumerate(positions):
+            i = 0
+            while i < n:  # one op call per tile row in the batch (NB: not two torch calls per tile)
+                y = positions[i][1]
                 if self._band < 0 or y != self.plan[self._band][0]:
                     self._next_band(y)
-                h, w = min(t, self.height - y), min(t, self.width - x)
-                self.acc[:, :h, x:x + w] += weighted[i, :, :h, :w]
-                self._left -= 1
+                j = i + 1
+                while j < n and positions[j][1] == y:
+                    j += 1
+                band_accumulate(self.acc, weighted[i:j], [x for x, _ in positions[i:j]], min(t, self.height - y))
+                self._left -= j - i
+                i = j
 
     def _next_band(self, y: int) -> None:
         nxt = self._band + 1
@@ -240,9 +248,9 @@ class BandStitcher:
                 continue
             y0, spans, labels_host, probs_host, done = item
             try:
-                t0 = time.perf_counter()
                 if done is not None:
-                    done.synchronize()  # releases the GIL
+                    done.synchronize()  # releases the GIL (the wait is not the writer's work)
+                t0 = time.perf_counter()
                 labels = labels_host.numpy()
                 probs = probs_host.numpy() if probs_host is not None else None
                 for x0, x1 in spans:
