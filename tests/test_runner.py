@@ -765,3 +765,18 @@ def test_an_output_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     res = run_slides([path], model(), [tmp_path / "out"], opts(), log=lambda s: None)
     assert res[0].status == "failed"
     assert res[0].message == f"{tmp_path / 'out' / 'overlay.png'}: cannot be written: File too large"
+
+
+def test_batch_size_and_readers_default_by_device(tmp_path):
+    import dataclasses
+
+    cpu, cuda = model(), dataclasses.replace(model(), description={"device": "cuda:0"})
+    assert (RunOptions().for_model(cpu).batch_size, RunOptions().for_model(cpu).workers) == (8, 2)
+    assert (RunOptions().for_model(cuda).batch_size, RunOptions().for_model(cuda).workers) == (32, 4)
+    assert (RunOptions(batch_size=5, workers=0).for_model(cuda).batch_size,
+            RunOptions(batch_size=5, workers=0).for_model(cuda).workers) == (5, 0)  # given values stay
+    tifffile.imwrite(tmp_path / "s.tif", colour_slide(64, 64), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    run_slide(tmp_path / "s.tif", cpu, tmp_path / "out", opts(batch_size=None, workers=None), log=lambda s: None)
+    recorded = json.loads((tmp_path / "out" / "run.json").read_text())["options"]
+    assert (recorded["batch_size"], recorded["workers"]) == (8, 2)  # run.json says what ran

@@ -96,7 +96,7 @@ want op_tests && step op_tests 300 pytest_surviving_crashes tests/test_ops.py te
 want runner_tests && step runner_tests 240 pytest_surviving_crashes tests/test_runner_device.py tests/test_band_stitching.py tests/test_bundle.py -s
 
 want bench_runner && step bench_runner 300 env WSSS_BENCH_DEVICE=cuda WSSS_BENCH_MODELS=reference WSSS_BENCH_BATCH=32 \
-    WSSS_BENCH_WORKERS=8 WSSS_BENCH_SIZE="${WSSS_BENCH_SIZE:-4096}" WSSS_BENCH_MANY_SIZE=2048 WSSS_BENCH_PYRAMID_SIZE=4096 \
+    WSSS_BENCH_WORKERS=4 WSSS_BENCH_SIZE="${WSSS_BENCH_SIZE:-4096}" WSSS_BENCH_MANY_SIZE=2048 WSSS_BENCH_PYRAMID_SIZE=4096 \
     python -m pytest benchmarks/bench_runner.py --benchmark-only -q -k "model_only or end_to_end or many_slides or early_pyramid" \
     --benchmark-json="$OUT/bench_runner_cuda.json"
 want bench_models && step bench_models 300 env WSSS_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_models.py --benchmark-only -q -s \
@@ -129,7 +129,7 @@ tmp = Path(tempfile.mkdtemp())
 img = np.random.default_rng(0).integers(0, 256, (2048, 2048, 3), dtype=np.uint8)
 tifffile.imwrite(tmp / "s.tif", img, tile=(256, 256), photometric="rgb", resolution=(1e4, 1e4), resolutionunit="CENTIMETER")
 bundle = load_bundle("wsss/assets/demo_bundle.pt")
-opts = RunOptions(tissue="none", progress=False, batch_size=32, workers=8)
+opts = RunOptions(tissue="none", progress=False)  # the CUDA defaults: batch 32, 4 readers
 for precision in ("float32", "float16", "bfloat16"):
     m = SlideModel.from_bundle(bundle, device="cuda", precision=precision)
     run_slide(tmp / "s.tif", m, tmp / "warm", opts, log=lambda s: None)
@@ -150,7 +150,7 @@ if ! want real_slide; then
     :
 elif [ -f "$slide" ]; then
     step real_slide 120 python -m wsss.cli.infer "$slide" --model wsss/assets/demo_bundle.pt --device cuda \
-        --batch-size 32 --workers 8 -o "$OUT/cmu" --no-progress
+        -o "$OUT/cmu" --no-progress
     [ -f "$OUT/cmu/cmu-1-small-region/run.json" ] && python -c "import json,sys; r=json.load(open(sys.argv[1])); print(json.dumps(r['timings_s'], indent=1))" "$OUT/cmu/cmu-1-small-region/run.json"
 else
     echo "== real_slide: skipped ($slide is absent)"

@@ -53,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision-mode", choices=["cast", "autocast"],
                    help="how reduced precision is applied: cast (a bf16/fp16 copy of the weights; default on CPU) "
                         "or autocast (float32 weights under torch.autocast; default on CUDA)")
-    p.add_argument("--batch-size", type=int, default=8, help="tiles per model call (default 8)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="tile reader threads, each with its own slide handle (default 2; 0: read in the main thread)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per model call (default: 32 when the model runs on CUDA, else 8)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tile reader threads, each with its own slide handle (default: 4 when the model runs on "
+                        "CUDA, else 2; 0: read in the main thread)")
     p.add_argument("--stitch-threads", type=int, default=0, choices=[0, 1, 2],
                    help="1: blend and finalise output on one thread; 2: finalise on a second thread; "
                         "0 (default): 2 on CUDA, 1 on the CPU (blending on the CPU only)")
