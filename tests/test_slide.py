@@ -102,18 +102,36 @@ def test_large_uncompressed_strips_are_read_in_bands(tmp_path, rows_per_strip):
                 want[ys.start - y:ys.stop - y, xs.start - x:xs.stop - x] = img[ys, xs]
             np.testing.assert_array_equal(r.read_region(0, x, y, w, h), want)
         np.testing.assert_array_equal(r.read_region(0, 0, 0, 1500, 1200), img)
-        assert r._cache_used <= r.cache_bytes
+        assert r.cache.used <= r.cache_bytes
         if bands is not None:  # nothing held is bigger than a band
-            assert max(c.nbytes for c in r._cache.values()) <= r.band_bytes
+            assert max(c.nbytes for c in r.cache.values()) <= r.band_bytes
 
 
 def test_tiff_reader_reads_only_touched_tiles(pyramid):
     path, _ = pyramid
     with open_slide(path, reader="tifffile") as r:
         r.read_region(0, 40, 40, 10, 10)  # inside tile (1, 1) only
-        assert set(r._cache) == {(0, 1, 1)}
+        assert r.cache.keys() == {(0, 1, 1)}
         r.read_region(0, 30, 30, 4, 4)  # corner of four tiles
-        assert {(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)} <= set(r._cache)
+        assert {(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)} <= r.cache.keys()
+
+
+def test_reopened_handles_share_decoded_tiles(pyramid, monkeypatch):
+    # the reader threads' handles: a tile one of them decoded is not decoded again by another
+    path, levels = pyramid
+    decoded = []
+    real = TiffSlideReader._decode_file_chunk
+    monkeypatch.setattr(TiffSlideReader, "_decode_file_chunk", lambda self, *a: decoded.append(a) or real(self, *a))
+    with open_slide(path, reader="tifffile") as r, r.reopen() as r2:
+        assert r2.cache is r.cache
+        np.testing.assert_array_equal(r.read_region(0, 30, 30, 20, 20), levels[0][30:50, 30:50])
+        n = len(decoded)
+        np.testing.assert_array_equal(r2.read_region(0, 30, 30, 20, 20), levels[0][30:50, 30:50])
+        assert len(decoded) == n == 4  # (a corner of four file tiles)
+        assert all(not c.flags.writeable for c in r.cache.values())  # shared: read-only
+    with open_slide(path, reader="openslide") as o, o.reopen() as o2:
+        assert o.cache is not None and o2.cache is o.cache
+        np.testing.assert_array_equal(o2.read_region(0, 30, 30, 20, 20), levels[0][30:50, 30:50])
 
 
 def test_openslide_and_tifffile_agree_on_generic_tiff(pyramid):
