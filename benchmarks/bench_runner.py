@@ -9,7 +9,8 @@
   or WSSS_BENCH_BUNDLE=path for any one bundle.  test_end_to_end also
   times a model-only pass before every round (untimed setup) so the overhead compares runs
   made moments apart on a shared machine; extra_info has Mpx/s of both, the per-stage
-  times and the overhead (target: tile stage <= 1.10 x model-only).
+  times and the overhead (target: tile stage <= 1.10 x model-only).  WSSS_BENCH_ROUNDS
+  (default 5) sets their rounds.
 - test_peak_memory_flat: peak RSS growth (VmHWM of a fresh subprocess) of a run on a small
   and a large mostly-glass synthetic slide (benchmarks/sparse_slide.py; tissue detection on,
   a cheap predictor so the runner, not a model, dominates).  WSSS_BENCH_BIG sets the big
@@ -24,7 +25,7 @@
   same (in-memory) region, only if MONAI is installed.
 
 - On a GPU (tools/gpu_check.sh): WSSS_BENCH_DEVICE=cuda WSSS_BENCH_MODELS=reference (ResNet-38 +
-  DeepLabV3+ ResNet-101 at full width) WSSS_BENCH_BATCH=32 WSSS_BENCH_WORKERS=8.  There the
+  DeepLabV3+ ResNet-101 at full width) WSSS_BENCH_BATCH=32 WSSS_BENCH_WORKERS=4 (the CUDA defaults).  There the
   model-only baseline is itself pipelined (submit batch i, then take batch i-1's result: the
   transfers already overlap the compute), so the overhead is the runner's own.
 
@@ -33,6 +34,7 @@ Run: pytest benchmarks/bench_runner.py --benchmark-only   (CI: --benchmark-disab
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -57,6 +59,8 @@ OVERLAP = 32
 BATCH = int(os.environ.get("WSSS_BENCH_BATCH", "8"))
 WORKERS = int(os.environ.get("WSSS_BENCH_WORKERS", "2"))
 DEVICE = os.environ.get("WSSS_BENCH_DEVICE", "cpu")
+# rounds of test_model_only / test_end_to_end (fewer for big slides on a GPU lease)
+ROUNDS = int(os.environ.get("WSSS_BENCH_ROUNDS", "5"))
 CLASSES = ["TE", "NEC", "LYM", "TAS"]
 PALETTE = [[205, 51, 51], [0, 255, 0], [65, 105, 225], [255, 165, 0], [255, 255, 255]]
 
@@ -151,6 +155,7 @@ def slide_model(request, bench_model):
     return bench_model(request.param)
 
 
+@functools.lru_cache(maxsize=1)  # NB: read once for the model-only test and every pipeline
 def _tiles_of(path: Path, tile: int) -> torch.Tensor:
     """Every grid tile of the slide as the runner hands them to the model: uint8 [N,3,t,t] (NHWC memory)."""
     from wsss.runner.tiling import TileGrid
@@ -193,7 +198,7 @@ def test_model_only(benchmark, bench_slide, slide_model):
     tile = slide_model.tile_size
     tiles = _tiles_of(bench_slide, tile)
     _warm_up(slide_model, tiles)
-    out = benchmark.pedantic(lambda: _model_only(slide_model, tiles), rounds=5, iterations=1)
+    out = benchmark.pedantic(lambda: _model_only(slide_model, tiles), rounds=ROUNDS, iterations=1)
     assert out.shape[1:] == (K, tile, tile) and torch.isfinite(out).all()
     mpx = len(tiles) * tile * tile / 1e6
     benchmark.extra_info.update(tiles=len(tiles), tile=tile, batch=BATCH, threads=torch.get_num_threads(),
@@ -237,7 +242,7 @@ def test_end_to_end(benchmark, bench_slide, slide_model, tmp_path, pipeline):
         runs.append(json.loads((tmp_path / "out" / "run.json").read_text())["timings_s"])
         return res
 
-    res = benchmark.pedantic(run, setup=setup, rounds=5, iterations=1)
+    res = benchmark.pedantic(run, setup=setup, rounds=ROUNDS, iterations=1)
     assert res.status == "done"
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["tiles"]["run"] == len(tiles)
