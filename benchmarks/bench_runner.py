@@ -365,28 +365,48 @@ def test_many_slides(benchmark, bench_model, many_slides, tmp_path, engine, back
     """4 slides through run_slides, outputs written after each slide (sequential) or while the
     next slide's tiles run (background_outputs, the default).  engine "accelerator": a model
     that costs only wall time, like a GPU (WSSS_BENCH_ACCEL_MS per tile); else a benchmark
-    bundle (WSSS_BENCH_MODELS) on WSSS_BENCH_DEVICE.  extra_info: the per-slide stages."""
+    bundle (WSSS_BENCH_MODELS) on WSSS_BENCH_DEVICE, each round against the model alone on the
+    same tiles moments before (total_overhead_paired: the whole-run overhead of a batch of
+    slides).  extra_info: the per-slide stages."""
     from wsss.runner import run_slides
 
     model = _accelerator() if engine == "accelerator" else bench_model(engine)
     opts = RunOptions(overlap=OVERLAP, tissue="none", progress=False, batch_size=BATCH, workers=WORKERS,
                       background_outputs=background)
     rounds: list = []
+    walls: list = []
+    model_s: list = []
+    slide_tiles = None if engine == "accelerator" else _tiles_of(many_slides[0], model.tile_size)
+    if slide_tiles is not None:
+        _warm_up(model, slide_tiles)
+
+    def setup():  # untimed: the model alone on every slide's tiles, moments before each round
+        if slide_tiles is not None:
+            t0 = time.perf_counter()
+            for _ in many_slides:  # (the slides are copies of one picture: the same tiles)
+                _model_only(model, slide_tiles)
+            model_s.append(time.perf_counter() - t0)
 
     def run():
         out = tmp_path / f"out{len(rounds)}"
+        t0 = time.perf_counter()
         res = run_slides(many_slides, model, [out / p.stem for p in many_slides], opts, log=lambda s: None)
+        walls.append(time.perf_counter() - t0)
         rounds.append(res)
         return res
 
-    res = benchmark.pedantic(run, rounds=3, iterations=1)
+    res = benchmark.pedantic(run, setup=setup, rounds=3, iterations=1)
     assert [r.status for r in res] == ["done"] * len(many_slides)
     tiles = sum(json.loads((Path(r.out_dir) / "run.json").read_text())["tiles"]["run"] for r in res)
     stages = {k: float(np.median([r.timings.get(k, 0.0) for r in res])) for k in res[0].timings}
+    if model_s:
+        # every slide's whole run, all outputs written, against the model alone on the same tiles
+        extra = {"model_only_s_all": model_s, "wall_s_all": walls,
+                 "total_overhead_paired": float(np.median([w / m for w, m in zip(walls, model_s)])) - 1.0}
+    else:
+        extra = {"accel_ms_per_tile": ACCEL_MS, "model_s": tiles * ACCEL_MS * 1e-3}
     benchmark.extra_info.update(slides=len(many_slides), tiles=tiles, engine=engine, background_outputs=background,
-                                per_slide_median_s=stages,
-                                **({"accel_ms_per_tile": ACCEL_MS, "model_s": tiles * ACCEL_MS * 1e-3}
-                                   if engine == "accelerator" else {}))
+                                per_slide_median_s=stages, **extra)
 
 
 @pytest.fixture(scope="module")
