@@ -780,3 +780,74 @@ def test_batch_size_and_readers_default_by_device(tmp_path):
     run_slide(tmp_path / "s.tif", cpu, tmp_path / "out", opts(batch_size=None, workers=None), log=lambda s: None)
     recorded = json.loads((tmp_path / "out" / "run.json").read_text())["options"]
     assert (recorded["batch_size"], recorded["workers"]) == (8, 2)  # run.json says what ran
+
+
+def _short_of_memory(most: int, predict=red_class):
+    """A predictor whose 'GPU' has room for at most ``most`` tiles per call (0: none at all)."""
+    sizes = []
+
+    def predict_within(x):
+        sizes.append(len(x))
+        if len(x) > most:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} tiles")
+        return predict(x)
+
+    return predict_within, sizes
+
+
+class _Handle:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+@pytest.mark.parametrize("path", ["predict", "submit", "predict_device"])
+def test_a_batch_the_gpu_has_no_memory_for_runs_in_halves(tmp_path, path):
+    import dataclasses
+
+    tifffile.imwrite(tmp_path / "s.tif", colour_slide(150, 170), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    fn, sizes = _short_of_memory(3)
+    m = model()
+    if path == "submit":
+        m = dataclasses.replace(m, submit=lambda x: _Handle(fn(x)))
+    elif path == "predict_device":
+        m = dataclasses.replace(m, predict_device=fn)
+    else:
+        m = dataclasses.replace(m, predict=fn)
+    lines = []
+    r = run_slide(tmp_path / "s.tif", m, tmp_path / "out", opts(batch_size=8, stitch_device="model" if path == "predict_device" else "cpu"),
+                  log=lines.append)
+    assert r.status == "done"
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) == 2  # halved until it fit, then kept there
+    assert any("ran out of memory with batches of 8 tiles; the slide ran in batches of 2" in s for s in lines)
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["tiles"]["batch_size_run"] == 2
+    ref = run_slide(tmp_path / "s.tif", model(), tmp_path / "ref", opts(batch_size=8), log=lambda s: None)
+    assert ref.status == "done"
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "labels.tiff", key=0),
+                                  tifffile.imread(tmp_path / "ref" / "labels.tiff", key=0))
+
+
+def test_no_room_for_one_tile_fails_the_slide_and_other_errors_are_not_retried(tmp_path):
+    import dataclasses
+
+    tifffile.imwrite(tmp_path / "s.tif", colour_slide(64, 64), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    fn, sizes = _short_of_memory(0)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_slide(tmp_path / "s.tif", dataclasses.replace(model(), predict=fn), tmp_path / "out", opts(batch_size=4),
+                  log=lambda s: None)
+    assert sizes == [4, 2, 1]
+    assert not (tmp_path / "out" / "run.json").exists()
+    calls = []
+
+    def broken(x):
+        calls.append(len(x))
+        raise RuntimeError("a model bug, not memory")
+
+    with pytest.raises(RuntimeError, match="a model bug"):
+        run_slide(tmp_path / "s.tif", dataclasses.replace(model(), predict=broken), tmp_path / "out2",
+                  opts(batch_size=4), log=lambda s: None)
+    assert calls == [4]

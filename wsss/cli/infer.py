@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how reduced precision is applied: cast (a bf16/fp16 copy of the weights; default on CPU) "
                         "or autocast (float32 weights under torch.autocast; default on CUDA)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="tiles per model call (default: 32 when the model runs on CUDA, else 8)")
+                   help="tiles per model call (default: 32 when the model runs on CUDA, else 8; a batch the GPU "
+                        "has no memory for runs in halves, and the rest of the slide in batches that fit)")
     p.add_argument("--workers", type=int, default=None,
                    help="tile reader threads, each with its own slide handle (default: 4 when the model runs on "
                         "CUDA, else 2; 0: read in the main thread)")

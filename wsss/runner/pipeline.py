@@ -150,6 +150,71 @@ class PendingProbabilities:
         return self._ready
 
 
+def _is_device_oom(error: BaseException) -> bool:
+    """A GPU allocation failure (torch.OutOfMemoryError; from inside TorchScript it can also come
+    as a RuntimeError that says so)."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and "out of memory" in text and ("CUDA" in text or "HIP" in text)
+
+
+class _BatchHalving:
+    """Wraps a SlideModel's callables so that a batch the GPU has no memory for is run in halves
+    (then quarters, ...), and every later batch of the slide in pieces of the size that fit.
+    ``limit``: that size (None: no batch failed).  A batch of one tile that still fails raises."""
+
+    def __init__(self, on_halve: Callable[[int], None]) -> None:
+        self.limit: Optional[int] = None
+        self._on_halve = on_halve
+
+    def call(self, fn: Callable, tiles, combine: Callable):
+        while True:
+            n = len(tiles) if self.limit is None else min(self.limit, len(tiles))
+            try:
+                if n >= len(tiles):
+                    return fn(tiles)
+                return combine([fn(tiles[i:i + n]) for i in range(0, len(tiles), n)])
+            except (RuntimeError, MemoryError) as e:
+                if not _is_device_oom(e) or n <= 1:
+                    raise
+                import torch
+
+                self.limit = n // 2
+                torch.cuda.empty_cache()  # (what the failed batch had allocated goes back first)
+                self._on_halve(self.limit)
+
+    def wrap(self, model: SlideModel) -> SlideModel:
+        import dataclasses
+
+        return dataclasses.replace(
+            model,
+            predict=lambda t: self.call(model.predict, t, _concat),
+            submit=None if model.submit is None else (lambda t: self.call(model.submit, t, _JoinedHandles)),
+            predict_device=None if model.predict_device is None else (
+                lambda t: self.call(model.predict_device, t, _concat)))
+
+
+def _concat(parts):
+    import torch
+
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
+class _JoinedHandles:
+    """Handles of a batch's pieces (``_BatchHalving``) as one: ``result()`` joins theirs."""
+
+    def __init__(self, handles) -> None:
+        self.handles = handles
+
+    def result(self):
+        return _concat([h.result() for h in self.handles])
+
+
 def _owned_probs(probs) -> np.ndarray:
     """Model output -> float32 numpy array the runner may keep.  A torch tensor is taken as the
     model's fresh output and viewed without a copy when it is already float32, contiguous and on
@@ -506,6 +571,10 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             with timer("tiles"):
                 stitcher = _run_tiles(view, grid, model, options, timer, make_stitcher, views, state, slide,
                                       on_tile=tile_thumb.add if tile_thumb is not None else None)
+            if "batch_limit" in state:
+                n = state["batch_limit"]
+                log(f"{slide.name}: warning: the GPU ran out of memory with batches of {options.batch_size} tiles; "
+                    f"the slide ran in batches of {n} (--batch-size {n} saves the failed attempts)")
             if stitcher is None:  # no tissue tile at all
                 class_pixels = np.zeros(256, np.int64)
                 K = len(model.class_names)
@@ -593,7 +662,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                           "pyramid_during_tiles": state.get("pyramid_during_tiles", False),
                           "thumbnail_from_tiles": state.get("thumbnail_from_tiles", False),
                           "peak_live_pieces": state.get("peak_pieces", 0),
-                          "peak_piece_mb": state.get("peak_piece_mb", 0.0), "heap_trims": state.get("heap_trims", 0)},
+                          "peak_piece_mb": state.get("peak_piece_mb", 0.0), "heap_trims": state.get("heap_trims", 0),
+                          "batch_size_run": state.get("batch_limit", options.batch_size)},
                 "throughput": {"megapixels_per_second": n_tiles * tile * tile / 1e6 / max(timings.get("tiles", 0), 1e-9),
                                "tiles_per_second": n_tiles / max(timings.get("tiles", 0), 1e-9)},
                 "geojson_features": n_features,
@@ -745,6 +815,9 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
 
     on_device = _stitch_on_device(model, options, grid)
     state["stitch_device"] = "model" if on_device else "cpu"
+    # NB: the batch size that fits is found once per slide (a GPU that ran out of memory with
+    # the default 32 tiles of the reference networks still finishes the slide)
+    model = _BatchHalving(on_halve=lambda n: state.__setitem__("batch_limit", n)).wrap(model)
     progress = _progress(len(grid.tiles), slide.name, options.progress, grid.tile)
     trim_heap = _HeapTrimmer()
     batches = _read_batches(view, grid, options, timer, views, one_thread_if_helper, on_tile)
