@@ -1,5 +1,4 @@
 """Dataset descriptions and readers: built-ins as METHOD.md, clear DataErrors naming the file."""
-import json
 import os
 
 import numpy as np

@@ -1,7 +1,6 @@
 """wsss-export: checkpoints (reference and wsss formats) -> bundle (+ .pt2), self-check, clear errors."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import warnings

@@ -5,8 +5,6 @@ kernels, autograd, schema); script/compile/export prove the ops work where users
 """
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 

@@ -11,7 +11,7 @@ import tifffile
 import torch
 
 from wsss.errors import BundleError
-from wsss.runner import RunOptions, SlideModel, TileGrid, run_slide, run_slides, tile_starts, weight_window
+from wsss.runner import RunOptions, TileGrid, run_slide, run_slides, tile_starts, weight_window
 from wsss.runner.stitching import OutputTiles, Stitcher, TileSpool
 from wsss.runner.writers import downsample_majority
 

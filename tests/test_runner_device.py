@@ -13,7 +13,7 @@ import torch
 
 from wsss.bundle import BundlePredictor, PendingPrediction, load_bundle
 from wsss.errors import BundleError
-from wsss.runner import RunOptions, SlideModel, run_slide
+from wsss.runner import SlideModel, run_slide
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.* deprecation notices
 
