@@ -6,8 +6,9 @@
 #   3. runner + bundle predictor tests on CUDA (pinned staging ring, copy streams,
 #      one-batch-behind results, autocast agreement, blending on the device vs the host);
 #   4. runner benchmark on CUDA: reference-width bundle, model-only (pipelined) vs the runner's
-#      tile stage with device blending, host blending and synchronous model calls, on a
-#      WSSS_BENCH_SIZE^2 synthetic slide; 4 slides with and without background outputs;
+#      tile stage and whole run with device blending (WSSS_BENCH_PIPELINES adds host blending
+#      and synchronous model calls) on a WSSS_BENCH_SIZE^2 (default 16384^2) synthetic slide;
+#      4 slides with and without background outputs;
 #   5. model benchmarks on CUDA: reference widths, batch 32, eager/scripted x
 #      fp32/bf16/bf16-autocast/fp16-autocast, and precision agreement of the trained demo bundle;
 #   6. the demo bundle's tile stage, overlapped vs synchronous, per precision (a smoke timing);
@@ -95,9 +96,12 @@ export -f pytest_surviving_crashes
 want op_tests && step op_tests 300 pytest_surviving_crashes tests/test_ops.py tests/test_library.py
 want runner_tests && step runner_tests 240 pytest_surviving_crashes tests/test_runner_device.py tests/test_band_stitching.py tests/test_bundle.py -s
 
+# NB: 16384^2, 2 rounds, device blending only: the configuration of docs/runner.md's GPU table
+# (~80 s on an H200); WSSS_BENCH_PIPELINES=overlapped,host-blend,synchronous adds the others
 want bench_runner && step bench_runner 300 env WSSS_BENCH_DEVICE=cuda WSSS_BENCH_MODELS=reference WSSS_BENCH_BATCH=32 \
-    WSSS_BENCH_WORKERS=4 WSSS_BENCH_SIZE="${WSSS_BENCH_SIZE:-4096}" WSSS_BENCH_MANY_SIZE=2048 WSSS_BENCH_PYRAMID_SIZE=4096 \
-    python -m pytest benchmarks/bench_runner.py --benchmark-only -q -k "model_only or end_to_end or many_slides or early_pyramid" \
+    WSSS_BENCH_WORKERS=4 WSSS_BENCH_SIZE="${WSSS_BENCH_SIZE:-16384}" WSSS_BENCH_ROUNDS="${WSSS_BENCH_ROUNDS:-2}" \
+    WSSS_BENCH_PIPELINES="${WSSS_BENCH_PIPELINES:-overlapped}" WSSS_BENCH_MANY_SIZE=2048 \
+    python -m pytest benchmarks/bench_runner.py --benchmark-only -q -k "model_only or end_to_end or many_slides" \
     --benchmark-json="$OUT/bench_runner_cuda.json"
 want bench_models && step bench_models 300 env WSSS_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_models.py --benchmark-only -q -s \
     -k "${WSSS_GPU_CHECK_MODELS_K:-not compiled}" --benchmark-json="$OUT/bench_models_cuda.json"
