@@ -134,6 +134,70 @@ def test_reopened_handles_share_decoded_tiles(pyramid, monkeypatch):
         np.testing.assert_array_equal(o2.read_region(0, 30, 30, 20, 20), levels[0][30:50, 30:50])
 
 
+def test_threads_missing_the_same_tile_at_once_decode_it_once(pyramid, monkeypatch):
+    import threading
+    import time
+
+    path, levels = pyramid
+    decoded = []
+    real = TiffSlideReader._decode_file_chunk
+
+    def slow(self, *a):
+        decoded.append(a)
+        time.sleep(0.05)  # long enough for every thread to miss the same tiles meanwhile
+        return real(self, *a)
+
+    monkeypatch.setattr(TiffSlideReader, "_decode_file_chunk", slow)
+    with open_slide(path, reader="tifffile") as r:
+        handles = [r.reopen() for _ in range(4)]
+        start = threading.Barrier(4)
+        got = []
+
+        def read(h):
+            start.wait()
+            got.append(h.read_region(0, 30, 30, 20, 20))
+
+        threads = [threading.Thread(target=read, args=(h,)) for h in handles]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for h in handles:
+            h.close()
+    assert len(got) == 4 and all(np.array_equal(g, levels[0][30:50, 30:50]) for g in got)
+    assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 4  # each of the 4 file tiles once
+
+
+def test_a_tile_that_fails_to_decode_fails_every_thread_that_wanted_it(pyramid, monkeypatch):
+    import threading
+
+    path, _ = pyramid
+
+    def broken(self, level, cy, cx):
+        raise SlideError(f"tile {cy},{cx} cannot be decoded")
+
+    monkeypatch.setattr(TiffSlideReader, "_decode_file_chunk", broken)
+    errors = []
+    with open_slide(path, reader="tifffile") as r:
+        handles = [r.reopen() for _ in range(3)]
+
+        def read(h):
+            try:
+                h.read_region(0, 40, 40, 5, 5)
+            except SlideError as e:
+                errors.append(str(e))
+
+        threads = [threading.Thread(target=read, args=(h,)) for h in handles]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for h in handles:
+            h.close()
+        assert r.cache.keys() == set() and not r.cache._making  # nothing half-made stays behind
+    assert errors == ["tile 1,1 cannot be decoded"] * 3
+
+
 def test_openslide_and_tifffile_agree_on_generic_tiff(pyramid):
     path, levels = pyramid
     with open_slide(path, reader="openslide") as a, open_slide(path, reader="tifffile") as b:

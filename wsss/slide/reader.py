@@ -17,7 +17,7 @@ import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -392,14 +392,9 @@ class TiffSlideReader(SlideReader):
 
     def _decoded_chunk(self, level: int, cy: int, cx: int) -> np.ndarray:
         """Decoded chunk at chunk row cy, column cx (``_chunk_shape``): uint8 [ch, cw, S], cached."""
-        key = (level, cy, cx)
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
-        chunk = self._uncompressed_band(level, cy) if self._band_rows[level] is not None \
-            else self._decode_file_chunk(level, cy, cx)
-        self.cache.put(key, chunk)
-        return chunk
+        if self._band_rows[level] is not None:
+            return self.cache.get_or_make((level, cy, cx), lambda: self._uncompressed_band(level, cy))
+        return self.cache.get_or_make((level, cy, cx), lambda: self._decode_file_chunk(level, cy, cx))
 
     def _read_bytes(self, level: int, index: int, offset: int, count: int) -> bytes:
         fh = self._tif.filehandle
@@ -528,14 +523,42 @@ def open_slide(path, *, reader: str = "auto", mpp: Optional[float] = None) -> Sl
 
 class _ChunkCache:
     """LRU of decoded file chunks (read-only arrays), bounded in bytes, safe to share between
-    threads.  Two threads that miss the same chunk at once both decode it (the second copy
-    replaces the first): rarer and cheaper than making one wait for the other."""
+    threads.  A chunk that one thread is decoding is waited for by the others (``get_or_make``):
+    neighbouring grid tiles, read at the same moment by different threads, touch the same file
+    tiles (8192^2 benchmark slide, 8 readers: 1218 decodes of 1024 file tiles without this)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.used = 0
         self._items: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+        self._making: dict = {}  # key -> threading.Event of the thread decoding it
         self._lock = threading.Lock()
+
+    def get_or_make(self, key, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """The chunk at ``key``, from the cache, or from the thread already making it, or made
+        here by ``make()`` and cached."""
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+            other = self._making.get(key)
+            if other is None:
+                mine = self._making[key] = threading.Event()
+        if other is not None:
+            other.wait()
+            hit = self.get(key)
+            # NB: gone already (evicted) or never made (that thread's make() raised): make it
+            # here, which raises the same error in this thread too
+            return hit if hit is not None else make()
+        try:
+            chunk = make()
+            self.put(key, chunk)
+            return chunk
+        finally:
+            with self._lock:
+                del self._making[key]
+            mine.set()
 
     def get(self, key) -> Optional[np.ndarray]:
         with self._lock:
