@@ -134,6 +134,20 @@ def test_reopened_handles_share_decoded_tiles(pyramid, monkeypatch):
         np.testing.assert_array_equal(o2.read_region(0, 30, 30, 20, 20), levels[0][30:50, 30:50])
 
 
+def _on_reopened_handles(reader, n: int, fn) -> None:
+    """fn(handle) on n threads at once, each with its own handle reopened from ``reader``."""
+    import threading
+
+    handles = [reader.reopen() for _ in range(n)]
+    threads = [threading.Thread(target=fn, args=(h,)) for h in handles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for h in handles:
+        h.close()
+
+
 def test_threads_missing_the_same_tile_at_once_decode_it_once(pyramid, monkeypatch):
     import threading
     import time
@@ -148,29 +162,20 @@ def test_threads_missing_the_same_tile_at_once_decode_it_once(pyramid, monkeypat
         return real(self, *a)
 
     monkeypatch.setattr(TiffSlideReader, "_decode_file_chunk", slow)
+    start = threading.Barrier(4)
+    got = []
+
+    def read(h):
+        start.wait()
+        got.append(h.read_region(0, 30, 30, 20, 20))
+
     with open_slide(path, reader="tifffile") as r:
-        handles = [r.reopen() for _ in range(4)]
-        start = threading.Barrier(4)
-        got = []
-
-        def read(h):
-            start.wait()
-            got.append(h.read_region(0, 30, 30, 20, 20))
-
-        threads = [threading.Thread(target=read, args=(h,)) for h in handles]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for h in handles:
-            h.close()
+        _on_reopened_handles(r, 4, read)
     assert len(got) == 4 and all(np.array_equal(g, levels[0][30:50, 30:50]) for g in got)
     assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 4  # each of the 4 file tiles once
 
 
 def test_a_tile_that_fails_to_decode_fails_every_thread_that_wanted_it(pyramid, monkeypatch):
-    import threading
-
     path, _ = pyramid
 
     def broken(self, level, cy, cx):
@@ -178,22 +183,15 @@ def test_a_tile_that_fails_to_decode_fails_every_thread_that_wanted_it(pyramid, 
 
     monkeypatch.setattr(TiffSlideReader, "_decode_file_chunk", broken)
     errors = []
+
+    def read(h):
+        try:
+            h.read_region(0, 40, 40, 5, 5)
+        except SlideError as e:
+            errors.append(str(e))
+
     with open_slide(path, reader="tifffile") as r:
-        handles = [r.reopen() for _ in range(3)]
-
-        def read(h):
-            try:
-                h.read_region(0, 40, 40, 5, 5)
-            except SlideError as e:
-                errors.append(str(e))
-
-        threads = [threading.Thread(target=read, args=(h,)) for h in handles]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for h in handles:
-            h.close()
+        _on_reopened_handles(r, 3, read)
         assert r.cache.keys() == set() and not r.cache._making  # nothing half-made stays behind
     assert errors == ["tile 1,1 cannot be decoded"] * 3
 
