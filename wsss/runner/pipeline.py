@@ -177,7 +177,7 @@ class _BatchHalving:
                 if n >= len(tiles):
                     return fn(tiles)
                 return combine([fn(tiles[i:i + n]) for i in range(0, len(tiles), n)])
-            except (RuntimeError, MemoryError) as e:
+            except RuntimeError as e:  # (torch.OutOfMemoryError is one)
                 if not _is_device_oom(e) or n <= 1:
                     raise
                 import torch
@@ -187,9 +187,7 @@ class _BatchHalving:
                 self._on_halve(self.limit)
 
     def wrap(self, model: SlideModel) -> SlideModel:
-        import dataclasses
-
-        return dataclasses.replace(
+        return replace(
             model,
             predict=lambda t: self.call(model.predict, t, _concat),
             submit=None if model.submit is None else (lambda t: self.call(model.submit, t, _JoinedHandles)),
