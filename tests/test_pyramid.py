@@ -146,3 +146,50 @@ def test_runner_early_pyramid_with_tissue_gaps(tmp_path):
                                                   early_pyramid=early)).status == "done"
         outs.append((out / "labels.tiff").read_bytes())
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("stitch_device", ["cpu", "model"])
+def test_runner_outlines_traced_during_the_tiles(tmp_path, stitch_device):
+    """With the pyramid built during the tile stage the GeoJSON's outlines are traced there too,
+    slab by slab of the polygon level (here level 0, 10 tile rows): the same file as tracing the
+    finished level, with objects that span many slabs."""
+    import shapely
+    from shapely.geometry import shape
+
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(300, 260, block=23)], mpp=2.0)
+    files = []
+    for early in (False, True):
+        out = tmp_path / f"e{early}"
+        assert run_slide(path, dataclasses.replace(on_device(), mpp=2.0), out,
+                         opts(overlap=8, output_tile=32, early_pyramid=early, stitch_device=stitch_device)).status == "done"
+        files.append((out / "polygons.geojson").read_bytes())
+    assert files[0] == files[1]
+    geoms = [shape(f["geometry"]) for f in json.loads(files[1])["features"]]
+    assert all(g.is_valid for g in geoms)
+    tall = max(b[3] - b[1] for g in geoms for b in shapely.bounds(shapely.get_parts(g)))
+    assert tall > 3 * 32  # (an object across three slab boundaries at least)
+
+
+def test_runner_early_outputs_a_failing_slide_leaves_nothing(tmp_path):
+    """A slide that fails in the middle of its tiles, with the label TIFF and the outlines under
+    way: the error surfaces, their threads end, and no output (not even a partial one) is left."""
+    import threading
+
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(300, 260, block=23)], mpp=2.0)
+    calls = []
+
+    def flaky(x):
+        calls.append(1)
+        if len(calls) == 12:
+            raise RuntimeError("the model broke")
+        return red_class(x)
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="the model broke"):
+        run_slide(path, dataclasses.replace(model(predict=flaky), mpp=2.0), out,
+                  opts(overlap=8, output_tile=32, early_pyramid=True))
+    assert not any(t.name.startswith(("wsss-labels", "wsss-rowfeed", "wsss-outlines", "wsss-pyramid"))
+                   for t in threading.enumerate())
+    assert not out.exists() or not any(out.iterdir())

@@ -517,6 +517,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 f"--no-tissue-detection runs every tile, --tissue-mask takes a mask of your own)")
 
         work = Path(tempfile.mkdtemp(prefix=f".work.{writers.temp_tag()}.", suffix=".tmp", dir=out_dir))
+        stage = work / "outputs"  # (published into out_dir when every file is written)
+        stage.mkdir()
         spools: List[TileSpool] = []
         state: dict = {}  # what the tile stage leaves for the outputs (and the cleanup)
         try:
@@ -529,6 +531,22 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             early_pyramid = options.early_pyramid
             if early_pyramid is None:
                 early_pyramid = str(model.description.get("device", "cpu")).startswith("cuda")
+            def polygon_outlines(levels, K: int, threads: Optional[int] = None) -> "_Outlines":
+                """The GeoJSON's outline builder, on the polygon level of the label pyramid."""
+                from wsss.runner.outlines import OutlineBuilder
+
+                level = writers.polygon_level(levels, plan.mpp)
+                poly = levels[level]
+                # NB: a level-L label pixel covers 2^L grid pixels (the last one of a row only
+                # partly): 2^L, not the ratio of the rounded-up level widths
+                poly_mpp = plan.mpp * 2 ** level
+                scale = poly_mpp / reader.mpp  # -> level-0 px of the input slide
+                builder = OutlineBuilder(
+                    poly.width, poly.height, [k for k in range(K) if k != bg], scale=scale,
+                    extent=writers.geojson_extent(reader.dimensions, scale), threads=threads,
+                    min_area_px=max(1, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
+                return _Outlines(level, builder)
+
             # K is only known after the first prediction: build the stitcher lazily.
 
             def make_stitcher(K: int, device=None):
@@ -558,6 +576,15 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     state["pyramid_during_tiles"] = True
                     spools.extend(pyramid.levels[1:])
                     stitcher.labels_out.on_stored = pyramid.tile_stored
+                    # the GeoJSON's outlines too: slab by slab as the polygon level's rows are final
+                    outlines = state["outlines"] = polygon_outlines(pyramid.levels, stitcher.num_classes, threads=2)
+                    state["outline_feed"] = writers.LevelRowFeed(pyramid, outlines.level, outlines.builder.add)
+                    # ... and the label TIFF, each tile row once it is final
+                    writer = state["tiff_writer"] = ThreadPoolExecutor(1, thread_name_prefix="wsss-labels")
+                    state["labels_tiff"] = writer.submit(
+                        writers.write_label_tiff, stage / "labels.tiff", pyramid.levels, mpp=plan.mpp,
+                        palette=model.palette, background_index=bg, tiles=pyramid.iter_final_compressed,
+                        class_names=_class_names(model, stitcher.num_classes))
                 if options.write_probs:
                     ps = TileSpool(str(work / "probs.spool"), T, plan.width, plan.height, np.float16,
                                    channels=stitcher.num_classes, fill=0)
@@ -599,30 +626,36 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             # NB: the GeoJSON (the slowest writer; contourpy, shapely and GEOS release the GIL)
             # runs on its own thread while the others are written; leaving this block waits for
             # it, so the spools it reads are closed only after it ends, however the block ends.
-            stage = work / "outputs"  # (published into out_dir when every file is written)
-            stage.mkdir()
-            with timer("outputs"), ThreadPoolExecutor(1, thread_name_prefix="wsss-geojson") as side:
+            # NB: the GeoJSON and the label TIFF (what is left of them, when begun during the tile
+            # stage) run on threads of their own while the pictures are made
+            with timer("outputs"), ThreadPoolExecutor(2, thread_name_prefix="wsss-outputs") as side:
                 def polygons() -> int:
                     with timer("write_geojson"), _writing(out_dir / "polygons.geojson"):
-                        # NB: a level-L label pixel covers 2^L grid pixels (the last one of a row
-                        # only partly): 2^L, not the ratio of the rounded-up level widths
-                        poly_level = writers.polygon_level(levels, plan.mpp)
-                        poly = levels[poly_level]
-                        poly_mpp = plan.mpp * 2 ** poly_level
-                        scale = poly_mpp / reader.mpp  # -> level-0 px of the input slide
-                        return writers.write_geojson(
-                            stage / "polygons.geojson", poly.read_all(), scale=scale, class_names=names[:K],
-                            palette=model.palette, background_index=bg, bounds=reader.dimensions,
-                            min_area_px=max(1, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
+                        if "outlines" in state:  # traced during the tile stage: the last rows are left
+                            state["outline_feed"].finish()
+                            outlines = state["outlines"]
+                        else:
+                            outlines = polygon_outlines(levels, K, threads=options.workers)
+                            poly = levels[outlines.level]
+                            for r in range(poly.rows):
+                                outlines.builder.add(writers.read_tile_row(poly, r))
+                        return writers.write_geojson_features(stage / "polygons.geojson", outlines.builder.finish(),
+                                                              class_names=names[:K], palette=model.palette)
+
+                def labels_tiff() -> None:
+                    with timer("write_labels"), _writing(out_dir / "labels.tiff"):
+                        if "labels_tiff" in state:
+                            state["labels_tiff"].result()
+                        else:
+                            writers.write_label_tiff(stage / "labels.tiff", levels, mpp=plan.mpp, palette=model.palette,
+                                                     background_index=bg, class_names=names)
+                        if options.write_probs and "probs_spool" in state:
+                            with _writing(out_dir / "probs.tiff"):
+                                writers.write_probs_tiff(stage / "probs.tiff", state["probs_spool"], mpp=plan.mpp,
+                                                         class_names=names[:K])
 
                 n_features = side.submit(polygons)
-                with timer("write_labels"), _writing(out_dir / "labels.tiff"):
-                    writers.write_label_tiff(stage / "labels.tiff", levels, mpp=plan.mpp, palette=model.palette,
-                                             background_index=bg, class_names=names)
-                    if options.write_probs and "probs_spool" in state:
-                        with _writing(out_dir / "probs.tiff"):
-                            writers.write_probs_tiff(stage / "probs.tiff", state["probs_spool"], mpp=plan.mpp,
-                                                     class_names=names[:K])
+                labels_done = side.submit(labels_tiff)
                 with timer("write_areas"), _writing(out_dir / "areas.json"):
                     areas = writers.class_areas(class_pixels, mpp=plan.mpp, class_names=names[:K], background_index=bg)
                     writers.write_areas(stage / "areas.json", stage / "areas.csv", areas)
@@ -641,6 +674,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     tiles_mask = _tiles_footprint(grid, tile, plan, qc_thumb.shape[:2])
                     writers.write_tissue_qc(stage / "tissue_qc.png", qc_thumb,
                                             _mask_at(tissue, plan, qc_thumb.shape[:2]), tiles_mask)
+                labels_done.result()
                 n_features = n_features.result()
 
             outputs = list(OUTPUT_FILES) + (["probs.tiff"] if options.write_probs and "probs_spool" in state else [])
@@ -674,6 +708,11 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
         finally:
             if "pyramid" in state:
                 state["pyramid"].close()  # NB: waits for rows in flight: they read and write spools
+            if "outlines" in state:
+                state["outline_feed"].close()
+                state["outlines"].builder.close()
+            if "tiff_writer" in state:
+                state["tiff_writer"].shutdown(wait=True)  # (the closed pyramid ends an unfinished file)
             for s in spools:
                 s.close()
             shutil.rmtree(work, ignore_errors=True)
@@ -690,6 +729,12 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             with contextlib.suppress(Exception):
                 v.close()
         reader.close()
+
+
+@dataclass
+class _Outlines:
+    level: int  # of the label pyramid
+    builder: object  # wsss.runner.outlines.OutlineBuilder (fed the level's rows, in order)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 import zlib
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -96,8 +96,9 @@ class TileSpool:
                 t = self.get(r, c)
                 yield t if channel is None else t[channel]
 
-    def iter_compressed(self) -> Iterator[bytes]:
-        """Every tile's zlib stream in raster order, as stored (fill tiles: one cached stream).
+    def iter_compressed(self, rows: Optional[Iterable[int]] = None) -> Iterator[bytes]:
+        """Every tile's zlib stream in raster order (of ``rows``: all by default), as stored
+        (fill tiles: one cached stream).
 
         NB: a stored blob is exactly a TIFF "Adobe deflate" (zlib) tile of a single-channel
         image, so the label TIFF is written without decoding or re-encoding anything (and
@@ -105,7 +106,7 @@ class TileSpool:
         ~35 s and +256 MB to a file copy.
         """
         fill_blob = None
-        for r in range(self.rows):
+        for r in range(self.rows) if rows is None else rows:
             for c in range(self.cols):
                 with self._lock:
                     entry = self._index.get((r, c))

@@ -31,9 +31,9 @@ from wsss.runner.stitching import TileSpool
 
 __all__ = [
     "atomic_path", "temp_tag", "remove_stale_temporaries", "write_json_atomic", "downsample_majority", "LabelPyramid", "build_label_pyramid",
-    "write_label_tiff", "write_probs_tiff", "palette_image", "write_overlay", "write_tissue_qc", "inner_boundary",
+    "read_tile_row", "LevelRowFeed", "write_label_tiff", "write_probs_tiff", "palette_image", "write_overlay", "write_tissue_qc", "inner_boundary",
     "overview_level", "polygon_level",
-    "class_areas", "write_areas", "label_polygons", "write_geojson",
+    "class_areas", "write_areas", "label_polygons", "write_geojson", "write_geojson_features", "geojson_extent",
 ]
 
 
@@ -177,6 +177,8 @@ class LabelPyramid:
         self._pool = ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1),
                                         thread_name_prefix="wsss-pyramid")
         self._waiting: Optional[np.ndarray] = None
+        self._watchers: dict = {}  # level -> [callback(row)]
+        self._closed = False
         if expected is not None:
             assert expected.shape == (level0.rows, level0.cols), (expected.shape, level0.rows, level0.cols)
             self._waiting = (expected > 0).sum(axis=1)  # level-0 tiles still to come, per row
@@ -193,6 +195,15 @@ class LabelPyramid:
             if self._waiting[row] == 0:
                 self._row_final(0, row)
 
+    def watch(self, level: int, callback) -> None:
+        """callback(row) once row ``row`` of ``level`` is final (in the spool), from whichever
+        thread made it so (holding the pyramid's lock: it must only hand the row on), for rows
+        already final at once."""
+        with self._lock:
+            self._watchers.setdefault(level, []).append(callback)
+            for r in np.flatnonzero(self._final[level]):
+                callback(int(r))
+
     def finish(self) -> List[TileSpool]:
         """Every level, complete (waits for the rows in flight; builds the rest)."""
         with self._lock:
@@ -204,7 +215,24 @@ class LabelPyramid:
                 raise self._error
         return self.levels
 
+    def iter_final_compressed(self, level: int) -> Iterator[bytes]:
+        """``levels[level].iter_compressed()``, each tile row as soon as it is final (waits for
+        it): the label TIFF written while the tiles run.  Raises if the pyramid fails or closes first."""
+        spool = self.levels[level]
+        for r in range(spool.rows):
+            with self._lock:
+                while not self._final[level][r] and self._error is None and not self._closed:
+                    self._lock.wait()
+                if self._error is not None:
+                    raise self._error
+                if not self._final[level][r]:
+                    raise RuntimeError("label pyramid closed before it was complete")
+            yield from spool.iter_compressed([r])
+
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "LabelPyramid":
@@ -217,6 +245,9 @@ class LabelPyramid:
         if self._final[level][row]:
             return
         self._final[level][row] = True
+        self._lock.notify_all()  # (iter_final_compressed)
+        for callback in self._watchers.get(level, ()):
+            callback(row)
         if level + 1 < len(self.levels):
             rows = [r for r in (row - row % 2, row - row % 2 + 1) if r < self.levels[level].rows]
             if self._final[level][rows].all():
@@ -238,6 +269,54 @@ class LabelPyramid:
             self._rows_to_build -= 1
             self._row_final(level, row)
             self._lock.notify_all()
+
+
+def read_tile_row(spool: TileSpool, row: int) -> np.ndarray:
+    """The pixel rows of tile row ``row`` of a single-channel spool: [<= tile, width]."""
+    T = spool.tile
+    band = np.concatenate([spool.get(row, c) for c in range(spool.cols)], axis=1)
+    return band[:min(T, spool.height - row * T), :spool.width]
+
+
+class LevelRowFeed:
+    """Hands the tile rows of one pyramid level, in order, to ``sink(rows)`` as they become
+    final (on a thread of its own: a pyramid's callbacks must not wait).  ``finish`` waits
+    for the last row; ``close`` stops it wherever it is."""
+
+    def __init__(self, pyramid: "LabelPyramid", level: int, sink) -> None:
+        self.spool = pyramid.levels[level]
+        self.sink = sink
+        self._next = 0
+        self._final: set = set()
+        self._error: Optional[BaseException] = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="wsss-rowfeed")
+        pyramid.watch(level, self._row_final)
+
+    def _row_final(self, row: int) -> None:
+        with contextlib.suppress(RuntimeError):  # (closed: the run is over)
+            self._thread.submit(self._pump, row)
+
+    def _pump(self, row: int) -> None:
+        if self._error is not None:
+            return
+        try:
+            self._final.add(row)
+            while self._next in self._final:
+                self.sink(read_tile_row(self.spool, self._next))
+                self._final.discard(self._next)
+                self._next += 1
+        except BaseException as e:  # noqa: B036 - raised by finish()
+            self._error = e
+
+    def finish(self) -> None:
+        self._thread.shutdown(wait=True)
+        if self._error is not None:
+            raise self._error
+        if self._next != self.spool.rows:
+            raise RuntimeError(f"level rows fed: {self._next} of {self.spool.rows}")
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
 
 
 def build_label_pyramid(level0: TileSpool, tmp_dir: Path, *, fill: int, threads: Optional[int] = None) -> List[TileSpool]:
@@ -275,8 +354,10 @@ def _colormap(palette: Sequence[Sequence[int]], background_index: int) -> np.nda
 
 
 def write_label_tiff(path: Path, levels: List[TileSpool], *, mpp: float, palette, background_index: int,
-                     class_names: Sequence[str]) -> None:
-    """The pyramidal palette TIFF (atomically).  mpp: microns per level-0 pixel."""
+                     class_names: Sequence[str], tiles=None) -> None:
+    """The pyramidal palette TIFF (atomically).  mpp: microns per level-0 pixel.  tiles(i): the
+    zlib tiles of level i in raster order (default: as stored; LabelPyramid.iter_final_compressed
+    writes each row once it is final)."""
     import tifffile
 
     T = levels[0].tile
@@ -290,7 +371,8 @@ def write_label_tiff(path: Path, levels: List[TileSpool], *, mpp: float, palette
                 level_mpp = mpp * 2 ** i  # (level i halves level i - 1, rounding up)
                 res = 1e4 / level_mpp  # pixels per centimetre
                 tif.write(
-                    spool.iter_compressed(), shape=(spool.height, spool.width), dtype=np.uint8,
+                    spool.iter_compressed() if tiles is None else tiles(i), shape=(spool.height, spool.width),
+                    dtype=np.uint8,
                     tile=(T, T), photometric="palette", colormap=cmap, compression="zlib",
                     resolution=(res, res), resolutionunit="CENTIMETER",
                     subfiletype=0 if i == 0 else 1, description=description if i == 0 else None,
@@ -463,231 +545,61 @@ def write_areas(json_path: Path, csv_path: Path, areas: dict) -> None:
         tmp.write_text(buf.getvalue())
 
 
-def _filled_contours(mask: np.ndarray):
-    """Filled marching squares at 0.5 over a bool mask: (points [n, 2] float64 in pixel-corner
-    coordinates - pixel (x, y) spans [x, x + 1] x [y, y + 1] -, ring offsets [r + 1],
-    outer offsets [p + 1]: polygon i's rings, its outer one first), all int64.
-
-    NB: contourpy works on float64 with float64 x/y grids (~24 bytes per pixel), so the mask
-    goes in pieces: runs of rows that hold the class (no object spans a row without it: the
-    same result as one pass), each cropped to its columns.  Sparse classes then cost their
-    own extent, not the map's."""
-    import contourpy
-
-    rows = np.flatnonzero(mask.any(axis=1))
-    gaps = np.flatnonzero(np.diff(rows) > 1)
-    points, rings, outers = [], [np.zeros(1, np.int64)], [np.zeros(1, np.int64)]
-    n_points = n_rings = 0
-    for r0, r1 in zip(np.r_[rows[0], rows[gaps + 1]], np.r_[rows[gaps], rows[-1]] + 1):
-        cols = np.flatnonzero(mask[r0:r1].any(axis=0))
-        c0, c1 = int(cols[0]), int(cols[-1]) + 1
-        # padding closes the objects at the piece's border; marching squares puts the centre of
-        # piece pixel (i, j) at (j + 1, i + 1) (padded): -0.5 + the piece's origin gives corners
-        gen = contourpy.contour_generator(z=np.pad(mask[r0:r1, c0:c1], 1).astype(np.float64), name="serial",
-                                          fill_type=contourpy.FillType.ChunkCombinedOffsetOffset)
-        (pts,), (ro,), (oo,) = gen.filled(0.5, 1.5)  # one chunk: flat arrays
-        if pts is None:
-            continue
-        points.append(pts + (c0 - 0.5, r0 - 0.5))
-        rings.append(ro[1:].astype(np.int64) + n_points)
-        outers.append(oo[1:].astype(np.int64) + n_rings)
-        n_points += len(pts)
-        n_rings += len(ro) - 1
-    return np.concatenate(points), np.concatenate(rings), np.concatenate(outers)
-
-
-MANY_HOLES = 64  # polygons with at least this many holes get _surely_valid before GEOS's check
-
-
-def _surely_valid(polys: np.ndarray) -> np.ndarray:
-    """bool per polygon: True only where it is valid - every ring simple, no ring meets another,
-    every hole inside the shell and none inside another hole (then the interior is connected as
-    well).  False where a ring touches another or anything else fails: maybe valid, maybe not.
-
-    NB: GEOS's validity check of a polygon with thousands of holes costs ~0.75 s (one polygon of
-    the 2048^2 benchmark level, 4938 holes); these pieces take ~0.24 s: rings one by one, holes
-    against their (prepared) shell, holes against holes only where their boxes overlap."""
-    import shapely
-
-    rings = shapely.get_rings(polys)  # each polygon's shell, then its holes
-    of = np.repeat(np.arange(len(polys)), shapely.get_num_interior_rings(polys) + 1)
-    is_shell = np.r_[True, of[1:] != of[:-1]]
-    bad = np.zeros(len(polys), bool)
-    bad[of[~shapely.is_simple(rings)]] = True
-    shells, holes, hole_of = rings[is_shell], rings[~is_shell], of[~is_shell]
-    shapely.prepare(shells)
-    bad[hole_of[shapely.intersects(shells[hole_of], holes)]] = True
-    outer = shapely.polygons(shells)
-    shapely.prepare(outer)
-    first = shapely.get_coordinates(shapely.get_point(holes, 0))
-    bad[hole_of[~shapely.contains_xy(outer[hole_of], first[:, 0], first[:, 1])]] = True
-    areas = shapely.polygons(holes)
-    a, b = shapely.STRtree(areas).query(areas)  # pairs whose boxes overlap
-    pair = (a < b) & (hole_of[a] == hole_of[b])
-    a, b = a[pair], b[pair]
-    bad[hole_of[a[shapely.intersects(areas[a], areas[b])]]] = True
-    return ~bad
-
-
-def _is_valid(polys: np.ndarray, many_holes: int = MANY_HOLES) -> np.ndarray:
-    """shapely.is_valid of polygons, the same answer sooner for those with many holes (which get
-    ``_surely_valid`` first and GEOS's check only where that cannot tell)."""
-    import shapely
-
-    valid = np.zeros(len(polys), bool)
-    many = shapely.get_num_interior_rings(polys) >= many_holes
-    valid[~many] = shapely.is_valid(polys[~many])
-    if many.any():
-        idx = np.flatnonzero(many)
-        sure = _surely_valid(polys[idx])
-        valid[idx[sure]] = True
-        valid[idx[~sure]] = shapely.is_valid(polys[idx[~sure]])
-    return valid
-
-
 def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simplify: float = 0.4,
-                   min_area_px: int = 4, extent: Optional[tuple] = None):
-    """shapely MultiPolygon of the pixels equal to class_index, in units of ``scale`` x label pixels.
+                   min_area_px: int = 4, extent: Optional[tuple] = None, slab_rows: Optional[int] = None):
+    """shapely MultiPolygon (or None) of the pixels equal to class_index, in units of ``scale``
+    x label pixels: wsss.runner.outlines (traced in slabs of ``slab_rows`` rows) for one class."""
+    from wsss.runner.outlines import SLAB_ROWS, trace_outlines
 
-    Filled marching squares at 0.5 over the class mask (contourpy, matplotlib's C++ contouring:
-    each polygon comes with its own holes, so no point-in-polygon matching; diagonal neighbours
-    are separate objects, the same convention as skimage's find_contours).  Objects and holes
-    enclosing fewer than ``min_area_px`` pixels are dropped (a dropped hole is filled): speckle
-    would only bloat the file (an object inside a dropped hole is smaller still, so dropped
-    too: parts never overlap).  simplify (label pixels): Douglas-Peucker tolerance (outlines
-    stay valid); NB: 0.4 drops collinear points but keeps marching squares' corner chamfers (at
-    0.5 a 5-px square collapses to a diamond and loses ~15% of its area); 0 keeps every
-    corner, and the outlines then contain exactly the mask's pixel centres.  Collinear
-    vertices (most of them: straight runs of pixel edges) go before shapely sees the rings,
-    in one vectorised pass; Douglas-Peucker would never pick them.  extent: (width, height) of
-    the slide in label pixels, where the last pixel of a row or column reaches past it: that
-    pixel's outline coordinates are squeezed into the slide (a strictly increasing map, linear
-    on that pixel and the identity elsewhere: the outlines keep their topology, and end at the
-    slide's edge instead of up to a label pixel beyond it).
-    """
-    import shapely
+    return trace_outlines(labels, [class_index], slab_rows=slab_rows or SLAB_ROWS, scale=scale, simplify=simplify,
+                          min_area_px=min_area_px, extent=extent, threads=1)[class_index]
 
-    mask = labels == class_index
-    if not mask.any():
-        return None
-    xy, ring_offsets, outer_offsets = _filled_contours(mask)
-    # every ring's points (closed: last == first); ring -> polygon (its outer ring comes first)
-    ring_counts = np.diff(ring_offsets)
-    ring_poly = np.repeat(np.arange(len(outer_offsets) - 1), np.diff(outer_offsets))
-    starts, ends = ring_offsets[:-1], ring_offsets[1:]
-    # shoelace area per ring (outer rings positive, holes negative: x right, y down)
-    # (cumulative sums are exact here: coordinates are multiples of 0.5, far below 2**50)
-    cross = np.concatenate([[0.0], np.cumsum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1])])
-    area = 0.5 * (cross[ends - 1] - cross[starts])
-    is_outer = np.ones(len(ring_counts), bool)
-    is_outer[1:] = ring_poly[1:] != ring_poly[:-1]
-    keep_ring = np.abs(area) >= min_area_px
-    keep_ring &= keep_ring[np.flatnonzero(is_outer)][ring_poly]  # a dropped object takes its holes along
-    if not keep_ring.any():
-        return None
-    # open rings (closing point dropped), then no collinear vertex; rings renumbered 0.. (shapely
-    # wants indices without gaps)
-    kept = np.flatnonzero(keep_ring)
-    n_open = ring_counts[kept] - 1
-    pts = xy[np.repeat(keep_ring, ring_counts) & (np.arange(len(xy)) != np.repeat(ends - 1, ring_counts))]
-    for axis, limit in enumerate(extent or ()):
-        last = labels.shape[1 - axis] - 1  # the last pixel spans [last, last + 1]
-        if limit < last + 1:
-            v = pts[:, axis]
-            beyond = v > last
-            v[beyond] = last + (v[beyond] - last) * max(limit - last, 1e-3)
-    ring_id = np.repeat(np.arange(len(kept)), n_open)
-    first = np.repeat(np.cumsum(n_open) - n_open, n_open)
-    local, n = np.arange(len(pts)) - first, n_open[ring_id]
-    prev, nxt = pts[first + (local - 1) % n], pts[first + (local + 1) % n]
-    turn = (pts[:, 0] - prev[:, 0]) * (nxt[:, 1] - pts[:, 1]) - (pts[:, 1] - prev[:, 1]) * (nxt[:, 0] - pts[:, 0])
-    corner = turn != 0.0
-    coords, rid = pts[corner] * scale, ring_id[corner]  # open rings, in kept-ring order
-    poly_of = np.unique(ring_poly[kept], return_inverse=True)[1]  # kept ring -> polygon 0..
 
-    def exact(polys: np.ndarray) -> np.ndarray:
-        """The unsimplified polygons ``polys`` (sorted indices), outer ring first."""
-        on = np.isin(poly_of, polys)
-        rings = shapely.linearrings(coords[on[rid]], indices=np.unique(rid[on[rid]], return_inverse=True)[1])
-        return shapely.polygons(rings, indices=np.unique(poly_of[on], return_inverse=True)[1])  # closed by shapely
-
-    n_polys = int(poly_of[-1]) + 1
-    if simplify > 0:
-        # NB: plain Douglas-Peucker is ~5x faster than the topology-preserving variant and on
-        # marching-squares rings at this tolerance nearly always valid; the rare outline it
-        # breaks (or collapses) is redone with topology preserved.  It runs on the rings as
-        # closed lines: GEOS's simplification of a *polygon* checks the result's validity
-        # itself (and quietly buffer(0)s an invalid one), which on a polygon with thousands of
-        # holes is 95% of its time (0.80 s vs 0.04 s on the noisy 2048^2 benchmark level) - and
-        # validity is checked here anyway, once, on what is written.  (Rings as lines keep
-        # their start point, which GEOS's polygon rings may drop: <= 0.5 px^2 per ring.)
-        n = np.bincount(rid, minlength=len(kept))
-        ends = np.cumsum(n)
-        closed_coords = np.insert(coords, ends, coords[ends - n], axis=0)  # each ring's first point again
-        lines = shapely.linestrings(closed_coords, indices=np.repeat(np.arange(len(kept)), n + 1))
-        lines = shapely.simplify(lines, simplify * scale, preserve_topology=False)
-        counts = shapely.get_num_coordinates(lines)
-        is_shell = np.r_[True, poly_of[1:] != poly_of[:-1]]
-        closed = counts >= 4  # (a ring DP left as a, b, a is gone: a hole is filled, a polygon redone)
-        shell_ok = closed[is_shell]
-        keep = closed & shell_ok[poly_of]
-        geoms = np.full(n_polys, shapely.Polygon(), dtype=object)
-        geoms[shell_ok] = shapely.polygons(
-            shapely.linearrings(shapely.get_coordinates(lines[keep]), indices=np.repeat(np.arange(keep.sum()), counts[keep])),
-            indices=np.unique(poly_of[keep], return_inverse=True)[1])
-        suspect = ~_is_valid(geoms) | shapely.is_empty(geoms)
-        if suspect.any():
-            geoms[suspect] = shapely.simplify(exact(np.flatnonzero(suspect)), simplify * scale, preserve_topology=True)
-    else:
-        geoms, suspect = exact(np.arange(n_polys)), np.ones(n_polys, bool)
-    bad = np.zeros(len(geoms), bool)
-    bad[suspect] = ~_is_valid(geoms[suspect])
-    if bad.any():  # never seen on marching-squares output (tests/test_polygons.py); cheap insurance
-        geoms[bad] = shapely.make_valid(geoms[bad])
-    parts = shapely.get_parts(geoms)
-    parts = parts[(shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts)]
-    return shapely.multipolygons(parts) if len(parts) else None
+def geojson_extent(bounds: Optional[tuple], scale: float) -> Optional[tuple]:
+    """label_polygons' extent of a slide ``bounds`` (width, height) in output units."""
+    return None if bounds is None else (bounds[0] / scale, bounds[1] / scale)
 
 
 def write_geojson(path: Path, labels: np.ndarray, *, scale: float, class_names: Sequence[str], palette,
                   background_index: int, min_area_px: int = 4, bounds: Optional[tuple] = None,
-                  threads: Optional[int] = None) -> int:
-    """QuPath-style FeatureCollection: one annotation per class.  Returns the number of features.
+                  threads: Optional[int] = None, slab_rows: Optional[int] = None) -> int:
+    """QuPath-style FeatureCollection of a label map: one annotation per class (see
+    write_geojson_features).  Returns the number of features.
 
     bounds: (width, height) of the slide in output coordinates: outlines end at its edges (the
-    last label pixel of a row reaches past the slide's edge; see label_polygons' extent).
-    threads: classes traced at once (None: one per core, at most one per class).
-
-    NB: contourpy's tracing and GEOS's simplification and validation release the GIL, so the
-    classes run on threads, the largest first (the outline of the commonest class usually
-    costs most: on a 2048^2 level of noisy labels, 1.55 of 2.57 s).  The file is the same
-    whatever the number of threads."""
-    import shapely
+    last label pixel of a row reaches past the slide's edge; see outlines' extent).
+    threads: slabs traced at once (None: one per core); the file is the same whatever the number."""
+    from wsss.runner.outlines import SLAB_ROWS, trace_outlines
 
     classes = [k for k in range(len(class_names)) if k != background_index]
-    extent = None if bounds is None else (bounds[0] / scale, bounds[1] / scale)
+    geoms = trace_outlines(labels, classes, slab_rows=slab_rows or SLAB_ROWS, scale=scale, min_area_px=min_area_px,
+                           extent=geojson_extent(bounds, scale), threads=threads)
+    return write_geojson_features(path, geoms, class_names=class_names, palette=palette, threads=threads)
 
-    def trace(k: int) -> Optional[str]:
-        geom = label_polygons(labels, k, scale=scale, min_area_px=min_area_px, extent=extent)
-        # NB: GEOS writes the coordinates (shortest round-trip floats, as json would) in C
-        return None if geom is None or geom.is_empty else shapely.to_geojson(geom)
 
+def write_geojson_features(path: Path, geoms: dict, *, class_names: Sequence[str], palette,
+                           threads: Optional[int] = None) -> int:
+    """The FeatureCollection of {class index: MultiPolygon or None} (atomically), in class order;
+    returns the number of features (empty classes have none).
+
+    NB: GEOS writes the coordinates (shortest round-trip floats, as json would) in C, releasing
+    the GIL: the classes are serialised on threads."""
+    import shapely
+
+    classes = sorted(k for k, g in geoms.items() if g is not None and not g.is_empty)
     workers = min(len(classes), threads or os.cpu_count() or 1)
     if workers > 1:
-        order = sorted(classes, key=lambda k: -int(np.count_nonzero(labels == k)))
         with ThreadPoolExecutor(workers, thread_name_prefix="wsss-geojson") as pool:
-            traced = dict(zip(order, pool.map(trace, order)))
+            texts = list(pool.map(lambda k: shapely.to_geojson(geoms[k]), classes))
     else:
-        traced = {k: trace(k) for k in classes}
+        texts = [shapely.to_geojson(geoms[k]) for k in classes]
     features = []
-    for k in classes:
-        if traced[k] is None:
-            continue
+    for k, text in zip(classes, texts):
         name = class_names[k]
         colour = list(palette[k][:3]) if k < len(palette) else [128, 128, 128]
         props = {"objectType": "annotation", "name": name,
                  "classification": {"name": name, "color": [int(v) for v in colour]}}
-        features.append('{"type": "Feature", "geometry": %s, "properties": %s}' % (traced[k], json.dumps(props)))
+        features.append('{"type": "Feature", "geometry": %s, "properties": %s}' % (text, json.dumps(props)))
     with atomic_path(path) as tmp:
         tmp.write_text('{"type": "FeatureCollection", "features": [%s]}' % ", ".join(features))
     return len(features)
