@@ -577,7 +577,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     spools.extend(pyramid.levels[1:])
                     stitcher.labels_out.on_stored = pyramid.tile_stored
                     # the GeoJSON's outlines too: slab by slab as the polygon level's rows are final
-                    outlines = state["outlines"] = polygon_outlines(pyramid.levels, stitcher.num_classes, threads=2)
+                    outlines = state["outlines"] = polygon_outlines(pyramid.levels, stitcher.num_classes,
+                                                                    threads=min(4, os.cpu_count() or 1))
                     state["outline_feed"] = writers.LevelRowFeed(pyramid, outlines.level, outlines.builder.add)
                     # ... and the label TIFF, each tile row once it is final
                     writer = state["tiff_writer"] = ThreadPoolExecutor(1, thread_name_prefix="wsss-labels")
@@ -824,12 +825,22 @@ def _mask_at(tissue, plan, shape) -> np.ndarray:
 
 
 def _tiles_footprint(grid, tile: int, plan, shape) -> np.ndarray:
+    """bool [h, w]: the picture's pixels that some tile of the grid covers (rectangles summed
+    into a difference array: no per-tile Python loop, which stalls behind busy threads)."""
     h, w = shape
     fy, fx = h / plan.height, w / plan.width
-    m = np.zeros((h, w), bool)
-    for (x, y) in grid.tiles:
-        m[int(y * fy):int(math.ceil((y + tile) * fy)), int(x * fx):int(math.ceil((x + tile) * fx))] = True
-    return m
+    if not grid.tiles:
+        return np.zeros((h, w), bool)
+    xy = np.asarray(grid.tiles, np.float64)
+    y0, x0 = (xy[:, 1] * fy).astype(np.int64), (xy[:, 0] * fx).astype(np.int64)
+    y1 = np.minimum(np.ceil((xy[:, 1] + tile) * fy).astype(np.int64), h)
+    x1 = np.minimum(np.ceil((xy[:, 0] + tile) * fx).astype(np.int64), w)
+    d = np.zeros((h + 1, w + 1), np.int64)
+    np.add.at(d, (y0, x0), 1)
+    np.add.at(d, (y0, x1), -1)
+    np.add.at(d, (y1, x0), -1)
+    np.add.at(d, (y1, x1), 1)
+    return d.cumsum(0).cumsum(1)[:h, :w] > 0
 
 
 def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher, views: list,
