@@ -252,3 +252,24 @@ def test_a_line_the_simplification_breaks_is_written_exact(monkeypatch):
     assert got.is_valid and got.area == pytest.approx(exact.area, rel=0.02)
     assert any(p.equals(e) for p in got.geoms for e in exact.geoms)  # the first one, exact
     assert not any(shapely.Polygon(bowtie.coords).equals(p) for p in got.geoms)
+
+
+def test_outlines_do_not_depend_on_how_rows_arrive_or_the_threads():
+    """The builder cuts its own slabs: rows added in any bands, traced on any number of threads,
+    give the same polygons, coordinate for coordinate (the runner's early and late paths)."""
+    from wsss.runner.outlines import OutlineBuilder, trace_outlines
+
+    rng = np.random.default_rng(21)
+    labels = np.kron((rng.random((30, 40)) * 4).astype(np.uint8), np.ones((5, 5), np.uint8))[:143, :197]
+    kw = dict(scale=3.0, simplify=0.4, min_area_px=3, extent=(196.3, 142.6))
+    want = trace_outlines(labels, range(4), slab_rows=32, threads=1, **kw)
+    for threads in (1, 3):
+        with OutlineBuilder(197, 143, range(4), slab_rows=32, threads=threads, **kw) as b:
+            r = 0
+            while r < 143:
+                n = int(rng.integers(1, 50))
+                b.add(labels[r:r + n])
+                r += n
+            got = b.finish()
+        for k in range(4):
+            assert shapely.equals_exact(got[k], want[k], tolerance=0), (threads, k)

@@ -25,11 +25,12 @@ thread); ``finish`` joins the outlines that cross slab boundaries.
   chain as a line with its ends fixed (0.4 keeps marching squares' corner chamfers: at 0.5 a
   5-px square becomes a diamond).  Validity is checked in the slab, where everything that could
   cross lies (simplified lines stay inside their slab and meet the next one only at chain
-  ends): every line simple, no two lines meeting, no hole in another hole of its polygon,
-  every hole inside its shell.  What fails is put back unsimplified (exact outlines are valid
-  by construction) and checked again.  What only ``finish`` can see (the holes of a joined
-  region against its joined shell and new holes) is checked there; a region that fails is
-  written unsimplified.
+  ends): every line simple and no two lines meeting; where containment could change as well
+  (see SAFE_SIMPLIFY), no hole in another hole of its polygon and every hole inside its shell.
+  What fails is put back unsimplified (exact outlines are valid
+  by construction) and checked again.  What only ``finish`` can see (the containment of a
+  joined region's holes) is checked there, where needed; a region that fails is written
+  unsimplified.
 - extent: the last pixel of a row or column may reach past the slide's edge: its outline
   coordinates are squeezed into the slide (a strictly increasing map, linear on that pixel and
   the identity elsewhere: the topology is kept).
@@ -50,7 +51,9 @@ import numpy as np
 
 __all__ = ["OutlineBuilder", "trace_outlines", "SLAB_ROWS"]
 
-SLAB_ROWS = 256  # rows per slab (NB: 64 or 128 cost 1.2-1.7x as much in all on a noisy 2048^2 map, and no less after the last tile on 2 cores)
+# rows per slab (NB: 64 or 128 cost 1.2-1.7x as much in all on a noisy 2048^2 map, and left no
+# less after the last tile on 2 cores)
+SLAB_ROWS = 256
 # NB: a vertex of one marching-squares ring is >= sqrt(1/2) px from any other ring; a line that
 # Douglas-Peucker simplifies moves less than its tolerance, so below that no hole can slip out of
 # its shell or into another hole without lines crossing, which the checks catch.  Only near a

@@ -531,6 +531,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             early_pyramid = options.early_pyramid
             if early_pyramid is None:
                 early_pyramid = str(model.description.get("device", "cpu")).startswith("cuda")
+
             def polygon_outlines(levels, K: int, threads: Optional[int] = None) -> "_Outlines":
                 """The GeoJSON's outline builder, on the polygon level of the label pyramid."""
                 from wsss.runner.outlines import OutlineBuilder
@@ -625,23 +626,24 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     state["pyramid"] = writers.LabelPyramid(label_spool, work, fill=bg)
                     spools.extend(state["pyramid"].levels[1:])
                 levels = state["pyramid"].finish()
-            # NB: the GeoJSON (the slowest writer; contourpy, shapely and GEOS release the GIL)
-            # runs on its own thread while the others are written; leaving this block waits for
-            # it, so the spools it reads are closed only after it ends, however the block ends.
             # NB: the GeoJSON and the label TIFF (what is left of them, when begun during the tile
-            # stage) run on threads of their own while the pictures are made
+            # stage; contourpy, GEOS, zlib and file writes release the GIL) run on threads of their
+            # own while the pictures are made; leaving this block waits for them, so the spools
+            # they read are closed only after they end, however the block ends.
             with timer("outputs"), ThreadPoolExecutor(2, thread_name_prefix="wsss-outputs") as side:
                 def polygons() -> int:
                     with timer("write_geojson"), _writing(out_dir / "polygons.geojson"):
                         if "outlines" in state:  # traced during the tile stage: the last rows are left
                             state["outline_feed"].finish()
-                            outlines = state["outlines"]
+                            geoms = state["outlines"].builder.finish()
                         else:
                             outlines = polygon_outlines(levels, K, threads=options.workers)
                             poly = levels[outlines.level]
-                            for r in range(poly.rows):
-                                outlines.builder.add(writers.read_tile_row(poly, r))
-                        return writers.write_geojson_features(stage / "polygons.geojson", outlines.builder.finish(),
+                            with outlines.builder:  # (its threads end however this ends)
+                                for r in range(poly.rows):
+                                    outlines.builder.add(writers.read_tile_row(poly, r))
+                                geoms = outlines.builder.finish()
+                        return writers.write_geojson_features(stage / "polygons.geojson", geoms,
                                                               class_names=names[:K], palette=model.palette)
 
                 def labels_tiff() -> None:
