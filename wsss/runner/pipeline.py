@@ -828,22 +828,22 @@ def _mask_at(tissue, plan, shape) -> np.ndarray:
 
 
 def _tiles_footprint(grid, tile: int, plan, shape) -> np.ndarray:
-    """bool [h, w]: the picture's pixels that some tile of the grid covers (rectangles summed
-    into a difference array: no per-tile Python loop, which stalls behind busy threads)."""
+    """bool [h, w]: the picture's pixels that some tile of the grid covers, one tile row at a
+    time (NB: not a Python loop per tile, which stalled for 1 s over 16641 tiles behind the
+    tail's busy threads on a GPU host, nor a 2-D difference array, 3x slower on small grids)."""
     h, w = shape
     fy, fx = h / plan.height, w / plan.width
+    m = np.zeros((h, w), bool)
     if not grid.tiles:
-        return np.zeros((h, w), bool)
-    xy = np.asarray(grid.tiles, np.float64)
-    y0, x0 = (xy[:, 1] * fy).astype(np.int64), (xy[:, 0] * fx).astype(np.int64)
-    y1 = np.minimum(np.ceil((xy[:, 1] + tile) * fy).astype(np.int64), h)
-    x1 = np.minimum(np.ceil((xy[:, 0] + tile) * fx).astype(np.int64), w)
-    d = np.zeros((h + 1, w + 1), np.int64)
-    np.add.at(d, (y0, x0), 1)
-    np.add.at(d, (y0, x1), -1)
-    np.add.at(d, (y1, x0), -1)
-    np.add.at(d, (y1, x1), 1)
-    return d.cumsum(0).cumsum(1)[:h, :w] > 0
+        return m
+    xy = np.asarray(grid.tiles, np.int64)
+    for y in np.unique(xy[:, 1]):
+        xs = xy[xy[:, 1] == y, 0]
+        edges = np.zeros(w + 1, np.int32)
+        np.add.at(edges, (xs * fx).astype(np.int64), 1)
+        np.add.at(edges, np.minimum(np.ceil((xs + tile) * fx).astype(np.int64), w), -1)
+        m[int(y * fy):int(math.ceil((y + tile) * fy))] |= np.cumsum(edges[:w]) > 0
+    return m
 
 
 def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher, views: list,
