@@ -59,3 +59,24 @@ def test_tissue_qc_without_detection_is_the_thumbnail(tmp_path):
     full = np.ones((30, 20), bool)
     write_tissue_qc(tmp_path / "q.png", thumb, full, full)  # (edges are no boundary)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "q.png")), thumb)
+
+
+def test_tiles_footprint_is_the_union_of_the_tiles():
+    """The QC picture's footprint (one tile row at a time) against painting every tile."""
+    import math
+    import types
+
+    from wsss.runner.pipeline import _tiles_footprint
+
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        H, W = (int(v) for v in rng.integers(50, 3000, 2))
+        tile = int(rng.integers(16, 300))
+        ys = rng.choice(rng.integers(0, H, 6), 30)
+        tiles = [(int(x), int(y)) for x, y in zip(rng.integers(0, W, 30), ys)]
+        h, w = (int(v) for v in rng.integers(5, 300, 2))
+        want = np.zeros((h, w), bool)
+        for x, y in tiles:
+            want[int(y * h / H):int(math.ceil((y + tile) * h / H)), int(x * w / W):int(math.ceil((x + tile) * w / W))] = True
+        got = _tiles_footprint(types.SimpleNamespace(tiles=tiles), tile, types.SimpleNamespace(height=H, width=W), (h, w))
+        assert (got == want).all()
