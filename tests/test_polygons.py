@@ -188,6 +188,19 @@ def test_speckle_across_slabs():
         assert len(dropped.geoms) == 1
 
 
+def test_outlines_of_tiny_maps_in_one_row_slabs():
+    from wsss.runner.outlines import OutlineBuilder, trace_outlines
+
+    rng = np.random.default_rng(2)
+    for h, w in [(1, 1), (1, 7), (7, 1), (2, 3), (3, 2)]:
+        labels = (rng.random((h, w)) * 2).astype(np.uint8)
+        for slab in (1, 2, 5):
+            out = trace_outlines(labels, [0, 1], slab_rows=slab, simplify=0, min_area_px=0)
+            for k, g in out.items():
+                assert (centres_inside(g, h, w) == (labels == k)).all(), (h, w, slab, k)
+    assert OutlineBuilder(3, 0, [1]).finish() == {1: None}
+
+
 def test_outline_builder_refuses_bad_rows():
     from wsss.runner.outlines import OutlineBuilder
 

@@ -474,6 +474,8 @@ class OutlineBuilder:
         """One class's MultiPolygon from its slabs (None when empty)."""
         import shapely
 
+        if not slabs:  # (a map without rows)
+            return None
         parts = [(s.done_xy, s.done_n, s.done_rings) for s in slabs]
         joined = self._join_pieces(slabs)
         if joined is not None:
