@@ -170,8 +170,12 @@ def _tiles_of(path: Path, tile: int) -> torch.Tensor:
 def _warm_up(model: SlideModel, tiles: torch.Tensor) -> None:
     """TorchScript's profiling executor optimises a module over its first calls per input shape
     (~1 s here): warm up the full batch and the last, partial batch so both tests time steady
-    state (a CLI run pays it once per process: see the stage times in docs/runner.md)."""
-    for _ in range(2):
+    state (a CLI run pays it once per process: see the stage times in docs/runner.md).  On CUDA
+    the predictor captures a CUDA graph per batch shape on its CudaGraphs.WARMUP-th call: that
+    happens here too, not in a timed round."""
+    from wsss.bundle import CudaGraphs
+
+    for _ in range(CudaGraphs.WARMUP + 1 if DEVICE.startswith("cuda") else 2):
         model.predict(tiles[:BATCH])
         if len(tiles) % BATCH:
             model.predict(tiles[:len(tiles) % BATCH])

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from wsss.errors import BundleError
 
-__all__ = ["Bundle", "BundlePredictor", "PendingPrediction", "save_bundle", "load_bundle", "read_bundle_metadata", "content_hash", "cpu_reduced_precision_supported",
+__all__ = ["Bundle", "BundlePredictor", "CudaGraphs", "PendingPrediction", "save_bundle", "load_bundle", "read_bundle_metadata", "content_hash", "cpu_reduced_precision_supported",
            "BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "METADATA_FILE"]
 
 BUNDLE_FORMAT = "wsss-bundle"
@@ -221,7 +221,7 @@ class Bundle:
         return len(self.metadata["class_names"])
 
     def predictor(self, device: str = "cpu", precision: str = "float32", *, channels_last: Optional[bool] = None,
-                  precision_mode: Optional[str] = None) -> "BundlePredictor":
+                  precision_mode: Optional[str] = None, cuda_graphs: Optional[bool] = None) -> "BundlePredictor":
         """A ``BundlePredictor``: ``predict(tiles, with_scores=False) -> (labels, scores, class_prob)``
         and ``predict.submit(tiles, ...) -> PendingPrediction`` (see BundlePredictor).
 
@@ -239,6 +239,11 @@ class Bundle:
         fast CPU mode only on CPUs with bf16 units (AVX-512 BF16 / AMX; see
         cpu_reduced_precision_supported, which warns otherwise); channels_last (default: on) suits
         both CPU and CUDA.
+
+        cuda_graphs (CUDA only; default: on unless the environment sets WSSS_CUDA_GRAPHS=0): a
+        batch shape seen ``CudaGraphs.WARMUP`` times is captured into a CUDA graph and replayed
+        from then on (see CudaGraphs): the same kernels, launched with one call instead of
+        hundreds, which frees the host thread that feeds the model.
         """
         if precision not in PRECISIONS:
             raise BundleError(f"bundle {self.path}: precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -270,7 +275,10 @@ class Bundle:
         if use_channels_last:
             module = module.to(memory_format=torch.channels_last)
         module.eval()
-        return BundlePredictor(module, dev, precision, mode, use_channels_last)
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("WSSS_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
+        return BundlePredictor(module, dev, precision, mode, use_channels_last,
+                               cuda_graphs=bool(cuda_graphs) and dev.type == "cuda")
 
 
 PRECISION_MODES = ("cast", "autocast")
@@ -307,7 +315,8 @@ class BundlePredictor:
 
     PINNED_RING = 3
 
-    def __init__(self, module, device: torch.device, precision: str, precision_mode: str, channels_last: bool) -> None:
+    def __init__(self, module, device: torch.device, precision: str, precision_mode: str, channels_last: bool,
+                 *, cuda_graphs: bool = False) -> None:
         self.module = module
         self.device = device
         self.precision = precision
@@ -315,11 +324,16 @@ class BundlePredictor:
         self.channels_last = channels_last
         self._dtype = PRECISIONS[precision]
         self._cuda: Optional[_CudaOverlap] = None
+        self.graphs: Optional[CudaGraphs] = CudaGraphs(self) if cuda_graphs else None
 
-    def _autocast(self):
+    def _autocast(self, cache_enabled: bool = True):
         if self.precision_mode == "autocast" and self._dtype != torch.float32:
-            return torch.autocast(self.device.type, dtype=self._dtype)
+            return torch.autocast(self.device.type, dtype=self._dtype, cache_enabled=cache_enabled)
         return contextlib.nullcontext()
+
+    def _eager(self, x: Tensor, with_scores: bool, cache_enabled: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+        with torch.inference_mode(), self._autocast(cache_enabled):
+            return self.module(x, with_scores)
 
     @staticmethod
     def _check(tiles) -> Tensor:
@@ -334,8 +348,11 @@ class BundlePredictor:
     def _run(self, x: Tensor, with_scores: bool) -> Tuple[Tensor, Tensor, Tensor]:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), self._autocast():
-            return self.module(x, with_scores)
+        if self.graphs is not None:
+            out = self.graphs.run(x, with_scores)
+            if out is not None:
+                return out
+        return self._eager(x, with_scores)
 
     def __call__(self, tiles: Tensor, with_scores: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
         tiles = self._check(tiles)
@@ -372,6 +389,84 @@ class BundlePredictor:
             self._cuda = _CudaOverlap(self.device, self.PINNED_RING)
         with torch.cuda.device(self.device):
             return self._run(self._cuda.stage(tiles), with_scores)
+
+
+class CudaGraphs:
+    """CUDA graphs of a predictor's module, one per (input shape, dtype, with_scores).
+
+    The module launches hundreds of kernels per batch; from Python that is ~25 ms of host time
+    for a batch of 32 reference-size tiles, about what the GPU needs to run them, so the thread
+    that feeds the model was the whole-slide runner's bottleneck.  A replayed graph launches the
+    same kernels with one call.
+
+    - A shape is captured on its ``WARMUP``-th call (TorchScript's profiling executor settles
+      its optimised graph over the first calls; the earlier calls run eagerly), so a slide of a
+      few batches, or the runner's last partial batch, never pays for a capture.
+    - Replays read a static input buffer (the batch is copied in on the current stream) and
+      write static outputs, which are cloned on the current stream before they are returned:
+      callers own their outputs as with eager calls, and the next replay, queued behind those
+      clones, cannot overwrite what a caller still reads on another stream.
+    - Under autocast the capture runs with autocast's weight-cast cache off (a cached cast made
+      during capture would be freed with the cache while the graph still reads it); eager
+      calls use the cache.  The values are the same either way.
+    - If a capture fails (an op that synchronises with the host, an old driver), the error is
+      shown once as a warning and the predictor runs eagerly from then on.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, predictor: "BundlePredictor") -> None:
+        self.predictor = predictor
+        self.enabled = True
+        self._calls: Dict[tuple, int] = {}
+        self._graphs: Dict[tuple, Tuple[Any, Tensor, Tuple[Tensor, Tensor, Tensor]]] = {}
+
+    @property
+    def captured(self) -> int:
+        """How many graphs have been captured."""
+        return len(self._graphs)
+
+    def run(self, x: Tensor, with_scores: bool) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+        """The module's outputs for ``x`` by a graph replay, or None: run it eagerly."""
+        if not self.enabled or x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return None
+        key = (tuple(x.shape), tuple(x.stride()), x.dtype, bool(with_scores), x.device)
+        entry = self._graphs.get(key)
+        if entry is None:
+            calls = self._calls[key] = self._calls.get(key, 0) + 1
+            if calls < self.WARMUP:
+                return None
+            try:
+                entry = self._graphs[key] = self._capture(x, with_scores)
+            except Exception as error:  # noqa: BLE001 - any failure: fall back to eager calls
+                self.enabled = False
+                self._graphs.clear()
+                warnings.warn(f"wsss: capturing a CUDA graph of the model failed ({type(error).__name__}: {error}); "
+                              "running it without CUDA graphs", RuntimeWarning, stacklevel=3)
+                return None
+        graph, static_in, static_out = entry
+        with torch.inference_mode():
+            static_in.copy_(x)
+            graph.replay()
+            return tuple(t.clone() for t in static_out)
+
+    def _capture(self, x: Tensor, with_scores: bool):
+        p = self.predictor
+        with torch.inference_mode():
+            static_in = torch.empty_like(x)
+            static_in.copy_(x)
+        # NB: a warm-up on a side stream first, as torch.cuda.graphs' docs ask (lazy handles and
+        # workspaces are made outside the capture)
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                p._eager(static_in, with_scores, cache_enabled=False)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = p._eager(static_in, with_scores, cache_enabled=False)
+        return graph, static_in, tuple(static_out)
 
 
 class PendingPrediction:
