@@ -413,6 +413,74 @@ def test_cuda_submit_uses_pinned_memory_and_equals_call(tissue_tiles):
     assert torch.equal(on_gpu[0], want[0][0])
 
 
+def _distinct_batches(tiles, n):
+    return [((tiles.int() + 37 * i) % 256).to(torch.uint8).roll(i, dims=0).contiguous() for i in range(n)]
+
+
+@needs_cuda
+@needs_demo
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_cuda_graph_replays_equal_eager_calls(tissue_tiles, precision):
+    """Replays give the eager module's outputs, for new inputs each time (the static input is
+    refreshed), and an output handed out earlier is never overwritten by a later replay."""
+    if precision == "bfloat16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16")
+    bundle = load_bundle(DEMO_BUNDLE)
+    graphed = bundle.predictor("cuda", precision, cuda_graphs=True)
+    eager = bundle.predictor("cuda", precision, cuda_graphs=False)
+    assert eager.graphs is None and graphed.graphs is not None
+    batches = _distinct_batches(tissue_tiles, 7)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        want = [eager(b, True) for b in batches]
+        on_device = [graphed.on_device(b, True) for b in batches]  # all queued before any is read
+        got_sync = [graphed(b, True) for b in batches]
+        got_async = [p.result() for p in [graphed.submit(b, True) for b in batches]]
+        partial, partial_eager = graphed(batches[0][:1], True), eager(batches[0][:1], True)
+    assert graphed.graphs.captured == 1  # the full batch shape; the single tile ran eagerly
+    for w, d, s, a in zip(want, on_device, got_sync, got_async):
+        for got in (tuple(t.cpu() for t in d), s, a):
+            assert torch.equal(got[0], w[0])
+            torch.testing.assert_close(got[1].float(), w[1], rtol=0, atol=1e-6)
+            torch.testing.assert_close(got[2].float(), w[2], rtol=0, atol=1e-6)
+    # NB: compared with an eager call on the same single tile (a batch of 4 may pick other kernels)
+    assert torch.equal(partial[0], partial_eager[0])
+
+
+@needs_cuda
+@needs_demo
+def test_cuda_graph_capture_failure_falls_back_to_eager(tissue_tiles, monkeypatch):
+    bundle = load_bundle(DEMO_BUNDLE)
+    predict = bundle.predictor("cuda", "float32", cuda_graphs=True)
+    want = bundle.predictor("cuda", "float32", cuda_graphs=False)(tissue_tiles, True)
+
+    class Broken:
+        def __init__(self, *a, **k):
+            raise RuntimeError("capture not supported here")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Broken)
+    with pytest.warns(RuntimeWarning, match="capturing a CUDA graph of the model failed.*capture not supported"):
+        outs = [predict(tissue_tiles, True) for _ in range(5)]
+    assert not predict.graphs.enabled and predict.graphs.captured == 0
+    for got in outs:
+        assert torch.equal(got[0], want[0])
+
+
+@needs_cuda
+@needs_demo
+def test_cuda_graphs_off_by_environment(monkeypatch):
+    bundle = load_bundle(DEMO_BUNDLE)
+    assert bundle.predictor("cuda", "float32").graphs is not None
+    monkeypatch.setenv("WSSS_CUDA_GRAPHS", "0")
+    assert bundle.predictor("cuda", "float32").graphs is None
+
+
+@needs_demo
+def test_cpu_predictors_have_no_cuda_graphs():
+    bundle = load_bundle(DEMO_BUNDLE)
+    assert bundle.predictor("cpu", "float32").graphs is None
+    assert bundle.predictor("cpu", "float32", cuda_graphs=True).graphs is None
+
+
 @needs_cuda
 @needs_demo
 def test_cuda_runner_async_equals_sync(tmp_path):
@@ -484,3 +552,27 @@ def test_model_keeps_the_callers_thread_count(tmp_path, workers):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-3:] == ["[2]", "2", "2"], r.stdout
+
+
+def test_runs_shorten_the_gil_switch_interval_and_restore_it(tmp_path):
+    """run_slide / run_slides set pipeline.SWITCH_INTERVAL_S while they run (the model sees it)
+    and give the caller's interval back afterwards, also when the slide fails."""
+    import sys
+
+    from wsss.runner import pipeline, run_slides
+
+    before = sys.getswitchinterval()
+    seen = []
+
+    def predict(x):
+        seen.append(sys.getswitchinterval())
+        return red_class(x)
+
+    write_pyramid(tmp_path / "s.tif", [colour_slide(96, 96)])
+    run_slide(tmp_path / "s.tif", model(predict), tmp_path / "a", opts(batch_size=2), log=lambda s: None)
+    assert set(seen) == {pipeline.SWITCH_INTERVAL_S} and sys.getswitchinterval() == before
+    seen.clear()
+    res = run_slides([tmp_path / "s.tif", tmp_path / "missing.tif"], model(predict), [tmp_path / "b", tmp_path / "c"],
+                     opts(batch_size=2), log=lambda s: None)
+    assert [r.status for r in res] == ["done", "failed"]
+    assert set(seen) == {pipeline.SWITCH_INTERVAL_S} and sys.getswitchinterval() == before

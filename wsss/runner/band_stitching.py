@@ -74,13 +74,15 @@ class BandStitcher:
 
     tiles: the (x, y) of every tile, in the raster order they will be added; window: float32
     [tile, tile]; tissue: a ``TissueMask`` (None: everything is tissue) sampled at ``grid_mpp``;
-    labels_out / probs_out: ``OutputTiles`` (set before the first ``add_batch``).
+    labels_out / probs_out: ``OutputTiles`` (set before the first ``add_batch``).  timer(s): the
+    writer thread's time per band; wait_timer(s): the producer's time blocked on a full writer queue.
     ``device_bytes(K, tile, width)`` estimates the device memory it needs.
     """
 
     def __init__(self, width: int, height: int, tile: int, tiles: Sequence[Tuple[int, int]], window: np.ndarray,
                  num_classes: int, device, *, tissue=None, grid_mpp: float = 1.0, background_index: int = 0,
-                 timer: Optional[Callable[[float], None]] = None) -> None:
+                 timer: Optional[Callable[[float], None]] = None,
+                 wait_timer: Optional[Callable[[float], None]] = None) -> None:
         self.width, self.height, self.tile = width, height, tile
         self.num_classes = K = num_classes
         self.device = torch.device(device)
@@ -112,7 +114,8 @@ class BandStitcher:
         # peak device bytes (accumulator + the largest band's temporaries), for run.json
         self.peak_piece_bytes = self.device_bytes(K, self.acc.shape[1], width)
         self.peak_pieces = 1
-        self._timer = timer
+        self._timer = timer  # the writer's own time per band
+        self._wait_timer = wait_timer  # the producer's time blocked on a full writer queue
         self._q: "queue.Queue" = queue.Queue(maxsize=4)
         self._errors: List[BaseException] = []
         self._writer = threading.Thread(target=self._write_bands, name="wsss-band-writer", daemon=True)
@@ -209,14 +212,24 @@ class BandStitcher:
         self._put((y0, spans, labels_host, probs_host, done))
 
     def _put(self, item) -> None:
-        while True:  # NB: never block forever on a writer that died
-            if self._errors:
-                raise self._errors[0]
-            try:
-                self._q.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        try:
+            self._q.put_nowait(item)
+            return
+        except queue.Full:
+            pass
+        t0 = time.perf_counter()
+        try:
+            while True:  # NB: never block forever on a writer that died
+                if self._errors:
+                    raise self._errors[0]
+                try:
+                    self._q.put(item, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
+        finally:
+            if self._wait_timer is not None:
+                self._wait_timer(time.perf_counter() - t0)
 
     def finish(self, raise_errors: bool = True) -> None:
         """Finalise the last band, wait for the writer, and collect the class counts."""

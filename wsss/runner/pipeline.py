@@ -413,9 +413,42 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
 
     Raises WsssError subclasses for expected mistakes (bad slide, bad options).
     """
-    phases = _slide_phases(slide, model, out_dir, options, log)
-    result = _advance(phases)  # the tile stage
-    return result if result is not None else _advance(phases)  # the outputs
+    with _gil_switch_interval():
+        phases = _slide_phases(slide, model, out_dir, options, log)
+        result = _advance(phases)  # the tile stage
+        return result if result is not None else _advance(phases)  # the outputs
+
+
+# NB: the runner's threads (readers, band writer, pyramid, outlines, label TIFF) each hold the GIL
+# briefly between native calls.  A thread that gives it up for a native call waits, to take it
+# back, until the holder's switch interval (CPython's default: 5 ms) runs out, so with a dozen
+# threads each short step costs up to 5 ms: on a GPU machine a tile read took 4.4 ms in place of
+# 0.24.  The runner shortens the interval while it runs and restores it afterwards.
+# WSSS_SWITCH_INTERVAL (seconds; 0: leave it alone) overrides it.
+SWITCH_INTERVAL_S = float(os.environ.get("WSSS_SWITCH_INTERVAL", "0.001"))
+_switch_lock = threading.Lock()
+_switch_state = {"depth": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _gil_switch_interval():
+    """sys.setswitchinterval(SWITCH_INTERVAL_S) while any run is inside (nested or on several
+    threads: the first in sets it, the last out restores the caller's value)."""
+    if SWITCH_INTERVAL_S <= 0:
+        yield
+        return
+    with _switch_lock:
+        if _switch_state["depth"] == 0:
+            _switch_state["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
+        _switch_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_state["depth"] -= 1
+            if _switch_state["depth"] == 0:
+                sys.setswitchinterval(_switch_state["saved"])
 
 
 def _advance(phases) -> Optional[SlideResult]:
@@ -558,7 +591,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     stitcher = BandStitcher(plan.width, plan.height, tile, grid.tiles, window, K, device,
                                             tissue=tissue if options.tissue != "none" else None, grid_mpp=plan.mpp,
                                             background_index=bg,
-                                            timer=lambda s: timer.add("stitch (band writer)", s))
+                                            timer=lambda s: timer.add("stitch (band writer)", s),
+                                            wait_timer=lambda s: timer.add("stitch (device, writer queue full)", s))
                 try:
                     return _attach_outputs(stitcher)
                 except BaseException:  # NB: the band stitcher's writer thread is already running
@@ -1064,18 +1098,25 @@ def _predict_and_stitch(batches, tile: int, model: SlideModel, options: RunOptio
     return holder["stitcher"]
 
 
+# batches the device-blending loop queues before it waits for the oldest (see below);
+# WSSS_DEVICE_BATCHES_AHEAD overrides it (A/B measurements)
+DEVICE_BATCHES_AHEAD = max(1, int(os.environ.get("WSSS_DEVICE_BATCHES_AHEAD", "2")))
+
+
 def _predict_and_stitch_on_device(batches, tile: int, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher,
                                   progress, trim_heap, one_thread_if_helper):
     """The device-blending consumer: ``model.predict_device`` outputs stay on the device and a
     ``BandStitcher`` blends them there, on the same stream (no host round trip).
 
-    NB: the main thread queues batch i+1 (upload, model, blend) before it waits for batch i's
-    event, so the device always has the next batch while the host never runs more than two
-    batches ahead (bounded device memory for inputs)."""
+    NB: the main thread queues batch i (upload, model, blend) before it waits for batch
+    i - DEVICE_BATCHES_AHEAD's event, so the device always has queued work while the host never
+    runs more than that many batches ahead (bounded device memory for inputs and outputs).  With
+    CUDA graphs the host queues a batch in ~2 ms of the device's ~34 (reference networks, batch
+    32, H100): two batches ahead absorb a reader's or the band writer's hiccup that one did not."""
     import torch
 
     st = None
-    prev = None  # (event or None, positions, number) of the batch queued last
+    queued: deque = deque()  # (event or None, positions, number) of the batches not waited for
 
     def wait(item):
         event, positions, number = item
@@ -1100,13 +1141,13 @@ def _predict_and_stitch_on_device(batches, tile: int, model: SlideModel, options
             if probs.device.type == "cuda":
                 event = torch.cuda.Event(blocking=True)
                 event.record(torch.cuda.current_stream(probs.device))
-            if prev is not None:
-                wait(prev)
-            prev = (event, positions, number)
+            queued.append((event, positions, number))
+            if len(queued) > DEVICE_BATCHES_AHEAD:
+                wait(queued.popleft())
             if number % 4 == 0:
                 trim_heap()
-        if prev is not None:
-            wait(prev)
+        while queued:
+            wait(queued.popleft())
         t0 = time.perf_counter()
         st.finish()
         timer.add("stitch (device, queueing)", time.perf_counter() - t0)
@@ -1205,6 +1246,12 @@ def run_slides(slides: Sequence, model: SlideModel, out_dirs: Sequence, options:
     the slide before.  Results and log lines keep the order of
     ``slides``.  Two slides with one output folder are a WsssError before any work.
     """
+    with _gil_switch_interval():
+        return _run_slides(slides, model, out_dirs, options, log)
+
+
+def _run_slides(slides: Sequence, model: SlideModel, out_dirs: Sequence, options: Optional[RunOptions],
+                log: Callable[[str], None]) -> List[SlideResult]:
     options = options or RunOptions()
     check_distinct_out_dirs(slides, out_dirs)
     background = options.background_outputs
