@@ -95,7 +95,10 @@ def _trace(z: np.ndarray):
     """Filled contours at 0.5 of a 0/1 float64 array: (points, ring offsets, outer offsets) or None."""
     import contourpy
 
-    gen = contourpy.contour_generator(z=z, name="serial", fill_type=contourpy.FillType.ChunkCombinedOffsetOffset)
+    # NB: "threaded" with one thread is "serial" point for point (checked on random maps) but lets
+    # go of the GIL while it marches, which the runner's model-feeding thread needs
+    gen = contourpy.contour_generator(z=z, name="threaded", thread_count=1,
+                                      fill_type=contourpy.FillType.ChunkCombinedOffsetOffset)
     (pts,), (ro,), (oo,) = gen.filled(0.5, 1.5)  # one chunk: flat arrays
     if pts is None:
         return None

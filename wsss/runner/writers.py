@@ -251,24 +251,39 @@ class LabelPyramid:
         if level + 1 < len(self.levels):
             rows = [r for r in (row - row % 2, row - row % 2 + 1) if r < self.levels[level].rows]
             if self._final[level][rows].all():
-                self._pool.submit(self._build_row, level + 1, row // 2)
+                self._submit_row(level + 1, row // 2)
 
-    def _build_row(self, level: int, row: int) -> None:
+    def _submit_row(self, level: int, row: int) -> None:  # NB: holds self._lock
+        """Build row ``row`` of ``level`` in pieces of a few tiles on the pool, so that the last
+        rows (the only work left once the tiles are done) use every pool thread; the piece that
+        finishes last marks the row final."""
+        below, spool = self.levels[level - 1], self.levels[level]
+        # (a parent of four never-stored tiles is fill: so is this one, left unstored)
+        cols = [c for c in range(spool.cols)
+                if any((2 * row + i, 2 * c + j) in below for i in (0, 1) for j in (0, 1))]
+        pieces = [cols[i:i + self.TILES_PER_JOB] for i in range(0, len(cols), self.TILES_PER_JOB)] or [[]]
+        left = [len(pieces)]
+        for piece in pieces:
+            self._pool.submit(self._build_piece, level, row, piece, left)
+
+    TILES_PER_JOB = 4
+
+    def _build_piece(self, level: int, row: int, cols: List[int], left: List[int]) -> None:
         try:
             below, spool = self.levels[level - 1], self.levels[level]
-            for c in range(spool.cols):
-                if any((2 * row + i, 2 * c + j) in below for i in (0, 1) for j in (0, 1)):
-                    _build_parent(below, spool, row, c, fill=self.fill)
-                # (a parent of four never-stored tiles is fill: so is this one, left unstored)
+            for c in cols:
+                _build_parent(below, spool, row, c, fill=self.fill)
         except BaseException as e:  # noqa: B036 - handed to finish(), which raises it
             with self._lock:
                 self._error = self._error or e
                 self._lock.notify_all()
             return
         with self._lock:
-            self._rows_to_build -= 1
-            self._row_final(level, row)
-            self._lock.notify_all()
+            left[0] -= 1
+            if left[0] == 0:
+                self._rows_to_build -= 1
+                self._row_final(level, row)
+                self._lock.notify_all()
 
 
 def read_tile_row(spool: TileSpool, row: int) -> np.ndarray:
