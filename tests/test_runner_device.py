@@ -555,8 +555,9 @@ def test_model_keeps_the_callers_thread_count(tmp_path, workers):
 
 
 def test_runs_shorten_the_gil_switch_interval_and_restore_it(tmp_path):
-    """run_slide / run_slides set pipeline.SWITCH_INTERVAL_S while they run (the model sees it)
-    and give the caller's interval back afterwards, also when the slide fails."""
+    """run_slide / run_slides of a CUDA model set pipeline.SWITCH_INTERVAL_S while they run (the
+    model sees it) and give the caller's interval back afterwards, also when a slide fails; a
+    CPU model's run leaves the interval alone."""
     import sys
 
     from wsss.runner import pipeline, run_slides
@@ -569,10 +570,16 @@ def test_runs_shorten_the_gil_switch_interval_and_restore_it(tmp_path):
         return red_class(x)
 
     write_pyramid(tmp_path / "s.tif", [colour_slide(96, 96)])
-    run_slide(tmp_path / "s.tif", model(predict), tmp_path / "a", opts(batch_size=2), log=lambda s: None)
+    # (the runner reads the device from the description: this CPU function passes for a CUDA model)
+    cuda_model = dataclasses.replace(model(predict), description={"device": "cuda"})
+    assert pipeline.SWITCH_INTERVAL_S != before
+    run_slide(tmp_path / "s.tif", model(predict), tmp_path / "cpu", opts(batch_size=2), log=lambda s: None)
+    assert set(seen) == {before}
+    seen.clear()
+    run_slide(tmp_path / "s.tif", cuda_model, tmp_path / "a", opts(batch_size=2), log=lambda s: None)
     assert set(seen) == {pipeline.SWITCH_INTERVAL_S} and sys.getswitchinterval() == before
     seen.clear()
-    res = run_slides([tmp_path / "s.tif", tmp_path / "missing.tif"], model(predict), [tmp_path / "b", tmp_path / "c"],
+    res = run_slides([tmp_path / "s.tif", tmp_path / "missing.tif"], cuda_model, [tmp_path / "b", tmp_path / "c"],
                      opts(batch_size=2), log=lambda s: None)
     assert [r.status for r in res] == ["done", "failed"]
     assert set(seen) == {pipeline.SWITCH_INTERVAL_S} and sys.getswitchinterval() == before

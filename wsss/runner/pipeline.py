@@ -413,7 +413,7 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
 
     Raises WsssError subclasses for expected mistakes (bad slide, bad options).
     """
-    with _gil_switch_interval():
+    with _gil_switch_interval(model):
         phases = _slide_phases(slide, model, out_dir, options, log)
         result = _advance(phases)  # the tile stage
         return result if result is not None else _advance(phases)  # the outputs
@@ -425,17 +425,19 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
 # threads each short step can cost up to 5 ms (H100 host, 16 cores: reads took 4.4 ms of worker
 # time per tile, 8 readers 8.1 ms).  The runner shortens the interval while it runs and restores
 # it afterwards: on that machine the tile stage went from +30% over the model alone to +13%.
-# WSSS_SWITCH_INTERVAL (seconds; 0: leave it alone) overrides it.
+# Only for models on CUDA: on this 2-core CPU machine an A/B (2048^2, demo model) was within
+# its noise, and CPU runs keep the interpreter's setting.  WSSS_SWITCH_INTERVAL (seconds; 0:
+# leave it alone) overrides the value.
 SWITCH_INTERVAL_S = float(os.environ.get("WSSS_SWITCH_INTERVAL", "0.001"))
 _switch_lock = threading.Lock()
 _switch_state = {"depth": 0, "saved": None}
 
 
 @contextlib.contextmanager
-def _gil_switch_interval():
-    """sys.setswitchinterval(SWITCH_INTERVAL_S) while any run is inside (nested or on several
-    threads: the first in sets it, the last out restores the caller's value)."""
-    if SWITCH_INTERVAL_S <= 0:
+def _gil_switch_interval(model: SlideModel):
+    """sys.setswitchinterval(SWITCH_INTERVAL_S) while any run of a CUDA model is inside (nested
+    or on several threads: the first in sets it, the last out restores the caller's value)."""
+    if SWITCH_INTERVAL_S <= 0 or not str(model.description.get("device", "cpu")).startswith("cuda"):
         yield
         return
     with _switch_lock:
@@ -1247,7 +1249,7 @@ def run_slides(slides: Sequence, model: SlideModel, out_dirs: Sequence, options:
     the slide before.  Results and log lines keep the order of
     ``slides``.  Two slides with one output folder are a WsssError before any work.
     """
-    with _gil_switch_interval():
+    with _gil_switch_interval(model):
         return _run_slides(slides, model, out_dirs, options, log)
 
 
