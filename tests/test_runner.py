@@ -851,3 +851,26 @@ def test_no_room_for_one_tile_fails_the_slide_and_other_errors_are_not_retried(t
         run_slide(tmp_path / "s.tif", dataclasses.replace(model(), predict=broken), tmp_path / "out2",
                   opts(batch_size=4), log=lambda s: None)
     assert calls == [4]
+
+
+def test_tissue_qc_is_written_while_the_tiles_run(tmp_path):
+    """With a thumbnail read for tissue detection, tissue_qc.png needs no labels: it is written
+    (into the run's staging folder) during the tile stage, not after the last tile."""
+    import time
+
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(160, 160)])
+    out = tmp_path / "out"
+    seen = []
+
+    def predict(x):
+        if not seen:  # the first batch waits (up to 20 s) for the picture to appear
+            deadline = time.monotonic() + 20
+            while not list(out.glob(".work.*/outputs/tissue_qc.png")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen.append(bool(list(out.glob(".work.*/outputs/tissue_qc.png"))))
+        return red_class(x)
+
+    res = run_slide(path, model(predict), out, opts(tissue="auto", batch_size=2), log=lambda s: None)
+    assert res.status == "done" and seen == [True]
+    assert (out / "tissue_qc.png").is_file()
