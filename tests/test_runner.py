@@ -853,24 +853,38 @@ def test_no_room_for_one_tile_fails_the_slide_and_other_errors_are_not_retried(t
     assert calls == [4]
 
 
-def test_tissue_qc_is_written_while_the_tiles_run(tmp_path):
-    """With a thumbnail read for tissue detection, tissue_qc.png needs no labels: it is written
-    (into the run's staging folder) during the tile stage, not after the last tile."""
+@pytest.mark.parametrize("thumbnail", ["read for detection", "summed from the tiles"])
+def test_tissue_qc_is_written_while_the_tiles_run(tmp_path, thumbnail):
+    """tissue_qc.png needs no labels: it is written (into the run's staging folder) during the
+    tile stage, not after the last tile: at once with a thumbnail read for tissue detection,
+    else once the readers have summed the overview from the last tile (a slide without levels)."""
     import time
 
     path = tmp_path / "s.tif"
     write_pyramid(path, [colour_slide(160, 160)])
+    o = opts(tissue="auto" if thumbnail == "read for detection" else "none", batch_size=2)
+    total = []  # tiles per run (the first run counts them)
+
+    def counting(x):
+        total.append(x.shape[0])
+        return red_class(x)
+
+    assert run_slide(path, model(counting), tmp_path / "first", o, log=lambda s: None).status == "done"
     out = tmp_path / "out"
-    seen = []
+    done, seen = [0], []
 
     def predict(x):
-        if not seen:  # the first batch waits (up to 20 s) for the picture to appear
+        done[0] += x.shape[0]
+        waits = not seen if thumbnail == "read for detection" else done[0] == sum(total)
+        if waits:  # the first (last) batch waits, up to 20 s, for the picture to appear
             deadline = time.monotonic() + 20
             while not list(out.glob(".work.*/outputs/tissue_qc.png")) and time.monotonic() < deadline:
                 time.sleep(0.01)
             seen.append(bool(list(out.glob(".work.*/outputs/tissue_qc.png"))))
         return red_class(x)
 
-    res = run_slide(path, model(predict), out, opts(tissue="auto", batch_size=2), log=lambda s: None)
+    res = run_slide(path, model(predict), out, o, log=lambda s: None)
     assert res.status == "done" and seen == [True]
-    assert (out / "tissue_qc.png").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["tiles"]["thumbnail_from_tiles"] == (thumbnail == "summed from the tiles")
+    assert (out / "tissue_qc.png").read_bytes() == (tmp_path / "first" / "tissue_qc.png").read_bytes()

@@ -592,9 +592,12 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             # NB: the tissue QC picture needs no labels: with its thumbnail at hand (read for the
             # tissue detection) it is written on a thread during the tile stage, not after it
             # (0.84 s of an H100 run's tail at 32768^2, behind the tail's other threads)
+            # (or, summed from the tiles, once the readers have read the last one)
             state["qc_pool"] = ThreadPoolExecutor(1, thread_name_prefix="wsss-qc")
             if qc_thumb is not None:
                 state["qc"] = state["qc_pool"].submit(write_qc, qc_thumb)
+            elif tile_thumb is not None:
+                tile_thumb.on_complete = lambda: state.__setitem__("qc", state["qc_pool"].submit(write_qc, tile_thumb.image()))
 
             # K is only known after the first prediction: build the stitcher lazily.
 

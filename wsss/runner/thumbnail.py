@@ -10,7 +10,7 @@ wait for the model most of the time.
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -38,6 +38,7 @@ class TileThumbnail:
         self._y_end = dict(zip(ys, list(ys[1:]) + [self.height]))
         self._pixels = 0
         self._lock = threading.Lock()
+        self.on_complete: Optional[Callable[[], None]] = None  # called by the add that completes it
 
     def add(self, x: int, y: int, tile: np.ndarray) -> None:
         """uint8 [>= core h, >= core w, 3] pixels of the tile at grid position (x, y)."""
@@ -73,6 +74,9 @@ class TileThumbnail:
         with self._lock:
             self._sum[r0:r0 + rows, c0:c0 + cols] += sums
             self._pixels += h * w
+            done = self._pixels == self.width * self.height
+        if done and self.on_complete is not None:  # (exactly one add completes it)
+            self.on_complete()
 
     @property
     def complete(self) -> bool:
