@@ -286,3 +286,25 @@ def test_outlines_do_not_depend_on_how_rows_arrive_or_the_threads():
             got = b.finish()
         for k in range(4):
             assert shapely.equals_exact(got[k], want[k], tolerance=0), (threads, k)
+
+
+@pytest.mark.parametrize("slab", [1, 7, 32, 500])
+def test_geojson_output_is_what_shapely_writes_for_the_geometries(slab):
+    """output="geojson" writes each slab's final polygons in the slab's task and joins texts;
+    the result is byte for byte shapely.to_geojson of the MultiPolygon the builder returns
+    otherwise (speckle, holes across slabs, a squeezed edge and a class absent included)."""
+    from wsss.runner.outlines import trace_outlines
+
+    rng = np.random.default_rng(slab)
+    labels = np.kron((rng.random((30, 40)) * 4).astype(np.uint8), np.ones((5, 5), np.uint8))[:143, :197]
+    labels[rng.random(labels.shape) > 0.97] = 2  # speckle
+    labels[60:90, 80:140] = 1
+    labels[70:80, 100:110] = 0  # a hole across slab cuts
+    kw = dict(slab_rows=slab, scale=3.0, simplify=0.4, min_area_px=3, extent=(196.3, 142.6), threads=2)
+    geoms = trace_outlines(labels, range(5), **kw)
+    texts = trace_outlines(labels, range(5), output="geojson", **kw)
+    assert geoms[4] is None and texts[4] is None  # (no class 4 in the map)
+    for k in range(4):
+        assert isinstance(texts[k], str) and texts[k] == shapely.to_geojson(geoms[k]), k
+    with pytest.raises(ValueError, match="output must be"):
+        trace_outlines(labels, [1], output="wkt")

@@ -35,7 +35,9 @@ thread); ``finish`` joins the outlines that cross slab boundaries.
   coordinates are squeezed into the slide (a strictly increasing map, linear on that pixel and
   the identity elsewhere: the topology is kept).
 
-Output: a shapely MultiPolygon per class, in units of ``scale`` x label pixels.  The result
+Output: a shapely MultiPolygon per class, in units of ``scale`` x label pixels, or its GeoJSON
+text (``output="geojson"``, what the runner writes: each slab's final polygons are written out in
+the slab's task).  The result
 depends on where the slabs are cut (chain ends stay where they are) but not on the threads or
 on how the rows arrive: the runner cuts at the label pyramid's tile rows either way.
 """
@@ -89,6 +91,7 @@ class _Slab:
     hole_piece: np.ndarray = field(default_factory=lambda: _EMPTYI)
     hole_risky: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     n_pieces: int = 0
+    done_text: str = ""  # output="geojson": the final polygons as GeoJSON coordinates (done_* left empty)
 
 
 def _trace(z: np.ndarray):
@@ -155,6 +158,34 @@ def _closed_coords(xy: np.ndarray, counts: np.ndarray, closed: np.ndarray) -> Tu
     at = np.cumsum(counts)[ends]
     firsts = at - counts[ends]
     return np.insert(xy, at, xy[firsts], axis=0), np.insert(line, at, ends)
+
+
+def _multipolygon(xy: np.ndarray, counts: np.ndarray, per_poly: np.ndarray):
+    """shapely MultiPolygon of rings (open coordinates, points per ring) grouped into polygons
+    (rings per polygon, shell first)."""
+    import shapely
+
+    coords, idx = _closed_coords(xy, counts, np.ones(len(counts), bool))
+    rings = shapely.linearrings(coords, indices=idx)
+    return shapely.multipolygons(shapely.polygons(rings, indices=np.repeat(np.arange(len(per_poly)), per_poly)))
+
+
+# GEOS writes a MultiPolygon as this, its polygons' coordinate arrays joined by ",", then "]}":
+# the texts of consecutive groups of polygons concatenate to the text of them all
+GEOJSON_PREFIX = '{"type":"MultiPolygon","coordinates":['
+
+
+def _geojson_polygons(xy: np.ndarray, counts: np.ndarray, per_poly: np.ndarray) -> str:
+    """The polygons' GeoJSON coordinate arrays, comma-separated ("" for none): GEOS writes them
+    (shortest round-trip numbers, in C, without the GIL)."""
+    import shapely
+
+    if not len(per_poly):
+        return ""
+    text = shapely.to_geojson(_multipolygon(xy, counts, per_poly))
+    if not (text.startswith(GEOJSON_PREFIX) and text.endswith("]}")):  # pragma: no cover - a GEOS change
+        raise AssertionError(f"outlines: unexpected GeoJSON from GEOS: {text[:80]!r}")
+    return text[len(GEOJSON_PREFIX):-2]
 
 
 def _lines(xy: np.ndarray, counts: np.ndarray, closed: np.ndarray):
@@ -231,7 +262,11 @@ def _conflicts(lines, closed: np.ndarray, owner: np.ndarray, is_shell: np.ndarra
 
 class OutlineBuilder:
     """Outlines of a ``width`` x ``height`` label map whose rows arrive in bands (``add``), for
-    the classes ``classes``; ``finish`` returns {class: shapely MultiPolygon or None}.
+    the classes ``classes``; ``finish`` returns {class: shapely MultiPolygon or None}, or with
+    ``output="geojson"`` {class: the MultiPolygon's GeoJSON geometry text or None}, the very text
+    ``shapely.to_geojson`` writes for it.  The text of a slab's final polygons is written in the
+    slab's task, while later rows still arrive, so that ``finish`` is left with the joined
+    regions only (at 4096^2 the whole map's shapes and text took ~0.5 s after the last row).
 
     scale: output units per label pixel; simplify: Douglas-Peucker tolerance in label pixels
     (0: exact outlines, which contain exactly the class's pixel centres); min_area_px: speckle
@@ -241,7 +276,10 @@ class OutlineBuilder:
 
     def __init__(self, width: int, height: int, classes: Sequence[int], *, scale: float = 1.0, simplify: float = 0.4,
                  min_area_px: float = 4, extent: Optional[tuple] = None, slab_rows: int = SLAB_ROWS,
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None, output: str = "shapely") -> None:
+        if output not in ("shapely", "geojson"):
+            raise ValueError(f"outlines: output must be 'shapely' or 'geojson', got {output!r}")
+        self.output = output
         self.width, self.height = int(width), int(height)
         self.classes = [int(k) for k in classes]
         self.scale, self.simplify, self.min_area = float(scale), float(simplify), float(min_area_px)
@@ -287,7 +325,8 @@ class OutlineBuilder:
         self._traced += len(band)
 
     def finish(self) -> Dict[int, object]:
-        """{class: MultiPolygon or None} of every row added (waits for the slabs in flight)."""
+        """{class: MultiPolygon (GeoJSON text) or None} of every row added (waits for the slabs
+        in flight)."""
         with self._lock:
             if self.rows != self.height:
                 raise ValueError(f"outlines: finish() after {self.rows} rows of {self.height}")
@@ -408,7 +447,12 @@ class OutlineBuilder:
         ex = lambda which: _slice(ex_xy, ex_n, which)  # noqa: E731
         (d_xy, d_n), (ch_xy, ch_n), (h_xy, h_n) = sl(done), sl(chain), sl(hole)
         (che_xy, che_n), (he_xy, he_n) = ex(chain), ex(hole)
-        return _Slab(done_xy=d_xy, done_n=d_n, done_rings=done_rings.astype(np.int64),
+        done_rings = done_rings.astype(np.int64)
+        done_text = ""
+        if self.output == "geojson":
+            done_text = _geojson_polygons(d_xy, d_n, done_rings)
+            d_xy, d_n, done_rings = _EMPTY2, _EMPTYI, _EMPTYI
+        return _Slab(done_xy=d_xy, done_n=d_n, done_rings=done_rings, done_text=done_text,
                      chain_xy=ch_xy, chain_n=ch_n, chain_exact_xy=che_xy, chain_exact_n=che_n,
                      chain_start=c_start, chain_end=c_end, chain_area2=c_area2, chain_piece=piece_id[c_owner],
                      chain_risky=c_risky, hole_xy=h_xy, hole_n=h_n, hole_exact_xy=he_xy, hole_exact_n=he_n,
@@ -474,21 +518,22 @@ class OutlineBuilder:
 
     # -- joining -------------------------------------------------------------------------
     def _join(self, slabs: List[_Slab]):
-        """One class's MultiPolygon from its slabs (None when empty)."""
-        import shapely
-
+        """One class's MultiPolygon (or its GeoJSON text) from its slabs (None when empty):
+        the slabs' final polygons in slab order, then the joined regions."""
         if not slabs:  # (a map without rows)
             return None
         parts = [(s.done_xy, s.done_n, s.done_rings) for s in slabs]
         joined = self._join_pieces(slabs)
         if joined is not None:
             parts.append(joined)
+        if self.output == "geojson":
+            texts = [s.done_text for s in slabs] + ([_geojson_polygons(*joined)] if joined is not None else [])
+            texts = [t for t in texts if t]
+            return GEOJSON_PREFIX + ",".join(texts) + "]}" if texts else None
         xy, n, per_poly = (np.concatenate(a) for a in zip(*parts))
         if not len(per_poly):
             return None
-        coords, idx = _closed_coords(xy, n, np.ones(len(n), bool))
-        rings = shapely.linearrings(coords, indices=idx)
-        return shapely.multipolygons(shapely.polygons(rings, indices=np.repeat(np.arange(len(per_poly)), per_poly)))
+        return _multipolygon(xy, n, per_poly)
 
     def _join_pieces(self, slabs: List[_Slab]):
         """The regions made of pieces: (ring coordinates, ring counts, rings per polygon) or None."""

@@ -580,7 +580,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 scale = poly_mpp / reader.mpp  # -> level-0 px of the input slide
                 builder = OutlineBuilder(
                     poly.width, poly.height, [k for k in range(K) if k != bg], scale=scale,
-                    extent=writers.geojson_extent(reader.dimensions, scale), threads=threads,
+                    extent=writers.geojson_extent(reader.dimensions, scale), threads=threads, output="geojson",
                     min_area_px=max(1, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
                 return _Outlines(level, builder)
 

@@ -588,26 +588,30 @@ def write_geojson(path: Path, labels: np.ndarray, *, scale: float, class_names: 
 
     classes = [k for k in range(len(class_names)) if k != background_index]
     geoms = trace_outlines(labels, classes, slab_rows=slab_rows or SLAB_ROWS, scale=scale, min_area_px=min_area_px,
-                           extent=geojson_extent(bounds, scale), threads=threads)
+                           extent=geojson_extent(bounds, scale), threads=threads, output="geojson")
     return write_geojson_features(path, geoms, class_names=class_names, palette=palette, threads=threads)
 
 
 def write_geojson_features(path: Path, geoms: dict, *, class_names: Sequence[str], palette,
                            threads: Optional[int] = None) -> int:
-    """The FeatureCollection of {class index: MultiPolygon or None} (atomically), in class order;
-    returns the number of features (empty classes have none).
+    """The FeatureCollection of {class index: MultiPolygon, its GeoJSON geometry text (see
+    OutlineBuilder's output="geojson"), or None} (atomically), in class order; returns the
+    number of features (empty classes have none).
 
     NB: GEOS writes the coordinates (shortest round-trip floats, as json would) in C, releasing
-    the GIL: the classes are serialised on threads."""
+    the GIL: the classes given as geometries are serialised on threads."""
     import shapely
 
-    classes = sorted(k for k, g in geoms.items() if g is not None and not g.is_empty)
-    workers = min(len(classes), threads or os.cpu_count() or 1)
+    def text_of(g) -> str:
+        return g if isinstance(g, str) else shapely.to_geojson(g)
+
+    classes = sorted(k for k, g in geoms.items() if g is not None and (isinstance(g, str) or not g.is_empty))
+    workers = min(sum(not isinstance(geoms[k], str) for k in classes), threads or os.cpu_count() or 1)
     if workers > 1:
         with ThreadPoolExecutor(workers, thread_name_prefix="wsss-geojson") as pool:
-            texts = list(pool.map(lambda k: shapely.to_geojson(geoms[k]), classes))
+            texts = list(pool.map(lambda k: text_of(geoms[k]), classes))
     else:
-        texts = [shapely.to_geojson(geoms[k]) for k in classes]
+        texts = [text_of(geoms[k]) for k in classes]
     features = []
     for k, text in zip(classes, texts):
         name = class_names[k]
