@@ -11,7 +11,7 @@ import pytest
 import tifffile
 import torch
 
-from wsss.bundle import BundlePredictor, PendingPrediction, load_bundle
+from wsss.bundle import BundlePredictor, CudaGraphs, PendingPrediction, load_bundle
 from wsss.errors import BundleError
 from wsss.runner import SlideModel, run_slide
 
@@ -444,6 +444,12 @@ def test_cuda_graph_replays_equal_eager_calls(tissue_tiles, precision):
             torch.testing.assert_close(got[2].float(), w[2], rtol=0, atol=1e-6)
     # NB: compared with an eager call on the same single tile (a batch of 4 may pick other kernels)
     assert torch.equal(partial[0], partial_eager[0])
+    # at most MAX_GRAPHS shapes hold a graph (and its memory pool); the others run eagerly
+    for n in (1, 2, 3):
+        for _ in range(CudaGraphs.WARMUP + 1):
+            got = graphed(batches[1][:n], True)
+        assert torch.equal(got[0], eager(batches[1][:n], True)[0])
+    assert graphed.graphs.captured == CudaGraphs.MAX_GRAPHS
 
 
 @needs_cuda
