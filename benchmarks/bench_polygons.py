@@ -9,6 +9,7 @@ polygon with thousands of holes, the worst case for simplification and validity 
 - test_outlines: wsss.runner.writers.label_polygons for every class, one after the other
   (wsss.runner.outlines, one thread).
 - test_write_geojson: the whole file as the runner writes it (classes on threads).
+- test_geojson_after_the_last_rows: what is left of it after the last rows arrive (both outputs).
 Each checks that its outlines are valid and cover their class (area within 2%).
 
 Measured (2-core VM, 2026-11-26, medians of 3, the code before and after simplifying rings as
@@ -20,7 +21,10 @@ interleaved pairs).  Then (2026-11-26, session 10) wsss.runner.outlines: the map
 of 256 rows joined at the cut rows, checks per slab (what the runner needs to trace the polygon
 level while the tiles run): on a noisy 2048^2 level of the reference networks (H100 run), one
 thread, per class: 1.30/0.99 s before -> 1.43/1.47 s (the same work, spread over slabs); what is
-left after the last slab (joins): 0.07-0.15 s.
+left after the last slab (joins): 0.07-0.15 s.  Then (session 11) test_geojson_after_the_last_rows:
+what the runner's GeoJSON leaves after the last 256 rows of this map, medians of 5 in two runs:
+whole-map geometries serialised at the end 0.67 / 0.87 s -> slabs' text written in their tasks
+0.38 / 0.38 s (the same file).
 """
 import os
 
@@ -68,3 +72,37 @@ def test_write_geojson(benchmark, labels, tmp_path):
     _check({k: shape(f["geometry"]) for k, f in enumerate(features)}, labels)
     holes = max(int(shapely.get_num_interior_rings(shapely.get_parts(shape(f["geometry"]))).max()) for f in features)
     benchmark.extra_info.update(size=SIZE, most_holes=holes, bytes=path.stat().st_size)
+
+
+@pytest.mark.parametrize("output", ["shapely", "geojson"])
+def test_geojson_after_the_last_rows(benchmark, labels, tmp_path, output):
+    """What the runner's GeoJSON leaves after the last tile: every slab but the last traced
+    already (untimed setup), then the last 256 rows, the joins and the file.  output="shapely"
+    builds the whole map's geometries and serialises them here; "geojson" (the runner's) has
+    written each slab's final polygons in its task, so only the joined regions are left.
+
+    Measured: see the module docstring; the files are byte-identical (tests/test_polygons.py)."""
+    import json
+
+    from wsss.runner.outlines import SLAB_ROWS, OutlineBuilder
+    from wsss.runner.writers import write_geojson_features
+
+    path = tmp_path / "p.geojson"
+    builders = []
+
+    def setup():
+        b = OutlineBuilder(SIZE, SIZE, range(K), threads=2, output=output)
+        b.add(labels[:SIZE - SLAB_ROWS])
+        for futures in b._slabs.values():  # (wait until the slabs in flight are traced)
+            for f in futures:
+                f.result()
+        builders.append(b)
+        return (b,), {}
+
+    def tail(b):
+        b.add(labels[SIZE - SLAB_ROWS:])
+        return write_geojson_features(path, b.finish(), class_names=[f"c{k}" for k in range(K)], palette=[[0, 0, 0]] * K)
+
+    assert benchmark.pedantic(tail, setup=setup, rounds=5, iterations=1) == K
+    assert len(json.loads(path.read_text())["features"]) == K
+    benchmark.extra_info.update(size=SIZE, output=output, bytes=path.stat().st_size)
