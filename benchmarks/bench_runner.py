@@ -58,6 +58,9 @@ TILE = 256
 OVERLAP = 32
 BATCH = int(os.environ.get("WSSS_BENCH_BATCH", "8"))
 WORKERS = int(os.environ.get("WSSS_BENCH_WORKERS", "2"))
+# the label TIFF's tile edge (RunOptions.output_tile): the number of output tiles sets how often
+# the band writer, the pyramid and the TIFF writer hand the GIL around (an A/B knob)
+OUTPUT_TILE = int(os.environ.get("WSSS_BENCH_OUTPUT_TILE", "256"))
 DEVICE = os.environ.get("WSSS_BENCH_DEVICE", "cpu")
 # rounds of test_model_only / test_end_to_end (fewer for big slides on a GPU lease)
 ROUNDS = int(os.environ.get("WSSS_BENCH_ROUNDS", "5"))
@@ -238,7 +241,7 @@ def test_end_to_end(benchmark, bench_slide, slide_model, tmp_path, pipeline):
         model_s.append(time.perf_counter() - t0)
 
     opts = RunOptions(overlap=OVERLAP, tissue="none", progress=False, batch_size=BATCH, workers=WORKERS,
-                      stitch_device=stitch_device)
+                      stitch_device=stitch_device, output_tile=OUTPUT_TILE)
     runs: list = []
 
     def run():
@@ -258,6 +261,7 @@ def test_end_to_end(benchmark, bench_slide, slide_model, tmp_path, pipeline):
     mpx = len(tiles) * tile * tile / 1e6
     benchmark.extra_info.update(
         tiles=len(tiles), tile=tile, overlap=OVERLAP, batch=BATCH, workers=WORKERS, threads=torch.get_num_threads(), device=DEVICE,
+        output_tile=OUTPUT_TILE,
         precision=slide_model.description.get("precision"), megapixels=mpx, stages_s=stages,
         model_only_s=t_model, model_only_mpx_per_s=mpx / t_model, tile_stage_mpx_per_s=mpx / stages["tiles"],
         total_mpx_per_s=mpx / stages["total"], tile_stage_overhead=stages["tiles"] / t_model - 1.0,
