@@ -888,3 +888,47 @@ def test_tissue_qc_is_written_while_the_tiles_run(tmp_path, thumbnail):
     run = json.loads((out / "run.json").read_text())
     assert run["tiles"]["thumbnail_from_tiles"] == (thumbnail == "summed from the tiles")
     assert (out / "tissue_qc.png").read_bytes() == (tmp_path / "first" / "tissue_qc.png").read_bytes()
+
+
+@pytest.mark.parametrize("buffer", [1, 700, 1 << 20])
+def test_spool_reads_back_every_tile_while_it_is_written(tmp_path, monkeypatch, buffer):
+    """Stored tiles go to the file in chunks of WRITE_BUFFER bytes and are read positionally:
+    every tile reads back (from memory or the file) while another thread keeps storing, and
+    iter_compressed gives the streams as stored."""
+    import threading
+    import zlib
+
+    monkeypatch.setattr(TileSpool, "WRITE_BUFFER", buffer)
+    rng = np.random.default_rng(buffer)
+    spool = TileSpool(str(tmp_path / "s.spool"), 16, 16 * 9, 16 * 7, np.uint8, fill=4)
+    tiles = {(r, c): (rng.random((16, 16)) * rng.integers(1, 6)).astype(np.uint8) for r in range(7) for c in range(9)
+             if (r + c) % 5}
+    order = list(tiles)
+    rng.shuffle(order)
+    stored, errors = [], []
+
+    def reader():
+        try:
+            while len(stored) < len(order):
+                for key in list(stored):
+                    np.testing.assert_array_equal(spool.get(*key), tiles[key])
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for key in order:
+        spool.put(*key, tiles[key])
+        stored.append(key)
+    t.join()
+    assert not errors, errors[0]
+    for r in range(7):
+        for c in range(9):
+            np.testing.assert_array_equal(spool.get(r, c), tiles.get((r, c), np.full((16, 16), 4, np.uint8)))
+    streams = list(spool.iter_compressed())
+    assert len(streams) == 63
+    for (r, c), blob in zip(((r, c) for r in range(7) for c in range(9)), streams):
+        np.testing.assert_array_equal(np.frombuffer(zlib.decompress(blob), np.uint8).reshape(16, 16),
+                                      tiles.get((r, c), np.full((16, 16), 4, np.uint8)))
+    assert spool.stored_bytes == sum(len(spool._blob(k)) for k in tiles)
+    spool.close()
