@@ -932,3 +932,35 @@ def test_spool_reads_back_every_tile_while_it_is_written(tmp_path, monkeypatch, 
                                       tiles.get((r, c), np.full((16, 16), 4, np.uint8)))
     assert spool.stored_bytes == sum(len(spool._blob(k)) for k in tiles)
     spool.close()
+
+
+@pytest.mark.parametrize("channels", [0, 3])
+@pytest.mark.parametrize("order", ["raster", "shuffled"])
+def test_output_tiles_assemble_any_pieces_exactly(tmp_path, channels, order):
+    """OutputTiles' strips: pieces of any shape (wide ones copied tile-row by tile-row in one
+    go, narrow and partial ones tile by tile), in any order, give every tile exactly, uncovered
+    pixels as fill, tiles without pixels never stored, and no strip left at the end."""
+    from wsss.runner.stitching import pixels_per_output_tile
+
+    rng = np.random.default_rng(7 + channels)
+    H, W, T = 150, 230, 32
+    shape = (channels, H, W) if channels else (H, W)
+    image = rng.integers(0, 200, shape).astype(np.float16 if channels else np.uint8)
+    ys = np.unique(np.r_[0, rng.integers(1, H, 6), H])
+    # pieces of three whole tiles (96..192), one whole and partial ones, and the clipped right edge
+    xs = [0, 5, 40, 96, 192, 199, W]
+    rects = [(y0, y1, x0, x1) for y0, y1 in zip(ys, ys[1:]) for x0, x1 in zip(xs, xs[1:]) if rng.random() > 0.2]
+    if order == "shuffled":
+        rng.shuffle(rects)
+    spool = TileSpool(str(tmp_path / "s"), T, W, H, image.dtype, channels=channels, fill=9)
+    expected = pixels_per_output_tile(rects, W, H, T)
+    stored = []
+    out = OutputTiles(spool, expected, on_stored=lambda r, c: stored.append((r, c)))
+    for y0, y1, x0, x1 in rects:
+        out.paste(int(x0), int(y0), image[..., y0:y1, x0:x1])
+    want = np.full(shape, 9, image.dtype)
+    for y0, y1, x0, x1 in rects:
+        want[..., y0:y1, x0:x1] = image[..., y0:y1, x0:x1]
+    assert sorted(stored) == sorted(map(tuple, np.argwhere(expected > 0))) and not out.strips
+    np.testing.assert_array_equal(spool.read_all(), want)
+    spool.close()

@@ -35,7 +35,7 @@ try:  # NB: libdeflate (via imagecodecs) writes the same zlib streams about 2x f
     from imagecodecs import deflate_encode as _deflate_encode
 
     def _zlib_compress(data: np.ndarray) -> bytes:
-        return bytes(_deflate_encode(data.tobytes(), level=1))
+        return bytes(_deflate_encode(np.ascontiguousarray(data), level=1))
 except ImportError:  # pragma: no cover
     def _zlib_compress(data: np.ndarray) -> bytes:
         return zlib.compress(data.tobytes(), 1)
@@ -203,35 +203,67 @@ class OutputTiles:
 
     ``expected`` pixels per output tile are known up front (pixels of pieces that some tile
     covers); tiles with none are never allocated and read back as the spool's fill value.
+
+    NB: the tiles of one tile row live in one tile-major strip [cols, (C,) T, T], allocated
+    when the row is first touched and dropped when its last tile is stored.  A piece's whole
+    tiles are copied into it in one strided numpy copy, not one per tile, and each tile is
+    contiguous for its compression: the band writer of a GPU run pastes 16384-px-wide bands, and
+    every numpy copy or compression gives up the GIL and waits to retake it.  Memory: the rows
+    being filled (two in raster order).
     """
 
     def __init__(self, spool: TileSpool, expected: np.ndarray,
                  on_stored: Optional[Callable[[int, int], None]] = None) -> None:
         self.spool = spool
         self.remaining = expected.astype(np.int64)  # [rows, cols]
-        self.buffers: Dict[Tuple[int, int], np.ndarray] = {}
-        self.peak_buffers = 0
+        self._tiles_left = (self.remaining > 0).sum(axis=1)  # per tile row: tiles not yet stored
+        self.strips: Dict[int, np.ndarray] = {}
+        self.peak_buffers = 0  # the most tile buffers (strips x cols) alive at once
         self.on_stored = on_stored  # (row, col) of each tile once it is in the spool
+
+    def _strip(self, r: int) -> np.ndarray:
+        strip = self.strips.get(r)
+        if strip is None:
+            T, cols = self.spool.tile, self.remaining.shape[1]
+            shape = (cols, self.spool.channels, T, T) if self.spool.channels else (cols, T, T)
+            strip = self.strips[r] = np.full(shape, self.spool.fill, self.spool.dtype)
+            self.peak_buffers = max(self.peak_buffers, len(self.strips) * cols)
+        return strip
 
     def paste(self, x: int, y: int, block: np.ndarray) -> None:
         """Copy block ([h, w] or [C, h, w]) whose top-left grid pixel is (x, y)."""
         T = self.spool.tile
         h, w = block.shape[-2:]
+        c_first, c_last = x // T, (x + w - 1) // T
+        # the tiles the block spans whole (their columns in [x, x + w)): one copy per tile row
+        a, b = -(-x // T), (x + w) // T
         for r in range(y // T, (y + h - 1) // T + 1):
-            for c in range(x // T, (x + w - 1) // T + 1):
-                y0, y1 = max(y, r * T), min(y + h, (r + 1) * T)
+            y0, y1 = max(y, r * T), min(y + h, (r + 1) * T)
+            rows = slice(y0 - r * T, y1 - r * T)
+            strip = self._strip(r)
+            part = block[..., y0 - y:y1 - y, :]
+            if b - a >= 2:
+                whole = part[..., a * T - x:b * T - x]
+                if self.spool.channels:  # [C, hh, n*T] -> [n, C, hh, T]
+                    strip[a:b, :, rows] = whole.reshape(whole.shape[0], y1 - y0, b - a, T).transpose(2, 0, 1, 3)
+                else:  # [hh, n*T] -> [n, hh, T]
+                    strip[a:b, rows] = whole.reshape(y1 - y0, b - a, T).transpose(1, 0, 2)
+                self.remaining[r, a:b] -= (y1 - y0) * T
+                singles = [c for c in (c_first, c_last) if not a <= c < b]
+            else:
+                singles = range(c_first, c_last + 1)
+            for c in dict.fromkeys(singles):  # (the block's partial tiles, or all of a narrow one)
                 x0, x1 = max(x, c * T), min(x + w, (c + 1) * T)
-                buf = self.buffers.get((r, c))
-                if buf is None:
-                    shape = (self.spool.channels, T, T) if self.spool.channels else (T, T)
-                    buf = self.buffers[(r, c)] = np.full(shape, self.spool.fill, self.spool.dtype)
-                    self.peak_buffers = max(self.peak_buffers, len(self.buffers))
-                buf[..., y0 - r * T:y1 - r * T, x0 - c * T:x1 - c * T] = block[..., y0 - y:y1 - y, x0 - x:x1 - x]
+                strip[c][..., rows, x0 - c * T:x1 - c * T] = part[..., x0 - x:x1 - x]
                 self.remaining[r, c] -= (y1 - y0) * (x1 - x0)
-                if self.remaining[r, c] == 0:
-                    self.spool.put(r, c, self.buffers.pop((r, c)))
-                    if self.on_stored is not None:
-                        self.on_stored(r, c)
+            for c in np.flatnonzero(self.remaining[r, c_first:c_last + 1] == 0) + c_first:
+                self.remaining[r, c] = -1  # (stored)
+                self.spool.put(r, int(c), strip[c])
+                if self.on_stored is not None:
+                    self.on_stored(r, int(c))
+                self._tiles_left[r] -= 1
+            if self._tiles_left[r] == 0:
+                del self.strips[r]
 
 
 def pixels_per_output_tile(rects, width: int, height: int, out_tile: int) -> np.ndarray:
