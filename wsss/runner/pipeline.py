@@ -589,10 +589,10 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     writers.write_tissue_qc(stage / "tissue_qc.png", picture, _mask_at(tissue, plan, picture.shape[:2]),
                                             _tiles_footprint(grid, tile, plan, picture.shape[:2]))
 
-            # NB: the tissue QC picture needs no labels: with its thumbnail at hand (read for the
-            # tissue detection) it is written on a thread during the tile stage, not after it
-            # (0.84 s of an H100 run's tail at 32768^2, behind the tail's other threads)
-            # (or, summed from the tiles, once the readers have read the last one)
+            # NB: the tissue QC picture needs no labels, so it is written on a thread during the
+            # tile stage, not after it (0.84 s of an H100 run's tail at 32768^2, behind the tail's
+            # other threads): at once with a thumbnail read for tissue detection, else once the
+            # readers have summed the overview from the last tile
             state["qc_pool"] = ThreadPoolExecutor(1, thread_name_prefix="wsss-qc")
             if qc_thumb is not None:
                 state["qc"] = state["qc_pool"].submit(write_qc, qc_thumb)

@@ -162,6 +162,8 @@ class LabelPyramid:
     parent is made from final children: the same TIFF (tested).
     """
 
+    TILES_PER_JOB = 4  # parent tiles per pool task (see _submit_row)
+
     def __init__(self, level0: TileSpool, tmp_dir: Path, *, fill: int, threads: Optional[int] = None,
                  expected: Optional[np.ndarray] = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -265,8 +267,6 @@ class LabelPyramid:
         left = [len(pieces)]
         for piece in pieces:
             self._pool.submit(self._build_piece, level, row, piece, left)
-
-    TILES_PER_JOB = 4
 
     def _build_piece(self, level: int, row: int, cols: List[int], left: List[int]) -> None:
         try:
