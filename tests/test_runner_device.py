@@ -589,3 +589,47 @@ def test_runs_shorten_the_gil_switch_interval_and_restore_it(tmp_path):
                      opts(batch_size=2), log=lambda s: None)
     assert [r.status for r in res] == ["done", "failed"]
     assert set(seen) == {pipeline.SWITCH_INTERVAL_S} and sys.getswitchinterval() == before
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_read_batches_fill_a_ring_that_never_overwrites_the_batch_handed_out(workers):
+    """Readers copy tiles into their batch's slot of a ring of buffers, finishing in any order;
+    each batch holds its tiles in raster order, and the batch handed out stays untouched while
+    the readers run ahead, until the next one is asked for."""
+    import random
+    import threading
+    import time
+
+    from wsss.runner.pipeline import _read_batches, _StageTimer
+    from wsss.runner.tiling import TileGrid
+
+    def tile_at(x, y):
+        return np.full((16, 16, 3), (x // 8 + 7 * (y // 8)) % 251, np.uint8)
+
+    class View:
+        def reopen(self):
+            return self
+
+        def close(self):
+            pass
+
+        def read(self, x, y, w, h):
+            time.sleep(random.random() * 0.002)  # readers finish out of order
+            return tile_at(x, y)
+
+    random.seed(workers)
+    grid = TileGrid(16 * 13 - 40, 16 * 9, 16, 0)
+    batches = _read_batches(View(), grid, opts(batch_size=3, workers=workers), _StageTimer(), [], lambda: None)
+    seen = []
+    try:
+        for positions, x in batches:
+            assert x.shape[1:] == (3, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
+            copy = x.clone()
+            for k, (px, py) in enumerate(positions):
+                assert torch.equal(x[k].permute(1, 2, 0), torch.from_numpy(tile_at(px, py)))
+            time.sleep(0.02)  # the readers fill the ring meanwhile
+            assert torch.equal(x, copy)
+            seen.extend(positions)
+    finally:
+        batches.close()
+    assert seen == list(grid.tiles) and not [t for t in threading.enumerate() if t.name.startswith("wsss-read")]

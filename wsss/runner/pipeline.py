@@ -972,54 +972,64 @@ def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: li
     ``options.workers`` threads (each with its own slide handle); ``on_tile(x, y, tile)`` is
     called on the reading thread with each tile (its time counts as reading).
 
-    NB: tiles are stacked as read (NHWC) and handed out as an NCHW view with channels_last
-    strides: no transpose copy, and the bundle predictor's .contiguous(channels_last) is then
-    free.  The one buffer is refilled for the next batch: consumers copy or consume it first.
+    NB: each reader copies its tile into its batch's slot of a ring of batch buffers, so the
+    thread that feeds the model only waits for a batch, never copies one together (32 copies
+    per batch, each giving up the GIL and waiting to retake it while a dozen threads run).
+    The ring holds every batch the read-ahead can reach plus the one handed out, which stays
+    untouched until the next is asked for: consumers copy or consume it first.  Tiles are
+    stored as read (NHWC) and handed out as an NCHW view with channels_last strides: no
+    transpose copy, and the bundle predictor's .contiguous(channels_last) is then free.
     """
     import torch
 
     from wsss.slide import ThreadHandles
 
-    tile = grid.tile
+    tile, size = grid.tile, options.batch_size
     handles = ThreadHandles(view, on_new=one_thread_if_helper, opened=views)  # (the caller closes views)
+    lookahead = size * (max(1, options.workers) + 2)
+    ring = [np.empty((size, tile, tile, 3), np.uint8) for _ in range(2 + -(-lookahead // size))]
 
-    def read(pos):
+    def read(i: int, pos) -> None:
         v = handles.get()
         t0 = time.perf_counter()
         arr = v.read(pos[0], pos[1], tile, tile)
         if on_tile is not None:
             on_tile(pos[0], pos[1], arr)
+        ring[(i // size) % len(ring)][i % size] = arr
         timer.add("read (worker time)", time.perf_counter() - t0)
-        return arr
 
     pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="wsss-read") \
         if options.workers > 0 else None
     pending: deque = deque()
-    lookahead = options.batch_size * (max(1, options.workers) + 2)
-    it = iter(grid.tiles)
+    it = enumerate(grid.tiles)
 
     def submit_more():
         while len(pending) < lookahead:
-            pos = next(it, None)
-            if pos is None:
+            item = next(it, None)
+            if item is None:
                 return
-            pending.append((pos, pool.submit(read, pos) if pool else None))
+            pending.append((item[1], pool.submit(read, *item) if pool else None))
 
-    batch = np.empty((options.batch_size, tile, tile, 3), np.uint8)
     try:
         submit_more()
+        number = 0
         while pending:
             positions = []
             t0 = time.perf_counter()
-            while pending and len(positions) < options.batch_size:
+            while pending and len(positions) < size:
                 pos, fut = pending.popleft()
-                batch[len(positions)] = fut.result() if fut is not None else read(pos)
+                if fut is not None:
+                    fut.result()
+                else:
+                    read(number * size + len(positions), pos)
                 positions.append(pos)
             timer.add("read (waiting)", time.perf_counter() - t0)
             # NB: the read-ahead is topped up once per batch, not per tile taken: each submit
             # wakes a reader that then competes for the GIL with this loop (a stand-in GPU at
             # 3072^2: main-thread waits 0.06-0.07 -> 0.02-0.03 s, tile stage -2.5%)
             submit_more()
+            batch = ring[number % len(ring)]
+            number += 1
             yield positions, torch.from_numpy(batch[:len(positions)]).permute(0, 3, 1, 2)
     finally:
         if pool is not None:
