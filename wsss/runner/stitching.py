@@ -79,7 +79,7 @@ class TileSpool:
     def put(self, row: int, col: int, data: np.ndarray) -> None:
         """Store the full-size (padded) tile at (row, col)."""
         assert data.shape == self._shape() and data.dtype == self.dtype, (data.shape, data.dtype)
-        blob = _zlib_compress(np.ascontiguousarray(data))
+        blob = _zlib_compress(data)
         with self._lock:
             offset = self._written + len(self._pending)
             self._pending += blob
