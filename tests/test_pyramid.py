@@ -94,7 +94,7 @@ def test_a_failed_row_fails_finish(tmp_path, monkeypatch):
     def broken(*args, **kw):
         raise OSError("disk full (test)")
 
-    monkeypatch.setattr(writers, "_build_parent", broken)
+    monkeypatch.setattr(writers, "_build_parents", broken)
     with LabelPyramid(spool, tmp_path, fill=4, threads=2, expected=expected_of(spool, tiles)) as pyramid:
         for (r, c), t in tiles.items():
             spool.put(r, c, t)

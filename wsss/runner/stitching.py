@@ -106,12 +106,14 @@ class TileSpool:
         # NB: written bytes never change: read them without the lock, at their offset
         return _pread(self._fh, n, offset)
 
-    def get(self, row: int, col: int) -> np.ndarray:
-        """The tile at (row, col), full size: [T, T] or [C, T, T]."""
+    def get(self, row: int, col: int, *, writable: bool = True) -> np.ndarray:
+        """The tile at (row, col), full size: [T, T] or [C, T, T] (writable=False: a read-only
+        view of the decompressed bytes, one copy fewer)."""
         blob = self._blob((row, col))
         if blob is None:
             return np.full(self._shape(), self.fill, self.dtype)
-        return np.frombuffer(zlib.decompress(blob), self.dtype).reshape(self._shape()).copy()
+        tile = np.frombuffer(zlib.decompress(blob), self.dtype).reshape(self._shape())
+        return tile.copy() if writable else tile
 
     def __contains__(self, key) -> bool:
         return key in self._index
