@@ -263,7 +263,13 @@ class LabelPyramid:
         # (a parent of four never-stored tiles is fill: so is this one, left unstored)
         cols = [c for c in range(spool.cols)
                 if any((2 * row + i, 2 * c + j) in below for i in (0, 1) for j in (0, 1))]
-        pieces = [cols[i:i + self.TILES_PER_JOB] for i in range(0, len(cols), self.TILES_PER_JOB)] or [[]]
+        pieces: List[List[int]] = []  # runs of adjacent columns, TILES_PER_JOB at most (a task's strip)
+        for c in cols:
+            if pieces and len(pieces[-1]) < self.TILES_PER_JOB and c == pieces[-1][-1] + 1:
+                pieces[-1].append(c)
+            else:
+                pieces.append([c])
+        pieces = pieces or [[]]
         left = [len(pieces)]
         for piece in pieces:
             self._pool.submit(self._build_piece, level, row, piece, left)
