@@ -43,7 +43,7 @@ import pytest
 import torch
 from torch.optim.swa_utils import update_bn
 
-from wsss.bundle import cpu_reduced_precision_supported
+from wsss.bundle import cpu_reduced_precision_supported, script_module
 from wsss.models import DeepLabV3Plus, ResNet38Classifier, TissueSegmenter
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -121,7 +121,7 @@ def _prepare(net: str, width: float, batch: int, mode: str, precision: str):
     x = tiles if net == "tissue" else tiles.to(cast) / 255
     x = x.contiguous(memory_format=torch.channels_last)
     if mode in ("scripted", "frozen"):
-        module = torch.jit.script(module)
+        module = script_module(module)
         if mode == "frozen":
             # NB: freeze only (constants inlined, BatchNorm folded into the convolutions).
             # optimize_for_inference on top rewrote the convolutions into prepacked oneDNN

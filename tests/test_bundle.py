@@ -10,7 +10,8 @@ import zipfile
 import pytest
 import torch
 
-from wsss.bundle import (BUNDLE_FORMAT_VERSION, METADATA_FILE, load_bundle, read_bundle_metadata, save_bundle)
+from wsss.bundle import (BUNDLE_FORMAT_VERSION, METADATA_FILE, load_bundle, read_bundle_metadata, save_bundle,
+                         script_module)
 from wsss.errors import BundleError
 from wsss.models import DeepLabV3Plus, ResNet38Classifier, TissueSegmenter
 
@@ -64,9 +65,33 @@ def test_save_load_roundtrip_matches_eager(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["b.pt"]  # no temp file left behind
 
 
+def test_script_module_survives_a_stale_builtin_id():
+    """TorchScript takes any attribute whose id() is in its builtin table for a builtin function;
+    ids of freed ops stay there (after torch.export / Inductor ran in the process), so a Conv2d's
+    padding list allocated at such an address broke scripting at random (seen once in CI).  Plant
+    such an entry on purpose: plain torch.jit.script fails, script_module forgets it and scripts."""
+    from torch.jit._builtins import _get_builtin_table
+
+    module = _segmenter_module(0)
+    conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+    table = _get_builtin_table()
+    planted = id(conv._reversed_padding_repeated_twice)
+    assert planted not in table
+    table[planted] = "aten::quantize_per_tensor"  # what a freed quantized_decomposed op left behind
+    try:
+        with pytest.raises(RuntimeError, match="builtin cannot be used as a value"):
+            torch.jit.script(module)  # the torch bug itself (pinned torch 2.14.1)
+        scripted = script_module(module)
+    finally:
+        table.pop(planted, None)
+    tiles = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    for a, b in zip(module(tiles, True), scripted(tiles, True)):
+        assert torch.equal(a, b)
+
+
 def test_content_hash_names_the_model_not_the_file(tmp_path):
     save_bundle(tmp_path / "a.pt", _segmenter_module(0), META)
-    save_bundle(tmp_path / "b.pt", torch.jit.script(_segmenter_module(0)), META)
+    save_bundle(tmp_path / "b.pt", script_module(_segmenter_module(0)), META)
     save_bundle(tmp_path / "c.pt", _segmenter_module(1), META)
     h = [read_bundle_metadata(tmp_path / f"{n}.pt")["content_hash"] for n in "abc"]
     assert h[0] == h[1] != h[2]
@@ -102,7 +127,7 @@ def test_load_errors_name_the_file(tmp_path, bundle_path):
     (tmp_path / "text.pt").write_text("not a zip")
     with pytest.raises(BundleError, match=r"text\.pt: not a TorchScript archive"):
         load_bundle(tmp_path / "text.pt")
-    plain = torch.jit.script(_segmenter_module())
+    plain = script_module(_segmenter_module())
     torch.jit.save(plain, str(tmp_path / "plain.pt"))
     with pytest.raises(BundleError, match=rf"plain\.pt: no {METADATA_FILE}"):
         load_bundle(tmp_path / "plain.pt")

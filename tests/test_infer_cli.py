@@ -14,7 +14,9 @@ import tifffile
 import torch
 from torch import Tensor
 
+from wsss.bundle import script_module
 from wsss.cli.infer import demo_bundle_path, main
+from wsss.runner.pipeline import resolve_precision
 
 K = 4
 
@@ -37,7 +39,7 @@ def bundle(tmp_path_factory):
     from wsss.bundle import save_bundle
 
     path = tmp_path_factory.mktemp("b") / "red.pt"
-    save_bundle(str(path), torch.jit.script(RedClassModule()), {
+    save_bundle(str(path), script_module(RedClassModule()), {
         "class_names": ["A", "B", "C", "D"],
         "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 255, 255]],
         "background_index": 4, "tile_size": 32, "mpp": 0.5})
@@ -343,7 +345,8 @@ def test_what_the_run_says(tmp_path, bundle, capsys, monkeypatch):
     assert main([str(s), "--model", str(bundle), "-o", str(tmp_path / "o"), "--mpp", "0.25",
                  "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert f"wsss-infer: model {bundle} (4 classes: A, B, C, D; 0.5 um/px, tile 32; cpu, float32" in err
+    auto = resolve_precision("auto", "cpu")  # bfloat16 on a CPU with bf16 matrix units
+    assert f"wsss-infer: model {bundle} (4 classes: A, B, C, D; 0.5 um/px, tile 32; cpu, {auto}" in err
     assert "wsss-infer: warning: a.tif: --mpp 0.25 overrides the slide's own 0.5 um/px" in err
     assert "downsampled x2" in err
     assert "a.tif: warning: no tissue found (the slide has no colour: detection looks for stained tissue)" in err

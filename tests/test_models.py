@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import wsss.reference as reference
+from wsss.bundle import script_module
 from wsss.errors import BundleError
 from wsss.models import DeepLabV3Plus, ResNet38Classifier, TissueSegmenter
 from wsss.models.checkpoints import (load_classifier_checkpoint, load_segmenter_checkpoint, read_checkpoint)
@@ -64,7 +65,7 @@ def _small_segmenter(k: int = 4) -> DeepLabV3Plus:
 
 def _script_roundtrip(module):
     buf = io.BytesIO()
-    torch.jit.save(torch.jit.script(module), buf)
+    torch.jit.save(script_module(module), buf)
     buf.seek(0)
     return torch.jit.load(buf)
 
@@ -285,7 +286,7 @@ def test_checkpoint_errors_are_clear(tmp_path):
         load_classifier_checkpoint(tmp_path)
     from wsss.bundle import save_bundle
 
-    save_bundle(str(tmp_path / "model.pt"), torch.jit.script(torch.nn.Identity()),
+    save_bundle(str(tmp_path / "model.pt"), script_module(torch.nn.Identity()),
                 {"class_names": ["a"], "palette": [[0, 0, 0], [255, 255, 255]], "background_index": 1,
                  "tile_size": 32, "mpp": 1.0})
     with pytest.raises(BundleError, match="is a wsss model bundle .* not a training checkpoint"):

@@ -10,6 +10,7 @@ import torch
 
 import wsss
 from wsss import ops, reference
+from wsss.bundle import script_module
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
@@ -456,7 +457,7 @@ def _assert_same(a, b):
 
 def test_scripted_caller_saved_reloaded_matches_eager(tmp_path):
     model = AllOps()
-    scripted = torch.jit.script(model)
+    scripted = script_module(model)
     path = tmp_path / "all_ops.pt"
     scripted.save(str(path))
     loaded = torch.jit.load(str(path))

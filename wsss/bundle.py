@@ -33,7 +33,7 @@ from torch import Tensor
 
 from wsss.errors import BundleError
 
-__all__ = ["Bundle", "BundlePredictor", "CudaGraphs", "PendingPrediction", "save_bundle", "load_bundle", "read_bundle_metadata", "content_hash", "cpu_reduced_precision_supported",
+__all__ = ["Bundle", "BundlePredictor", "CudaGraphs", "PendingPrediction", "save_bundle", "load_bundle", "script_module", "read_bundle_metadata", "content_hash", "cpu_reduced_precision_supported",
            "BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "METADATA_FILE"]
 
 BUNDLE_FORMAT = "wsss-bundle"
@@ -114,6 +114,32 @@ def _validate_metadata(metadata: Mapping[str, Any]) -> Dict[str, Any]:
     return meta
 
 
+def script_module(module: torch.nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script(module)``, safe from a TorchScript bug that strikes after torch.export
+    or Inductor ran in the same process.
+
+    TorchScript's table of Python builtins (``torch.jit._builtins``) is keyed by ``id(fn)`` and
+    holds no reference to some of its functions: ``torch.ops`` packets register their op's id,
+    and when a library adds an overload later (``quantized_decomposed::quantize_per_tensor``
+    when Inductor loads) the old op is freed, its id left in the table.  A module attribute that
+    Python later allocates at that address (a Conv2d's ``_reversed_padding_repeated_twice``
+    list, say) is then taken for a builtin function and scripting fails with "builtin cannot be
+    used as a value", depending on where the allocator put the list.  The table only holds
+    callables, so an entry whose id belongs to a live non-callable attribute of the module is
+    stale by construction: forget those entries, then script.
+    """
+    try:
+        from torch.jit._builtins import _get_builtin_table
+        table = _get_builtin_table()
+    except (ImportError, AttributeError):  # a torch without that private table: nothing to fix
+        table = {}
+    for m in module.modules():
+        for value in vars(m).values():
+            if not callable(value):
+                table.pop(id(value), None)
+    return torch.jit.script(module)
+
+
 def save_bundle(path: str, module: torch.nn.Module, metadata: Mapping[str, Any]) -> str:
     """Write ``module`` (scripted here if it is not a ScriptModule yet) and ``metadata`` to ``path``.
 
@@ -127,7 +153,7 @@ def save_bundle(path: str, module: torch.nn.Module, metadata: Mapping[str, Any])
     meta = _validate_metadata(metadata)
     if not isinstance(module, torch.jit.ScriptModule):
         try:
-            module = torch.jit.script(module.eval())
+            module = script_module(module.eval())
         except Exception as e:
             raise BundleError(f"bundle {path}: the module cannot be scripted with TorchScript: "
                               f"{str(e).strip().splitlines()[0]}") from None
