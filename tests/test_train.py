@@ -156,12 +156,11 @@ def test_segmenter_checkpoints_resume_exactly_and_say_when_unfinished(tmp_path, 
     class Killed(Exception):
         pass
 
-    real_save, saves = common.save_atomic, []
+    real_save = common.save_atomic
 
     def save_then_die(obj, path):
-        if path.endswith("segmenter_last.pt") and obj["epoch"] == 1:
-            raise Killed  # killed during epoch 2, after epoch 1's checkpoints
-        saves.append(path)
+        if obj["epoch"] == 1:  # NB: not only at segmenter_last.pt: whether epoch 2 writes a best
+            raise Killed  # checkpoint first depends on float rounding (this CPU's kernels)
         real_save(obj, path)
 
     monkeypatch.setattr(common, "save_atomic", save_then_die)
