@@ -27,4 +27,7 @@ TORCH_LIBRARY(wsss, m) {
   // acc [C,R,W] (in place), tiles [N,C,T,T], xs: N columns, rows ->
   //   acc[:, :rows, x_i : x_i + T] += tiles[i, :, :rows] in tile order (clipped at W)
   m.def("band_accumulate(Tensor(a!) acc, Tensor tiles, int[] xs, int rows) -> ()");
+  // tiles [N, ...] (CPU, contiguous), index [M], level -> (data uint8 [B], ends int64 [M]):
+  //   stream j = data[ends[j-1]:ends[j]], the zlib stream of tiles[index[j]]'s bytes
+  m.def("deflate_tiles(Tensor tiles, int[] index, int level=1) -> (Tensor, Tensor)");
 }

@@ -314,6 +314,57 @@ def test_band_accumulate_sums_in_tile_order():
     assert acc[0, 0, 0].item() == pytest.approx(1e-8)  # (0 + 1 - 1) + 1e-8, not (0 + 1 + 1e-8) - 1
 
 
+# deflate_tiles: the runner's tile compression, many tiles per call; the contract is the
+# inflated content (the reference uses Python's zlib, the op miniz)
+@pytest.mark.parametrize("shape,dtype", [((5, 32, 32), torch.uint8), ((3, 4, 16, 16), torch.float16),
+                                         ((2, 256, 256), torch.uint8), ((4, 0), torch.uint8)])
+def test_deflate_tiles_inflates_to_the_chosen_tiles(shape, dtype):
+    import zlib
+
+    g = torch.Generator().manual_seed(shape[0])
+    tiles = (torch.rand(shape, generator=g) * 4).to(dtype)
+    tiles[0].zero_()  # one all-background tile: a short stream
+    index = [shape[0] - 1, 0, shape[0] - 1] + ([1] if shape[0] > 1 else [])
+    for impl in (ops, reference):
+        data, ends = impl.deflate_tiles(tiles, index)
+        assert data.dtype == torch.uint8 and ends.dtype == torch.int64 and ends.shape == (len(index),)
+        assert int(ends[-1]) == data.numel() and bool((ends[1:] >= ends[:-1]).all())
+        starts = [0] + ends.tolist()[:-1]
+        for j, i in enumerate(index):
+            raw = zlib.decompress(data[starts[j]:int(ends[j])].numpy().tobytes())
+            assert raw == tiles[i].numpy().tobytes()
+    data, ends = ops.deflate_tiles(tiles, [])
+    assert data.numel() == 0 and ends.numel() == 0
+
+
+def test_deflate_tiles_compresses_at_the_given_level():
+    tiles = (torch.arange(64 * 64) // 7 % 4).to(torch.uint8).reshape(1, 64, 64).repeat(2, 1, 1)
+    stored, _ = ops.deflate_tiles(tiles, [0], 0)
+    fast, _ = ops.deflate_tiles(tiles, [0], 1)
+    assert stored.numel() > 64 * 64 > 5 * fast.numel()  # (level 0: stored blocks, no compression)
+
+
+DEFLATE_ERRORS = [
+    (lambda d: (torch.zeros((), dtype=torch.uint8, device=d), [0]),
+     r"wsss::deflate_tiles: tiles must have a leading tile dimension \[N, ...\], got a 0-d tensor"),
+    (lambda d: (torch.zeros(2, 4, 4, dtype=torch.uint8, device=d), [0, 2]),
+     r"wsss::deflate_tiles: every index must be in \[0, 2\), got 2"),
+    (lambda d: (torch.zeros(2, 4, 4, dtype=torch.uint8, device=d), [0], 11),
+     r"wsss::deflate_tiles: level must be in \[0, 10\], got 11"),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("case", range(len(DEFLATE_ERRORS)))
+def test_deflate_tiles_errors(device, case):
+    make_args, message = DEFLATE_ERRORS[case]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.wsss.deflate_tiles(*make_args(device))
+    with pytest.raises(RuntimeError, match=r"wsss::deflate_tiles: tiles must be contiguous, got a non-contiguous "
+                                           r"tensor of shape \[2, 4, 2\]"):
+        torch.ops.wsss.deflate_tiles(torch.zeros(2, 4, 4, dtype=torch.uint8)[:, :, ::2], [0])
+
+
 # --------------------------------------------------------------------------------------
 # Error messages: the kernels and the fake (meta) kernels say the same words
 # --------------------------------------------------------------------------------------
@@ -411,6 +462,7 @@ def _opcheck_cases():
         ("gradcam", (gf, gg)),
         ("gradcam", (gf.clone().requires_grad_(), gg.clone().requires_grad_())),
         ("band_accumulate", (torch.randn(4, 5, 20, generator=g), torch.randn(3, 4, 6, 6, generator=g), [0, 5, 16], 5)),
+        ("deflate_tiles", ((torch.rand(3, 8, 8, generator=g) * 4).to(torch.uint8), [2, 0], 1)),
     ]
 
 

@@ -12,7 +12,7 @@ Shapes: N batch, C channels, K classes, H x W spatial.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from wsss import _library
 
 _library.load()
 
-__all__ = ["pda_attention", "pda_pool", "gate_argmax", "gradcam", "gated_scores", "band_accumulate"]
+__all__ = ["pda_attention", "pda_pool", "gate_argmax", "gradcam", "gated_scores", "band_accumulate", "deflate_tiles"]
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -75,6 +75,16 @@ def band_accumulate(acc: Tensor, tiles: Tensor, xs: List[int], rows: int) -> Non
     row instead of a Python loop of two torch calls per tile.  See wsss.reference.band_accumulate.
     """
     torch.ops.wsss.band_accumulate(acc, tiles, xs, rows)
+
+
+def deflate_tiles(tiles: Tensor, index: List[int], level: int = 1) -> Tuple[Tensor, Tensor]:
+    """zlib streams of tiles[index[j]]'s bytes, all in one call (the GIL given up once):
+    (data uint8 [B], ends int64 [M]); stream j is data[ends[j-1]:ends[j]].  tiles: a CPU
+    contiguous tensor [N, ...] of any dtype; level 0-10 (1: fastest).
+
+    The runner's label and probability tiles (wsss.runner.stitching.TileSpool.put_many).  See
+    wsss.reference.deflate_tiles (Python's zlib: other bytes, the same inflated content)."""
+    return torch.ops.wsss.deflate_tiles(tiles, index, level)
 
 
 def gated_scores(probs: Tensor, class_prob: Tensor, eps: float) -> Tensor:
@@ -210,6 +220,17 @@ def _band_accumulate_fake(acc, tiles, xs, rows):
     for x in xs:
         torch._check(0 <= x < acc.shape[2], lambda: f"{op}every x must be in [0, {acc.shape[2]}), got {x}")
     return None
+
+
+@torch.library.register_fake("wsss::deflate_tiles")
+def _deflate_tiles_fake(tiles, index, level=1):
+    op = "wsss::deflate_tiles: "
+    torch._check(tiles.dim() >= 1, lambda: f"{op}tiles must have a leading tile dimension [N, ...], got a 0-d tensor")
+    torch._check(0 <= level <= 10, lambda: f"{op}level must be in [0, 10], got {level}")
+    for i in index:
+        torch._check(0 <= i < tiles.shape[0], lambda: f"{op}every index must be in [0, {tiles.shape[0]}), got {i}")
+    total = torch.library.get_ctx().new_dynamic_size()  # (the compressed size is the data's)
+    return tiles.new_empty((total,), dtype=torch.uint8), tiles.new_empty((len(index),), dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Shapes: N batch, C channels, K classes, H x W spatial.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ __all__ = [
     "gate_argmax",
     "gradcam",
     "band_accumulate",
+    "deflate_tiles",
 ]
 
 
@@ -113,3 +114,18 @@ def band_accumulate(acc: Tensor, tiles: Tensor, xs: List[int], rows: int) -> Non
     for i, x in enumerate(xs):
         w = min(t, width - x)
         acc[:, :rows, x:x + w] += tiles[i, :, :rows, :w]
+
+
+def deflate_tiles(tiles: Tensor, index: List[int], level: int = 1) -> Tuple[Tensor, Tensor]:
+    """(data uint8 [B], ends int64 [M]): stream j = data[ends[j-1]:ends[j]] is a zlib stream of
+    the bytes of tiles[index[j]] (a contiguous CPU tensor [N, ...]).
+
+    The contract is the inflated content, not the bytes: this uses Python's zlib, the op miniz
+    (another encoder; any zlib reader inflates either)."""
+    import zlib
+
+    flat = tiles.contiguous().reshape(tiles.shape[0], -1).view(torch.uint8) if tiles.shape[0] else tiles
+    streams = [zlib.compress(flat[i].numpy().tobytes(), min(level, 9)) for i in index]
+    data = torch.frombuffer(bytearray(b"".join(streams)), dtype=torch.uint8) if streams else torch.empty(0, dtype=torch.uint8)
+    ends = torch.tensor([len(s) for s in streams], dtype=torch.int64).cumsum(0) if streams else torch.empty(0, dtype=torch.int64)
+    return data, ends

@@ -373,8 +373,7 @@ def _build_parents(below: TileSpool, spool: TileSpool, r: int, cols: Sequence[in
     if vw < block.shape[1]:
         block[:, vw:] = block[:, vw - 1:vw]
     parents = downsample_majority(block).reshape(T, c1 - c0, T).transpose(1, 0, 2).copy()
-    for c in cols:
-        spool.put(r, c, parents[c - c0])
+    spool.put_many(r, cols, parents, at=[c - c0 for c in cols])
 
 
 def _colormap(palette: Sequence[Sequence[int]], background_index: int) -> np.ndarray:
