@@ -30,4 +30,6 @@ TORCH_LIBRARY(wsss, m) {
   // tiles [N, ...] (CPU, contiguous), index [M], level -> (data uint8 [B], ends int64 [M]):
   //   stream j = data[ends[j-1]:ends[j]], the zlib stream of tiles[index[j]]'s bytes
   m.def("deflate_tiles(Tensor tiles, int[] index, int level=1) -> (Tensor, Tensor)");
+  // data uint8 [B], starts [M], ends [M], out [M, ...] (in place): out[j] = inflate(data[starts[j]:ends[j]])
+  m.def("inflate_tiles(Tensor data, int[] starts, int[] ends, Tensor(a!) out) -> ()");
 }

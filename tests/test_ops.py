@@ -344,6 +344,41 @@ def test_deflate_tiles_compresses_at_the_given_level():
     assert stored.numel() > 64 * 64 > 5 * fast.numel()  # (level 0: stored blocks, no compression)
 
 
+def test_inflate_tiles_is_deflate_tiles_undone():
+    g = torch.Generator().manual_seed(3)
+    tiles = (torch.rand(4, 2, 16, 16, generator=g) * 3).to(torch.float16)
+    data, ends = ops.deflate_tiles(tiles, [3, 1, 1])
+    starts = [0] + ends.tolist()[:-1]
+    for impl in (ops, reference):
+        out = torch.empty(3, 2, 16, 16, dtype=torch.float16)
+        impl.inflate_tiles(data, starts, ends.tolist(), out)
+        assert torch.equal(out, tiles[[3, 1, 1]])
+    ops.inflate_tiles(data, [], [], torch.empty(0, 2, 16, 16, dtype=torch.float16))
+    short = torch.empty(1, 2, 16, 8, dtype=torch.float16)  # the stream holds twice as many bytes
+    with pytest.raises(RuntimeError, match=r"wsss::inflate_tiles: stream 0 is not a zlib stream of 512 bytes"):
+        ops.inflate_tiles(data, starts[:1], ends.tolist()[:1], short)
+    with pytest.raises(RuntimeError, match=r"wsss::inflate_tiles: stream 0 is not a zlib stream of 1024 bytes"):
+        ops.inflate_tiles(torch.zeros(20, dtype=torch.uint8), [0], [20], out[:1])
+
+
+INFLATE_ERRORS = [
+    (lambda d: (torch.zeros(4, 2, dtype=torch.uint8, device=d), [0], [1], torch.empty(1, 4, device=d)),
+     r"wsss::inflate_tiles: data must be a contiguous 1-D uint8 tensor, got shape \[4, 2\] of Byte"),
+    (lambda d: (torch.zeros(8, dtype=torch.uint8, device=d), [0, 1], [1], torch.empty(2, 4, device=d)),
+     r"wsss::inflate_tiles: starts and ends must hold one offset per tile of out \(2\), got 2 and 1"),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("case", range(len(INFLATE_ERRORS)))
+def test_inflate_tiles_errors(device, case):
+    make_args, message = INFLATE_ERRORS[case]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.wsss.inflate_tiles(*make_args(device))
+    with pytest.raises(RuntimeError, match=r"wsss::inflate_tiles: stream 0 \[4, 9\) is not within data \[0, 8\)"):
+        torch.ops.wsss.inflate_tiles(torch.zeros(8, dtype=torch.uint8), [4], [9], torch.empty(1, 4))
+
+
 DEFLATE_ERRORS = [
     (lambda d: (torch.zeros((), dtype=torch.uint8, device=d), [0]),
      r"wsss::deflate_tiles: tiles must have a leading tile dimension \[N, ...\], got a 0-d tensor"),
@@ -442,6 +477,11 @@ def test_device_mismatch_message():
 # --------------------------------------------------------------------------------------
 # Registration: opcheck (schema, fake kernels, autograd, dynamic shapes)
 # --------------------------------------------------------------------------------------
+def _deflated():
+    data, ends = ops.deflate_tiles(torch.arange(3 * 64).to(torch.uint8).reshape(3, 8, 8), [2, 0])
+    return data, [0, int(ends[0])], ends.tolist()
+
+
 def _opcheck_cases():
     f, w = _features(2, 6, 5, 3, 3, seed=10)
     fg, wg = f.clone().requires_grad_(), w.clone().requires_grad_()
@@ -463,6 +503,7 @@ def _opcheck_cases():
         ("gradcam", (gf.clone().requires_grad_(), gg.clone().requires_grad_())),
         ("band_accumulate", (torch.randn(4, 5, 20, generator=g), torch.randn(3, 4, 6, 6, generator=g), [0, 5, 16], 5)),
         ("deflate_tiles", ((torch.rand(3, 8, 8, generator=g) * 4).to(torch.uint8), [2, 0], 1)),
+        ("inflate_tiles", (*_deflated(), torch.empty(2, 8, 8, dtype=torch.uint8))),
     ]
 
 

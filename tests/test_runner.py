@@ -934,6 +934,36 @@ def test_spool_reads_back_every_tile_while_it_is_written(tmp_path, monkeypatch, 
     spool.close()
 
 
+@pytest.mark.parametrize("channels", [0, 2])
+@pytest.mark.parametrize("buffer", [1, 3000, 1 << 20])
+def test_spool_put_many_and_get_many_round_trip(tmp_path, monkeypatch, buffer, channels):
+    """put_many stores chosen tiles of a strip under their keys (one deflate call); get_many
+    reads any keys back in one inflate call, from memory, from the file (one read over a close
+    span or one per stream) or as fill, and agrees with get tile by tile."""
+    monkeypatch.setattr(TileSpool, "WRITE_BUFFER", buffer)
+    rng = np.random.default_rng(buffer + channels)
+    shape = (channels, 8, 8) if channels else (8, 8)
+    spool = TileSpool(str(tmp_path / "s.spool"), 8, 8 * 6, 8 * 5, np.float16 if channels else np.uint8,
+                      channels=channels, fill=3)
+    want = {}
+    for r in rng.permutation(5):
+        strip = (rng.random((6, *shape)) * 5).astype(spool.dtype)
+        cols = [int(c) for c in rng.permutation(6)[:4]]
+        spool.put_many(int(r), cols[::-1], strip, at=cols[::-1])
+        want.update({(int(r), c): strip[c] for c in cols})
+    fill = np.full(shape, 3, spool.dtype)
+    every = [(r, c) for r in range(-1, 6) for c in range(7)]  # (some past the edges: fill)
+    scattered = [every[i] for i in rng.permutation(len(every))[:9]]
+    for keys in (every, scattered, [k for k in every if k in want], []):
+        out = np.empty((len(keys), *shape), spool.dtype)
+        spool.get_many(keys, out)
+        for j, key in enumerate(keys):
+            np.testing.assert_array_equal(out[j], want.get(key, fill))
+            if key in want:
+                np.testing.assert_array_equal(spool.get(*key), want[key])
+    spool.close()
+
+
 @pytest.mark.parametrize("channels", [0, 3])
 @pytest.mark.parametrize("order", ["raster", "shuffled"])
 def test_output_tiles_assemble_any_pieces_exactly(tmp_path, channels, order):

@@ -21,7 +21,7 @@ from wsss import _library
 
 _library.load()
 
-__all__ = ["pda_attention", "pda_pool", "gate_argmax", "gradcam", "gated_scores", "band_accumulate", "deflate_tiles"]
+__all__ = ["pda_attention", "pda_pool", "gate_argmax", "gradcam", "gated_scores", "band_accumulate", "deflate_tiles", "inflate_tiles"]
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -85,6 +85,15 @@ def deflate_tiles(tiles: Tensor, index: List[int], level: int = 1) -> Tuple[Tens
     The runner's label and probability tiles (wsss.runner.stitching.TileSpool.put_many).  See
     wsss.reference.deflate_tiles (Python's zlib: other bytes, the same inflated content)."""
     return torch.ops.wsss.deflate_tiles(tiles, index, level)
+
+
+def inflate_tiles(data: Tensor, starts: List[int], ends: List[int], out: Tensor) -> None:
+    """In place, all in one call: out[j] = the bytes of the zlib stream data[starts[j]:ends[j]],
+    which must fill out[j] exactly.  data: uint8 [B]; out: a CPU contiguous tensor [M, ...].
+
+    The label pyramid's children (wsss.runner.stitching.TileSpool.get_many).  See
+    wsss.reference.inflate_tiles."""
+    torch.ops.wsss.inflate_tiles(data, starts, ends, out)
 
 
 def gated_scores(probs: Tensor, class_prob: Tensor, eps: float) -> Tensor:
@@ -231,6 +240,18 @@ def _deflate_tiles_fake(tiles, index, level=1):
         torch._check(0 <= i < tiles.shape[0], lambda: f"{op}every index must be in [0, {tiles.shape[0]}), got {i}")
     total = torch.library.get_ctx().new_dynamic_size()  # (the compressed size is the data's)
     return tiles.new_empty((total,), dtype=torch.uint8), tiles.new_empty((len(index),), dtype=torch.int64)
+
+
+@torch.library.register_fake("wsss::inflate_tiles")
+def _inflate_tiles_fake(data, starts, ends, out):
+    op = "wsss::inflate_tiles: "
+    torch._check(data.dim() == 1 and data.dtype == torch.uint8,
+                 lambda: f"{op}data must be a contiguous 1-D uint8 tensor, got shape {_shape(data)} of {_dtype_name(data.dtype)}")
+    torch._check(out.dim() >= 1, lambda: f"{op}out must be a contiguous tensor [M, ...], got shape {_shape(out)}")
+    m = out.shape[0]
+    torch._check(len(starts) == m and len(ends) == m,
+                 lambda: f"{op}starts and ends must hold one offset per tile of out ({m}), got {len(starts)} and {len(ends)}")
+    return None
 
 
 # --------------------------------------------------------------------------------------

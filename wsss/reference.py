@@ -21,6 +21,7 @@ __all__ = [
     "gradcam",
     "band_accumulate",
     "deflate_tiles",
+    "inflate_tiles",
 ]
 
 
@@ -129,3 +130,16 @@ def deflate_tiles(tiles: Tensor, index: List[int], level: int = 1) -> Tuple[Tens
     data = torch.frombuffer(bytearray(b"".join(streams)), dtype=torch.uint8) if streams else torch.empty(0, dtype=torch.uint8)
     ends = torch.tensor([len(s) for s in streams], dtype=torch.int64).cumsum(0) if streams else torch.empty(0, dtype=torch.int64)
     return data, ends
+
+
+def inflate_tiles(data: Tensor, starts: List[int], ends: List[int], out: Tensor) -> None:
+    """In place: out[j] = the inflated zlib stream data[starts[j]:ends[j]], exactly out[j]'s bytes."""
+    import zlib
+
+    raw = data.numpy().tobytes()
+    flat = out.reshape(out.shape[0], -1).view(torch.uint8) if out.shape[0] else out
+    for j, (a, b) in enumerate(zip(starts, ends)):
+        content = zlib.decompress(raw[a:b])
+        if len(content) != flat.shape[1]:
+            raise RuntimeError(f"inflate_tiles: stream {j} is not a zlib stream of {flat.shape[1]} bytes")
+        flat[j] = torch.frombuffer(bytearray(content), dtype=torch.uint8)

@@ -1,8 +1,11 @@
-// deflate_tiles: zlib streams of many output tiles in one call (the runner's label TIFF tiles).
+// deflate_tiles / inflate_tiles: zlib streams of many output tiles in one call (the runner's
+// label TIFF tiles), and back.
 //
 //   deflate_tiles(tiles [N, ...] CPU contiguous, index [M], level) -> (data uint8 [B], ends int64 [M])
 //   stream j is data[ends[j-1] : ends[j]] (ends[-1] = 0), the zlib-format deflate of the bytes of
 //   tiles[index[j]] at `level` (0-10, miniz's levels; 1: fastest).
+//   inflate_tiles(data uint8 [B], starts [M], ends [M], out [M, ...] CPU contiguous) -> ()
+//   inflates stream j = data[starts[j] : ends[j]] into out[j], which it must fill exactly.
 //
 // Why an op: the runner stores each finished output tile compressed.  Compressed one Python call
 // at a time, every tile gave up the GIL and waited to retake it; on a GPU host, where reader
@@ -27,6 +30,8 @@ extern "C" {
 int mz_compress2(unsigned char* dest, unsigned long* dest_len, const unsigned char* source,
                  unsigned long source_len, int level);
 unsigned long mz_compressBound(unsigned long source_len);
+int mz_uncompress(unsigned char* dest, unsigned long* dest_len, const unsigned char* source,
+                  unsigned long source_len);
 }
 
 namespace wsss {
@@ -66,9 +71,38 @@ std::tuple<at::Tensor, at::Tensor> deflate_tiles(const at::Tensor& tiles, at::In
   return {data, ends};
 }
 
+void inflate_tiles(const at::Tensor& data, at::IntArrayRef starts, at::IntArrayRef ends, const at::Tensor& out) {
+  constexpr const char* op = "wsss::inflate_tiles: ";
+  WSSS_CHECK(data.dim() == 1 && data.scalar_type() == at::kByte && data.is_contiguous(), op,
+             "data must be a contiguous 1-D uint8 tensor, got shape ", shape_str(data), " of ", data.scalar_type());
+  WSSS_CHECK(out.dim() >= 1 && out.is_contiguous(), op, "out must be a contiguous tensor [M, ...], got shape ",
+             shape_str(out));
+  const int64_t m = out.size(0);
+  WSSS_CHECK(static_cast<int64_t>(starts.size()) == m && static_cast<int64_t>(ends.size()) == m, op,
+             "starts and ends must hold one offset per tile of out (", m, "), got ",
+             static_cast<int64_t>(starts.size()), " and ", static_cast<int64_t>(ends.size()));
+  const int64_t b = data.numel();
+  for (int64_t j = 0; j < m; ++j) {
+    WSSS_CHECK(0 <= starts[j] && starts[j] <= ends[j] && ends[j] <= b, op, "stream ", j, " [", starts[j], ", ",
+               ends[j], ") is not within data [0, ", b, ")");
+  }
+  const unsigned long tile_bytes = m ? static_cast<unsigned long>(out.nbytes() / m) : 0;
+  const auto* src = static_cast<const unsigned char*>(data.const_data_ptr());
+  auto* dst = static_cast<unsigned char*>(out.data_ptr());
+  for (int64_t j = 0; j < m; ++j) {
+    unsigned long len = tile_bytes;
+    const int rc = mz_uncompress(dst + j * tile_bytes, &len, src + starts[j], ends[j] - starts[j]);
+    WSSS_CHECK(rc == MZ_OK && len == tile_bytes, op, "stream ", j, " is not a zlib stream of ", tile_bytes,
+               " bytes (miniz error ", rc, ", ", len, " bytes inflated)");
+  }
+}
+
 }  // namespace
 }  // namespace wsss
 
-// NB: CPU only: the tiles are host memory by the time they are stored.  Meta is the fake kernel
-// in wsss/ops.py (data-dependent size).
-TORCH_LIBRARY_IMPL(wsss, CPU, m) { m.impl("deflate_tiles", &wsss::deflate_tiles); }
+// NB: CPU only: the tiles are host memory by the time they are stored.  Meta: the fake kernels
+// in wsss/ops.py.
+TORCH_LIBRARY_IMPL(wsss, CPU, m) {
+  m.impl("deflate_tiles", &wsss::deflate_tiles);
+  m.impl("inflate_tiles", &wsss::inflate_tiles);
+}

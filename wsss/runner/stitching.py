@@ -131,6 +131,54 @@ class TileSpool:
         tile = np.frombuffer(zlib.decompress(blob), self.dtype).reshape(self._shape())
         return tile.copy() if writable else tile
 
+    def get_many(self, keys: Sequence[Tuple[int, int]], out: np.ndarray) -> None:
+        """out[j] = the tile at keys[j] (the fill value where none was stored) for every j; out:
+        a contiguous [n, (C,) T, T] array.  The streams are read in one positional read where
+        they lie close together in the file and inflated in one op call (NB: one GIL give-up
+        each, not one per tile: see put_many)."""
+        import torch
+
+        from wsss.ops import inflate_tiles
+
+        assert out.shape == (len(keys), *self._shape()) and out.dtype == self.dtype and out.flags.c_contiguous
+        parts: List[Optional[bytes]] = []
+        written: List[Tuple[int, int, int]] = []  # (j, offset, length) of streams in the file
+        with self._lock:
+            for j, key in enumerate(keys):
+                entry = self._index.get(key)
+                if entry is None:
+                    parts.append(None)
+                elif entry[0] >= self._written:
+                    start = entry[0] - self._written
+                    parts.append(bytes(self._pending[start:start + entry[1]]))
+                else:
+                    parts.append(b"")
+                    written.append((j, *entry))
+        if written:  # NB: written bytes never change: read them without the lock
+            lo = min(o for _, o, _ in written)
+            hi = max(o + n for _, o, n in written)
+            if hi - lo <= 2 * sum(n for _, _, n in written) + (1 << 16):
+                span = _pread(self._fh, hi - lo, lo)
+                for j, o, n in written:
+                    parts[j] = span[o - lo:o - lo + n]
+            else:
+                for j, o, n in written:
+                    parts[j] = _pread(self._fh, n, o)
+        stored = [j for j, p in enumerate(parts) if p is not None]
+        for j, p in enumerate(parts):
+            if p is None:
+                out[j] = self.fill
+        if stored:
+            blobs = [parts[j] for j in stored]
+            ends = np.cumsum([len(b) for b in blobs]).tolist()
+            data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
+            target = torch.from_numpy(out)
+            if stored != list(range(len(keys))):
+                target = torch.empty((len(stored), *self._shape()), dtype=target.dtype)
+            inflate_tiles(data, [0] + ends[:-1], ends, target)
+            if target.data_ptr() != out.ctypes.data:
+                out[stored] = target.numpy()
+
     def __contains__(self, key) -> bool:
         return key in self._index
 

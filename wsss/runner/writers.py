@@ -356,14 +356,12 @@ def _build_parents(below: TileSpool, spool: TileSpool, r: int, cols: Sequence[in
         return
     T = below.tile
     c0, c1 = cols[0], cols[-1] + 1
-    block = np.full((2 * T, 2 * T * (c1 - c0)), fill, np.uint8)
-    for i in (0, 1):
-        br = 2 * r + i
-        if br >= below.rows:
-            continue
-        for bc in range(2 * c0, min(2 * c1, below.cols)):
-            if (br, bc) in below:
-                block[i * T:(i + 1) * T, (bc - 2 * c0) * T:(bc - 2 * c0 + 1) * T] = below.get(br, bc, writable=False)
+    # the children, tile-major [2, 2n, T, T], read and inflated in one call (fill where the level
+    # below has no tile: past its edge or never stored), then laid out as one [2T, 2nT] block
+    kids = np.empty((2, 2 * (c1 - c0), T, T), np.uint8)
+    keys = [(2 * r + i, 2 * c0 + k) for i in (0, 1) for k in range(2 * (c1 - c0))]
+    below.get_many(keys, kids.reshape(-1, T, T))
+    block = kids.transpose(0, 2, 1, 3).reshape(2 * T, 2 * T * (c1 - c0))
     # NB: pixels past the edge of the level below are fill; mask them out of the vote
     # by copying the nearest valid pixel so an edge half-block is not outvoted by padding.
     vh = min(2 * T, below.height - 2 * r * T)
