@@ -25,8 +25,15 @@ TORCH_LIBRARY(wsss, m) {
   // features [N,C,h,w], grads [N,K,C,h,w] -> sum_c mean_hw(grads) * features [N,K,h,w]
   m.def("gradcam(Tensor features, Tensor grads) -> Tensor");
   // acc [C,R,W] (in place), tiles [N,C,T,T], xs: N columns, rows ->
-  //   acc[:, :rows, x_i : x_i + T] += tiles[i, :, :rows] in tile order (clipped at W)
-  m.def("band_accumulate(Tensor(a!) acc, Tensor tiles, int[] xs, int rows) -> ()");
+  //   acc[:, :rows, x_i : x_i + T] += tiles[i, :, :rows] in tile order (clipped at W);
+  //   with window [T,T]: tiles [N,K,T,T], acc [K+1,R,W], adding (tiles * window, window)
+  m.def("band_accumulate(Tensor(a!) acc, Tensor tiles, int[] xs, int rows, Tensor? window=None) -> ()");
+  // acc [K+1,R,W] (in place: moved up by shift rows), rows, shift, tissue_mask [rows,W]?,
+  //   background_index, values [V] uint8, counts [V] int64 (in place), with_probs ->
+  //   (labels uint8 [rows,W], probs float16 [K,rows,W] or [0]): the band's final rows to labels
+  m.def(
+      "band_finalize(Tensor(a!) acc, int rows, int shift, Tensor? tissue_mask, int background_index, "
+      "Tensor values, Tensor(b!) counts, bool with_probs) -> (Tensor, Tensor)");
   // tiles [N, ...] (CPU, contiguous), index [M], level -> (data uint8 [B], ends int64 [M]):
   //   stream j = data[ends[j-1]:ends[j]], the zlib stream of tiles[index[j]]'s bytes
   m.def("deflate_tiles(Tensor tiles, int[] index, int level=1) -> (Tensor, Tensor)");

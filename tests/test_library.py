@@ -74,7 +74,8 @@ def test_wsss_info_reports_backends_and_threads():
     r = subprocess.run([sys.executable, "-m", "wsss.info", "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert set(info["op_backends"]) >= {"pda_attention", "pda_pool", "gate_argmax", "gradcam", "band_accumulate"}
+    assert set(info["op_backends"]) >= {"pda_attention", "pda_pool", "gate_argmax", "gradcam", "band_accumulate",
+                                        "band_finalize", "deflate_tiles", "inflate_tiles"}
     for keys in info["op_backends"].values():
         assert "CPU" in keys and "Meta" in keys
     assert info["op_backends"]["pda_pool"].count("Autograd") == 1

@@ -306,6 +306,78 @@ def test_band_accumulate_matches_reference_bit_for_bit(device, dtype, xs, rows, 
     assert float((acc - before).double().sum()) == pytest.approx(added, rel=1e-5, abs=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_band_accumulate_with_a_window_adds_weighted_tiles_and_the_weights(device):
+    g = torch.Generator().manual_seed(5)
+    probs = torch.rand(3, 4, 16, 16, generator=g).to(device)
+    window = (torch.rand(16, 16, generator=g) + 0.1).to(device)
+    acc = torch.rand(5, 16, 40, generator=g).to(device)
+    want, ref = acc.clone(), acc.clone()
+    weighted = torch.empty(3, 5, 16, 16, device=device)  # what the runner's Python did before
+    torch.mul(probs, window, out=weighted[:, :4])
+    weighted[:, 4] = window
+    ops.band_accumulate(want, weighted, [0, 12, 30], 13)
+    ops.band_accumulate(acc, probs, [0, 12, 30], 13, window)
+    reference.band_accumulate(ref, probs, [0, 12, 30], 13, window)
+    assert torch.equal(acc, want) and torch.equal(ref, want)
+
+
+def _band(device, k=3, r=8, w=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.rand(k + 1, r, w, generator=g) * 2
+    acc[:, 1, 3:7] = 0  # pixels no tile covered (weight sum 0)
+    acc[k, 2, 5] = 0  # uncovered, with stray class sums: still background
+    return acc.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,shift", [(5, 5), (8, 3), (6, 8), (4, 11), (8, 0), (0, 2)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_band_finalize_matches_reference(device, rows, shift, masked):
+    k, bg = 3, 7
+    values = torch.tensor([0, 1, 2, bg], dtype=torch.uint8, device=device)
+    mask = (torch.rand(rows, 20, generator=torch.Generator().manual_seed(rows)) > 0.3).to(device) if masked else None
+    results = []
+    for impl in (ops, reference):
+        acc, counts = _band(device), torch.tensor([5, 0, 0, 1], device=device)
+        labels, half = impl.band_finalize(acc, rows, shift, mask, bg, values, counts, True)
+        results.append((labels, half, counts, acc))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    labels, half, counts, acc = results[0]
+    before = _band(device)
+    assert labels.shape == (rows, 20) and half.shape == (k, rows, 20) and half.dtype == torch.float16
+    assert int(counts.sum()) == 6 + rows * 20
+    assert bool((labels[~(before[k, :rows] > 0)] == bg).all())
+    if masked:
+        assert bool((labels[~mask] == bg).all())
+    keep = max(8 - shift, 0) if shift else 8
+    assert torch.equal(acc[:, :keep], before[:, shift:shift + keep]) and not acc[:, keep:].any()
+    # without probabilities: an empty half tensor, the same labels
+    acc, counts = _band(device), torch.tensor([5, 0, 0, 1], device=device)
+    labels2, empty = ops.band_finalize(acc, rows, shift, mask, bg, values, counts, False)
+    assert empty.numel() == 0 and torch.equal(labels2, labels)
+
+
+BAND_FINALIZE_ERRORS = [
+    (lambda d: (torch.zeros(1, 4, 5, device=d), 2, 0, None, 7), r"wsss::band_finalize: acc must be a 3-D tensor "
+     r"\[K\+1, R, W\] with K >= 1, got shape \[1, 4, 5\]"),
+    (lambda d: (torch.zeros(3, 4, 5, device=d), 5, 0, None, 7), r"wsss::band_finalize: rows must be in \[0, 4\], got 5"),
+    (lambda d: (torch.zeros(3, 4, 5, device=d), 2, -1, None, 7), r"wsss::band_finalize: shift must be >= 0, got -1"),
+    (lambda d: (torch.zeros(3, 4, 5, device=d), 2, 0, torch.ones(2, 4, dtype=torch.bool, device=d), 7),
+     r"wsss::band_finalize: tissue_mask must have shape \[rows, W\] = \[2, 5\], got shape \[2, 4\]"),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("case", range(len(BAND_FINALIZE_ERRORS)))
+def test_band_finalize_errors(device, case):
+    make_args, message = BAND_FINALIZE_ERRORS[case]
+    values, counts = torch.tensor([0, 1, 7], dtype=torch.uint8, device=device), torch.zeros(3, dtype=torch.long, device=device)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.wsss.band_finalize(*make_args(device), values, counts, False)
+
+
 def test_band_accumulate_sums_in_tile_order():
     # 1 + 1e-8 rounds to 1 in float32; so the order of three terms shows in the result
     acc = torch.zeros(1, 1, 2)
@@ -502,6 +574,10 @@ def _opcheck_cases():
         ("gradcam", (gf, gg)),
         ("gradcam", (gf.clone().requires_grad_(), gg.clone().requires_grad_())),
         ("band_accumulate", (torch.randn(4, 5, 20, generator=g), torch.randn(3, 4, 6, 6, generator=g), [0, 5, 16], 5)),
+        ("band_accumulate", (torch.randn(4, 5, 20, generator=g), torch.rand(3, 3, 6, 6, generator=g), [0, 5, 16], 5,
+                             torch.rand(6, 6, generator=g))),
+        ("band_finalize", (torch.rand(4, 6, 9, generator=g), 4, 4, torch.rand(4, 9, generator=g) > 0.5, 7,
+                           torch.tensor([0, 1, 2, 7], dtype=torch.uint8), torch.zeros(4, dtype=torch.long), True)),
         ("deflate_tiles", ((torch.rand(3, 8, 8, generator=g) * 4).to(torch.uint8), [2, 0], 1)),
         ("inflate_tiles", (*_deflated(), torch.empty(2, 8, 8, dtype=torch.uint8))),
     ]

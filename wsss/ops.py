@@ -21,7 +21,8 @@ from wsss import _library
 
 _library.load()
 
-__all__ = ["pda_attention", "pda_pool", "gate_argmax", "gradcam", "gated_scores", "band_accumulate", "deflate_tiles", "inflate_tiles"]
+__all__ = ["pda_attention", "pda_pool", "gate_argmax", "gradcam", "gated_scores", "band_accumulate", "band_finalize", "deflate_tiles",
+           "inflate_tiles"]
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -67,14 +68,27 @@ def gradcam(features: Tensor, grads: Tensor) -> Tensor:
     return torch.ops.wsss.gradcam(features, grads)
 
 
-def band_accumulate(acc: Tensor, tiles: Tensor, xs: List[int], rows: int) -> None:
+def band_accumulate(acc: Tensor, tiles: Tensor, xs: List[int], rows: int, window: Optional[Tensor] = None) -> None:
     """In place, tile by tile in order: acc[:, :rows, x_i : x_i + T] += tiles[i, :, :rows]
-    (clipped at acc's width).  acc [C,R,W], tiles [N,C,T,T] of acc's dtype and device.
+    (clipped at acc's width).  acc [C,R,W], tiles [N,C,T,T] of acc's dtype and device.  With a
+    window [T,T]: tiles are class probabilities [N,K,T,T], acc is [K+1,R,W] and what is added is
+    (tiles * window, window), the products made for the whole batch first.
 
     The runner's device-side blend (wsss.runner.band_stitching): one call per batch and tile
     row instead of a Python loop of two torch calls per tile.  See wsss.reference.band_accumulate.
     """
-    torch.ops.wsss.band_accumulate(acc, tiles, xs, rows)
+    torch.ops.wsss.band_accumulate(acc, tiles, xs, rows, window)
+
+
+def band_finalize(acc: Tensor, rows: int, shift: int, tissue_mask: Optional[Tensor], background_index: int,
+                  values: Tensor, counts: Tensor, with_probs: bool) -> Tuple[Tensor, Tensor]:
+    """The first ``rows`` rows of a band accumulator acc [K+1,R,W] (class sums, weight sum) are
+    final: -> (labels uint8 [rows,W], probabilities float16 [K,rows,W] if with_probs else [0]).
+    Labels: gate_argmax of sums / weight (tissue_mask [rows,W]: outside -> background), pixels
+    no tile covered -> background; counts[v] += pixels labelled values[v] (in place); then acc
+    moves up by ``shift`` rows, zeros below (in place).  One op call for what was about twenty
+    torch calls (wsss.runner.band_stitching).  See wsss.reference.band_finalize."""
+    return torch.ops.wsss.band_finalize(acc, rows, shift, tissue_mask, background_index, values, counts, with_probs)
 
 
 def deflate_tiles(tiles: Tensor, index: List[int], level: int = 1) -> Tuple[Tensor, Tensor]:
@@ -212,11 +226,19 @@ def _gradcam_fake(features, grads):
 
 
 @torch.library.register_fake("wsss::band_accumulate")
-def _band_accumulate_fake(acc, tiles, xs, rows):
+def _band_accumulate_fake(acc, tiles, xs, rows, window=None):
     op = "wsss::band_accumulate: "
     torch._check(acc.dim() == 3, lambda: f"{op}acc must be a 3-D tensor [C, R, W], got shape {_shape(acc)}")
-    torch._check(tiles.dim() == 4 and tiles.shape[1] == acc.shape[0] and tiles.shape[2] == tiles.shape[3],
-                 lambda: f"{op}tiles must have shape [N, C, T, T] with C = acc.size(0) = {acc.shape[0]}, got shape {_shape(tiles)}")
+    c = acc.shape[0] - (window is not None)
+    what = "[N, K, T, T] with K = acc.size(0) - 1" if window is not None else "[N, C, T, T] with C = acc.size(0)"
+    torch._check(tiles.dim() == 4 and tiles.shape[1] == c and tiles.shape[2] == tiles.shape[3],
+                 lambda: f"{op}tiles must have shape {what} = {c}, got shape {_shape(tiles)}")
+    if window is not None:
+        torch._check(window.dim() == 2 and tuple(window.shape) == tuple(tiles.shape[2:]),
+                     lambda: f"{op}window must have shape [T, T] = [{tiles.shape[2]}, {tiles.shape[3]}], got shape {_shape(window)}")
+        torch._check(window.dtype == acc.dtype and window.device == acc.device,
+                     lambda: f"{op}window must have the dtype and device of acc ({_dtype_name(acc.dtype)}, {acc.device}), "
+                             f"got {_dtype_name(window.dtype)}, {window.device}")
     torch._check(acc.dtype in _FLOATS,
                  lambda: f"{op}acc must be a floating tensor (Float, Double, BFloat16, Half), got {_dtype_name(acc.dtype)}")
     torch._check(tiles.dtype == acc.dtype,
@@ -229,6 +251,22 @@ def _band_accumulate_fake(acc, tiles, xs, rows):
     for x in xs:
         torch._check(0 <= x < acc.shape[2], lambda: f"{op}every x must be in [0, {acc.shape[2]}), got {x}")
     return None
+
+
+@torch.library.register_fake("wsss::band_finalize")
+def _band_finalize_fake(acc, rows, shift, tissue_mask, background_index, values, counts, with_probs):
+    op = "wsss::band_finalize: "
+    torch._check(acc.dim() == 3 and acc.shape[0] >= 2,
+                 lambda: f"{op}acc must be a 3-D tensor [K+1, R, W] with K >= 1, got shape {_shape(acc)}")
+    torch._check(acc.dtype == torch.float32, lambda: f"{op}acc must be Float, got {_dtype_name(acc.dtype)}")
+    torch._check(0 <= rows <= acc.shape[1], lambda: f"{op}rows must be in [0, {acc.shape[1]}], got {rows}")
+    torch._check(shift >= 0, lambda: f"{op}shift must be >= 0, got {shift}")
+    k, w = acc.shape[0] - 1, acc.shape[2]
+    if tissue_mask is not None:
+        torch._check(tissue_mask.dim() == 2 and tuple(tissue_mask.shape) == (rows, w),
+                     lambda: f"{op}tissue_mask must have shape [rows, W] = [{rows}, {w}], got shape {_shape(tissue_mask)}")
+    half = acc.new_empty((k, rows, w) if with_probs else (0,), dtype=torch.float16)
+    return acc.new_empty((rows, w), dtype=torch.uint8), half
 
 
 @torch.library.register_fake("wsss::deflate_tiles")

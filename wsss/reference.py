@@ -20,6 +20,7 @@ __all__ = [
     "gate_argmax",
     "gradcam",
     "band_accumulate",
+    "band_finalize",
     "deflate_tiles",
     "inflate_tiles",
 ]
@@ -105,16 +106,49 @@ def gradcam(features: Tensor, grads: Tensor) -> Tensor:
     return maps.reshape(n, grads.shape[1], h, w)
 
 
-def band_accumulate(acc: Tensor, tiles: Tensor, xs: List[int], rows: int) -> None:
+def band_accumulate(acc: Tensor, tiles: Tensor, xs: List[int], rows: int, window: Optional[Tensor] = None) -> None:
     """In place, tile by tile in order: acc[:, :rows, x_i : x_i + T] += tiles[i, :, :rows]
-    (clipped at acc's width).  acc [C,R,W], tiles [N,C,T,T], xs: N column offsets.
+    (clipped at acc's width).  acc [C,R,W], tiles [N,C,T,T], xs: N column offsets.  With a
+    window [T,T]: tiles [N,K,T,T] are class probabilities, acc is [K+1,R,W], and the tiles added
+    are (tiles * window, window).
 
     The order is part of the contract: sums of overlapping tiles are bit-identical to adding
     them one by one (what the runner's CPU stitcher does)."""
+    if window is not None:
+        tiles = torch.cat([tiles * window, window.expand(tiles.shape[0], 1, *window.shape)], dim=1)
     t, width = tiles.shape[-1], acc.shape[-1]
     for i, x in enumerate(xs):
         w = min(t, width - x)
         acc[:, :rows, x:x + w] += tiles[i, :, :rows, :w]
+
+
+def band_finalize(acc: Tensor, rows: int, shift: int, tissue_mask: Optional[Tensor], background_index: int,
+                  values: Tensor, counts: Tensor, with_probs: bool) -> Tuple[Tensor, Tensor]:
+    """The first ``rows`` rows of a band accumulator acc [K+1,R,W] (class sums, weight sum) to
+    (labels uint8 [rows,W], probabilities float16 [K,rows,W] or [0]):
+
+    - probabilities = sums / weight (0 where no tile covered a pixel: weight 0);
+    - labels = gate_argmax with every class passing, tissue_mask [rows,W] (outside -> background);
+      uncovered pixels -> background_index; counts[v] += pixels labelled values[v];
+    - then acc moves up by ``shift`` rows, zeros below (both in place; shift 0: acc stays)."""
+    k = acc.shape[0] - 1
+    band = acc[:, :rows]
+    covered = band[k] > 0
+    probs = band[:k] / band[k].clamp_min(1e-30)
+    mask = None if tissue_mask is None else tissue_mask[None]
+    labels = gate_argmax(probs[None], torch.ones(1, k, dtype=acc.dtype, device=acc.device), 0.0, mask,
+                         background_index)[0]
+    labels[~covered] = background_index
+    counts += (labels[None] == values[:, None, None]).sum((1, 2))
+    half = probs.to(torch.float16) if with_probs else acc.new_empty((0,), dtype=torch.float16)
+    if shift > 0:
+        keep = acc.shape[1] - shift
+        if keep > 0:
+            acc[:, :keep] = acc[:, shift:].clone()
+            acc[:, keep:] = 0
+        else:
+            acc.zero_()
+    return labels, half
 
 
 def deflate_tiles(tiles: Tensor, index: List[int], level: int = 1) -> Tuple[Tensor, Tensor]:

@@ -5,13 +5,14 @@ long as the model).  ``BandStitcher`` keeps the blend where the probabilities al
 
 - an accumulator ``acc`` [K+1, tile, W] on the device holds the weighted class sums and the
   weight sum of the rows [base, base + tile), ``base`` being the current tile row's start;
-- each tile adds ``probs * window`` and ``window`` into its columns (one batched multiply per
-  batch, then the ``wsss::band_accumulate`` op per tile row of the batch, which makes the
-  in-place adds tile by tile in C++; all queued on the model's stream: no host round trip);
+- each tile adds ``probs * window`` and ``window`` into its columns (the ``wsss::band_accumulate``
+  op with the window, one call per tile row of a batch: the batch's products, then the in-place
+  adds tile by tile in C++; all queued on the model's stream: no host round trip);
 - when the first tile of the next row arrives (tiles come in raster order), the rows above
-  it are final: they are normalised, gated by the tissue mask and arg-maxed by the fused
-  ``gate_argmax`` op, their labels counted on the device, and only uint8 labels
-  (and optional float16 probabilities) go to pinned host memory; the rest of ``acc`` moves up;
+  it are final: ``wsss::band_finalize`` normalises them, gates and arg-maxes them with the tissue
+  mask (the fused ``gate_argmax`` op), counts their labels on the device and moves the rest of
+  ``acc`` up, in one call; only uint8 labels (and optional float16 probabilities) go to pinned
+  host memory;
 - a writer thread waits for each band's download and pastes its covered columns into the
   same ``OutputTiles`` the CPU ``Stitcher`` feeds (compressing full output tiles).
 
@@ -145,11 +146,8 @@ class BandStitcher:
             raise self._errors[0]
         from wsss.ops import band_accumulate
 
-        K, t, n = self.num_classes, self.tile, len(positions)
+        t, n = self.tile, len(positions)
         with torch.inference_mode():
-            weighted = torch.empty((n, K + 1, t, t), dtype=torch.float32, device=self.device)
-            torch.mul(probs, self._window, out=weighted[:, :K])
-            weighted[:, K] = self._window
             i = 0
             while i < n:  # one op call per tile row in the batch (NB: not two torch calls per tile)
                 y = positions[i][1]
@@ -158,7 +156,8 @@ class BandStitcher:
                 j = i + 1
                 while j < n and positions[j][1] == y:
                     j += 1
-                band_accumulate(self.acc, weighted[i:j], [x for x, _ in positions[i:j]], min(t, self.height - y))
+                tiles = probs if (i, j) == (0, n) else probs[i:j]
+                band_accumulate(self.acc, tiles, [x for x, _ in positions[i:j]], min(t, self.height - y), self._window)
                 self._left -= j - i
                 i = j
 
@@ -168,41 +167,33 @@ class BandStitcher:
             raise RuntimeError(f"internal error: tile row y={y} arrived out of raster order "
                                f"(expected y={self.plan[nxt][0] if nxt < len(self.plan) else 'none'})")
         if self._band >= 0:
-            self._finalise_band()
-            shift = y - self.plan[self._band][0]
-            keep = self.acc.shape[1] - shift
-            if keep > 0:
-                self.acc[:, :keep] = self.acc[:, shift:].clone()
-                self.acc[:, keep:] = 0
-            else:
-                self.acc.zero_()
+            self._finalise_band(shift=y - self.plan[self._band][0])
         self._band = nxt
 
-    def _finalise_band(self) -> None:
-        from wsss.ops import gate_argmax
+    def _finalise_band(self, shift: int) -> None:
+        """The current band's rows to labels on the device (``wsss::band_finalize``: normalise,
+        gate + argmax with the tissue mask, uncovered -> background, class counts, then the
+        accumulator moves up by ``shift`` rows), downloaded to pinned memory for the writer.
+
+        NB: one op call for what were about twenty torch calls, each of which gave up the GIL
+        and waited to take it back on a GPU host where the readers and the writer want it too.
+        Counting is one comparison per value summed on the device, not torch.bincount, which
+        on CUDA reads the input's maximum back to the host (a stream sync)."""
+        from wsss.ops import band_finalize
 
         y0, y1, spans = self.plan[self._band]
-        n, K = y1 - y0, self.num_classes
-        acc = self.acc[:, :n]
-        covered = acc[K] > 0
-        # NB: uncovered pixels have zero sums: any positive divisor gives them 0 probabilities
-        probs = acc[:K] / acc[K].clamp_min(1e-30)
+        n = y1 - y0
         mask = None
         if self._tissue is not None:
             rows, inside = self._mask_rows[y0:y1], self._mask_rows_inside[y0:y1]
-            mask = (self._mask[rows][:, self._mask_cols] & inside[:, None] & self._mask_cols_inside[None, :])[None]
-        labels = gate_argmax(probs[None], self._ones, 0.0, mask, self.background_index)[0]
-        labels.masked_fill_(~covered, self.background_index)
-        # NB: not torch.bincount: on CUDA it reads the input's maximum back to the host, a stream
-        # sync that would stall this thread until the device caught up.  gate_argmax gives only
-        # the classes and the background: one comparison per value, summed on the device.
-        self._counts += (labels[None] == self._values[:, None, None]).sum((1, 2))
+            mask = self._mask[rows][:, self._mask_cols] & inside[:, None] & self._mask_cols_inside[None, :]
+        labels, half = band_finalize(self.acc, n, shift, mask, self.background_index, self._values, self._counts,
+                                     self.probs_out is not None)
         self._counted += labels.numel()
         labels_host = torch.empty(labels.shape, dtype=torch.uint8, pin_memory=self._pin)
         labels_host.copy_(labels, non_blocking=self._pin)
         probs_host = None
         if self.probs_out is not None:
-            half = probs.to(torch.float16)
             probs_host = torch.empty(half.shape, dtype=torch.float16, pin_memory=self._pin)
             probs_host.copy_(half, non_blocking=self._pin)
         done = None
@@ -236,7 +227,7 @@ class BandStitcher:
         try:
             if not self._errors and self._band >= 0 and self._left == 0:
                 with torch.inference_mode():
-                    self._finalise_band()
+                    self._finalise_band(shift=0)
                 self._band = len(self.plan)
         finally:
             if self._writer.is_alive():
