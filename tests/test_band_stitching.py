@@ -305,3 +305,23 @@ def test_stitcher_setup_failure_stops_the_band_writer(tmp_path, monkeypatch):
         run_slide(path, on_device(), tmp_path / "out", opts(stitch_device="model", early_pyramid=True))
     assert not [t for t in threading.enumerate() if t.name == "wsss-band-writer"]
     assert not list((tmp_path / "out").glob(".*"))
+
+
+def test_band_masks_are_the_tissue_mask_region_of_each_band():
+    """The device mask of each band (sampled at the grid's columns once, one gather per band)
+    is TissueMask.region of the band's rows, also where the grid reaches past the mask."""
+    from wsss.slide.tissue import TissueMask
+
+    rng = np.random.default_rng(3)
+    tissue = TissueMask(rng.random((7, 9)) > 0.4, 10.0, 12.0, "test")  # 70 x 108 um
+    width, height, tile = 150, 90, 32  # at 0.8 um/px: 120 x 72 um, past the mask on both axes
+    grid = TileGrid(width, height, tile, 8)
+    st = BandStitcher(width, height, tile, list(grid.tiles), weight_window(tile, 8), K, "cpu",
+                      tissue=tissue, grid_mpp=0.8)
+    try:
+        for y0, y1, _ in st.plan:
+            want = tissue.region(0, y0, width, y1 - y0, 0.8)
+            assert np.array_equal(st._mask_by_row[st._mask_row_of[y0:y1]].numpy(), want), y0
+        assert not st._mask_by_row[-1].any()
+    finally:
+        st.finish(raise_errors=False)

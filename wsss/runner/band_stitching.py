@@ -104,13 +104,16 @@ class BandStitcher:
         self._counted = 0
         self._tissue = tissue
         if tissue is not None:
-            self._mask = torch.from_numpy(np.ascontiguousarray(tissue.mask)).to(self.device)
+            # NB: the (low-resolution) mask sampled at the grid's columns once, plus an all-outside
+            # row for grid rows outside the mask: a band's mask is then one gather (two torch
+            # calls per band, not seven: each gives up the GIL on a GPU host).  Memory: (mask
+            # rows + 1) x W bytes, the mask being at most ~1k pixels high.
+            mask = torch.from_numpy(np.ascontiguousarray(tissue.mask, dtype=bool)).to(self.device)
             rows, rows_inside = tissue.sample_index(0, height, grid_mpp, axis=0)
             cols, cols_inside = tissue.sample_index(0, width, grid_mpp, axis=1)
-            self._mask_rows = torch.from_numpy(rows).to(self.device)
-            self._mask_rows_inside = torch.from_numpy(rows_inside).to(self.device)
-            self._mask_cols = torch.from_numpy(cols).to(self.device)
-            self._mask_cols_inside = torch.from_numpy(cols_inside).to(self.device)
+            sampled = mask[:, torch.from_numpy(cols).to(self.device)] & torch.from_numpy(cols_inside).to(self.device)
+            self._mask_by_row = torch.cat([sampled, sampled.new_zeros((1, width))])
+            self._mask_row_of = torch.from_numpy(np.where(rows_inside, rows, mask.shape[0])).to(self.device)
         self._pin = self.device.type == "cuda"
         # peak device bytes (accumulator + the largest band's temporaries), for run.json
         self.peak_piece_bytes = self.device_bytes(K, self.acc.shape[1], width)
@@ -183,10 +186,7 @@ class BandStitcher:
 
         y0, y1, spans = self.plan[self._band]
         n = y1 - y0
-        mask = None
-        if self._tissue is not None:
-            rows, inside = self._mask_rows[y0:y1], self._mask_rows_inside[y0:y1]
-            mask = self._mask[rows][:, self._mask_cols] & inside[:, None] & self._mask_cols_inside[None, :]
+        mask = None if self._tissue is None else self._mask_by_row[self._mask_row_of[y0:y1]]
         labels, half = band_finalize(self.acc, n, shift, mask, self.background_index, self._values, self._counts,
                                      self.probs_out is not None)
         self._counted += labels.numel()
