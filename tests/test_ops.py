@@ -433,43 +433,31 @@ def test_inflate_tiles_is_deflate_tiles_undone():
         ops.inflate_tiles(torch.zeros(20, dtype=torch.uint8), [0], [20], out[:1])
 
 
-INFLATE_ERRORS = [
-    (lambda d: (torch.zeros(4, 2, dtype=torch.uint8, device=d), [0], [1], torch.empty(1, 4, device=d)),
-     r"wsss::inflate_tiles: data must be a contiguous 1-D uint8 tensor, got shape \[4, 2\] of Byte"),
-    (lambda d: (torch.zeros(8, dtype=torch.uint8, device=d), [0, 1], [1], torch.empty(2, 4, device=d)),
-     r"wsss::inflate_tiles: starts and ends must hold one offset per tile of out \(2\), got 2 and 1"),
+# the host-side ops' errors: (op, args(device), message, devices); the kernels' own checks of
+# data (contiguity, stream offsets) have no fake-kernel counterpart
+HOST_OP_ERRORS = [
+    ("inflate_tiles", lambda d: (torch.zeros(4, 2, dtype=torch.uint8, device=d), [0], [1], torch.empty(1, 4, device=d)),
+     r"wsss::inflate_tiles: data must be a contiguous 1-D uint8 tensor, got shape \[4, 2\] of Byte", ("cpu", "meta")),
+    ("inflate_tiles", lambda d: (torch.zeros(8, dtype=torch.uint8, device=d), [0, 1], [1], torch.empty(2, 4, device=d)),
+     r"wsss::inflate_tiles: starts and ends must hold one offset per tile of out \(2\), got 2 and 1", ("cpu", "meta")),
+    ("inflate_tiles", lambda d: (torch.zeros(8, dtype=torch.uint8, device=d), [4], [9], torch.empty(1, 4, device=d)),
+     r"wsss::inflate_tiles: stream 0 \[4, 9\) is not within data \[0, 8\)", ("cpu",)),
+    ("deflate_tiles", lambda d: (torch.zeros((), dtype=torch.uint8, device=d), [0]),
+     r"wsss::deflate_tiles: tiles must have a leading tile dimension \[N, ...\], got a 0-d tensor", ("cpu", "meta")),
+    ("deflate_tiles", lambda d: (torch.zeros(2, 4, 4, dtype=torch.uint8, device=d), [0, 2]),
+     r"wsss::deflate_tiles: every index must be in \[0, 2\), got 2", ("cpu", "meta")),
+    ("deflate_tiles", lambda d: (torch.zeros(2, 4, 4, dtype=torch.uint8, device=d), [0], 11),
+     r"wsss::deflate_tiles: level must be in \[0, 10\], got 11", ("cpu", "meta")),
+    ("deflate_tiles", lambda d: (torch.zeros(2, 4, 4, dtype=torch.uint8, device=d)[:, :, ::2], [0]),
+     r"wsss::deflate_tiles: tiles must be contiguous, got a non-contiguous tensor of shape \[2, 4, 2\]", ("cpu",)),
 ]
 
 
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("case", range(len(INFLATE_ERRORS)))
-def test_inflate_tiles_errors(device, case):
-    make_args, message = INFLATE_ERRORS[case]
+@pytest.mark.parametrize("device,case", [(d, i) for i, e in enumerate(HOST_OP_ERRORS) for d in e[3]])
+def test_host_op_errors(device, case):
+    op, make_args, message, _ = HOST_OP_ERRORS[case]
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.wsss.inflate_tiles(*make_args(device))
-    with pytest.raises(RuntimeError, match=r"wsss::inflate_tiles: stream 0 \[4, 9\) is not within data \[0, 8\)"):
-        torch.ops.wsss.inflate_tiles(torch.zeros(8, dtype=torch.uint8), [4], [9], torch.empty(1, 4))
-
-
-DEFLATE_ERRORS = [
-    (lambda d: (torch.zeros((), dtype=torch.uint8, device=d), [0]),
-     r"wsss::deflate_tiles: tiles must have a leading tile dimension \[N, ...\], got a 0-d tensor"),
-    (lambda d: (torch.zeros(2, 4, 4, dtype=torch.uint8, device=d), [0, 2]),
-     r"wsss::deflate_tiles: every index must be in \[0, 2\), got 2"),
-    (lambda d: (torch.zeros(2, 4, 4, dtype=torch.uint8, device=d), [0], 11),
-     r"wsss::deflate_tiles: level must be in \[0, 10\], got 11"),
-]
-
-
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("case", range(len(DEFLATE_ERRORS)))
-def test_deflate_tiles_errors(device, case):
-    make_args, message = DEFLATE_ERRORS[case]
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.wsss.deflate_tiles(*make_args(device))
-    with pytest.raises(RuntimeError, match=r"wsss::deflate_tiles: tiles must be contiguous, got a non-contiguous "
-                                           r"tensor of shape \[2, 4, 2\]"):
-        torch.ops.wsss.deflate_tiles(torch.zeros(2, 4, 4, dtype=torch.uint8)[:, :, ::2], [0])
+        getattr(torch.ops.wsss, op)(*make_args(device))
 
 
 # --------------------------------------------------------------------------------------
