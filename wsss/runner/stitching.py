@@ -111,16 +111,7 @@ class TileSpool:
 
     def _blob(self, key) -> Optional[bytes]:
         """The stored stream of tile ``key`` (None: never stored)."""
-        with self._lock:
-            entry = self._index.get(key)
-            if entry is None:
-                return None
-            offset, n = entry
-            if offset >= self._written:
-                start = offset - self._written
-                return bytes(self._pending[start:start + n])
-        # NB: written bytes never change: read them without the lock, at their offset
-        return _pread(self._fh, n, offset)
+        return self._blobs([key])[0]
 
     def get(self, row: int, col: int, *, writable: bool = True) -> np.ndarray:
         """The tile at (row, col), full size: [T, T] or [C, T, T] (writable=False: a read-only
@@ -131,16 +122,10 @@ class TileSpool:
         tile = np.frombuffer(zlib.decompress(blob), self.dtype).reshape(self._shape())
         return tile.copy() if writable else tile
 
-    def get_many(self, keys: Sequence[Tuple[int, int]], out: np.ndarray) -> None:
-        """out[j] = the tile at keys[j] (the fill value where none was stored) for every j; out:
-        a contiguous [n, (C,) T, T] array.  The streams are read in one positional read where
-        they lie close together in the file and inflated in one op call (NB: one GIL give-up
-        each, not one per tile: see put_many)."""
-        import torch
-
-        from wsss.ops import inflate_tiles
-
-        assert out.shape == (len(keys), *self._shape()) and out.dtype == self.dtype and out.flags.c_contiguous
+    def _blobs(self, keys: Sequence[Tuple[int, int]]) -> List[Optional[bytes]]:
+        """The stored streams of ``keys`` (None: never stored): those in memory copied under the
+        lock, those in the file read after it (written bytes never change) in one positional
+        read where they lie close together (NB: one GIL give-up, not one per tile)."""
         parts: List[Optional[bytes]] = []
         written: List[Tuple[int, int, int]] = []  # (j, offset, length) of streams in the file
         with self._lock:
@@ -154,7 +139,7 @@ class TileSpool:
                 else:
                     parts.append(b"")
                     written.append((j, *entry))
-        if written:  # NB: written bytes never change: read them without the lock
+        if written:
             lo = min(o for _, o, _ in written)
             hi = max(o + n for _, o, n in written)
             if hi - lo <= 2 * sum(n for _, _, n in written) + (1 << 16):
@@ -164,6 +149,19 @@ class TileSpool:
             else:
                 for j, o, n in written:
                     parts[j] = _pread(self._fh, n, o)
+        return parts
+
+    def get_many(self, keys: Sequence[Tuple[int, int]], out: np.ndarray) -> None:
+        """out[j] = the tile at keys[j] (the fill value where none was stored) for every j; out:
+        a contiguous [n, (C,) T, T] array.  The streams are read in one positional read where
+        they lie close together in the file and inflated in one op call (NB: one GIL give-up
+        each, not one per tile: see put_many)."""
+        import torch
+
+        from wsss.ops import inflate_tiles
+
+        assert out.shape == (len(keys), *self._shape()) and out.dtype == self.dtype and out.flags.c_contiguous
+        parts = self._blobs(keys)
         stored = [j for j, p in enumerate(parts) if p is not None]
         for j, p in enumerate(parts):
             if p is None:
@@ -200,8 +198,7 @@ class TileSpool:
         """
         fill_blob = None
         for r in range(self.rows) if rows is None else rows:
-            for c in range(self.cols):
-                blob = self._blob((r, c))
+            for blob in self._blobs([(r, c) for c in range(self.cols)]):  # (a row at a time)
                 if blob is None:
                     if fill_blob is None:
                         data, _ = _deflate(np.full((1, *self._shape()), self.fill, self.dtype), [0])
