@@ -163,9 +163,8 @@ class TileSpool:
         assert out.shape == (len(keys), *self._shape()) and out.dtype == self.dtype and out.flags.c_contiguous
         parts = self._blobs(keys)
         stored = [j for j, p in enumerate(parts) if p is not None]
-        for j, p in enumerate(parts):
-            if p is None:
-                out[j] = self.fill
+        if len(stored) < len(keys):
+            out[[j for j, p in enumerate(parts) if p is None]] = self.fill
         if stored:
             blobs = [parts[j] for j in stored]
             ends = np.cumsum([len(b) for b in blobs]).tolist()
