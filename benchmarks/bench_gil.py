@@ -1,0 +1,156 @@
+"""The runner's helper-thread work alone and beside threads that hold the GIL (a GPU host's case).
+
+On a GPU host the runner's threads (readers, the thread that feeds the model, the band writer,
+the pyramid, the label TIFF writer, the outlines) share one GIL under a 1-ms switch interval
+(wsss.runner.pipeline.SWITCH_INTERVAL_S).  There every call that gives up the GIL (a numpy
+copy, a torch op, a compression, a file read) waits to take it back, so the *number* of such
+calls sets a thread's time more than its work does.  This file times each piece of that work
+on the CPU, alone and with 3 threads that hold the GIL (pure Python plus a small numpy call in
+a loop) and the 1-ms interval; ``extra_info`` has the parameters.
+
+- test_band_writer: OutputTiles.paste of 16384-px-wide label bands (224 rows) into 256-px tiles
+  (the band writer: pastes, deflate of each finished tile row in one ``wsss::deflate_tiles`` call).
+- test_label_pyramid: the label pyramid of a WSSS_BENCH_GIL_PYRAMID^2 level 0 (default 4096),
+  2 threads (children read with TileSpool.get_many + ``wsss::inflate_tiles``).
+- test_band_producer: BandStitcher on CPU tensors, 32-px tiles so that compute is small, batches
+  of 32 (the thread that feeds the GPU: ``band_accumulate`` with the window, ``band_finalize``).
+- test_label_tiff_rows: TileSpool.iter_compressed of the pyramid's level 0 (the label TIFF writer).
+
+Measured (2-core VM, 2026-11-26, session 12; one-off scripts with the same work, old code vs new
+in one process each, three repetitions; docs/runner-measurements.md, "Twelfth session"), contended:
+band writer (24 bands) 4.70-4.90 -> 0.72-0.83 s, pyramid (8192^2) 5.2-5.9 -> 2.3-2.4 s, producer
+(24 bands of 73 tiles) 2.0-2.6 -> 0.61-0.94 s, label TIFF rows (1024 tiles) 3-494 -> 1-13 ms.
+
+Run: pytest benchmarks/bench_gil.py --benchmark-only   (CI: --benchmark-disable)
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from wsss.runner.band_stitching import BandStitcher
+from wsss.runner.stitching import OutputTiles, TileSpool, pixels_per_output_tile
+from wsss.runner.writers import build_label_pyramid
+
+BANDS = int(os.environ.get("WSSS_BENCH_GIL_BANDS", "12"))
+PYRAMID = int(os.environ.get("WSSS_BENCH_GIL_PYRAMID", "4096"))
+HOGS = 3
+
+
+@pytest.fixture(params=["alone", "contended"])
+def gil(request):
+    """Nothing, or HOGS threads that hold the GIL, under a 1-ms switch interval."""
+    stop = threading.Event()
+
+    def hog():
+        x = np.zeros(16)
+        while not stop.is_set():
+            s = 0
+            for i in range(200):
+                s += i
+            x += 1
+
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)
+    threads = [threading.Thread(target=hog, daemon=True) for _ in range(HOGS if request.param == "contended" else 0)]
+    for t in threads:
+        t.start()
+    try:
+        yield request.param
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(saved)
+
+
+def _labels(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Blocky labels of four classes with 2% noise (a model's map, roughly)."""
+    rng = np.random.default_rng(seed)
+    base = (np.add.outer(np.arange(h) // 37, np.arange(w) // 53) % 4).astype(np.uint8)
+    return np.where(rng.random((h, w)) < 0.02, (base + 1) % 4, base).astype(np.uint8)
+
+
+def test_band_writer(benchmark, gil, tmp_path):
+    W, BAND, T = 16384, 224, 256
+    H = BAND * BANDS
+    bands = [_labels(BAND, W, seed) for seed in range(2)]
+    runs = []
+
+    def run():
+        spool = TileSpool(str(tmp_path / f"s{len(runs)}"), T, W, H, np.uint8)
+        out = OutputTiles(spool, pixels_per_output_tile([(0, H, 0, W)], W, H, T))
+        for i in range(BANDS):
+            out.paste(0, i * BAND, bands[i % 2])
+        runs.append(all((r, c) in spool for r in range(spool.rows) for c in range(spool.cols)))
+        spool.close()
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    assert runs[-1]  # every tile stored
+    benchmark.extra_info.update(gil=gil, bands=BANDS, width=W, tiles=-(-H // T) * (W // T))
+
+
+@pytest.fixture(scope="module")
+def level0(tmp_path_factory):
+    T = 256
+    spool = TileSpool(str(tmp_path_factory.mktemp("gil") / "l0"), T, PYRAMID, PYRAMID, np.uint8, fill=255)
+    labels = _labels(T, PYRAMID)
+    for r in range(spool.rows):
+        spool.put_many(r, range(spool.cols), np.ascontiguousarray(labels.reshape(T, spool.cols, T).transpose(1, 0, 2)))
+    yield spool
+    spool.close()
+
+
+def test_label_pyramid(benchmark, gil, level0, tmp_path):
+    runs = []
+
+    def run():
+        folder = tmp_path / f"p{len(runs)}"
+        folder.mkdir()
+        levels = build_label_pyramid(level0, folder, fill=255, threads=2)
+        runs.append(len(levels))
+        for spool in levels[1:]:
+            spool.close()
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    assert runs[-1] >= 2
+    benchmark.extra_info.update(gil=gil, level0=PYRAMID, levels=runs[-1])
+
+
+def test_label_tiff_rows(benchmark, gil, level0):
+    n = benchmark.pedantic(lambda: sum(1 for _ in level0.iter_compressed()), rounds=3, iterations=1)
+    assert n == level0.rows * level0.cols
+    benchmark.extra_info.update(gil=gil, tiles=n)
+
+
+def test_band_producer(benchmark, gil, tmp_path):
+    T, S, K, B = 32, 28, 4, 32
+    W = 73 * S + (T - S)
+    tiles = [(x, y * S) for y in range(2 * BANDS) for x in range(0, W - T + 1, S)]
+    H = tiles[-1][1] + T
+    probs = torch.rand(B, K, T, T, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    counted = []
+
+    def run():
+        st = BandStitcher(W, H, T, tiles, np.ones((T, T), np.float32), K, "cpu", background_index=K)
+        spool = TileSpool(str(tmp_path / f"s{len(counted)}"), T, W, H, np.uint8, fill=K)
+        st.labels_out = OutputTiles(spool, st.covered_pixels_per_output_tile(T))
+        for i in range(0, len(tiles), B):
+            st.add_batch(tiles[i:i + B], probs[:len(tiles[i:i + B])])
+        st.finish()
+        counted.append(int(st.class_pixels.sum()))
+        spool.close()
+
+    try:
+        benchmark.pedantic(run, rounds=3, iterations=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert counted[-1] == W * H
+    benchmark.extra_info.update(gil=gil, bands=2 * BANDS, tiles=len(tiles), batch=B)
