@@ -162,7 +162,7 @@ class LabelPyramid:
     parent is made from final children: the same TIFF (tested).
     """
 
-    TILES_PER_JOB = 4  # parent tiles per pool task (see _submit_row)
+    TILES_PER_JOB = 4  # parent tiles per pool task, at least (see _submit_row)
 
     def __init__(self, level0: TileSpool, tmp_dir: Path, *, fill: int, threads: Optional[int] = None,
                  expected: Optional[np.ndarray] = None) -> None:
@@ -176,7 +176,8 @@ class LabelPyramid:
         self._final = [np.zeros(s.rows, bool) for s in self.levels]
         self._rows_to_build = sum(s.rows for s in self.levels[1:])
         self._error: Optional[BaseException] = None
-        self._pool = ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1),
+        self._threads = threads or min(8, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(max_workers=self._threads,
                                         thread_name_prefix="wsss-pyramid")
         self._waiting: Optional[np.ndarray] = None
         self._watchers: dict = {}  # level -> [callback(row)]
@@ -263,9 +264,12 @@ class LabelPyramid:
         # (a parent of four never-stored tiles is fill: so is this one, left unstored)
         cols = [c for c in range(spool.cols)
                 if any((2 * row + i, 2 * c + j) in below for i in (0, 1) for j in (0, 1))]
-        pieces: List[List[int]] = []  # runs of adjacent columns, TILES_PER_JOB at most (a task's strip)
+        # runs of adjacent columns (a task's strip): one per pool thread, TILES_PER_JOB at least
+        # (NB: wider strips, fewer numpy calls per parent tile: each gives up the GIL)
+        per_job = max(self.TILES_PER_JOB, -(-len(cols) // self._threads))
+        pieces: List[List[int]] = []
         for c in cols:
-            if pieces and len(pieces[-1]) < self.TILES_PER_JOB and c == pieces[-1][-1] + 1:
+            if pieces and len(pieces[-1]) < per_job and c == pieces[-1][-1] + 1:
                 pieces[-1].append(c)
             else:
                 pieces.append([c])
