@@ -55,19 +55,20 @@ std::tuple<at::Tensor, at::Tensor> deflate_tiles(const at::Tensor& tiles, at::In
 
   at::Tensor ends = at::empty({m}, tiles.options().dtype(at::kLong));
   int64_t* end = ends.data_ptr<int64_t>();
-  std::vector<unsigned char> scratch(mz_compressBound(tile_bytes) * static_cast<size_t>(m));
-  const size_t bound = m ? scratch.size() / m : 0;
-  int64_t total = 0;
+  // NB: each stream goes through one worst-case-sized buffer into a growing one, so memory is
+  // the compressed bytes plus one tile's bound (a row of float16 probability tiles of a wide
+  // slide is over 100 MB raw)
+  std::vector<unsigned char> one(mz_compressBound(tile_bytes));
+  std::vector<unsigned char> streams;
   for (int64_t j = 0; j < m; ++j) {
-    unsigned long len = bound;
-    const int rc = mz_compress2(scratch.data() + total, &len, base + index[j] * tile_bytes, tile_bytes,
-                                static_cast<int>(level));
+    unsigned long len = static_cast<unsigned long>(one.size());
+    const int rc = mz_compress2(one.data(), &len, base + index[j] * tile_bytes, tile_bytes, static_cast<int>(level));
     WSSS_CHECK(rc == MZ_OK, op, "deflate failed (miniz error ", rc, ") on tile ", index[j]);
-    total += static_cast<int64_t>(len);
-    end[j] = total;
+    streams.insert(streams.end(), one.data(), one.data() + len);
+    end[j] = static_cast<int64_t>(streams.size());
   }
-  at::Tensor data = at::empty({total}, tiles.options().dtype(at::kByte));
-  if (total) std::memcpy(data.data_ptr<uint8_t>(), scratch.data(), static_cast<size_t>(total));
+  at::Tensor data = at::empty({static_cast<int64_t>(streams.size())}, tiles.options().dtype(at::kByte));
+  if (!streams.empty()) std::memcpy(data.data_ptr<uint8_t>(), streams.data(), streams.size());
   return {data, ends};
 }
 
