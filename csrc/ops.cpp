@@ -39,4 +39,6 @@ TORCH_LIBRARY(wsss, m) {
   m.def("deflate_tiles(Tensor tiles, int[] index, int level=1) -> (Tensor, Tensor)");
   // data uint8 [B], starts [M], ends [M], out [M, ...] (in place): out[j] = inflate(data[starts[j]:ends[j]])
   m.def("inflate_tiles(Tensor data, int[] starts, int[] ends, Tensor(a!) out) -> ()");
+  // labels uint8 [2h,2w] -> [h,w]: the majority of each 2x2 block (ties: the top-left value's class)
+  m.def("majority_downsample(Tensor labels) -> Tensor");
 }

@@ -416,6 +416,21 @@ def test_deflate_tiles_compresses_at_the_given_level():
     assert stored.numel() > 64 * 64 > 5 * fast.numel()  # (level 0: stored blocks, no compression)
 
 
+def test_majority_downsample_matches_reference_on_every_block():
+    import itertools
+
+    blocks = torch.tensor(list(itertools.product(range(4), repeat=4)), dtype=torch.uint8)  # 256 blocks a b c d
+    labels = blocks.reshape(-1, 2, 2).permute(1, 0, 2).reshape(2, -1)  # side by side: [2, 2 * 256]
+    got = ops.majority_downsample(labels)
+    assert torch.equal(got, reference.majority_downsample(labels))
+    for (a, b, c, d), g in zip(blocks.tolist(), got[0].tolist()):
+        counts = [(a, b, c, d).count(v) for v in (a, b, c, d)]
+        assert (a, b, c, d).count(g) == max(counts)
+        assert g == a or (a, b, c, d).count(a) < max(counts)  # ties keep the top-left class
+    wide = (torch.rand(40, 64, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    assert torch.equal(ops.majority_downsample(wide.t()), reference.majority_downsample(wide.t()))  # non-contiguous
+
+
 def test_inflate_tiles_is_deflate_tiles_undone():
     g = torch.Generator().manual_seed(3)
     tiles = (torch.rand(4, 2, 16, 16, generator=g) * 3).to(torch.float16)
@@ -448,6 +463,10 @@ HOST_OP_ERRORS = [
      r"wsss::deflate_tiles: every index must be in \[0, 2\), got 2", ("cpu", "meta")),
     ("deflate_tiles", lambda d: (torch.zeros(2, 4, 4, dtype=torch.uint8, device=d), [0], 11),
      r"wsss::deflate_tiles: level must be in \[0, 10\], got 11", ("cpu", "meta")),
+    ("majority_downsample", lambda d: (torch.zeros(4, 5, dtype=torch.uint8, device=d),),
+     r"wsss::majority_downsample: labels must be a 2-D tensor \[2h, 2w\] \(even sizes\), got shape \[4, 5\]", ("cpu", "meta")),
+    ("majority_downsample", lambda d: (torch.zeros(4, 4, device=d),),
+     r"wsss::majority_downsample: labels must be uint8 \(Byte\), got Float", ("cpu", "meta")),
     ("deflate_tiles", lambda d: (torch.zeros(2, 4, 4, dtype=torch.uint8, device=d)[:, :, ::2], [0]),
      r"wsss::deflate_tiles: tiles must be contiguous, got a non-contiguous tensor of shape \[2, 4, 2\]", ("cpu",)),
 ]
@@ -567,6 +586,7 @@ def _opcheck_cases():
         ("band_finalize", (torch.rand(4, 6, 9, generator=g), 4, 4, torch.rand(4, 9, generator=g) > 0.5, 7,
                            torch.tensor([0, 1, 2, 7], dtype=torch.uint8), torch.zeros(4, dtype=torch.long), True)),
         ("deflate_tiles", ((torch.rand(3, 8, 8, generator=g) * 4).to(torch.uint8), [2, 0], 1)),
+        ("majority_downsample", ((torch.rand(6, 10, generator=g) * 4).to(torch.uint8),)),
         ("inflate_tiles", (*_deflated(), torch.empty(2, 8, 8, dtype=torch.uint8))),
     ]
 

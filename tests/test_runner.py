@@ -59,12 +59,17 @@ def test_majority_vote_downsample_is_the_mode():
 
 
 @pytest.mark.parametrize("top", [2, 5, 16, 17, 256])
-def test_majority_vote_table_agrees_with_the_rules(top):
-    from wsss.runner.writers import _majority_by_comparison
+def test_majority_vote_op_agrees_with_the_reference(top):
+    import torch
+
+    from wsss import reference
 
     rng = np.random.default_rng(top)
-    img = (rng.random((64, 96)) * top).astype(np.uint8)  # < 16: the table; else the comparisons
-    np.testing.assert_array_equal(downsample_majority(img), _majority_by_comparison(img))
+    img = (rng.random((64, 96)) * top).astype(np.uint8)
+    want = reference.majority_downsample(torch.from_numpy(img)).numpy()
+    np.testing.assert_array_equal(downsample_majority(img), want)
+    np.testing.assert_array_equal(downsample_majority(img[:, ::-1]), reference.majority_downsample(
+        torch.from_numpy(img[:, ::-1].copy())).numpy())  # (a strided view: copied for the op)
 
 
 def test_pyramid_threads_do_not_change_a_byte(tmp_path):

@@ -13,7 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 OPS = ("pda_attention", "pda_attention_backward", "pda_pool", "pda_pool_backward", "gate_argmax", "gradcam",
-       "band_accumulate", "band_finalize", "deflate_tiles", "inflate_tiles")
+       "band_accumulate", "band_finalize", "deflate_tiles", "inflate_tiles", "majority_downsample")
 
 
 def cpu_features() -> dict:

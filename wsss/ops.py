@@ -22,7 +22,7 @@ from wsss import _library
 _library.load()
 
 __all__ = ["pda_attention", "pda_pool", "gate_argmax", "gradcam", "gated_scores", "band_accumulate", "band_finalize", "deflate_tiles",
-           "inflate_tiles"]
+           "inflate_tiles", "majority_downsample"]
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -108,6 +108,13 @@ def inflate_tiles(data: Tensor, starts: List[int], ends: List[int], out: Tensor)
     The label pyramid's children (wsss.runner.stitching.TileSpool.get_many).  See
     wsss.reference.inflate_tiles."""
     torch.ops.wsss.inflate_tiles(data, starts, ends, out)
+
+
+def majority_downsample(labels: Tensor) -> Tensor:
+    """uint8 [2h,2w] -> [h,w] (CPU): the most frequent value of each 2x2 block; a 2-2 split keeps
+    the top-left value's class, four different values give the top-left value.  The label
+    pyramid's levels, one call per strip of parent tiles.  See wsss.reference.majority_downsample."""
+    return torch.ops.wsss.majority_downsample(labels)
 
 
 def gated_scores(probs: Tensor, class_prob: Tensor, eps: float) -> Tensor:
@@ -267,6 +274,15 @@ def _band_finalize_fake(acc, rows, shift, tissue_mask, background_index, values,
                      lambda: f"{op}tissue_mask must have shape [rows, W] = [{rows}, {w}], got shape {_shape(tissue_mask)}")
     half = acc.new_empty((k, rows, w) if with_probs else (0,), dtype=torch.float16)
     return acc.new_empty((rows, w), dtype=torch.uint8), half
+
+
+@torch.library.register_fake("wsss::majority_downsample")
+def _majority_downsample_fake(labels):
+    op = "wsss::majority_downsample: "
+    torch._check(labels.dim() == 2 and labels.shape[0] % 2 == 0 and labels.shape[1] % 2 == 0,
+                 lambda: f"{op}labels must be a 2-D tensor [2h, 2w] (even sizes), got shape {_shape(labels)}")
+    torch._check(labels.dtype == torch.uint8, lambda: f"{op}labels must be uint8 (Byte), got {_dtype_name(labels.dtype)}")
+    return labels.new_empty((labels.shape[0] // 2, labels.shape[1] // 2))
 
 
 @torch.library.register_fake("wsss::deflate_tiles")

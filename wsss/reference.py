@@ -23,6 +23,7 @@ __all__ = [
     "band_finalize",
     "deflate_tiles",
     "inflate_tiles",
+    "majority_downsample",
 ]
 
 
@@ -177,3 +178,14 @@ def inflate_tiles(data: Tensor, starts: List[int], ends: List[int], out: Tensor)
         if len(content) != flat.shape[1]:
             raise RuntimeError(f"inflate_tiles: stream {j} is not a zlib stream of {flat.shape[1]} bytes")
         flat[j] = torch.frombuffer(bytearray(content), dtype=torch.uint8)
+
+
+def majority_downsample(labels: Tensor) -> Tensor:
+    """uint8 [2h,2w] -> [h,w]: the vote of each 2x2 block a b / c d (reading order): a where a
+    equals any other value, else b where b equals c or d, else c where c equals d, else (four
+    different values) a.  So the majority wins, and a 2-2 split keeps the top-left class."""
+    a, b = labels[0::2, 0::2], labels[0::2, 1::2]
+    c, d = labels[1::2, 0::2], labels[1::2, 1::2]
+    out = torch.where(c == d, c, a)
+    out = torch.where((b == c) | (b == d), b, out)
+    return torch.where((a == b) | (a == c) | (a == d), a, out)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import functools
 import io
 import json
 import os
@@ -110,43 +109,22 @@ def write_json_atomic(path: Path, obj) -> None:
 # --------------------------------------------------------------------------------------
 # Label pyramid
 # --------------------------------------------------------------------------------------
-def _majority_by_comparison(labels: np.ndarray) -> np.ndarray:
-    a, b = labels[0::2, 0::2], labels[0::2, 1::2]
-    c, d = labels[1::2, 0::2], labels[1::2, 1::2]
-    out = d.copy()  # d wins only where it is strictly the majority: (b==d or c==d) and not caught below
-    out = np.where(c == d, c, out)
-    out = np.where((b == c) | (b == d), b, out)
-    out = np.where((a == b) | (a == c) | (a == d), a, out)
-    # four different values: fall back to a
-    distinct = (a != b) & (a != c) & (a != d) & (b != c) & (b != d) & (c != d)
-    return np.where(distinct, a, out)
-
-
-@functools.lru_cache(maxsize=1)
-def _majority_table() -> np.ndarray:
-    """uint8 [65536]: the vote of every 2x2 block of values < 16, indexed by a b c d nibbles."""
-    codes = np.arange(1 << 16, dtype=np.uint16)
-    blocks = np.empty((2, 2 * len(codes)), np.uint8)
-    blocks[0, 0::2], blocks[0, 1::2] = codes >> 12, (codes >> 8) & 15
-    blocks[1, 0::2], blocks[1, 1::2] = (codes >> 4) & 15, codes & 15
-    return _majority_by_comparison(blocks)[0]
-
-
 def downsample_majority(labels: np.ndarray) -> np.ndarray:
-    """uint8 [2h, 2w] -> [h, w]: the most frequent value of each 2x2 block.
+    """uint8 [2h, 2w] -> [h, w]: the most frequent value of each 2x2 block (``wsss::majority_downsample``).
 
     Ties: a 2-2 split or four different values keep the top-left value's class when it is
-    among the most frequent, else the first most frequent in reading order.  Label maps with
-    values < 16 (any model with up to 15 classes and background) take one table look-up per
-    block, built from the comparison rules themselves (~4x faster); others the comparisons.
+    among the most frequent, else the first most frequent in reading order.
+    NB: one op call; the numpy version (a table look-up built from these rules) made about
+    ten array calls, each giving up the GIL beside the runner's other threads.
     """
-    if labels.size and int(labels.max()) >= 16:
-        return _majority_by_comparison(labels)
-    hi = labels[0::2].astype(np.uint16)  # a b a b ... -> a << 4 | b, the same for c d
-    hi = (hi[:, 0::2] << 4) | hi[:, 1::2]
-    lo = labels[1::2].astype(np.uint16)
-    lo = (lo[:, 0::2] << 4) | lo[:, 1::2]
-    return _majority_table()[(hi << 8) | lo]
+    import torch
+
+    from wsss.ops import majority_downsample
+
+    labels = np.ascontiguousarray(labels)
+    if not labels.flags.writeable:  # (torch.from_numpy warns on read-only arrays)
+        labels = labels.copy()
+    return majority_downsample(torch.from_numpy(labels)).numpy()
 
 
 class LabelPyramid:
