@@ -990,7 +990,7 @@ def test_output_tiles_assemble_any_pieces_exactly(tmp_path, channels, order):
     spool = TileSpool(str(tmp_path / "s"), T, W, H, image.dtype, channels=channels, fill=9)
     expected = pixels_per_output_tile(rects, W, H, T)
     stored = []
-    out = OutputTiles(spool, expected, on_stored=lambda r, c: stored.append((r, c)))
+    out = OutputTiles(spool, expected, on_stored=lambda r, cs: stored.extend((r, c) for c in cs))
     for y0, y1, x0, x1 in rects:
         out.paste(int(x0), int(y0), image[..., y0:y1, x0:x1])
     want = np.full(shape, 9, image.dtype)

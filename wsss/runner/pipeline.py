@@ -628,7 +628,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                                                                       expected=expected)
                     state["pyramid_during_tiles"] = True
                     spools.extend(pyramid.levels[1:])
-                    stitcher.labels_out.on_stored = pyramid.tile_stored
+                    stitcher.labels_out.on_stored = pyramid.tiles_stored
                     # the GeoJSON's outlines too: slab by slab as the polygon level's rows are final
                     # NB: two threads, as for the pyramid: on an H100 host 4 gave no shorter tail
                     # (GeoJSON after the last tile 0.65 vs 0.70 s) beside a tile stage no faster

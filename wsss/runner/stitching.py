@@ -276,13 +276,13 @@ class OutputTiles:
     """
 
     def __init__(self, spool: TileSpool, expected: np.ndarray,
-                 on_stored: Optional[Callable[[int, int], None]] = None) -> None:
+                 on_stored: Optional[Callable[[int, List[int]], None]] = None) -> None:
         self.spool = spool
         self.remaining = expected.astype(np.int64)  # [rows, cols]
         self._tiles_left = (self.remaining > 0).sum(axis=1)  # per tile row: tiles not yet stored
         self.strips: Dict[int, np.ndarray] = {}
         self.peak_buffers = 0  # the most tile buffers (strips x cols) alive at once
-        self.on_stored = on_stored  # (row, col) of each tile once it is in the spool
+        self.on_stored = on_stored  # (row, cols) of the tiles of a row just stored in the spool
 
     def _strip(self, r: int) -> np.ndarray:
         strip = self.strips.get(r)
@@ -324,8 +324,7 @@ class OutputTiles:
                 self.remaining[r, done] = -1  # (stored)
                 self.spool.put_many(r, done, strip, at=done)
                 if self.on_stored is not None:
-                    for c in done:
-                        self.on_stored(r, c)
+                    self.on_stored(r, done)
                 self._tiles_left[r] -= len(done)
             if self._tiles_left[r] == 0:
                 del self.strips[r]

@@ -134,7 +134,7 @@ class LabelPyramid:
     Row p of level L+1 is built (tiles in a thread pool: zlib and numpy release the GIL) once
     rows 2p and 2p+1 of level L hold every tile they ever will.  With ``expected`` (level-0
     pixels per tile, what the stitcher's OutputTiles waits for) the level-0 rows become final
-    through ``tile_stored`` while the tiles still run, so the pyramid is built during the tile
+    through ``tiles_stored`` while the tiles still run, so the pyramid is built during the tile
     stage on cores the model leaves idle (a GPU's host); without it, ``finish`` builds it all.
     Either way a level's bytes do not depend on the order its tiles were stored in, and every
     parent is made from final children: the same TIFF (tested).
@@ -168,11 +168,16 @@ class LabelPyramid:
                     self._row_final(0, int(r))
 
     def tile_stored(self, row: int, col: int) -> None:
-        """OutputTiles' callback: level-0 tile (row, col) is in the spool, final."""
-        if self._waiting is None:
+        """Level-0 tile (row, col) is in the spool, final."""
+        self.tiles_stored(row, [col])
+
+    def tiles_stored(self, row: int, cols: Sequence[int]) -> None:
+        """OutputTiles' callback: level-0 tiles ``cols`` of ``row`` are in the spool, final (one
+        lock acquisition for all of them)."""
+        if self._waiting is None or not len(cols):
             return
         with self._lock:
-            self._waiting[row] -= 1
+            self._waiting[row] -= len(cols)
             if self._waiting[row] == 0:
                 self._row_final(0, row)
 
