@@ -156,7 +156,7 @@ def test_outlines_across_slabs_are_the_whole_maps():
     for _ in range(12):
         h, w = (int(v) for v in rng.integers(8, 70, 2))
         labels = np.kron((rng.random((h // 3 + 1, w // 3 + 1)) * 3).astype(np.uint8), np.ones((3, 3), np.uint8))[:h, :w]
-        whole = trace_outlines(labels, range(3), slab_rows=h, simplify=0, min_area_px=0)
+        whole = trace_outlines(labels, range(3), slab_rows=h, tail_rows=h, simplify=0, min_area_px=0)
         for slab in (1, 2, 5, 16):
             exact = trace_outlines(labels, range(3), slab_rows=slab, simplify=0, min_area_px=0, threads=2)
             simple = trace_outlines(labels, range(3), slab_rows=slab, min_area_px=2, threads=2)
@@ -286,6 +286,27 @@ def test_outlines_do_not_depend_on_how_rows_arrive_or_the_threads():
             got = b.finish()
         for k in range(4):
             assert shapely.equals_exact(got[k], want[k], tolerance=0), (threads, k)
+
+
+def test_the_last_rows_are_traced_in_short_slabs():
+    """Slabs end every slab_rows rows, but every tail_rows in the map's last slab_rows rows: once
+    all rows but the last tail_rows are in, all of them are traced or under way.  Exact outlines
+    are the whole map's however it is cut."""
+    from wsss.runner.outlines import OutlineBuilder, trace_outlines
+
+    rng = np.random.default_rng(4)
+    labels = np.kron((rng.random((40, 30)) * 3).astype(np.uint8), np.ones((8, 8), np.uint8))[:300, :230]
+    exact = dict(simplify=0, min_area_px=0)
+    with OutlineBuilder(230, 300, range(3), slab_rows=64, tail_rows=8, threads=2, **exact) as b:
+        assert b._ends == [64, 128, 192, 240, 248, 256, 264, 272, 280, 288, 296]  # (240: 300 - 64 up to a multiple of 8)
+        b.add(labels[:150])
+        b.add(labels[150:296])
+        assert b._traced == 296 and not b._ends  # (only the last 4 rows' slab is left)
+        b.add(labels[296:])
+        got = b.finish()
+    whole = trace_outlines(labels, range(3), slab_rows=300, tail_rows=300, **exact)
+    for k in range(3):
+        assert got[k].symmetric_difference(whole[k]).area == 0 and len(got[k].geoms) == len(whole[k].geoms)
 
 
 @pytest.mark.parametrize("slab", [1, 7, 32, 500])

@@ -272,11 +272,13 @@ class OutlineBuilder:
     (0: exact outlines, which contain exactly the class's pixel centres); min_area_px: speckle
     limit; extent: (width, height) of the slide in label pixels (see the module docstring);
     slab_rows: rows per slab, however the rows arrive (so the result does not depend on that);
+    tail_rows: rows per slab in the map's last slab_rows rows (default slab_rows // 8): rows that
+    arrive last are traced in short slabs, so little is left to trace after the last ones;
     threads: slabs traced at once (one task per slab and class; None: one per core)."""
 
     def __init__(self, width: int, height: int, classes: Sequence[int], *, scale: float = 1.0, simplify: float = 0.4,
                  min_area_px: float = 4, extent: Optional[tuple] = None, slab_rows: int = SLAB_ROWS,
-                 threads: Optional[int] = None, output: str = "shapely") -> None:
+                 tail_rows: Optional[int] = None, threads: Optional[int] = None, output: str = "shapely") -> None:
         if output not in ("shapely", "geojson"):
             raise ValueError(f"outlines: output must be 'shapely' or 'geojson', got {output!r}")
         self.output = output
@@ -287,6 +289,12 @@ class OutlineBuilder:
         self._squeezed = [extent is not None and extent[a] < n for a, n in enumerate((self.width, self.height))]
         self.extent = extent
         self.slab_rows = int(slab_rows)
+        # where slabs end: every slab_rows rows, but in the map's last slab_rows rows every
+        # tail_rows (what is left to trace when the last rows come is one short slab)
+        tail = max(1, min(self.slab_rows, int(tail_rows or max(1, self.slab_rows // 8))))
+        tail_start = max(0, -(-(self.height - self.slab_rows) // tail) * tail)
+        self._ends = sorted({*range(self.slab_rows, tail_start, self.slab_rows),
+                             *range(tail_start or tail, self.height, tail)})
         self.rows = 0  # rows received so far
         self._traced = 0  # rows handed to slabs so far
         self._pending: List[np.ndarray] = []  # rows received, not yet in a slab
@@ -310,13 +318,13 @@ class OutlineBuilder:
                 raise ValueError(f"outlines: {self.rows + len(rows)} rows added to a map of {self.height}")
             self._pending.append(rows)
             self.rows += len(rows)
-            while self.rows - self._traced >= self.slab_rows:
-                self._next_slab()
+            while self._ends and self._ends[0] <= self.rows:
+                self._next_slab(self._ends.pop(0) - self._traced)
 
-    def _next_slab(self) -> None:  # NB: holds self._lock
-        """The next slab_rows (or fewer: the last) pending rows to a slab on the pool."""
+    def _next_slab(self, n: int) -> None:  # NB: holds self._lock
+        """The next n pending rows to a slab on the pool."""
         rows = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
-        band, rest = rows[:self.slab_rows], rows[self.slab_rows:]
+        band, rest = rows[:n], rows[n:]
         self._pending = [rest] if len(rest) else []
         # the slab: the previous slab's last row (none above the map's first row), then the band
         top = self._last if self._last is not None else band[:1]
@@ -333,7 +341,7 @@ class OutlineBuilder:
             if not self._finished:
                 self._finished = True
                 if self._pending:
-                    self._next_slab()
+                    self._next_slab(self.rows - self._traced)
                 if self._last is not None:  # the last row against the empty row below the map
                     self._submit(np.concatenate([self._last, self._last]), self.rows - 1, top_cut=True, bottom_cut=False)
         try:
