@@ -10,8 +10,9 @@ a loop) and the 1-ms interval; ``extra_info`` has the parameters.
 
 - test_band_writer: OutputTiles.paste of 16384-px-wide label bands (224 rows) into 256-px tiles
   (the band writer: pastes, deflate of each finished tile row in one ``wsss::deflate_tiles`` call).
-- test_label_pyramid: the label pyramid of a WSSS_BENCH_GIL_PYRAMID^2 level 0 (default 4096),
-  2 threads (children read with TileSpool.get_many + ``wsss::inflate_tiles``).
+- test_label_pyramid: the label pyramid of a complete WSSS_BENCH_GIL_PYRAMID^2 level 0 (default
+  4096), as after the tiles: each level-0 tile row read back (TileSpool.get_many +
+  ``wsss::inflate_tiles``) and voted up through every level on the pyramid's one thread.
 - test_band_producer: BandStitcher on CPU tensors, 32-px tiles so that compute is small, batches
   of 32 (the thread that feeds the GPU: ``band_accumulate`` with the window, ``band_finalize``).
 - test_label_tiff_rows: TileSpool.iter_compressed of the pyramid's level 0 (the label TIFF writer).
@@ -112,7 +113,7 @@ def test_label_pyramid(benchmark, gil, level0, tmp_path):
     def run():
         folder = tmp_path / f"p{len(runs)}"
         folder.mkdir()
-        levels = build_label_pyramid(level0, folder, fill=255, threads=2)
+        levels = build_label_pyramid(level0, folder, fill=255)
         runs.append(len(levels))
         for spool in levels[1:]:
             spool.close()

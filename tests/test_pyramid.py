@@ -58,7 +58,7 @@ def test_built_during_the_tiles_gives_the_same_file(tmp_path, order):
     elif order == "shuffled":
         np.random.default_rng(1).shuffle(keys)
     (tmp_path / "b").mkdir()
-    with LabelPyramid(early, tmp_path / "b", fill=4, threads=3, expected=expected_of(early, tiles2)) as pyramid:
+    with LabelPyramid(early, tmp_path / "b", fill=4, expected=expected_of(early, tiles2)) as pyramid:
         for (r, c) in keys:
             early.put(r, c, tiles2[(r, c)])
             pyramid.tile_stored(r, c)
@@ -66,9 +66,86 @@ def test_built_during_the_tiles_gives_the_same_file(tmp_path, order):
     assert got == want
 
 
+def oracle_levels(image: np.ndarray, tile: int) -> list:
+    """Each level from the whole level below, by the definition: pixels past its edge repeat
+    its last valid row and column, then the 2x2 vote (wsss.reference.majority_downsample)."""
+    import torch
+
+    from wsss import reference
+
+    levels = [image]
+    for w, h in writers.level_sizes(image.shape[1], image.shape[0], tile)[1:]:
+        below = levels[-1]
+        block = np.pad(below, ((0, 2 * h - below.shape[0]), (0, 2 * w - below.shape[1])), mode="edge")
+        levels.append(reference.majority_downsample(torch.from_numpy(block)).numpy())
+    return levels
+
+
+@pytest.mark.parametrize("w,h,tile,density", [(300, 170, 32, 0.8), (33, 517, 8, 0.5), (1, 1, 2, 1.0), (257, 64, 4, 0.1),
+                                              (96, 96, 32, 0.0), (130, 250, 16, 1.0)])
+def test_levels_are_the_majority_vote_of_the_level_below(tmp_path, w, h, tile, density):
+    """Every level against the definition computed from the whole image; a tile is stored exactly
+    where one of the level-0 tiles under it was; the same bytes for every vote_rows."""
+    rng = np.random.default_rng(w * h)
+    spool = TileSpool(str(tmp_path / "l0"), tile, w, h, np.uint8, fill=4)
+    image = np.full((spool.rows * tile, spool.cols * tile), 4, np.uint8)
+    stored = np.zeros((spool.rows, spool.cols), bool)
+    for r in range(spool.rows):
+        for c in range(spool.cols):
+            if rng.random() < density:
+                t = rng.integers(0, 4, (tile, tile)).astype(np.uint8)
+                spool.put(r, c, t)
+                image[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = t
+                stored[r, c] = True
+    want = oracle_levels(image[:h, :w], tile)
+    files = []
+    for vote_rows in dict.fromkeys((None, 2, tile, 3 * tile)):
+        folder = tmp_path / f"v{vote_rows}"
+        folder.mkdir()
+        with LabelPyramid(spool, folder, fill=4, vote_rows=vote_rows) as pyramid:
+            levels = pyramid.finish()
+            assert len(levels) == len(want)
+            for i, (spool_i, level) in enumerate(zip(levels, want)):
+                np.testing.assert_array_equal(spool_i.read_all(), level, err_msg=f"level {i}")
+                if i:
+                    under = np.zeros((spool_i.rows, spool_i.cols), bool)
+                    ys, xs = np.nonzero(stored)
+                    under[ys >> i, xs >> i] = True
+                    assert {k for k in spool_i._index} == set(zip(*np.nonzero(under))), f"stored tiles of level {i}"
+            files.append([b"".join(s.iter_compressed()) for s in levels])  # (what the label TIFF holds)
+    assert all(f == files[0] for f in files)
+
+
+def test_rows_reach_a_watcher_in_order_as_they_are_made(tmp_path):
+    """watch_rows gets every row of its level, in order, from the stitcher's strips (never read
+    back from the spool) while the tiles come; the same pyramid as one built afterwards."""
+    spool, tiles = level0(tmp_path, w=300, h=170, tile=32)
+    got, seen = [], []
+    (tmp_path / "e").mkdir()
+    with LabelPyramid(spool, tmp_path / "e", fill=4, expected=expected_of(spool, tiles)) as pyramid:
+        pyramid.watch_rows(1, lambda rows: got.append(rows.copy()))
+        for r in range(spool.rows):
+            strip = np.full((spool.cols, 32, 32), 4, np.uint8)
+            cols = [c for c in range(spool.cols) if (r, c) in tiles]
+            for c in cols:
+                strip[c] = tiles[(r, c)]
+                spool.put(r, c, tiles[(r, c)])
+            seen.append(sum(len(g) for g in got))
+            pyramid.tiles_stored(r, cols, strip)
+        with pytest.raises(RuntimeError, match="watch_rows"):
+            pyramid.watch_rows(2, print)
+        levels = pyramid.finish()
+        rows = np.concatenate(got)
+        np.testing.assert_array_equal(rows, levels[1].read_all())
+        (tmp_path / "a").mkdir()
+        after = build_label_pyramid(spool, tmp_path / "a", fill=4)
+        assert tiff_bytes(tmp_path / "e.tiff", levels) == tiff_bytes(tmp_path / "a.tiff", after)
+    assert seen[-1] > 0  # (rows arrived before the last level-0 row did)
+
+
 def test_rows_are_built_as_soon_as_the_rows_below_are_final(tmp_path):
     spool, tiles = level0(tmp_path, w=128, h=128)  # 4 x 4 tiles: levels of 2 x 2 and 1 x 1 above
-    with LabelPyramid(spool, tmp_path, fill=4, threads=2, expected=expected_of(spool, tiles)) as pyramid:
+    with LabelPyramid(spool, tmp_path, fill=4, expected=expected_of(spool, tiles)) as pyramid:
         level1 = pyramid.levels[1]
         for (r, c), t in tiles.items():
             if r < 2:
@@ -94,8 +171,8 @@ def test_a_failed_row_fails_finish(tmp_path, monkeypatch):
     def broken(*args, **kw):
         raise OSError("disk full (test)")
 
-    monkeypatch.setattr(writers, "_build_parents", broken)
-    with LabelPyramid(spool, tmp_path, fill=4, threads=2, expected=expected_of(spool, tiles)) as pyramid:
+    monkeypatch.setattr(writers, "downsample_majority", broken)
+    with LabelPyramid(spool, tmp_path, fill=4, expected=expected_of(spool, tiles)) as pyramid:
         for (r, c), t in tiles.items():
             spool.put(r, c, t)
             pyramid.tile_stored(r, c)

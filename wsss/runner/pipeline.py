@@ -621,19 +621,18 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 expected = stitcher.covered_pixels_per_output_tile(T)
                 stitcher.labels_out = OutputTiles(label_spool, expected)
                 if early_pyramid:
-                    # NB: two threads keep pace (~3 ms per level-0 megapixel against ~15 for the
-                    # reference networks on an H200) without crowding the readers and the band
-                    # writer, which hold the GIL between their native calls
-                    pyramid = state["pyramid"] = writers.LabelPyramid(label_spool, work, fill=bg, threads=2,
-                                                                      expected=expected)
+                    # NB: one thread keeps pace: each level-0 tile row is read once and voted up
+                    # through every level (~1 ms per level-0 megapixel here against ~15 for the
+                    # reference networks on an H200)
+                    pyramid = state["pyramid"] = writers.LabelPyramid(label_spool, work, fill=bg, expected=expected)
                     state["pyramid_during_tiles"] = True
                     spools.extend(pyramid.levels[1:])
                     stitcher.labels_out.on_stored = pyramid.tiles_stored
-                    # the GeoJSON's outlines too: slab by slab as the polygon level's rows are final
-                    # NB: two threads, as for the pyramid: on an H100 host 4 gave no shorter tail
-                    # (GeoJSON after the last tile 0.65 vs 0.70 s) beside a tile stage no faster
+                    # the GeoJSON's outlines too: slab by slab as the polygon level's rows are made
+                    # NB: two threads: on an H100 host 4 gave no shorter tail (GeoJSON after the
+                    # last tile 0.65 vs 0.70 s) beside a tile stage no faster
                     outlines = state["outlines"] = polygon_outlines(pyramid.levels, stitcher.num_classes, threads=2)
-                    state["outline_feed"] = writers.LevelRowFeed(pyramid, outlines.level, outlines.builder.add)
+                    pyramid.watch_rows(outlines.level, outlines.builder.add)
                     # ... and the label TIFF, each tile row once it is final
                     writer = state["tiff_writer"] = ThreadPoolExecutor(1, thread_name_prefix="wsss-labels")
                     state["labels_tiff"] = writer.submit(
@@ -675,8 +674,11 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
 
             with timer("pyramid"):  # (what is left of it, when built during the tile stage)
                 if "pyramid" not in state:
-                    state["pyramid"] = writers.LabelPyramid(label_spool, work, fill=bg)
-                    spools.extend(state["pyramid"].levels[1:])
+                    pyramid = state["pyramid"] = writers.LabelPyramid(label_spool, work, fill=bg)
+                    spools.extend(pyramid.levels[1:])
+                    # the outlines are traced on their threads as the pyramid makes the rows
+                    outlines = state["outlines"] = polygon_outlines(pyramid.levels, K, threads=options.workers)
+                    pyramid.watch_rows(outlines.level, outlines.builder.add)
                 levels = state["pyramid"].finish()
             # NB: the GeoJSON and the label TIFF (what is left of them, when begun during the tile
             # stage; contourpy, GEOS, zlib and file writes release the GIL) run on threads of their
@@ -685,16 +687,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             with timer("outputs"), ThreadPoolExecutor(2, thread_name_prefix="wsss-outputs") as side:
                 def polygons() -> int:
                     with timer("write_geojson"), _writing(out_dir / "polygons.geojson"):
-                        if "outlines" in state:  # traced during the tile stage: the last rows are left
-                            state["outline_feed"].finish()
-                            geoms = state["outlines"].builder.finish()
-                        else:
-                            outlines = polygon_outlines(levels, K, threads=options.workers)
-                            poly = levels[outlines.level]
-                            with outlines.builder:  # (its threads end however this ends)
-                                for r in range(poly.rows):
-                                    outlines.builder.add(writers.read_tile_row(poly, r))
-                                geoms = outlines.builder.finish()
+                        # (traced as the pyramid made the polygon level's rows: the last slabs are left)
+                        geoms = state["outlines"].builder.finish()
                         return writers.write_geojson_features(stage / "polygons.geojson", geoms,
                                                               class_names=names[:K], palette=model.palette)
 
@@ -764,7 +758,6 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             if "pyramid" in state:
                 state["pyramid"].close()  # NB: waits for rows in flight: they read and write spools
             if "outlines" in state:
-                state["outline_feed"].close()
                 state["outlines"].builder.close()
             if "tiff_writer" in state:
                 state["tiff_writer"].shutdown(wait=True)  # (the closed pyramid ends an unfinished file)

@@ -276,13 +276,14 @@ class OutputTiles:
     """
 
     def __init__(self, spool: TileSpool, expected: np.ndarray,
-                 on_stored: Optional[Callable[[int, List[int]], None]] = None) -> None:
+                 on_stored: Optional[Callable[[int, List[int], np.ndarray], None]] = None) -> None:
         self.spool = spool
         self.remaining = expected.astype(np.int64)  # [rows, cols]
         self._tiles_left = (self.remaining > 0).sum(axis=1)  # per tile row: tiles not yet stored
         self.strips: Dict[int, np.ndarray] = {}
         self.peak_buffers = 0  # the most tile buffers (strips x cols) alive at once
-        self.on_stored = on_stored  # (row, cols) of the tiles of a row just stored in the spool
+        # (row, cols, strip): tiles cols of row were just stored in the spool from strip (see _strip)
+        self.on_stored = on_stored
 
     def _strip(self, r: int) -> np.ndarray:
         strip = self.strips.get(r)
@@ -324,7 +325,7 @@ class OutputTiles:
                 self.remaining[r, done] = -1  # (stored)
                 self.spool.put_many(r, done, strip, at=done)
                 if self.on_stored is not None:
-                    self.on_stored(r, done)
+                    self.on_stored(r, done, strip)
                 self._tiles_left[r] -= len(done)
             if self._tiles_left[r] == 0:
                 del self.strips[r]

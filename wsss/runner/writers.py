@@ -30,7 +30,7 @@ from wsss.runner.stitching import TileSpool
 
 __all__ = [
     "atomic_path", "temp_tag", "remove_stale_temporaries", "write_json_atomic", "downsample_majority", "LabelPyramid", "build_label_pyramid",
-    "read_tile_row", "LevelRowFeed", "write_label_tiff", "write_probs_tiff", "palette_image", "write_overlay", "write_tissue_qc", "inner_boundary",
+    "write_label_tiff", "write_probs_tiff", "palette_image", "write_overlay", "write_tissue_qc", "inner_boundary",
     "overview_level", "polygon_level",
     "class_areas", "write_areas", "label_polygons", "write_geojson", "write_geojson_features", "geojson_extent",
 ]
@@ -127,75 +127,106 @@ def downsample_majority(labels: np.ndarray) -> np.ndarray:
     return majority_downsample(torch.from_numpy(labels)).numpy()
 
 
+class _Rows:
+    """Consecutive rows ``y0 ..`` of one pyramid level, ``n`` of them: ``data`` holds tile columns
+    ``[c0, c0 + data.shape[1] // T)`` of them (the others are fill), ``active`` marks the tile
+    columns that may differ from fill (None: all fill; then data is None too)."""
+
+    __slots__ = ("y0", "n", "c0", "data", "active")
+
+    def __init__(self, y0: int, n: int, c0: int, data: Optional[np.ndarray], active: Optional[np.ndarray]) -> None:
+        self.y0, self.n, self.c0, self.data, self.active = y0, n, c0, data, active
+
+
 class LabelPyramid:
     """Levels 1.. of a label spool (each half the size of the one below, until one tile covers
-    it), built row by row as soon as the rows below are final.
+    it), streamed up from level 0 one tile row at a time.
 
-    Row p of level L+1 is built (tiles in a thread pool: zlib and numpy release the GIL) once
-    rows 2p and 2p+1 of level L hold every tile they ever will.  With ``expected`` (level-0
-    pixels per tile, what the stitcher's OutputTiles waits for) the level-0 rows become final
-    through ``tiles_stored`` while the tiles still run, so the pyramid is built during the tile
-    stage on cores the model leaves idle (a GPU's host); without it, ``finish`` builds it all.
-    Either way a level's bytes do not depend on the order its tiles were stored in, and every
-    parent is made from final children: the same TIFF (tested).
+    Each level-0 tile row is read once, as soon as it is final, and voted up through every
+    level at once: its rows are T/2 rows of level 1, T/4 of level 2, ... (2x2 majority votes are
+    local), so a level's rows are final as soon as the level-0 rows under them are, and a
+    level's tile row is compressed and stored once its last rows arrive.  Nothing is read back
+    from the spools of levels 1..; ``watch_rows`` hands a level's rows on as they are made (the
+    GeoJSON's outlines, traced while the tiles run).  One worker thread takes the level-0 rows
+    in order.
+
+    Edges: pixels past the edge of the level below (its last row and column, inside a partial
+    block or tile) repeat its last valid pixel, so an edge half-block is not outvoted by padding.
+    A parent tile none of whose children was ever stored is fill and is not stored either.
+
+    With ``expected`` (level-0 pixels per tile, what the stitcher's OutputTiles waits for) the
+    level-0 rows become final through ``tiles_stored`` while the tiles still run, so the pyramid
+    is built during the tile stage; without it ``finish`` builds it all.  The bytes of every
+    level do not depend on the order the level-0 tiles were stored in (tested).
     """
 
-    TILES_PER_JOB = 4  # parent tiles per pool task, at least (see _submit_row)
-
-    def __init__(self, level0: TileSpool, tmp_dir: Path, *, fill: int, threads: Optional[int] = None,
-                 expected: Optional[np.ndarray] = None) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
+    def __init__(self, level0: TileSpool, tmp_dir: Path, *, fill: int, expected: Optional[np.ndarray] = None,
+                 vote_rows: Optional[int] = None) -> None:
         self.fill = fill
+        self.tile = T = level0.tile
+        if T % 2:
+            raise ValueError(f"label pyramid: the tile edge must be even, got {T}")
         self.levels = [level0] + [
-            TileSpool(str(Path(tmp_dir) / f".level{i}.spool.tmp"), level0.tile, w, h, np.uint8, fill=fill)
-            for i, (w, h) in enumerate(level_sizes(level0.width, level0.height, level0.tile)) if i]
+            TileSpool(str(Path(tmp_dir) / f".level{i}.spool.tmp"), T, w, h, np.uint8, fill=fill)
+            for i, (w, h) in enumerate(level_sizes(level0.width, level0.height, T)) if i]
         self._lock = threading.Condition()
-        self._final = [np.zeros(s.rows, bool) for s in self.levels]
-        self._rows_to_build = sum(s.rows for s in self.levels[1:])
+        self._final = [np.zeros(s.rows, bool) for s in self.levels]  # tile rows in the spool, final
+        self._next0 = 0  # the next level-0 tile row to vote up
+        self._queued = False  # a pump task is queued or running
+        self._pending: List[Optional[_Rows]] = [None] * len(self.levels)  # a level's rows waiting to be voted up
+        self.vote_rows = max(2, T // 2) if vote_rows is None else vote_rows
+        self._strip: List[Optional[np.ndarray]] = [None] * len(self.levels)  # a level's tile row being filled
+        self._active: List[np.ndarray] = [np.zeros(s.cols, bool) for s in self.levels]  # ... and its columns to store
+        self._sinks: dict = {}  # level -> [sink(rows)]
+        self._strips0: dict = {}  # level-0 row -> the stitcher's strip of its tiles
         self._error: Optional[BaseException] = None
-        self._threads = threads or min(8, os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(max_workers=self._threads,
-                                        thread_name_prefix="wsss-pyramid")
-        self._waiting: Optional[np.ndarray] = None
-        self._watchers: dict = {}  # level -> [callback(row)]
         self._closed = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="wsss-pyramid")
+        self._waiting: Optional[np.ndarray] = None
         if expected is not None:
             assert expected.shape == (level0.rows, level0.cols), (expected.shape, level0.rows, level0.cols)
             self._waiting = (expected > 0).sum(axis=1)  # level-0 tiles still to come, per row
-            with self._lock:
-                for r in np.flatnonzero(self._waiting == 0):
-                    self._row_final(0, int(r))
+            # NB: rows no tile will come to are final now, but voted up only from the first
+            # tiles_stored (or finish) on: watch_rows may still be called until then
+            self._final[0][self._waiting == 0] = True
 
     def tile_stored(self, row: int, col: int) -> None:
         """Level-0 tile (row, col) is in the spool, final."""
         self.tiles_stored(row, [col])
 
-    def tiles_stored(self, row: int, cols: Sequence[int]) -> None:
+    def tiles_stored(self, row: int, cols: Sequence[int], strip: Optional[np.ndarray] = None) -> None:
         """OutputTiles' callback: level-0 tiles ``cols`` of ``row`` are in the spool, final (one
-        lock acquisition for all of them)."""
+        lock acquisition for all of them).  strip: the row's tiles [cols, T, T] they were stored
+        from (fill where none will be; kept, not copied: the stitcher never writes a stored tile
+        again), so the pyramid need not read them back."""
         if self._waiting is None or not len(cols):
             return
         with self._lock:
+            if strip is not None:
+                self._strips0[row] = strip
             self._waiting[row] -= len(cols)
             if self._waiting[row] == 0:
-                self._row_final(0, row)
+                self._final[0][row] = True
+                self._lock.notify_all()  # (iter_final_compressed)
+            self._kick()
 
-    def watch(self, level: int, callback) -> None:
-        """callback(row) once row ``row`` of ``level`` is final (in the spool), from whichever
-        thread made it so (holding the pyramid's lock: it must only hand the row on), for rows
-        already final at once."""
+    def watch_rows(self, level: int, sink) -> None:
+        """``sink(rows)`` gets every row of ``level`` (uint8 [n, width]), in order, as they are
+        made (on the pyramid's thread: it must not wait for the pyramid).  Call it before the
+        first level-0 row is final.  An exception in the sink fails the pyramid (``finish``)."""
         with self._lock:
-            self._watchers.setdefault(level, []).append(callback)
-            for r in np.flatnonzero(self._final[level]):
-                callback(int(r))
+            if self._next0 or self._queued:
+                raise RuntimeError("label pyramid: watch_rows() after rows were voted")
+            self._sinks.setdefault(level, []).append(sink)
 
     def finish(self) -> List[TileSpool]:
         """Every level, complete (waits for the rows in flight; builds the rest)."""
         with self._lock:
-            for r in range(self.levels[0].rows):
-                self._row_final(0, r)  # NB: with expected, every tile is stored by now
-            while self._rows_to_build and self._error is None:
+            self._final[0][:] = True  # NB: with expected, every tile is stored by now
+            self._lock.notify_all()
+            self._kick()
+            # NB: every level-0 row voted up (and handed to its sinks), every level's tile rows stored
+            while (self._next0 < self.levels[0].rows or not all(f.all() for f in self._final)) and self._error is None:
                 self._lock.wait()
             if self._error is not None:
                 raise self._error
@@ -227,138 +258,171 @@ class LabelPyramid:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _row_final(self, level: int, row: int) -> None:  # NB: holds self._lock
-        if self._final[level][row]:
-            return
-        self._final[level][row] = True
-        self._lock.notify_all()  # (iter_final_compressed)
-        for callback in self._watchers.get(level, ()):
-            callback(row)
-        if level + 1 < len(self.levels):
-            rows = [r for r in (row - row % 2, row - row % 2 + 1) if r < self.levels[level].rows]
-            if self._final[level][rows].all():
-                self._submit_row(level + 1, row // 2)
+    # -- the worker ---------------------------------------------------------------------
+    def _kick(self) -> None:  # NB: holds self._lock
+        """Start the worker if the next level-0 row is final and it is idle."""
+        r = self._next0
+        if not self._queued and not self._closed and r < len(self._final[0]) and self._final[0][r]:
+            self._queued = True
+            self._pool.submit(self._pump)
 
-    def _submit_row(self, level: int, row: int) -> None:  # NB: holds self._lock
-        """Build row ``row`` of ``level`` in pieces of a few tiles on the pool, so that the last
-        rows (the only work left once the tiles are done) use every pool thread; the piece that
-        finishes last marks the row final."""
-        below, spool = self.levels[level - 1], self.levels[level]
-        # (a parent of four never-stored tiles is fill: so is this one, left unstored)
-        cols = [c for c in range(spool.cols)
-                if any((2 * row + i, 2 * c + j) in below for i in (0, 1) for j in (0, 1))]
-        # runs of adjacent columns (a task's strip): one per pool thread, TILES_PER_JOB at least
-        # (NB: wider strips, fewer numpy calls per parent tile: each gives up the GIL)
-        per_job = max(self.TILES_PER_JOB, -(-len(cols) // self._threads))
-        pieces: List[List[int]] = []
-        for c in cols:
-            if pieces and len(pieces[-1]) < per_job and c == pieces[-1][-1] + 1:
-                pieces[-1].append(c)
-            else:
-                pieces.append([c])
-        pieces = pieces or [[]]
-        left = [len(pieces)]
-        for piece in pieces:
-            self._pool.submit(self._build_piece, level, row, piece, left)
-
-    def _build_piece(self, level: int, row: int, cols: List[int], left: List[int]) -> None:
-        try:
-            below, spool = self.levels[level - 1], self.levels[level]
-            _build_parents(below, spool, row, cols, fill=self.fill)
-        except BaseException as e:  # noqa: B036 - handed to finish(), which raises it
+    def _pump(self) -> None:
+        """Vote up the final level-0 rows, in order, while the next one is final."""
+        while True:
             with self._lock:
-                self._error = self._error or e
-                self._lock.notify_all()
-            return
+                r = self._next0
+                if r >= len(self._final[0]) or not self._final[0][r] or self._error is not None or self._closed:
+                    self._queued = False
+                    return
+            try:
+                self._push(0, self._level0_rows(r))
+            except BaseException as e:  # noqa: B036 - handed to finish(), which raises it
+                with self._lock:
+                    self._error = self._error or e
+                    self._queued = False
+                    self._lock.notify_all()
+                return
+            with self._lock:
+                self._next0 = r + 1
+                self._lock.notify_all()  # (finish)
+
+    def _level0_rows(self, r: int) -> _Rows:
+        """Tile row ``r`` of level 0: the window of its stored tiles, from the strip the stitcher
+        stored them from (``tiles_stored``) or read back in one call."""
+        spool, T = self.levels[0], self.tile
+        n = min(T, spool.height - r * T)
+        active = np.array([(r, c) in spool for c in range(spool.cols)])
         with self._lock:
-            left[0] -= 1
-            if left[0] == 0:
-                self._rows_to_build -= 1
-                self._row_final(level, row)
-                self._lock.notify_all()
+            strip = self._strips0.pop(r, None)
+        if not active.any():
+            return _Rows(r * T, n, 0, None, None)
+        c0, c1 = int(np.argmax(active)), len(active) - int(np.argmax(active[::-1]))
+        if strip is None:
+            strip = np.empty((c1 - c0, T, T), np.uint8)
+            spool.get_many([(r, c) for c in range(c0, c1)], strip)
+        else:
+            strip = strip[c0:c1]
+        return _Rows(r * T, n, c0, strip.transpose(1, 0, 2).reshape(T, (c1 - c0) * T)[:n], active)
 
-
-def read_tile_row(spool: TileSpool, row: int) -> np.ndarray:
-    """The pixel rows of tile row ``row`` of a single-channel spool: [<= tile, width]."""
-    T = spool.tile
-    band = np.concatenate([spool.get(row, c) for c in range(spool.cols)], axis=1)
-    return band[:min(T, spool.height - row * T), :spool.width]
-
-
-class LevelRowFeed:
-    """Hands the tile rows of one pyramid level, in order, to ``sink(rows)`` as they become
-    final (on a thread of its own: a pyramid's callbacks must not wait).  ``finish`` waits
-    for the last row; ``close`` stops it wherever it is."""
-
-    def __init__(self, pyramid: "LabelPyramid", level: int, sink) -> None:
-        self.spool = pyramid.levels[level]
-        self.sink = sink
-        self._next = 0
-        self._final: set = set()
-        self._error: Optional[BaseException] = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="wsss-rowfeed")
-        pyramid.watch(level, self._row_final)
-
-    def _row_final(self, row: int) -> None:
-        with contextlib.suppress(RuntimeError):  # (closed: the run is over)
-            self._thread.submit(self._pump, row)
-
-    def _pump(self, row: int) -> None:
-        if self._error is not None:
+    def _push(self, level: int, rows: _Rows) -> None:
+        """``rows`` of ``level`` are final: hand them to its sinks, put them in its tile row
+        (stored once complete) and vote them up into the level above."""
+        spool = self.levels[level]
+        last = rows.y0 + rows.n == spool.height
+        for sink in self._sinks.get(level, ()):
+            sink(self._dense(level, rows))
+        if level:
+            self._fill_strip(level, rows, last)
+        if level + 1 == len(self.levels):
             return
-        try:
-            self._final.add(row)
-            while self._next in self._final:
-                self.sink(read_tile_row(self.spool, self._next))
-                self._final.discard(self._next)
-                self._next += 1
-        except BaseException as e:  # noqa: B036 - raised by finish()
-            self._error = e
+        # rows wait for more of their tile row (fewer, larger votes: each call gives up the GIL)
+        # until vote_rows of them are in, the tile row or the level ends; an odd row left over
+        # waits for its pair (the level's last row pairs with itself)
+        pending = self._pending[level]
+        if pending is not None:
+            rows = self._concat(level, pending, rows)
+        self._pending[level] = None
+        if not last and rows.n < self.vote_rows and (rows.y0 + rows.n) % self.tile:
+            self._pending[level] = rows
+            return
+        if rows.n % 2 and not last:
+            self._pending[level] = self._take_last(level, rows)
+            rows = self._drop_last(rows)
+        if rows.n:
+            self._push(level + 1, self._vote(level, rows, last))
 
-    def finish(self) -> None:
-        self._thread.shutdown(wait=True)
-        if self._error is not None:
-            raise self._error
-        if self._next != self.spool.rows:
-            raise RuntimeError(f"level rows fed: {self._next} of {self.spool.rows}")
+    def _vote(self, level: int, rows: _Rows, last: bool) -> _Rows:
+        """The parents of ``rows`` (an even number of them, or the level's last rows), edges
+        repeated as in the class docstring.  After the level's last rows the parents run on to
+        the end of their tile row: its padding, voted from the last row repeated."""
+        below, above, T = self.levels[level], self.levels[level + 1], self.tile
+        y_up, n_up = rows.y0 // 2, -(-rows.n // 2)
+        if rows.data is None:
+            return _Rows(y_up, n_up, 0, None, None)
+        n_out = -(-(y_up + n_up) // T) * T - y_up if last else n_up
+        p0, p1 = rows.c0 // 2, -(-(rows.c0 + rows.data.shape[1] // T) // 2)  # parent tile columns
+        x0, x1 = 2 * p0 * T, 2 * p1 * T  # the children's pixel columns
+        a = rows.c0 * T - x0
+        if a == 0 and rows.data.shape[1] == x1 - x0 and 2 * n_out == rows.n and x1 <= below.width:
+            block = rows.data[:rows.n]  # (pairs of whole tiles, no edge: voted as they are)
+        else:
+            block = np.full((2 * n_out, x1 - x0), self.fill, np.uint8)
+            block[:rows.n, a:a + rows.data.shape[1]] = rows.data[:rows.n]
+            if 2 * n_out > rows.n:  # past the bottom edge: the last valid row
+                block[rows.n:] = block[rows.n - 1:rows.n]
+            if x1 > below.width:  # past the right edge: the last valid column
+                block[:, below.width - x0:] = block[:, below.width - x0 - 1:below.width - x0]
+        parents = downsample_majority(block)
+        active = np.zeros(above.cols, bool)
+        act = rows.active[:2 * (len(rows.active) // 2)].reshape(-1, 2).any(axis=1)
+        active[:len(act)] = act
+        if len(rows.active) % 2:
+            active[len(act)] |= rows.active[-1]
+        return _Rows(y_up, n_up, p0, parents, active)
 
-    def close(self) -> None:
-        self._thread.shutdown(wait=True, cancel_futures=True)
+    def _dense(self, level: int, rows: _Rows) -> np.ndarray:
+        """uint8 [n, width] of ``rows``."""
+        spool, T = self.levels[level], self.tile
+        out = np.full((rows.n, spool.width), self.fill, np.uint8)
+        if rows.data is not None:
+            x0 = rows.c0 * T
+            x1 = min(spool.width, x0 + rows.data.shape[1])
+            out[:, x0:x1] = rows.data[:rows.n, :x1 - x0]
+        return out
+
+    def _concat(self, level: int, a: _Rows, b: _Rows) -> _Rows:
+        """Rows ``a`` then ``b`` (consecutive rows of one tile row)."""
+        T, n = self.tile, a.n + b.n
+        if a.data is None and b.data is None:
+            return _Rows(a.y0, n, 0, None, None)
+        parts = [p for p in (a, b) if p.data is not None]
+        c0 = min(p.c0 for p in parts)
+        c1 = max(p.c0 + p.data.shape[1] // T for p in parts)
+        data = np.full((n, (c1 - c0) * T), self.fill, np.uint8)
+        for p, y in ((a, 0), (b, a.n)):
+            if p.data is not None:
+                x = (p.c0 - c0) * T
+                data[y:y + p.n, x:x + p.data.shape[1]] = p.data[:p.n]
+        active = np.logical_or.reduce([p.active for p in parts])
+        return _Rows(a.y0, n, c0, data, active)
+
+    @staticmethod
+    def _take_last(level: int, rows: _Rows) -> _Rows:
+        data = None if rows.data is None else rows.data[rows.n - 1:rows.n].copy()
+        return _Rows(rows.y0 + rows.n - 1, 1, rows.c0, data, rows.active)
+
+    @staticmethod
+    def _drop_last(rows: _Rows) -> _Rows:
+        data = None if rows.data is None else rows.data[:rows.n - 1]
+        return _Rows(rows.y0, rows.n - 1, rows.c0, data, rows.active)
+
+    def _fill_strip(self, level: int, rows: _Rows, last: bool) -> None:
+        """Put ``rows`` in the level's tile row; store it once complete."""
+        spool, T = self.levels[level], self.tile
+        r, y = divmod(rows.y0, T)
+        if rows.data is not None:
+            if self._strip[level] is None:
+                self._strip[level] = np.full((spool.cols, T, T), self.fill, np.uint8)
+            strip = self._strip[level]  # tile-major [cols, T, T]: each tile contiguous for put_many
+            w = rows.data.shape[1] // T  # (the last rows come with their tile row's padding)
+            strip[rows.c0:rows.c0 + w, y:y + len(rows.data)] = rows.data.reshape(len(rows.data), w, T).transpose(1, 0, 2)
+            self._active[level] |= rows.active
+        if y + rows.n < T and not last:
+            return
+        strip, active = self._strip[level], np.flatnonzero(self._active[level])
+        self._strip[level] = None
+        self._active[level] = np.zeros(spool.cols, bool)
+        if strip is not None and len(active):
+            spool.put_many(r, active.tolist(), strip, at=active.tolist())
+        with self._lock:
+            self._final[level][r] = True
+            self._lock.notify_all()
 
 
-def build_label_pyramid(level0: TileSpool, tmp_dir: Path, *, fill: int, threads: Optional[int] = None) -> List[TileSpool]:
+def build_label_pyramid(level0: TileSpool, tmp_dir: Path, *, fill: int) -> List[TileSpool]:
     """Spools for levels 1.. of a complete level-0 spool (see LabelPyramid)."""
-    with LabelPyramid(level0, tmp_dir, fill=fill, threads=threads) as pyramid:
+    with LabelPyramid(level0, tmp_dir, fill=fill) as pyramid:
         return pyramid.finish()
-
-
-def _build_parents(below: TileSpool, spool: TileSpool, r: int, cols: Sequence[int], *, fill: int) -> None:
-    """Tiles ``cols`` of row ``r`` of ``spool`` (sorted), by majority vote over 2x2 blocks of
-    the level below.
-
-    NB: one strip for the columns' range: the children are decompressed into it, voted on in one
-    pass and split into tiles with one copy (per parent tile a handful of numpy calls fewer, each
-    of which gives up the GIL and waits to take it back beside the runner's other threads)."""
-    if not len(cols):
-        return
-    T = below.tile
-    c0, c1 = cols[0], cols[-1] + 1
-    # the children, tile-major [2, 2n, T, T], read and inflated in one call (fill where the level
-    # below has no tile: past its edge or never stored), then laid out as one [2T, 2nT] block
-    kids = np.empty((2, 2 * (c1 - c0), T, T), np.uint8)
-    keys = [(2 * r + i, 2 * c0 + k) for i in (0, 1) for k in range(2 * (c1 - c0))]
-    below.get_many(keys, kids.reshape(-1, T, T))
-    block = kids.transpose(0, 2, 1, 3).reshape(2 * T, 2 * T * (c1 - c0))
-    # NB: pixels past the edge of the level below are fill; mask them out of the vote
-    # by copying the nearest valid pixel so an edge half-block is not outvoted by padding.
-    vh = min(2 * T, below.height - 2 * r * T)
-    vw = min(block.shape[1], below.width - 2 * c0 * T)
-    if vh < 2 * T:
-        block[vh:] = block[vh - 1:vh]
-    if vw < block.shape[1]:
-        block[:, vw:] = block[:, vw - 1:vw]
-    parents = downsample_majority(block).reshape(T, c1 - c0, T).transpose(1, 0, 2).copy()
-    spool.put_many(r, cols, parents, at=[c - c0 for c in cols])
 
 
 def _colormap(palette: Sequence[Sequence[int]], background_index: int) -> np.ndarray:
