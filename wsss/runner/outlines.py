@@ -272,7 +272,7 @@ class OutlineBuilder:
     (0: exact outlines, which contain exactly the class's pixel centres); min_area_px: speckle
     limit; extent: (width, height) of the slide in label pixels (see the module docstring);
     slab_rows: rows per slab, however the rows arrive (so the result does not depend on that);
-    tail_rows: rows per slab in the map's last slab_rows rows (default slab_rows // 8): rows that
+    tail_rows: rows per slab in the map's last slab_rows rows (default slab_rows // 4): rows that
     arrive last are traced in short slabs, so little is left to trace after the last ones;
     threads: slabs traced at once (one task per slab and class; None: one per core)."""
 
@@ -291,7 +291,9 @@ class OutlineBuilder:
         self.slab_rows = int(slab_rows)
         # where slabs end: every slab_rows rows, but in the map's last slab_rows rows every
         # tail_rows (what is left to trace when the last rows come is one short slab)
-        tail = max(1, min(self.slab_rows, int(tail_rows or max(1, self.slab_rows // 8))))
+        # NB: slab_rows // 4: on a 1536^2 level of noisy labels all slabs took 0.156 s with no
+        # tail, 0.169 s with 64-row and 0.19 s with 32-row tail slabs
+        tail = max(1, min(self.slab_rows, int(tail_rows or max(1, self.slab_rows // 4))))
         tail_start = max(0, -(-(self.height - self.slab_rows) // tail) * tail)
         self._ends = sorted({*range(self.slab_rows, tail_start, self.slab_rows),
                              *range(tail_start or tail, self.height, tail)})

@@ -182,6 +182,9 @@ class LabelPyramid:
         self._error: Optional[BaseException] = None
         self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wsss-pyramid")
+        # NB: reads (inflating a row read back from the spool) overlap the votes: the late path
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="wsss-pyramid-read")
+        self._ahead: dict = {}  # level-0 row -> Future of its _Rows
         self._waiting: Optional[np.ndarray] = None
         if expected is not None:
             assert expected.shape == (level0.rows, level0.cols), (expected.shape, level0.rows, level0.cols)
@@ -251,6 +254,7 @@ class LabelPyramid:
             self._closed = True
             self._lock.notify_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._reader.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> "LabelPyramid":
         return self
@@ -275,7 +279,12 @@ class LabelPyramid:
                     self._queued = False
                     return
             try:
-                self._push(0, self._level0_rows(r))
+                ahead = self._ahead.pop(r, None)
+                rows = ahead.result() if ahead is not None else self._level0_rows(r)
+                with self._lock:  # the next row read on a thread of its own while this one is voted
+                    if r + 1 < len(self._final[0]) and self._final[0][r + 1] and not self._closed:
+                        self._ahead[r + 1] = self._reader.submit(self._level0_rows, r + 1)
+                self._push(0, rows)
             except BaseException as e:  # noqa: B036 - handed to finish(), which raises it
                 with self._lock:
                     self._error = self._error or e
