@@ -15,6 +15,8 @@ a loop) and the 1-ms interval; ``extra_info`` has the parameters.
   ``wsss::inflate_tiles``) and voted up through every level on the pyramid's one thread.
 - test_band_producer: BandStitcher on CPU tensors, 32-px tiles so that compute is small, batches
   of 32 (the thread that feeds the GPU: ``band_accumulate`` with the window, ``band_finalize``).
+- test_label_pyramid_during_tiles: the same pyramid as the GPU path builds it, each level-0 tile
+  row handed over with the strip it was stored from (nothing read back).
 - test_label_tiff_rows: TileSpool.iter_compressed of the pyramid's level 0 (the label TIFF writer).
 
 Measured (2-core VM, 2026-11-26, session 12; one-off scripts with the same work, old code vs new
@@ -117,6 +119,33 @@ def test_label_pyramid(benchmark, gil, level0, tmp_path):
         runs.append(len(levels))
         for spool in levels[1:]:
             spool.close()
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    assert runs[-1] >= 2
+    benchmark.extra_info.update(gil=gil, level0=PYRAMID, levels=runs[-1])
+
+
+def test_label_pyramid_during_tiles(benchmark, gil, level0, tmp_path):
+    """The GPU path's pyramid: each level-0 tile row handed over with the strip it was stored
+    from (``tiles_stored``, as OutputTiles does), voted up through every level on the pyramid's
+    thread; nothing read back."""
+    from wsss.runner.writers import LabelPyramid
+
+    T = level0.tile
+    labels = _labels(T, level0.width)
+    strip = np.ascontiguousarray(labels.reshape(T, level0.cols, T).transpose(1, 0, 2))  # (every row alike)
+    expected = np.ones((level0.rows, level0.cols), np.int64)
+    runs = []
+
+    def run():
+        folder = tmp_path / f"e{len(runs)}"
+        folder.mkdir()
+        with LabelPyramid(level0, folder, fill=255, expected=expected) as pyramid:
+            for r in range(level0.rows):
+                pyramid.tiles_stored(r, range(level0.cols), strip)
+            runs.append(len(pyramid.finish()))
+            for spool in pyramid.levels[1:]:
+                spool.close()
 
     benchmark.pedantic(run, rounds=3, iterations=1)
     assert runs[-1] >= 2

@@ -182,7 +182,8 @@ class LabelPyramid:
         self._error: Optional[BaseException] = None
         self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wsss-pyramid")
-        # NB: reads (inflating a row read back from the spool) overlap the votes: the late path
+        # NB: the next level-0 row is read (inflated, on the late path) and voted on a second thread
+        # while the levels above are made from this one (under GIL contention, half the hand-overs each)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="wsss-pyramid-read")
         self._ahead: dict = {}  # level-0 row -> Future of its _Rows
         self._waiting: Optional[np.ndarray] = None
@@ -280,11 +281,14 @@ class LabelPyramid:
                     return
             try:
                 ahead = self._ahead.pop(r, None)
-                rows = ahead.result() if ahead is not None else self._level0_rows(r)
-                with self._lock:  # the next row read on a thread of its own while this one is voted
+                rows, up = ahead.result() if ahead is not None else self._read_and_vote(r)
+                with self._lock:  # the next row read and voted on a thread of its own meanwhile
                     if r + 1 < len(self._final[0]) and self._final[0][r + 1] and not self._closed:
-                        self._ahead[r + 1] = self._reader.submit(self._level0_rows, r + 1)
-                self._push(0, rows)
+                        self._ahead[r + 1] = self._reader.submit(self._read_and_vote, r + 1)
+                for sink in self._sinks.get(0, ()):
+                    sink(self._dense(0, rows))
+                if up is not None:
+                    self._push(1, up)
             except BaseException as e:  # noqa: B036 - handed to finish(), which raises it
                 with self._lock:
                     self._error = self._error or e
@@ -294,6 +298,14 @@ class LabelPyramid:
             with self._lock:
                 self._next0 = r + 1
                 self._lock.notify_all()  # (finish)
+
+    def _read_and_vote(self, r: int) -> tuple:
+        """Level-0 tile row ``r`` and its parents (None: no level above): the largest read and
+        vote, made on the reader thread while the pyramid thread takes the levels above."""
+        rows = self._level0_rows(r)
+        if len(self.levels) == 1:
+            return rows, None
+        return rows, self._vote(0, rows, rows.y0 + rows.n == self.levels[0].height)
 
     def _level0_rows(self, r: int) -> _Rows:
         """Tile row ``r`` of level 0: the window of its stored tiles, from the strip the stitcher
@@ -314,14 +326,13 @@ class LabelPyramid:
         return _Rows(r * T, n, c0, strip.transpose(1, 0, 2).reshape(T, (c1 - c0) * T)[:n], active)
 
     def _push(self, level: int, rows: _Rows) -> None:
-        """``rows`` of ``level`` are final: hand them to its sinks, put them in its tile row
-        (stored once complete) and vote them up into the level above."""
+        """``rows`` of ``level`` (>= 1) are final: hand them to its sinks, put them in its tile
+        row (stored once complete) and vote them up into the level above."""
         spool = self.levels[level]
         last = rows.y0 + rows.n == spool.height
         for sink in self._sinks.get(level, ()):
             sink(self._dense(level, rows))
-        if level:
-            self._fill_strip(level, rows, last)
+        self._fill_strip(level, rows, last)
         if level + 1 == len(self.levels):
             return
         # rows wait for more of their tile row (fewer, larger votes: each call gives up the GIL)
