@@ -493,14 +493,14 @@ def test_background_output_failure_is_its_slides_alone(tmp_path, monkeypatch):
     from wsss.runner import writers
 
     slides = [p for p in _four_slides(tmp_path) if p.stem != "b"]
-    real = writers.write_overlay
+    real = writers.OverlayWriter.finish
 
-    def overlay(path, *args, **kw):
-        if "a" in [q.name for q in path.parents]:  # (written in the run's work folder inside o/a)
+    def finish(self):  # (the overlay's last rows, written after the slide's tiles)
+        if "a" in [q.name for q in self.path.parents]:  # (written in the run's work folder inside o/a)
             raise OSError("disk full (test)")
-        return real(path, *args, **kw)
+        return real(self)
 
-    monkeypatch.setattr(writers, "write_overlay", overlay)
+    monkeypatch.setattr(writers.OverlayWriter, "finish", finish)
     outs = [tmp_path / "o" / p.stem for p in slides]
     res = run_slides(slides, model(), outs, opts(overlap=8, background_outputs=True), log=lambda s: None)
     assert [r.status for r in res] == ["failed", "done", "done"]
@@ -744,7 +744,8 @@ def test_an_output_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     def too_large(*a, **k):
         raise OSError(27, "File too large")
 
-    monkeypatch.setattr(writers, "write_overlay", too_large)
+    # (the overlay is written as its rows come, on the pyramid's thread: the error is its own)
+    monkeypatch.setattr(writers.OverlayWriter, "_write", too_large)
     path = tmp_path / "s.tif"
     write_pyramid(path, [colour_slide(40, 50)])
     res = run_slides([path], model(), [tmp_path / "out"], opts(), log=lambda s: None)

@@ -614,6 +614,15 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 state["qc"] = state["qc_pool"].submit(write_qc, qc_thumb)
             elif tile_thumb is not None:
                 tile_thumb.on_complete = lambda: state.__setitem__("qc", state["qc_pool"].submit(write_qc, tile_thumb.image()))
+            # the overlay is encoded row by row as the overview level's labels and the thumbnail's
+            # rows arrive (the labels from the pyramid, during the tiles on the early path); a
+            # thumbnail neither read for tissue detection nor summed from the tiles is read at the end
+            overlay = state["overlay"] = writers.OverlayWriter(stage / "overlay.png", *sizes[overview], model.palette, bg)
+            if tile_thumb is not None:
+                overlay.watch_thumbnail(tile_thumb)
+                tile_thumb.on_rows = overlay.thumbnail_rows
+            elif overview_thumb is not None or qc_thumb is not None:
+                overlay.set_thumbnail(view.thumbnail(overview_factor, finer=[overview_thumb, qc_thumb]))
 
             # K is only known after the first prediction: build the stitcher lazily.
 
@@ -649,6 +658,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     # last tile 0.65 vs 0.70 s) beside a tile stage no faster
                     outlines = state["outlines"] = polygon_outlines(pyramid.levels, stitcher.num_classes, threads=2)
                     pyramid.watch_rows(outlines.level, outlines.builder.add)
+                    pyramid.watch_rows(overview, overlay.add_labels)
                     # ... and the label TIFF, each tile row once it is final
                     writer = state["tiff_writer"] = ThreadPoolExecutor(1, thread_name_prefix="wsss-labels")
                     state["labels_tiff"] = writer.submit(
@@ -698,6 +708,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     # CPU path's tail longer (the pyramid 0.02 -> 0.06 s, the GeoJSON no shorter)
                     state["polygon_rows"] = []
                     pyramid.watch_rows(outlines.level, state["polygon_rows"].append)
+                    pyramid.watch_rows(overview, overlay.add_labels)
                 levels = state["pyramid"].finish()
             # NB: the GeoJSON and the label TIFF (what is left of them, when begun during the tile
             # stage; contourpy, GEOS, zlib and file writes release the GIL) run on threads of their
@@ -732,14 +743,12 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 # NB: pictures and polygons come from low-resolution levels of the label pyramid
                 # (majority vote), so their cost is bounded on any slide (see writers.*_level).
                 with timer("write_overlay"), _writing(out_dir / "overlay.png"):
-                    over = levels[overview]
-                    thumb = tile_thumb.image() if tile_thumb is not None else None
-                    state["thumbnail_from_tiles"] = thumb is not None
-                    if thumb is None:
-                        thumb = view.thumbnail(overview_factor, finer=[overview_thumb, qc_thumb], workers=options.workers)
-                    if "qc" not in state:  # (no thumbnail before the tiles: it is this one, beside the overlay)
-                        state["qc"] = state["qc_pool"].submit(write_qc, thumb)
-                    writers.write_overlay(stage / "overlay.png", thumb, over.read_all(), model.palette, bg)
+                    state["thumbnail_from_tiles"] = tile_thumb is not None
+                    if tile_thumb is None and overview_thumb is None and qc_thumb is None:
+                        thumb = view.thumbnail(overview_factor, workers=options.workers)
+                        state["qc"] = state["qc_pool"].submit(write_qc, thumb)  # (beside the overlay)
+                        overlay.set_thumbnail(thumb)
+                    overlay.finish()  # (what is left of it: the rows that came last)
                 state["qc"].result()
                 labels_done.result()
                 n_features = n_features.result()
@@ -775,6 +784,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
         finally:
             if "qc_pool" in state:
                 state["qc_pool"].shutdown(wait=True)  # (it writes into the work folder)
+            if "overlay" in state:
+                state["overlay"].close()
             if "pyramid" in state:
                 state["pyramid"].close()  # NB: waits for rows in flight: they read and write spools
             if "outlines" in state:

@@ -37,8 +37,13 @@ class TileThumbnail:
         self._x_end = dict(zip(xs, list(xs[1:]) + [self.width]))
         self._y_end = dict(zip(ys, list(ys[1:]) + [self.height]))
         self._pixels = 0
+        rows = np.minimum(self.factor, self.height - np.arange(self.shape[0]) * self.factor)
+        self._row_need = rows * self.width  # view pixels per thumbnail row
+        self._row_pixels = np.zeros(self.shape[0], np.int64)  # ... added so far
+        self.rows_done = 0  # leading thumbnail rows complete
         self._lock = threading.Lock()
         self.on_complete: Optional[Callable[[], None]] = None  # called by the add that completes it
+        self.on_rows: Optional[Callable[[], None]] = None  # called by an add that makes rows_done grow
 
     def add(self, x: int, y: int, tile: np.ndarray) -> None:
         """uint8 [>= core h, >= core w, 3] pixels of the tile at grid position (x, y)."""
@@ -71,10 +76,19 @@ class TileThumbnail:
             cuts_x = np.r_[0, np.arange(f - ox, w, f)]
             sums = np.add.reduceat(np.add.reduceat(tile[:h, :w], cuts_y, axis=0, dtype=np.uint32), cuts_x, axis=1)
         r0, c0 = y // f, x // f
+        rr = np.arange(r0, r0 + rows)
+        row_pixels = (np.minimum(y1, (rr + 1) * f) - np.maximum(y, rr * f)) * w
         with self._lock:
             self._sum[r0:r0 + rows, c0:c0 + cols] += sums
             self._pixels += h * w
             done = self._pixels == self.width * self.height
+            self._row_pixels[r0:r0 + rows] += row_pixels
+            before = self.rows_done
+            while self.rows_done < self.shape[0] and self._row_pixels[self.rows_done] == self._row_need[self.rows_done]:
+                self.rows_done += 1
+            grew = self.rows_done > before
+        if grew and self.on_rows is not None:
+            self.on_rows()
         if done and self.on_complete is not None:  # (exactly one add completes it)
             self.on_complete()
 
@@ -86,8 +100,13 @@ class TileThumbnail:
         """uint8 [ceil(h / factor), ceil(w / factor), 3], rounded means; None if incomplete."""
         if not self.complete:
             return None
+        return self.rows(0, self.shape[0])
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of ``image()``, all below ``rows_done`` (complete: no add touches them again)."""
+        assert r1 <= self.rows_done, (r1, self.rows_done)
         f = self.factor
-        rows = np.minimum(f, self.height - np.arange(self.shape[0]) * f)
+        rows = np.minimum(f, self.height - np.arange(r0, r1) * f)
         cols = np.minimum(f, self.width - np.arange(self.shape[1]) * f)
         count = (rows[:, None] * cols[None, :]).astype(np.uint32)[..., None]
-        return ((self._sum + count // 2) // count).astype(np.uint8)
+        return ((self._sum[r0:r1] + count // 2) // count).astype(np.uint8)
