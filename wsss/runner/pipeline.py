@@ -277,7 +277,7 @@ class RunOptions:
     background_outputs: bool = True
     # build the label pyramid's coarser levels during the tile stage, from output tile rows as
     # they become final, on otherwise idle cores; None (auto): when the model runs on CUDA (on
-    # a CPU model the pyramid threads would take its cores); same file either way
+    # a CPU model the pyramid's threads would take its cores); same file either way
     early_pyramid: Optional[bool] = None
     mpp: Optional[float] = None  # slide level-0 microns per pixel, overrides metadata
     reader: str = "auto"
@@ -703,12 +703,13 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     pyramid = state["pyramid"] = writers.LabelPyramid(label_spool, work, fill=bg)
                     spools.extend(pyramid.levels[1:])
                     outlines = state["outlines"] = polygon_outlines(pyramid.levels, K, threads=options.workers)
-                    # NB: the polygon level's rows are kept (<= 2048^2 bytes) and traced beside the
-                    # pictures, not while the pyramid is built: on 2 cores that overlap made the
-                    # CPU path's tail longer (the pyramid 0.02 -> 0.06 s, the GeoJSON no shorter)
-                    state["polygon_rows"] = []
+                    # NB: the polygon and overview levels' rows are kept (<= 2048^2 and 1024^2 bytes)
+                    # and traced / encoded beside each other, not while the pyramid is built: on 2
+                    # cores that overlap made the CPU path's tail longer (the pyramid 0.02 -> 0.06
+                    # s, the GeoJSON no shorter)
+                    state["polygon_rows"], state["overview_rows"] = [], []
                     pyramid.watch_rows(outlines.level, state["polygon_rows"].append)
-                    pyramid.watch_rows(overview, overlay.add_labels)
+                    pyramid.watch_rows(overview, state["overview_rows"].append)
                 levels = state["pyramid"].finish()
             # NB: the GeoJSON and the label TIFF (what is left of them, when begun during the tile
             # stage; contourpy, GEOS, zlib and file writes release the GIL) run on threads of their
@@ -748,7 +749,9 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                         thumb = view.thumbnail(overview_factor, workers=options.workers)
                         state["qc"] = state["qc_pool"].submit(write_qc, thumb)  # (beside the overlay)
                         overlay.set_thumbnail(thumb)
-                    overlay.finish()  # (what is left of it: the rows that came last)
+                    if "overview_rows" in state:  # (else encoded as the pyramid made the rows: the last are left)
+                        overlay.add_labels(np.concatenate(state.pop("overview_rows")))
+                    overlay.finish()
                 state["qc"].result()
                 labels_done.result()
                 n_features = n_features.result()
