@@ -80,3 +80,46 @@ def test_tiles_footprint_is_the_union_of_the_tiles():
             want[int(y * h / H):int(math.ceil((y + tile) * h / H)), int(x * w / W):int(math.ceil((x + tile) * w / W))] = True
         got = _tiles_footprint(types.SimpleNamespace(tiles=tiles), tile, types.SimpleNamespace(height=H, width=W), (h, w))
         assert (got == want).all()
+
+
+def test_overlay_rows_in_any_bands_make_the_same_file(tmp_path):
+    """OverlayWriter encodes rows as both inputs have them: label rows in bands of any size and a
+    thumbnail whose rows complete bit by bit give the bytes of write_overlay's one pass; a file
+    with a row missing is not finished, and closing leaves nothing behind."""
+    import pytest
+
+    from wsss.runner.writers import OverlayWriter
+
+    rng = np.random.default_rng(5)
+    thumb = rng.integers(0, 256, (300, 70, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, (300, 70)).astype(np.uint8)
+    write_overlay(tmp_path / "whole.png", thumb, labels, PALETTE, 4)
+
+    class Source:  # (a TileThumbnail's interface: complete leading rows)
+        rows_done = 0
+
+        def rows(self, r0, r1):
+            assert r1 <= self.rows_done
+            return thumb[r0:r1]
+
+    source = Source()
+    with OverlayWriter(tmp_path / "bands.png", 70, 300, PALETTE, 4) as out:
+        out.watch_thumbnail(source)
+        r = 0
+        while r < 300:
+            n = int(rng.integers(1, 40))
+            out.add_labels(labels[r:r + n])
+            r += n
+            source.rows_done = min(299, source.rows_done + int(rng.integers(1, 60)))
+            out.thumbnail_rows()
+        source.rows_done = 299
+        out.thumbnail_rows()
+        with pytest.raises(RuntimeError, match="299 of 300 rows"):
+            out.finish()
+        source.rows_done = 300
+        out.thumbnail_rows()
+        out.finish()
+    assert (tmp_path / "bands.png").read_bytes() == (tmp_path / "whole.png").read_bytes()
+    with OverlayWriter(tmp_path / "left.png", 70, 300, PALETTE, 4) as out:
+        out.add_labels(labels[:10])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bands.png", "whole.png"]

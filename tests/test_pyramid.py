@@ -147,6 +147,32 @@ def test_rows_reach_a_watcher_in_order_as_they_are_made(tmp_path):
     assert seen == [16]  # (level-0 row 0's 32 rows are level 1's first 16)
 
 
+def test_a_pyramid_behind_keeps_few_strips(tmp_path, monkeypatch):
+    """Level-0 rows stored faster than the pyramid votes them: at most KEPT_STRIPS of the
+    stitcher's strips are kept (the rest are read back from the spool); the same levels."""
+    import threading
+
+    spool, tiles = level0(tmp_path, w=300, h=170, tile=32)
+    gate = threading.Event()
+    real = LabelPyramid._read_and_vote
+    monkeypatch.setattr(LabelPyramid, "_read_and_vote", lambda self, r: gate.wait(10) and real(self, r))
+    (tmp_path / "e").mkdir()
+    with LabelPyramid(spool, tmp_path / "e", fill=4, expected=expected_of(spool, tiles)) as pyramid:
+        for r in range(spool.rows):
+            strip = np.full((spool.cols, 32, 32), 4, np.uint8)
+            cols = [c for c in range(spool.cols) if (r, c) in tiles]
+            for c in cols:
+                strip[c] = tiles[(r, c)]
+                spool.put(r, c, tiles[(r, c)])
+            pyramid.tiles_stored(r, cols, strip)
+        assert len(pyramid._strips0) == LabelPyramid.KEPT_STRIPS < spool.rows
+        gate.set()
+        levels = pyramid.finish()
+        (tmp_path / "a").mkdir()
+        after = build_label_pyramid(spool, tmp_path / "a", fill=4)
+        assert tiff_bytes(tmp_path / "e.tiff", levels) == tiff_bytes(tmp_path / "a.tiff", after)
+
+
 def test_rows_are_built_as_soon_as_the_rows_below_are_final(tmp_path):
     spool, tiles = level0(tmp_path, w=128, h=128)  # 4 x 4 tiles: levels of 2 x 2 and 1 x 1 above
     with LabelPyramid(spool, tmp_path, fill=4, expected=expected_of(spool, tiles)) as pyramid:

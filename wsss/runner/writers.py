@@ -148,7 +148,9 @@ class LabelPyramid:
     level's tile row is compressed and stored once its last rows arrive.  Nothing is read back
     from the spools of levels 1..; ``watch_rows`` hands a level's rows on as they are made (the
     GeoJSON's outlines, traced while the tiles run).  One worker thread takes the level-0 rows
-    in order.
+    in order, a second reads (and votes into level 1) the next one meanwhile.  Above level 1 a
+    level's rows wait until ``vote_rows`` of them (default T/2) are in before they are voted up
+    (fewer, larger calls; the result is the same for any value).
 
     Edges: pixels past the edge of the level below (its last row and column, inside a partial
     block or tile) repeat its last valid pixel, so an edge half-block is not outvoted by padding.
@@ -159,6 +161,8 @@ class LabelPyramid:
     is built during the tile stage; without it ``finish`` builds it all.  The bytes of every
     level do not depend on the order the level-0 tiles were stored in (tested).
     """
+
+    KEPT_STRIPS = 4  # level-0 rows waiting to be voted whose strips are kept (T x width bytes each)
 
     def __init__(self, level0: TileSpool, tmp_dir: Path, *, fill: int, expected: Optional[np.ndarray] = None,
                  vote_rows: Optional[int] = None) -> None:
@@ -185,7 +189,7 @@ class LabelPyramid:
         # NB: the next level-0 row is read (inflated, on the late path) and voted on a second thread
         # while the levels above are made from this one (under GIL contention, half the hand-overs each)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="wsss-pyramid-read")
-        self._ahead: dict = {}  # level-0 row -> Future of its _Rows
+        self._ahead: dict = {}  # level-0 row -> Future of (its _Rows, their parents)
         self._waiting: Optional[np.ndarray] = None
         if expected is not None:
             assert expected.shape == (level0.rows, level0.cols), (expected.shape, level0.rows, level0.cols)
@@ -206,8 +210,8 @@ class LabelPyramid:
         if self._waiting is None or not len(cols):
             return
         with self._lock:
-            if strip is not None:
-                self._strips0[row] = strip
+            if strip is not None and (row in self._strips0 or len(self._strips0) < self.KEPT_STRIPS):
+                self._strips0[row] = strip  # (more rows behind: read back from the spool, memory bounded)
             self._waiting[row] -= len(cols)
             if self._waiting[row] == 0:
                 self._final[0][row] = True
@@ -600,6 +604,7 @@ class OverlayWriter:
         self._error: Optional[OSError] = None
         self._lock = threading.Lock()
         self._zlib = zlib.compressobj(1)
+        self._compressed = bytearray()  # (not yet in an IDAT chunk)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{temp_tag()}.", suffix=".tmp", dir=self.path.parent)
         self._tmp = Path(tmp)
         self._file = os.fdopen(fd, "wb")
@@ -644,7 +649,7 @@ class OverlayWriter:
             if self._written != self.height:
                 raise RuntimeError(f"overlay: {self._written} of {self.height} rows written "
                                    f"({self._label_rows} label rows, thumbnail {'set' if self._thumb is not None else 'not set'})")
-            self._chunk(b"IDAT", self._zlib.flush())
+            self._idat(self._zlib.flush(), last=True)
             self._chunk(b"IEND", b"")
             if self._error is not None:
                 raise self._error
@@ -710,8 +715,19 @@ class OverlayWriter:
         raw[:, 1:1 + w3] = blend.reshape(r1 - r0, w3)
         raw[:, 1 + w3:] = colour.reshape(r1 - r0, w3)
         raw[:, 4:] -= raw[:, 1:-3].copy()  # (each byte minus the one three to its left, mod 256)
-        self._chunk(b"IDAT", self._zlib.compress(raw))
+        self._idat(self._zlib.compress(raw))
         self._written = r1
+
+    IDAT_BYTES = 1 << 16
+
+    def _idat(self, data: bytes, last: bool = False) -> None:
+        """Compressed bytes into IDAT chunks of IDAT_BYTES each (the last one shorter), so the
+        file does not depend on how the rows arrived (the same zlib stream either way)."""
+        self._compressed += data
+        n = len(self._compressed) if last else len(self._compressed) // self.IDAT_BYTES * self.IDAT_BYTES
+        for i in range(0, n, self.IDAT_BYTES):
+            self._chunk(b"IDAT", bytes(self._compressed[i:min(n, i + self.IDAT_BYTES)]))
+        del self._compressed[:n]
 
 
 def inner_boundary(mask: np.ndarray) -> np.ndarray:
