@@ -116,6 +116,18 @@ def test_levels_are_the_majority_vote_of_the_level_below(tmp_path, w, h, tile, d
     assert all(f == files[0] for f in files)
 
 
+def store_row(spool: TileSpool, tiles, r: int, pyramid: LabelPyramid) -> None:
+    """Level-0 row r as the stitcher's OutputTiles stores it: its tiles in the spool, then the
+    pyramid told with the strip they came from."""
+    T = spool.tile
+    strip = np.full((spool.cols, T, T), spool.fill, np.uint8)
+    cols = [c for c in range(spool.cols) if (r, c) in tiles]
+    for c in cols:
+        strip[c] = tiles[(r, c)]
+        spool.put(r, c, tiles[(r, c)])
+    pyramid.tiles_stored(r, cols, strip)
+
+
 def test_rows_reach_a_watcher_in_order_as_they_are_made(tmp_path):
     """watch_rows gets every row of its level, in order, from the stitcher's strips (never read
     back from the spool) while the tiles come; the same pyramid as one built afterwards."""
@@ -125,12 +137,7 @@ def test_rows_reach_a_watcher_in_order_as_they_are_made(tmp_path):
     with LabelPyramid(spool, tmp_path / "e", fill=4, expected=expected_of(spool, tiles)) as pyramid:
         pyramid.watch_rows(1, lambda rows: got.append(rows.copy()))
         for r in range(spool.rows):
-            strip = np.full((spool.cols, 32, 32), 4, np.uint8)
-            cols = [c for c in range(spool.cols) if (r, c) in tiles]
-            for c in cols:
-                strip[c] = tiles[(r, c)]
-                spool.put(r, c, tiles[(r, c)])
-            pyramid.tiles_stored(r, cols, strip)
+            store_row(spool, tiles, r, pyramid)
             if r == 0:  # (its level-1 rows come before any other level-0 row is final)
                 deadline = time.monotonic() + 10
                 while sum(len(g) for g in got) < 16 and time.monotonic() < deadline:
@@ -159,12 +166,7 @@ def test_a_pyramid_behind_keeps_few_strips(tmp_path, monkeypatch):
     (tmp_path / "e").mkdir()
     with LabelPyramid(spool, tmp_path / "e", fill=4, expected=expected_of(spool, tiles)) as pyramid:
         for r in range(spool.rows):
-            strip = np.full((spool.cols, 32, 32), 4, np.uint8)
-            cols = [c for c in range(spool.cols) if (r, c) in tiles]
-            for c in cols:
-                strip[c] = tiles[(r, c)]
-                spool.put(r, c, tiles[(r, c)])
-            pyramid.tiles_stored(r, cols, strip)
+            store_row(spool, tiles, r, pyramid)
         assert len(pyramid._strips0) == LabelPyramid.KEPT_STRIPS < spool.rows
         gate.set()
         levels = pyramid.finish()
