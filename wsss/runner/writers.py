@@ -285,14 +285,17 @@ class LabelPyramid:
                     return
             try:
                 ahead = self._ahead.pop(r, None)
-                rows, up = ahead.result() if ahead is not None else self._read_and_vote(r)
+                dense, up = ahead.result() if ahead is not None else self._read_and_vote(r)
+                ahead = None
                 with self._lock:  # the next row read and voted on a thread of its own meanwhile
                     if r + 1 < len(self._final[0]) and self._final[0][r + 1] and not self._closed:
                         self._ahead[r + 1] = self._reader.submit(self._read_and_vote, r + 1)
                 for sink in self._sinks.get(0, ()):
-                    sink(self._dense(0, rows))
+                    sink(dense)
+                dense = None
                 if up is not None:
                     self._push(1, up)
+                up = None
             except BaseException as e:  # noqa: B036 - handed to finish(), which raises it
                 with self._lock:
                     self._error = self._error or e
@@ -304,12 +307,13 @@ class LabelPyramid:
                 self._lock.notify_all()  # (finish)
 
     def _read_and_vote(self, r: int) -> tuple:
-        """Level-0 tile row ``r`` and its parents (None: no level above): the largest read and
-        vote, made on the reader thread while the pyramid thread takes the levels above."""
+        """Level-0 tile row ``r`` for its sinks (None: it has none) and its parents (None: no
+        level above): the largest read and vote, made on the reader thread while the pyramid
+        thread takes the levels above.  NB: the row itself is not kept (T x width bytes)."""
         rows = self._level0_rows(r)
-        if len(self.levels) == 1:
-            return rows, None
-        return rows, self._vote(0, rows, rows.y0 + rows.n == self.levels[0].height)
+        dense = self._dense(0, rows) if self._sinks.get(0) else None
+        up = self._vote(0, rows, rows.y0 + rows.n == self.levels[0].height) if len(self.levels) > 1 else None
+        return dense, up
 
     def _level0_rows(self, r: int) -> _Rows:
         """Tile row ``r`` of level 0: the window of its stored tiles, from the strip the stitcher
