@@ -348,13 +348,13 @@ class LabelPyramid:
         # waits for its pair (the level's last row pairs with itself)
         pending = self._pending[level]
         if pending is not None:
-            rows = self._concat(level, pending, rows)
+            rows = self._concat(pending, rows)
         self._pending[level] = None
         if not last and rows.n < self.vote_rows and (rows.y0 + rows.n) % self.tile:
             self._pending[level] = rows
             return
         if rows.n % 2 and not last:
-            self._pending[level] = self._take_last(level, rows)
+            self._pending[level] = self._take_last(rows)
             rows = self._drop_last(rows)
         if rows.n:
             self._push(level + 1, self._vote(level, rows, last))
@@ -398,7 +398,7 @@ class LabelPyramid:
             out[:, x0:x1] = rows.data[:rows.n, :x1 - x0]
         return out
 
-    def _concat(self, level: int, a: _Rows, b: _Rows) -> _Rows:
+    def _concat(self, a: _Rows, b: _Rows) -> _Rows:
         """Rows ``a`` then ``b`` (consecutive rows of one tile row)."""
         T, n = self.tile, a.n + b.n
         if a.data is None and b.data is None:
@@ -415,7 +415,7 @@ class LabelPyramid:
         return _Rows(a.y0, n, c0, data, active)
 
     @staticmethod
-    def _take_last(level: int, rows: _Rows) -> _Rows:
+    def _take_last(rows: _Rows) -> _Rows:
         data = None if rows.data is None else rows.data[rows.n - 1:rows.n].copy()
         return _Rows(rows.y0 + rows.n - 1, 1, rows.c0, data, rows.active)
 
