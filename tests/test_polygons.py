@@ -288,6 +288,88 @@ def test_outlines_do_not_depend_on_how_rows_arrive_or_the_threads():
             assert shapely.equals_exact(got[k], want[k], tolerance=0), (threads, k)
 
 
+@pytest.fixture
+def fresh_workers(monkeypatch):
+    """A pool of outline worker processes of the test's own, ended after it."""
+    from wsss.runner import outlines
+
+    workers = outlines._Workers()
+    monkeypatch.setattr(outlines, "_WORKERS", workers)
+    yield workers
+    workers.shutdown()
+
+
+@pytest.mark.parametrize("output", ["shapely", "geojson"])
+def test_outlines_traced_in_worker_processes_are_the_same(fresh_workers, output):
+    """processes=N traces the slabs in child processes: the same polygons (or text) as on the
+    threads, and the workers are reused by the next builder."""
+    from wsss.runner.outlines import OutlineBuilder, trace_outlines
+
+    rng = np.random.default_rng(5)
+    labels = np.kron((rng.random((30, 40)) * 4).astype(np.uint8), np.ones((5, 5), np.uint8))[:143, :197]
+    labels[rng.random(labels.shape) > 0.97] = 2
+    kw = dict(scale=3.0, simplify=0.4, min_area_px=3, extent=(196.3, 142.6), output=output)
+    want = trace_outlines(labels, range(4), slab_rows=32, threads=1, **kw)
+    procs = []
+    for _ in range(2):
+        with OutlineBuilder(197, 143, range(4), slab_rows=32, processes=2, **kw) as b:
+            for r in range(0, 143, 13):
+                b.add(labels[r:r + 13])
+            got = b.finish()
+            assert set(b.timings) == {"waiting for slabs", "joins"}
+        procs.append({w.proc.pid for w in fresh_workers._idle})
+        for k in range(4):
+            if output == "geojson":
+                assert got[k] == want[k], k
+            else:
+                assert shapely.equals_exact(got[k], want[k], tolerance=0), k
+    assert not fresh_workers.broken and procs[0] and procs[0] == procs[1]
+
+
+def test_outline_workers_load_no_torch_and_end_with_their_parent():
+    """A worker loads outlines.py on its own (importing wsss would import torch), and ends when
+    its stdin closes, as when the process that started it ends."""
+    import subprocess
+    import sys
+
+    from wsss.runner import outlines
+
+    probe = outlines._BOOT.replace("m._serve()", "print(sorted(n for n in ('torch', 'wsss') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe, outlines.__file__], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    w = outlines._Worker()
+    w.proc.stdin.close()
+    assert w.proc.wait(timeout=30) == 0
+
+
+def test_a_dead_outline_worker_is_replaced_by_the_thread(fresh_workers):
+    """A worker that dies (killed, out of memory) costs nothing but speed: its slab and the
+    rest are traced on the threads, with the same result."""
+    from wsss.runner.outlines import OutlineBuilder, trace_outlines
+
+    rng = np.random.default_rng(6)
+    labels = np.kron((rng.random((20, 20)) * 3).astype(np.uint8), np.ones((6, 6), np.uint8))
+    want = trace_outlines(labels, range(3), slab_rows=16, threads=1, output="geojson")
+    fresh_workers.reserve(2)
+    for w in fresh_workers._idle:
+        w.proc.kill()
+        w.proc.wait()
+    with OutlineBuilder(120, 120, range(3), slab_rows=16, processes=2, output="geojson") as b:
+        b.add(labels)
+        assert b.finish() == want
+    assert fresh_workers.broken
+
+
+def test_a_slab_that_fails_in_a_worker_raises_its_traceback(fresh_workers):
+    from wsss.runner.outlines import OutlineBuilder
+
+    b = OutlineBuilder(10, 10, [1], processes=1)
+    with pytest.raises(RuntimeError, match="failed in a worker process(.|\n)*TypeError"):
+        fresh_workers.run(b._settings, (np.zeros((2, 10), np.uint8),), fallback=b._slab)  # (arguments missing)
+    assert len(fresh_workers._idle) == 1 and not fresh_workers.broken  # (it answered: kept)
+    b.close()
+
+
 def test_the_last_rows_are_traced_in_short_slabs():
     """Slabs end every slab_rows rows, but every tail_rows in the map's last slab_rows rows: once
     all rows but the last tail_rows are in, all of them are traced or under way.  Exact outlines

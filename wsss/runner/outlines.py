@@ -38,15 +38,34 @@ thread); ``finish`` joins the outlines that cross slab boundaries.
 Output: a shapely MultiPolygon per class, in units of ``scale`` x label pixels, or its GeoJSON
 text (``output="geojson"``, what the runner writes: each slab's final polygons are written out in
 the slab's task).  The result
-depends on where the slabs are cut (chain ends stay where they are) but not on the threads or
-on how the rows arrive: the runner cuts at the label pyramid's tile rows either way.
+depends on where the slabs are cut (chain ends stay where they are) but not on the threads,
+the worker processes or on how the rows arrive: the runner cuts at the label pyramid's tile
+rows either way.
+
+Worker processes (``processes=N``): the slabs are traced in N child Python processes, this file
+loaded there on its own (numpy, contourpy and shapely; no torch, no wsss package), so that
+tracing takes no share of this process's GIL.  What the runner does while the tiles run on a
+GPU is GIL-bound (the thread feeding the model, the readers, the band writer), and a slab's
+many small numpy and GEOS calls each wait for the GIL again: with three GIL-holding threads at
+a 1-ms switch interval, a noisy 2048^2 map took 11.7 s to trace on two threads against 0.9 s
+alone.  The processes are shared by the builders of a process (a slide's slabs and the next
+slide's), started on demand and kept idle until this process exits (they end when it does:
+their stdin closes).  A worker that cannot be started or dies is replaced by tracing on the
+thread (the same result).
 """
 from __future__ import annotations
 
+import atexit
 import os
+import pickle
+import struct
+import subprocess
+import sys
 import threading
+import time
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -274,11 +293,15 @@ class OutlineBuilder:
     slab_rows: rows per slab, however the rows arrive (so the result does not depend on that);
     tail_rows: rows per slab in the map's last slab_rows rows (default slab_rows // 4): rows that
     arrive last are traced in short slabs, so little is left to trace after the last ones;
-    threads: slabs traced at once (one task per slab and class; None: one per core)."""
+    threads: slabs traced at once (one task per slab and class; None: one per core);
+    processes: trace the slabs in this many worker processes instead (see the module docstring;
+    0: on the threads).  ``timings`` holds, after ``finish``, the seconds it waited for slabs in
+    flight and spent joining."""
 
     def __init__(self, width: int, height: int, classes: Sequence[int], *, scale: float = 1.0, simplify: float = 0.4,
                  min_area_px: float = 4, extent: Optional[tuple] = None, slab_rows: int = SLAB_ROWS,
-                 tail_rows: Optional[int] = None, threads: Optional[int] = None, output: str = "shapely") -> None:
+                 tail_rows: Optional[int] = None, threads: Optional[int] = None, processes: int = 0,
+                 output: str = "shapely") -> None:
         if output not in ("shapely", "geojson"):
             raise ValueError(f"outlines: output must be 'shapely' or 'geojson', got {output!r}")
         self.output = output
@@ -302,9 +325,20 @@ class OutlineBuilder:
         self._pending: List[np.ndarray] = []  # rows received, not yet in a slab
         self._last: Optional[np.ndarray] = None  # the last row of the last slab: the next one's top
         self._slabs: Dict[int, List[Future]] = {k: [] for k in self.classes}
-        self._pool = ThreadPoolExecutor(max(1, threads or os.cpu_count() or 1), thread_name_prefix="wsss-outlines")
+        self.processes = max(0, int(processes or 0))
+        # NB: with processes, each thread only waits on its worker's pipe
+        n = self.processes or threads or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(max(1, n), thread_name_prefix="wsss-outlines")
         self._lock = threading.Lock()
         self._finished = False
+        self.timings: Dict[str, float] = {}
+        # what a worker process needs to trace this map's slabs (hashable: workers keep a builder per settings)
+        self._settings = (("width", self.width), ("height", self.height), ("classes", tuple(self.classes)),
+                          ("scale", self.scale), ("simplify", self.simplify), ("min_area_px", self.min_area),
+                          ("extent", None if extent is None else tuple(float(v) for v in extent)),
+                          ("output", self.output))
+        if self.processes:
+            _WORKERS.reserve(self.processes)
 
     def add(self, rows: np.ndarray) -> None:
         """The next rows of the map (uint8 [n, width]); their slab is traced on the pool."""
@@ -347,10 +381,13 @@ class OutlineBuilder:
                 if self._last is not None:  # the last row against the empty row below the map
                     self._submit(np.concatenate([self._last, self._last]), self.rows - 1, top_cut=True, bottom_cut=False)
         try:
-            # NB: queued after every slab (FIFO): a join starts only once its slabs have
-            joins = {k: self._pool.submit(lambda k=k: self._join([f.result() for f in self._slabs[k]]))
-                     for k in self.classes}
-            return {k: f.result() for k, f in joins.items()}
+            t0 = time.perf_counter()
+            slabs = {k: [f.result() for f in self._slabs[k]] for k in self.classes}
+            t1 = time.perf_counter()
+            joins = {k: self._pool.submit(self._join, slabs[k]) for k in self.classes}
+            out = {k: f.result() for k, f in joins.items()}
+            self.timings.update({"waiting for slabs": t1 - t0, "joins": time.perf_counter() - t1})
+            return out
         finally:
             self.close()
 
@@ -364,8 +401,12 @@ class OutlineBuilder:
         self.close()
 
     def _submit(self, z: np.ndarray, top: int, *, top_cut: bool, bottom_cut: bool) -> None:
+        task = self._slab_in_worker if self.processes else self._slab
         for k in self.classes:
-            self._slabs[k].append(self._pool.submit(self._slab, z, k, top, top_cut, bottom_cut))
+            self._slabs[k].append(self._pool.submit(task, z, k, top, top_cut, bottom_cut))
+
+    def _slab_in_worker(self, *args) -> _Slab:
+        return _WORKERS.run(self._settings, args, fallback=self._slab)
 
     # -- one slab ------------------------------------------------------------------------
     def _key(self, xy: np.ndarray) -> np.ndarray:
@@ -648,6 +689,165 @@ class OutlineBuilder:
         a = check[a]
         bad[region[a[(a != b) & (region[a] == region[b])]]] = True
         return bad
+
+
+# -- worker processes ----------------------------------------------------------------------
+# NB: `python -c _BOOT <this file>` loads this file as a module of its own name, not as part of
+# its package: importing wsss would import torch (~1 s and ~300 MB per worker)
+_BOOT = ("import importlib.util, sys; "
+         "spec = importlib.util.spec_from_file_location('_wsss_outline_worker', sys.argv[1]); "
+         "m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m; "
+         "spec.loader.exec_module(m); m._serve()")
+_FRAME = struct.Struct("<Q")  # each message: its length, then its pickle
+
+
+def _send(stream, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_FRAME.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _receive(stream):
+    """The next message; EOFError when the other end has gone."""
+    head = stream.read(_FRAME.size)
+    if len(head) < _FRAME.size:
+        raise EOFError
+    (n,) = _FRAME.unpack(head)
+    data = stream.read(n)
+    if len(data) < n:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def _serve() -> None:
+    """A worker process: (builder settings, slab arguments) in, the slab's fields (or the
+    traceback of what failed) out, until its stdin closes."""
+    import signal
+
+    # NB: Ctrl-C reaches the whole process group; the parent ends its workers by closing their stdin
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # (a stray print must not break the messages)
+    import contourpy  # noqa: F401  (imported while the first rows arrive)
+    import shapely  # noqa: F401
+
+    builders: Dict[tuple, OutlineBuilder] = {}
+    while True:
+        try:
+            settings, args = _receive(stdin)
+        except EOFError:
+            return
+        try:
+            if settings not in builders:
+                if len(builders) >= 16:
+                    builders.clear()
+                builders[settings] = OutlineBuilder(**dict(settings))
+            slab = builders[settings]._slab(*args)
+            reply = (True, {f.name: getattr(slab, f.name) for f in fields(slab)})
+        except Exception:
+            reply = (False, traceback.format_exc())
+        try:
+            _send(stdout, reply)
+        except (BrokenPipeError, OSError):  # the parent has gone
+            return
+
+
+class _Worker:
+    """One worker process (see the module docstring)."""
+
+    def __init__(self) -> None:
+        if not sys.executable:
+            raise OSError("no Python executable to start a worker with")
+        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, os.path.abspath(__file__)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def slab(self, settings: tuple, args: tuple) -> _Slab:
+        """The slab traced in the worker; EOFError or OSError when the worker is gone."""
+        _send(self.proc.stdin, (settings, args))
+        ok, value = _receive(self.proc.stdout)
+        if not ok:
+            raise RuntimeError(f"outlines: tracing a slab failed in a worker process:\n{value}")
+        return _Slab(**value)
+
+    def close(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class _Workers:
+    """This process's worker processes: started on demand, idle ones kept for the next slab."""
+
+    MAX_IDLE = 8
+
+    def __init__(self) -> None:
+        self._idle: List[_Worker] = []
+        self._lock = threading.Lock()
+        self.broken = False  # a worker could not be started or died: slabs on the threads from then on
+
+    def reserve(self, n: int) -> None:
+        """Start workers until n are idle (they import their modules meanwhile)."""
+        with self._lock:
+            while not self.broken and len(self._idle) < min(n, self.MAX_IDLE):
+                try:
+                    self._idle.append(_Worker())
+                except OSError:
+                    self.broken = True
+
+    def run(self, settings: tuple, args: tuple, fallback) -> _Slab:
+        """The slab traced by an idle worker (or a new one); by ``fallback`` on this thread where
+        none can do it."""
+        worker = None
+        with self._lock:
+            if not self.broken:
+                worker = self._idle.pop() if self._idle else None
+        if worker is None and not self.broken:
+            try:
+                worker = _Worker()
+            except OSError:
+                self.broken = True
+        if worker is None:
+            return fallback(*args)
+        try:
+            slab = worker.slab(settings, args)
+        except (EOFError, OSError):
+            self.broken = True
+            worker.close()
+            return fallback(*args)
+        except RuntimeError:  # (the slab failed; the worker answered and goes on)
+            self._release(worker)
+            raise
+        except BaseException:  # (interrupted between question and answer: not reusable)
+            worker.close()
+            raise
+        self._release(worker)
+        return slab
+
+    def _release(self, worker: _Worker) -> None:
+        with self._lock:
+            if len(self._idle) < self.MAX_IDLE and not self.broken:
+                self._idle.append(worker)
+                return
+        worker.close()
+
+    def shutdown(self) -> None:
+        """End the idle workers (at exit; a busy one ends when this process does)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for w in idle:
+            w.close()
+
+
+_WORKERS = _Workers()
+atexit.register(_WORKERS.shutdown)
 
 
 def trace_outlines(labels: np.ndarray, classes: Sequence[int], *, slab_rows: int = SLAB_ROWS,

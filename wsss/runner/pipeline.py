@@ -47,6 +47,11 @@ __all__ = ["SlideModel", "PendingProbabilities", "RunOptions", "resolve_precisio
            "RUN_FORMAT_VERSION"]
 
 RUN_FORMAT_VERSION = 1
+# NB: the early path's outline slabs are traced in worker processes, off this process's GIL:
+# on threads, beside the GIL-bound work of feeding a GPU, they fell behind (an H200 run at
+# 32768^2 still had 1.05 s of GeoJSON after the last tile; two threads beside three GIL-holding
+# ones took 11.7 s for a noisy 2048^2 map that takes 0.9 s alone, two processes 1.9 s on 2 cores)
+OUTLINE_PROCESSES = min(4, max(1, (os.cpu_count() or 2) // 4))
 OUTPUT_FILES = ("labels.tiff", "overlay.png", "tissue_qc.png", "areas.json", "areas.csv", "polygons.geojson")
 OPTIONAL_OUTPUT_FILES = ("probs.tiff",)  # (--probs)
 
@@ -584,7 +589,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             if early_pyramid is None:
                 early_pyramid = str(model.description.get("device", "cpu")).startswith("cuda")
 
-            def polygon_outlines(levels, K: int, threads: Optional[int] = None) -> "_Outlines":
+            def polygon_outlines(levels, K: int, threads: Optional[int] = None, processes: int = 0) -> "_Outlines":
                 """The GeoJSON's outline builder, on the polygon level of the label pyramid."""
                 from wsss.runner.outlines import OutlineBuilder
 
@@ -596,7 +601,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 scale = poly_mpp / reader.mpp  # -> level-0 px of the input slide
                 builder = OutlineBuilder(
                     poly.width, poly.height, [k for k in range(K) if k != bg], scale=scale,
-                    extent=writers.geojson_extent(reader.dimensions, scale), threads=threads, output="geojson",
+                    extent=writers.geojson_extent(reader.dimensions, scale), threads=threads, processes=processes,
+                    output="geojson",
                     min_area_px=max(1, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
                 return _Outlines(level, builder)
 
@@ -653,10 +659,10 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     state["pyramid_during_tiles"] = True
                     spools.extend(pyramid.levels[1:])
                     stitcher.labels_out.on_stored = pyramid.tiles_stored
-                    # the GeoJSON's outlines too: slab by slab as the polygon level's rows are made
-                    # NB: two threads: on an H100 host 4 gave no shorter tail (GeoJSON after the
-                    # last tile 0.65 vs 0.70 s) beside a tile stage no faster
-                    outlines = state["outlines"] = polygon_outlines(pyramid.levels, stitcher.num_classes, threads=2)
+                    # the GeoJSON's outlines too: slab by slab as the polygon level's rows are made,
+                    # in worker processes (see OUTLINE_PROCESSES)
+                    outlines = state["outlines"] = polygon_outlines(pyramid.levels, stitcher.num_classes,
+                                                                    processes=OUTLINE_PROCESSES)
                     pyramid.watch_rows(outlines.level, outlines.builder.add)
                     pyramid.watch_rows(overview, overlay.add_labels)
                     # ... and the label TIFF, each tile row once it is final
@@ -721,6 +727,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                         if "polygon_rows" in state:  # (else traced as the pyramid made the rows: the last slabs are left)
                             state["outlines"].builder.add(np.concatenate(state.pop("polygon_rows")))
                         geoms = state["outlines"].builder.finish()
+                        for part, seconds in state["outlines"].builder.timings.items():
+                            timer.add(f"write_geojson ({part})", seconds)
                         return writers.write_geojson_features(stage / "polygons.geojson", geoms,
                                                               class_names=names[:K], palette=model.palette)
 
