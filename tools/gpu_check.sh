@@ -12,7 +12,7 @@
 #   5. model benchmarks on CUDA: reference widths, batch 32, eager/scripted x
 #      fp32/bf16/bf16-autocast/fp16-autocast, and precision agreement of the trained demo bundle;
 #   6. the demo bundle's tile stage, overlapped vs synchronous, per precision (a smoke timing);
-#   7. wsss-infer on the real slide (../shared/data/slides/cmu-1-small-region.svs) on CUDA;
+#   7. wsss-infer on the real slide (../shared/data/slides/cmu-1-small-region.svs, or WSSS_REAL_SLIDE) on CUDA;
 #   8. op benchmarks on CUDA.
 # Results (logs, benchmark JSON and tables) land in ${OUT:-gpu_check}/; the exit status is the
 # number of failed steps.  A test that crashes the interpreter is named, backtraced with
@@ -97,11 +97,12 @@ want op_tests && step op_tests 300 pytest_surviving_crashes tests/test_ops.py te
 want runner_tests && step runner_tests 240 pytest_surviving_crashes tests/test_runner_device.py tests/test_band_stitching.py tests/test_bundle.py -s
 
 # NB: 16384^2, 2 rounds, device blending only: the configuration of docs/runner.md's GPU table
-# (~80 s on an H200); WSSS_BENCH_PIPELINES=overlapped,host-blend,synchronous adds the others
+# (~100 s on an H200, 32768^2 in 1 round ~165 s); WSSS_BENCH_PIPELINES=overlapped,host-blend,synchronous
+# adds the others; WSSS_BENCH_K="model_only or end_to_end" leaves out the many-slides bench (~30 s)
 want bench_runner && step bench_runner 300 env WSSS_BENCH_DEVICE=cuda WSSS_BENCH_MODELS=reference WSSS_BENCH_BATCH=32 \
     WSSS_BENCH_WORKERS=4 WSSS_BENCH_SIZE="${WSSS_BENCH_SIZE:-16384}" WSSS_BENCH_ROUNDS="${WSSS_BENCH_ROUNDS:-2}" \
     WSSS_BENCH_PIPELINES="${WSSS_BENCH_PIPELINES:-overlapped}" WSSS_BENCH_MANY_SIZE=2048 \
-    python -m pytest benchmarks/bench_runner.py --benchmark-only -q -k "model_only or end_to_end or many_slides" \
+    python -m pytest benchmarks/bench_runner.py --benchmark-only -q -k "${WSSS_BENCH_K:-model_only or end_to_end or many_slides}" \
     --benchmark-json="$OUT/bench_runner_cuda.json"
 want bench_models && step bench_models 300 env WSSS_BENCH_DEVICE=cuda python -m pytest benchmarks/bench_models.py --benchmark-only -q -s \
     -k "${WSSS_GPU_CHECK_MODELS_K:-not compiled}" --benchmark-json="$OUT/bench_models_cuda.json"
@@ -149,7 +150,7 @@ PY
 export -f smoke
 want runner_smoke && step runner_smoke 120 smoke
 
-slide=../shared/data/slides/cmu-1-small-region.svs
+slide=${WSSS_REAL_SLIDE:-../shared/data/slides/cmu-1-small-region.svs}
 if ! want real_slide; then
     :
 elif [ -f "$slide" ]; then
