@@ -140,7 +140,8 @@ def test_load_errors_name_the_file(tmp_path, bundle_path):
 
 
 def test_bundle_from_another_torch_says_which(tmp_path, bundle_path):
-    """A bundle whose code calls an op this torch lacks (as a torch 2.14 bundle does in 2.11):
+    """A bundle whose code calls an op this torch lacks (as torch 2.14 bundles of older wsss, which
+    carried F.interpolate's body, did in 2.11):
     the message names both torch versions."""
     out = tmp_path / "newer.pt"
     with zipfile.ZipFile(bundle_path) as src, zipfile.ZipFile(out, "w") as dst:

@@ -629,8 +629,10 @@ def load_bundle(path: str, *, device: str = "cpu", verify: bool = True) -> Bundl
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         made_with = saved.get("torch_version")
         if made_with and made_with != torch.__version__:
-            # NB: TorchScript archives hold code compiled by the saving torch (e.g. 2.14's
-            # F.interpolate calls ops that 2.11 lacks): they load in that torch or a newer one
+            # NB: TorchScript archives hold code compiled by the saving torch: sure to load in that
+            # torch or a newer one; an older one loads them only if the code calls no op it lacks
+            # (why the models resize with wsss.models.resize: bundles of older wsss carry 2.14's
+            # F.interpolate, which calls an op 2.11 lacks; tools/resave_bundle.py re-saves them)
             why += (f" (the bundle was saved with torch {made_with}, this is torch {torch.__version__}; a bundle "
                     f"loads in the torch it was saved with or a newer one - re-export it here or install that torch)")
         raise BundleError(f"bundle {path}: not a loadable TorchScript archive: {why}") from None

@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
+from wsss.models.resize import resize_bilinear
 from wsss.models.resnet38 import scaled_channels
 
 __all__ = ["DeepLabV3Plus", "BACKBONE_LAYERS"]
@@ -126,7 +126,7 @@ class ASPP(nn.Module):
         x3 = self.aspp3(x)
         x4 = self.aspp4(x)
         x5 = self.global_avg_pool(x)
-        x5 = F.interpolate(x5, size=(x4.shape[2], x4.shape[3]), mode="bilinear", align_corners=True)
+        x5 = resize_bilinear(x5, [x4.shape[2], x4.shape[3]], True)
         x = torch.cat((x1, x2, x3, x4, x5), dim=1)
         return self.dropout(self.relu(self.bn1(self.conv1(x))))
 
@@ -155,7 +155,7 @@ class Decoder(nn.Module):
 
     def forward(self, x: Tensor, low_level: Tensor) -> Tensor:
         low_level = self.relu(self.bn1(self.conv1(low_level)))
-        x = F.interpolate(x, size=(low_level.shape[2], low_level.shape[3]), mode="bilinear", align_corners=True)
+        x = resize_bilinear(x, [low_level.shape[2], low_level.shape[3]], True)
         return self.last_conv(torch.cat((x, low_level), dim=1))
 
 
@@ -206,7 +206,7 @@ class DeepLabV3Plus(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Logits [N,K,H,W] at the input size."""
         logits = self.forward_low_res(x)
-        return F.interpolate(logits, size=(x.shape[2], x.shape[3]), mode="bilinear", align_corners=True)
+        return resize_bilinear(logits, [x.shape[2], x.shape[3]], True)
 
     def backbone_parameters(self) -> List[nn.Parameter]:
         """Parameters trained at the base learning rate in the reference (the backbone)."""

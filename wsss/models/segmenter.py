@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsss import ops
+from wsss.models.resize import resize_bilinear
 
 __all__ = ["TissueSegmenter"]
 
@@ -60,7 +60,7 @@ class TissueSegmenter(nn.Module):
         x = tiles.to(self._weight_dtype()) * self.input_scale
         class_prob = torch.sigmoid(self.classifier(x).float())
         logits = self.segmenter.forward_low_res(x).float()
-        logits = F.interpolate(logits, size=(tiles.shape[2], tiles.shape[3]), mode="bilinear", align_corners=True)
+        logits = resize_bilinear(logits, [tiles.shape[2], tiles.shape[3]], True)
         labels = ops.gate_argmax(logits, class_prob, self.eps)
         if with_scores:
             scores = ops.gated_scores(torch.softmax(logits, dim=1), class_prob, self.eps)
