@@ -194,6 +194,32 @@ def _multipolygon(xy: np.ndarray, counts: np.ndarray, per_poly: np.ndarray):
 GEOJSON_PREFIX = '{"type":"MultiPolygon","coordinates":['
 
 
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> Tuple[int, np.ndarray]:
+    """(number of components, component of each node) of the undirected graph on nodes 0..n-1
+    with edges a[i]-b[i], components numbered in the order of their smallest node (as scipy's
+    connected_components numbers them).  Each pass hooks every edge's larger root onto the
+    smaller one, then jumps pointers to the roots: labels only decrease and always name a node
+    of the same component, so they settle on its smallest node (no scipy.sparse import, ~0.2 s,
+    after the last tile)."""
+    label = np.arange(n)
+    while True:
+        la, lb = label[a], label[b]
+        new = label.copy()
+        low = np.minimum(la, lb)
+        np.minimum.at(new, la, low)
+        np.minimum.at(new, lb, low)
+        while True:
+            jumped = new[new]
+            if np.array_equal(jumped, new):
+                break
+            new = jumped
+        if np.array_equal(new, label):
+            break
+        label = new
+    roots, component = np.unique(label, return_inverse=True)
+    return len(roots), component.reshape(-1)
+
+
 def _geojson_polygons(xy: np.ndarray, counts: np.ndarray, per_poly: np.ndarray) -> str:
     """The polygons' GeoJSON coordinate arrays, comma-separated ("" for none): GEOS writes them
     (shortest round-trip numbers, in C, without the GIL)."""
@@ -406,7 +432,14 @@ class OutlineBuilder:
             self._slabs[k].append(self._pool.submit(task, z, k, top, top_cut, bottom_cut))
 
     def _slab_in_worker(self, *args) -> _Slab:
-        return _WORKERS.run(self._settings, args, fallback=self._slab)
+        return _WORKERS.run("slab", self._settings, args, fallback=self._slab)
+
+    def _geojson(self, xy: np.ndarray, counts: np.ndarray, per_poly: np.ndarray) -> str:
+        """_geojson_polygons, in a worker process where there are (the joined regions' text is
+        most of a join; there it needs no GIL of this process, nor shapely imported here)."""
+        if not self.processes:
+            return _geojson_polygons(xy, counts, per_poly)
+        return _WORKERS.run("geojson", None, (xy, counts, per_poly), fallback=_geojson_polygons)
 
     # -- one slab ------------------------------------------------------------------------
     def _key(self, xy: np.ndarray) -> np.ndarray:
@@ -578,7 +611,7 @@ class OutlineBuilder:
         if joined is not None:
             parts.append(joined)
         if self.output == "geojson":
-            texts = [s.done_text for s in slabs] + ([_geojson_polygons(*joined)] if joined is not None else [])
+            texts = [s.done_text for s in slabs] + ([self._geojson(*joined)] if joined is not None else [])
             texts = [t for t in texts if t]
             return GEOJSON_PREFIX + ",".join(texts) + "]}" if texts else None
         xy, n, per_poly = (np.concatenate(a) for a in zip(*parts))
@@ -588,9 +621,6 @@ class OutlineBuilder:
 
     def _join_pieces(self, slabs: List[_Slab]):
         """The regions made of pieces: (ring coordinates, ring counts, rings per polygon) or None."""
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
         cat = lambda name: np.concatenate([getattr(s, name) for s in slabs])  # noqa: E731
         starts, ends, area2 = cat("chain_start"), cat("chain_end"), cat("chain_area2")
         if not len(starts):
@@ -618,8 +648,7 @@ class OutlineBuilder:
                 n_rings += 1
         ring_area2 = np.bincount(ring_of, area2, minlength=n_rings)
         # regions: pieces linked through the rings of their chains
-        graph = coo_matrix((np.ones(n_chains), (chain_piece, n_pieces + ring_of)), shape=(n_pieces + n_rings,) * 2)
-        n_regions, region = connected_components(graph, directed=False)
+        n_regions, region = _components(n_pieces + n_rings, chain_piece, n_pieces + ring_of)
         ring_region, hole_region = region[n_pieces:], region[hole_piece]
         shells = np.flatnonzero(ring_area2 > 0)
         if len(shells) != n_regions or len(np.unique(ring_region[shells])) != n_regions:
@@ -721,8 +750,9 @@ def _receive(stream):
 
 
 def _serve() -> None:
-    """A worker process: (builder settings, slab arguments) in, the slab's fields (or the
-    traceback of what failed) out, until its stdin closes."""
+    """A worker process: (what, builder settings, arguments) in, until its stdin closes; out a
+    slab's fields (what="slab") or joined regions' GeoJSON text ("geojson"), or the traceback of
+    what failed."""
     import signal
 
     # NB: Ctrl-C reaches the whole process group; the parent ends its workers by closing their stdin
@@ -735,16 +765,19 @@ def _serve() -> None:
     builders: Dict[tuple, OutlineBuilder] = {}
     while True:
         try:
-            settings, args = _receive(stdin)
+            what, settings, args = _receive(stdin)
         except EOFError:
             return
         try:
-            if settings not in builders:
-                if len(builders) >= 16:
-                    builders.clear()
-                builders[settings] = OutlineBuilder(**dict(settings))
-            slab = builders[settings]._slab(*args)
-            reply = (True, {f.name: getattr(slab, f.name) for f in fields(slab)})
+            if what == "geojson":
+                reply = (True, _geojson_polygons(*args))
+            else:
+                if settings not in builders:
+                    if len(builders) >= 16:
+                        builders.clear()
+                    builders[settings] = OutlineBuilder(**dict(settings))
+                slab = builders[settings]._slab(*args)
+                reply = (True, {f.name: getattr(slab, f.name) for f in fields(slab)})
         except Exception:
             reply = (False, traceback.format_exc())
         try:
@@ -762,13 +795,14 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, os.path.abspath(__file__)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
-    def slab(self, settings: tuple, args: tuple) -> _Slab:
-        """The slab traced in the worker; EOFError or OSError when the worker is gone."""
-        _send(self.proc.stdin, (settings, args))
+    def call(self, what: str, settings: Optional[tuple], args: tuple):
+        """A slab traced (what="slab") or joined regions' text ("geojson") in the worker;
+        EOFError or OSError when the worker is gone."""
+        _send(self.proc.stdin, (what, settings, args))
         ok, value = _receive(self.proc.stdout)
         if not ok:
-            raise RuntimeError(f"outlines: tracing a slab failed in a worker process:\n{value}")
-        return _Slab(**value)
+            raise RuntimeError(f"outlines: {what} failed in a worker process:\n{value}")
+        return _Slab(**value) if what == "slab" else value
 
     def close(self) -> None:
         for stream in (self.proc.stdin, self.proc.stdout):
@@ -802,9 +836,9 @@ class _Workers:
                 except OSError:
                     self.broken = True
 
-    def run(self, settings: tuple, args: tuple, fallback) -> _Slab:
-        """The slab traced by an idle worker (or a new one); by ``fallback`` on this thread where
-        none can do it."""
+    def run(self, what: str, settings: Optional[tuple], args: tuple, fallback):
+        """``what`` done by an idle worker (or a new one), by ``fallback(*args)`` on this thread
+        where none can do it (see _Worker.call)."""
         worker = None
         with self._lock:
             if not self.broken:
@@ -817,7 +851,7 @@ class _Workers:
         if worker is None:
             return fallback(*args)
         try:
-            slab = worker.slab(settings, args)
+            result = worker.call(what, settings, args)
         except (EOFError, OSError):
             self.broken = True
             worker.close()
@@ -829,7 +863,7 @@ class _Workers:
             worker.close()
             raise
         self._release(worker)
-        return slab
+        return result
 
     def _release(self, worker: _Worker) -> None:
         with self._lock:

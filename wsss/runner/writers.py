@@ -845,10 +845,12 @@ def write_geojson_features(path: Path, geoms: dict, *, class_names: Sequence[str
 
     NB: GEOS writes the coordinates (shortest round-trip floats, as json would) in C, releasing
     the GIL: the classes given as geometries are serialised on threads."""
-    import shapely
-
     def text_of(g) -> str:
-        return g if isinstance(g, str) else shapely.to_geojson(g)
+        if isinstance(g, str):
+            return g
+        import shapely  # (not for texts: the GPU path's first slide need not import it after its last tile)
+
+        return shapely.to_geojson(g)
 
     classes = sorted(k for k, g in geoms.items() if g is not None and (isinstance(g, str) or not g.is_empty))
     workers = min(sum(not isinstance(geoms[k], str) for k in classes), threads or os.cpu_count() or 1)
