@@ -471,14 +471,13 @@ def _advance(phases) -> Optional[SlideResult]:
 def preload_output_libraries() -> None:
     """Import, on a daemon thread, the libraries of the outputs written after the last tile
     (polygons, pictures): ``wsss-infer`` calls it before it loads the bundle.  Otherwise the
-    first slide of a process pays ~0.25 s of imports (scipy.sparse.csgraph alone ~0.2 s)
-    after its last tile; during the tile stage they would hold the GIL against the model's
-    thread (3072^2 demo bench: tile stage +0.4 s)."""
+    first slide of a process pays their imports after its last tile (~0.25 s while the outline
+    joins used scipy.sparse.csgraph, ~0.2 s of it; they no longer do); during the tile stage
+    they would hold the GIL against the model's thread (3072^2 demo bench: tile stage +0.4 s)."""
     def work() -> None:
         with contextlib.suppress(Exception):  # (a failed import fails where the output needs it)
             import contourpy  # noqa: F401
             import PIL.PngImagePlugin  # noqa: F401
-            import scipy.sparse.csgraph  # noqa: F401
             import shapely  # noqa: F401
 
     threading.Thread(target=work, name="wsss-imports", daemon=True).start()
