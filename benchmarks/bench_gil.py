@@ -18,11 +18,20 @@ a loop) and the 1-ms interval; ``extra_info`` has the parameters.
 - test_label_pyramid_during_tiles: the same pyramid as the GPU path builds it, each level-0 tile
   row handed over with the strip it was stored from (nothing read back).
 - test_label_tiff_rows: TileSpool.iter_compressed of the pyramid's level 0 (the label TIFF writer).
+- test_outline_slabs: the GeoJSON's OutlineBuilder on a noisy WSSS_BENCH_GIL_OUTLINES^2 polygon
+  level (default 2048, the largest the runner traces; one dominant class with thousands of
+  holes, like a random-weight network's map) fed 32 rows at a time, its slabs traced on two
+  threads or in two worker processes (the GPU path's); extra_info: the builder's finish
+  timings (waiting for slabs, joins).
 
 Measured (2-core VM, 2026-11-26, session 12; one-off scripts with the same work, old code vs new
 in one process each, three repetitions; docs/runner-measurements.md, "Twelfth session"), contended:
 band writer (24 bands) 4.70-4.90 -> 0.72-0.83 s, pyramid (8192^2) 5.2-5.9 -> 2.3-2.4 s, producer
 (24 bands of 73 tiles) 2.0-2.6 -> 0.61-0.94 s, label TIFF rows (1024 tiles) 3-494 -> 1-13 ms.
+
+Session 14 (2-core VM, 2026-11-27), test_outline_slabs, 3 rounds: on threads alone 0.94-0.99 s,
+contended 9.97-11.1 s; in worker processes alone 0.63-0.80 s, contended 2.05-2.07 s (the hogs
+and the two workers share 2 cores here).
 
 Run: pytest benchmarks/bench_gil.py --benchmark-only   (CI: --benchmark-disable)
 """
@@ -42,6 +51,7 @@ from wsss.runner.writers import build_label_pyramid
 
 BANDS = int(os.environ.get("WSSS_BENCH_GIL_BANDS", "12"))
 PYRAMID = int(os.environ.get("WSSS_BENCH_GIL_PYRAMID", "4096"))
+OUTLINES = int(os.environ.get("WSSS_BENCH_GIL_OUTLINES", "2048"))
 HOGS = 3
 
 
@@ -184,3 +194,37 @@ def test_band_producer(benchmark, gil, tmp_path):
         torch.set_num_threads(threads)
     assert counted[-1] == W * H
     benchmark.extra_info.update(gil=gil, bands=2 * BANDS, tiles=len(tiles), batch=B)
+
+
+@pytest.fixture(scope="module")
+def noisy_level():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    fields = np.stack([gaussian_filter(rng.standard_normal((OUTLINES, OUTLINES)).astype(np.float32), 1.5)
+                       for _ in range(4)])
+    fields[0] += 0.4  # one dominant class: one region with ~27k holes at 2048^2
+    return fields.argmax(0).astype(np.uint8)
+
+
+@pytest.mark.parametrize("where", ["threads", "processes"])
+def test_outline_slabs(benchmark, gil, noisy_level, where):
+    from wsss.runner import outlines
+
+    n = len(noisy_level)
+    kw = {"threads": 2} if where == "threads" else {"processes": 2}
+    if where == "processes":
+        outlines._WORKERS.reserve(2)  # (started once per process, as in a run: untimed)
+    runs = []
+
+    def run():
+        with outlines.OutlineBuilder(n, n, range(4), output="geojson", **kw) as b:
+            for r in range(0, n, 32):
+                b.add(noisy_level[r:r + 32])
+            texts = b.finish()
+            runs.append(dict(b.timings))
+        assert all(texts.values())
+
+    benchmark.pedantic(run, rounds=3, iterations=1)
+    benchmark.extra_info.update(gil=gil, where=where, size=n,
+                                finish_s={k: float(np.median([r[k] for r in runs])) for k in runs[0]})
