@@ -50,8 +50,9 @@ RUN_FORMAT_VERSION = 1
 # NB: the early path's outline slabs are traced in worker processes, off this process's GIL:
 # on threads, beside the GIL-bound work of feeding a GPU, they fell behind (an H200 run at
 # 32768^2 still had 1.05 s of GeoJSON after the last tile; two threads beside three GIL-holding
-# ones took 11.7 s for a noisy 2048^2 map that takes 0.9 s alone, two processes 1.9 s on 2 cores)
-OUTLINE_PROCESSES = min(4, max(1, (os.cpu_count() or 2) // 4))
+# ones took 11.7 s for a noisy 2048^2 map that takes 0.9 s alone, two processes 1.9 s on 2 cores).
+# WSSS_OUTLINE_PROCESSES=0 traces them on two threads instead (for A/B measurements)
+OUTLINE_PROCESSES = max(0, int(os.environ.get("WSSS_OUTLINE_PROCESSES", min(4, max(1, (os.cpu_count() or 2) // 4)))))
 OUTPUT_FILES = ("labels.tiff", "overlay.png", "tissue_qc.png", "areas.json", "areas.csv", "polygons.geojson")
 OPTIONAL_OUTPUT_FILES = ("probs.tiff",)  # (--probs)
 
@@ -660,7 +661,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                     stitcher.labels_out.on_stored = pyramid.tiles_stored
                     # the GeoJSON's outlines too: slab by slab as the polygon level's rows are made,
                     # in worker processes (see OUTLINE_PROCESSES)
-                    outlines = state["outlines"] = polygon_outlines(pyramid.levels, stitcher.num_classes,
+                    outlines = state["outlines"] = polygon_outlines(pyramid.levels, stitcher.num_classes, threads=2,
                                                                     processes=OUTLINE_PROCESSES)
                     pyramid.watch_rows(outlines.level, outlines.builder.add)
                     pyramid.watch_rows(overview, overlay.add_labels)
