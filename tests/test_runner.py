@@ -274,6 +274,36 @@ def test_tile_thumbnail_is_the_box_mean_of_the_view(h, w, tile, overlap, f):
     np.testing.assert_array_equal(got, _box_mean(img, f))
 
 
+@pytest.mark.parametrize("f", [1, 3, 8, 16, 32, 64])
+def test_tile_thumbnail_in_batches_is_the_same(f):
+    """add_batch (the readers' path: tiles whose cores start and end on block edges summed
+    together) gives add's image, row counts and callbacks, batches cut anywhere, in any order."""
+    from wsss.runner.thumbnail import TileThumbnail
+
+    rng = np.random.default_rng(f)
+    for h, w, tile, overlap in [(1000, 1300, 256, 32), (517, 389, 96, 12), (64, 64, 64, 0), (300, 700, 128, 0)]:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        grid = TileGrid(w, h, tile, overlap)
+        padded = np.full((h + tile, w + tile, 3), 255, np.uint8)
+        padded[:h, :w] = img
+        tiles = np.stack([padded[y:y + tile, x:x + tile] for x, y in grid.tiles])
+        one, many = TileThumbnail(w, h, f, grid.xs, grid.ys), TileThumbnail(w, h, f, grid.xs, grid.ys)
+        events = {id(one): [], id(many): []}
+        for t in (one, many):
+            t.on_rows = lambda t=t: events[id(t)].append(("rows", t.rows_done))
+            t.on_complete = lambda t=t: events[id(t)].append(("complete", t.rows_done))
+        for i, pos in enumerate(grid.tiles):
+            one.add(*pos, tiles[i])
+        cuts = np.unique(np.r_[0, rng.integers(0, len(grid.tiles), 4), len(grid.tiles)])
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            many.add_batch(grid.tiles[a:b], tiles[a:b])
+        np.testing.assert_array_equal(many.image(), one.image())
+        np.testing.assert_array_equal(many.image(), _box_mean(img, f))
+        assert many.rows_done == one.rows_done == one.shape[0]
+        assert events[id(many)][-1] == ("complete", one.shape[0]) and events[id(one)][-1] == ("complete", one.shape[0])
+        assert [e for e in events[id(many)] if e[0] == "rows"] == sorted(set(e for e in events[id(many)] if e[0] == "rows"))
+
+
 def test_overlay_of_a_flat_slide_comes_from_the_tiles(tmp_path, monkeypatch):
     """A flat TIFF (no coarser level) without tissue detection: the overlay is the overview
     level's labels over the box mean of the slide, summed while the tiles were read; the slide

@@ -681,7 +681,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
 
             with timer("tiles"):
                 stitcher = _run_tiles(view, grid, model, options, timer, make_stitcher, views, state, slide,
-                                      on_tile=tile_thumb.add if tile_thumb is not None else None)
+                                      on_batch=tile_thumb.add_batch if tile_thumb is not None else None)
             if "batch_limit" in state:
                 n = state["batch_limit"]
                 log(f"{slide.name}: warning: the GPU ran out of memory with batches of {options.batch_size} tiles; "
@@ -933,9 +933,9 @@ def _tiles_footprint(grid, tile: int, plan, shape) -> np.ndarray:
 
 
 def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher, views: list,
-               state: dict, slide: Path, on_tile=None):
+               state: dict, slide: Path, on_batch=None):
     """Read, predict and stitch every selected tile; returns the stitcher (None if no tiles).
-    on_tile(x, y, tile): called by the reader threads with each tile read.
+    on_batch(positions, tiles): called by the reader threads with each batch read (see _read_batches).
 
     make_stitcher(K, device): a ``Stitcher`` (device None: blend on the CPU) or a
     ``BandStitcher`` on ``device`` (blend where the model's outputs are; see
@@ -963,7 +963,7 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     model = _BatchHalving(on_halve=lambda n: state.__setitem__("batch_limit", n)).wrap(model)
     progress = _progress(len(grid.tiles), slide.name, options.progress, grid.tile)
     trim_heap = _HeapTrimmer()
-    batches = _read_batches(view, grid, options, timer, views, one_thread_if_helper, on_tile)
+    batches = _read_batches(view, grid, options, timer, views, one_thread_if_helper, on_batch)
     try:
         run = _predict_and_stitch_on_device if on_device else _predict_and_stitch
         st = run(batches, grid.tile, model, options, timer, make_stitcher, progress, trim_heap, one_thread_if_helper)
@@ -1002,10 +1002,11 @@ def _stitch_on_device(model: SlideModel, options: RunOptions, grid) -> bool:
 
 
 def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: list, one_thread_if_helper,
-                  on_tile=None):
+                  on_batch=None):
     """Yield (positions, uint8 tiles [n,3,t,t]) in the grid's raster order, read ahead by
-    ``options.workers`` threads (each with its own slide handle); ``on_tile(x, y, tile)`` is
-    called on the reading thread with each tile (its time counts as reading).
+    ``options.workers`` threads (each with its own slide handle); ``on_batch(positions, tiles
+    [n, t, t, 3])`` is called with each batch by the reader that completes it, before the batch
+    is handed out (its time counts as reading).
 
     NB: each reader copies its tile into its batch's slot of a ring of batch buffers, so the
     thread that feeds the model only waits for a batch, never copies one together (32 copies
@@ -1024,13 +1025,22 @@ def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: li
     lookahead = size * (max(1, options.workers) + 2)
     ring = [np.empty((size, tile, tile, 3), np.uint8) for _ in range(2 + -(-lookahead // size))]
 
+    tiles = grid.tiles
+    left = [min(size, len(tiles) - b) for b in range(0, len(tiles), size)]  # tiles of each batch still to read
+    left_lock = threading.Lock()
+
     def read(i: int, pos) -> None:
         v = handles.get()
         t0 = time.perf_counter()
-        arr = v.read(pos[0], pos[1], tile, tile)
-        if on_tile is not None:
-            on_tile(pos[0], pos[1], arr)
-        ring[(i // size) % len(ring)][i % size] = arr
+        slot = ring[(i // size) % len(ring)]
+        slot[i % size] = v.read(pos[0], pos[1], tile, tile)
+        if on_batch is not None:
+            with left_lock:
+                left[i // size] -= 1
+                complete = not left[i // size]
+            if complete:
+                b = i // size * size
+                on_batch(tiles[b:b + size], slot[:len(tiles[b:b + size])])
         timer.add("read (worker time)", time.perf_counter() - t0)
 
     pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="wsss-read") \

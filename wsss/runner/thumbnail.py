@@ -47,6 +47,44 @@ class TileThumbnail:
 
     def add(self, x: int, y: int, tile: np.ndarray) -> None:
         """uint8 [>= core h, >= core w, 3] pixels of the tile at grid position (x, y)."""
+        self._accumulate([(x, y, self._tile_sums(x, y, tile))])
+
+    def add_batch(self, positions, tiles: np.ndarray) -> None:
+        """``add`` for a batch: uint8 [n, >= core h, >= core w, 3] tiles at grid positions
+        ``positions``, in a few numpy calls.  The tiles whose core has the batch's commonest
+        size and starts and ends on block edges (all but a slide's last column and row, when the
+        factor divides the grid's stride) are summed in two reductions over the whole batch.
+
+        NB: on a GPU host the readers share the GIL with a dozen threads, and each numpy call
+        that gives it up waits to take it back: ``add`` makes 2 to 2f such calls per tile, more
+        than reading the tile (beside one GIL-holding thread at a 1-ms interval, 4.7 against
+        2.1 ms per 256-px tile read with and without it, at f = 16)."""
+        f = self.factor
+        positions = [(int(x), int(y)) for x, y in positions]
+        cores = [(self._x_end[x] - x, self._y_end[y] - y) for x, y in positions]
+        aligned = [j for j, ((x, y), (w, h)) in enumerate(zip(positions, cores))
+                   if x % f == 0 and y % f == 0 and w % f == 0 and h % f == 0]
+        group = None
+        if len(aligned) > 1:
+            counts: dict = {}
+            for j in aligned:
+                counts[cores[j]] = counts.get(cores[j], 0) + 1
+            w, h = max(counts, key=counts.get)
+            members = [j for j in aligned if cores[j] == (w, h)]
+            j0 = members[0]
+            block = tiles[j0:members[-1] + 1, :h, :w]  # (usually the batch but its last tile or two)
+            n = len(block)
+            # NB: one axis at a time (a reduction over two strided axes at once was ~12x slower)
+            band = block.reshape(n, h // f, f, w, 3).sum(axis=2, dtype=np.uint32)
+            sums = band.reshape(n, h // f, w // f, f, 3).sum(axis=3, dtype=np.uint32)
+            group = (np.array([positions[j] for j in members]), sums[np.array(members) - j0], w, h)
+            rest = sorted(set(range(len(positions))) - set(members))
+        else:
+            rest = range(len(positions))
+        self._accumulate([(*positions[j], self._tile_sums(*positions[j], tiles[j])) for j in rest], group)
+
+    def _tile_sums(self, x: int, y: int, tile: np.ndarray) -> np.ndarray:
+        """Block sums [rows, cols, 3] of the core of the tile at (x, y), on the thumbnail's grid."""
         f = self.factor
         x1, y1 = self._x_end[x], self._y_end[y]
         h, w = y1 - y, x1 - x
@@ -75,14 +113,33 @@ class TileThumbnail:
             cuts_y = np.r_[0, np.arange(f - oy, h, f)]
             cuts_x = np.r_[0, np.arange(f - ox, w, f)]
             sums = np.add.reduceat(np.add.reduceat(tile[:h, :w], cuts_y, axis=0, dtype=np.uint32), cuts_x, axis=1)
-        r0, c0 = y // f, x // f
-        rr = np.arange(r0, r0 + rows)
-        row_pixels = (np.minimum(y1, (rr + 1) * f) - np.maximum(y, rr * f)) * w
+        return sums
+
+    def _accumulate(self, parts, group=None) -> None:
+        """Add [(x, y, block sums of the tile's core)], and ``group`` = ((x, y) [n, 2], sums
+        [n, rows, cols, 3], core w, core h) of tiles whose cores start and end on block edges,
+        to the canvas and the row counts."""
+        f = self.factor
+        grew = done = False
         with self._lock:
-            self._sum[r0:r0 + rows, c0:c0 + cols] += sums
-            self._pixels += h * w
+            for x, y, sums in parts:
+                x1, y1 = self._x_end[x], self._y_end[y]
+                h, w = y1 - y, x1 - x
+                r0, c0 = y // f, x // f
+                rows, cols = sums.shape[:2]
+                self._sum[r0:r0 + rows, c0:c0 + cols] += sums
+                self._pixels += h * w
+                rr = np.arange(r0, r0 + rows)
+                self._row_pixels[r0:r0 + rows] += (np.minimum(y1, (rr + 1) * f) - np.maximum(y, rr * f)) * w
+            if group is not None:
+                xy, sums, w, h = group
+                n, rows, cols = sums.shape[:3]
+                rr = (xy[:, 1] // f)[:, None] + np.arange(rows)  # [n, rows]
+                cc = (xy[:, 0] // f)[:, None] + np.arange(cols)  # [n, cols]
+                self._sum[rr[:, :, None], cc[:, None, :]] += sums  # (owned cores never overlap)
+                self._pixels += n * h * w
+                np.add.at(self._row_pixels, rr.ravel(), f * w)
             done = self._pixels == self.width * self.height
-            self._row_pixels[r0:r0 + rows] += row_pixels
             before = self.rows_done
             while self.rows_done < self.shape[0] and self._row_pixels[self.rows_done] == self._row_need[self.rows_done]:
                 self.rows_done += 1
