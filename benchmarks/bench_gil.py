@@ -18,6 +18,10 @@ a loop) and the 1-ms interval; ``extra_info`` has the parameters.
 - test_label_pyramid_during_tiles: the same pyramid as the GPU path builds it, each level-0 tile
   row handed over with the strip it was stored from (nothing read back).
 - test_label_tiff_rows: TileSpool.iter_compressed of the pyramid's level 0 (the label TIFF writer).
+- test_tile_reads: the readers' work per 256-px tile of a flat zlib TIFF (WSSS_BENCH_GIL_READS^2,
+  default 4096, overlap 32): SlideView.read, the copy into the batch ring, and the overview
+  thumbnail's sums per tile (TileThumbnail.add, before session 14), per batch of 32
+  (add_batch, the runner's) or none.
 - test_outline_slabs: the GeoJSON's OutlineBuilder on a noisy WSSS_BENCH_GIL_OUTLINES^2 polygon
   level (default 2048, the largest the runner traces; one dominant class with thousands of
   holes, like a random-weight network's map) fed 32 rows at a time, its slabs traced on two
@@ -29,7 +33,9 @@ in one process each, three repetitions; docs/runner-measurements.md, "Twelfth se
 band writer (24 bands) 4.70-4.90 -> 0.72-0.83 s, pyramid (8192^2) 5.2-5.9 -> 2.3-2.4 s, producer
 (24 bands of 73 tiles) 2.0-2.6 -> 0.61-0.94 s, label TIFF rows (1024 tiles) 3-494 -> 1-13 ms.
 
-Session 14 (2-core VM, 2026-11-27), test_outline_slabs, 3 rounds: on threads alone 0.94-0.99 s,
+Session 14 (2-core VM, 2026-11-27), test_tile_reads (361 tiles), medians of 3: alone 0.11 s
+with no thumbnail, 0.13 s with per-tile sums, 0.14 s per batch; contended 4.34 / 9.56 / 5.50 s.
+test_outline_slabs, 3 rounds: on threads alone 0.94-0.99 s,
 contended 9.97-11.1 s; in worker processes alone 0.63-0.80 s, contended 2.05-2.07 s (the hogs
 and the two workers share 2 cores here).
 
@@ -52,6 +58,7 @@ from wsss.runner.writers import build_label_pyramid
 BANDS = int(os.environ.get("WSSS_BENCH_GIL_BANDS", "12"))
 PYRAMID = int(os.environ.get("WSSS_BENCH_GIL_PYRAMID", "4096"))
 OUTLINES = int(os.environ.get("WSSS_BENCH_GIL_OUTLINES", "2048"))
+READS = int(os.environ.get("WSSS_BENCH_GIL_READS", "4096"))
 HOGS = 3
 
 
@@ -228,3 +235,45 @@ def test_outline_slabs(benchmark, gil, noisy_level, where):
     benchmark.pedantic(run, rounds=3, iterations=1)
     benchmark.extra_info.update(gil=gil, where=where, size=n,
                                 finish_s={k: float(np.median([r[k] for r in runs])) for k in runs[0]})
+
+
+@pytest.fixture(scope="module")
+def flat_slide(tmp_path_factory):
+    from wsss.synthetic import write_synthetic_slide
+
+    path = tmp_path_factory.mktemp("reads") / "flat.tif"
+    write_synthetic_slide(str(path), READS, READS, seed=2, compression="zlib", max_levels=1)
+    return path
+
+
+@pytest.mark.parametrize("thumbnail", ["none", "per-tile", "per-batch"])
+def test_tile_reads(benchmark, gil, flat_slide, thumbnail):
+    from wsss.runner.thumbnail import TileThumbnail
+    from wsss.runner.tiling import TileGrid
+    from wsss.slide import SlideView, open_slide
+    from wsss.slide.scale import plan_scale
+
+    T, B = 256, 32
+    reader = open_slide(flat_slide)
+    view = SlideView(reader, plan_scale(reader, reader.mpp))
+    grid = TileGrid(READS, READS, T, 32)
+    ring = np.empty((B, T, T, 3), np.uint8)
+    done = []
+
+    def run():
+        thumb = TileThumbnail(READS, READS, 16, grid.xs, grid.ys) if thumbnail != "none" else None
+        for i, (x, y) in enumerate(grid.tiles):
+            ring[i % B] = view.read(x, y, T, T)
+            if thumbnail == "per-tile":
+                thumb.add(x, y, ring[i % B])
+            elif thumbnail == "per-batch" and (i % B == B - 1 or i == len(grid.tiles) - 1):
+                b = i // B * B
+                thumb.add_batch(grid.tiles[b:i + 1], ring[:i + 1 - b])
+        done.append(thumb is None or thumb.complete)
+
+    try:
+        benchmark.pedantic(run, rounds=3, iterations=1)
+    finally:
+        view.close()
+    assert done[-1]
+    benchmark.extra_info.update(gil=gil, thumbnail=thumbnail, tiles=len(grid.tiles), factor=16)
