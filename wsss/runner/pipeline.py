@@ -1029,56 +1029,60 @@ def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: li
     left = [min(size, len(tiles) - b) for b in range(0, len(tiles), size)]  # tiles of each batch still to read
     left_lock = threading.Lock()
 
-    def read(i: int, pos) -> None:
+    def read(i0: int, i1: int) -> None:
+        """Tiles [i0, i1) of one batch into its ring slot."""
         v = handles.get()
         t0 = time.perf_counter()
-        slot = ring[(i // size) % len(ring)]
-        slot[i % size] = v.read(pos[0], pos[1], tile, tile)
+        slot = ring[(i0 // size) % len(ring)]
+        for i in range(i0, i1):
+            slot[i % size] = v.read(tiles[i][0], tiles[i][1], tile, tile)
         if on_batch is not None:
             with left_lock:
-                left[i // size] -= 1
-                complete = not left[i // size]
+                left[i0 // size] -= i1 - i0
+                complete = not left[i0 // size]
             if complete:
-                b = i // size * size
-                on_batch(tiles[b:b + size], slot[:len(tiles[b:b + size])])
+                b0 = i0 // size * size
+                on_batch(tiles[b0:b0 + size], slot[:len(tiles[b0:b0 + size])])
         timer.add("read (worker time)", time.perf_counter() - t0)
 
     pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="wsss-read") \
         if options.workers > 0 else None
-    pending: deque = deque()
-    it = enumerate(grid.tiles)
+    # NB: a reader task reads a run of one batch's tiles (each batch split between the readers),
+    # not one tile: each task submitted wakes a reader, and each future the thread feeding the
+    # model waits on is a GIL hand-over on a busy host (32 of each per batch of the CUDA default)
+    run = -(-size // max(1, options.workers))
+    chunks = deque((i0, min(i0 + run, b0 + size, len(tiles)))
+                   for b0 in range(0, len(tiles), size) for i0 in range(b0, min(b0 + size, len(tiles)), run))
+    pending: deque = deque()  # (first tile, end, future or None), in order
 
     def submit_more():
-        while len(pending) < lookahead:
-            item = next(it, None)
-            if item is None:
-                return
-            pending.append((item[1], pool.submit(read, *item) if pool else None))
+        # (at most ``lookahead`` tiles read ahead of the batch handed out: the ring holds them)
+        while chunks and chunks[0][1] - (pending[0][0] if pending else chunks[0][0]) <= lookahead:
+            i0, i1 = chunks.popleft()
+            pending.append((i0, i1, pool.submit(read, i0, i1) if pool else None))
 
     try:
         submit_more()
-        number = 0
         while pending:
-            positions = []
+            b0 = pending[0][0]
+            n = min(size, len(tiles) - b0)
             t0 = time.perf_counter()
-            while pending and len(positions) < size:
-                pos, fut = pending.popleft()
+            while pending and pending[0][0] < b0 + n:
+                i0, i1, fut = pending.popleft()
                 if fut is not None:
                     fut.result()
                 else:
-                    read(number * size + len(positions), pos)
-                positions.append(pos)
+                    read(i0, i1)
             timer.add("read (waiting)", time.perf_counter() - t0)
             # NB: the read-ahead is topped up once per batch, not per tile taken: each submit
             # wakes a reader that then competes for the GIL with this loop (a stand-in GPU at
             # 3072^2: main-thread waits 0.06-0.07 -> 0.02-0.03 s, tile stage -2.5%)
             submit_more()
-            batch = ring[number % len(ring)]
-            number += 1
-            yield positions, torch.from_numpy(batch[:len(positions)]).permute(0, 3, 1, 2)
+            batch = ring[(b0 // size) % len(ring)]
+            yield list(tiles[b0:b0 + n]), torch.from_numpy(batch[:n]).permute(0, 3, 1, 2)
     finally:
         if pool is not None:
-            for _, fut in pending:
+            for _, _, fut in pending:
                 fut.cancel()
             pool.shutdown(wait=True)
 
