@@ -22,6 +22,8 @@ a loop) and the 1-ms interval; ``extra_info`` has the parameters.
   default 4096, overlap 32): SlideView.read, the copy into the batch ring, and the overview
   thumbnail's sums per tile (TileThumbnail.add, before session 14), per batch of 32
   (add_batch, the runner's) or none.
+- test_read_batches: the runner's ``_read_batches`` over the same slide (4 readers, batches of
+  32, the overview sums per batch), as the thread that feeds the model sees it.
 - test_outline_slabs: the GeoJSON's OutlineBuilder on a noisy WSSS_BENCH_GIL_OUTLINES^2 polygon
   level (default 2048, the largest the runner traces; one dominant class with thousands of
   holes, like a random-weight network's map) fed 32 rows at a time, its slabs traced on two
@@ -35,7 +37,8 @@ band writer (24 bands) 4.70-4.90 -> 0.72-0.83 s, pyramid (8192^2) 5.2-5.9 -> 2.3
 
 Session 14 (2-core VM, 2026-11-27), test_tile_reads (361 tiles), medians of 3: alone 0.11 s
 with no thumbnail, 0.13 s with per-tile sums, 0.14 s per batch; contended 4.34 / 9.56 / 5.50 s.
-test_outline_slabs, 3 rounds: on threads alone 0.94-0.99 s,
+test_read_batches: alone 0.10-0.11 s, contended 1.40-1.61 s (with one task per tile, as before,
+the same loop in a /tmp script: 0.11-0.12 / 1.88-2.09 s).  test_outline_slabs, 3 rounds: on threads alone 0.94-0.99 s,
 contended 9.97-11.1 s; in worker processes alone 0.63-0.80 s, contended 2.05-2.07 s (the hogs
 and the two workers share 2 cores here).
 
@@ -277,3 +280,35 @@ def test_tile_reads(benchmark, gil, flat_slide, thumbnail):
         view.close()
     assert done[-1]
     benchmark.extra_info.update(gil=gil, thumbnail=thumbnail, tiles=len(grid.tiles), factor=16)
+
+
+def test_read_batches(benchmark, gil, flat_slide):
+    from wsss.runner.pipeline import RunOptions, _read_batches, _StageTimer
+    from wsss.runner.thumbnail import TileThumbnail
+    from wsss.runner.tiling import TileGrid
+    from wsss.slide import SlideView, open_slide
+    from wsss.slide.scale import plan_scale
+
+    reader = open_slide(flat_slide)
+    view = SlideView(reader, plan_scale(reader, reader.mpp))
+    grid = TileGrid(READS, READS, 256, 32)
+    options = RunOptions(batch_size=32, workers=4)
+    done = []
+
+    def run():
+        thumb = TileThumbnail(READS, READS, 16, grid.xs, grid.ys)
+        views: list = []
+        try:
+            n = sum(len(positions) for positions, _ in _read_batches(
+                view, grid, options, _StageTimer(), views, lambda: None, on_batch=thumb.add_batch))
+        finally:
+            for v in views:
+                v.close()
+        done.append(n == len(grid.tiles) and thumb.complete)
+
+    try:
+        benchmark.pedantic(run, rounds=3, iterations=1)
+    finally:
+        view.close()
+    assert done[-1]
+    benchmark.extra_info.update(gil=gil, tiles=len(grid.tiles), readers=4, batch=32)
