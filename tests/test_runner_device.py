@@ -613,9 +613,10 @@ def test_read_batches_fill_a_ring_that_never_overwrites_the_batch_handed_out(wor
         def close(self):
             pass
 
-        def read(self, x, y, w, h):
+        def read(self, x, y, w, h, out):  # (the runner reads into the batch's slot)
             time.sleep(random.random() * 0.002)  # readers finish out of order
-            return tile_at(x, y)
+            out[...] = tile_at(x, y)
+            return out
 
     random.seed(workers)
     grid = TileGrid(16 * 13 - 40, 16 * 9, 16, 0)

@@ -75,6 +75,25 @@ def test_tiff_reader_regions_match_pixels(pyramid, x, y, w, h):
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("reader", ["tifffile", "openslide"])
+def test_reads_into_a_buffer_equal_plain_reads(pyramid, reader):
+    """read_region / SlideView.read with out= (the runner's batch slot, holding an earlier
+    tile's pixels) write and return exactly what a plain read returns: white outside the level."""
+    path, _ = pyramid
+    with open_slide(path, reader=reader) as r:
+        buf = np.zeros((4, 40, 40, 3), np.uint8)
+        for k, (x, y) in enumerate([(0, 0), (150, 190), (-10, -3), (60, 70)]):
+            buf[k] = 7  # (stale pixels)
+            got = r.read_region(0, x, y, 40, 40, out=buf[k])
+            assert got is buf[k] or np.shares_memory(got, buf[k])
+            np.testing.assert_array_equal(buf[k], r.read_region(0, x, y, 40, 40))
+        for mpp in (0.5, 1.5):  # a level read as it is, and one resampled
+            v = SlideView(r, plan_scale(r, mpp))
+            buf[0] = 7
+            v.read(5, 9, 40, 40, out=buf[0])
+            np.testing.assert_array_equal(buf[0], v.read(5, 9, 40, 40))
+
+
 @pytest.mark.parametrize("rows_per_strip", [None, 1000, 7])
 def test_large_uncompressed_strips_are_read_in_bands(tmp_path, rows_per_strip):
     """A flat image in one (PIL's way) or a few large uncompressed strips: read in bands of rows,

@@ -1035,7 +1035,7 @@ def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: li
         t0 = time.perf_counter()
         slot = ring[(i0 // size) % len(ring)]
         for i in range(i0, i1):
-            slot[i % size] = v.read(tiles[i][0], tiles[i][1], tile, tile)
+            v.read(tiles[i][0], tiles[i][1], tile, tile, out=slot[i % size])
         if on_batch is not None:
             with left_lock:
                 left[i0 // size] -= i1 - i0

@@ -108,8 +108,10 @@ class SlideReader:
         }
 
     # -- reading ----------------------------------------------------------------------
-    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """uint8 [height, width, 3] RGB of ``level`` starting at (x, y); outside the level is white."""
+    def read_region(self, level: int, x: int, y: int, width: int, height: int,
+                    out: Optional[np.ndarray] = None) -> np.ndarray:
+        """uint8 [height, width, 3] RGB of ``level`` starting at (x, y); outside the level is white.
+        out: such an array to write it into (and return), e.g. a slot of a batch buffer."""
         raise NotImplementedError
 
     def reopen(self) -> "SlideReader":
@@ -183,7 +185,8 @@ class OpenSlideReader(SlideReader):
         """A new handle on the same file (for another thread) that shares this one's tile cache."""
         return type(self)(self.path, mpp_override=self.mpp_override, _shared_cache=self.cache)
 
-    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_region(self, level: int, x: int, y: int, width: int, height: int,
+                    out: Optional[np.ndarray] = None) -> np.ndarray:
         import openslide
 
         self._check_level(level)
@@ -194,7 +197,10 @@ class OpenSlideReader(SlideReader):
         except openslide.OpenSlideError as e:
             raise SlideError(f"{self.path}: cannot read level {level} region x={x} y={y} "
                              f"{width}x{height} (corrupt tile?): {e}") from None
-        return _rgba_on_white(rgba)
+        if out is None:
+            return _rgba_on_white(rgba)
+        out[...] = _rgba_on_white(rgba)
+        return out
 
     def describe(self) -> dict:
         d = super().describe()
@@ -446,13 +452,20 @@ class TiffSlideReader(SlideReader):
             raise SlideError(f"{self.path}: level {level} tile {index} cannot be decoded (corrupt tile?)")
         return np.asarray(decoded).reshape(decoded.shape[-3], decoded.shape[-2], -1)
 
-    def read_region(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read_region(self, level: int, x: int, y: int, width: int, height: int,
+                    out: Optional[np.ndarray] = None) -> np.ndarray:
         self._check_level(level)
         x, y, width, height = int(x), int(y), int(width), int(height)
-        out = np.full((height, width, 3), 255, np.uint8)
         lw, lh = self.level_dimensions[level]
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, lw), min(y + height, lh)
+        # NB: written straight into ``out`` where given (a reader's batch slot: one copy per
+        # chunk and no other, each copy giving up the GIL on a busy host); white only where the
+        # region leaves the level
+        if out is None:
+            out = np.full((height, width, 3), 255, np.uint8)
+        elif (x0, y0, x1, y1) != (x, y, x + width, y + height):
+            out[...] = 255
         if x0 >= x1 or y0 >= y1:
             return out
         ch, cw = self._chunk_shape(level)

@@ -94,10 +94,11 @@ class SlideView:
     def close(self) -> None:
         self.reader.close()
 
-    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def read(self, x: int, y: int, width: int, height: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """uint8 [height, width, 3] of the view at (x, y) (into ``out`` where given)."""
         plan = self.plan
         if not plan.resampled:
-            return self.reader.read_region(plan.level, x, y, width, height)
+            return self.reader.read_region(plan.level, x, y, width, height, out=out)
         from PIL import Image
 
         s = plan.scale
@@ -108,9 +109,12 @@ class SlideView:
         rx1, ry1 = int(math.ceil(sx1)) + margin, int(math.ceil(sy1)) + margin
         src = self.reader.read_region(plan.level, rx0, ry0, rx1 - rx0, ry1 - ry0)
         img = Image.fromarray(src)
-        out = img.resize((int(width), int(height)), resample=Image.BILINEAR,
+        resized = img.resize((int(width), int(height)), resample=Image.BILINEAR,
                          box=(sx0 - rx0, sy0 - ry0, sx1 - rx0, sy1 - ry0))
-        return np.asarray(out)
+        if out is None:
+            return np.asarray(resized)
+        out[...] = np.asarray(resized)
+        return out
 
     def thumbnail_size(self, factor: float) -> tuple:
         """(width, height) of ``read_downsampled(factor)``."""
