@@ -363,6 +363,51 @@ def test_outline_workers_load_no_torch_and_end_with_their_parent():
     assert w.proc.wait(timeout=30) == 0
 
 
+FORK_PROBE = """
+import os, sys
+import numpy as np
+from wsss.runner import outlines
+
+def trace():
+    b = outlines.OutlineBuilder(20, 20, [1], processes=1, output="geojson")
+    b.add(np.ones((20, 20), np.uint8))
+    return b.finish()[1] is not None
+
+outlines._WORKERS.reserve(1)
+parent = {w.proc.pid for w in outlines._WORKERS._idle}
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.write(w, b"%d%d" % (bool(outlines._WORKERS._idle), trace()))
+    finally:
+        os._exit(0)
+os.close(w)
+child = os.read(r, 2)
+os.waitpid(pid, 0)
+print(child.decode(), {w.proc.pid for w in outlines._WORKERS._idle} == parent, trace())
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_outline_workers_of_its_own():
+    """Workers talk through pipes: a forked child that used its parent's would garble their
+    messages.  The child forgets them and starts its own; the parent's stay usable.  (In a
+    fresh interpreter: forking pytest's threads could deadlock the child.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import wsss
+
+    root = str(Path(wsss.__file__).resolve().parents[1])  # (the wsss these tests import)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    out = subprocess.run([sys.executable, "-c", FORK_PROBE], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["01", "True", "True"]  # (child: forgotten, traced; parent: kept, traced)
+
+
 def test_a_dead_outline_worker_is_replaced_by_the_thread(fresh_workers):
     """A worker that dies (killed, out of memory) costs nothing but speed: its slab and the
     rest are traced on the threads, with the same result."""

@@ -792,8 +792,12 @@ class _Worker:
     def __init__(self) -> None:
         if not sys.executable:
             raise OSError("no Python executable to start a worker with")
+        # NB: this process's sys.path, as multiprocessing's spawn passes it: numpy, contourpy and
+        # shapely are found where they were found here, also when a program added their folder
+        path = os.pathsep.join(p for p in sys.path if isinstance(p, str) and p)
         self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, os.path.abspath(__file__)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=dict(os.environ, PYTHONPATH=path))
 
     def call(self, what: str, settings: Optional[tuple], args: tuple):
         """A slab traced (what="slab") or joined regions' text ("geojson") in the worker;
@@ -880,8 +884,16 @@ class _Workers:
             w.close()
 
 
+    def forget(self) -> None:
+        """In a forked child: the workers are the parent's (their pipes too), never this one's."""
+        self._idle = []
+        self._lock = threading.Lock()
+
+
 _WORKERS = _Workers()
 atexit.register(_WORKERS.shutdown)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _WORKERS.forget())
 
 
 def trace_outlines(labels: np.ndarray, classes: Sequence[int], *, slab_rows: int = SLAB_ROWS,
