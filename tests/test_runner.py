@@ -1010,3 +1010,17 @@ def test_output_tiles_assemble_any_pieces_exactly(tmp_path, channels, order):
     assert sorted(stored) == sorted(map(tuple, np.argwhere(expected > 0))) and not out.strips
     np.testing.assert_array_equal(spool.read_all(), want)
     spool.close()
+
+
+def test_tuning_variables_that_are_not_numbers_warn_and_keep_the_default(monkeypatch):
+    from wsss.runner.pipeline import _env_number
+
+    monkeypatch.setenv("WSSS_TEST_TUNING", "3")
+    assert _env_number("WSSS_TEST_TUNING", 2) == 3
+    monkeypatch.setenv("WSSS_TEST_TUNING", "0.005")
+    assert _env_number("WSSS_TEST_TUNING", 0.001, float) == 0.005
+    monkeypatch.setenv("WSSS_TEST_TUNING", "four")
+    with pytest.warns(UserWarning, match="WSSS_TEST_TUNING='four' is not a whole number; using 2"):
+        assert _env_number("WSSS_TEST_TUNING", 2) == 2
+    monkeypatch.delenv("WSSS_TEST_TUNING")
+    assert _env_number("WSSS_TEST_TUNING", 2) == 2

@@ -47,12 +47,30 @@ __all__ = ["SlideModel", "PendingProbabilities", "RunOptions", "resolve_precisio
            "RUN_FORMAT_VERSION"]
 
 RUN_FORMAT_VERSION = 1
+
+
+def _env_number(name: str, default, kind=int):
+    """A tuning variable's value (docs/runner.md), or ``default`` with a warning naming it when it
+    is not a number: a typo in an A/B measurement must not stop every run at import."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        import warnings
+
+        warnings.warn(f"{name}={value!r} is not a {'whole ' if kind is int else ''}number; using {default}",
+                      stacklevel=2)
+        return default
+
+
 # NB: the early path's outline slabs are traced in worker processes, off this process's GIL:
 # on threads, beside the GIL-bound work of feeding a GPU, they fell behind (an H200 run at
 # 32768^2 still had 1.05 s of GeoJSON after the last tile; two threads beside three GIL-holding
 # ones took 11.7 s for a noisy 2048^2 map that takes 0.9 s alone, two processes 1.9 s on 2 cores).
 # WSSS_OUTLINE_PROCESSES=0 traces them on two threads instead (for A/B measurements)
-OUTLINE_PROCESSES = max(0, int(os.environ.get("WSSS_OUTLINE_PROCESSES", min(4, max(1, (os.cpu_count() or 2) // 4)))))
+OUTLINE_PROCESSES = max(0, _env_number("WSSS_OUTLINE_PROCESSES", min(4, max(1, (os.cpu_count() or 2) // 4))))
 OUTPUT_FILES = ("labels.tiff", "overlay.png", "tissue_qc.png", "areas.json", "areas.csv", "polygons.geojson")
 OPTIONAL_OUTPUT_FILES = ("probs.tiff",)  # (--probs)
 
@@ -434,7 +452,7 @@ def run_slide(slide, model: SlideModel, out_dir, options: Optional[RunOptions] =
 # Only for models on CUDA: on this 2-core CPU machine an A/B (2048^2, demo model) was within
 # its noise, and CPU runs keep the interpreter's setting.  WSSS_SWITCH_INTERVAL (seconds; 0:
 # leave it alone) overrides the value.
-SWITCH_INTERVAL_S = float(os.environ.get("WSSS_SWITCH_INTERVAL", "0.001"))
+SWITCH_INTERVAL_S = _env_number("WSSS_SWITCH_INTERVAL", 0.001, float)
 _switch_lock = threading.Lock()
 _switch_state = {"depth": 0, "saved": None}
 
@@ -1176,7 +1194,7 @@ def _predict_and_stitch(batches, tile: int, model: SlideModel, options: RunOptio
 
 # batches the device-blending loop queues before it waits for the oldest (see below);
 # WSSS_DEVICE_BATCHES_AHEAD overrides it (A/B measurements)
-DEVICE_BATCHES_AHEAD = max(1, int(os.environ.get("WSSS_DEVICE_BATCHES_AHEAD", "2")))
+DEVICE_BATCHES_AHEAD = max(1, _env_number("WSSS_DEVICE_BATCHES_AHEAD", 2))
 
 
 def _predict_and_stitch_on_device(batches, tile: int, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher,
