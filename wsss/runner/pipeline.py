@@ -1060,7 +1060,8 @@ def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: li
                 complete = not left[i0 // size]
             if complete:
                 b0 = i0 // size * size
-                on_batch(tiles[b0:b0 + size], slot[:len(tiles[b0:b0 + size])])
+                batch = tiles[b0:b0 + size]
+                on_batch(batch, slot[:len(batch)])
         timer.add("read (worker time)", time.perf_counter() - t0)
 
     pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="wsss-read") \

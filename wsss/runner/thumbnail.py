@@ -10,6 +10,7 @@ wait for the model most of the time.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -66,10 +67,7 @@ class TileThumbnail:
                    if x % f == 0 and y % f == 0 and w % f == 0 and h % f == 0]
         group = None
         if len(aligned) > 1:
-            counts: dict = {}
-            for j in aligned:
-                counts[cores[j]] = counts.get(cores[j], 0) + 1
-            w, h = max(counts, key=counts.get)
+            w, h = Counter(cores[j] for j in aligned).most_common(1)[0][0]
             members = [j for j in aligned if cores[j] == (w, h)]
             j0 = members[0]
             block = tiles[j0:members[-1] + 1, :h, :w]  # (usually the batch but its last tile or two)
