@@ -314,7 +314,9 @@ def fresh_workers(monkeypatch):
     """A pool of outline worker processes of the test's own, ended after it."""
     from wsss.runner import outlines
 
-    workers = outlines._Workers()
+    from wsss.runner.workers import WorkerPool
+
+    workers = WorkerPool(outlines.__name__)
     monkeypatch.setattr(outlines, "_WORKERS", workers)
     yield workers
     workers.shutdown()
@@ -348,17 +350,19 @@ def test_outlines_traced_in_worker_processes_are_the_same(fresh_workers, output)
 
 
 def test_outline_workers_load_no_torch_and_end_with_their_parent():
-    """A worker loads outlines.py on its own (importing wsss would import torch), and ends when
-    its stdin closes, as when the process that started it ends."""
+    """A worker loads outlines.py without wsss's __init__ (which would import torch), and ends
+    when its stdin closes, as when the process that started it ends."""
     import subprocess
     import sys
 
-    from wsss.runner import outlines
+    from wsss.runner import outlines, workers
 
-    probe = outlines._BOOT.replace("m._serve()", "print(sorted(n for n in ('torch', 'wsss') if n in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe, outlines.__file__], capture_output=True, text=True, check=True)
+    heavy = "[n for n in sys.modules if n in ('torch', 'wsss.ops', 'wsss.runner.pipeline') or n.startswith('torch.')]"
+    probe = workers._BOOT.replace("._serve()", f" and print({heavy})")
+    out = subprocess.run([sys.executable, "-c", probe, workers._ROOT, outlines.__name__],
+                         capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    w = outlines._Worker()
+    w = workers.Worker(outlines.__name__)
     w.proc.stdin.close()
     assert w.proc.wait(timeout=30) == 0
 
@@ -430,8 +434,8 @@ def test_a_slab_that_fails_in_a_worker_raises_its_traceback(fresh_workers):
     from wsss.runner.outlines import OutlineBuilder
 
     b = OutlineBuilder(10, 10, [1], processes=1)
-    with pytest.raises(RuntimeError, match="slab failed in a worker process(.|\n)*TypeError"):
-        fresh_workers.run("slab", b._settings, (np.zeros((2, 10), np.uint8),), fallback=b._slab)  # (arguments missing)
+    with pytest.raises(RuntimeError, match="outlines: a task failed in a worker process(.|\n)*TypeError"):
+        fresh_workers.run(("slab", b._settings, (np.zeros((2, 10), np.uint8),)), fallback=None)  # (arguments missing)
     assert len(fresh_workers._idle) == 1 and not fresh_workers.broken  # (it answered: kept)
     b.close()
 

@@ -42,33 +42,26 @@ depends on where the slabs are cut (chain ends stay where they are) but not on t
 the worker processes or on how the rows arrive: the runner cuts at the label pyramid's tile
 rows either way.
 
-Worker processes (``processes=N``): the slabs are traced in N child Python processes, this file
-loaded there on its own (numpy, contourpy and shapely; no torch, no wsss package), so that
-tracing takes no share of this process's GIL.  What the runner does while the tiles run on a
-GPU is GIL-bound (the thread feeding the model, the readers, the band writer), and a slab's
-many small numpy and GEOS calls each wait for the GIL again: with three GIL-holding threads at
-a 1-ms switch interval, a noisy 2048^2 map took 11.7 s to trace on two threads against 0.9 s
-alone.  The processes are shared by the builders of a process (a slide's slabs and the next
-slide's), started on demand and kept idle until this process exits (they end when it does:
-their stdin closes).  A worker that cannot be started or dies is replaced by tracing on the
-thread (the same result).
+Worker processes (``processes=N``, ``workers.py``): the slabs are traced in N child Python
+processes (numpy, contourpy and shapely; no torch), so that tracing takes no share of this
+process's GIL: with three GIL-holding threads at a 1-ms switch interval, a noisy 2048^2 map
+took 11.7 s to trace on two threads against 0.9 s alone.  The processes are shared by the
+builders of a process (a slide's slabs and the next slide's), started on demand and kept idle
+until this process exits.  A worker that cannot be started or dies is replaced by tracing on
+the thread (the same result).
 """
 from __future__ import annotations
 
-import atexit
 import os
-import pickle
-import struct
-import subprocess
-import sys
 import threading
 import time
-import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from wsss.runner.workers import WorkerPool, serve
 
 __all__ = ["OutlineBuilder", "trace_outlines", "SLAB_ROWS"]
 
@@ -432,14 +425,16 @@ class OutlineBuilder:
             self._slabs[k].append(self._pool.submit(task, z, k, top, top_cut, bottom_cut))
 
     def _slab_in_worker(self, *args) -> _Slab:
-        return _WORKERS.run("slab", self._settings, args, fallback=self._slab)
+        out = _WORKERS.run(("slab", self._settings, args), fallback=lambda: self._slab(*args))
+        return out if isinstance(out, _Slab) else _Slab(**out)
 
     def _geojson(self, xy: np.ndarray, counts: np.ndarray, per_poly: np.ndarray) -> str:
         """_geojson_polygons, in a worker process where there are (the joined regions' text is
         most of a join; there it needs no GIL of this process, nor shapely imported here)."""
         if not self.processes:
             return _geojson_polygons(xy, counts, per_poly)
-        return _WORKERS.run("geojson", None, (xy, counts, per_poly), fallback=_geojson_polygons)
+        return _WORKERS.run(("geojson", None, (xy, counts, per_poly)),
+                            fallback=lambda: _geojson_polygons(xy, counts, per_poly))
 
     # -- one slab ------------------------------------------------------------------------
     def _key(self, xy: np.ndarray) -> np.ndarray:
@@ -720,180 +715,30 @@ class OutlineBuilder:
         return bad
 
 
-# -- worker processes ----------------------------------------------------------------------
-# NB: `python -c _BOOT <this file>` loads this file as a module of its own name, not as part of
-# its package: importing wsss would import torch (~1 s and ~300 MB per worker)
-_BOOT = ("import importlib.util, sys; "
-         "spec = importlib.util.spec_from_file_location('_wsss_outline_worker', sys.argv[1]); "
-         "m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m; "
-         "spec.loader.exec_module(m); m._serve()")
-_FRAME = struct.Struct("<Q")  # each message: its length, then its pickle
+# -- worker processes (see workers.py) ----------------------------------------------------
+_BUILDERS: Dict[tuple, OutlineBuilder] = {}  # (in a worker: one builder per settings)
 
 
-def _send(stream, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_FRAME.pack(len(data)))
-    stream.write(data)
-    stream.flush()
-
-
-def _receive(stream):
-    """The next message; EOFError when the other end has gone."""
-    head = stream.read(_FRAME.size)
-    if len(head) < _FRAME.size:
-        raise EOFError
-    (n,) = _FRAME.unpack(head)
-    data = stream.read(n)
-    if len(data) < n:
-        raise EOFError
-    return pickle.loads(data)
+def _handle(what: str, settings: Optional[tuple], args: tuple):
+    """A worker's task: a slab's fields (what="slab") or joined regions' GeoJSON text ("geojson")."""
+    if what == "geojson":
+        return _geojson_polygons(*args)
+    if settings not in _BUILDERS:
+        if len(_BUILDERS) >= 16:
+            _BUILDERS.clear()
+        _BUILDERS[settings] = OutlineBuilder(**dict(settings))
+    slab = _BUILDERS[settings]._slab(*args)
+    return {f.name: getattr(slab, f.name) for f in fields(slab)}
 
 
 def _serve() -> None:
-    """A worker process: (what, builder settings, arguments) in, until its stdin closes; out a
-    slab's fields (what="slab") or joined regions' GeoJSON text ("geojson"), or the traceback of
-    what failed."""
-    import signal
-
-    # NB: Ctrl-C reaches the whole process group; the parent ends its workers by closing their stdin
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # (a stray print must not break the messages)
     import contourpy  # noqa: F401  (imported while the first rows arrive)
     import shapely  # noqa: F401
 
-    builders: Dict[tuple, OutlineBuilder] = {}
-    while True:
-        try:
-            what, settings, args = _receive(stdin)
-        except EOFError:
-            return
-        try:
-            if what == "geojson":
-                reply = (True, _geojson_polygons(*args))
-            else:
-                if settings not in builders:
-                    if len(builders) >= 16:
-                        builders.clear()
-                    builders[settings] = OutlineBuilder(**dict(settings))
-                slab = builders[settings]._slab(*args)
-                reply = (True, {f.name: getattr(slab, f.name) for f in fields(slab)})
-        except Exception:
-            reply = (False, traceback.format_exc())
-        try:
-            _send(stdout, reply)
-        except (BrokenPipeError, OSError):  # the parent has gone
-            return
+    serve(_handle)
 
 
-class _Worker:
-    """One worker process (see the module docstring)."""
-
-    def __init__(self) -> None:
-        if not sys.executable:
-            raise OSError("no Python executable to start a worker with")
-        # NB: this process's sys.path, as multiprocessing's spawn passes it: numpy, contourpy and
-        # shapely are found where they were found here, also when a program added their folder
-        path = os.pathsep.join(p for p in sys.path if isinstance(p, str) and p)
-        self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, os.path.abspath(__file__)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     env=dict(os.environ, PYTHONPATH=path))
-
-    def call(self, what: str, settings: Optional[tuple], args: tuple):
-        """A slab traced (what="slab") or joined regions' text ("geojson") in the worker;
-        EOFError or OSError when the worker is gone."""
-        _send(self.proc.stdin, (what, settings, args))
-        ok, value = _receive(self.proc.stdout)
-        if not ok:
-            raise RuntimeError(f"outlines: {what} failed in a worker process:\n{value}")
-        return _Slab(**value) if what == "slab" else value
-
-    def close(self) -> None:
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-class _Workers:
-    """This process's worker processes: started on demand, idle ones kept for the next slab."""
-
-    MAX_IDLE = 8
-
-    def __init__(self) -> None:
-        self._idle: List[_Worker] = []
-        self._lock = threading.Lock()
-        self.broken = False  # a worker could not be started or died: slabs on the threads from then on
-
-    def reserve(self, n: int) -> None:
-        """Start workers until n are idle (they import their modules meanwhile)."""
-        with self._lock:
-            while not self.broken and len(self._idle) < min(n, self.MAX_IDLE):
-                try:
-                    self._idle.append(_Worker())
-                except OSError:
-                    self.broken = True
-
-    def run(self, what: str, settings: Optional[tuple], args: tuple, fallback):
-        """``what`` done by an idle worker (or a new one), by ``fallback(*args)`` on this thread
-        where none can do it (see _Worker.call)."""
-        worker = None
-        with self._lock:
-            if not self.broken:
-                worker = self._idle.pop() if self._idle else None
-        if worker is None and not self.broken:
-            try:
-                worker = _Worker()
-            except OSError:
-                self.broken = True
-        if worker is None:
-            return fallback(*args)
-        try:
-            result = worker.call(what, settings, args)
-        except (EOFError, OSError):
-            self.broken = True
-            worker.close()
-            return fallback(*args)
-        except RuntimeError:  # (the slab failed; the worker answered and goes on)
-            self._release(worker)
-            raise
-        except BaseException:  # (interrupted between question and answer: not reusable)
-            worker.close()
-            raise
-        self._release(worker)
-        return result
-
-    def _release(self, worker: _Worker) -> None:
-        with self._lock:
-            if len(self._idle) < self.MAX_IDLE and not self.broken:
-                self._idle.append(worker)
-                return
-        worker.close()
-
-    def shutdown(self) -> None:
-        """End the idle workers (at exit; a busy one ends when this process does)."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for w in idle:
-            w.close()
-
-
-    def forget(self) -> None:
-        """In a forked child: the workers are the parent's (their pipes too), never this one's."""
-        self._idle = []
-        self._lock = threading.Lock()
-
-
-_WORKERS = _Workers()
-atexit.register(_WORKERS.shutdown)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: _WORKERS.forget())
+_WORKERS = WorkerPool(__name__)
 
 
 def trace_outlines(labels: np.ndarray, classes: Sequence[int], *, slab_rows: int = SLAB_ROWS,
