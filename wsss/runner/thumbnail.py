@@ -15,54 +15,35 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["TileThumbnail"]
+__all__ = ["TileBlocks", "TileThumbnail"]
 
 
-class TileThumbnail:
-    """Box mean of a ``width`` x ``height`` view over ``factor`` x ``factor`` blocks (partial
-    blocks at the right and bottom edges: the label pyramid's grid, so each thumbnail pixel
-    sits exactly on its overview-level label), from tiles at the grid's positions.
-
-    Each view pixel is counted once: the tile starting at ``xs[i]`` owns columns
-    ``[xs[i], xs[i + 1])`` (the last one up to ``width``), rows likewise.  ``add`` is
-    thread-safe; ``image`` returns None until every pixel has been added.
-    """
+class TileBlocks:
+    """Block sums of tiles' cores on a thumbnail's grid: the part of TileThumbnail a reader does
+    (in a reader thread or a reader process: ``settings`` rebuilds it there).  See TileThumbnail."""
 
     def __init__(self, width: int, height: int, factor: int, xs: Sequence[int], ys: Sequence[int]) -> None:
         if factor < 1:
             raise ValueError(f"factor must be >= 1, got {factor}")
         self.width, self.height, self.factor = int(width), int(height), int(factor)
-        self.shape = (-(-self.height // self.factor), -(-self.width // self.factor))
-        # NB: uint32 holds factor^2 x 255 for factors up to 4096
-        self._sum = np.zeros(self.shape + (3,), np.uint32)
-        self._x_end = dict(zip(xs, list(xs[1:]) + [self.width]))
-        self._y_end = dict(zip(ys, list(ys[1:]) + [self.height]))
-        self._pixels = 0
-        rows = np.minimum(self.factor, self.height - np.arange(self.shape[0]) * self.factor)
-        self._row_need = rows * self.width  # view pixels per thumbnail row
-        self._row_pixels = np.zeros(self.shape[0], np.int64)  # ... added so far
-        self.rows_done = 0  # leading thumbnail rows complete
-        self._lock = threading.Lock()
-        self.on_complete: Optional[Callable[[], None]] = None  # called by the add that completes it
-        self.on_rows: Optional[Callable[[], None]] = None  # called by an add that makes rows_done grow
+        self.settings = (self.width, self.height, self.factor, tuple(int(x) for x in xs), tuple(int(y) for y in ys))
+        self.x_end = dict(zip(xs, list(xs[1:]) + [self.width]))
+        self.y_end = dict(zip(ys, list(ys[1:]) + [self.height]))
 
-    def add(self, x: int, y: int, tile: np.ndarray) -> None:
-        """uint8 [>= core h, >= core w, 3] pixels of the tile at grid position (x, y)."""
-        self._accumulate([(x, y, self._tile_sums(x, y, tile))])
-
-    def add_batch(self, positions, tiles: np.ndarray) -> None:
-        """``add`` for a batch: uint8 [n, >= core h, >= core w, 3] tiles at grid positions
-        ``positions``, in a few numpy calls.  The tiles whose core has the batch's commonest
-        size and starts and ends on block edges (all but a slide's last column and row, when the
-        factor divides the grid's stride) are summed in two reductions over the whole batch.
+    def batch_sums(self, positions, tiles: np.ndarray):
+        """(parts, group) for ``TileThumbnail.add_sums`` of uint8 [n, >= core h, >= core w, 3]
+        tiles at grid positions ``positions``, in a few numpy calls.  The tiles whose core has
+        the batch's commonest size and starts and ends on block edges (all but a slide's last
+        column and row, when the factor divides the grid's stride) are summed in two reductions
+        over the whole batch (``group``); the others tile by tile (``parts``).
 
         NB: on a GPU host the readers share the GIL with a dozen threads, and each numpy call
-        that gives it up waits to take it back: ``add`` makes 2 to 2f such calls per tile, more
-        than reading the tile (beside one GIL-holding thread at a 1-ms interval, 4.7 against
-        2.1 ms per 256-px tile read with and without it, at f = 16)."""
+        that gives it up waits to take it back: summing tile by tile makes 2 to 2f such calls
+        per tile, more than reading the tile (beside one GIL-holding thread at a 1-ms interval,
+        4.7 against 2.1 ms per 256-px tile read with and without it, at f = 16)."""
         f = self.factor
         positions = [(int(x), int(y)) for x, y in positions]
-        cores = [(self._x_end[x] - x, self._y_end[y] - y) for x, y in positions]
+        cores = [(self.x_end[x] - x, self.y_end[y] - y) for x, y in positions]
         aligned = [j for j, ((x, y), (w, h)) in enumerate(zip(positions, cores))
                    if x % f == 0 and y % f == 0 and w % f == 0 and h % f == 0]
         group = None
@@ -79,12 +60,12 @@ class TileThumbnail:
             rest = sorted(set(range(len(positions))) - set(members))
         else:
             rest = range(len(positions))
-        self._accumulate([(*positions[j], self._tile_sums(*positions[j], tiles[j])) for j in rest], group)
+        return [(*positions[j], self.tile_sums(*positions[j], tiles[j])) for j in rest], group
 
-    def _tile_sums(self, x: int, y: int, tile: np.ndarray) -> np.ndarray:
+    def tile_sums(self, x: int, y: int, tile: np.ndarray) -> np.ndarray:
         """Block sums [rows, cols, 3] of the core of the tile at (x, y), on the thumbnail's grid."""
         f = self.factor
-        x1, y1 = self._x_end[x], self._y_end[y]
+        x1, y1 = self.x_end[x], self.y_end[y]
         h, w = y1 - y, x1 - x
         oy, ox = y % f, x % f
         rows, cols = -(-(oy + h) // f), -(-(ox + w) // f)
@@ -113,15 +94,51 @@ class TileThumbnail:
             sums = np.add.reduceat(np.add.reduceat(tile[:h, :w], cuts_y, axis=0, dtype=np.uint32), cuts_x, axis=1)
         return sums
 
-    def _accumulate(self, parts, group=None) -> None:
+
+class TileThumbnail:
+    """Box mean of a ``width`` x ``height`` view over ``factor`` x ``factor`` blocks (partial
+    blocks at the right and bottom edges: the label pyramid's grid, so each thumbnail pixel
+    sits exactly on its overview-level label), from tiles at the grid's positions.
+
+    Each view pixel is counted once: the tile starting at ``xs[i]`` owns columns
+    ``[xs[i], xs[i + 1])`` (the last one up to ``width``), rows likewise.  ``add``,
+    ``add_batch`` and ``add_sums`` are thread-safe; ``image`` returns None until every pixel
+    has been added.
+    """
+
+    def __init__(self, width: int, height: int, factor: int, xs: Sequence[int], ys: Sequence[int]) -> None:
+        self.blocks = TileBlocks(width, height, factor, xs, ys)
+        self.width, self.height, self.factor = self.blocks.width, self.blocks.height, self.blocks.factor
+        self.shape = (-(-self.height // self.factor), -(-self.width // self.factor))
+        # NB: uint32 holds factor^2 x 255 for factors up to 4096
+        self._sum = np.zeros(self.shape + (3,), np.uint32)
+        self._pixels = 0
+        rows = np.minimum(self.factor, self.height - np.arange(self.shape[0]) * self.factor)
+        self._row_need = rows * self.width  # view pixels per thumbnail row
+        self._row_pixels = np.zeros(self.shape[0], np.int64)  # ... added so far
+        self.rows_done = 0  # leading thumbnail rows complete
+        self._lock = threading.Lock()
+        self.on_complete: Optional[Callable[[], None]] = None  # called by the add that completes it
+        self.on_rows: Optional[Callable[[], None]] = None  # called by an add that makes rows_done grow
+
+    def add(self, x: int, y: int, tile: np.ndarray) -> None:
+        """uint8 [>= core h, >= core w, 3] pixels of the tile at grid position (x, y)."""
+        self.add_sums([(x, y, self.blocks.tile_sums(x, y, tile))])
+
+    def add_batch(self, positions, tiles: np.ndarray) -> None:
+        """``add`` for a batch: uint8 [n, >= core h, >= core w, 3] tiles at grid positions
+        ``positions`` (see TileBlocks.batch_sums)."""
+        self.add_sums(*self.blocks.batch_sums(positions, tiles))
+
+    def add_sums(self, parts, group=None) -> None:
         """Add [(x, y, block sums of the tile's core)], and ``group`` = ((x, y) [n, 2], sums
         [n, rows, cols, 3], core w, core h) of tiles whose cores start and end on block edges,
-        to the canvas and the row counts."""
+        to the canvas and the row counts (``TileBlocks.batch_sums``' result)."""
         f = self.factor
         grew = done = False
         with self._lock:
             for x, y, sums in parts:
-                x1, y1 = self._x_end[x], self._y_end[y]
+                x1, y1 = self.blocks.x_end[x], self.blocks.y_end[y]
                 h, w = y1 - y, x1 - x
                 r0, c0 = y // f, x // f
                 rows, cols = sums.shape[:2]
