@@ -23,7 +23,8 @@ a loop) and the 1-ms interval; ``extra_info`` has the parameters.
   thumbnail's sums per tile (TileThumbnail.add, before session 14), per batch of 32
   (add_batch, the runner's) or none.
 - test_read_batches: the runner's ``_read_batches`` over the same slide (4 readers, batches of
-  32, the overview sums per batch), as the thread that feeds the model sees it.
+  32, the overview sums), as the thread that feeds the model sees it, with reader threads or
+  reader processes (the GPU path's, read_workers.py); also beside "held" GIL holders (below).
 - test_outline_slabs: the GeoJSON's OutlineBuilder on a noisy WSSS_BENCH_GIL_OUTLINES^2 polygon
   level (default 2048, the largest the runner traces; one dominant class with thousands of
   holes, like a random-weight network's map) fed 32 rows at a time, its slabs traced on two
@@ -41,6 +42,10 @@ test_read_batches: alone 0.10-0.11 s, contended 1.40-1.61 s (with one task per t
 the same loop in a /tmp script: 0.11-0.12 / 1.88-2.09 s).  test_outline_slabs, 3 rounds: on threads alone 0.94-0.99 s,
 contended 9.97-11.1 s; in worker processes alone 0.63-0.80 s, contended 2.05-2.07 s (the hogs
 and the two workers share 2 cores here).
+
+Session 15 (2-core VM, 2026-11-27), test_read_batches, medians of 3 (threads / processes):
+alone 0.09 / 0.17 s (the processes' first-touch of a new ring, per-process tile caches, and 4
+processes on 2 cores), contended 0.94 / 0.41 s, held 0.94 / 0.27 s.
 
 Run: pytest benchmarks/bench_gil.py --benchmark-only   (CI: --benchmark-disable)
 """
@@ -67,12 +72,22 @@ HOGS = 3
 
 @pytest.fixture(params=["alone", "contended"])
 def gil(request):
-    """Nothing, or HOGS threads that hold the GIL, under a 1-ms switch interval."""
+    """Nothing, or HOGS threads that hold the GIL, under a 1-ms switch interval: "contended",
+    pure Python plus a small numpy call in a loop (a core each, so on this 2-core VM they also
+    take the CPU); "held" (tests that ask for it), a C call that sleeps 0.5 ms holding the GIL
+    (a host with cores to spare, as a GPU host has: only the GIL is contended)."""
     stop = threading.Event()
+    if request.param == "held":
+        import ctypes
+
+        usleep = ctypes.PyDLL(None).usleep  # (PyDLL: the call keeps the GIL)
 
     def hog():
         x = np.zeros(16)
         while not stop.is_set():
+            if request.param == "held":
+                usleep(500)
+                continue
             s = 0
             for i in range(200):
                 s += i
@@ -80,7 +95,7 @@ def gil(request):
 
     saved = sys.getswitchinterval()
     sys.setswitchinterval(0.001)
-    threads = [threading.Thread(target=hog, daemon=True) for _ in range(HOGS if request.param == "contended" else 0)]
+    threads = [threading.Thread(target=hog, daemon=True) for _ in range(0 if request.param == "alone" else HOGS)]
     for t in threads:
         t.start()
     try:
@@ -282,7 +297,10 @@ def test_tile_reads(benchmark, gil, flat_slide, thumbnail):
     benchmark.extra_info.update(gil=gil, thumbnail=thumbnail, tiles=len(grid.tiles), factor=16)
 
 
-def test_read_batches(benchmark, gil, flat_slide):
+@pytest.mark.parametrize("gil", ["alone", "contended", "held"], indirect=True)
+@pytest.mark.parametrize("readers", ["threads", "processes"])
+def test_read_batches(benchmark, gil, flat_slide, readers):
+    from wsss.runner import read_workers
     from wsss.runner.pipeline import RunOptions, _read_batches, _StageTimer
     from wsss.runner.thumbnail import TileThumbnail
     from wsss.runner.tiling import TileGrid
@@ -294,13 +312,15 @@ def test_read_batches(benchmark, gil, flat_slide):
     grid = TileGrid(READS, READS, 256, 32)
     options = RunOptions(batch_size=32, workers=4)
     done = []
+    if readers == "processes":
+        read_workers.reserve(4)  # (started once per process, as in a run: untimed)
 
     def run():
         thumb = TileThumbnail(READS, READS, 16, grid.xs, grid.ys)
         views: list = []
         try:
             n = sum(len(positions) for positions, _ in _read_batches(
-                view, grid, options, _StageTimer(), views, lambda: None, on_batch=thumb.add_batch))
+                view, grid, options, _StageTimer(), views, lambda: None, thumb, readers == "processes"))
         finally:
             for v in views:
                 v.close()
@@ -311,4 +331,5 @@ def test_read_batches(benchmark, gil, flat_slide):
     finally:
         view.close()
     assert done[-1]
-    benchmark.extra_info.update(gil=gil, tiles=len(grid.tiles), readers=4, batch=32)
+    assert readers == "threads" or not read_workers._WORKERS.broken
+    benchmark.extra_info.update(gil=gil, tiles=len(grid.tiles), readers=4, batch=32, kind=readers)

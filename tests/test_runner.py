@@ -588,6 +588,7 @@ def test_read_ahead_is_bounded_and_reads_ahead(tmp_path, monkeypatch):
     import threading
     import time
 
+    from wsss.runner import pipeline
     from wsss.slide import SlideView
 
     path = tmp_path / "s.tif"
@@ -602,6 +603,7 @@ def test_read_ahead_is_bounded_and_reads_ahead(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(SlideView, "read", counting_read)
+    monkeypatch.setattr(pipeline, "READER_PROCESSES", 0)  # (reads counted in this process)
     given, ahead = [0], []
 
     def slow(x):  # NB: the readers have time to fill the read-ahead while a batch "runs"

@@ -71,6 +71,12 @@ def _env_number(name: str, default, kind=int):
 # ones took 11.7 s for a noisy 2048^2 map that takes 0.9 s alone, two processes 1.9 s on 2 cores).
 # WSSS_OUTLINE_PROCESSES=0 traces them on two threads instead (for A/B measurements)
 OUTLINE_PROCESSES = max(0, _env_number("WSSS_OUTLINE_PROCESSES", min(4, max(1, (os.cpu_count() or 2) // 4))))
+# NB: on a GPU host the tiles are read in worker processes (read_workers.py), off this process's
+# GIL, which the thread feeding the model and the band writer hold most of the time (an H200 run
+# at 16384^2: 4.5 ms of reader time per tile on threads, the model waiting 2.4 of its 5.1 s);
+# on the CPU the model's own threads leave the GIL free and the cores busy, and threads are
+# cheaper.  WSSS_READER_PROCESSES=1 uses processes always, 0 never (for A/B measurements)
+READER_PROCESSES = _env_number("WSSS_READER_PROCESSES", -1)
 OUTPUT_FILES = ("labels.tiff", "overlay.png", "tissue_qc.png", "areas.json", "areas.csv", "polygons.geojson")
 OPTIONAL_OUTPUT_FILES = ("probs.tiff",)  # (--probs)
 
@@ -549,6 +555,10 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             return SlideResult(str(slide), str(out_dir), "skipped", "outputs match the same model and options")
         # NB: an earlier run's outputs stay as they are until this run has written all of its
         # own (in its work folder): a rerun that fails loses nothing (see _publish)
+        if options.workers > 0 and _reader_processes(model, options):
+            from wsss.runner import read_workers
+
+            read_workers.reserve(options.workers)  # (they start while the tissue is found)
         plan = plan_scale(reader, model.mpp if model.mpp is not None else reader.mpp, tolerance=options.mpp_tolerance)
         view = SlideView(reader, plan)
         grid = TileGrid(plan.width, plan.height, tile, overlap)
@@ -699,7 +709,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
 
             with timer("tiles"):
                 stitcher = _run_tiles(view, grid, model, options, timer, make_stitcher, views, state, slide,
-                                      on_batch=tile_thumb.add_batch if tile_thumb is not None else None)
+                                      thumbnail=tile_thumb)
             if "batch_limit" in state:
                 n = state["batch_limit"]
                 log(f"{slide.name}: warning: the GPU ran out of memory with batches of {options.batch_size} tiles; "
@@ -951,9 +961,9 @@ def _tiles_footprint(grid, tile: int, plan, shape) -> np.ndarray:
 
 
 def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher, views: list,
-               state: dict, slide: Path, on_batch=None):
+               state: dict, slide: Path, thumbnail=None):
     """Read, predict and stitch every selected tile; returns the stitcher (None if no tiles).
-    on_batch(positions, tiles): called by the reader threads with each batch read (see _read_batches).
+    thumbnail: a TileThumbnail the readers add the tiles to (see _read_batches).
 
     make_stitcher(K, device): a ``Stitcher`` (device None: blend on the CPU) or a
     ``BandStitcher`` on ``device`` (blend where the model's outputs are; see
@@ -981,7 +991,8 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     model = _BatchHalving(on_halve=lambda n: state.__setitem__("batch_limit", n)).wrap(model)
     progress = _progress(len(grid.tiles), slide.name, options.progress, grid.tile)
     trim_heap = _HeapTrimmer()
-    batches = _read_batches(view, grid, options, timer, views, one_thread_if_helper, on_batch)
+    processes = _reader_processes(model, options)
+    batches = _read_batches(view, grid, options, timer, views, one_thread_if_helper, thumbnail, processes)
     try:
         run = _predict_and_stitch_on_device if on_device else _predict_and_stitch
         st = run(batches, grid.tile, model, options, timer, make_stitcher, progress, trim_heap, one_thread_if_helper)
@@ -993,6 +1004,13 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     if st.pending:
         raise RuntimeError(f"internal error: {st.pending} tile contributions never arrived")
     return st
+
+
+def _reader_processes(model: SlideModel, options: RunOptions) -> bool:
+    """Whether the readers hand their tiles to worker processes (see READER_PROCESSES)."""
+    if READER_PROCESSES >= 0:
+        return READER_PROCESSES > 0
+    return str(model.description.get("device", "cpu")).startswith("cuda") and (os.cpu_count() or 1) >= 8
 
 
 def _stitch_on_device(model: SlideModel, options: RunOptions, grid) -> bool:
@@ -1020,11 +1038,12 @@ def _stitch_on_device(model: SlideModel, options: RunOptions, grid) -> bool:
 
 
 def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: list, one_thread_if_helper,
-                  on_batch=None):
+                  thumbnail=None, processes: bool = False):
     """Yield (positions, uint8 tiles [n,3,t,t]) in the grid's raster order, read ahead by
-    ``options.workers`` threads (each with its own slide handle); ``on_batch(positions, tiles
-    [n, t, t, 3])`` is called with each batch by the reader that completes it, before the batch
-    is handed out (its time counts as reading).
+    ``options.workers`` threads (each with its own slide handle) or, with ``processes``, by a
+    worker process per thread (``read_workers.py``; threads where they cannot be used).  The
+    tiles' block sums go to ``thumbnail`` (a TileThumbnail), before the batch is handed out
+    (their time counts as reading).
 
     NB: each reader copies its tile into its batch's slot of a ring of batch buffers, so the
     thread that feeds the model only waits for a batch, never copies one together (32 copies
@@ -1041,27 +1060,48 @@ def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: li
     tile, size = grid.tile, options.batch_size
     handles = ThreadHandles(view, on_new=one_thread_if_helper, opened=views)  # (the caller closes views)
     lookahead = size * (max(1, options.workers) + 2)
-    ring = [np.empty((size, tile, tile, 3), np.uint8) for _ in range(2 + -(-lookahead // size))]
+    ring_shape = (2 + -(-lookahead // size), size, tile, tile, 3)
+    readers = None
+    if processes and options.workers > 0:
+        from wsss.runner.read_workers import ProcessReaders
+
+        t0 = time.perf_counter()
+        readers = ProcessReaders.open(view, options.workers, ring_shape,
+                                      thumbnail.blocks if thumbnail is not None else None)
+        timer.add("read (starting processes)", time.perf_counter() - t0)
+    ring = readers.ring.array if readers is not None else [np.empty(ring_shape[1:], np.uint8) for _ in range(ring_shape[0])]
 
     tiles = grid.tiles
     left = [min(size, len(tiles) - b) for b in range(0, len(tiles), size)]  # tiles of each batch still to read
     left_lock = threading.Lock()
 
-    def read(i0: int, i1: int) -> None:
-        """Tiles [i0, i1) of one batch into its ring slot."""
+    def read_here(i0: int, i1: int, slot: np.ndarray) -> None:
         v = handles.get()
-        t0 = time.perf_counter()
-        slot = ring[(i0 // size) % len(ring)]
         for i in range(i0, i1):
             v.read(tiles[i][0], tiles[i][1], tile, tile, out=slot[i % size])
-        if on_batch is not None:
-            with left_lock:
-                left[i0 // size] -= i1 - i0
-                complete = not left[i0 // size]
-            if complete:
-                b0 = i0 // size * size
-                batch = tiles[b0:b0 + size]
-                on_batch(batch, slot[:len(batch)])
+
+    def read(i0: int, i1: int) -> None:
+        """Tiles [i0, i1) of one batch into its ring slot."""
+        t0 = time.perf_counter()
+        k = (i0 // size) % len(ring)
+        slot = ring[k]
+        if readers is not None:
+            # NB: block sums per run, in the worker or here (never a batch's sum on top of a run's)
+            if not readers.read(k, i0 % size, tiles[i0:i1], tile,
+                                on_sums=thumbnail.add_sums if thumbnail is not None else None):
+                read_here(i0, i1, slot)  # (its worker has gone)
+                if thumbnail is not None:
+                    thumbnail.add_batch(tiles[i0:i1], slot[i0 % size:i0 % size + i1 - i0])
+        else:
+            read_here(i0, i1, slot)
+            if thumbnail is not None:
+                with left_lock:
+                    left[i0 // size] -= i1 - i0
+                    complete = not left[i0 // size]
+                if complete:
+                    b0 = i0 // size * size
+                    batch = tiles[b0:b0 + size]
+                    thumbnail.add_batch(batch, slot[:len(batch)])
         timer.add("read (worker time)", time.perf_counter() - t0)
 
     pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="wsss-read") \
@@ -1069,7 +1109,9 @@ def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: li
     # NB: a reader task reads a run of one batch's tiles (each batch split between the readers),
     # not one tile: each task submitted wakes a reader, and each future the thread feeding the
     # model waits on is a GIL hand-over on a busy host (32 of each per batch of the CUDA default)
-    run = -(-size // max(1, options.workers))
+    # NB: a reader process reads a whole batch per task: it needs no GIL, and each task costs
+    # this process's threads a few GIL hand-overs (the task's wake-up, its message each way)
+    run = size if readers is not None else -(-size // max(1, options.workers))
     chunks = deque((i0, min(i0 + run, b0 + size, len(tiles)))
                    for b0 in range(0, len(tiles), size) for i0 in range(b0, min(b0 + size, len(tiles)), run))
     pending: deque = deque()  # (first tile, end, future or None), in order
@@ -1104,6 +1146,8 @@ def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: li
             for _, _, fut in pending:
                 fut.cancel()
             pool.shutdown(wait=True)
+        if readers is not None:
+            readers.close()
 
 
 def _check_probs_shape(shape, n: int, tile: int) -> None:

@@ -118,6 +118,13 @@ class SlideReader:
         """A new, independent handle on the same file (for another thread)."""
         return type(self)(self.path, mpp_override=self.mpp_override)
 
+    def spec(self) -> Optional[tuple]:
+        """What opens this slide the same way in another process (``open_spec``), or None for
+        readers other than this module's own (a subclass may read differently)."""
+        if type(self) not in (OpenSlideReader, TiffSlideReader):
+            return None
+        return (self.kind, str(self.path), self.mpp_override)
+
     def close(self) -> None:
         pass
 
@@ -495,6 +502,12 @@ class TiffSlideReader(SlideReader):
 # --------------------------------------------------------------------------------------
 # Opening
 # --------------------------------------------------------------------------------------
+def open_spec(spec: tuple) -> SlideReader:
+    """A new handle from ``SlideReader.spec()`` (in a reader process)."""
+    kind, path, mpp_override = spec
+    return {"openslide": OpenSlideReader, "tifffile": TiffSlideReader}[kind](Path(path), mpp_override=mpp_override)
+
+
 def open_slide(path, *, reader: str = "auto", mpp: Optional[float] = None) -> SlideReader:
     """Open ``path`` with the named reader ("auto", "openslide", "tifffile").
 

@@ -94,6 +94,19 @@ class SlideView:
     def close(self) -> None:
         self.reader.close()
 
+    def spec(self) -> Optional[tuple]:
+        """What opens this view the same way in another process (``SlideView.from_spec``), or
+        None (see SlideReader.spec)."""
+        reader = self.reader.spec()
+        return None if reader is None else (reader, self.plan)
+
+    @classmethod
+    def from_spec(cls, spec: tuple) -> "SlideView":
+        from wsss.slide.reader import open_spec
+
+        reader, plan = spec
+        return cls(open_spec(reader), plan)
+
     def read(self, x: int, y: int, width: int, height: int, out: Optional[np.ndarray] = None) -> np.ndarray:
         """uint8 [height, width, 3] of the view at (x, y) (into ``out`` where given)."""
         plan = self.plan

@@ -1,0 +1,220 @@
+"""Tile reads in worker processes (wsss.runner.read_workers): the same tiles, thumbnail and
+outputs as the reader threads, errors as they are, a dead worker replaced by its thread, and
+no shared-memory file left behind."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from runner_kit import colour_slide, model, opts, write_pyramid
+
+from wsss.errors import SlideError
+from wsss.runner import pipeline, read_workers, run_slide
+from wsss.runner.pipeline import _read_batches, _StageTimer
+from wsss.runner.thumbnail import TileThumbnail
+from wsss.runner.tiling import TileGrid
+from wsss.runner.workers import Worker, WorkerPool
+from wsss.slide import SlideView, open_slide
+from wsss.slide.scale import plan_scale
+
+
+@pytest.fixture
+def fresh_readers(monkeypatch):
+    """A pool of reader worker processes of the test's own, ended after it."""
+    workers = WorkerPool(read_workers.__name__)
+    monkeypatch.setattr(read_workers, "_WORKERS", workers)
+    yield workers
+    workers.shutdown()
+
+
+def ring_files() -> set:
+    import tempfile
+
+    return {p for d in ("/dev/shm", tempfile.gettempdir()) for p in glob.glob(os.path.join(d, "wsss-tiles-*"))}
+
+
+def read_all(view, grid, processes: bool, workers: int = 3, batch: int = 4, factor: int = 4):
+    """[(positions, tiles copy)] of every batch, and the thumbnail summed from them."""
+    thumb = TileThumbnail(grid.width, grid.height, factor, grid.xs, grid.ys)
+    out, views = [], []
+    try:
+        for positions, x in _read_batches(view, grid, opts(batch_size=batch, workers=workers), _StageTimer(), views,
+                                          lambda: None, thumb, processes):
+            assert x.is_contiguous(memory_format=torch.channels_last)
+            out.append((positions, x.clone()))
+    finally:
+        for v in views:
+            v.close()
+    return out, thumb.image()
+
+
+@pytest.mark.parametrize("reader, resample", [("tifffile", False), ("tifffile", True), ("openslide", False)])
+def test_processes_read_the_tiles_and_thumbnail_the_threads_do(tmp_path, fresh_readers, reader, resample):
+    pytest.importorskip("openslide") if reader == "openslide" else None
+    path = tmp_path / "s.tif"
+    img = colour_slide(203, 170, seed=3)
+    write_pyramid(path, [img, img[::2, ::2].copy()])
+    r = open_slide(path, reader=reader)
+    view = SlideView(r, plan_scale(r, 0.63 if resample else 0.5))
+    assert view.plan.resampled == resample and view.spec() is not None
+    grid = TileGrid(view.plan.width, view.plan.height, 32, 8)
+    before = ring_files()
+    try:
+        want, want_thumb = read_all(view, grid, processes=False)
+        for _ in range(2):  # (the second slide reuses the workers)
+            got, got_thumb = read_all(view, grid, processes=True)
+            assert [p for p, _ in got] == [p for p, _ in want]
+            for (_, a), (_, b) in zip(got, want):
+                assert torch.equal(a, b)
+            assert want_thumb is not None and np.array_equal(got_thumb, want_thumb)
+    finally:
+        view.close()
+    assert len(fresh_readers._idle) == 3 and not fresh_readers.broken
+    assert ring_files() == before
+
+
+def test_a_run_with_reader_processes_writes_the_same_outputs(tmp_path, monkeypatch, fresh_readers):
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(150, 190, seed=4)])
+    outs = {}
+    for processes in (0, 1):
+        monkeypatch.setattr(pipeline, "READER_PROCESSES", processes)
+        res = run_slide(path, model(), tmp_path / f"out{processes}", opts(overlap=8, workers=2))
+        assert res.status == "done", res.message
+        outs[processes] = res
+    assert fresh_readers._idle and not fresh_readers.broken  # (processes were used)
+    for name in ("labels.tiff", "overlay.png", "tissue_qc.png", "areas.json", "polygons.geojson"):
+        a, b = (tmp_path / f"out{p}" / name for p in (0, 1))
+        if name == "labels.tiff":
+            assert np.array_equal(tifffile.imread(a), tifffile.imread(b))
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_a_corrupt_tile_read_in_a_worker_raises_its_slide_error(tmp_path, monkeypatch, fresh_readers):
+    path = tmp_path / "c.tif"
+    write_pyramid(path, [colour_slide(64, 64)])
+    with tifffile.TiffFile(path) as t:
+        off = t.pages[0].dataoffsets[3]
+    data = bytearray(path.read_bytes())
+    data[off:off + 16] = b"\x00garbage-bytes!!"
+    path.write_bytes(bytes(data))
+    r = open_slide(path)
+    view = SlideView(r, plan_scale(r, 0.5))
+    before = ring_files()
+    try:
+        with pytest.raises(SlideError) as e:
+            read_all(view, TileGrid(64, 64, 32, 8), processes=True)
+    finally:
+        view.close()
+    assert str(path) in str(e.value) and "tile 3" in str(e.value)
+    assert fresh_readers._idle and not fresh_readers.broken  # (the workers answered: kept)
+    assert ring_files() == before
+
+
+def test_a_dead_reader_worker_is_replaced_by_its_thread(tmp_path, fresh_readers):
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(120, 140, seed=5)])
+    r = open_slide(path)
+    view = SlideView(r, plan_scale(r, 0.5))
+    grid = TileGrid(140, 120, 32, 8)
+    try:
+        want, want_thumb = read_all(view, grid, processes=False, workers=2)
+        fresh_readers.reserve(2)
+        real = Worker.call
+
+        def dies_on_read(self, *message):
+            if message[0] == "read":  # (killed between two batches, as by the OOM killer)
+                self.proc.kill()
+                self.proc.wait()
+            return real(self, *message)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Worker, "call", dies_on_read)
+            got, got_thumb = read_all(view, grid, processes=True, workers=2)
+    finally:
+        view.close()
+    assert [p for p, _ in got] == [p for p, _ in want]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
+    assert np.array_equal(got_thumb, want_thumb)
+    assert fresh_readers.broken and not fresh_readers._idle  # (later slides read on threads)
+
+
+def test_views_that_cannot_be_reopened_elsewhere_are_read_on_threads(tmp_path, fresh_readers):
+    """Only this package's readers are reopened in a worker: a subclass may read differently."""
+    from wsss.slide.reader import TiffSlideReader
+
+    class Tinted(TiffSlideReader):
+        def read_region(self, *a, **kw):
+            out = super().read_region(*a, **kw)
+            out[..., 2] = 7
+            return out
+
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(64, 64)])
+    r = Tinted(path)
+    view = SlideView(r, plan_scale(r, 0.5))
+    try:
+        assert view.spec() is None
+        got, _ = read_all(view, TileGrid(64, 64, 32, 8), processes=True)
+    finally:
+        view.close()
+    assert all((x[:, 2] == 7).all() for _, x in got)
+    assert not fresh_readers._idle  # (never started)
+
+
+def test_reader_workers_load_no_torch_and_end_with_their_parent():
+    from wsss.runner import workers
+
+    heavy = "[n for n in sys.modules if n in ('torch', 'wsss.ops', 'wsss.runner.pipeline') or n.startswith('torch.')]"
+    probe = workers._BOOT.replace("._serve()", f" and print({heavy})")
+    out = subprocess.run([sys.executable, "-c", probe, workers._ROOT, read_workers.__name__],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    w = Worker(read_workers.__name__)
+    w.proc.stdin.close()
+    assert w.proc.wait(timeout=30) == 0
+
+
+def test_reader_processes_are_used_on_gpu_hosts_unless_told(monkeypatch):
+    cuda, cpu = model(), model()
+    cuda.description = dict(cuda.description, device="cuda:0")
+    monkeypatch.setattr(pipeline, "READER_PROCESSES", -1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert pipeline._reader_processes(cuda, opts()) and not pipeline._reader_processes(cpu, opts())
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert not pipeline._reader_processes(cuda, opts())
+    monkeypatch.setattr(pipeline, "READER_PROCESSES", 1)
+    assert pipeline._reader_processes(cpu, opts())
+    monkeypatch.setattr(pipeline, "READER_PROCESSES", 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert not pipeline._reader_processes(cuda, opts())
+
+
+def test_a_full_shared_memory_folder_falls_back_to_the_next(monkeypatch, tmp_path):
+    """Space is reserved up front: where /dev/shm is full the ring goes to the temporary folder."""
+    real = os.posix_fallocate if hasattr(os, "posix_fallocate") else None
+    if real is None:
+        pytest.skip("needs os.posix_fallocate")
+    calls = []
+
+    def full_shm(fd, offset, size):
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if calls[-1].startswith("/dev/shm/"):
+            raise OSError(28, "No space left on device")
+        return real(fd, offset, size)
+
+    monkeypatch.setattr(os, "posix_fallocate", full_shm)
+    monkeypatch.setattr(read_workers, "_shared_dirs", lambda: ["/dev/shm", str(tmp_path)])
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    ring = read_workers.SharedRing((2, 3, 4))
+    assert ring.path.startswith(str(tmp_path)) and ring.array.shape == (2, 3, 4)
+    ring.unlink()
+    assert not list(tmp_path.iterdir()) and not glob.glob("/dev/shm/wsss-tiles-*")

@@ -1,0 +1,227 @@
+"""Tile reads in worker processes: the runner's readers off this process's GIL.
+
+On a GPU host the thread that feeds the model, the band writer and the reader threads share
+one GIL, and a reader gives it up and waits to take it back several times per tile (the file
+read, the decode, the copy into the batch): an H200 run at 16384^2 spent 4.5 ms of reader time
+per 256-px tile, against ~0.3 ms alone, and the model waited 2.4 s of its 5.1 s for tiles.
+Here each reader thread hands its run of a batch's tiles to a worker process of its own
+(``workers.py``: numpy, tifffile or OpenSlide; no torch) with its own slide handle, which reads
+them straight into the batch's slot of a ring of batches in shared memory and, where the
+runner builds the overview thumbnail from the tiles, returns the run's block sums: one message
+each way per run, the tiles never pickled.
+
+The ring is a file in /dev/shm (the temporary folder where /dev/shm is missing or full),
+space reserved up front (a full tmpfs would otherwise kill a process writing to it), mapped
+here and by each worker, and unlinked as soon as they have mapped it: nothing is left behind,
+whatever ends the run.  ``ProcessReaders.open`` returns None where the processes cannot be
+used (a reader that cannot be reopened elsewhere, no workers, no shared memory): the caller
+reads on its threads.  A worker that dies mid-run is replaced by its thread (the same result).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import tempfile
+import threading
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from wsss.runner.workers import Worker, WorkerFailed, WorkerPool, serve
+
+__all__ = ["ProcessReaders", "SharedRing"]
+
+
+# -- in a worker -------------------------------------------------------------------------------
+_STATE: dict = {}
+
+
+def _handle(what: str, *args):
+    if what == "read":
+        return _read(*args)
+    if what == "attach":
+        return _attach(*args)
+    if what == "detach":
+        return _detach()
+    raise ValueError(f"unknown task {what!r}")
+
+
+def _attach(path: str, shape: Tuple[int, ...], view_spec: tuple, blocks: Optional[tuple]) -> None:
+    """Map the ring at ``path`` and open the slide (the view of ``SlideView.spec``)."""
+    from wsss.runner.thumbnail import TileBlocks
+    from wsss.slide.scale import SlideView
+
+    _detach()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        mapped = mmap.mmap(fd, int(np.prod(shape)))
+    finally:
+        os.close(fd)
+    _STATE.update(ring=np.ndarray(shape, np.uint8, buffer=mapped), view=SlideView.from_spec(view_spec),
+                  blocks=TileBlocks(*blocks) if blocks is not None else None)
+
+
+def _read(slot: int, j0: int, positions: Sequence[Tuple[int, int]], tile: int):
+    """The tiles at ``positions`` into rows j0... of ring slot ``slot``; their block sums."""
+    out, view, blocks = _STATE["ring"][slot], _STATE["view"], _STATE["blocks"]
+    for j, (x, y) in enumerate(positions, j0):
+        view.read(x, y, tile, tile, out=out[j])
+    if blocks is not None:
+        return blocks.batch_sums(positions, out[j0:j0 + len(positions)])
+    return None
+
+
+def _detach() -> None:
+    view = _STATE.pop("view", None)
+    _STATE.clear()  # (the ring's mapping goes with its last view)
+    if view is not None:
+        view.close()
+
+
+def _serve() -> None:
+    import tifffile  # noqa: F401  (imported while the parent gets ready)
+
+    serve(_handle)
+
+
+_WORKERS = WorkerPool(__name__)
+
+
+# -- in the runner ------------------------------------------------------------------------------
+def _shared_dirs() -> List[Optional[str]]:
+    return (["/dev/shm"] if os.path.isdir("/dev/shm") else []) + [None]  # (None: the temporary folder)
+
+
+class SharedRing:
+    """A uint8 array of ``shape`` in a file other processes map (``path``) until ``unlink``."""
+
+    def __init__(self, shape: Tuple[int, ...]) -> None:
+        self.shape = tuple(int(n) for n in shape)
+        size = int(np.prod(self.shape))
+        errors = []
+        for folder in _shared_dirs():
+            try:
+                fd, path = tempfile.mkstemp(prefix="wsss-tiles-", dir=folder)
+            except OSError as e:
+                errors.append(e)
+                continue
+            try:
+                # NB: reserve the pages: on a full tmpfs, writing to a page never reserved kills the writer (SIGBUS)
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, size)
+                else:
+                    os.ftruncate(fd, size)
+                self._mmap = mmap.mmap(fd, size)
+            except OSError as e:
+                os.close(fd)
+                os.unlink(path)
+                errors.append(e)
+                continue
+            os.close(fd)
+            self.path: Optional[str] = path
+            self.array = np.ndarray(self.shape, np.uint8, buffer=self._mmap)
+            return
+        raise OSError(f"no shared memory for {size >> 20} MB of tiles: {errors}")
+
+    def unlink(self) -> None:
+        """Remove the file (the mappings stay until their last user lets go)."""
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.path = None
+
+
+class ProcessReaders:
+    """One worker process per reader thread for a slide's tiles (see the module docstring)."""
+
+    @classmethod
+    def open(cls, view, readers: int, ring_shape: Tuple[int, ...], blocks=None) -> Optional["ProcessReaders"]:
+        """``readers`` workers reading ``view`` into a new ring of ``ring_shape`` [slots, batch,
+        tile, tile, 3] (block sums for ``blocks``, a TileBlocks, where given), or None where they
+        cannot be used.  A slide the workers cannot open raises its SlideError."""
+        spec = view.spec() if hasattr(view, "spec") else None
+        if spec is None or readers < 1 or _WORKERS.broken:
+            return None
+        try:
+            ring = SharedRing(ring_shape)
+        except OSError:
+            return None
+        self = cls(ring)
+        try:
+            for _ in range(readers):
+                worker = _WORKERS.take()
+                if worker is None:
+                    self.close()
+                    return None
+                self._workers.append(worker)
+            settings = blocks.settings if blocks is not None else None
+            try:
+                for w in self._workers:
+                    w.send("attach", ring.path, ring.shape, spec, settings)
+                for w in self._workers:
+                    w.answer()
+            except (EOFError, OSError, WorkerFailed):
+                self._broken = True
+                self.close()
+                return None
+        except BaseException:
+            self._broken = True
+            self.close()
+            raise
+        finally:
+            ring.unlink()
+        for w in self._workers:
+            self._free.put(w)
+        return self
+
+    def __init__(self, ring: SharedRing) -> None:
+        self.ring = ring
+        self._workers: List[Worker] = []
+        self._free: "queue.Queue[Worker]" = queue.Queue()
+        self._local = threading.local()
+        self._gone: List[Worker] = []
+        self._broken = False
+
+    def read(self, slot: int, j0: int, positions, tile: int, on_sums: Optional[Callable] = None) -> bool:
+        """The tiles at ``positions`` into rows j0... of ring slot ``slot`` by this thread's
+        worker (``on_sums(parts, group)`` with their block sums, where asked); False where the
+        worker has gone (the caller reads them itself)."""
+        worker = getattr(self._local, "worker", None)
+        if worker is None:
+            if getattr(self._local, "gone", False):
+                return False
+            worker = self._local.worker = self._free.get_nowait()  # (one per reader thread)
+        try:
+            sums = worker.call("read", slot, j0, [(int(x), int(y)) for x, y in positions], tile)
+        except (EOFError, OSError):
+            self._local.worker, self._local.gone = None, True
+            self._gone.append(worker)
+            return False
+        if on_sums is not None and sums is not None:
+            on_sums(*sums)
+        return True
+
+    def close(self) -> None:
+        """Detach the workers and give them back (the ring's memory goes with its last user)."""
+        for w in self._workers:
+            if w in self._gone or self._broken:
+                _WORKERS.release(w, reusable=False)
+                continue
+            try:
+                w.call("detach")
+            except (EOFError, OSError, WorkerFailed):
+                _WORKERS.release(w, reusable=False)
+                continue
+            _WORKERS.release(w)
+        self._workers = []
+        if self._gone:
+            _WORKERS.broken = True
+        self.ring.unlink()
+
+
+def reserve(n: int) -> None:
+    """Start n reader workers ahead of a run (they import their libraries meanwhile)."""
+    _WORKERS.reserve(n)
