@@ -481,3 +481,29 @@ def test_geojson_output_is_what_shapely_writes_for_the_geometries(slab):
         assert isinstance(texts[k], str) and texts[k] == shapely.to_geojson(geoms[k]), k
     with pytest.raises(ValueError, match="output must be"):
         trace_outlines(labels, [1], output="wkt")
+
+
+def test_geojson_of_joined_regions_written_unsimplified_is_what_shapely_writes(monkeypatch):
+    """Holes' text is written in their slabs; a joined region that fails its check in finish
+    is written from its exact outlines instead (here every region is made to fail)."""
+    from wsss.runner import outlines
+
+    rng = np.random.default_rng(11)
+    labels = np.kron((rng.random((24, 30)) * 3).astype(np.uint8), np.ones((6, 6), np.uint8))
+    labels[rng.random(labels.shape) > 0.9] = 1  # holes in the pieces of the other classes
+    kw = dict(slab_rows=20, scale=2.0, simplify=0.8, min_area_px=2, threads=1)  # (>= SAFE_SIMPLIFY: checked)
+    checked = []
+
+    def all_bad(self, *args):
+        checked.append(args[-1])
+        return np.ones(args[-1], bool)
+
+    monkeypatch.setattr(outlines.OutlineBuilder, "_region_checks", all_bad)
+    geoms = outlines.trace_outlines(labels, range(3), **kw)
+    texts = outlines.trace_outlines(labels, range(3), output="geojson", **kw)
+    assert checked and all(checked)
+    for k in range(3):
+        assert texts[k] == shapely.to_geojson(geoms[k]), k
+    monkeypatch.undo()
+    simplified = outlines.trace_outlines(labels, range(3), output="geojson", **kw)
+    assert any(simplified[k] != texts[k] for k in range(3))  # (the exact outlines were written)
