@@ -7,6 +7,7 @@ import glob
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ from wsss.runner.tiling import TileGrid
 from wsss.runner.workers import Worker, WorkerPool
 from wsss.slide import SlideView, open_slide
 from wsss.slide.scale import plan_scale
+
+REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
 
 
 @pytest.fixture
@@ -54,16 +57,23 @@ def read_all(view, grid, processes: bool, workers: int = 3, batch: int = 4, fact
     return out, thumb.image()
 
 
-@pytest.mark.parametrize("reader, resample", [("tifffile", False), ("tifffile", True), ("openslide", False)])
+@pytest.mark.parametrize("reader, resample", [("tifffile", False), ("tifffile", True), ("openslide", False), ("real", True)])
 def test_processes_read_the_tiles_and_thumbnail_the_threads_do(tmp_path, fresh_readers, reader, resample):
-    pytest.importorskip("openslide") if reader == "openslide" else None
-    path = tmp_path / "s.tif"
-    img = colour_slide(203, 170, seed=3)
-    write_pyramid(path, [img, img[::2, ::2].copy()])
-    r = open_slide(path, reader=reader)
-    view = SlideView(r, plan_scale(r, 0.63 if resample else 0.5))
+    if reader != "tifffile":
+        pytest.importorskip("openslide")
+    if reader == "real":  # (an .svs through OpenSlide, at the demo bundle's scale)
+        if not REAL_SLIDE.is_file():
+            pytest.skip(f"real test slide absent: {REAL_SLIDE}")
+        r = open_slide(REAL_SLIDE)
+        view = SlideView(r, plan_scale(r, 1.0))
+    else:
+        path = tmp_path / "s.tif"
+        img = colour_slide(203, 170, seed=3)
+        write_pyramid(path, [img, img[::2, ::2].copy()])
+        r = open_slide(path, reader=reader)
+        view = SlideView(r, plan_scale(r, 0.63 if resample else 0.5))
     assert view.plan.resampled == resample and view.spec() is not None
-    grid = TileGrid(view.plan.width, view.plan.height, 32, 8)
+    grid = TileGrid(view.plan.width, view.plan.height, 96 if reader == "real" else 32, 8)
     before = ring_files()
     try:
         want, want_thumb = read_all(view, grid, processes=False)
