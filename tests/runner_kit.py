@@ -5,6 +5,7 @@ whose exact output is known, so a stitched result can be checked pixel for pixel
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,17 @@ class FakeTorch:
 
     def empty_like(self, t, device=None, **kw):
         return torch.empty_like(t, **kw)
+
+
+@contextlib.contextmanager
+def own_workers(monkeypatch, module):
+    """A pool of worker processes of the test's own in place of ``module._WORKERS`` (outlines,
+    read_workers), ended afterwards."""
+    from wsss.runner.workers import WorkerPool
+
+    workers = WorkerPool(module.__name__)
+    monkeypatch.setattr(module, "_WORKERS", workers)
+    try:
+        yield workers
+    finally:
+        workers.shutdown()

@@ -312,14 +312,12 @@ def test_components_are_scipys_connected_components():
 @pytest.fixture
 def fresh_workers(monkeypatch):
     """A pool of outline worker processes of the test's own, ended after it."""
+    from runner_kit import own_workers
+
     from wsss.runner import outlines
 
-    from wsss.runner.workers import WorkerPool
-
-    workers = WorkerPool(outlines.__name__)
-    monkeypatch.setattr(outlines, "_WORKERS", workers)
-    yield workers
-    workers.shutdown()
+    with own_workers(monkeypatch, outlines) as workers:
+        yield workers
 
 
 @pytest.mark.parametrize("output", ["shapely", "geojson"])

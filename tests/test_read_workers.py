@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from runner_kit import colour_slide, model, opts, write_pyramid
+from runner_kit import colour_slide, model, opts, own_workers, write_pyramid
 
 from wsss.errors import SlideError
 from wsss.runner import pipeline, read_workers, run_slide
 from wsss.runner.pipeline import _read_batches, _StageTimer
 from wsss.runner.thumbnail import TileThumbnail
 from wsss.runner.tiling import TileGrid
-from wsss.runner.workers import Worker, WorkerPool
+from wsss.runner.workers import Worker
 from wsss.slide import SlideView, open_slide
 from wsss.slide.scale import plan_scale
 
@@ -30,10 +30,8 @@ REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" 
 @pytest.fixture
 def fresh_readers(monkeypatch):
     """A pool of reader worker processes of the test's own, ended after it."""
-    workers = WorkerPool(read_workers.__name__)
-    monkeypatch.setattr(read_workers, "_WORKERS", workers)
-    yield workers
-    workers.shutdown()
+    with own_workers(monkeypatch, read_workers) as workers:
+        yield workers
 
 
 def ring_files() -> set:
