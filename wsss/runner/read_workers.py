@@ -67,9 +67,13 @@ def _read(slot: int, j0: int, positions: Sequence[Tuple[int, int]], tile: int):
     out, view, blocks = _STATE["ring"][slot], _STATE["view"], _STATE["blocks"]
     for j, (x, y) in enumerate(positions, j0):
         view.read(x, y, tile, tile, out=out[j])
-    if blocks is not None:
-        return blocks.batch_sums(positions, out[j0:j0 + len(positions)])
-    return None
+    if blocks is None:
+        return None
+    parts, group = blocks.batch_sums(positions, out[j0:j0 + len(positions)])
+    if group is not None and blocks.factor <= 16:
+        # NB: a block's sum fits 16 bits (16^2 x 255): a batch's sums then fit a pipe (64 KB) at once
+        group = (group[0], group[1].astype(np.uint16), *group[2:])
+    return parts, group
 
 
 def _detach() -> None:
