@@ -4,6 +4,7 @@ no shared-memory file left behind."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -40,13 +41,13 @@ def ring_files() -> set:
     return {p for d in ("/dev/shm", tempfile.gettempdir()) for p in glob.glob(os.path.join(d, "wsss-tiles-*"))}
 
 
-def read_all(view, grid, processes: bool, workers: int = 3, batch: int = 4, factor: int = 4):
+def read_all(view, grid, processes: bool, workers: int = 3, batch: int = 4, factor: int = 4, state=None):
     """[(positions, tiles copy)] of every batch, and the thumbnail summed from them."""
     thumb = TileThumbnail(grid.width, grid.height, factor, grid.xs, grid.ys)
     out, views = [], []
     try:
         for positions, x in _read_batches(view, grid, opts(batch_size=batch, workers=workers), _StageTimer(), views,
-                                          lambda: None, thumb, processes):
+                                          lambda: None, thumb, processes, state):
             assert x.is_contiguous(memory_format=torch.channels_last)
             out.append((positions, x.clone()))
     finally:
@@ -97,6 +98,8 @@ def test_a_run_with_reader_processes_writes_the_same_outputs(tmp_path, monkeypat
         assert res.status == "done", res.message
         outs[processes] = res
     assert fresh_readers._idle and not fresh_readers.broken  # (processes were used)
+    assert [json.loads((tmp_path / f"out{p}" / "run.json").read_text())["tiles"]["readers"] for p in (0, 1)] == \
+        ["threads", "processes"]
     for name in ("labels.tiff", "overlay.png", "tissue_qc.png", "areas.json", "polygons.geojson"):
         a, b = (tmp_path / f"out{p}" / name for p in (0, 1))
         if name == "labels.tiff":
@@ -145,12 +148,13 @@ def test_a_dead_reader_worker_is_replaced_by_its_thread(tmp_path, fresh_readers)
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(Worker, "call", dies_on_read)
-            got, got_thumb = read_all(view, grid, processes=True, workers=2)
+            state = {}
+            got, got_thumb = read_all(view, grid, processes=True, workers=2, state=state)
     finally:
         view.close()
     assert [p for p, _ in got] == [p for p, _ in want]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
-    assert np.array_equal(got_thumb, want_thumb)
+    assert np.array_equal(got_thumb, want_thumb) and state["readers"] == "processes, then threads"
     assert fresh_readers.broken and not fresh_readers._idle  # (later slides read on threads)
 
 

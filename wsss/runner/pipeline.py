@@ -806,6 +806,7 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 "tissue": {"source": tissue.source, "fraction": tissue.fraction(), "threshold": tissue.threshold,
                            "mask_shape": list(tissue.mask.shape)},
                 "tiles": {"run": n_tiles, "grid": grid.total, "stitch_device": state.get("stitch_device"),
+                          "readers": state.get("readers"),
                           "pyramid_during_tiles": state.get("pyramid_during_tiles", False),
                           "thumbnail_from_tiles": state.get("thumbnail_from_tiles", False),
                           "peak_live_pieces": state.get("peak_pieces", 0),
@@ -992,7 +993,7 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     progress = _progress(len(grid.tiles), slide.name, options.progress, grid.tile)
     trim_heap = _HeapTrimmer()
     processes = _reader_processes(model, options)
-    batches = _read_batches(view, grid, options, timer, views, one_thread_if_helper, thumbnail, processes)
+    batches = _read_batches(view, grid, options, timer, views, one_thread_if_helper, thumbnail, processes, state)
     try:
         run = _predict_and_stitch_on_device if on_device else _predict_and_stitch
         st = run(batches, grid.tile, model, options, timer, make_stitcher, progress, trim_heap, one_thread_if_helper)
@@ -1038,12 +1039,13 @@ def _stitch_on_device(model: SlideModel, options: RunOptions, grid) -> bool:
 
 
 def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: list, one_thread_if_helper,
-                  thumbnail=None, processes: bool = False):
+                  thumbnail=None, processes: bool = False, state: Optional[dict] = None):
     """Yield (positions, uint8 tiles [n,3,t,t]) in the grid's raster order, read ahead by
     ``options.workers`` threads (each with its own slide handle) or, with ``processes``, by a
     worker process per thread (``read_workers.py``; threads where they cannot be used).  The
     tiles' block sums go to ``thumbnail`` (a TileThumbnail), before the batch is handed out
-    (their time counts as reading).
+    (their time counts as reading).  ``state["readers"]``: "threads", "processes", or
+    "processes, then threads" where a worker died.
 
     NB: each reader copies its tile into its batch's slot of a ring of batch buffers, so the
     thread that feeds the model only waits for a batch, never copies one together (32 copies
@@ -1070,6 +1072,8 @@ def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: li
                                       thumbnail.blocks if thumbnail is not None else None)
         timer.add("read (starting processes)", time.perf_counter() - t0)
     ring = readers.ring.array if readers is not None else [np.empty(ring_shape[1:], np.uint8) for _ in range(ring_shape[0])]
+    state = state if state is not None else {}
+    state["readers"] = "processes" if readers is not None else "threads"
 
     tiles = grid.tiles
     left = [min(size, len(tiles) - b) for b in range(0, len(tiles), size)]  # tiles of each batch still to read
@@ -1090,6 +1094,7 @@ def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: li
             if not readers.read(k, i0 % size, tiles[i0:i1], tile,
                                 on_sums=thumbnail.add_sums if thumbnail is not None else None):
                 read_here(i0, i1, slot)  # (its worker has gone)
+                state["readers"] = "processes, then threads"
                 if thumbnail is not None:
                     thumbnail.add_batch(tiles[i0:i1], slot[i0 % size:i0 % size + i1 - i0])
         else:
