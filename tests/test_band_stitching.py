@@ -182,6 +182,22 @@ def test_auto_blends_on_a_cuda_model_when_the_band_fits(tmp_path, monkeypatch, f
     assert json.loads((tmp_path / "out" / "run.json").read_text())["tiles"]["stitch_device"] == want
 
 
+def test_a_tall_user_mask_counts_in_the_device_memory_auto_asks_for(tmp_path, monkeypatch):
+    """The band stitcher keeps the tissue mask's rows sampled at the grid's columns: (rows + 1) x
+    W bytes, small for a detected mask, not for a user's fine one; "auto" counts it."""
+    from PIL import Image
+
+    path, mask = tmp_path / "s.tif", tmp_path / "m.png"
+    write_pyramid(path, [colour_slide(90, 300)])
+    Image.fromarray(np.full((2000, 6667), 255, np.uint8)).save(mask)  # (the slide's aspect)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * 2**20, 80 * 2**30))
+    m = dataclasses.replace(on_device(), description={"device": "cuda:1"})  # CPU tensors all the same
+    for name, tissue, want in (("none", "none", "model"), ("mask", str(mask), "cpu")):
+        run_slide(path, m, tmp_path / name, opts(overlap=8, tissue=tissue))
+        assert json.loads((tmp_path / name / "run.json").read_text())["tiles"]["stitch_device"] == want, name
+    assert BandStitcher.device_bytes(K, 32, 300, 2000) == 3 * 5 * 32 * 300 * 4 + 2001 * 300  # 1.18 MB > 4 MB / 4
+
+
 def test_writer_failure_surfaces_and_leaves_no_result(tmp_path, monkeypatch):
     from wsss.runner import stitching
 

@@ -107,7 +107,8 @@ class BandStitcher:
             # NB: the (low-resolution) mask sampled at the grid's columns once, plus an all-outside
             # row for grid rows outside the mask: a band's mask is then one gather (two torch
             # calls per band, not seven: each gives up the GIL on a GPU host).  Memory: (mask
-            # rows + 1) x W bytes, the mask being at most ~1k pixels high.
+            # rows + 1) x W bytes: a detected mask is at most ~1k pixels high, a user's may be
+            # more (device_bytes counts it, so "auto" blends on the host where it does not fit)
             mask = torch.from_numpy(np.ascontiguousarray(tissue.mask, dtype=bool)).to(self.device)
             rows, rows_inside = tissue.sample_index(0, height, grid_mpp, axis=0)
             cols, cols_inside = tissue.sample_index(0, width, grid_mpp, axis=1)
@@ -116,7 +117,8 @@ class BandStitcher:
             self._mask_row_of = torch.from_numpy(np.where(rows_inside, rows, mask.shape[0])).to(self.device)
         self._pin = self.device.type == "cuda"
         # peak device bytes (accumulator + the largest band's temporaries), for run.json
-        self.peak_piece_bytes = self.device_bytes(K, self.acc.shape[1], width)
+        self.peak_piece_bytes = self.device_bytes(K, self.acc.shape[1], width,
+                                                  None if tissue is None else tissue.mask.shape[0])
         self.peak_pieces = 1
         self._timer = timer  # the writer's own time per band
         self._wait_timer = wait_timer  # the producer's time blocked on a full writer queue
@@ -126,9 +128,10 @@ class BandStitcher:
         self._writer.start()
 
     @staticmethod
-    def device_bytes(num_classes: int, tile: int, width: int) -> int:
-        """Device memory the stitcher needs (accumulator and finalising temporaries)."""
-        return 3 * (num_classes + 1) * tile * width * 4
+    def device_bytes(num_classes: int, tile: int, width: int, mask_rows: Optional[int] = None) -> int:
+        """Device memory the stitcher needs (accumulator and finalising temporaries; with a
+        tissue mask of ``mask_rows`` rows, its rows sampled at the grid's columns)."""
+        return 3 * (num_classes + 1) * tile * width * 4 + (0 if mask_rows is None else (mask_rows + 1) * width)
 
     @property
     def pending(self) -> int:

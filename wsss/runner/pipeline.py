@@ -709,7 +709,8 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
 
             with timer("tiles"):
                 stitcher = _run_tiles(view, grid, model, options, timer, make_stitcher, views, state, slide,
-                                      thumbnail=tile_thumb)
+                                      thumbnail=tile_thumb,
+                                      mask_rows=tissue.mask.shape[0] if options.tissue != "none" else None)
             if "batch_limit" in state:
                 n = state["batch_limit"]
                 log(f"{slide.name}: warning: the GPU ran out of memory with batches of {options.batch_size} tiles; "
@@ -962,9 +963,10 @@ def _tiles_footprint(grid, tile: int, plan, shape) -> np.ndarray:
 
 
 def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher, views: list,
-               state: dict, slide: Path, thumbnail=None):
+               state: dict, slide: Path, thumbnail=None, mask_rows: Optional[int] = None):
     """Read, predict and stitch every selected tile; returns the stitcher (None if no tiles).
-    thumbnail: a TileThumbnail the readers add the tiles to (see _read_batches).
+    thumbnail: a TileThumbnail the readers add the tiles to (see _read_batches); mask_rows: the
+    rows of the tissue mask a device stitcher gets (None: none).
 
     make_stitcher(K, device): a ``Stitcher`` (device None: blend on the CPU) or a
     ``BandStitcher`` on ``device`` (blend where the model's outputs are; see
@@ -985,7 +987,7 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
         if threading.current_thread() is not caller:
             torch.set_num_threads(1)
 
-    on_device = _stitch_on_device(model, options, grid)
+    on_device = _stitch_on_device(model, options, grid, mask_rows)
     state["stitch_device"] = "model" if on_device else "cpu"
     # NB: the batch size that fits is found once per slide (a GPU that ran out of memory with
     # the default 32 tiles of the reference networks still finishes the slide)
@@ -1014,10 +1016,10 @@ def _reader_processes(model: SlideModel, options: RunOptions) -> bool:
     return str(model.description.get("device", "cpu")).startswith("cuda") and (os.cpu_count() or 1) >= 8
 
 
-def _stitch_on_device(model: SlideModel, options: RunOptions, grid) -> bool:
+def _stitch_on_device(model: SlideModel, options: RunOptions, grid, mask_rows: Optional[int] = None) -> bool:
     """Whether to blend on the model's device (``--stitch-device``): "model" always (the model
     must offer ``predict_device``); "auto" when the model runs on CUDA and the band accumulator
-    fits in a quarter of the free device memory; "cpu" never."""
+    (with the tissue mask's ``mask_rows``) fits in a quarter of the free device memory; "cpu" never."""
     if options.stitch_device == "cpu":
         return False
     if model.predict_device is None:
@@ -1035,7 +1037,7 @@ def _stitch_on_device(model: SlideModel, options: RunOptions, grid) -> bool:
     from wsss.runner.band_stitching import BandStitcher
 
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return BandStitcher.device_bytes(len(model.class_names), grid.tile, grid.width) <= free // 4
+    return BandStitcher.device_bytes(len(model.class_names), grid.tile, grid.width, mask_rows) <= free // 4
 
 
 def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: list, one_thread_if_helper,
