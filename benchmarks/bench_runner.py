@@ -271,7 +271,7 @@ def test_end_to_end(benchmark, bench_slide, slide_model, tmp_path, pipeline):
         tile_stage_overhead_best=min(r["tiles"] for r in runs) / min(model_s) - 1.0,
         # each runner round against the model-only pass made just before it (robust to drift)
         tile_stage_overhead_paired=float(np.median([r["tiles"] / m for r, m in zip(runs, model_s)])) - 1.0,
-        pipeline=pipeline, stitch_device=run["tiles"]["stitch_device"],
+        pipeline=pipeline, stitch_device=run["tiles"]["stitch_device"], readers=run["tiles"].get("readers"),
         total_overhead_best=min(r["total"] for r in runs) / min(model_s) - 1.0,
         model_only_s_all=model_s, tile_stage_s_all=[r["tiles"] for r in runs], total_s_all=[r["total"] for r in runs],
         # each whole run (all outputs written) against the model-only pass made just before it
