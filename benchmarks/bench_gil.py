@@ -22,9 +22,10 @@ a loop) and the 1-ms interval; ``extra_info`` has the parameters.
   default 4096, overlap 32): SlideView.read, the copy into the batch ring, and the overview
   thumbnail's sums per tile (TileThumbnail.add, before session 14), per batch of 32
   (add_batch, the runner's) or none.
-- test_read_batches: the runner's ``_read_batches`` over the same slide (4 readers, batches of
-  32, the overview sums), as the thread that feeds the model sees it, with reader threads or
-  reader processes (the GPU path's, read_workers.py); also beside "held" GIL holders (below).
+- test_read_batches: the runner's ``read_batches`` (wsss/runner/reading.py) over the same
+  slide (4 readers, batches of 32, the overview sums), as the thread that feeds the model sees
+  it, with reader threads or reader processes (the GPU path's); also beside "held" GIL holders
+  (below).
 - test_outline_slabs: the GeoJSON's OutlineBuilder on a noisy WSSS_BENCH_GIL_OUTLINES^2 polygon
   level (default 2048, the largest the runner traces; one dominant class with thousands of
   holes, like a random-weight network's map) fed 32 rows at a time, its slabs traced on two
@@ -300,8 +301,8 @@ def test_tile_reads(benchmark, gil, flat_slide, thumbnail):
 @pytest.mark.parametrize("gil", ["alone", "contended", "held"], indirect=True)
 @pytest.mark.parametrize("readers", ["threads", "processes"])
 def test_read_batches(benchmark, gil, flat_slide, readers):
-    from wsss.runner import read_workers
-    from wsss.runner.pipeline import RunOptions, _read_batches, _StageTimer
+    from wsss.runner import reading
+    from wsss.runner.pipeline import RunOptions, _StageTimer
     from wsss.runner.thumbnail import TileThumbnail
     from wsss.runner.tiling import TileGrid
     from wsss.slide import SlideView, open_slide
@@ -313,13 +314,13 @@ def test_read_batches(benchmark, gil, flat_slide, readers):
     options = RunOptions(batch_size=32, workers=4)
     done = []
     if readers == "processes":
-        read_workers.reserve(4)  # (started once per process, as in a run: untimed)
+        reading.reserve(4)  # (started once per process, as in a run: untimed)
 
     def run():
         thumb = TileThumbnail(READS, READS, 16, grid.xs, grid.ys)
         views: list = []
         try:
-            n = sum(len(positions) for positions, _ in _read_batches(
+            n = sum(len(positions) for positions, _ in reading.read_batches(
                 view, grid, options, _StageTimer(), views, lambda: None, thumb, readers == "processes"))
         finally:
             for v in views:
@@ -331,5 +332,5 @@ def test_read_batches(benchmark, gil, flat_slide, readers):
     finally:
         view.close()
     assert done[-1]
-    assert readers == "threads" or not read_workers._WORKERS.broken
+    assert readers == "threads" or not reading._WORKERS.broken
     benchmark.extra_info.update(gil=gil, tiles=len(grid.tiles), readers=4, batch=32, kind=readers)

@@ -170,7 +170,7 @@ class FakeTorch:
 @contextlib.contextmanager
 def own_workers(monkeypatch, module):
     """A pool of worker processes of the test's own in place of ``module._WORKERS`` (outlines,
-    read_workers), ended afterwards."""
+    reading), ended afterwards."""
     from wsss.runner.workers import WorkerPool
 
     workers = WorkerPool(module.__name__)

@@ -600,7 +600,8 @@ def test_read_batches_fill_a_ring_that_never_overwrites_the_batch_handed_out(wor
     import threading
     import time
 
-    from wsss.runner.pipeline import _read_batches, _StageTimer
+    from wsss.runner.pipeline import _StageTimer
+    from wsss.runner.reading import read_batches
     from wsss.runner.tiling import TileGrid
 
     def tile_at(x, y):
@@ -620,7 +621,7 @@ def test_read_batches_fill_a_ring_that_never_overwrites_the_batch_handed_out(wor
 
     random.seed(workers)
     grid = TileGrid(16 * 13 - 40, 16 * 9, 16, 0)
-    batches = _read_batches(View(), grid, opts(batch_size=3, workers=workers), _StageTimer(), [], lambda: None)
+    batches = read_batches(View(), grid, opts(batch_size=3, workers=workers), _StageTimer(), [], lambda: None)
     seen = []
     try:
         for positions, x in batches:

@@ -94,7 +94,7 @@ pytest_surviving_crashes() {  # pytest ARGS...: rerun without any test that kill
 }
 export -f pytest_surviving_crashes
 want op_tests && step op_tests 300 pytest_surviving_crashes tests/test_ops.py tests/test_library.py
-want runner_tests && step runner_tests 240 pytest_surviving_crashes tests/test_runner_device.py tests/test_band_stitching.py tests/test_bundle.py tests/test_read_workers.py -s
+want runner_tests && step runner_tests 240 pytest_surviving_crashes tests/test_runner_device.py tests/test_band_stitching.py tests/test_bundle.py tests/test_reading.py -s
 
 # NB: 16384^2, 2 rounds, device blending only: the configuration of docs/runner.md's GPU table
 # (~100 s on an H200, 32768^2 in 1 round ~165 s); WSSS_BENCH_PIPELINES=overlapped,host-blend,synchronous

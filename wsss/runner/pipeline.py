@@ -71,7 +71,7 @@ def _env_number(name: str, default, kind=int):
 # ones took 11.7 s for a noisy 2048^2 map that takes 0.9 s alone, two processes 1.9 s on 2 cores).
 # WSSS_OUTLINE_PROCESSES=0 traces them on two threads instead (for A/B measurements)
 OUTLINE_PROCESSES = max(0, _env_number("WSSS_OUTLINE_PROCESSES", min(4, max(1, (os.cpu_count() or 2) // 4))))
-# NB: on a GPU host the tiles are read in worker processes (read_workers.py), off this process's
+# NB: on a GPU host the tiles are read in worker processes (reading.py), off this process's
 # GIL, which the thread feeding the model and the band writer hold most of the time (an H200 run
 # at 16384^2: 4.5 ms of reader time per tile on threads, the model waiting 2.4 of its 5.1 s);
 # on the CPU the model's own threads leave the GIL free and the cores busy, and threads are
@@ -556,9 +556,9 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
         # NB: an earlier run's outputs stay as they are until this run has written all of its
         # own (in its work folder): a rerun that fails loses nothing (see _publish)
         if options.workers > 0 and _reader_processes(model, options):
-            from wsss.runner import read_workers
+            from wsss.runner import reading
 
-            read_workers.reserve(options.workers)  # (they start while the tissue is found)
+            reading.reserve(options.workers)  # (they start while the tissue is found)
         plan = plan_scale(reader, model.mpp if model.mpp is not None else reader.mpp, tolerance=options.mpp_tolerance)
         view = SlideView(reader, plan)
         grid = TileGrid(plan.width, plan.height, tile, overlap)
@@ -965,13 +965,15 @@ def _tiles_footprint(grid, tile: int, plan, shape) -> np.ndarray:
 def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher, views: list,
                state: dict, slide: Path, thumbnail=None, mask_rows: Optional[int] = None):
     """Read, predict and stitch every selected tile; returns the stitcher (None if no tiles).
-    thumbnail: a TileThumbnail the readers add the tiles to (see _read_batches); mask_rows: the
+    thumbnail: a TileThumbnail the readers add the tiles to (see reading.read_batches); mask_rows: the
     rows of the tissue mask a device stitcher gets (None: none).
 
     make_stitcher(K, device): a ``Stitcher`` (device None: blend on the CPU) or a
     ``BandStitcher`` on ``device`` (blend where the model's outputs are; see
     ``_stitch_on_device``)."""
     import torch
+
+    from wsss.runner.reading import read_batches
 
     if not grid.tiles:
         return None
@@ -995,7 +997,7 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     progress = _progress(len(grid.tiles), slide.name, options.progress, grid.tile)
     trim_heap = _HeapTrimmer()
     processes = _reader_processes(model, options)
-    batches = _read_batches(view, grid, options, timer, views, one_thread_if_helper, thumbnail, processes, state)
+    batches = read_batches(view, grid, options, timer, views, one_thread_if_helper, thumbnail, processes, state)
     try:
         run = _predict_and_stitch_on_device if on_device else _predict_and_stitch
         st = run(batches, grid.tile, model, options, timer, make_stitcher, progress, trim_heap, one_thread_if_helper)
@@ -1038,123 +1040,6 @@ def _stitch_on_device(model: SlideModel, options: RunOptions, grid, mask_rows: O
 
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     return BandStitcher.device_bytes(len(model.class_names), grid.tile, grid.width, mask_rows) <= free // 4
-
-
-def _read_batches(view, grid, options: RunOptions, timer: _StageTimer, views: list, one_thread_if_helper,
-                  thumbnail=None, processes: bool = False, state: Optional[dict] = None):
-    """Yield (positions, uint8 tiles [n,3,t,t]) in the grid's raster order, read ahead by
-    ``options.workers`` threads (each with its own slide handle) or, with ``processes``, by a
-    worker process per thread (``read_workers.py``; threads where they cannot be used).  The
-    tiles' block sums go to ``thumbnail`` (a TileThumbnail), before the batch is handed out
-    (their time counts as reading).  ``state["readers"]``: "threads", "processes", or
-    "processes, then threads" where a worker died.
-
-    NB: each reader copies its tile into its batch's slot of a ring of batch buffers, so the
-    thread that feeds the model only waits for a batch, never copies one together (32 copies
-    per batch, each giving up the GIL and waiting to retake it while a dozen threads run).
-    The ring holds every batch the read-ahead can reach plus the one handed out, which stays
-    untouched until the next is asked for: consumers copy or consume it first.  Tiles are
-    stored as read (NHWC) and handed out as an NCHW view with channels_last strides: no
-    transpose copy, and the bundle predictor's .contiguous(channels_last) is then free.
-    """
-    import torch
-
-    from wsss.slide import ThreadHandles
-
-    tile, size = grid.tile, options.batch_size
-    handles = ThreadHandles(view, on_new=one_thread_if_helper, opened=views)  # (the caller closes views)
-    lookahead = size * (max(1, options.workers) + 2)
-    ring_shape = (2 + -(-lookahead // size), size, tile, tile, 3)
-    readers = None
-    if processes and options.workers > 0:
-        from wsss.runner.read_workers import ProcessReaders
-
-        t0 = time.perf_counter()
-        readers = ProcessReaders.open(view, options.workers, ring_shape,
-                                      thumbnail.blocks if thumbnail is not None else None)
-        timer.add("read (starting processes)", time.perf_counter() - t0)
-    ring = readers.ring.array if readers is not None else [np.empty(ring_shape[1:], np.uint8) for _ in range(ring_shape[0])]
-    state = state if state is not None else {}
-    state["readers"] = "processes" if readers is not None else "threads"
-
-    tiles = grid.tiles
-    left = [min(size, len(tiles) - b) for b in range(0, len(tiles), size)]  # tiles of each batch still to read
-    left_lock = threading.Lock()
-
-    def read_here(i0: int, i1: int, slot: np.ndarray) -> None:
-        v = handles.get()
-        for i in range(i0, i1):
-            v.read(tiles[i][0], tiles[i][1], tile, tile, out=slot[i % size])
-
-    def read(i0: int, i1: int) -> None:
-        """Tiles [i0, i1) of one batch into its ring slot."""
-        t0 = time.perf_counter()
-        k = (i0 // size) % len(ring)
-        slot = ring[k]
-        if readers is not None:
-            # NB: block sums per run, in the worker or here (never a batch's sum on top of a run's)
-            if not readers.read(k, i0 % size, tiles[i0:i1], tile,
-                                on_sums=thumbnail.add_sums if thumbnail is not None else None):
-                read_here(i0, i1, slot)  # (its worker has gone)
-                state["readers"] = "processes, then threads"
-                if thumbnail is not None:
-                    thumbnail.add_batch(tiles[i0:i1], slot[i0 % size:i0 % size + i1 - i0])
-        else:
-            read_here(i0, i1, slot)
-            if thumbnail is not None:
-                with left_lock:
-                    left[i0 // size] -= i1 - i0
-                    complete = not left[i0 // size]
-                if complete:
-                    b0 = i0 // size * size
-                    batch = tiles[b0:b0 + size]
-                    thumbnail.add_batch(batch, slot[:len(batch)])
-        timer.add("read (worker time)", time.perf_counter() - t0)
-
-    pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="wsss-read") \
-        if options.workers > 0 else None
-    # NB: a reader task reads a run of one batch's tiles (each batch split between the readers),
-    # not one tile: each task submitted wakes a reader, and each future the thread feeding the
-    # model waits on is a GIL hand-over on a busy host (32 of each per batch of the CUDA default)
-    # NB: a reader process reads a whole batch per task: it needs no GIL, and each task costs
-    # this process's threads a few GIL hand-overs (the task's wake-up, its message each way)
-    run = size if readers is not None else -(-size // max(1, options.workers))
-    chunks = deque((i0, min(i0 + run, b0 + size, len(tiles)))
-                   for b0 in range(0, len(tiles), size) for i0 in range(b0, min(b0 + size, len(tiles)), run))
-    pending: deque = deque()  # (first tile, end, future or None), in order
-
-    def submit_more():
-        # (at most ``lookahead`` tiles read ahead of the batch handed out: the ring holds them)
-        while chunks and chunks[0][1] - (pending[0][0] if pending else chunks[0][0]) <= lookahead:
-            i0, i1 = chunks.popleft()
-            pending.append((i0, i1, pool.submit(read, i0, i1) if pool else None))
-
-    try:
-        submit_more()
-        while pending:
-            b0 = pending[0][0]
-            n = min(size, len(tiles) - b0)
-            t0 = time.perf_counter()
-            while pending and pending[0][0] < b0 + n:
-                i0, i1, fut = pending.popleft()
-                if fut is not None:
-                    fut.result()
-                else:
-                    read(i0, i1)
-            timer.add("read (waiting)", time.perf_counter() - t0)
-            # NB: the read-ahead is topped up once per batch, not per tile taken: each submit
-            # wakes a reader that then competes for the GIL with this loop (a stand-in GPU at
-            # 3072^2: main-thread waits 0.06-0.07 -> 0.02-0.03 s, tile stage -2.5%)
-            submit_more()
-            batch = ring[(b0 // size) % len(ring)]
-            yield list(tiles[b0:b0 + n]), torch.from_numpy(batch[:n]).permute(0, 3, 1, 2)
-    finally:
-        if pool is not None:
-            for _, _, fut in pending:
-                fut.cancel()
-            pool.shutdown(wait=True)
-        if readers is not None:
-            readers.close()
 
 
 def _check_probs_shape(shape, n: int, tile: int) -> None:

@@ -5,7 +5,7 @@ the band writer and every helper thread take turns, and each small numpy call, f
 GEOS call that gives the GIL up waits to take it back (beside three GIL-holding threads at a
 1-ms switch interval, tracing a noisy 2048^2 map's outlines took 11.7 s against 0.9 s alone).
 Work that needs many such calls and little data in and out is done in worker processes
-instead: the outline slabs (``outlines.py``) and the tile reads (``read_workers.py``).
+instead: the outline slabs (``outlines.py``) and the tile reads (``reading.py``).
 
 A worker is ``python -c _BOOT ROOT MODULE``: it imports MODULE (e.g. ``wsss.runner.outlines``)
 with the packages above it registered *without* running their ``__init__`` (importing ``wsss``

@@ -1,4 +1,4 @@
-"""Tile reads in worker processes (wsss.runner.read_workers): the same tiles, thumbnail and
+"""Tile reads in worker processes (wsss.runner.reading): the same tiles, thumbnail and
 outputs as the reader threads, errors as they are, a dead worker replaced by its thread, and
 no shared-memory file left behind."""
 from __future__ import annotations
@@ -17,8 +17,9 @@ import torch
 from runner_kit import colour_slide, model, opts, own_workers, write_pyramid
 
 from wsss.errors import SlideError
-from wsss.runner import pipeline, read_workers, run_slide
-from wsss.runner.pipeline import _read_batches, _StageTimer
+from wsss.runner import pipeline, reading, run_slide
+from wsss.runner.pipeline import _StageTimer
+from wsss.runner.reading import read_batches
 from wsss.runner.thumbnail import TileThumbnail
 from wsss.runner.tiling import TileGrid
 from wsss.runner.workers import Worker
@@ -31,7 +32,7 @@ REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" 
 @pytest.fixture
 def fresh_readers(monkeypatch):
     """A pool of reader worker processes of the test's own, ended after it."""
-    with own_workers(monkeypatch, read_workers) as workers:
+    with own_workers(monkeypatch, reading) as workers:
         yield workers
 
 
@@ -46,7 +47,7 @@ def read_all(view, grid, processes: bool, workers: int = 3, batch: int = 4, fact
     thumb = TileThumbnail(grid.width, grid.height, factor, grid.xs, grid.ys)
     out, views = [], []
     try:
-        for positions, x in _read_batches(view, grid, opts(batch_size=batch, workers=workers), _StageTimer(), views,
+        for positions, x in read_batches(view, grid, opts(batch_size=batch, workers=workers), _StageTimer(), views,
                                           lambda: None, thumb, processes, state):
             assert x.is_contiguous(memory_format=torch.channels_last)
             out.append((positions, x.clone()))
@@ -186,10 +187,10 @@ def test_reader_workers_load_no_torch_and_end_with_their_parent():
 
     heavy = "[n for n in sys.modules if n in ('torch', 'wsss.ops', 'wsss.runner.pipeline') or n.startswith('torch.')]"
     probe = workers._BOOT.replace("._serve()", f" and print({heavy})")
-    out = subprocess.run([sys.executable, "-c", probe, workers._ROOT, read_workers.__name__],
+    out = subprocess.run([sys.executable, "-c", probe, workers._ROOT, reading.__name__],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    w = Worker(read_workers.__name__)
+    w = Worker(reading.__name__)
     w.proc.stdin.close()
     assert w.proc.wait(timeout=30) == 0
 
@@ -223,10 +224,10 @@ def test_a_full_shared_memory_folder_falls_back_to_the_next(monkeypatch, tmp_pat
         return real(fd, offset, size)
 
     monkeypatch.setattr(os, "posix_fallocate", full_shm)
-    monkeypatch.setattr(read_workers, "_shared_dirs", lambda: ["/dev/shm", str(tmp_path)])
+    monkeypatch.setattr(reading, "_shared_dirs", lambda: ["/dev/shm", str(tmp_path)])
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm")
-    ring = read_workers.SharedRing((2, 3, 4))
+    ring = reading.SharedRing((2, 3, 4))
     assert ring.path.startswith(str(tmp_path)) and ring.array.shape == (2, 3, 4)
     ring.unlink()
     assert not list(tmp_path.iterdir()) and not glob.glob("/dev/shm/wsss-tiles-*")

@@ -1,21 +1,22 @@
-"""Tile reads in worker processes: the runner's readers off this process's GIL.
+"""The tile stage's readers (``read_batches``): batches of tiles in raster order, read ahead
+into a ring of batch buffers by threads or, on a GPU host, by worker processes.
 
 On a GPU host the thread that feeds the model, the band writer and the reader threads share
 one GIL, and a reader gives it up and waits to take it back several times per tile (the file
 read, the decode, the copy into the batch): an H200 run at 16384^2 spent 4.5 ms of reader time
 per 256-px tile, against ~0.3 ms alone, and the model waited 2.4 s of its 5.1 s for tiles.
-Here each reader thread hands its run of a batch's tiles to a worker process of its own
-(``workers.py``: numpy, tifffile or OpenSlide; no torch) with its own slide handle, which reads
-them straight into the batch's slot of a ring of batches in shared memory and, where the
-runner builds the overview thumbnail from the tiles, returns the run's block sums: one message
-each way per run, the tiles never pickled.
+There each reader thread hands whole batches to a worker process of its own (``workers.py``:
+numpy, tifffile or OpenSlide; no torch) with its own slide handle, which reads the tiles
+straight into the batch's slot of the ring, kept in shared memory, and, where the runner
+builds the overview thumbnail from the tiles, returns the batch's block sums: one message
+each way per batch, the tiles never pickled.
 
-The ring is a file in /dev/shm (the temporary folder where /dev/shm is missing or full),
-space reserved up front (a full tmpfs would otherwise kill a process writing to it), mapped
-here and by each worker, and unlinked as soon as they have mapped it: nothing is left behind,
-whatever ends the run.  ``ProcessReaders.open`` returns None where the processes cannot be
-used (a reader that cannot be reopened elsewhere, no workers, no shared memory): the caller
-reads on its threads.  A worker that dies mid-run is replaced by its thread (the same result).
+The shared ring is a file in /dev/shm (the temporary folder where /dev/shm is missing or
+full), space reserved up front (a full tmpfs would otherwise kill a process writing to it),
+mapped here and by each worker, and unlinked as soon as they have mapped it: nothing is left
+behind, whatever ends the run.  ``ProcessReaders.open`` returns None where the processes
+cannot be used (a reader that cannot be reopened elsewhere, no workers, no shared memory):
+the threads read.  A worker that dies mid-run is replaced by its thread (the same result).
 """
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ import os
 import queue
 import tempfile
 import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from wsss.runner.workers import Worker, WorkerFailed, WorkerPool, serve
 
-__all__ = ["ProcessReaders", "SharedRing"]
+__all__ = ["ProcessReaders", "SharedRing", "read_batches", "reserve"]
 
 
 # -- in a worker -------------------------------------------------------------------------------
@@ -229,3 +233,118 @@ class ProcessReaders:
 def reserve(n: int) -> None:
     """Start n reader workers ahead of a run (they import their libraries meanwhile)."""
     _WORKERS.reserve(n)
+
+
+def read_batches(view, grid, options, timer, views: list, one_thread_if_helper, thumbnail=None,
+                 processes: bool = False, state: Optional[dict] = None):
+    """Yield (positions, uint8 tiles [n,3,t,t]) in the grid's raster order, read ahead by
+    ``options.workers`` threads (each with its own slide handle) or, with ``processes``, by a
+    worker process per thread (``ProcessReaders``; threads where they cannot be used).  The
+    tiles' block sums go to ``thumbnail`` (a TileThumbnail), before the batch is handed out
+    (their time counts as reading).  ``state["readers"]``: "threads", "processes", or
+    "processes, then threads" where a worker died.
+
+    NB: each reader copies its tile into its batch's slot of a ring of batch buffers, so the
+    thread that feeds the model only waits for a batch, never copies one together (32 copies
+    per batch, each giving up the GIL and waiting to retake it while a dozen threads run).
+    The ring holds every batch the read-ahead can reach plus the one handed out, which stays
+    untouched until the next is asked for: consumers copy or consume it first.  Tiles are
+    stored as read (NHWC) and handed out as an NCHW view with channels_last strides: no
+    transpose copy, and the bundle predictor's .contiguous(channels_last) is then free.
+    """
+    import torch
+
+    from wsss.slide import ThreadHandles
+
+    tile, size = grid.tile, options.batch_size
+    handles = ThreadHandles(view, on_new=one_thread_if_helper, opened=views)  # (the caller closes views)
+    lookahead = size * (max(1, options.workers) + 2)
+    ring_shape = (2 + -(-lookahead // size), size, tile, tile, 3)
+    readers = None
+    if processes and options.workers > 0:
+        t0 = time.perf_counter()
+        readers = ProcessReaders.open(view, options.workers, ring_shape,
+                                      thumbnail.blocks if thumbnail is not None else None)
+        timer.add("read (starting processes)", time.perf_counter() - t0)
+    ring = readers.ring.array if readers is not None else [np.empty(ring_shape[1:], np.uint8) for _ in range(ring_shape[0])]
+    state = state if state is not None else {}
+    state["readers"] = "processes" if readers is not None else "threads"
+
+    tiles = grid.tiles
+    left = [min(size, len(tiles) - b) for b in range(0, len(tiles), size)]  # tiles of each batch still to read
+    left_lock = threading.Lock()
+
+    def read_here(i0: int, i1: int, slot: np.ndarray) -> None:
+        v = handles.get()
+        for i in range(i0, i1):
+            v.read(tiles[i][0], tiles[i][1], tile, tile, out=slot[i % size])
+
+    def read(i0: int, i1: int) -> None:
+        """Tiles [i0, i1) of one batch into its ring slot."""
+        t0 = time.perf_counter()
+        k = (i0 // size) % len(ring)
+        slot = ring[k]
+        if readers is not None:
+            # NB: block sums per run, in the worker or here (never a batch's sum on top of a run's)
+            if not readers.read(k, i0 % size, tiles[i0:i1], tile,
+                                on_sums=thumbnail.add_sums if thumbnail is not None else None):
+                read_here(i0, i1, slot)  # (its worker has gone)
+                state["readers"] = "processes, then threads"
+                if thumbnail is not None:
+                    thumbnail.add_batch(tiles[i0:i1], slot[i0 % size:i0 % size + i1 - i0])
+        else:
+            read_here(i0, i1, slot)
+            if thumbnail is not None:
+                with left_lock:
+                    left[i0 // size] -= i1 - i0
+                    complete = not left[i0 // size]
+                if complete:
+                    b0 = i0 // size * size
+                    batch = tiles[b0:b0 + size]
+                    thumbnail.add_batch(batch, slot[:len(batch)])
+        timer.add("read (worker time)", time.perf_counter() - t0)
+
+    pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="wsss-read") \
+        if options.workers > 0 else None
+    # NB: a reader task reads a run of one batch's tiles (each batch split between the readers),
+    # not one tile: each task submitted wakes a reader, and each future the thread feeding the
+    # model waits on is a GIL hand-over on a busy host (32 of each per batch of the CUDA default)
+    # NB: a reader process reads a whole batch per task: it needs no GIL, and each task costs
+    # this process's threads a few GIL hand-overs (the task's wake-up, its message each way)
+    run = size if readers is not None else -(-size // max(1, options.workers))
+    chunks = deque((i0, min(i0 + run, b0 + size, len(tiles)))
+                   for b0 in range(0, len(tiles), size) for i0 in range(b0, min(b0 + size, len(tiles)), run))
+    pending: deque = deque()  # (first tile, end, future or None), in order
+
+    def submit_more():
+        # (at most ``lookahead`` tiles read ahead of the batch handed out: the ring holds them)
+        while chunks and chunks[0][1] - (pending[0][0] if pending else chunks[0][0]) <= lookahead:
+            i0, i1 = chunks.popleft()
+            pending.append((i0, i1, pool.submit(read, i0, i1) if pool else None))
+
+    try:
+        submit_more()
+        while pending:
+            b0 = pending[0][0]
+            n = min(size, len(tiles) - b0)
+            t0 = time.perf_counter()
+            while pending and pending[0][0] < b0 + n:
+                i0, i1, fut = pending.popleft()
+                if fut is not None:
+                    fut.result()
+                else:
+                    read(i0, i1)
+            timer.add("read (waiting)", time.perf_counter() - t0)
+            # NB: the read-ahead is topped up once per batch, not per tile taken: each submit
+            # wakes a reader that then competes for the GIL with this loop (a stand-in GPU at
+            # 3072^2: main-thread waits 0.06-0.07 -> 0.02-0.03 s, tile stage -2.5%)
+            submit_more()
+            batch = ring[(b0 // size) % len(ring)]
+            yield list(tiles[b0:b0 + n]), torch.from_numpy(batch[:n]).permute(0, 3, 1, 2)
+    finally:
+        if pool is not None:
+            for _, _, fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True)
+        if readers is not None:
+            readers.close()
