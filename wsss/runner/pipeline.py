@@ -516,313 +516,424 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
     in the background while the next slide's tiles run); every resource it opens is released
     by its own finally blocks, wherever it ends.
     """
-    from wsss.runner import writers
-    from wsss.runner.band_stitching import BandStitcher
-    from wsss.runner.stitching import OutputTiles, Stitcher, TileSpool
-    from wsss.runner.thumbnail import TileThumbnail
-    from wsss.runner.tiling import TileGrid, weight_window
-    from wsss.slide import SlideView, detect_tissue, full_tissue_mask, load_tissue_mask, open_slide, plan_scale
-    from wsss.slide.tissue import detection_factor
-
-    options = (options or RunOptions()).for_model(model)
-    slide = Path(slide)
-    out_dir = Path(out_dir)
-    timer = _StageTimer()
-    t_start = time.perf_counter()
-    tile = int(options.tile_size or model.tile_size)
-    overlap = int(options.overlap if options.overlap is not None else tile // 8)
-    if options.output_tile % 16 or options.output_tile < 16:
-        raise WsssError(f"output tile size must be a positive multiple of 16, got {options.output_tile}")
-    if not 0.0 <= options.min_tissue < 1.0:
-        raise WsssError(f"--min-tissue must be in [0, 1), got {options.min_tissue}")
-    if options.batch_size < 1:
-        raise WsssError(f"--batch-size must be at least 1, got {options.batch_size}")
-    if options.stitch_device not in ("auto", "cpu", "model"):
-        raise WsssError(f"--stitch-device must be auto, cpu or model, got {options.stitch_device!r}")
-
-    with timer("open"):
-        reader = open_slide(slide, reader=options.reader, mpp=options.mpp)
-    views: List = []
-    created = not out_dir.exists()
+    run = _SlideRun(slide, model, out_dir, options, log)
+    run.open()
     try:
+        skipped = run.check()
+        if skipped is not None:
+            return skipped
+        run.plan_tiles()
+        run.make_work_folder()
+        try:
+            run.start_outputs()
+            run.run_tiles()
+            paused = time.perf_counter()
+            yield  # the tile stage is done; the outputs follow (maybe on another thread, later)
+            waited = time.perf_counter() - paused
+            if waited > 1e-3:
+                run.timer.add("outputs (waiting for the slide before)", waited)
+            result = run.write_outputs()
+        finally:
+            run.clean_up_work()
+        return result
+    except BaseException:
+        run.remove_created_folder()
+        raise
+    finally:
+        run.close()
+
+
+class _SlideRun:
+    """One slide through the runner, phase by phase (``_slide_phases`` drives them):
+
+    - ``open`` the slide; ``check`` the output folder (and ``--resume``);
+    - ``plan_tiles``: the scale, the grid, the tissue and the tiles that run;
+    - ``make_work_folder``, ``start_outputs``: the work folder, the label spool, and what is
+      written during the tile stage (the QC picture, the overlay, and on the early path the
+      pyramid, the outlines and the label TIFF);
+    - ``run_tiles``: the tile stage;
+    - ``write_outputs``: the rest of the outputs and run.json, published at once;
+    - ``clean_up_work``, ``close``: whatever ends the run.
+
+    ``state`` holds what the tile stage leaves for the outputs (and the cleanup)."""
+
+    def __init__(self, slide, model: SlideModel, out_dir, options: Optional[RunOptions],
+                 log: Callable[[str], None]) -> None:
+        self.options = options = (options or RunOptions()).for_model(model)
+        self.model, self.log = model, log
+        self.slide = Path(slide)
+        self.out_dir = Path(out_dir)
+        self.timer = _StageTimer()
+        self.t_start = time.perf_counter()
+        self.tile = int(options.tile_size or model.tile_size)
+        self.overlap = int(options.overlap if options.overlap is not None else self.tile // 8)
+        if options.output_tile % 16 or options.output_tile < 16:
+            raise WsssError(f"output tile size must be a positive multiple of 16, got {options.output_tile}")
+        if not 0.0 <= options.min_tissue < 1.0:
+            raise WsssError(f"--min-tissue must be in [0, 1), got {options.min_tissue}")
+        if options.batch_size < 1:
+            raise WsssError(f"--batch-size must be at least 1, got {options.batch_size}")
+        if options.stitch_device not in ("auto", "cpu", "model"):
+            raise WsssError(f"--stitch-device must be auto, cpu or model, got {options.stitch_device!r}")
+        self.bg = int(model.background_index)
+        self.reader = None
+        self.views: List = []
+        self.created = False
+        self.work: Optional[Path] = None
+        self.spools: list = []
+        self.state: dict = {}
+
+    # -- before the tiles -----------------------------------------------------------------------
+    def open(self) -> None:
+        from wsss.slide import open_slide
+
+        with self.timer("open"):
+            self.reader = open_slide(self.slide, reader=self.options.reader, mpp=self.options.mpp)
+        self.created = not self.out_dir.exists()
+
+    def check(self) -> Optional[SlideResult]:
+        """The output folder checked and swept of an interrupted run's temporaries; a
+        SlideResult when ``--resume`` finds this run's outputs there already."""
+        from wsss.runner import writers
+
+        slide, out_dir, options, reader = self.slide, self.out_dir, self.options, self.reader
         check_output_dir(out_dir)
         stale = writers.remove_stale_temporaries(out_dir)
         if stale:
-            log(f"{slide.name}: removed {stale} temporary file(s) an interrupted earlier run left in {out_dir}")
-        fp = fingerprint(slide, model, options, {"tile_size": tile, "overlap": overlap, "reader": reader.kind,
-                                                 "mpp": reader.mpp})
-        if options.resume and _is_complete(out_dir, fp):
+            self.log(f"{slide.name}: removed {stale} temporary file(s) an interrupted earlier run left in {out_dir}")
+        self.fp = fingerprint(slide, self.model, options, {"tile_size": self.tile, "overlap": self.overlap,
+                                                           "reader": reader.kind, "mpp": reader.mpp})
+        if options.resume and _is_complete(out_dir, self.fp):
             return SlideResult(str(slide), str(out_dir), "skipped", "outputs match the same model and options")
         # NB: an earlier run's outputs stay as they are until this run has written all of its
         # own (in its work folder): a rerun that fails loses nothing (see _publish)
+        return None
+
+    def plan_tiles(self) -> None:
+        """The output grid at the model's scale, the tissue, the tiles that run."""
+        from wsss.runner import writers
+        from wsss.runner.thumbnail import TileThumbnail
+        from wsss.runner.tiling import TileGrid
+        from wsss.slide import SlideView, detect_tissue, full_tissue_mask, load_tissue_mask, plan_scale
+        from wsss.slide.tissue import detection_factor
+
+        model, options, reader, tile = self.model, self.options, self.reader, self.tile
         if options.workers > 0 and _reader_processes(model, options):
             from wsss.runner import reading
 
             reading.reserve(options.workers)  # (they start while the tissue is found)
-        plan = plan_scale(reader, model.mpp if model.mpp is not None else reader.mpp, tolerance=options.mpp_tolerance)
-        view = SlideView(reader, plan)
-        grid = TileGrid(plan.width, plan.height, tile, overlap)
+        plan = self.plan = plan_scale(reader, model.mpp if model.mpp is not None else reader.mpp,
+                                      tolerance=options.mpp_tolerance)
+        view = self.view = SlideView(reader, plan)
+        grid = self.grid = TileGrid(plan.width, plan.height, tile, self.overlap)
 
         # the overlay's thumbnail: the slide at the label pyramid's overview level
-        sizes = writers.level_sizes(plan.width, plan.height, options.output_tile)
-        overview = writers.overview_level(sizes)  # (the level the overlay shows)
-        overview_factor = plan.width / sizes[overview][0]
-        overview_thumb = None
-        with timer("tissue"):
-            qc_thumb = None
+        self.sizes = writers.level_sizes(plan.width, plan.height, options.output_tile)
+        self.overview = writers.overview_level(self.sizes)  # (the level the overlay shows)
+        self.overview_factor = plan.width / self.sizes[self.overview][0]
+        self.overview_thumb = self.qc_thumb = None
+        with self.timer("tissue"):
             if options.tissue == "auto":
                 # NB: one read of the slide for both pictures: whichever is finer is read, the
                 # other resized from it (a slide without a pyramid is decoded whole per read)
-                if overview_factor < detection_factor(view):
-                    overview_thumb = view.read_downsampled(overview_factor, workers=options.workers)
-                tissue, qc_thumb = detect_tissue(view, finer=[overview_thumb], workers=options.workers)
+                if self.overview_factor < detection_factor(view):
+                    self.overview_thumb = view.read_downsampled(self.overview_factor, workers=options.workers)
+                tissue, self.qc_thumb = detect_tissue(view, finer=[self.overview_thumb], workers=options.workers)
             elif options.tissue == "none":
                 tissue = full_tissue_mask(plan.width * plan.mpp, plan.height * plan.mpp)
             else:
                 tissue = load_tissue_mask(options.tissue, slide_width_um=plan.width * plan.mpp,
                                           slide_height_um=plan.height * plan.mpp)
+            self.tissue = tissue
             tissue_area = _TissueIntegral(tissue)
             grid.select(lambda x, y: tissue_area.fraction(x, y, tile, tile, plan.mpp) > options.min_tissue)
+        # the mask the stitchers gate with (None: every pixel is tissue)
+        self.gate_mask = tissue if options.tissue != "none" else None
         # No thumbnail read yet, every tile runs, and a thumbnail read would decode the tiles'
         # level again (no coarser level: a flat TIFF): the reader threads sum the overview
         # picture from the tiles instead (~0.13 ms per tile against ~1 ms to decode it again).
-        tile_thumb = None
-        if overview_thumb is None and qc_thumb is None and len(grid.tiles) == grid.total \
-                and view.thumbnail_level(overview_factor) <= plan.level:
-            tile_thumb = TileThumbnail(plan.width, plan.height, 2 ** overview, grid.xs, grid.ys)
+        self.tile_thumb = None
+        if self.overview_thumb is None and self.qc_thumb is None and len(grid.tiles) == grid.total \
+                and view.thumbnail_level(self.overview_factor) <= plan.level:
+            self.tile_thumb = TileThumbnail(plan.width, plan.height, 2 ** self.overview, grid.xs, grid.ys)
         resampled = ("" if not plan.resampled else f", downsampled x{plan.scale:.3g}" if plan.scale > 1
                      else f", upsampled x{1 / plan.scale:.3g}")
-        log(f"{slide.name}: {plan.width}x{plan.height} px at {plan.mpp:.4g} um/px (level {plan.level}{resampled}), "
-            f"{len(grid.tiles)}/{grid.total} tiles with tissue ({100 * tissue.fraction():.1f}% tissue)")
+        name = self.slide.name
+        self.log(f"{name}: {plan.width}x{plan.height} px at {plan.mpp:.4g} um/px (level {plan.level}{resampled}), "
+                 f"{len(grid.tiles)}/{grid.total} tiles with tissue ({100 * tissue.fraction():.1f}% tissue)")
         if not grid.tiles:
-            grey = (qc_thumb is not None and tissue.source == "otsu-saturation"
-                    and not np.ptp(qc_thumb, axis=2).any())  # every pixel R = G = B
+            grey = (self.qc_thumb is not None and tissue.source == "otsu-saturation"
+                    and not np.ptp(self.qc_thumb, axis=2).any())  # every pixel R = G = B
             why = " (the slide has no colour: detection looks for stained tissue)" if grey else ""
-            log(f"{slide.name}: warning: no tissue found{why}, every pixel will be background (see tissue_qc.png; "
-                f"--no-tissue-detection runs every tile, --tissue-mask takes a mask of your own)")
+            self.log(f"{name}: warning: no tissue found{why}, every pixel will be background (see tissue_qc.png; "
+                     f"--no-tissue-detection runs every tile, --tissue-mask takes a mask of your own)")
 
-        work = Path(tempfile.mkdtemp(prefix=f".work.{writers.temp_tag()}.", suffix=".tmp", dir=out_dir))
-        stage = work / "outputs"  # (published into out_dir when every file is written)
-        stage.mkdir()
-        spools: List[TileSpool] = []
-        state: dict = {}  # what the tile stage leaves for the outputs (and the cleanup)
+    def make_work_folder(self) -> None:
+        from wsss.runner import writers
+
+        self.work = Path(tempfile.mkdtemp(prefix=f".work.{writers.temp_tag()}.", suffix=".tmp", dir=self.out_dir))
+        self.stage = self.work / "outputs"  # (published into out_dir when every file is written)
+        self.stage.mkdir()
+
+    def start_outputs(self) -> None:
+        """The label spool, and what is written during the tile stage: the tissue QC picture,
+        the overlay (row by row)."""
+        from wsss.runner import writers
+        from wsss.runner.stitching import TileSpool
+        from wsss.runner.tiling import weight_window
+
+        options, plan, state = self.options, self.plan, self.state
+        self.label_spool = TileSpool(str(self.work / "labels.spool"), options.output_tile, plan.width, plan.height,
+                                     np.uint8, fill=self.bg)
+        self.spools.append(self.label_spool)
+        self.window = weight_window(self.tile, self.overlap)
+        self.finalize = _make_finalize(self.gate_mask, plan.mpp, self.bg, self.timer)
+        self.early_pyramid = options.early_pyramid
+        if self.early_pyramid is None:
+            self.early_pyramid = str(self.model.description.get("device", "cpu")).startswith("cuda")
+
+        # NB: the tissue QC picture needs no labels, so it is written on a thread during the
+        # tile stage, not after it (0.84 s of an H100 run's tail at 32768^2, behind the tail's
+        # other threads): at once with a thumbnail read for tissue detection, else once the
+        # readers have summed the overview from the last tile
+        state["qc_pool"] = ThreadPoolExecutor(1, thread_name_prefix="wsss-qc")
+        tile_thumb = self.tile_thumb
+        if self.qc_thumb is not None:
+            state["qc"] = state["qc_pool"].submit(self._write_qc, self.qc_thumb)
+        elif tile_thumb is not None:
+            tile_thumb.on_complete = lambda: state.__setitem__("qc", state["qc_pool"].submit(self._write_qc,
+                                                                                              tile_thumb.image()))
+        # the overlay is encoded row by row as the overview level's labels and the thumbnail's
+        # rows arrive (the labels from the pyramid, during the tiles on the early path); a
+        # thumbnail neither read for tissue detection nor summed from the tiles is read at the end
+        overlay = state["overlay"] = writers.OverlayWriter(self.stage / "overlay.png", *self.sizes[self.overview],
+                                                           self.model.palette, self.bg)
+        if tile_thumb is not None:
+            overlay.watch_thumbnail(tile_thumb)
+            tile_thumb.on_rows = overlay.thumbnail_rows
+        elif self.overview_thumb is not None or self.qc_thumb is not None:
+            overlay.set_thumbnail(self.view.thumbnail(self.overview_factor, finer=[self.overview_thumb, self.qc_thumb]))
+
+    def _write_qc(self, picture: np.ndarray) -> None:
+        from wsss.runner import writers
+
+        plan = self.plan
+        with self.timer("write_qc"), _writing(self.out_dir / "tissue_qc.png"):
+            writers.write_tissue_qc(self.stage / "tissue_qc.png", picture, _mask_at(self.tissue, plan, picture.shape[:2]),
+                                    _tiles_footprint(self.grid, self.tile, plan, picture.shape[:2]))
+
+    def _polygon_outlines(self, levels, K: int, threads: Optional[int] = None, processes: int = 0) -> "_Outlines":
+        """The GeoJSON's outline builder, on the polygon level of the label pyramid."""
+        from wsss.runner import writers
+        from wsss.runner.outlines import OutlineBuilder
+
+        plan = self.plan
+        level = writers.polygon_level(levels, plan.mpp)
+        poly = levels[level]
+        # NB: a level-L label pixel covers 2^L grid pixels (the last one of a row only
+        # partly): 2^L, not the ratio of the rounded-up level widths
+        poly_mpp = plan.mpp * 2 ** level
+        scale = poly_mpp / self.reader.mpp  # -> level-0 px of the input slide
+        builder = OutlineBuilder(
+            poly.width, poly.height, [k for k in range(K) if k != self.bg], scale=scale,
+            extent=writers.geojson_extent(self.reader.dimensions, scale), threads=threads, processes=processes,
+            output="geojson",
+            min_area_px=max(1, int(round(self.options.min_polygon_um2 / poly_mpp ** 2))))
+        return _Outlines(level, builder)
+
+    # -- the tile stage -------------------------------------------------------------------------
+    def _make_stitcher(self, K: int, device=None):
+        """K is only known after the first prediction: the stitcher is made then (``_run_tiles``)."""
+        from wsss.runner.band_stitching import BandStitcher
+        from wsss.runner.stitching import Stitcher
+
+        plan, grid, timer = self.plan, self.grid, self.timer
+        if device is None:
+            stitcher = Stitcher(plan.width, plan.height, self.tile, grid.xs, grid.ys, grid.tiles, self.window, K,
+                                self.finalize, labels_out=None, background_index=self.bg)  # type: ignore[arg-type]
+        else:
+            stitcher = BandStitcher(plan.width, plan.height, self.tile, grid.tiles, self.window, K, device,
+                                    tissue=self.gate_mask, grid_mpp=plan.mpp, background_index=self.bg,
+                                    timer=lambda s: timer.add("stitch (band writer)", s),
+                                    wait_timer=lambda s: timer.add("stitch (device, writer queue full)", s))
         try:
-            bg = int(model.background_index)
-            T = options.output_tile
-            label_spool = TileSpool(str(work / "labels.spool"), T, plan.width, plan.height, np.uint8, fill=bg)
-            spools.append(label_spool)
-            window = weight_window(tile, overlap)
-            finalize = _make_finalize(tissue if options.tissue != "none" else None, plan.mpp, bg, timer)
-            early_pyramid = options.early_pyramid
-            if early_pyramid is None:
-                early_pyramid = str(model.description.get("device", "cpu")).startswith("cuda")
+            return self._attach_outputs(stitcher)
+        except BaseException:  # NB: the band stitcher's writer thread is already running
+            stitcher.finish(raise_errors=False)
+            raise
 
-            def polygon_outlines(levels, K: int, threads: Optional[int] = None, processes: int = 0) -> "_Outlines":
-                """The GeoJSON's outline builder, on the polygon level of the label pyramid."""
-                from wsss.runner.outlines import OutlineBuilder
+    def _attach_outputs(self, stitcher):
+        from wsss.runner import writers
+        from wsss.runner.stitching import OutputTiles, TileSpool
 
-                level = writers.polygon_level(levels, plan.mpp)
-                poly = levels[level]
-                # NB: a level-L label pixel covers 2^L grid pixels (the last one of a row only
-                # partly): 2^L, not the ratio of the rounded-up level widths
-                poly_mpp = plan.mpp * 2 ** level
-                scale = poly_mpp / reader.mpp  # -> level-0 px of the input slide
-                builder = OutlineBuilder(
-                    poly.width, poly.height, [k for k in range(K) if k != bg], scale=scale,
-                    extent=writers.geojson_extent(reader.dimensions, scale), threads=threads, processes=processes,
-                    output="geojson",
-                    min_area_px=max(1, int(round(options.min_polygon_um2 / poly_mpp ** 2))))
-                return _Outlines(level, builder)
+        options, plan, state, model = self.options, self.plan, self.state, self.model
+        T = options.output_tile
+        expected = stitcher.covered_pixels_per_output_tile(T)
+        stitcher.labels_out = OutputTiles(self.label_spool, expected)
+        if self.early_pyramid:
+            # NB: one thread keeps pace: each level-0 tile row is read once and voted up
+            # through every level (~1 ms per level-0 megapixel here against ~15 for the
+            # reference networks on an H200)
+            pyramid = state["pyramid"] = writers.LabelPyramid(self.label_spool, self.work, fill=self.bg,
+                                                              expected=expected)
+            state["pyramid_during_tiles"] = True
+            self.spools.extend(pyramid.levels[1:])
+            stitcher.labels_out.on_stored = pyramid.tiles_stored
+            # the GeoJSON's outlines too: slab by slab as the polygon level's rows are made,
+            # in worker processes (see OUTLINE_PROCESSES)
+            outlines = state["outlines"] = self._polygon_outlines(pyramid.levels, stitcher.num_classes, threads=2,
+                                                                  processes=OUTLINE_PROCESSES)
+            pyramid.watch_rows(outlines.level, outlines.builder.add)
+            pyramid.watch_rows(self.overview, state["overlay"].add_labels)
+            # ... and the label TIFF, each tile row once it is final
+            writer = state["tiff_writer"] = ThreadPoolExecutor(1, thread_name_prefix="wsss-labels")
+            state["labels_tiff"] = writer.submit(
+                writers.write_label_tiff, self.stage / "labels.tiff", pyramid.levels, mpp=plan.mpp,
+                palette=model.palette, background_index=self.bg, tiles=pyramid.iter_final_compressed,
+                class_names=_class_names(model, stitcher.num_classes))
+        if options.write_probs:
+            ps = TileSpool(str(self.work / "probs.spool"), T, plan.width, plan.height, np.float16,
+                           channels=stitcher.num_classes, fill=0)
+            self.spools.append(ps)
+            state["probs_spool"] = ps
+            stitcher.probs_out = OutputTiles(ps, expected)
+        return stitcher
 
-            def write_qc(picture: np.ndarray) -> None:
-                with timer("write_qc"), _writing(out_dir / "tissue_qc.png"):
-                    writers.write_tissue_qc(stage / "tissue_qc.png", picture, _mask_at(tissue, plan, picture.shape[:2]),
-                                            _tiles_footprint(grid, tile, plan, picture.shape[:2]))
+    def run_tiles(self) -> None:
+        options, state = self.options, self.state
+        with self.timer("tiles"):
+            stitcher = _run_tiles(self.view, self.grid, self.model, options, self.timer, self._make_stitcher,
+                                  self.views, state, self.slide, thumbnail=self.tile_thumb,
+                                  mask_rows=None if self.gate_mask is None else self.gate_mask.mask.shape[0])
+        if "batch_limit" in state:
+            n = state["batch_limit"]
+            self.log(f"{self.slide.name}: warning: the GPU ran out of memory with batches of {options.batch_size} "
+                     f"tiles; the slide ran in batches of {n} (--batch-size {n} saves the failed attempts)")
+        if stitcher is None:  # no tissue tile at all
+            self.class_pixels = np.zeros(256, np.int64)
+            self.K = len(self.model.class_names)
+        else:
+            self.class_pixels = stitcher.class_pixels.copy()
+            self.K = stitcher.num_classes
+            state["peak_pieces"] = stitcher.peak_pieces
+            state["peak_piece_mb"] = stitcher.peak_piece_bytes / 2**20
+        # NB: a device stitcher's accumulator must not outlive the tile stage (none kept here)
 
-            # NB: the tissue QC picture needs no labels, so it is written on a thread during the
-            # tile stage, not after it (0.84 s of an H100 run's tail at 32768^2, behind the tail's
-            # other threads): at once with a thumbnail read for tissue detection, else once the
-            # readers have summed the overview from the last tile
-            state["qc_pool"] = ThreadPoolExecutor(1, thread_name_prefix="wsss-qc")
-            if qc_thumb is not None:
-                state["qc"] = state["qc_pool"].submit(write_qc, qc_thumb)
-            elif tile_thumb is not None:
-                tile_thumb.on_complete = lambda: state.__setitem__("qc", state["qc_pool"].submit(write_qc, tile_thumb.image()))
-            # the overlay is encoded row by row as the overview level's labels and the thumbnail's
-            # rows arrive (the labels from the pyramid, during the tiles on the early path); a
-            # thumbnail neither read for tissue detection nor summed from the tiles is read at the end
-            overlay = state["overlay"] = writers.OverlayWriter(stage / "overlay.png", *sizes[overview], model.palette, bg)
-            if tile_thumb is not None:
-                overlay.watch_thumbnail(tile_thumb)
-                tile_thumb.on_rows = overlay.thumbnail_rows
-            elif overview_thumb is not None or qc_thumb is not None:
-                overlay.set_thumbnail(view.thumbnail(overview_factor, finer=[overview_thumb, qc_thumb]))
+    # -- after the tiles ------------------------------------------------------------------------
+    def write_outputs(self) -> SlideResult:
+        """Every output (what is left of those begun during the tiles) into the work folder,
+        then published into the output folder with run.json."""
+        from wsss.runner import writers
 
-            # K is only known after the first prediction: build the stitcher lazily.
+        options, plan, state, model, timer = self.options, self.plan, self.state, self.model, self.timer
+        out_dir, stage, bg, K = self.out_dir, self.stage, self.bg, self.K
+        class_pixels = self.class_pixels
+        covered = int(class_pixels.sum())
+        class_pixels[bg] += plan.width * plan.height - covered  # tiles never run: background
+        names = _class_names(model, K)
 
-            def make_stitcher(K: int, device=None):
-                if device is None:
-                    stitcher = Stitcher(plan.width, plan.height, tile, grid.xs, grid.ys, grid.tiles, window, K,
-                                        finalize, labels_out=None, background_index=bg)  # type: ignore[arg-type]
-                else:
-                    stitcher = BandStitcher(plan.width, plan.height, tile, grid.tiles, window, K, device,
-                                            tissue=tissue if options.tissue != "none" else None, grid_mpp=plan.mpp,
-                                            background_index=bg,
-                                            timer=lambda s: timer.add("stitch (band writer)", s),
-                                            wait_timer=lambda s: timer.add("stitch (device, writer queue full)", s))
-                try:
-                    return _attach_outputs(stitcher)
-                except BaseException:  # NB: the band stitcher's writer thread is already running
-                    stitcher.finish(raise_errors=False)
-                    raise
+        with timer("pyramid"):  # (what is left of it, when built during the tile stage)
+            if "pyramid" not in state:
+                pyramid = state["pyramid"] = writers.LabelPyramid(self.label_spool, self.work, fill=bg)
+                self.spools.extend(pyramid.levels[1:])
+                outlines = state["outlines"] = self._polygon_outlines(pyramid.levels, K, threads=options.workers)
+                # NB: the polygon and overview levels' rows are kept (<= 2048^2 and 1024^2 bytes)
+                # and traced / encoded beside each other, not while the pyramid is built: on 2
+                # cores that overlap made the CPU path's tail longer (the pyramid 0.02 -> 0.06
+                # s, the GeoJSON no shorter)
+                state["polygon_rows"], state["overview_rows"] = [], []
+                pyramid.watch_rows(outlines.level, state["polygon_rows"].append)
+                pyramid.watch_rows(self.overview, state["overview_rows"].append)
+            levels = state["pyramid"].finish()
+        # NB: the GeoJSON and the label TIFF (what is left of them, when begun during the tile
+        # stage; contourpy, GEOS, zlib and file writes release the GIL) run on threads of their
+        # own while the pictures are made; leaving this block waits for them, so the spools
+        # they read are closed only after they end, however the block ends.
+        with timer("outputs"), ThreadPoolExecutor(2, thread_name_prefix="wsss-outputs") as side:
+            def polygons() -> int:
+                with timer("write_geojson"), _writing(out_dir / "polygons.geojson"):
+                    if "polygon_rows" in state:  # (else traced as the pyramid made the rows: the last slabs are left)
+                        state["outlines"].builder.add(np.concatenate(state.pop("polygon_rows")))
+                    geoms = state["outlines"].builder.finish()
+                    for part, seconds in state["outlines"].builder.timings.items():
+                        timer.add(f"write_geojson ({part})", seconds)
+                    return writers.write_geojson_features(stage / "polygons.geojson", geoms,
+                                                          class_names=names[:K], palette=model.palette)
 
-            def _attach_outputs(stitcher):
-                expected = stitcher.covered_pixels_per_output_tile(T)
-                stitcher.labels_out = OutputTiles(label_spool, expected)
-                if early_pyramid:
-                    # NB: one thread keeps pace: each level-0 tile row is read once and voted up
-                    # through every level (~1 ms per level-0 megapixel here against ~15 for the
-                    # reference networks on an H200)
-                    pyramid = state["pyramid"] = writers.LabelPyramid(label_spool, work, fill=bg, expected=expected)
-                    state["pyramid_during_tiles"] = True
-                    spools.extend(pyramid.levels[1:])
-                    stitcher.labels_out.on_stored = pyramid.tiles_stored
-                    # the GeoJSON's outlines too: slab by slab as the polygon level's rows are made,
-                    # in worker processes (see OUTLINE_PROCESSES)
-                    outlines = state["outlines"] = polygon_outlines(pyramid.levels, stitcher.num_classes, threads=2,
-                                                                    processes=OUTLINE_PROCESSES)
-                    pyramid.watch_rows(outlines.level, outlines.builder.add)
-                    pyramid.watch_rows(overview, overlay.add_labels)
-                    # ... and the label TIFF, each tile row once it is final
-                    writer = state["tiff_writer"] = ThreadPoolExecutor(1, thread_name_prefix="wsss-labels")
-                    state["labels_tiff"] = writer.submit(
-                        writers.write_label_tiff, stage / "labels.tiff", pyramid.levels, mpp=plan.mpp,
-                        palette=model.palette, background_index=bg, tiles=pyramid.iter_final_compressed,
-                        class_names=_class_names(model, stitcher.num_classes))
-                if options.write_probs:
-                    ps = TileSpool(str(work / "probs.spool"), T, plan.width, plan.height, np.float16,
-                                   channels=stitcher.num_classes, fill=0)
-                    spools.append(ps)
-                    state["probs_spool"] = ps
-                    stitcher.probs_out = OutputTiles(ps, expected)
-                return stitcher
+            def labels_tiff() -> None:
+                with timer("write_labels"), _writing(out_dir / "labels.tiff"):
+                    if "labels_tiff" in state:
+                        state["labels_tiff"].result()
+                    else:
+                        writers.write_label_tiff(stage / "labels.tiff", levels, mpp=plan.mpp, palette=model.palette,
+                                                 background_index=bg, class_names=names)
+                    if options.write_probs and "probs_spool" in state:
+                        with _writing(out_dir / "probs.tiff"):
+                            writers.write_probs_tiff(stage / "probs.tiff", state["probs_spool"], mpp=plan.mpp,
+                                                     class_names=names[:K])
 
-            with timer("tiles"):
-                stitcher = _run_tiles(view, grid, model, options, timer, make_stitcher, views, state, slide,
-                                      thumbnail=tile_thumb,
-                                      mask_rows=tissue.mask.shape[0] if options.tissue != "none" else None)
-            if "batch_limit" in state:
-                n = state["batch_limit"]
-                log(f"{slide.name}: warning: the GPU ran out of memory with batches of {options.batch_size} tiles; "
-                    f"the slide ran in batches of {n} (--batch-size {n} saves the failed attempts)")
-            if stitcher is None:  # no tissue tile at all
-                class_pixels = np.zeros(256, np.int64)
-                K = len(model.class_names)
-            else:
-                class_pixels = stitcher.class_pixels.copy()
-                K = stitcher.num_classes
-                state["peak_pieces"] = stitcher.peak_pieces
-                state["peak_piece_mb"] = stitcher.peak_piece_bytes / 2**20
-            stitcher = None  # NB: a device stitcher's accumulator must not outlive the tile stage
-            paused = time.perf_counter()
-            yield  # the tile stage is done; the outputs follow (maybe on another thread, later)
-            waited = time.perf_counter() - paused
-            if waited > 1e-3:
-                timer.add("outputs (waiting for the slide before)", waited)
-            covered = int(class_pixels.sum())
-            class_pixels[bg] += plan.width * plan.height - covered  # tiles never run: background
-            names = _class_names(model, K)
+            n_features = side.submit(polygons)
+            labels_done = side.submit(labels_tiff)
+            with timer("write_areas"), _writing(out_dir / "areas.json"):
+                areas = writers.class_areas(class_pixels, mpp=plan.mpp, class_names=names[:K], background_index=bg)
+                writers.write_areas(stage / "areas.json", stage / "areas.csv", areas)
+            # NB: pictures and polygons come from low-resolution levels of the label pyramid
+            # (majority vote), so their cost is bounded on any slide (see writers.*_level).
+            with timer("write_overlay"), _writing(out_dir / "overlay.png"):
+                overlay = state["overlay"]
+                state["thumbnail_from_tiles"] = self.tile_thumb is not None
+                if self.tile_thumb is None and self.overview_thumb is None and self.qc_thumb is None:
+                    thumb = self.view.thumbnail(self.overview_factor, workers=options.workers)
+                    state["qc"] = state["qc_pool"].submit(self._write_qc, thumb)  # (beside the overlay)
+                    overlay.set_thumbnail(thumb)
+                if "overview_rows" in state:  # (else encoded as the pyramid made the rows: the last are left)
+                    overlay.add_labels(np.concatenate(state.pop("overview_rows")))
+                overlay.finish()
+            state["qc"].result()
+            labels_done.result()
+            n_features = n_features.result()
 
-            with timer("pyramid"):  # (what is left of it, when built during the tile stage)
-                if "pyramid" not in state:
-                    pyramid = state["pyramid"] = writers.LabelPyramid(label_spool, work, fill=bg)
-                    spools.extend(pyramid.levels[1:])
-                    outlines = state["outlines"] = polygon_outlines(pyramid.levels, K, threads=options.workers)
-                    # NB: the polygon and overview levels' rows are kept (<= 2048^2 and 1024^2 bytes)
-                    # and traced / encoded beside each other, not while the pyramid is built: on 2
-                    # cores that overlap made the CPU path's tail longer (the pyramid 0.02 -> 0.06
-                    # s, the GeoJSON no shorter)
-                    state["polygon_rows"], state["overview_rows"] = [], []
-                    pyramid.watch_rows(outlines.level, state["polygon_rows"].append)
-                    pyramid.watch_rows(overview, state["overview_rows"].append)
-                levels = state["pyramid"].finish()
-            # NB: the GeoJSON and the label TIFF (what is left of them, when begun during the tile
-            # stage; contourpy, GEOS, zlib and file writes release the GIL) run on threads of their
-            # own while the pictures are made; leaving this block waits for them, so the spools
-            # they read are closed only after they end, however the block ends.
-            with timer("outputs"), ThreadPoolExecutor(2, thread_name_prefix="wsss-outputs") as side:
-                def polygons() -> int:
-                    with timer("write_geojson"), _writing(out_dir / "polygons.geojson"):
-                        if "polygon_rows" in state:  # (else traced as the pyramid made the rows: the last slabs are left)
-                            state["outlines"].builder.add(np.concatenate(state.pop("polygon_rows")))
-                        geoms = state["outlines"].builder.finish()
-                        for part, seconds in state["outlines"].builder.timings.items():
-                            timer.add(f"write_geojson ({part})", seconds)
-                        return writers.write_geojson_features(stage / "polygons.geojson", geoms,
-                                                              class_names=names[:K], palette=model.palette)
+        outputs = list(OUTPUT_FILES) + (["probs.tiff"] if options.write_probs and "probs_spool" in state else [])
+        timings = dict(timer.seconds)
+        timings["total"] = time.perf_counter() - self.t_start
+        _publish(stage, out_dir, outputs, self._run_info(timings, outputs, areas, n_features))
+        return SlideResult(str(self.slide), str(out_dir), "done",
+                           outputs={n: str(out_dir / n) for n in outputs + ["run.json"]}, timings=timings, areas=areas)
 
-                def labels_tiff() -> None:
-                    with timer("write_labels"), _writing(out_dir / "labels.tiff"):
-                        if "labels_tiff" in state:
-                            state["labels_tiff"].result()
-                        else:
-                            writers.write_label_tiff(stage / "labels.tiff", levels, mpp=plan.mpp, palette=model.palette,
-                                                     background_index=bg, class_names=names)
-                        if options.write_probs and "probs_spool" in state:
-                            with _writing(out_dir / "probs.tiff"):
-                                writers.write_probs_tiff(stage / "probs.tiff", state["probs_spool"], mpp=plan.mpp,
-                                                         class_names=names[:K])
+    def _run_info(self, timings: dict, outputs: List[str], areas, n_features: int) -> dict:
+        options, plan, state, model, grid, tissue = self.options, self.plan, self.state, self.model, self.grid, self.tissue
+        n_tiles = len(grid.tiles)
+        tile = self.tile
+        return {
+            "status": "complete", "format_version": RUN_FORMAT_VERSION, "fingerprint": self.fp,
+            "slide": {**self.reader.describe(), **_slide_identity(self.slide)},
+            "model": {"identity": model.identity, "mpp": model.mpp, "tile_size": model.tile_size,
+                      "class_names": list(model.class_names), "background_index": self.bg, **model.description},
+            "options": {**asdict(options), "tile_size": tile, "overlap": self.overlap},
+            "scale": plan.to_dict(),
+            "tissue": {"source": tissue.source, "fraction": tissue.fraction(), "threshold": tissue.threshold,
+                       "mask_shape": list(tissue.mask.shape)},
+            "tiles": {"run": n_tiles, "grid": grid.total, "stitch_device": state.get("stitch_device"),
+                      "readers": state.get("readers"),
+                      "pyramid_during_tiles": state.get("pyramid_during_tiles", False),
+                      "thumbnail_from_tiles": state.get("thumbnail_from_tiles", False),
+                      "peak_live_pieces": state.get("peak_pieces", 0),
+                      "peak_piece_mb": state.get("peak_piece_mb", 0.0), "heap_trims": state.get("heap_trims", 0),
+                      "batch_size_run": state.get("batch_limit", options.batch_size)},
+            "throughput": {"megapixels_per_second": n_tiles * tile * tile / 1e6 / max(timings.get("tiles", 0), 1e-9),
+                           "tiles_per_second": n_tiles / max(timings.get("tiles", 0), 1e-9)},
+            "geojson_features": n_features,
+            "areas": areas,
+            "versions": _versions(),
+            "timings_s": timings,
+            "output_sizes": {name: (self.stage / name).stat().st_size for name in outputs},
+        }
 
-                n_features = side.submit(polygons)
-                labels_done = side.submit(labels_tiff)
-                with timer("write_areas"), _writing(out_dir / "areas.json"):
-                    areas = writers.class_areas(class_pixels, mpp=plan.mpp, class_names=names[:K], background_index=bg)
-                    writers.write_areas(stage / "areas.json", stage / "areas.csv", areas)
-                # NB: pictures and polygons come from low-resolution levels of the label pyramid
-                # (majority vote), so their cost is bounded on any slide (see writers.*_level).
-                with timer("write_overlay"), _writing(out_dir / "overlay.png"):
-                    state["thumbnail_from_tiles"] = tile_thumb is not None
-                    if tile_thumb is None and overview_thumb is None and qc_thumb is None:
-                        thumb = view.thumbnail(overview_factor, workers=options.workers)
-                        state["qc"] = state["qc_pool"].submit(write_qc, thumb)  # (beside the overlay)
-                        overlay.set_thumbnail(thumb)
-                    if "overview_rows" in state:  # (else encoded as the pyramid made the rows: the last are left)
-                        overlay.add_labels(np.concatenate(state.pop("overview_rows")))
-                    overlay.finish()
-                state["qc"].result()
-                labels_done.result()
-                n_features = n_features.result()
-
-            outputs = list(OUTPUT_FILES) + (["probs.tiff"] if options.write_probs and "probs_spool" in state else [])
-            timings = dict(timer.seconds)
-            timings["total"] = time.perf_counter() - t_start
-            n_tiles = len(grid.tiles)
-            run_info = {
-                "status": "complete", "format_version": RUN_FORMAT_VERSION, "fingerprint": fp,
-                "slide": {**reader.describe(), **_slide_identity(slide)},
-                "model": {"identity": model.identity, "mpp": model.mpp, "tile_size": model.tile_size,
-                          "class_names": list(model.class_names), "background_index": bg, **model.description},
-                "options": {**asdict(options), "tile_size": tile, "overlap": overlap},
-                "scale": plan.to_dict(),
-                "tissue": {"source": tissue.source, "fraction": tissue.fraction(), "threshold": tissue.threshold,
-                           "mask_shape": list(tissue.mask.shape)},
-                "tiles": {"run": n_tiles, "grid": grid.total, "stitch_device": state.get("stitch_device"),
-                          "readers": state.get("readers"),
-                          "pyramid_during_tiles": state.get("pyramid_during_tiles", False),
-                          "thumbnail_from_tiles": state.get("thumbnail_from_tiles", False),
-                          "peak_live_pieces": state.get("peak_pieces", 0),
-                          "peak_piece_mb": state.get("peak_piece_mb", 0.0), "heap_trims": state.get("heap_trims", 0),
-                          "batch_size_run": state.get("batch_limit", options.batch_size)},
-                "throughput": {"megapixels_per_second": n_tiles * tile * tile / 1e6 / max(timings.get("tiles", 0), 1e-9),
-                               "tiles_per_second": n_tiles / max(timings.get("tiles", 0), 1e-9)},
-                "geojson_features": n_features,
-                "areas": areas,
-                "versions": _versions(),
-                "timings_s": timings,
-                "output_sizes": {name: (stage / name).stat().st_size for name in outputs},
-            }
-            _publish(stage, out_dir, outputs, run_info)
-        finally:
+    # -- whatever ends the run ------------------------------------------------------------------
+    def clean_up_work(self) -> None:
+        """Everything in the work folder stopped and closed, then the folder removed."""
+        state = self.state
+        try:
             if "qc_pool" in state:
                 state["qc_pool"].shutdown(wait=True)  # (it writes into the work folder)
             if "overlay" in state:
@@ -833,22 +944,22 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
                 state["outlines"].builder.close()
             if "tiff_writer" in state:
                 state["tiff_writer"].shutdown(wait=True)  # (the closed pyramid ends an unfinished file)
-            for s in spools:
+            for s in self.spools:
                 s.close()
-            shutil.rmtree(work, ignore_errors=True)
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
 
-        return SlideResult(str(slide), str(out_dir), "done", outputs={n: str(out_dir / n) for n in outputs + ["run.json"]},
-                           timings=timings, areas=areas)
-    except BaseException:
-        if created:  # a folder this run made and left empty: it goes too
+    def remove_created_folder(self) -> None:
+        """A folder this run made and left empty goes too."""
+        if self.created:
             with contextlib.suppress(OSError):
-                out_dir.rmdir()
-        raise
-    finally:
-        for v in views:
+                self.out_dir.rmdir()
+
+    def close(self) -> None:
+        for v in self.views:
             with contextlib.suppress(Exception):
                 v.close()
-        reader.close()
+        self.reader.close()
 
 
 @dataclass
