@@ -57,7 +57,8 @@ def read_all(view, grid, processes: bool, workers: int = 3, batch: int = 4, fact
     return out, thumb.image()
 
 
-@pytest.mark.parametrize("reader, resample", [("tifffile", False), ("tifffile", True), ("openslide", False), ("real", True)])
+@pytest.mark.parametrize("reader, resample",
+                         [("tifffile", False), ("tifffile", True), ("openslide", False), ("real", True)])
 def test_processes_read_the_tiles_and_thumbnail_the_threads_do(tmp_path, fresh_readers, reader, resample):
     if reader != "tifffile":
         pytest.importorskip("openslide")

@@ -719,8 +719,9 @@ class _SlideRun:
 
         plan = self.plan
         with self.timer("write_qc"), _writing(self.out_dir / "tissue_qc.png"):
-            writers.write_tissue_qc(self.stage / "tissue_qc.png", picture, _mask_at(self.tissue, plan, picture.shape[:2]),
-                                    _tiles_footprint(self.grid, self.tile, plan, picture.shape[:2]))
+            shape = picture.shape[:2]
+            writers.write_tissue_qc(self.stage / "tissue_qc.png", picture, _mask_at(self.tissue, plan, shape),
+                                    _tiles_footprint(self.grid, self.tile, plan, shape))
 
     def _polygon_outlines(self, levels, K: int, threads: Optional[int] = None, processes: int = 0) -> "_Outlines":
         """The GeoJSON's outline builder, on the polygon level of the label pyramid."""
@@ -901,9 +902,8 @@ class _SlideRun:
                            outputs={n: str(out_dir / n) for n in outputs + ["run.json"]}, timings=timings, areas=areas)
 
     def _run_info(self, timings: dict, outputs: List[str], areas, n_features: int) -> dict:
-        options, plan, state, model, grid, tissue = self.options, self.plan, self.state, self.model, self.grid, self.tissue
-        n_tiles = len(grid.tiles)
-        tile = self.tile
+        options, plan, state, model, grid = self.options, self.plan, self.state, self.model, self.grid
+        tissue, tile, n_tiles = self.tissue, self.tile, len(self.grid.tiles)
         return {
             "status": "complete", "format_version": RUN_FORMAT_VERSION, "fingerprint": self.fp,
             "slide": {**self.reader.describe(), **_slide_identity(self.slide)},

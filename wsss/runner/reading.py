@@ -266,7 +266,8 @@ def read_batches(view, grid, options, timer, views: list, one_thread_if_helper, 
         readers = ProcessReaders.open(view, options.workers, ring_shape,
                                       thumbnail.blocks if thumbnail is not None else None)
         timer.add("read (starting processes)", time.perf_counter() - t0)
-    ring = readers.ring.array if readers is not None else [np.empty(ring_shape[1:], np.uint8) for _ in range(ring_shape[0])]
+    ring = readers.ring.array if readers is not None else \
+        [np.empty(ring_shape[1:], np.uint8) for _ in range(ring_shape[0])]
     state = state if state is not None else {}
     state["readers"] = "processes" if readers is not None else "threads"
 
