@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -71,7 +72,9 @@ def test_library_already_loaded_from_another_path_is_not_loaded_again(tmp_path):
 
 
 def test_wsss_info_reports_backends_and_threads():
-    r = subprocess.run([sys.executable, "-m", "wsss.info", "--json"], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "WSSS_READER_PROCESSES"}
+    r = subprocess.run([sys.executable, "-m", "wsss.info", "--json"], capture_output=True, text=True, env=env,
+                       timeout=120)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert set(info["op_backends"]) >= {"pda_attention", "pda_pool", "gate_argmax", "gradcam", "band_accumulate",
@@ -82,8 +85,9 @@ def test_wsss_info_reports_backends_and_threads():
     assert info["threads"] >= 1
     assert info["built_against"]["torch_version"] == info["torch"]
     assert isinstance(info["cpu"]["bf16_matrix_units"], bool)
-    text = subprocess.run([sys.executable, "-m", "wsss.info"], capture_output=True, text=True, timeout=120)
-    assert "wsss::gate_argmax" in text.stdout and "bf16 matrix units" in text.stdout
+    assert info["runner"]["reader_processes_on_cuda"] == ((os.cpu_count() or 1) >= 8)  # (WSSS_READER_PROCESSES unset)
+    text = subprocess.run([sys.executable, "-m", "wsss.info"], capture_output=True, text=True, env=env, timeout=120)
+    assert "wsss::gate_argmax" in text.stdout and "bf16 matrix units" in text.stdout and "runner on CUDA" in text.stdout
 
 
 def test_library_shares_the_process_libstdcxx():

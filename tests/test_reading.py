@@ -197,18 +197,16 @@ def test_reader_workers_load_no_torch_and_end_with_their_parent():
 
 
 def test_reader_processes_are_used_on_gpu_hosts_unless_told(monkeypatch):
-    cuda, cpu = model(), model()
-    cuda.description = dict(cuda.description, device="cuda:0")
     monkeypatch.setattr(pipeline, "READER_PROCESSES", -1)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert pipeline._reader_processes(cuda, opts()) and not pipeline._reader_processes(cpu, opts())
+    assert pipeline.reader_processes("cuda:0") and not pipeline.reader_processes("cpu")
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert not pipeline._reader_processes(cuda, opts())
+    assert not pipeline.reader_processes("cuda:0")
     monkeypatch.setattr(pipeline, "READER_PROCESSES", 1)
-    assert pipeline._reader_processes(cpu, opts())
+    assert pipeline.reader_processes("cpu")
     monkeypatch.setattr(pipeline, "READER_PROCESSES", 0)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert not pipeline._reader_processes(cuda, opts())
+    assert not pipeline.reader_processes("cuda:0")
 
 
 def test_a_full_shared_memory_folder_falls_back_to_the_next(monkeypatch, tmp_path):

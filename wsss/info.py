@@ -2,7 +2,9 @@
 
 Prints what a bug report needs and what decides speed: which backends each wsss op has
 (from the dispatcher, not from build flags), the torch it was built against, the CPU
-features that matter for bfloat16 inference, and the thread count.
+features that matter for bfloat16 inference, the thread count, and what the whole-slide
+runner's GPU path will use here (worker processes for tile reads and outlines, the shared
+memory their tile ring lives in).
 """
 from __future__ import annotations
 
@@ -51,6 +53,21 @@ def op_backends() -> dict:
     return table
 
 
+def runner_info() -> dict:
+    """The runner's helper processes on this host (with a CUDA model) and its shared memory."""
+    import os
+    import shutil
+
+    from wsss.runner import pipeline
+
+    try:
+        shm_mb = shutil.disk_usage("/dev/shm").free >> 20
+    except OSError:
+        shm_mb = None
+    return {"cores": os.cpu_count(), "reader_processes_on_cuda": pipeline.reader_processes("cuda"),
+            "outline_processes_on_cuda": pipeline.OUTLINE_PROCESSES, "shared_memory_free_mb": shm_mb}
+
+
 def collect() -> dict:
     import torch
 
@@ -71,6 +88,7 @@ def collect() -> dict:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu": cpu_features(),
+        "runner": runner_info(),
     }
 
 
@@ -96,6 +114,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     print(f"threads {info['threads']}  cpu capability {info['cpu_capability']}  "
           f"avx2 {cpu['avx2']}  avx512f {cpu['avx512f']}  bf16 matrix units "
           f"{'yes' if cpu['bf16_matrix_units'] else 'no'} (amx_bf16 {cpu['amx_bf16']}, avx512_bf16 {cpu['avx512_bf16']})")
+    r = info["runner"]
+    shm = "no /dev/shm" if r["shared_memory_free_mb"] is None else f"/dev/shm {r['shared_memory_free_mb']} MB free"
+    n = r["outline_processes_on_cuda"]
+    print(f"runner on CUDA ({r['cores']} cores): tiles read in "
+          f"{'worker processes' if r['reader_processes_on_cuda'] else 'threads'}, outlines traced in "
+          f"{f'{n} worker process' + ('es' if n > 1 else '') if n else 'threads'}; {shm}")
     return 0
 
 

@@ -618,7 +618,7 @@ class _SlideRun:
         from wsss.slide.tissue import detection_factor
 
         model, options, reader, tile = self.model, self.options, self.reader, self.tile
-        if options.workers > 0 and _reader_processes(model, options):
+        if options.workers > 0 and reader_processes(model.description.get("device", "cpu")):
             from wsss.runner import reading
 
             reading.reserve(options.workers)  # (they start while the tissue is found)
@@ -1107,7 +1107,7 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     model = _BatchHalving(on_halve=lambda n: state.__setitem__("batch_limit", n)).wrap(model)
     progress = _progress(len(grid.tiles), slide.name, options.progress, grid.tile)
     trim_heap = _HeapTrimmer()
-    processes = _reader_processes(model, options)
+    processes = reader_processes(model.description.get("device", "cpu"))
     batches = read_batches(view, grid, options, timer, views, one_thread_if_helper, thumbnail, processes, state)
     try:
         run = _predict_and_stitch_on_device if on_device else _predict_and_stitch
@@ -1122,11 +1122,12 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     return st
 
 
-def _reader_processes(model: SlideModel, options: RunOptions) -> bool:
-    """Whether the readers hand their tiles to worker processes (see READER_PROCESSES)."""
+def reader_processes(device: str) -> bool:
+    """Whether the readers of a model on ``device`` hand their tiles to worker processes (see
+    READER_PROCESSES)."""
     if READER_PROCESSES >= 0:
         return READER_PROCESSES > 0
-    return str(model.description.get("device", "cpu")).startswith("cuda") and (os.cpu_count() or 1) >= 8
+    return str(device).startswith("cuda") and (os.cpu_count() or 1) >= 8
 
 
 def _stitch_on_device(model: SlideModel, options: RunOptions, grid, mask_rows: Optional[int] = None) -> bool:
