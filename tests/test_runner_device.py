@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from pathlib import Path
 
@@ -635,3 +636,74 @@ def test_read_batches_fill_a_ring_that_never_overwrites_the_batch_handed_out(wor
     finally:
         batches.close()
     assert seen == list(grid.tiles) and not [t for t in threading.enumerate() if t.name.startswith("wsss-read")]
+
+
+def _peak_reserved_bytes(predict, tiles) -> int:
+    """Device memory the caching allocator reserved beyond what it held before ``predict(tiles)``."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    predict(tiles, True)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_reserved() - base
+
+
+@needs_cuda
+@needs_demo
+@pytest.mark.parametrize("graphs", ["0", "1"])
+def test_a_real_cuda_out_of_memory_error_halves_the_batch(tmp_path, monkeypatch, graphs):
+    """_BatchHalving against the allocator's own torch.OutOfMemoryError: the process is held to
+    less device memory than a full batch needs, found by measuring, not guessed."""
+    import gc
+
+    from wsss.synthetic import render_tissue
+
+    monkeypatch.setenv("WSSS_CUDA_GRAPHS", graphs)
+    bundle = load_bundle(DEMO_BUNDLE)
+    t = int(bundle.metadata["tile_size"])
+    probe = bundle.predictor("cuda", "float32")
+    tile = torch.from_numpy(render_tissue(t, t, seed=1)[0]).permute(2, 0, 1)
+    batch = 32
+    while True:  # a batch whose working memory dwarfs the allocator's rounding (20-MB segments)
+        full = _peak_reserved_bytes(probe, tile.expand(batch, -1, -1, -1).contiguous())
+        quarter = _peak_reserved_bytes(probe, tile.expand(batch // 4, -1, -1, -1).contiguous())
+        if full - quarter >= 256 << 20 or batch >= 4096:
+            break
+        batch *= 2
+    assert full - quarter >= 128 << 20, (batch, full, quarter)
+    del probe
+    stride = t - t // 8
+    size = stride * int(np.ceil(np.sqrt(3 * batch))) + t  # ~3 full batches of tiles
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [render_tissue(size, size, seed=3)[0]], mpp=float(bundle.metadata["mpp"] or 1.0), tile=256)
+    o = opts(batch_size=batch, workers=4, stitch_device="cpu", output_tile=256)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        ref = run_slide(path, SlideModel.from_bundle(bundle, device="cuda", precision="float32"), tmp_path / "ref", o,
+                        log=lambda s: None)
+        assert ref.status == "done"
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        # room for the weights and the runner's staging (held now) plus about half a batch
+        allowed = torch.cuda.memory_reserved() + 64 * 2**20 + (quarter + full) // 2
+        lines = []
+        torch.cuda.set_per_process_memory_fraction(allowed / total)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a graph capture that runs out too
+                r = run_slide(path, SlideModel.from_bundle(bundle, device="cuda", precision="float32"),
+                              tmp_path / "out", o, log=lines.append)
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+            torch.cuda.empty_cache()
+    print(f"\nreal OOM (graphs {graphs}): batch {batch}, peak {full >> 20} MiB (a quarter batch {quarter >> 20} MiB), "
+          f"allowed {allowed >> 20} MiB; " + "; ".join(s for s in lines if "memory" in s))
+    assert r.status == "done"
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert 1 <= run["tiles"]["batch_size_run"] < batch
+    assert any("ran out of memory" in s for s in lines)
+    a = tifffile.imread(tmp_path / "out" / "labels.tiff", key=0)
+    b = tifffile.imread(tmp_path / "ref" / "labels.tiff", key=0)
+    assert (a == b).mean() > 0.999  # other batch sizes may pick other conv algorithms: last-bit ties only
