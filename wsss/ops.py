@@ -236,7 +236,8 @@ def _gradcam_fake(features, grads):
 def _band_accumulate_fake(acc, tiles, xs, rows, window=None):
     op = "wsss::band_accumulate: "
     torch._check(acc.dim() == 3, lambda: f"{op}acc must be a 3-D tensor [C, R, W], got shape {_shape(acc)}")
-    c = acc.shape[0] - (window is not None)
+    # NB: an int, not a bool: SymInt - bool fails under dynamic shapes (torch 2.11, seen on the GPU host)
+    c = acc.shape[0] - (1 if window is not None else 0)
     what = "[N, K, T, T] with K = acc.size(0) - 1" if window is not None else "[N, C, T, T] with C = acc.size(0)"
     torch._check(tiles.dim() == 4 and tiles.shape[1] == c and tiles.shape[2] == tiles.shape[3],
                  lambda: f"{op}tiles must have shape {what} = {c}, got shape {_shape(tiles)}")
