@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,9 @@ REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" 
 
 @pytest.fixture
 def fresh_readers(monkeypatch):
-    """A pool of reader worker processes of the test's own, ended after it."""
+    """A pool of reader worker processes of the test's own, ended after it.  Its workers read
+    every batch (the threads do not stand in while they start: see test_threads_read_while_their_workers_start)."""
+    monkeypatch.setattr(reading.ProcessReaders, "start_on_threads", False)
     with own_workers(monkeypatch, reading) as workers:
         yield workers
 
@@ -158,6 +161,81 @@ def test_a_dead_reader_worker_is_replaced_by_its_thread(tmp_path, fresh_readers)
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
     assert np.array_equal(got_thumb, want_thumb) and state["readers"] == "processes, then threads"
     assert fresh_readers.broken and not fresh_readers._idle  # (later slides read on threads)
+
+
+def _reads_in_workers(monkeypatch) -> list:
+    """The "read" tasks the workers are given (one per batch), from now on."""
+    tasks, real = [], Worker.call
+
+    def counted(self, *message):
+        if message[0] == "read":
+            tasks.append(len(message[3]))
+        return real(self, *message)
+
+    monkeypatch.setattr(Worker, "call", counted)
+    return tasks
+
+
+@pytest.mark.parametrize("started", ["after 6 batches", "never"])
+def test_threads_read_while_their_workers_start(tmp_path, fresh_readers, monkeypatch, started):
+    """A run's first batches do not wait for the worker processes to start (0.2-0.5 s each):
+    until its worker has answered, a reader thread reads its batches itself."""
+    monkeypatch.setattr(reading.ProcessReaders, "start_on_threads", True)
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(200, 230, seed=6)])
+    r = open_slide(path)
+    view = SlideView(r, plan_scale(r, 0.5))
+    grid = TileGrid(230, 200, 32, 8)
+    real, asked = Worker.has_answer, []
+
+    def starts_late(self):
+        asked.append(1)
+        if started == "never" or len(asked) <= 6:
+            return False
+        while not real(self):  # (from then on: as soon as it has booted)
+            time.sleep(0.005)
+        return True
+
+    before = ring_files()
+    try:
+        want, want_thumb = read_all(view, grid, processes=False)
+        monkeypatch.setattr(Worker, "has_answer", starts_late)
+        in_workers, state = _reads_in_workers(monkeypatch), {}
+        got, got_thumb = read_all(view, grid, processes=True, state=state)
+    finally:
+        view.close()
+    batches = len(want)
+    assert [p for p, _ in got] == [p for p, _ in want]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want)) and np.array_equal(got_thumb, want_thumb)
+    assert len(in_workers) == (0 if started == "never" else batches - 6) and state["readers"] == "processes"
+    assert len(fresh_readers._idle) == 3 and not fresh_readers.broken  # (each answered; kept for the next slide)
+    assert ring_files() == before
+
+
+def test_a_slide_the_workers_cannot_open_is_its_slide_error_not_a_hang(tmp_path, fresh_readers, monkeypatch):
+    """The workers' answer to ``attach`` is a SlideError (the file went after it was opened here):
+    raised by the thread that asked first, and the others' answers taken before the workers go back."""
+    monkeypatch.setattr(reading.ProcessReaders, "start_on_threads", True)
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(120, 140, seed=7)])
+    r = open_slide(path)
+    view = SlideView(r, plan_scale(r, 0.5))
+    real = Worker.has_answer
+
+    def booted(self):
+        while not real(self):
+            time.sleep(0.005)
+        return True
+
+    monkeypatch.setattr(Worker, "has_answer", booted)
+    path.unlink()
+    try:
+        with pytest.raises(SlideError) as e:
+            read_all(view, TileGrid(140, 120, 32, 8), processes=True)
+    finally:
+        view.close()
+    assert str(path) in str(e.value)
+    assert len(fresh_readers._idle) == 3 and not fresh_readers.broken
 
 
 def test_views_that_cannot_be_reopened_elsewhere_are_read_on_threads(tmp_path, fresh_readers):

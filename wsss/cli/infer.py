@@ -244,7 +244,7 @@ def run_many(args, slides: List[Path]) -> int:
     refused run leaves no empty output folders behind."""
     from wsss.errors import BundleError, WsssError
     from wsss.runner import run_slides
-    from wsss.runner.pipeline import check_distinct_out_dirs
+    from wsss.runner.pipeline import check_distinct_out_dirs, default_workers, reader_processes
     from wsss.slide import open_slide
 
     options = _options(args)
@@ -254,6 +254,10 @@ def run_many(args, slides: List[Path]) -> int:
     check_distinct_out_dirs(slides, out_dirs)
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
         raise WsssError(f"output directory {args.output} is a file, not a folder")
+    if reader_processes(args.device) and args.workers != 0:
+        from wsss.runner import reading
+
+        reading.reserve(default_workers(args.device) if args.workers is None else args.workers)  # (while the bundle loads)
     try:
         model = _load_model(bundle_path, args)
     except BundleError as e:

@@ -322,9 +322,10 @@ class RunOptions:
 
     def for_model(self, model: "SlideModel") -> "RunOptions":
         """These options with the automatic batch size and reader count resolved for ``model``."""
-        cuda = str(model.description.get("device", "cpu")).startswith("cuda")
+        device = model.description.get("device", "cpu")
+        cuda = str(device).startswith("cuda")
         return replace(self, batch_size=self.batch_size if self.batch_size is not None else (32 if cuda else 8),
-                       workers=self.workers if self.workers is not None else (4 if cuda else 2))
+                       workers=self.workers if self.workers is not None else default_workers(device))
 
     def fingerprint_fields(self) -> dict:
         d = asdict(self)
@@ -1120,6 +1121,11 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     if st.pending:
         raise RuntimeError(f"internal error: {st.pending} tile contributions never arrived")
     return st
+
+
+def default_workers(device: str) -> int:
+    """Reader threads when ``--workers`` is not given: 4 for a model on CUDA, else 2."""
+    return 4 if str(device).startswith("cuda") else 2
 
 
 def reader_processes(device: str) -> bool:

@@ -32,6 +32,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from wsss.errors import WsssError
 from wsss.runner.workers import Worker, WorkerFailed, WorkerPool, serve
 
 __all__ = ["ProcessReaders", "SharedRing", "read_batches", "reserve"]
@@ -143,13 +144,21 @@ class SharedRing:
 
 
 class ProcessReaders:
-    """One worker process per reader thread for a slide's tiles (see the module docstring)."""
+    """One worker process per reader thread for a slide's tiles (see the module docstring).
+
+    A worker that has not started yet (a fresh one imports numpy and the readers' libraries:
+    0.2-0.5 s) does not hold its thread up: until its answer to ``attach`` has come, the thread
+    reads its batches itself, so a run's first batches never wait for processes to start
+    (``start_on_threads``; off, ``open`` waits for every worker)."""
+
+    start_on_threads = True
 
     @classmethod
     def open(cls, view, readers: int, ring_shape: Tuple[int, ...], blocks=None) -> Optional["ProcessReaders"]:
         """``readers`` workers reading ``view`` into a new ring of ``ring_shape`` [slots, batch,
         tile, tile, 3] (block sums for ``blocks``, a TileBlocks, where given), or None where they
-        cannot be used.  A slide the workers cannot open raises its SlideError."""
+        cannot be used.  A slide the workers cannot open raises its SlideError (here, or where
+        a reader thread first uses its worker)."""
         spec = view.spec() if hasattr(view, "spec") else None
         if spec is None or readers < 1 or _WORKERS.broken:
             return None
@@ -169,8 +178,10 @@ class ProcessReaders:
             try:
                 for w in self._workers:
                     w.send("attach", ring.path, ring.shape, spec, settings)
-                for w in self._workers:
-                    w.answer()
+                if not self.start_on_threads:
+                    for w in self._workers:
+                        w.answer()
+                        self._attached(w)
             except (EOFError, OSError, WorkerFailed):
                 self._broken = True
                 self.close()
@@ -179,8 +190,6 @@ class ProcessReaders:
             self._broken = True
             self.close()
             raise
-        finally:
-            ring.unlink()
         for w in self._workers:
             self._free.put(w)
         return self
@@ -191,18 +200,45 @@ class ProcessReaders:
         self._free: "queue.Queue[Worker]" = queue.Queue()
         self._local = threading.local()
         self._gone: List[Worker] = []
+        self._ready: set = set()  # workers that have answered ``attach`` (and mapped the ring, or said why not)
+        self._lock = threading.Lock()
         self._broken = False
+
+    @property
+    def replaced(self) -> bool:
+        """Whether a worker has died and its thread reads in its place."""
+        return bool(self._gone)
+
+    def _attached(self, worker: Worker) -> None:
+        """``worker`` has answered ``attach``."""
+        with self._lock:
+            self._ready.add(worker)
+            everyone = len(self._ready) == len(self._workers)
+        if everyone:
+            self.ring.unlink()  # (every worker has mapped it: the name is no longer needed)
 
     def read(self, slot: int, j0: int, positions, tile: int, on_sums: Optional[Callable] = None) -> bool:
         """The tiles at ``positions`` into rows j0... of ring slot ``slot`` by this thread's
         worker (``on_sums(parts, group)`` with their block sums, where asked); False where the
-        worker has gone (the caller reads them itself)."""
+        caller is to read them itself: its worker is still starting, or has gone."""
         worker = getattr(self._local, "worker", None)
         if worker is None:
             if getattr(self._local, "gone", False):
                 return False
             worker = self._local.worker = self._free.get_nowait()  # (one per reader thread)
         try:
+            if worker not in self._ready:
+                if self.start_on_threads and not worker.has_answer():
+                    return False
+                try:
+                    worker.answer()
+                except WsssError:  # (it could not open the slide: raised; the thread reads from now on)
+                    self._local.worker, self._local.gone = None, True
+                    raise
+                except WorkerFailed as e:  # (it could not attach for another reason: as if it had died)
+                    raise OSError(str(e)) from e
+                finally:
+                    self._attached(worker)
             sums = worker.call("read", slot, j0, [(int(x), int(y)) for x, y in positions], tile)
         except (EOFError, OSError):
             self._local.worker, self._local.gone = None, True
@@ -219,6 +255,11 @@ class ProcessReaders:
                 _WORKERS.release(w, reusable=False)
                 continue
             try:
+                if w not in self._ready:
+                    try:
+                        w.answer()  # (its answer to ``attach``: one still starting finishes first)
+                    except WsssError:
+                        pass  # (it could not open the slide, and said so)
                 w.call("detach")
             except (EOFError, OSError, WorkerFailed):
                 _WORKERS.release(w, reusable=False)
@@ -289,8 +330,9 @@ def read_batches(view, grid, options, timer, views: list, one_thread_if_helper, 
             # NB: block sums per run, in the worker or here (never a batch's sum on top of a run's)
             if not readers.read(k, i0 % size, tiles[i0:i1], tile,
                                 on_sums=thumbnail.add_sums if thumbnail is not None else None):
-                read_here(i0, i1, slot)  # (its worker has gone)
-                state["readers"] = "processes, then threads"
+                read_here(i0, i1, slot)  # (its worker is still starting, or has gone)
+                if readers.replaced:
+                    state["readers"] = "processes, then threads"
                 if thumbnail is not None:
                     thumbnail.add_batch(tiles[i0:i1], slot[i0 % size:i0 % size + i1 - i0])
         else:

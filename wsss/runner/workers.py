@@ -136,6 +136,17 @@ class Worker:
         """``call`` in two halves (questions to several workers at once, then their answers)."""
         _send(self.proc.stdin.fileno(), message)
 
+    def has_answer(self) -> bool:
+        """Whether an answer (or the end of the pipe) has arrived: ``answer`` would not wait for
+        the worker."""
+        import select
+
+        if len(self._pending) >= _FRAME.size:
+            return True
+        poller = select.poll()  # (not select.select: a busy process's descriptors can pass 1024)
+        poller.register(self.proc.stdout.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
     def answer(self):
         ok, value = _receive(self.proc.stdout.fileno(), self._pending)
         if ok:
