@@ -108,7 +108,7 @@ want bench_models && step bench_models 300 env WSSS_BENCH_DEVICE=cuda python -m 
     -k "${WSSS_GPU_CHECK_MODELS_K:-not compiled}" --benchmark-json="$OUT/bench_models_cuda.json"
 [ -s "$OUT/bench_runner_cuda.json" ] && python - "$OUT/bench_runner_cuda.json" <<'PY'
 import json, sys
-keys = ("pipeline", "stitch_device", "readers", "engine", "background_outputs", "tiles", "batch", "workers", "precision", "model_mpx_per_s", "model_only_mpx_per_s", "tile_stage_mpx_per_s",
+keys = ("pipeline", "stitch_device", "readers", "engine", "background_outputs", "tiles", "batch", "workers", "precision", "model_mpx_per_s", "model_only_mpx_per_s", "tile_stage_mpx_per_s", "first_tile_stage_overhead", "first_total_overhead",
         "total_mpx_per_s", "tile_stage_overhead", "tile_stage_overhead_best", "tile_stage_overhead_paired",
         "total_overhead", "total_overhead_paired", "early_pyramid", "overhead_s", "stages_s")
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
