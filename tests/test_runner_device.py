@@ -436,21 +436,81 @@ def test_cuda_graph_replays_equal_eager_calls(tissue_tiles, precision):
         on_device = [graphed.on_device(b, True) for b in batches]  # all queued before any is read
         got_sync = [graphed(b, True) for b in batches]
         got_async = [p.result() for p in [graphed.submit(b, True) for b in batches]]
-        partial, partial_eager = graphed(batches[0][:1], True), eager(batches[0][:1], True)
-    assert graphed.graphs.captured == 1  # the full batch shape; the single tile ran eagerly
+        partial, partial_eager = graphed(batches[0][:1], True), eager(batches[0], True)
+    assert graphed.graphs.captured == 1  # the full batch shape; the single tile ran in it, padded
     for w, d, s, a in zip(want, on_device, got_sync, got_async):
         for got in (tuple(t.cpu() for t in d), s, a):
             assert torch.equal(got[0], w[0])
             torch.testing.assert_close(got[1].float(), w[1], rtol=0, atol=1e-6)
             torch.testing.assert_close(got[2].float(), w[2], rtol=0, atol=1e-6)
-    # NB: compared with an eager call on the same single tile (a batch of 4 may pick other kernels)
-    assert torch.equal(partial[0], partial_eager[0])
-    # at most MAX_GRAPHS shapes hold a graph (and its memory pool); the others run eagerly
+    # NB: compared with an eager batch of 4 that starts with the same tile (the same kernels)
+    assert partial[0].shape[0] == partial[1].shape[0] == partial[2].shape[0] == 1
+    assert torch.equal(partial[0], partial_eager[0][:1])
+    torch.testing.assert_close(partial[1].float(), partial_eager[1][:1], rtol=0, atol=1e-6)
+    # smaller batches run padded in the captured graph: no graph of their own
     for n in (1, 2, 3):
         for _ in range(CudaGraphs.WARMUP + 1):
             got = graphed(batches[1][:n], True)
-        assert torch.equal(got[0], eager(batches[1][:n], True)[0])
+        assert got[0].shape[0] == n and torch.equal(got[0], eager(batches[1], True)[0][:n])
+    assert graphed.graphs.captured == 1
+    # at most MAX_GRAPHS shapes hold a graph (and its memory pool); larger ones run eagerly
+    for n in (5, 6, 7):
+        big = torch.cat([batches[2], batches[3]])[:n]
+        for _ in range(CudaGraphs.WARMUP + 1):
+            got = graphed(big, True)
+        assert torch.equal(got[0], eager(big, True)[0])
     assert graphed.graphs.captured == CudaGraphs.MAX_GRAPHS
+
+
+def test_a_smaller_batch_runs_padded_in_the_smallest_graph_that_holds_it(monkeypatch):
+    """CudaGraphs' replay logic on the CPU: stand-in graphs that compute the outputs of their
+    static input, as a replay would."""
+    monkeypatch.setattr(CudaGraphs, "_on_cuda", staticmethod(lambda x: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    replays = []
+
+    def graph_of(n, with_scores):
+        static_in = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+        static_out = (torch.zeros(n, 4, 4, dtype=torch.uint8), torch.zeros(n if with_scores else 0),
+                      torch.zeros(n, 2))
+
+        class Graph:
+            def replay(self):
+                replays.append(n)
+                static_out[0].copy_(static_in[:, 0])
+                if with_scores:
+                    static_out[1].copy_(static_in.float().mean((1, 2, 3)))
+                static_out[2].copy_(static_in[:, :2, 0, 0].float())
+
+        return Graph(), static_in, static_out
+
+    graphs = CudaGraphs(predictor=None)
+    for n in (8, 4):
+        x = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+        graphs._graphs[(tuple(x.shape), tuple(x.stride()), x.dtype, True, x.device)] = graph_of(n, True)
+    x = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
+    labels, scores, class_prob = graphs.run(x, True)
+    assert replays == [4]  # the smallest graph that holds 3 tiles
+    assert torch.equal(labels, x[:, 0]) and torch.equal(scores, x.float().mean((1, 2, 3)))
+    assert torch.equal(class_prob, x[:, :2, 0, 0].float())
+    assert graphs.run(torch.zeros(4, 3, 4, 4, dtype=torch.uint8), True) is not None and replays == [4, 4]
+    labels, scores, class_prob = graphs.run(x[:1], True)
+    assert replays == [4, 4, 4] and torch.equal(labels, x[:1, 0]) and scores.shape == (1,) and class_prob.shape == (1, 2)
+    # no graph of 9 tiles, of other tiles' size, or without scores: eager (a capture is counted)
+    assert graphs.run(torch.zeros(9, 3, 4, 4, dtype=torch.uint8), True) is None
+    assert graphs.run(torch.zeros(2, 3, 5, 5, dtype=torch.uint8), True) is None
+    assert graphs.run(x, False) is None and replays == [4, 4, 4]
+
+
+@needs_demo
+def test_a_tiles_outputs_do_not_depend_on_the_other_tiles_of_its_batch(demo, tissue_tiles):
+    """What padded replays rely on: the model treats each tile on its own (eval-mode batch norm,
+    per-tile attention and gate)."""
+    predict = demo.predictor("cpu", "float32")
+    other = tissue_tiles.clone()
+    other[2:] = 255 - other[2:]
+    for a, b in zip(predict(tissue_tiles, True), predict(other, True)):
+        assert torch.equal(a[:2], b[:2])
 
 
 @needs_cuda

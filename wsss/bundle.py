@@ -438,8 +438,15 @@ class CudaGraphs:
     - If a capture fails (an op that synchronises with the host, an old driver), the error is
       shown once as a warning and the predictor runs eagerly from then on.
     - Each graph keeps its own device memory pool (about the eager call's peak), so at most
-      ``MAX_GRAPHS`` shapes are captured; others run eagerly.  (The runner's batches have one
-      shape but the last of each slide: the full batch is captured first.)
+      ``MAX_GRAPHS`` shapes are captured; others run eagerly.
+    - A batch of fewer tiles than a captured graph takes (the last batch of each slide, the
+      pieces of a batch split after an out-of-memory error) runs in the smallest such graph,
+      padded: its tiles are copied into the graph's first rows, the rows after them keep
+      whatever they held (the model treats each tile on its own), and only its rows are
+      returned.  Without this, each slide's last batch ran eagerly, in device memory of its own
+      on top of the graph's pool: on a card held to about half a batch of memory beside one
+      captured graph, that call ran out of memory and the slide went on in batches of 18 tiles
+      instead of 128 (tests/test_runner_device.py, an H200 held to 616 MB).
     """
 
     WARMUP = 3
@@ -456,12 +463,16 @@ class CudaGraphs:
         """How many graphs have been captured."""
         return len(self._graphs)
 
+    @staticmethod
+    def _on_cuda(x: Tensor) -> bool:
+        return x.device.type == "cuda"
+
     def run(self, x: Tensor, with_scores: bool) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
         """The module's outputs for ``x`` by a graph replay, or None: run it eagerly."""
-        if not self.enabled or x.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        if not self.enabled or not self._on_cuda(x) or torch.cuda.is_current_stream_capturing():
             return None
         key = (tuple(x.shape), tuple(x.stride()), x.dtype, bool(with_scores), x.device)
-        entry = self._graphs.get(key)
+        entry = self._graphs.get(key) or self._holding(x, with_scores)
         if entry is None:
             calls = self._calls[key] = self._calls.get(key, 0) + 1
             if calls < self.WARMUP or len(self._graphs) >= self.MAX_GRAPHS:
@@ -475,10 +486,19 @@ class CudaGraphs:
                               "running it without CUDA graphs", RuntimeWarning, stacklevel=3)
                 return None
         graph, static_in, static_out = entry
+        n = x.shape[0]
         with torch.inference_mode():
-            static_in.copy_(x)
+            static_in[:n].copy_(x)
             graph.replay()
-            return tuple(t.clone() for t in static_out)
+            # NB: every output is batch-first but the empty scores of with_scores=False ([0][:n] is empty)
+            return tuple(t[:n].clone() for t in static_out)
+
+    def _holding(self, x: Tensor, with_scores: bool):
+        """The smallest captured graph of more tiles of ``x``'s size and dtype (None: none)."""
+        fits = [(key[0][0], entry) for key, entry in self._graphs.items()
+                if key[0][1:] == tuple(x.shape[1:]) and key[0][0] > x.shape[0]
+                and key[2:] == (x.dtype, bool(with_scores), x.device)]
+        return min(fits, key=lambda f: f[0])[1] if fits else None
 
     def _capture(self, x: Tensor, with_scores: bool):
         p = self.predictor
