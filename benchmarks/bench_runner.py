@@ -10,7 +10,8 @@
   times a model-only pass before every round (untimed setup) so the overhead compares runs
   made moments apart on a shared machine; extra_info has Mpx/s of both, the per-stage
   times and the overhead (target: tile stage <= 1.10 x model-only).  WSSS_BENCH_ROUNDS
-  (default 5) sets their rounds.
+  (default 5) sets their rounds, WSSS_BENCH_PRECISION the model's precision (default auto, as
+  wsss-infer: bfloat16 on CPUs with bf16 matrix units).
 - test_peak_memory_flat: peak RSS growth (VmHWM of a fresh subprocess) of a run on a small
   and a large mostly-glass synthetic slide (benchmarks/sparse_slide.py; tissue detection on,
   a cheap predictor so the runner, not a model, dominates).  WSSS_BENCH_BIG sets the big
@@ -64,6 +65,7 @@ OUTPUT_TILE = int(os.environ.get("WSSS_BENCH_OUTPUT_TILE", "256"))
 DEVICE = os.environ.get("WSSS_BENCH_DEVICE", "cpu")
 # rounds of test_model_only / test_end_to_end (fewer for big slides on a GPU lease)
 ROUNDS = int(os.environ.get("WSSS_BENCH_ROUNDS", "5"))
+PRECISION = os.environ.get("WSSS_BENCH_PRECISION", "auto")  # (the bundle predictor's; auto as wsss-infer)
 CLASSES = ["TE", "NEC", "LYM", "TAS"]
 PALETTE = [[205, 51, 51], [0, 255, 0], [65, 105, 225], [255, 165, 0], [255, 255, 255]]
 
@@ -147,7 +149,7 @@ def bench_model(tmp_path_factory):
                 tmp_path_factory.mktemp("bundle") / f"bench-{name}.pt", name)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cache[name] = SlideModel.from_bundle(load_bundle(str(path)), device=DEVICE, precision="auto")
+                cache[name] = SlideModel.from_bundle(load_bundle(str(path)), device=DEVICE, precision=PRECISION)
         return cache[name]
 
     return get
