@@ -6,6 +6,7 @@ whose exact output is known, so a stitched result can be checked pixel for pixel
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,11 @@ import tifffile
 import torch
 
 from wsss.runner import RunOptions, SlideModel
+
+# the real test slide (public domain): ../shared's, or the one WSSS_REAL_SLIDE names (a GPU
+# machine's copy of the tree has no ../shared: tools/gpu_check.sh passes its copy on)
+REAL_SLIDE = Path(os.environ.get("WSSS_REAL_SLIDE")
+                  or Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu-1-small-region.svs")
 
 K = 4
 PALETTE = [[205, 51, 51], [0, 255, 0], [65, 105, 225], [255, 165, 0], [255, 255, 255]]

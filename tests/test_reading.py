@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ from wsss.runner.workers import Worker
 from wsss.slide import SlideView, open_slide
 from wsss.slide.scale import plan_scale
 
-REAL_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
+from runner_kit import REAL_SLIDE  # noqa: E402
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,7 @@ from wsss.runner import RunOptions, TileGrid, run_slide, run_slides, tile_starts
 from wsss.runner.stitching import OutputTiles, Stitcher, TileSpool
 from wsss.runner.writers import downsample_majority
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REAL_SLIDE = SHARED / "data" / "slides" / "cmu-1-small-region.svs"
+from runner_kit import REAL_SLIDE  # noqa: E402
 
 from runner_kit import GEOMETRIES, K, PALETTE, colour_slide, dies_at, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402,F401
 

@@ -11,8 +11,7 @@ from wsss.errors import SlideError
 from wsss.slide import (SlideView, TissueMask, TiffSlideReader, detect_tissue, load_tissue_mask, open_slide,
                         plan_scale)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REAL_SLIDE = SHARED / "data" / "slides" / "cmu-1-small-region.svs"
+from runner_kit import REAL_SLIDE  # noqa: E402
 needs_real = pytest.mark.skipif(not REAL_SLIDE.is_file(), reason=f"real test slide absent: {REAL_SLIDE}")
 
 
