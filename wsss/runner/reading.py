@@ -16,7 +16,9 @@ full), space reserved up front (a full tmpfs would otherwise kill a process writ
 mapped here and by each worker, and unlinked as soon as they have mapped it: nothing is left
 behind, whatever ends the run.  ``ProcessReaders.open`` returns None where the processes
 cannot be used (a reader that cannot be reopened elsewhere, no workers, no shared memory):
-the threads read.  A worker that dies mid-run is replaced by its thread (the same result).
+the threads read.  A worker that dies mid-run is replaced by its thread (the same result), and
+a thread reads its batches itself until its worker has started (a run's first batches never
+wait for the processes' imports).
 """
 from __future__ import annotations
 
