@@ -205,6 +205,7 @@ class ProcessReaders:
         self._ready: set = set()  # workers that have answered ``attach`` (and mapped the ring, or said why not)
         self._lock = threading.Lock()
         self._broken = False
+        self.tasks = 0  # batches the workers have read (counted loosely across threads: is it 0?)
 
     @property
     def replaced(self) -> bool:
@@ -242,6 +243,7 @@ class ProcessReaders:
                 finally:
                     self._attached(worker)
             sums = worker.call("read", slot, j0, [(int(x), int(y)) for x, y in positions], tile)
+            self.tasks += 1
         except (EOFError, OSError):
             self._local.worker, self._local.gone = None, True
             self._gone.append(worker)
@@ -284,8 +286,9 @@ def read_batches(view, grid, options, timer, views: list, one_thread_if_helper, 
     ``options.workers`` threads (each with its own slide handle) or, with ``processes``, by a
     worker process per thread (``ProcessReaders``; threads where they cannot be used).  The
     tiles' block sums go to ``thumbnail`` (a TileThumbnail), before the batch is handed out
-    (their time counts as reading).  ``state["readers"]``: "threads", "processes", or
-    "processes, then threads" where a worker died.
+    (their time counts as reading).  ``state["readers"]``: "threads" (also where the slide was
+    read before any worker had started), "processes", or "processes, then threads" where a
+    worker died.
 
     NB: each reader copies its tile into its batch's slot of a ring of batch buffers, so the
     thread that feeds the model only waits for a batch, never copies one together (32 copies
@@ -393,3 +396,6 @@ def read_batches(view, grid, options, timer, views: list, one_thread_if_helper, 
             pool.shutdown(wait=True)
         if readers is not None:
             readers.close()
+            if not readers.tasks and not readers.replaced:  # (a slide read before any worker had started)
+                state["readers"] = "threads"
+
