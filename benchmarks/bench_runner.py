@@ -138,9 +138,9 @@ def bench_model(tmp_path_factory):
     import warnings
 
     from wsss.bundle import load_bundle
-    from wsss.runner.pipeline import preload_output_libraries
+    from wsss.runner.pipeline import preload_slide_libraries
 
-    preload_output_libraries()  # (as wsss-infer does while its bundle loads: not a slide's cost)
+    preload_slide_libraries()  # (as wsss-infer does while its bundle loads: not a slide's cost)
     cache: dict = {}
 
     def get(name: str) -> SlideModel:

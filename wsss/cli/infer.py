@@ -140,9 +140,9 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     # what matters into one message naming the slide, so its log lines would only be noise
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     from wsss.errors import WsssError
-    from wsss.runner.pipeline import preload_output_libraries
+    from wsss.runner.pipeline import preload_slide_libraries
 
-    preload_output_libraries()  # (while the bundle loads)
+    preload_slide_libraries()  # (while the bundle loads)
 
     if args.demo:
         if args.slides:

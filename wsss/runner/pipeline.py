@@ -494,14 +494,19 @@ def _advance(phases) -> Optional[SlideResult]:
     return None
 
 
-def preload_output_libraries() -> None:
-    """Import, on a daemon thread, the libraries of the outputs written after the last tile
-    (polygons, pictures): ``wsss-infer`` calls it before it loads the bundle.  Otherwise the
-    first slide of a process pays their imports after its last tile (~0.25 s while the outline
-    joins used scipy.sparse.csgraph, ~0.2 s of it; they no longer do); during the tile stage
-    they would hold the GIL against the model's thread (3072^2 demo bench: tile stage +0.4 s)."""
+def preload_slide_libraries() -> None:
+    """Import, on a daemon thread, the libraries a slide's stages import on first use: tissue
+    detection's (scikit-image), then the outputs' written after the last tile (polygons,
+    pictures).  ``wsss-infer`` calls it before it loads the bundle.  Otherwise the first slide
+    of a process pays them: scikit-image's filters and morphology ~0.28 s in its tissue stage
+    (the real slide's whole run 1.39 s on this VM), the outputs' ~0.25 s after its last tile
+    (while the outline joins used scipy.sparse.csgraph; they no longer do); imported during the
+    tile stage they would hold the GIL against the model's thread (3072^2 demo bench: tile
+    stage +0.4 s)."""
     def work() -> None:
-        with contextlib.suppress(Exception):  # (a failed import fails where the output needs it)
+        with contextlib.suppress(Exception):  # (a failed import fails where it is needed)
+            import skimage.filters  # noqa: F401
+            import skimage.morphology  # noqa: F401
             import contourpy  # noqa: F401
             import PIL.PngImagePlugin  # noqa: F401
             import shapely  # noqa: F401
