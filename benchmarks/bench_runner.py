@@ -6,7 +6,10 @@
   ResNet-38 classifier width 1/16 + DeepLabV3+ ResNet-50 width 1/8, random weights: speed
   does not depend on them), and with WSSS_BENCH_MODELS=demo,quarter also at widths 1/4 + 1/4
   ("quarter", ~8x the compute);
-  or WSSS_BENCH_BUNDLE=path for any one bundle.  test_end_to_end also
+  or WSSS_BENCH_BUNDLE=path for any one bundle (e.g. the shipped demo bundle,
+  wsss/assets/demo_bundle.pt: trained, so its labels are a tissue map, not noise; with
+  WSSS_BENCH_SLIDE=tissue, the synthetic tissue it was trained on, and WSSS_BENCH_OVERLAP=12,
+  wsss-infer's default for its 96-px tiles).  test_end_to_end also
   times a model-only pass before every round (untimed setup) so the overhead compares runs
   made moments apart on a shared machine; extra_info has Mpx/s of both, the per-stage
   times and the overhead (target: tile stage <= 1.10 x model-only).  WSSS_BENCH_ROUNDS
@@ -56,7 +59,7 @@ from sparse_slide import write_sparse_slide  # noqa: E402
 
 K = 4
 TILE = 256
-OVERLAP = 32
+OVERLAP = int(os.environ.get("WSSS_BENCH_OVERLAP", "32"))
 BATCH = int(os.environ.get("WSSS_BENCH_BATCH", "8"))
 WORKERS = int(os.environ.get("WSSS_BENCH_WORKERS", "2"))
 # the label TIFF's tile edge (RunOptions.output_tile): the number of output tiles sets how often
@@ -121,10 +124,23 @@ def make_bench_bundle(path: Path, size: str = "demo") -> Path:
     return path
 
 
+# WSSS_BENCH_SLIDE: "pattern" (write_slide: a flat zlib TIFF of stripes) or "tissue" (the
+# synthetic H&E generator's pyramidal JPEG TIFF, as a scanner writes one, 0.5 um/px)
+SLIDE_KIND = os.environ.get("WSSS_BENCH_SLIDE", "pattern")
+
+
 @pytest.fixture(scope="module")
 def bench_slide(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "slide.tif"
-    write_slide(path, int(os.environ.get("WSSS_BENCH_SIZE", "1024")))
+    size = int(os.environ.get("WSSS_BENCH_SIZE", "1024"))
+    if SLIDE_KIND == "tissue":
+        from wsss.synthetic import write_synthetic_slide
+
+        write_synthetic_slide(str(path), size, size, seed=0, mpp=0.5)
+    elif SLIDE_KIND == "pattern":
+        write_slide(path, size)
+    else:
+        raise ValueError(f"WSSS_BENCH_SLIDE must be pattern or tissue, got {SLIDE_KIND!r}")
     return path
 
 
@@ -163,13 +179,14 @@ def slide_model(request, bench_model):
 
 
 @functools.lru_cache(maxsize=1)  # NB: read once for the model-only test and every pipeline
-def _tiles_of(path: Path, tile: int) -> torch.Tensor:
-    """Every grid tile of the slide as the runner hands them to the model: uint8 [N,3,t,t] (NHWC memory)."""
+def _tiles_of(path: Path, tile: int, mpp: float) -> torch.Tensor:
+    """Every grid tile of the slide at ``mpp`` (the model's) as the runner hands them to the
+    model: uint8 [N,3,t,t] (NHWC memory)."""
     from wsss.runner.tiling import TileGrid
     from wsss.slide import SlideView, open_slide, plan_scale
 
     r = open_slide(path)
-    v = SlideView(r, plan_scale(r, 0.5))
+    v = SlideView(r, plan_scale(r, mpp))
     grid = TileGrid(v.plan.width, v.plan.height, tile, OVERLAP)
     return torch.from_numpy(np.stack([v.read(x, y, tile, tile) for x, y in grid.tiles])).permute(0, 3, 1, 2)
 
@@ -207,7 +224,7 @@ def _model_only(model: SlideModel, tiles: torch.Tensor):
 
 def test_model_only(benchmark, bench_slide, slide_model):
     tile = slide_model.tile_size
-    tiles = _tiles_of(bench_slide, tile)
+    tiles = _tiles_of(bench_slide, tile, slide_model.mpp)
     _warm_up(slide_model, tiles)
     out = benchmark.pedantic(lambda: _model_only(slide_model, tiles), rounds=ROUNDS, iterations=1)
     assert out.shape[1:] == (K, tile, tile) and torch.isfinite(out).all()
@@ -235,7 +252,7 @@ def test_end_to_end(benchmark, bench_slide, slide_model, tmp_path, pipeline):
     feed, stitch_device = _PIPELINE_SETUP[pipeline]
     runner_model = slide_model if feed == "async" else dataclasses.replace(slide_model, submit=None)
     tile = slide_model.tile_size
-    tiles = _tiles_of(bench_slide, tile)
+    tiles = _tiles_of(bench_slide, tile, slide_model.mpp)
     _warm_up(slide_model, tiles)
     model_s: list = []
 
@@ -402,7 +419,7 @@ def test_many_slides(benchmark, bench_model, many_slides, tmp_path, engine, back
     rounds: list = []
     walls: list = []
     model_s: list = []
-    slide_tiles = None if engine == "accelerator" else _tiles_of(many_slides[0], model.tile_size)
+    slide_tiles = None if engine == "accelerator" else _tiles_of(many_slides[0], model.tile_size, model.mpp)
     if slide_tiles is not None:
         _warm_up(model, slide_tiles)
 
@@ -474,7 +491,7 @@ def test_monai_sliding_window(benchmark, bench_slide, slide_model, tmp_path):
     from wsss.slide import SlideView, open_slide, plan_scale
 
     r = open_slide(bench_slide)
-    v = SlideView(r, plan_scale(r, 0.5))
+    v = SlideView(r, plan_scale(r, slide_model.mpp))
     img = torch.from_numpy(v.read(0, 0, v.plan.width, v.plan.height)).permute(2, 0, 1)[None].float()
     tile = slide_model.tile_size
 
