@@ -1024,3 +1024,38 @@ def test_tuning_variables_that_are_not_numbers_warn_and_keep_the_default(monkeyp
         assert _env_number("WSSS_TEST_TUNING", 2) == 2
     monkeypatch.delenv("WSSS_TEST_TUNING")
     assert _env_number("WSSS_TEST_TUNING", 2) == 2
+
+
+def test_a_slide_waits_for_the_preloaded_imports(tmp_path, monkeypatch):
+    """run_slide starts only once preload_slide_libraries' thread has ended: an import made beside
+    it could see a half-initialised package (scikit-image's lazy submodules raised AttributeError
+    in ~1 of 10-20 runs of a tiny slide)."""
+    import threading
+    import time
+
+    from wsss.runner import pipeline
+    from wsss.slide import reader as readers
+
+    events = []
+
+    def slow_imports():
+        time.sleep(0.3)
+        events.append("imports done")
+
+    thread = threading.Thread(target=slow_imports, daemon=True)
+    monkeypatch.setattr(pipeline, "_preload", thread)
+    opened = readers.open_slide
+
+    def open_slide(*a, **k):
+        events.append("slide opened")
+        return opened(*a, **k)
+
+    monkeypatch.setattr("wsss.slide.open_slide", open_slide)
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(40, 40)])
+    thread.start()
+    r = run_slide(path, model(), tmp_path / "out", opts(tissue="auto"), log=lambda s: None)
+    assert r.status == "done" and events == ["imports done", "slide opened"]
+    assert r.timings["imports (waiting)"] > 0.1
+    pipeline.preload_slide_libraries()  # (a second call while one thread exists starts none)
+    assert pipeline._preload is thread

@@ -494,15 +494,27 @@ def _advance(phases) -> Optional[SlideResult]:
     return None
 
 
+_preload: Optional[threading.Thread] = None
+
+
 def preload_slide_libraries() -> None:
     """Import, on a daemon thread, the libraries a slide's stages import on first use: tissue
-    detection's (scikit-image), then the outputs' written after the last tile (polygons,
-    pictures).  ``wsss-infer`` calls it before it loads the bundle.  Otherwise the first slide
-    of a process pays them: scikit-image's filters and morphology ~0.28 s in its tissue stage
-    (the real slide's whole run 1.39 s on this VM), the outputs' ~0.25 s after its last tile
-    (while the outline joins used scipy.sparse.csgraph; they no longer do); imported during the
-    tile stage they would hold the GIL against the model's thread (3072^2 demo bench: tile
-    stage +0.4 s)."""
+    detection's (scikit-image), then the outputs' (polygons, pictures).  ``wsss-infer`` calls it
+    before it loads the bundle.  Otherwise the first slide of a process pays them: scikit-image's
+    filters and morphology ~0.28 s in its tissue stage (the real slide's whole run 1.39 s on this
+    VM), the outputs' ~0.25 s after its last tile (while the outline joins used
+    scipy.sparse.csgraph; they no longer do); imported during the tile stage they would hold
+    the GIL against the model's thread (3072^2 demo bench: tile stage +0.4 s).
+
+    NB: a slide's run first waits for these imports to end (``_preloaded``): an import of the
+    same package made meanwhile on another thread can see it half initialised (scikit-image's
+    lazily loaded submodules: "partially initialized module 'skimage.morphology' has no
+    attribute 'closing'", in 1 of 10-20 runs of a tiny slide that opened at once).  Started
+    before a bundle loads, the thread has ended by then or nearly so."""
+    global _preload
+    if _preload is not None:
+        return
+
     def work() -> None:
         with contextlib.suppress(Exception):  # (a failed import fails where it is needed)
             import skimage.filters  # noqa: F401
@@ -511,7 +523,14 @@ def preload_slide_libraries() -> None:
             import PIL.PngImagePlugin  # noqa: F401
             import shapely  # noqa: F401
 
-    threading.Thread(target=work, name="wsss-imports", daemon=True).start()
+    _preload = threading.Thread(target=work, name="wsss-imports", daemon=True)
+    _preload.start()
+
+
+def _preloaded() -> None:
+    """Wait for ``preload_slide_libraries``' imports, if any were started."""
+    if _preload is not None:
+        _preload.join()
 
 
 def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOptions], log: Callable[[str], None]):
@@ -593,6 +612,10 @@ class _SlideRun:
     def open(self) -> None:
         from wsss.slide import open_slide
 
+        t0 = time.perf_counter()
+        _preloaded()
+        if time.perf_counter() - t0 > 1e-3:  # (the first slide of a process, when the imports were late)
+            self.timer.add("imports (waiting)", time.perf_counter() - t0)
         with self.timer("open"):
             self.reader = open_slide(self.slide, reader=self.options.reader, mpp=self.options.mpp)
         self.created = not self.out_dir.exists()
