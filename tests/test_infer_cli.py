@@ -58,7 +58,8 @@ def slide(path: Path, h=70, w=90, seed=0) -> Path:
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
     monkeypatch.delenv("WSSS_BUNDLE", raising=False)
-    monkeypatch.setenv("WSSS_CONFIG", str(tmp_path / "no-config.json"))
+    monkeypatch.delenv("WSSS_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config-home"))  # (no user config there)
 
 
 def test_help_is_fast_and_lists_options():
@@ -131,6 +132,23 @@ def test_bundle_from_env_and_config(tmp_path, bundle, monkeypatch):
     cfg.write_text(json.dumps({"bundle": str(bundle)}))
     monkeypatch.setenv("WSSS_CONFIG", str(cfg))
     assert main([str(s), "-o", str(tmp_path / "o2"), "--no-tissue-detection"]) == 0
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"bundle": 5}', '"bundle" must be a path (a string), got 5'),
+    ("[1, 2]", "is not a JSON object"),
+    (None, "$WSSS_CONFIG names"),  # (no such file)
+])
+def test_bad_user_config_is_one_line(tmp_path, capsys, monkeypatch, content, match):
+    s = slide(tmp_path / "a.tif")
+    cfg = tmp_path / "cfg.json"
+    if content is not None:
+        cfg.write_text(content)
+    monkeypatch.setenv("WSSS_CONFIG", str(cfg))
+    assert main([str(s)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and match in err and str(cfg) in err
+    assert not (tmp_path / "a.wsss").exists()
 
 
 def test_no_bundle_says_how_to_get_one(tmp_path, capsys):
@@ -326,10 +344,14 @@ def test_demo_without_bundle_says_so(tmp_path, capsys, monkeypatch):
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--mpp", "0.25"], "--demo generates its own slide (its resolution and truth known); --mpp does not apply"),
     (["--tissue-mask", "m.png"], "--tissue-mask does not apply"),
+    ([], "$WSSS_DEMO_SIZE must be a whole number of pixels, 1 or more; got 'abc'"),
+    ([], "$WSSS_DEMO_SIZE must be a whole number of pixels, 1 or more; got '0'"),
 ])
-def test_demo_checks_its_options_before_writing_the_slide(tmp_path, capsys, args, match):
+def test_demo_checks_its_options_before_writing_the_slide(tmp_path, capsys, monkeypatch, args, match):
     if not demo_bundle_path().is_file():
         pytest.skip(f"demo bundle not built yet ({demo_bundle_path()})")
+    if "WSSS_DEMO_SIZE" in match:
+        monkeypatch.setenv("WSSS_DEMO_SIZE", match.split("got ")[1].strip("'"))
     assert main(["--demo", str(tmp_path / "d")] + args) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
@@ -444,3 +466,12 @@ def test_demo_runs(tmp_path, capsys, monkeypatch):
     run = json.loads((res / "run.json").read_text())
     assert run["status"] == "complete" and Path(run["model"]["path"]).name == "demo_bundle.pt"
     assert json.loads((res / "polygons.geojson").read_text())["features"]
+
+
+def test_demo_without_tissue_says_so(tmp_path, capsys, monkeypatch):
+    if not demo_bundle_path().is_file():
+        pytest.skip(f"demo bundle not built yet ({demo_bundle_path()})")
+    monkeypatch.setenv("WSSS_DEMO_SIZE", "10")  # (the generator's 10^2 px at 1 um/px are glass)
+    assert main(["--demo", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "no accuracy: the synthetic slide has no tissue pixels" in out and "nan" not in out

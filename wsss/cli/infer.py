@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", metavar="OUTDIR",
                    help="run the shipped synthetic-only demo model on a generated synthetic slide (3072^2 px, "
                         "$WSSS_DEMO_SIZE to change; ~6 MB with its truth mask, written into OUTDIR) and report its "
-                        "accuracy against the truth; about 40 s on 2 CPU cores")
+                        "accuracy against the truth; 15-40 s on 2 CPU cores")
     return p
 
 
@@ -116,11 +116,15 @@ def find_bundle_and_source(model_arg: Optional[str]) -> Tuple[str, str]:
     if env:
         return env, "$WSSS_BUNDLE"
     cfg = user_config_path()
+    if os.environ.get("WSSS_CONFIG") and not cfg.is_file():
+        raise BundleError(f"$WSSS_CONFIG names {cfg}, which is not a file")
     if cfg.is_file():
         try:
             bundle = json.loads(cfg.read_text()).get("bundle")
         except (OSError, ValueError, AttributeError) as e:
             raise BundleError(f"user config {cfg} is not a JSON object: {e}") from None
+        if bundle is not None and not isinstance(bundle, str):
+            raise BundleError(f'user config {cfg}: "bundle" must be a path (a string), got {json.dumps(bundle)}')
         if bundle:
             return str(Path(bundle).expanduser()), f"user config {cfg}"
     raise BundleError(HOW_TO_GET_A_BUNDLE)
@@ -338,6 +342,13 @@ def run_demo(args) -> int:
             raise WsssError(f"--demo generates its own slide (its resolution and truth known); {flag} does not apply")
     # NB: every option is checked before the synthetic slide is written (~20 s)
     options = _options(args, tissue="none" if args.no_tissue_detection else "auto")
+    size_text = os.environ.get("WSSS_DEMO_SIZE", "3072")
+    try:
+        size = int(size_text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise WsssError(f"$WSSS_DEMO_SIZE must be a whole number of pixels, 1 or more; got {size_text!r}")
     out = Path(args.demo)
     from wsss.runner.pipeline import check_output_dir
     check_output_dir(out)
@@ -345,7 +356,6 @@ def run_demo(args) -> int:
     from wsss.synthetic import write_synthetic_slide
 
     slide = out / "synthetic_slide.tif"
-    size = int(os.environ.get("WSSS_DEMO_SIZE", "3072"))
     num_classes = sum(1 for i, _ in enumerate(model.class_names) if i != model.background_index)
     print(f"{PROG}: demo: writing a {size}x{size} synthetic slide (seed 0) to {slide}", file=sys.stderr)
     truth_path = write_synthetic_slide(str(slide), size, size, seed=0, mpp=model.mpp or 0.5,
@@ -358,9 +368,12 @@ def run_demo(args) -> int:
     if labels.shape != truth.shape:
         raise WsssError(f"demo: labels {labels.shape} and truth {truth.shape} differ in size")
     valid = truth < num_classes  # truth background excluded, as in the metrics
-    acc = float((labels[valid] == truth[valid]).mean()) if valid.any() else float("nan")
-    print(f"{PROG}: demo (synthetic-only model, synthetic slide): pixel accuracy {acc:.4f} over "
-          f"{int(valid.sum())} tissue pixels; outputs in {out / slide.stem}")
+    if valid.any():
+        acc = float((labels[valid] == truth[valid]).mean())
+        score = f"pixel accuracy {acc:.4f} over {int(valid.sum())} tissue pixels"
+    else:
+        score = "no accuracy: the synthetic slide has no tissue pixels (a larger $WSSS_DEMO_SIZE has)"
+    print(f"{PROG}: demo (synthetic-only model, synthetic slide): {score}; outputs in {out / slide.stem}")
     return 0
 
 
