@@ -98,6 +98,24 @@ def test_export_takes_the_recorded_description_not_luad(checkpoints, tmp_path, c
     assert "the checkpoints record no dataset: using luad" in capsys.readouterr().err
 
 
+def test_export_tile_size_defaults_to_the_recorded_patch_size(checkpoints, tmp_path, capsys):
+    """wsss-train-seg records its patches' size; wsss-export runs the bundle at it (it used 224
+    whatever the patches were, while wsss-train-seg --bundle used the patch size) and says so."""
+    folder, _, seg = checkpoints
+    path = tmp_path / "seg_96.pt"
+    torch.save({"model": seg.state_dict(), "config": {"dataset": "bcss", "patch_size": 96}, "epoch": 0,
+                "optimizer": {}, "kind": "segmenter"}, path)
+    s1 = str(folder / "stage1.pth")
+    assert main(["--classifier", s1, "--segmenter", str(path), "--out", str(tmp_path / "m.pt"), "--check-tiles", "1"]) == 0
+    assert load_bundle(tmp_path / "m.pt").metadata["tile_size"] == 96
+    assert "tile size 96 (the patches the segmenter was trained on" in capsys.readouterr().err
+    # reference checkpoints record none: 224, said
+    assert main(["--classifier", s1, "--segmenter", str(folder / "stage2.pth"), "--out", str(tmp_path / "r.pt"),
+                 "--check-tiles", "1"]) == 0
+    assert load_bundle(tmp_path / "r.pt").metadata["tile_size"] == 224
+    assert "tile size 224 (the checkpoint records no patch size" in capsys.readouterr().err
+
+
 def test_export_errors_are_one_line_and_write_nothing(checkpoints, tmp_path, capsys):
     folder, _, _ = checkpoints
     s1, s2 = str(folder / "stage1.pth"), str(folder / "stage2.pth")

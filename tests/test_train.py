@@ -174,6 +174,8 @@ def test_segmenter_checkpoints_resume_exactly_and_say_when_unfinished(tmp_path, 
     a = torch.load(straight["last"], weights_only=True)
     b = torch.load(resumed["last"], weights_only=True)
     assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
+    # the patch size a bundle of it runs at (wsss-export's default --tile-size)
+    assert a["config"]["patch_size"] == 32  # (_tiny_dataset's patches)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], msg=k)
     import warnings

@@ -1,7 +1,7 @@
 """wsss-export: checkpoints -> model bundle (.pt, TorchScript) and optionally an AOTInductor package (.pt2).
 
     wsss-export --classifier stage1.pth --segmenter stage2.pth --out model.pt [--pt2 model.pt2]
-                [--dataset luad|bcss|description.json] [--tile-size 224] [--mpp 1.0] [--eps 0.1]
+                [--dataset luad|bcss|description.json] [--tile-size N] [--mpp 1.0] [--eps 0.1]
 
 Checkpoints may be reference-format (stage 1: plain state_dict; stage 2: {'state_dict', 'optimizer'})
 or wsss training checkpoints ({'model', 'config', ...}); see wsss.models.checkpoints.  Before a
@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset description: built-in name (luad, bcss) or JSON file; gives class names, palette, "
                         "background index and mpp (default: the description the wsss checkpoints recorded; "
                         "luad for reference-code checkpoints, which record none)")
-    p.add_argument("--tile-size", type=int, default=224, help="tile size the model runs at (default 224)")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="tile size the model runs at (default: the patch size the wsss segmenter checkpoint "
+                        "recorded; 224, the reference datasets' patch size, for checkpoints that record none)")
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel trained at (default: the dataset's)")
     p.add_argument("--eps", "--gate-eps", dest="eps", type=float, default=0.1,
                    help="classification gate threshold (default 0.1; --gate-eps as in wsss-train-seg and wsss-eval)")
@@ -165,6 +167,20 @@ def choose_dataset(dataset_arg: Optional[str], *configs: Dict[str, Any]):
     return get_description("luad")
 
 
+def default_tile_size(segmenter_config: Dict[str, Any]) -> int:
+    """The patch size the segmenter was trained on (wsss checkpoints record it), else 224 (the
+    patches of LUAD-HistoSeg and BCSS-WSSS, which the reference checkpoints were trained on);
+    says which on stderr."""
+    recorded = segmenter_config.get("patch_size") if isinstance(segmenter_config, dict) else None
+    if isinstance(recorded, int) and 16 <= recorded <= 8192:
+        print(f"{PROG}: tile size {recorded} (the patches the segmenter was trained on; --tile-size to change)",
+              file=sys.stderr)
+        return recorded
+    print(f"{PROG}: tile size 224 (the checkpoint records no patch size: the reference datasets' patches; "
+          f"--tile-size to change)", file=sys.stderr)
+    return 224
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
@@ -186,6 +202,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     classifier = classifier_from_state_dict(cls_ckpt.state_dict, num_classes=k, where=f"--classifier {cls_ckpt.path}")
     segmenter = segmenter_from_state_dict(seg_ckpt.state_dict, num_classes=k, where=f"--segmenter {seg_ckpt.path}")
     module = TissueSegmenter(classifier, segmenter, eps=args.eps, input_scale=args.input_scale).eval()
+    if args.tile_size is None:
+        args.tile_size = default_tile_size(seg_ckpt.config)
 
     metadata = {
         "class_names": list(description.class_names),

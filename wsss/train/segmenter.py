@@ -113,7 +113,9 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
     last_path = os.path.join(cfg.out_dir, "segmenter_last.pt")
     best_path = os.path.join(cfg.out_dir, "segmenter_best.pt")
     config = dataclasses.asdict(cfg)
-    config.update(num_classes=k, class_names=list(description.class_names), description=description.to_dict())
+    # patch_size: the tile size a bundle of this segmenter runs at by default (wsss-export reads it)
+    config.update(num_classes=k, class_names=list(description.class_names), description=description.to_dict(),
+                  patch_size=int(train_set[0]["image"].shape[-1]))
     weights = torch.tensor(cfg.layer_weights, dtype=torch.float32)
 
     start_epoch, step, history, best_miou = 0, 0, [], -1.0
