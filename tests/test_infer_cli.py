@@ -234,6 +234,7 @@ def test_all_slides_bad_is_a_slide_failure(tmp_path, bundle, capsys):
     err = capsys.readouterr().err
     assert "missing.svs: FAILED: " in err and "no such file" in err and "0 done, 0 skipped (resume), 1 failed" in err
     assert not (tmp_path / "o").exists()
+    assert "wsss-infer: model" not in err  # (missing files fail before the bundle loads)
 
 
 @pytest.mark.parametrize("output", [None, "new/o"])
@@ -303,6 +304,11 @@ def test_output_is_a_file(tmp_path, bundle, capsys):
     (["--precision", "int8"], "--precision must be one of"),
     (["--mpp", "-2"], "--mpp must be a positive"),
     (["--tissue-mask", "/nonexistent.png"], "--tissue-mask /nonexistent.png: no such file"),
+    (["--device", "foo"], "--device must be cpu, cuda or cuda:N, got 'foo'"),
+    (["--device", "mps"], "--device must be cpu, cuda or cuda:N, got 'mps'"),
+    # (no GPU: CUDA is missing; with one: cuda:99 is)
+    (["--device", "cuda:99"], "run on the CPU with --device cpu" if not torch.cuda.is_available()
+     else "CUDA device(s), cuda:0 to"),
 ])
 def test_bad_options_rejected_before_work(tmp_path, bundle, capsys, args, match):
     s = slide(tmp_path / "a.tif")

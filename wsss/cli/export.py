@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", "--output", dest="out", required=True, help="bundle file to write (.pt)")
     p.add_argument("--pt2", default=None, help="also write an AOTInductor package here (.pt2; compiles for this CPU)")
     p.add_argument("--dataset", default=None,
-                   help="dataset description: built-in name (luad, bcss) or JSON file; gives class names, palette, "
+                   help="dataset description: built-in name (luad-histoseg or luad, bcss-wsss or bcss) or JSON file; gives "
+                        "class names, palette, "
                         "background index and mpp (default: the description the wsss checkpoints recorded; "
                         "luad for reference-code checkpoints, which record none)")
     p.add_argument("--tile-size", type=int, default=None,

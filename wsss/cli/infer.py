@@ -181,6 +181,27 @@ def slides_of(arguments: Sequence[str]) -> List[Path]:
     return out
 
 
+def _check_device(device: str) -> None:
+    """WsssError for a --device that is not cpu / cuda / cuda:N, or a CUDA device this machine lacks."""
+    import torch
+
+    from wsss.errors import WsssError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise WsssError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise WsssError(f"--device {device}: {why} (torch {torch.__version__}); run on the CPU with --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise WsssError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
 def _options(args, **overrides):
     from wsss.errors import WsssError
     from wsss.runner import RunOptions
@@ -188,6 +209,7 @@ def _options(args, **overrides):
     from wsss.cli._train_args import check_args
 
     check_args(args, out_folders=(), out_files=())  # --batch-size, --workers, --tile-size (as the other commands)
+    _check_device(args.device)
     if args.overlap is not None and args.overlap < 0:
         raise WsssError(f"--overlap must be 0 or more, got {args.overlap}")
     if args.mpp is not None and not (args.mpp > 0 and math.isfinite(args.mpp)):
@@ -258,6 +280,19 @@ def run_many(args, slides: List[Path]) -> int:
     check_distinct_out_dirs(slides, out_dirs)
     if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
         raise WsssError(f"output directory {args.output} is a file, not a folder")
+    # A missing file fails before the bundle loads (seconds, with CUDA's start): if no slide is
+    # left, it never loads.
+    bad: List[Tuple[Path, str]] = []
+    present = []
+    for s, o in zip(slides, out_dirs):
+        if s.exists():
+            present.append((s, o))
+        else:
+            bad.append((s, f"{s}: no such file"))
+            print(f"{s.name}: FAILED: {s}: no such file", file=sys.stderr)
+    if not present:
+        print(f"{PROG}: 0 done, 0 skipped (resume), {len(bad)} failed", file=sys.stderr)
+        return 1
     if reader_processes(args.device) and args.workers != 0:
         from wsss.runner import reading
 
@@ -271,8 +306,8 @@ def run_many(args, slides: List[Path]) -> int:
     if options.tile_size is None and options.overlap is not None and options.overlap >= model.tile_size:
         raise WsssError(f"--overlap ({options.overlap}) must be smaller than the tile size ({model.tile_size})")
     # Slides: open each once before any work, so bad ones are reported up front.
-    good, bad = [], []
-    for s, o in zip(slides, out_dirs):
+    good = []
+    for s, o in present:
         try:
             with open_slide(s, reader=args.reader, mpp=args.mpp) as r:
                 r.mpp  # noqa: B018  (raises for a slide without mpp metadata)
@@ -281,7 +316,7 @@ def run_many(args, slides: List[Path]) -> int:
         except Exception as e:  # a bad slide is reported and skipped; the others run
             message = str(e) if isinstance(e, WsssError) else f"{s}: cannot be opened as a slide: {type(e).__name__}: {e}"
             bad.append((s, message))
-            print(f"{PROG}: {Path(s).name}: FAILED: {message}", file=sys.stderr)
+            print(f"{Path(s).name}: FAILED: {message}", file=sys.stderr)  # (as the runner logs a slide)
     made: List[Path] = []  # folders the checks below created: removed again if left empty
     if good:
         if args.output:
@@ -293,7 +328,7 @@ def run_many(args, slides: List[Path]) -> int:
                 except WsssError as e:
                     good.remove((s, o))
                     bad.append((s, str(e)))
-                    print(f"{PROG}: {Path(s).name}: FAILED: {e}", file=sys.stderr)
+                    print(f"{Path(s).name}: FAILED: {e}", file=sys.stderr)
     try:
         results = run_slides([s for s, _ in good], model, [o for _, o in good], options) if good else []
     finally:

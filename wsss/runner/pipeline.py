@@ -694,8 +694,12 @@ class _SlideRun:
             grey = (self.qc_thumb is not None and tissue.source == "otsu-saturation"
                     and not np.ptp(self.qc_thumb, axis=2).any())  # every pixel R = G = B
             why = " (the slide has no colour: detection looks for stained tissue)" if grey else ""
-            self.log(f"{name}: warning: no tissue found{why}, every pixel will be background (see tissue_qc.png; "
-                     f"--no-tissue-detection runs every tile, --tissue-mask takes a mask of your own)")
+            if tissue.source == "otsu-saturation":
+                hint = ("see tissue_qc.png; --no-tissue-detection runs every tile, --tissue-mask takes a mask of "
+                        "your own")
+            else:  # (a user's mask that marks nothing)
+                hint = f"the tissue mask {Path(str(self.options.tissue)).name} marks none of the slide"
+            self.log(f"{name}: warning: no tissue found{why}, every pixel will be background ({hint})")
 
     def make_work_folder(self) -> None:
         from wsss.runner import writers

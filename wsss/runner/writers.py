@@ -778,17 +778,21 @@ def write_tissue_qc(path: Path, thumb: np.ndarray, mask: np.ndarray, tiles_box: 
 # Tables and shapes
 # --------------------------------------------------------------------------------------
 def class_areas(class_pixels: np.ndarray, *, mpp: float, class_names: Sequence[str], background_index: int) -> dict:
-    """Per class: pixels, area in mm2 and % of tissue (tissue = every non-background pixel)."""
+    """Per class: pixels, area in mm2 and % of tissue (tissue = every non-background pixel).
+
+    Areas are rounded to 1e-9 mm2 (0.001 um2, far below a pixel) and percentages to 1e-6, so the
+    JSON shows 0.052262, not the product's 0.052261999999999996; ``pixels`` are exact."""
     px_mm2 = (mpp * 1e-3) ** 2
+    mm2 = lambda n: round(n * px_mm2, 9)  # noqa: E731
     tissue = int(sum(int(class_pixels[k]) for k in range(len(class_names)) if k != background_index))
     rows = []
     for k, name in enumerate(class_names):
         if k == background_index:
             continue
         n = int(class_pixels[k])
-        rows.append({"index": k, "class": name, "pixels": n, "area_mm2": n * px_mm2,
-                     "percent_of_tissue": (100.0 * n / tissue) if tissue else 0.0})
-    return {"mpp": mpp, "pixel_area_mm2": px_mm2, "tissue_pixels": tissue, "tissue_area_mm2": tissue * px_mm2,
+        rows.append({"index": k, "class": name, "pixels": n, "area_mm2": mm2(n),
+                     "percent_of_tissue": round(100.0 * n / tissue, 6) if tissue else 0.0})
+    return {"mpp": mpp, "pixel_area_mm2": px_mm2, "tissue_pixels": tissue, "tissue_area_mm2": mm2(tissue),
             "background_pixels": int(class_pixels[background_index]) if background_index < 256 else 0,
             "classes": rows}
 

@@ -66,10 +66,14 @@ def plan_scale(reader: SlideReader, target_mpp: float, *, tolerance: float = 0.0
     lvl = max(finer, key=lambda i: level_mpps[i]) if finer else 0
     scale = target_mpp / level_mpps[lvl]
     if scale * MAX_UPSAMPLING * (1.0 + tolerance) < 1.0:
+        given = getattr(reader, "mpp_override", None) is not None
+        fix = ("Check the --mpp given: it is the slide's level-0 resolution" if given
+               else "If the slide's resolution is recorded wrongly, pass --mpp")
         raise SlideError(
-            f"{reader.path}: the slide's finest level is {level_mpps[0]:.4g} um/px, {1 / scale:.3g}x coarser "
-            f"than the model's {target_mpp:g} um/px; upsampling by more than {MAX_UPSAMPLING:g}x would show the "
-            f"model tissue at a scale it never saw.  If the slide's resolution is recorded wrongly, pass --mpp")
+            f"{reader.path}: the slide's finest level is {level_mpps[0]:.4g} um/px"
+            f"{' (--mpp)' if given else ''}, {1 / scale:.3g}x coarser than the model's {target_mpp:g} um/px; "
+            f"upsampling by more than {MAX_UPSAMPLING:g}x would show the model tissue at a scale it never "
+            f"saw.  {fix}")
     w0, h0 = reader.dimensions
     width = max(1, int(round(w0 * mpp0 / target_mpp)))
     height = max(1, int(round(h0 * mpp0 / target_mpp)))
