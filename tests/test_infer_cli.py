@@ -333,6 +333,15 @@ def test_same_stem_twice_rejected(tmp_path, bundle, capsys):
     assert "same folder" in capsys.readouterr().err
 
 
+def test_a_slide_named_twice_runs_once(tmp_path, bundle, capsys):
+    (tmp_path / "slides").mkdir()
+    a = slide(tmp_path / "slides" / "a.tif")
+    assert main([str(tmp_path / "slides"), str(a), "--model", str(bundle), "-o", str(tmp_path / "o"),
+                 "--no-tissue-detection"]) == 0
+    err = capsys.readouterr().err
+    assert f"{a} is named more than once: it runs once" in err and "1 done, 0 skipped (resume), 0 failed" in err
+
+
 SOURCE_DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "wsss" / "assets" / "demo_bundle.pt"
 
 

@@ -165,7 +165,8 @@ SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".sv
 def slides_of(arguments: Sequence[str]) -> List[Path]:
     """SLIDE arguments -> slide paths: a folder stands for the slide files directly inside it
     (by suffix, sorted by name); anything else is taken as given (a missing file fails as that
-    slide).  A folder without slide files is a WsssError naming it."""
+    slide).  A slide named twice (``slides/ slides/a.svs``) runs once, said on stderr.  A folder
+    without slide files is a WsssError naming it."""
     from wsss.errors import WsssError
 
     out: List[Path] = []
@@ -178,7 +179,16 @@ def slides_of(arguments: Sequence[str]) -> List[Path]:
             out += found
         else:
             out.append(p)
-    return out
+    seen: set = set()
+    unique: List[Path] = []
+    for p in out:
+        key = p.resolve()
+        if key in seen:
+            print(f"{PROG}: {p} is named more than once: it runs once", file=sys.stderr)
+            continue
+        seen.add(key)
+        unique.append(p)
+    return unique
 
 
 def _check_device(device: str) -> None:
