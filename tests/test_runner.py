@@ -1027,9 +1027,9 @@ def test_tuning_variables_that_are_not_numbers_warn_and_keep_the_default(monkeyp
 
 
 def test_a_slide_waits_for_the_preloaded_imports(tmp_path, monkeypatch):
-    """run_slide starts only once preload_slide_libraries' thread has ended: an import made beside
-    it could see a half-initialised package (scikit-image's lazy submodules raised AttributeError
-    in ~1 of 10-20 runs of a tiny slide)."""
+    """run_slide starts only once preload_slide_libraries' thread has imported scikit-image: an
+    import made beside it could see a half-initialised package (its lazy submodules raised
+    AttributeError in ~1 of 10-20 runs of a tiny slide)."""
     import threading
     import time
 
@@ -1037,13 +1037,16 @@ def test_a_slide_waits_for_the_preloaded_imports(tmp_path, monkeypatch):
     from wsss.slide import reader as readers
 
     events = []
+    ready = threading.Event()
 
     def slow_imports():
         time.sleep(0.3)
-        events.append("imports done")
+        events.append("scikit-image imported")
+        ready.set()
 
     thread = threading.Thread(target=slow_imports, daemon=True)
     monkeypatch.setattr(pipeline, "_preload", thread)
+    monkeypatch.setattr(pipeline, "_tissue_libraries", ready)
     opened = readers.open_slide
 
     def open_slide(*a, **k):
@@ -1055,7 +1058,21 @@ def test_a_slide_waits_for_the_preloaded_imports(tmp_path, monkeypatch):
     write_pyramid(path, [colour_slide(40, 40)])
     thread.start()
     r = run_slide(path, model(), tmp_path / "out", opts(tissue="auto"), log=lambda s: None)
-    assert r.status == "done" and events == ["imports done", "slide opened"]
+    assert r.status == "done" and events == ["scikit-image imported", "slide opened"]
     assert r.timings["imports (waiting)"] > 0.1
     pipeline.preload_slide_libraries()  # (a second call while one thread exists starts none)
     assert pipeline._preload is thread
+
+
+def test_preload_imports_scikit_image_first_and_says_when():
+    """The real preload thread: the event the runner waits for is set once scikit-image's
+    modules are in sys.modules (whatever the process imported before)."""
+    import sys
+
+    from wsss.runner import pipeline
+
+    pipeline.preload_slide_libraries()
+    assert pipeline._tissue_libraries.wait(60)
+    assert "skimage.morphology" in sys.modules and "skimage.filters" in sys.modules
+    pipeline._preload.join(60)
+    assert "shapely" in sys.modules and "contourpy" in sys.modules

@@ -495,6 +495,7 @@ def _advance(phases) -> Optional[SlideResult]:
 
 
 _preload: Optional[threading.Thread] = None
+_tissue_libraries = threading.Event()  # set once the preload thread has imported scikit-image
 
 
 def preload_slide_libraries() -> None:
@@ -506,19 +507,24 @@ def preload_slide_libraries() -> None:
     scipy.sparse.csgraph; they no longer do); imported during the tile stage they would hold
     the GIL against the model's thread (3072^2 demo bench: tile stage +0.4 s).
 
-    NB: a slide's run first waits for these imports to end (``_preloaded``): an import of the
-    same package made meanwhile on another thread can see it half initialised (scikit-image's
-    lazily loaded submodules: "partially initialized module 'skimage.morphology' has no
-    attribute 'closing'", in 1 of 10-20 runs of a tiny slide that opened at once).  Started
-    before a bundle loads, the thread has ended by then or nearly so."""
+    NB: a slide's run first waits for scikit-image (``_preloaded``): imported on two threads at
+    once, its lazily loaded submodules can be seen half initialised ("partially initialized
+    module 'skimage.morphology' has no attribute 'closing'", in 1 of 10-20 runs of a tiny slide
+    that opened at once).  The other libraries load eagerly, and Python's per-module import
+    locks make a second importer wait for the first: they need no wait (and waiting for them
+    cost the first slide ~0.1 s where the bundle loaded fast)."""
     global _preload
     if _preload is not None:
         return
 
     def work() -> None:
-        with contextlib.suppress(Exception):  # (a failed import fails where it is needed)
-            import skimage.filters  # noqa: F401
-            import skimage.morphology  # noqa: F401
+        try:
+            with contextlib.suppress(Exception):  # (a failed import fails where it is needed)
+                import skimage.filters  # noqa: F401
+                import skimage.morphology  # noqa: F401
+        finally:
+            _tissue_libraries.set()
+        with contextlib.suppress(Exception):
             import contourpy  # noqa: F401
             import PIL.PngImagePlugin  # noqa: F401
             import shapely  # noqa: F401
@@ -528,9 +534,9 @@ def preload_slide_libraries() -> None:
 
 
 def _preloaded() -> None:
-    """Wait for ``preload_slide_libraries``' imports, if any were started."""
+    """Wait for ``preload_slide_libraries``' import of scikit-image, if it was started."""
     if _preload is not None:
-        _preload.join()
+        _tissue_libraries.wait()
 
 
 def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOptions], log: Callable[[str], None]):
