@@ -304,10 +304,10 @@ def test_output_is_a_file(tmp_path, bundle, capsys):
     (["--precision", "int8"], "--precision must be one of"),
     (["--mpp", "-2"], "--mpp must be a positive"),
     (["--tissue-mask", "/nonexistent.png"], "--tissue-mask /nonexistent.png: no such file"),
-    (["--device", "foo"], "--device must be cpu, cuda or cuda:N, got 'foo'"),
-    (["--device", "mps"], "--device must be cpu, cuda or cuda:N, got 'mps'"),
+    (["--device", "foo"], "--device: 'foo' is not a device (expected cpu, cuda, cuda:N or auto)"),
+    (["--device", "mps"], "--device: 'mps' is not a device (expected cpu, cuda, cuda:N or auto)"),
     # (no GPU: CUDA is missing; with one: cuda:99 is)
-    (["--device", "cuda:99"], "run on the CPU with --device cpu" if not torch.cuda.is_available()
+    (["--device", "cuda:99"], "CUDA is not available on this machine" if not torch.cuda.is_available()
      else "CUDA device(s), cuda:0 to"),
 ])
 def test_bad_options_rejected_before_work(tmp_path, bundle, capsys, args, match):
@@ -490,3 +490,11 @@ def test_demo_without_tissue_says_so(tmp_path, capsys, monkeypatch):
     assert main(["--demo", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "no accuracy: the synthetic slide has no tissue pixels" in out and "nan" not in out
+
+
+def test_device_auto_picks_cuda_where_visible(tmp_path, bundle, capsys):
+    s = slide(tmp_path / "a.tif")
+    assert main([str(s), "--model", str(bundle), "-o", str(tmp_path / "o"), "--device", "auto",
+                 "--no-tissue-detection"]) == 0
+    run = json.loads((tmp_path / "o" / "a" / "run.json").read_text())
+    assert run["model"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -327,3 +327,16 @@ def test_bf16_on_a_cpu_without_bf16_units_is_flagged(monkeypatch, fast):
             pass
     flagged = [str(w.message) for w in seen if "no fast bfloat16 kernels" in str(w.message)]
     assert len(flagged) == (0 if fast else 1)
+
+
+def test_resolve_device_is_every_commands_device_check():
+    from wsss.errors import WsssError
+    from wsss.train.common import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("foo", "mps", "cuda:x"):
+        with pytest.raises(WsssError, match="is not a device"):
+            resolve_device(bad)
+    with pytest.raises(WsssError, match="CUDA is not available" if not torch.cuda.is_available() else "CUDA device"):
+        resolve_device("cuda:99")

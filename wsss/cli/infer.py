@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "($WSSS_CONFIG, else ~/.config/wsss/config.json)")
     p.add_argument("-o", "--output", "--out", dest="output", metavar="OUTDIR",
                    help="output folder; each slide gets OUTDIR/<stem>/ (default: <slide folder>/<stem>.wsss/)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N, or auto (CUDA where a GPU is visible) (default cpu)")
     p.add_argument("--precision", default="auto",
                    help="auto (default: bfloat16 on CPUs with bf16 matrix units and on CUDA, else float32), "
                         "float32 (fp32), bfloat16 (bf16) or float16 (fp16, half)")
@@ -191,27 +192,6 @@ def slides_of(arguments: Sequence[str]) -> List[Path]:
     return unique
 
 
-def _check_device(device: str) -> None:
-    """WsssError for a --device that is not cpu / cuda / cuda:N, or a CUDA device this machine lacks."""
-    import torch
-
-    from wsss.errors import WsssError
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise WsssError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise WsssError(f"--device {device}: {why} (torch {torch.__version__}); run on the CPU with --device cpu")
-        if dev.index is not None and dev.index >= count:
-            raise WsssError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-
-
 def _options(args, **overrides):
     from wsss.errors import WsssError
     from wsss.runner import RunOptions
@@ -219,7 +199,9 @@ def _options(args, **overrides):
     from wsss.cli._train_args import check_args
 
     check_args(args, out_folders=(), out_files=())  # --batch-size, --workers, --tile-size (as the other commands)
-    _check_device(args.device)
+    from wsss.train.common import resolve_device
+
+    args.device = str(resolve_device(args.device))  # (auto -> cuda or cpu; one line for a bad one)
     if args.overlap is not None and args.overlap < 0:
         raise WsssError(f"--overlap must be 0 or more, got {args.overlap}")
     if args.mpp is not None and not (args.mpp > 0 and math.isfinite(args.mpp)):

@@ -31,17 +31,25 @@ def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'cpu', 'cuda', 'cuda:N' or 'auto'; WsssError when CUDA is asked for and missing."""
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA where a GPU is visible, else the CPU): the
+    --device of every command.  WsssError naming --device for anything else, and for a CUDA
+    device this machine lacks."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as e:
-        raise WsssError(f"--device: {name!r} is not a device (expected cpu, cuda, cuda:N or auto)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise WsssError(f"--device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise WsssError(f"--device: expected cpu, cuda or auto, got {name!r}")
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise WsssError(f"--device: {name!r} is not a device (expected cpu, cuda, cuda:N or auto)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise WsssError(f"--device {name}: CUDA is not available on this machine ({why}; torch "
+                            f"{torch.__version__}); --device cpu runs on the CPU")
+        if device.index is not None and device.index >= count:
+            raise WsssError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return device
 
 
