@@ -1076,3 +1076,17 @@ def test_preload_imports_scikit_image_first_and_says_when():
     assert "skimage.morphology" in sys.modules and "skimage.filters" in sys.modules
     pipeline._preload.join(60)
     assert "shapely" in sys.modules and "contourpy" in sys.modules
+
+
+def test_an_empty_tissue_mask_is_named_in_the_warning(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(64, 64)])
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "empty.png")
+    lines = []
+    r = run_slide(path, model(), tmp_path / "out", opts(tissue=str(tmp_path / "empty.png")), log=lines.append)
+    assert r.status == "done"
+    warning = [s for s in lines if "no tissue found" in s]
+    assert len(warning) == 1 and "the tissue mask empty.png marks none of the slide" in warning[0]
+    assert "--tissue-mask takes a mask of your own" not in warning[0]

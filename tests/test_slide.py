@@ -321,8 +321,12 @@ def test_plan_refuses_to_upsample_far(pyramid):
     path, _ = pyramid
     with open_slide(path) as r:
         assert plan_scale(r, 0.25).scale == pytest.approx(0.5)  # 2x: allowed
-        with pytest.raises(SlideError, match=r"0\.5 um/px, 4x coarser than the model's 0\.125 um/px.*--mpp"):
+        with pytest.raises(SlideError, match=r"0\.5 um/px, 4x coarser than the model's 0\.125 um/px.*pass --mpp"):
             plan_scale(r, 0.125)
+    with open_slide(path, mpp=2.0) as r:  # (a user's --mpp: not told to pass one)
+        with pytest.raises(SlideError, match=r"2 um/px \(--mpp\), 4x coarser .*Check the --mpp given") as e:
+            plan_scale(r, 0.5)
+        assert "pass --mpp" not in str(e.value)
 
 
 def test_no_mpp_needs_override(tmp_path):

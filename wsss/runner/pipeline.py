@@ -620,8 +620,9 @@ class _SlideRun:
 
         t0 = time.perf_counter()
         _preloaded()
-        if time.perf_counter() - t0 > 1e-3:  # (the first slide of a process, when the imports were late)
-            self.timer.add("imports (waiting)", time.perf_counter() - t0)
+        waited = time.perf_counter() - t0
+        if waited > 1e-3:  # (the first slide of a process, when the imports were late)
+            self.timer.add("imports (waiting)", waited)
         with self.timer("open"):
             self.reader = open_slide(self.slide, reader=self.options.reader, mpp=self.options.mpp)
         self.created = not self.out_dir.exists()
