@@ -167,7 +167,11 @@ def test_outputs_open_in_openslide_and_agree(tmp_path):
         assert row["pixels"] == counts[row["index"]]
         assert row["area_mm2"] == pytest.approx(counts[row["index"]] * px_mm2)
     assert sum(r["percent_of_tissue"] for r in areas["classes"]) == pytest.approx(100.0)
-    assert (out / "areas.csv").read_text().splitlines()[0] == "index,class,pixels,area_mm2,percent_of_tissue"
+    # each class's colour in the overlay and the label TIFF (the overlay has no legend)
+    assert [r["colour"] for r in areas["classes"]] == ["#%02x%02x%02x" % tuple(c) for c in PALETTE[:K]]
+    csv_lines = (out / "areas.csv").read_text().splitlines()
+    assert csv_lines[0] == "index,class,pixels,area_mm2,percent_of_tissue,colour"
+    assert csv_lines[1].endswith(",#%02x%02x%02x" % tuple(PALETTE[0]))
     # polygons: per-class area matches the pixel count (coarse: simplified outlines)
     gj = json.loads((out / "polygons.geojson").read_text())
     assert gj["type"] == "FeatureCollection"

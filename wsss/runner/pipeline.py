@@ -916,7 +916,8 @@ class _SlideRun:
             n_features = side.submit(polygons)
             labels_done = side.submit(labels_tiff)
             with timer("write_areas"), _writing(out_dir / "areas.json"):
-                areas = writers.class_areas(class_pixels, mpp=plan.mpp, class_names=names[:K], background_index=bg)
+                areas = writers.class_areas(class_pixels, mpp=plan.mpp, class_names=names[:K], background_index=bg,
+                                            palette=model.palette)
                 writers.write_areas(stage / "areas.json", stage / "areas.csv", areas)
             # NB: pictures and polygons come from low-resolution levels of the label pyramid
             # (majority vote), so their cost is bounded on any slide (see writers.*_level).

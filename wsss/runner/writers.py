@@ -777,8 +777,11 @@ def write_tissue_qc(path: Path, thumb: np.ndarray, mask: np.ndarray, tiles_box: 
 # --------------------------------------------------------------------------------------
 # Tables and shapes
 # --------------------------------------------------------------------------------------
-def class_areas(class_pixels: np.ndarray, *, mpp: float, class_names: Sequence[str], background_index: int) -> dict:
-    """Per class: pixels, area in mm2 and % of tissue (tissue = every non-background pixel).
+def class_areas(class_pixels: np.ndarray, *, mpp: float, class_names: Sequence[str], background_index: int,
+                palette: Optional[Sequence] = None) -> dict:
+    """Per class: pixels, area in mm2, % of tissue (tissue = every non-background pixel) and,
+    with ``palette``, the colour the overlay and the label TIFF give it ("#rrggbb": the
+    overlay has no legend of its own).
 
     Areas are rounded to 1e-9 mm2 (0.001 um2, far below a pixel) and percentages to 1e-6, so the
     JSON shows 0.052262, not the product's 0.052261999999999996; ``pixels`` are exact."""
@@ -792,6 +795,9 @@ def class_areas(class_pixels: np.ndarray, *, mpp: float, class_names: Sequence[s
         n = int(class_pixels[k])
         rows.append({"index": k, "class": name, "pixels": n, "area_mm2": mm2(n),
                      "percent_of_tissue": round(100.0 * n / tissue, 6) if tissue else 0.0})
+        if palette is not None:
+            rows[-1]["colour"] = "#%02x%02x%02x" % tuple(int(v) for v in palette_image(
+                np.array([[k]], np.uint8), palette, background_index)[0, 0])
     return {"mpp": mpp, "pixel_area_mm2": px_mm2, "tissue_pixels": tissue, "tissue_area_mm2": mm2(tissue),
             "background_pixels": int(class_pixels[background_index]) if background_index < 256 else 0,
             "classes": rows}
@@ -801,10 +807,11 @@ def write_areas(json_path: Path, csv_path: Path, areas: dict) -> None:
     write_json_atomic(json_path, areas)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["index", "class", "pixels", "area_mm2", "percent_of_tissue"])
+    colours = all("colour" in row for row in areas["classes"])
+    writer.writerow(["index", "class", "pixels", "area_mm2", "percent_of_tissue"] + (["colour"] if colours else []))
     for row in areas["classes"]:
         writer.writerow([row["index"], row["class"], row["pixels"], f"{row['area_mm2']:.6f}",
-                         f"{row['percent_of_tissue']:.3f}"])
+                         f"{row['percent_of_tissue']:.3f}"] + ([row["colour"]] if colours else []))
     with atomic_path(csv_path) as tmp:
         tmp.write_text(buf.getvalue())
 
