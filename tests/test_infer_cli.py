@@ -498,3 +498,20 @@ def test_device_auto_picks_cuda_where_visible(tmp_path, bundle, capsys):
                  "--no-tissue-detection"]) == 0
     run = json.loads((tmp_path / "o" / "a" / "run.json").read_text())
     assert run["model"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("visible", [True, False])
+def test_default_device_names_a_visible_gpu(tmp_path, bundle, capsys, monkeypatch, visible):
+    """The CPU default stays (a run's outputs must not depend on the machine), but a user with a
+    GPU is told it is there and how to use it; --device given silences the note."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible)
+    s = slide(tmp_path / "a.tif")
+    assert main([str(s), "--model", str(bundle), "-o", str(tmp_path / "o"), "--no-tissue-detection"]) == 0
+    err = capsys.readouterr().err
+    assert ("a CUDA GPU is visible" in err) == visible
+    assert json.loads((tmp_path / "o" / "a" / "run.json").read_text())["model"]["device"] == "cpu"
+    if visible:
+        assert "--device auto" in err
+        assert main([str(s), "--model", str(bundle), "-o", str(tmp_path / "p"), "--no-tissue-detection",
+                     "--device", "cpu"]) == 0
+        assert "a CUDA GPU is visible" not in capsys.readouterr().err

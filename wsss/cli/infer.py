@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "($WSSS_CONFIG, else ~/.config/wsss/config.json)")
     p.add_argument("-o", "--output", "--out", dest="output", metavar="OUTDIR",
                    help="output folder; each slide gets OUTDIR/<stem>/ (default: <slide folder>/<stem>.wsss/)")
-    p.add_argument("--device", default="cpu",
-                   help="cpu, cuda, cuda:N, or auto (CUDA where a GPU is visible) (default cpu)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N, or auto (CUDA where a GPU is visible) (default cpu; a visible GPU "
+                        "is then named in the model line)")
     p.add_argument("--precision", default="auto",
                    help="auto (default: bfloat16 on CPUs with bf16 matrix units and on CUDA, else float32), "
                         "float32 (fp32), bfloat16 (bf16) or float16 (fp16, half)")
@@ -201,7 +202,8 @@ def _options(args, **overrides):
     check_args(args, out_folders=(), out_files=())  # --batch-size, --workers, --tile-size (as the other commands)
     from wsss.train.common import resolve_device
 
-    args.device = str(resolve_device(args.device))  # (auto -> cuda or cpu; one line for a bad one)
+    args.device_given = args.device is not None
+    args.device = str(resolve_device(args.device or "cpu"))  # (auto -> cuda or cpu; one line for a bad one)
     if args.overlap is not None and args.overlap < 0:
         raise WsssError(f"--overlap must be 0 or more, got {args.overlap}")
     if args.mpp is not None and not (args.mpp > 0 and math.isfinite(args.mpp)):
@@ -227,6 +229,8 @@ def _options(args, **overrides):
 
 
 def _load_model(path: str, args):
+    import torch
+
     from wsss.bundle import load_bundle
     from wsss.runner import SlideModel
 
@@ -243,6 +247,9 @@ def _load_model(path: str, args):
           f"{'%g um/px' % model.mpp if model.mpp else 'any resolution'}, tile {model.tile_size}; "
           f"{d.get('device', args.device)}, "
           f"{d.get('precision', args.precision)}; sha256 {str(d.get('sha256', '?'))[:12]})", file=sys.stderr)
+    if not args.device_given and torch.cuda.is_available():
+        print(f"{PROG}: note: a CUDA GPU is visible, but the model runs on the CPU by default: "
+              f"--device auto (or cuda) runs it on the GPU", file=sys.stderr)
     if bundle.metadata.get("synthetic_only") and not args.demo:
         print(f"{PROG}: warning: {path} is the synthetic-only demo model, trained on generated tissue: its "
               f"maps of real slides are meaningless (train or export a real bundle: wsss-infer --help)",
