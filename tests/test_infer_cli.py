@@ -16,7 +16,7 @@ from torch import Tensor
 
 from wsss.bundle import script_module
 from wsss.cli.infer import demo_bundle_path, main
-from wsss.runner.pipeline import resolve_precision
+from wsss.runner.model import resolve_precision
 
 K = 4
 

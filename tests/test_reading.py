@@ -17,7 +17,7 @@ import torch
 from runner_kit import colour_slide, model, opts, own_workers, write_pyramid
 
 from wsss.errors import SlideError
-from wsss.runner import pipeline, reading, run_slide
+from wsss.runner import reading, run_slide, tile_stage
 from wsss.runner.pipeline import _StageTimer
 from wsss.runner.reading import read_batches
 from wsss.runner.thumbnail import TileThumbnail
@@ -97,7 +97,7 @@ def test_a_run_with_reader_processes_writes_the_same_outputs(tmp_path, monkeypat
     write_pyramid(path, [colour_slide(150, 190, seed=4)])
     outs = {}
     for processes in (0, 1):
-        monkeypatch.setattr(pipeline, "READER_PROCESSES", processes)
+        monkeypatch.setattr(tile_stage, "READER_PROCESSES", processes)
         res = run_slide(path, model(), tmp_path / f"out{processes}", opts(overlap=8, workers=2))
         assert res.status == "done", res.message
         outs[processes] = res
@@ -264,7 +264,7 @@ def test_views_that_cannot_be_reopened_elsewhere_are_read_on_threads(tmp_path, f
 def test_reader_workers_load_no_torch_and_end_with_their_parent():
     from wsss.runner import workers
 
-    heavy = "[n for n in sys.modules if n in ('torch', 'wsss.ops', 'wsss.runner.pipeline') or n.startswith('torch.')]"
+    heavy = "[n for n in sys.modules if n in ('torch', 'wsss.ops', 'wsss.runner.pipeline', 'wsss.runner.tile_stage') or n.startswith('torch.')]"
     probe = workers._BOOT.replace("._serve()", f" and print({heavy})")
     out = subprocess.run([sys.executable, "-c", probe, workers._ROOT, reading.__name__],
                          capture_output=True, text=True, check=True)
@@ -275,16 +275,16 @@ def test_reader_workers_load_no_torch_and_end_with_their_parent():
 
 
 def test_reader_processes_are_used_on_gpu_hosts_unless_told(monkeypatch):
-    monkeypatch.setattr(pipeline, "READER_PROCESSES", -1)
+    monkeypatch.setattr(tile_stage, "READER_PROCESSES", -1)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert pipeline.reader_processes("cuda:0") and not pipeline.reader_processes("cpu")
+    assert tile_stage.reader_processes("cuda:0") and not tile_stage.reader_processes("cpu")
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert not pipeline.reader_processes("cuda:0")
-    monkeypatch.setattr(pipeline, "READER_PROCESSES", 1)
-    assert pipeline.reader_processes("cpu")
-    monkeypatch.setattr(pipeline, "READER_PROCESSES", 0)
+    assert not tile_stage.reader_processes("cuda:0")
+    monkeypatch.setattr(tile_stage, "READER_PROCESSES", 1)
+    assert tile_stage.reader_processes("cpu")
+    monkeypatch.setattr(tile_stage, "READER_PROCESSES", 0)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert not pipeline.reader_processes("cuda:0")
+    assert not tile_stage.reader_processes("cuda:0")
 
 
 def test_a_full_shared_memory_folder_falls_back_to_the_next(monkeypatch, tmp_path):

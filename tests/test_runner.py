@@ -405,7 +405,7 @@ def test_heap_trimmer_trims_only_on_growth_past_the_first_level():
     """malloc_trim also hands back the model's freed activations (re-faulted every forward pass:
     17% of a tiny model's time here): trim only when RSS creeps 32 MB past its level at the
     first check, and never lower that level, so the activations' come-back never re-triggers."""
-    from wsss.runner.pipeline import _HeapTrimmer
+    from wsss.runner.tile_stage import _HeapTrimmer
 
     t = _HeapTrimmer(slack_mb=32)
     calls = []
@@ -590,7 +590,7 @@ def test_read_ahead_is_bounded_and_reads_ahead(tmp_path, monkeypatch):
     import threading
     import time
 
-    from wsss.runner import pipeline
+    from wsss.runner import tile_stage
     from wsss.slide import SlideView
 
     path = tmp_path / "s.tif"
@@ -605,7 +605,7 @@ def test_read_ahead_is_bounded_and_reads_ahead(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(SlideView, "read", counting_read)
-    monkeypatch.setattr(pipeline, "READER_PROCESSES", 0)  # (reads counted in this process)
+    monkeypatch.setattr(tile_stage, "READER_PROCESSES", 0)  # (reads counted in this process)
     given, ahead = [0], []
 
     def slow(x):  # NB: the readers have time to fill the read-ahead while a batch "runs"
@@ -1017,7 +1017,7 @@ def test_output_tiles_assemble_any_pieces_exactly(tmp_path, channels, order):
 
 
 def test_tuning_variables_that_are_not_numbers_warn_and_keep_the_default(monkeypatch):
-    from wsss.runner.pipeline import _env_number
+    from wsss.runner.tile_stage import _env_number
 
     monkeypatch.setenv("WSSS_TEST_TUNING", "3")
     assert _env_number("WSSS_TEST_TUNING", 2) == 3

@@ -58,13 +58,13 @@ def runner_info() -> dict:
     import os
     import shutil
 
-    from wsss.runner import pipeline
+    from wsss.runner import pipeline, tile_stage
 
     try:
         shm_mb = shutil.disk_usage("/dev/shm").free >> 20
     except OSError:
         shm_mb = None
-    return {"cores": os.cpu_count(), "reader_processes_on_cuda": pipeline.reader_processes("cuda"),
+    return {"cores": os.cpu_count(), "reader_processes_on_cuda": tile_stage.reader_processes("cuda"),
             "outline_processes_on_cuda": pipeline.OUTLINE_PROCESSES, "shared_memory_free_mb": shm_mb}
 
 

@@ -269,7 +269,8 @@ def run_many(args, slides: List[Path]) -> int:
     refused run leaves no empty output folders behind."""
     from wsss.errors import BundleError, WsssError
     from wsss.runner import run_slides
-    from wsss.runner.pipeline import check_distinct_out_dirs, default_workers, reader_processes
+    from wsss.runner.pipeline import check_distinct_out_dirs
+    from wsss.runner.tile_stage import default_workers, reader_processes
     from wsss.slide import open_slide
 
     options = _options(args)

@@ -1,22 +1,16 @@
-"""The whole-slide pipeline: read tiles -> batch -> predict -> blend/stitch -> write outputs.
+"""The whole-slide pipeline: one slide's run and many slides'.
 
-Stages overlap: reader threads (each with its own slide handle) decode tiles ahead of the
-model; the main thread batches, submits each batch to the model (torch releases the GIL) and
-takes its result one batch later (``SlideModel.predict_async``: on CUDA the bundle predictor
-uploads and computes batch i+1 while batch i downloads); a stitcher thread blends
-predictions, finalises labels and compresses output tiles to a spool on disk.  Or, with
-blending on the model's device (``RunOptions.stitch_device``, the CUDA default), the
-probabilities never leave it: ``BandStitcher`` blends them on the model's stream and a writer
-thread receives finished bands of uint8 labels (wsss.runner.band_stitching).
-After the last tile the pyramid and the other outputs are written from the spool.
+A slide's run (``_SlideRun``): open the slide, detect tissue, plan the tile grid at the model's
+resolution; the tile stage (wsss.runner.tile_stage: read -> batch -> predict -> blend/stitch,
+all overlapping); the outputs (label pyramid, pictures, areas, polygons; on CUDA mostly built
+while the tiles run), written in a work folder and published at once with run.json, which
+``--resume`` checks (``fingerprint``).  ``run_slides``: many slides, a failing one reported
+and skipped.  The model side is wsss.runner.model's ``SlideModel``.
 
 Python API::
 
     model = SlideModel.from_bundle(load_bundle("model.pt"), device="cpu", precision="auto")
     result = run_slide("slide.svs", model, "out/slide", RunOptions(overlap=32))
-
-``SlideModel`` can also wrap any callable ``predict(tiles uint8 [N,3,t,t]) -> probabilities
-float [N,K,t,t]`` (already gated per tile), which is how the tests drive the runner.
 """
 from __future__ import annotations
 
@@ -26,13 +20,11 @@ import json
 import math
 import os
 import platform
-import queue
 import shutil
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,7 +32,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from wsss.errors import WsssError, BundleError
+from wsss.errors import WsssError
+from wsss.runner.model import PendingProbabilities, SlideModel, resolve_precision
+from wsss.runner.tile_stage import _env_number, _run_tiles, default_workers, reader_processes
 
 __all__ = ["SlideModel", "PendingProbabilities", "RunOptions", "resolve_precision", "check_output_dir",
            "check_distinct_out_dirs", "SlideResult", "run_slide", "run_slides", "OUTPUT_FILES",
@@ -49,232 +43,14 @@ __all__ = ["SlideModel", "PendingProbabilities", "RunOptions", "resolve_precisio
 RUN_FORMAT_VERSION = 1
 
 
-def _env_number(name: str, default, kind=int):
-    """A tuning variable's value (docs/runner.md), or ``default`` with a warning naming it when it
-    is not a number: a typo in an A/B measurement must not stop every run at import."""
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        return kind(value)
-    except ValueError:
-        import warnings
-
-        warnings.warn(f"{name}={value!r} is not a {'whole ' if kind is int else ''}number; using {default}",
-                      stacklevel=2)
-        return default
-
-
 # NB: the early path's outline slabs are traced in worker processes, off this process's GIL:
 # on threads, beside the GIL-bound work of feeding a GPU, they fell behind (an H200 run at
 # 32768^2 still had 1.05 s of GeoJSON after the last tile; two threads beside three GIL-holding
 # ones took 11.7 s for a noisy 2048^2 map that takes 0.9 s alone, two processes 1.9 s on 2 cores).
 # WSSS_OUTLINE_PROCESSES=0 traces them on two threads instead (for A/B measurements)
 OUTLINE_PROCESSES = max(0, _env_number("WSSS_OUTLINE_PROCESSES", min(4, max(1, (os.cpu_count() or 2) // 4))))
-# NB: on a GPU host the tiles are read in worker processes (reading.py), off this process's
-# GIL, which the thread feeding the model and the band writer hold most of the time (an H200 run
-# at 16384^2: 4.5 ms of reader time per tile on threads, the model waiting 2.4 of its 5.1 s);
-# on the CPU the model's own threads leave the GIL free and the cores busy, and threads are
-# cheaper.  WSSS_READER_PROCESSES=1 uses processes always, 0 never (for A/B measurements)
-READER_PROCESSES = _env_number("WSSS_READER_PROCESSES", -1)
 OUTPUT_FILES = ("labels.tiff", "overlay.png", "tissue_qc.png", "areas.json", "areas.csv", "polygons.geojson")
 OPTIONAL_OUTPUT_FILES = ("probs.tiff",)  # (--probs)
-
-
-@dataclass
-class SlideModel:
-    """What the runner needs from a model.
-
-    predict: uint8 torch tensor [N, 3, t, t] -> float tensor/array [N, K, t, t] of per-tile gated
-    class probabilities.  mpp / tile_size: the resolution and tile edge the model expects.
-    identity: a string that changes whenever the model's outputs could (bundle sha256).
-    submit: optional ``tiles -> handle`` whose ``handle.result()`` gives what predict would have
-    returned, for models that can start a batch and finish it later (the bundle predictor's
-    overlapped CUDA path); None: ``predict`` runs when the batch is submitted.
-    predict_device: optional ``tiles -> tensor [N,K,t,t]`` left on the model's device and queued
-    on its current stream (nothing waits for it), for blending there (``--stitch-device``).
-    """
-
-    predict: Callable
-    class_names: Sequence[str]
-    palette: Sequence[Sequence[int]]
-    background_index: int
-    mpp: Optional[float]  # None: read the slide at its own level-0 resolution
-    tile_size: int
-    identity: str
-    description: dict = field(default_factory=dict)
-    submit: Optional[Callable] = None
-    predict_device: Optional[Callable] = None
-
-    def predict_async(self, tiles) -> "PendingProbabilities":
-        """Start predicting ``tiles`` (uint8 [N,3,t,t]); ``.result()`` -> float32 array [N,K,t,t]
-        that the caller owns.  The caller may overwrite ``tiles`` once this returns.
-
-        NB: without ``submit`` the prediction runs here and is copied out at once (a plain
-        callable may reuse its output buffer), so the runner's one-batch-behind loop behaves the
-        same for every model, and the CPU tests exercise it.
-        """
-        if self.submit is None:
-            return PendingProbabilities(ready=_owned_probs(self.predict(tiles)))
-        return PendingProbabilities(handle=self.submit(tiles))
-
-    @classmethod
-    def from_bundle(cls, bundle, *, device: str = "cpu", precision: str = "auto",
-                    precision_mode: Optional[str] = None) -> "SlideModel":
-        """Adapter over wsss.bundle.Bundle: ``bundle.predictor(device, precision)(tiles, True)[1]``
-        for ``predict``, and the predictor's ``submit`` (scores only) for ``submit``.
-
-        precision: "auto" (see ``resolve_precision``), "float32", "bfloat16" or "float16"
-        (also fp32 / bf16 / fp16).  precision_mode: "cast" or "autocast" (None: the predictor's
-        default, autocast on CUDA and cast on CPU; see wsss.bundle.Bundle.predictor).
-        """
-        md = bundle.metadata
-        precision = resolve_precision(precision, device)
-        predictor = bundle.predictor(device, precision, precision_mode=precision_mode)
-
-        def predict(tiles):
-            return predictor(tiles, True)[1]  # (labels, gated probabilities, class_prob)
-
-        def submit(tiles):
-            return _ScoresOf(predictor.submit(tiles, True, outputs=("scores",)))
-
-        def predict_device(tiles):
-            return predictor.on_device(tiles, True)[1]
-
-        # NB: how reduced precision is applied changes the outputs, so it is part of the identity
-        # (float32 keeps the identity it always had).
-        identity = f"{bundle.sha256}:{precision}" + ("" if precision == "float32" else f":{predictor.precision_mode}")
-        try:
-            return cls(predict=predict, class_names=list(md["class_names"]), palette=[list(p) for p in md["palette"]],
-                       background_index=int(md["background_index"]),
-                       mpp=None if md.get("mpp") is None else float(md["mpp"]),
-                       tile_size=int(md["tile_size"]), identity=identity,
-                       description={"path": str(bundle.path), "sha256": bundle.sha256,
-                                    "content_hash": md.get("content_hash"), "wsss_version": md.get("wsss_version"),
-                                    "torch_version": md.get("torch_version"), "device": device,
-                                    "precision": precision, "precision_mode": predictor.precision_mode},
-                       submit=submit, predict_device=predict_device)
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{bundle.path}: bundle metadata lacks or mangles a field the runner needs: {e}") from None
-
-
-class _ScoresOf:
-    """The scores of a wsss.bundle.PendingPrediction."""
-
-    def __init__(self, pending) -> None:
-        self.pending = pending
-
-    def result(self):
-        return self.pending.result()[1]
-
-
-class PendingProbabilities:
-    """A batch handed to the model: ``result()`` -> float32 array [N, K, t, t] owned by the caller."""
-
-    def __init__(self, *, ready=None, handle=None) -> None:
-        self._ready, self._handle = ready, handle
-
-    def result(self) -> np.ndarray:
-        if self._handle is not None:
-            self._ready, self._handle = _owned_probs(self._handle.result()), None
-        return self._ready
-
-
-def _is_device_oom(error: BaseException) -> bool:
-    """A GPU allocation failure (torch.OutOfMemoryError; from inside TorchScript it can also come
-    as a RuntimeError that says so)."""
-    import torch
-
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and "out of memory" in text and ("CUDA" in text or "HIP" in text)
-
-
-class _BatchHalving:
-    """Wraps a SlideModel's callables so that a batch the GPU has no memory for is run in halves
-    (then quarters, ...), and every later batch of the slide in pieces of the size that fit.
-    ``limit``: that size (None: no batch failed).  A batch of one tile that still fails raises."""
-
-    def __init__(self, on_halve: Callable[[int], None]) -> None:
-        self.limit: Optional[int] = None
-        self._on_halve = on_halve
-
-    def call(self, fn: Callable, tiles, combine: Callable):
-        while True:
-            n = len(tiles) if self.limit is None else min(self.limit, len(tiles))
-            try:
-                if n >= len(tiles):
-                    return fn(tiles)
-                return combine([fn(tiles[i:i + n]) for i in range(0, len(tiles), n)])
-            except RuntimeError as e:  # (torch.OutOfMemoryError is one)
-                if not _is_device_oom(e) or n <= 1:
-                    raise
-                import torch
-
-                self.limit = n // 2
-                torch.cuda.empty_cache()  # (what the failed batch had allocated goes back first)
-                self._on_halve(self.limit)
-
-    def wrap(self, model: SlideModel) -> SlideModel:
-        return replace(
-            model,
-            predict=lambda t: self.call(model.predict, t, _concat),
-            submit=None if model.submit is None else (lambda t: self.call(model.submit, t, _JoinedHandles)),
-            predict_device=None if model.predict_device is None else (
-                lambda t: self.call(model.predict_device, t, _concat)))
-
-
-def _concat(parts):
-    import torch
-
-    if all(isinstance(p, torch.Tensor) for p in parts):
-        return torch.cat(parts)
-    return np.concatenate([np.asarray(p) for p in parts])
-
-
-class _JoinedHandles:
-    """Handles of a batch's pieces (``_BatchHalving``) as one: ``result()`` joins theirs."""
-
-    def __init__(self, handles) -> None:
-        self.handles = handles
-
-    def result(self):
-        return _concat([h.result() for h in self.handles])
-
-
-def _owned_probs(probs) -> np.ndarray:
-    """Model output -> float32 numpy array the runner may keep.  A torch tensor is taken as the
-    model's fresh output and viewed without a copy when it is already float32, contiguous and on
-    the CPU (the array keeps the tensor, pinned or not, alive); anything else a callable returns
-    may be a buffer it reuses, so it is copied."""
-    import torch
-
-    if isinstance(probs, torch.Tensor):
-        return probs.detach().to("cpu", torch.float32).contiguous().numpy()
-    return np.array(probs, np.float32, copy=True)
-
-
-_PRECISION_ALIASES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-                      "fp16": "float16", "float16": "float16", "auto": "auto"}
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """"auto": bfloat16 on a CPU with bf16 matrix units (AMX / AVX512-BF16), else float32;
-    on CUDA bfloat16 where supported, else float16.  Aliases fp32/bf16/fp16 accepted."""
-    import torch
-
-    name = _PRECISION_ALIASES.get(str(precision).lower())
-    if name is None:
-        raise WsssError(f"--precision must be one of auto, float32, bfloat16, float16 (or fp32, bf16, fp16), "
-                        f"got {precision!r}")
-    if name != "auto":
-        return name
-    if str(device).startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
-    cpu = torch.cpu
-    has_bf16 = any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    return "bfloat16" if has_bf16 else "float32"
 
 
 @dataclass
@@ -1112,314 +888,6 @@ def _tiles_footprint(grid, tile: int, plan, shape) -> np.ndarray:
         np.add.at(edges, np.minimum(np.ceil((xs + tile) * fx).astype(np.int64), w), -1)
         m[int(y * fy):int(math.ceil((y + tile) * fy))] |= np.cumsum(edges[:w]) > 0
     return m
-
-
-def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher, views: list,
-               state: dict, slide: Path, thumbnail=None, mask_rows: Optional[int] = None):
-    """Read, predict and stitch every selected tile; returns the stitcher (None if no tiles).
-    thumbnail: a TileThumbnail the readers add the tiles to (see reading.read_batches); mask_rows: the
-    rows of the tissue mask a device stitcher gets (None: none).
-
-    make_stitcher(K, device): a ``Stitcher`` (device None: blend on the CPU) or a
-    ``BandStitcher`` on ``device`` (blend where the model's outputs are; see
-    ``_stitch_on_device``)."""
-    import torch
-
-    from wsss.runner.reading import read_batches
-
-    if not grid.tiles:
-        return None
-    # NB: helper threads that touch torch get one OpenMP thread, so they never spawn a second
-    # team competing with the model's.  torch.set_num_threads also stores a process-wide
-    # default that a thread adopts when it first uses torch: this thread reads its own count
-    # now (fixing it before any helper runs), and the caller's count is restored at the end.
-    # Without this the model ran on ONE thread in the first run of a process.
-    caller = threading.current_thread()
-    caller_threads = torch.get_num_threads()
-
-    def one_thread_if_helper():
-        if threading.current_thread() is not caller:
-            torch.set_num_threads(1)
-
-    on_device = _stitch_on_device(model, options, grid, mask_rows)
-    state["stitch_device"] = "model" if on_device else "cpu"
-    # NB: the batch size that fits is found once per slide (a GPU that ran out of memory with
-    # the default 32 tiles of the reference networks still finishes the slide)
-    model = _BatchHalving(on_halve=lambda n: state.__setitem__("batch_limit", n)).wrap(model)
-    progress = _progress(len(grid.tiles), slide.name, options.progress, grid.tile)
-    trim_heap = _HeapTrimmer()
-    processes = reader_processes(model.description.get("device", "cpu"))
-    batches = read_batches(view, grid, options, timer, views, one_thread_if_helper, thumbnail, processes, state)
-    try:
-        run = _predict_and_stitch_on_device if on_device else _predict_and_stitch
-        st = run(batches, grid.tile, model, options, timer, make_stitcher, progress, trim_heap, one_thread_if_helper)
-    finally:
-        batches.close()  # stops and joins the readers
-        progress.close()
-        torch.set_num_threads(caller_threads)
-        state["heap_trims"] = trim_heap.trims
-    if st.pending:
-        raise RuntimeError(f"internal error: {st.pending} tile contributions never arrived")
-    return st
-
-
-def default_workers(device: str) -> int:
-    """Reader threads when ``--workers`` is not given: 4 for a model on CUDA, else 2."""
-    return 4 if str(device).startswith("cuda") else 2
-
-
-def reader_processes(device: str) -> bool:
-    """Whether the readers of a model on ``device`` hand their tiles to worker processes (see
-    READER_PROCESSES)."""
-    if READER_PROCESSES >= 0:
-        return READER_PROCESSES > 0
-    return str(device).startswith("cuda") and (os.cpu_count() or 1) >= 8
-
-
-def _stitch_on_device(model: SlideModel, options: RunOptions, grid, mask_rows: Optional[int] = None) -> bool:
-    """Whether to blend on the model's device (``--stitch-device``): "model" always (the model
-    must offer ``predict_device``); "auto" when the model runs on CUDA and the band accumulator
-    (with the tissue mask's ``mask_rows``) fits in a quarter of the free device memory; "cpu" never."""
-    if options.stitch_device == "cpu":
-        return False
-    if model.predict_device is None:
-        if options.stitch_device == "model":
-            raise WsssError("--stitch-device model needs a model that can leave its outputs on its device "
-                            "(a bundle: SlideModel.from_bundle); this one only returns host arrays")
-        return False
-    if options.stitch_device == "model":
-        return True
-    device = str(model.description.get("device", "cpu"))
-    if not device.startswith("cuda"):
-        return False
-    import torch
-
-    from wsss.runner.band_stitching import BandStitcher
-
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return BandStitcher.device_bytes(len(model.class_names), grid.tile, grid.width, mask_rows) <= free // 4
-
-
-def _check_probs_shape(shape, n: int, tile: int) -> None:
-    if len(shape) != 4 or shape[0] != n or tuple(shape[2:]) != (tile, tile):
-        raise BundleError(f"model returned probabilities of shape {tuple(shape)} for tiles "
-                          f"[{n}, 3, {tile}, {tile}]; expected [{n}, K, {tile}, {tile}]")
-
-
-def _predict_and_stitch(batches, tile: int, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher,
-                        progress, trim_heap, one_thread_if_helper):
-    """The host-blending consumer: model results (numpy) -> a stitcher thread (``Stitcher``)."""
-    stitch_q: "queue.Queue" = queue.Queue(maxsize=3)
-    errors: list = []
-    holder: dict = {}
-
-    stitch_threads = options.stitch_threads or (2 if str(model.description.get("device", "cpu")).startswith("cuda")
-                                                else 1)
-
-    def stitch_worker():
-        one_thread_if_helper()  # gate_argmax on small pieces: no OpenMP team beside the model's
-        drained = False
-        try:
-            while True:
-                item = stitch_q.get()
-                if item is None:
-                    drained = True
-                    break
-                positions, probs = item
-                if "stitcher" not in holder:
-                    st = holder["stitcher"] = make_stitcher(probs.shape[1], None)
-                    if stitch_threads > 1:
-                        st.start_emit_thread(init=one_thread_if_helper,
-                                             timer=lambda s: timer.add("stitch (finalise thread)", s))
-                st = holder["stitcher"]
-                t0 = time.perf_counter()
-                for (x, y), p in zip(positions, probs):
-                    st.add(x, y, p)
-                timer.add("stitch", time.perf_counter() - t0)
-            if "stitcher" in holder:
-                t0 = time.perf_counter()
-                holder["stitcher"].finish()
-                timer.add("stitch", time.perf_counter() - t0)
-        except BaseException as e:  # surfaced in the main thread
-            errors.append(e)
-            if "stitcher" in holder:
-                holder["stitcher"].finish(raise_errors=False)
-            # drain so the producer never blocks
-            while not drained and stitch_q.get() is not None:
-                pass
-
-    stitch_thread = threading.Thread(target=stitch_worker, name="wsss-stitch", daemon=True)
-    stitch_thread.start()
-    try:
-        # NB: one batch behind: batch i+1 is submitted to the model before batch i's result is
-        # taken, so on CUDA batch i+1's upload and compute overlap batch i's download and its
-        # hand-off to the stitcher.  On the CPU (and for plain callables) predict_async has
-        # finished by the time it returns, and the same loop runs with a ready result.
-        in_flight = None  # (positions, PendingProbabilities, batch number) of the batch submitted last
-
-        def take_result(positions, handle, number):
-            n = len(positions)
-            with timer("infer"), _naming_batch(number, positions):
-                probs = handle.result()
-            _check_probs_shape(probs.shape, n, tile)
-            t0 = time.perf_counter()
-            stitch_q.put((positions, probs))
-            timer.add("stitch (waiting)", time.perf_counter() - t0)
-            progress.update(n)
-
-        for number, (positions, x) in enumerate(batches, 1):
-            if errors:
-                raise errors[0]
-            with timer("infer"), _naming_batch(number, positions):
-                handle = model.predict_async(x)
-            if in_flight is not None:
-                take_result(*in_flight)
-            in_flight = (positions, handle, number)
-            if number % 4 == 0:
-                trim_heap()
-        if in_flight is not None:
-            take_result(*in_flight)
-    finally:
-        stitch_q.put(None)
-        stitch_thread.join()
-    if errors:
-        raise errors[0]
-    return holder["stitcher"]
-
-
-# batches the device-blending loop queues before it waits for the oldest (see below);
-# WSSS_DEVICE_BATCHES_AHEAD overrides it (A/B measurements)
-DEVICE_BATCHES_AHEAD = max(1, _env_number("WSSS_DEVICE_BATCHES_AHEAD", 2))
-
-
-def _predict_and_stitch_on_device(batches, tile: int, model: SlideModel, options: RunOptions, timer: _StageTimer, make_stitcher,
-                                  progress, trim_heap, one_thread_if_helper):
-    """The device-blending consumer: ``model.predict_device`` outputs stay on the device and a
-    ``BandStitcher`` blends them there, on the same stream (no host round trip).
-
-    NB: the main thread queues batch i (upload, model, blend) before it waits for batch
-    i - DEVICE_BATCHES_AHEAD's event, so the device always has queued work while the host never
-    runs more than that many batches ahead (bounded device memory for inputs and outputs).  With
-    CUDA graphs the host queues a batch in ~2 ms of the device's ~34 (reference networks, batch
-    32, H100): two batches ahead absorb a reader's or the band writer's hiccup that one did not."""
-    import torch
-
-    st = None
-    queued: deque = deque()  # (event or None, positions, number) of the batches not waited for
-
-    def wait(item):
-        event, positions, number = item
-        if event is not None:
-            # NB: "infer" is the main thread's whole model time (queueing + this wait); the
-            # wait alone tells a device-bound run (it grows) from a host-bound one (near 0)
-            with timer("infer"), timer("infer (device wait)"), _naming_batch(number, positions):
-                event.synchronize()  # NB: blocking event: sleeps with the GIL released
-        progress.update(len(positions))
-
-    try:
-        for number, (positions, x) in enumerate(batches, 1):
-            with timer("infer"), _naming_batch(number, positions):
-                probs = model.predict_device(x)
-            _check_probs_shape(probs.shape, len(positions), tile)
-            if st is None:
-                st = make_stitcher(probs.shape[1], probs.device)
-            t0 = time.perf_counter()
-            st.add_batch(positions, probs)
-            timer.add("stitch (device, queueing)", time.perf_counter() - t0)
-            event = None
-            if probs.device.type == "cuda":
-                event = torch.cuda.Event(blocking=True)
-                event.record(torch.cuda.current_stream(probs.device))
-            queued.append((event, positions, number))
-            if len(queued) > DEVICE_BATCHES_AHEAD:
-                wait(queued.popleft())
-            if number % 4 == 0:
-                trim_heap()
-        while queued:
-            wait(queued.popleft())
-        t0 = time.perf_counter()
-        st.finish()
-        timer.add("stitch (device, queueing)", time.perf_counter() - t0)
-    except BaseException:
-        if st is not None:
-            st.finish(raise_errors=False)
-        raise
-    return st
-
-
-@contextlib.contextmanager
-def _naming_batch(number: int, positions):
-    """An error inside gets a note (shown under the traceback, its type and message unchanged)
-    naming the batch and the tiles the model failed on."""
-    try:
-        yield
-    except Exception as error:
-        (x0, y0), (x1, y1) = positions[0], positions[-1]
-        note = (f"wsss runner: the model failed on batch {number} ({len(positions)} tiles, at grid pixels "
-                f"x={x0},y={y0} .. x={x1},y={y1})")
-        if hasattr(error, "add_note"):
-            error.add_note(note)
-        else:  # Python 3.10: what add_note does (a failed slide's message lists the notes either way)
-            error.__notes__ = [*getattr(error, "__notes__", []), note]
-        raise
-
-
-class _HeapTrimmer:
-    """Hands freed heap pages back to the OS (glibc malloc_trim), but only when the process's RSS
-    has grown ``slack_mb`` above its level at the first check (taken after a few batches, so
-    it includes the model's working memory).
-
-    NB: with several threads allocating and freeing multi-MB buffers (decoded tiles, model
-    activations, piece accumulators), glibc's heaps fragment and RSS creeps up with the number
-    of tiles although live memory is bounded: trimming keeps it flat on any slide.  But a trim
-    also returns the pages of the model's freed activations, which the next forward pass faults
-    back in: trimming every 4 batches made the demo-size model's tile stage 17% slower than
-    model-only passes (15 rounds, median) against 7% without trimming.  The baseline is never
-    lowered after a trim, so the activations' own come-back never triggers another one.
-    """
-
-    def __init__(self, slack_mb: float = 32.0) -> None:
-        self.slack = int(slack_mb * 2**20)
-        self.trims = 0
-        self._trim = None
-        self._page = 4096
-        self._base: Optional[int] = None
-        try:
-            import ctypes
-
-            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
-            self._page = os.sysconf("SC_PAGE_SIZE")
-        except (OSError, AttributeError, ValueError):
-            pass
-
-    def _rss(self) -> Optional[int]:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def __call__(self) -> None:
-        if self._trim is None:
-            return
-        rss = self._rss()
-        if rss is None:  # no /proc: trim unconditionally (the old behaviour)
-            self._trim(0)
-            self.trims += 1
-            return
-        if self._base is None:
-            self._base = rss
-        elif rss > self._base + self.slack:
-            self._trim(0)
-            self.trims += 1
-
-
-def _progress(total: int, name: str, enabled: bool, tile: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=name, unit="tile", disable=not enabled, dynamic_ncols=True, leave=False,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} tiles "
-                           "[{elapsed}<{remaining}, {rate_fmt}]")
 
 
 # --------------------------------------------------------------------------------------
