@@ -1094,3 +1094,25 @@ def test_an_empty_tissue_mask_is_named_in_the_warning(tmp_path):
     warning = [s for s in lines if "no tissue found" in s]
     assert len(warning) == 1 and "the tissue mask empty.png marks none of the slide" in warning[0]
     assert "--tissue-mask takes a mask of your own" not in warning[0]
+
+
+def test_results_get_ordinary_permissions_without_touching_the_umask(tmp_path, monkeypatch):
+    """Temporaries (mkstemp: 0600) become results with the mode a plainly created file gets.
+    The umask is read, never set: setting it is process-wide, and the runner's threads writing
+    outputs at once could leave it at 0 (every later file world-writable)."""
+    import os
+
+    from wsss.files import process_umask
+
+    mask = process_umask()
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(90, 120)])
+
+    def no_umask(_):
+        raise AssertionError("os.umask called while outputs are written")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    res = run_slide(path, model(), tmp_path / "out", opts(overlap=8))
+    assert res.status == "done", res.message
+    for name in [*res.outputs, "run.json"]:
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~mask, name

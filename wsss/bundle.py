@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -178,11 +177,10 @@ def save_bundle(path: str, module: torch.nn.Module, metadata: Mapping[str, Any])
 def temp_path_beside(path: str, suffix: str) -> str:
     """A new empty temp file in the folder of ``path`` (for write-then-os.replace), with the
     permissions a plainly created file would get (mkstemp alone gives 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-wsss-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    from wsss.files import new_temp_file
+
+    fd, tmp = new_temp_file(os.path.dirname(os.path.abspath(path)), ".tmp-wsss-", suffix)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     return tmp
 
 

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from wsss.files import new_temp_file
 from wsss.runner.stitching import TileSpool
 
 __all__ = [
@@ -87,11 +87,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
     leaves a file that looks like a result; it carries ``temp_tag()`` for the clean-up.
     """
     final = Path(final)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{temp_tag()}.", suffix=".tmp", dir=final.parent)
+    fd, tmp = new_temp_file(final.parent, f".{final.name}.{temp_tag()}.", ".tmp")
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
     try:
         yield Path(tmp)
         os.replace(tmp, final)
@@ -609,7 +606,7 @@ class OverlayWriter:
         self._lock = threading.Lock()
         self._zlib = zlib.compressobj(1)
         self._compressed = bytearray()  # (not yet in an IDAT chunk)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{temp_tag()}.", suffix=".tmp", dir=self.path.parent)
+        fd, tmp = new_temp_file(self.path.parent, f".{self.path.name}.{temp_tag()}.", ".tmp")
         self._tmp = Path(tmp)
         self._file = os.fdopen(fd, "wb")
         self._chunk(b"IHDR", np.array([2 * self.width, self.height], ">u4").tobytes() + bytes([8, 2, 0, 0, 0]))
@@ -658,9 +655,6 @@ class OverlayWriter:
             if self._error is not None:
                 raise self._error
             self._file.close()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self._tmp, 0o666 & ~umask)  # (mkstemp makes 0600; results are ordinary files)
             os.replace(self._tmp, self.path)
 
     def close(self) -> None:
