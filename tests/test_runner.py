@@ -1116,3 +1116,41 @@ def test_results_get_ordinary_permissions_without_touching_the_umask(tmp_path, m
     assert res.status == "done", res.message
     for name in [*res.outputs, "run.json"]:
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+@pytest.mark.parametrize("failing", ["init", "timer"])
+def test_finalise_thread_that_fails_to_start_does_not_hang_the_stitcher(failing):
+    """An error in the finalising thread's ``init`` or ``timer`` reaches the blending thread; the
+    thread keeps draining its queue, so ``add`` and ``finish`` never block on it."""
+    import threading
+
+    W, H, tile, ov = 300, 260, 64, 8
+    grid = TileGrid(W, H, tile, ov)
+    spool = TileSpool("/dev/null", 64, W, H, np.uint8, fill=4)
+    spool.put = lambda *a: None  # noqa: E731
+    finalize = lambda x, y, p: p.argmax(0).astype(np.uint8)  # noqa: E731
+    st = Stitcher(W, H, tile, grid.xs, grid.ys, grid.tiles, weight_window(tile, ov), K, finalize, labels_out=None)
+    st.labels_out = OutputTiles(spool, st.covered_pixels_per_output_tile(64))
+
+    def boom(*_):
+        raise OSError("finalise set-up failed")
+
+    st.start_emit_thread(init=boom if failing == "init" else None, maxsize=1,
+                         timer=boom if failing == "timer" else None)
+    p = np.random.default_rng(0).random((K, tile, tile), dtype=np.float32)
+    errors = []
+
+    def feed():
+        try:
+            for (x, y) in grid.tiles:
+                st.add(x, y, p)
+            st.finish()
+        except OSError as e:
+            errors.append(e)
+            st.finish(raise_errors=False)
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the stitcher blocked on a dead finalising thread"
+    assert errors and "finalise set-up failed" in str(errors[0])

@@ -461,21 +461,26 @@ class Stitcher:
         self._emit_q = queue.Queue(maxsize=maxsize)
 
         def work() -> None:
-            if init is not None:
-                init()
+            # NB: every error, ``init``'s and ``timer``'s too, is kept for the blending thread
+            # and the queue drained: a thread that died would leave the producer blocked on it
+            try:
+                if init is not None:
+                    init()
+            except BaseException as e:
+                self._emit_errors.append(e)
             while True:
                 item = self._emit_q.get()
                 if item is None:
                     return
                 if self._emit_errors:
-                    continue  # drain after a failure: the producer must never block
+                    continue  # drain after a failure
                 t0 = time.perf_counter()
                 try:
                     self._emit_pieces(item)
+                    if timer is not None:
+                        timer(time.perf_counter() - t0)
                 except BaseException as e:  # re-raised in the blending thread
                     self._emit_errors.append(e)
-                if timer is not None:
-                    timer(time.perf_counter() - t0)
 
         self._emit_thread = threading.Thread(target=work, name="wsss-finalise", daemon=True)
         self._emit_thread.start()
