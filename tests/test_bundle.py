@@ -206,3 +206,27 @@ def test_predictor_bfloat16_agrees_with_float32_on_synthetic_tissue(bundle_path)
     # precision report in benchmarks/bench_models.py measures the same on larger tiles.
     assert agreement >= 0.95, agreement
     assert (prob - ref_prob).abs().max() < 0.05
+
+
+def test_predictor_refuses_a_bundle_replaced_since_it_was_loaded(tmp_path, bundle_path):
+    """A predictor loads its private copy of the module from the file again: that must be the
+    file whose sha256 the run reports, so a bundle replaced or rewritten since is an error."""
+    import os
+    import shutil
+
+    path = tmp_path / "b.pt"
+    shutil.copy(bundle_path, path)
+    b = load_bundle(str(path))
+    b.predictor("cpu")  # (unchanged: fine)
+    shutil.copy(bundle_path, tmp_path / "other.pt")
+    os.replace(tmp_path / "other.pt", path)  # same bytes, another file
+    with pytest.raises(BundleError, match=r"b\.pt: the file changed on disk after it was loaded"):
+        b.predictor("cpu")
+    b = load_bundle(str(path))
+    os.utime(path, ns=(0, 0))  # rewritten in place
+    with pytest.raises(BundleError, match="changed on disk"):
+        b.predictor("cpu")
+    b = load_bundle(str(path))
+    path.unlink()
+    with pytest.raises(BundleError, match=r"b\.pt: "):
+        b.predictor("cpu")

@@ -235,6 +235,7 @@ class Bundle:
     metadata: Dict[str, Any]
     sha256: str
     path: str
+    file_identity: Optional[tuple] = None  # (device, inode, size, mtime) when loaded: see _private_module
 
     @property
     def class_names(self):
@@ -293,7 +294,7 @@ class Bundle:
         # nor TorchScript's optimised graphs (an executor that first ran under autocast is never
         # reused without it).
         shared = dtype == torch.float32 and not use_channels_last and dev == _module_device(self.module)
-        module = self.module if shared else torch.jit.load(self.path, map_location=dev)
+        module = self.module if shared else self._private_module(dev)
         if cast_weights:
             module = module.to(dtype)
         if use_channels_last:
@@ -303,6 +304,35 @@ class Bundle:
             cuda_graphs = os.environ.get("WSSS_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "no", "off")
         return BundlePredictor(module, dev, precision, mode, use_channels_last,
                                cuda_graphs=bool(cuda_graphs) and dev.type == "cuda")
+
+    def _private_module(self, dev: torch.device) -> torch.jit.ScriptModule:
+        """The module loaded again from the file, on ``dev``: a copy that shares nothing with
+        ``self.module`` (``copy.deepcopy`` would share the methods, and with them the executors).
+
+        NB: the file must still be the one loaded (its hash is in ``sha256``, the runner's
+        identity and run.json): a bundle replaced or rewritten since is an error, not a
+        silently different model."""
+        def changed() -> bool:
+            return self.file_identity is not None and _file_identity(self.path) != self.file_identity
+
+        try:
+            if not changed():
+                module = torch.jit.load(self.path, map_location=dev)
+                if not changed():
+                    return module
+        except Exception as e:
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(f"bundle {self.path}: could not be loaded again for its {dev} predictor: {why}") from None
+        raise BundleError(f"bundle {self.path}: the file changed on disk after it was loaded (sha256 "
+                          f"{self.sha256[:12]}...); load it again")
+
+
+def _file_identity(path: str) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 PRECISION_MODES = ("cast", "autocast")
@@ -641,6 +671,7 @@ def load_bundle(path: str, *, device: str = "cpu", verify: bool = True) -> Bundl
     path = os.fspath(path)
     saved = read_bundle_metadata(path)  # cheap, precise errors before the expensive load
     extra = {METADATA_FILE: ""}
+    identity = _file_identity(path)
     try:
         module = torch.jit.load(path, map_location=device, _extra_files=extra)
     except Exception as e:
@@ -661,4 +692,4 @@ def load_bundle(path: str, *, device: str = "cpu", verify: bool = True) -> Bundl
         if actual != meta.get("content_hash"):
             raise BundleError(f"bundle {path}: content hash mismatch (file corrupted or edited): "
                               f"metadata says {meta.get('content_hash')}, contents give {actual}")
-    return Bundle(module=module.eval(), metadata=meta, sha256=file_sha256(path), path=path)
+    return Bundle(module=module.eval(), metadata=meta, sha256=file_sha256(path), path=path, file_identity=identity)
