@@ -151,12 +151,32 @@ def test_bad_user_config_is_one_line(tmp_path, capsys, monkeypatch, content, mat
     assert not (tmp_path / "a.wsss").exists()
 
 
-def test_no_bundle_says_how_to_get_one(tmp_path, capsys):
+def test_no_bundle_says_how_to_get_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WSSS_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     s = slide(tmp_path / "a.tif")
     assert main([str(s)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--demo" in err and "wsss-export" in err and "WSSS_BUNDLE" in err
+    assert str(tmp_path / "xdg" / "wsss" / "config.json") in err  # (the file that would be read)
     assert not (tmp_path / "a.wsss").exists()
+
+
+def test_unreadable_user_config_says_so(tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text("{}")
+    monkeypatch.setenv("WSSS_CONFIG", str(cfg))
+    real = Path.read_text
+
+    def denied(self, *a, **kw):
+        if self == cfg:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert main([str(slide(tmp_path / "a.tif"))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"user config {cfg} cannot be read: Permission denied" in err
 
 
 def test_bad_bundle(tmp_path, capsys):

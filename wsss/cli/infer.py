@@ -7,7 +7,8 @@ Per slide, OUTDIR/<slide stem>/ gets labels.tiff (pyramidal palette TIFF, opens 
 and QuPath), overlay.png, tissue_qc.png, areas.json/.csv, polygons.geojson and run.json
 (plus probs.tiff with --probs).  Without -o a slide's outputs go next to it, into
 <slide folder>/<slide stem>.wsss/.  Without --model the bundle named by $WSSS_BUNDLE or by
-"bundle" in the user config ($WSSS_CONFIG, else ~/.config/wsss/config.json) is used.
+"bundle" in the user config ($WSSS_CONFIG, else $XDG_CONFIG_HOME/wsss/config.json, by default
+~/.config/wsss/config.json) is used.
 """
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ from wsss.cli import run
 
 PROG = "wsss-infer"
 
-HOW_TO_GET_A_BUNDLE = (
-    "no model bundle: pass --model BUNDLE.pt, or set WSSS_BUNDLE=/path/to/bundle.pt, or write "
-    '{"bundle": "/path/to/bundle.pt"} to ~/.config/wsss/config.json. To get a bundle: train one '
-    "(wsss-train-cls, wsss-pseudo-masks, wsss-train-seg, then wsss-export), or export checkpoints of the "
-    "reference code (wsss-export --help); to see the runner work on a synthetic slide, run "
-    "wsss-infer --demo OUTDIR (synthetic-only demo model)")
+
+def how_to_get_a_bundle() -> str:
+    return ("no model bundle: pass --model BUNDLE.pt, or set WSSS_BUNDLE=/path/to/bundle.pt, or write "
+            f'{{"bundle": "/path/to/bundle.pt"}} to {user_config_path()}. To get a bundle: train one '
+            "(wsss-train-cls, wsss-pseudo-masks, wsss-train-seg, then wsss-export), or export checkpoints of the "
+            "reference code (wsss-export --help); to see the runner work on a synthetic slide, run "
+            "wsss-infer --demo OUTDIR (synthetic-only demo model)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slide files (.svs, .ndpi, .mrxs, .tif, OME-TIFF, ...) or folders of them")
     p.add_argument("-m", "--model", metavar="BUNDLE",
                    help="model bundle (.pt); default $WSSS_BUNDLE, else \"bundle\" in the user config "
-                        "($WSSS_CONFIG, else ~/.config/wsss/config.json)")
+                        "($WSSS_CONFIG, else $XDG_CONFIG_HOME/wsss/config.json, by default ~/.config/wsss/config.json)")
     p.add_argument("-o", "--output", "--out", dest="output", metavar="OUTDIR",
                    help="output folder; each slide gets OUTDIR/<stem>/ (default: <slide folder>/<stem>.wsss/)")
     p.add_argument("--device", default=None,
@@ -103,13 +105,9 @@ def user_config_path() -> Path:
     return Path(base) / "wsss" / "config.json"
 
 
-def find_bundle(model_arg: Optional[str]) -> str:
-    """--model, else $WSSS_BUNDLE, else "bundle" in the user config; else BundleError saying how to get one."""
-    return find_bundle_and_source(model_arg)[0]
-
-
 def find_bundle_and_source(model_arg: Optional[str]) -> Tuple[str, str]:
-    """(bundle path, where it was named: "--model", "$WSSS_BUNDLE" or "user config PATH")."""
+    """(bundle path, where it was named: "--model", "$WSSS_BUNDLE" or "user config PATH"): --model,
+    else $WSSS_BUNDLE, else "bundle" in the user config; else BundleError saying how to get one."""
     from wsss.errors import BundleError
 
     if model_arg:
@@ -122,14 +120,18 @@ def find_bundle_and_source(model_arg: Optional[str]) -> Tuple[str, str]:
         raise BundleError(f"$WSSS_CONFIG names {cfg}, which is not a file")
     if cfg.is_file():
         try:
-            bundle = json.loads(cfg.read_text()).get("bundle")
-        except (OSError, ValueError, AttributeError) as e:
+            text = cfg.read_text()
+        except OSError as e:
+            raise BundleError(f"user config {cfg} cannot be read: {e.strerror or e}") from None
+        try:
+            bundle = json.loads(text).get("bundle")
+        except (ValueError, AttributeError) as e:
             raise BundleError(f"user config {cfg} is not a JSON object: {e}") from None
         if bundle is not None and not isinstance(bundle, str):
             raise BundleError(f'user config {cfg}: "bundle" must be a path (a string), got {json.dumps(bundle)}')
         if bundle:
             return str(Path(bundle).expanduser()), f"user config {cfg}"
-    raise BundleError(HOW_TO_GET_A_BUNDLE)
+    raise BundleError(how_to_get_a_bundle())
 
 
 def demo_bundle_path() -> Path:
