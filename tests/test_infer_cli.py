@@ -381,6 +381,7 @@ def test_demo_without_bundle_says_so(tmp_path, capsys, monkeypatch):
     (["--tissue-mask", "m.png"], "--tissue-mask does not apply"),
     ([], "$WSSS_DEMO_SIZE must be a whole number of pixels, 1 or more; got 'abc'"),
     ([], "$WSSS_DEMO_SIZE must be a whole number of pixels, 1 or more; got '0'"),
+    (["--overlap", "96"], "--overlap (96) must be smaller than the tile size (96)"),  # (the bundle's tile)
 ])
 def test_demo_checks_its_options_before_writing_the_slide(tmp_path, capsys, monkeypatch, args, match):
     if not demo_bundle_path().is_file():

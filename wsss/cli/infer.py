@@ -195,7 +195,7 @@ def slides_of(arguments: Sequence[str]) -> List[Path]:
     return unique
 
 
-def _options(args, **overrides):
+def _options(args):
     from wsss.errors import WsssError
     from wsss.runner import RunOptions
 
@@ -222,12 +222,19 @@ def _options(args, **overrides):
                       background_outputs=args.background_outputs, early_pyramid=args.early_pyramid,
                       mpp=args.mpp, reader=args.reader, tissue=tissue, min_tissue=args.min_tissue,
                       write_probs=args.probs, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
-    for k, v in overrides.items():
-        setattr(opts, k, v)
     tile = opts.tile_size
     if tile is not None and opts.overlap is not None and opts.overlap >= tile:
         raise WsssError(f"--overlap ({opts.overlap}) must be smaller than the tile size ({tile})")
     return opts
+
+
+def _check_overlap(options, model) -> None:
+    """--overlap against the model's tile size, once the bundle is loaded (``_options`` checks it
+    against --tile-size)."""
+    from wsss.errors import WsssError
+
+    if options.tile_size is None and options.overlap is not None and options.overlap >= model.tile_size:
+        raise WsssError(f"--overlap ({options.overlap}) must be smaller than the tile size ({model.tile_size})")
 
 
 def _load_model(path: str, args):
@@ -305,8 +312,7 @@ def run_many(args, slides: List[Path]) -> int:
         if source == "--model":
             raise
         raise BundleError(f"{e} (the bundle named by {source})") from None
-    if options.tile_size is None and options.overlap is not None and options.overlap >= model.tile_size:
-        raise WsssError(f"--overlap ({options.overlap}) must be smaller than the tile size ({model.tile_size})")
+    _check_overlap(options, model)
     # Slides: open each once before any work, so bad ones are reported up front.
     good = []
     for s, o in present:
@@ -378,7 +384,7 @@ def run_demo(args) -> int:
         if given:
             raise WsssError(f"--demo generates its own slide (its resolution and truth known); {flag} does not apply")
     # NB: every option is checked before the synthetic slide is written (~20 s)
-    options = _options(args, tissue="none" if args.no_tissue_detection else "auto")
+    options = _options(args)
     size_text = os.environ.get("WSSS_DEMO_SIZE", "3072")
     try:
         size = int(size_text)
@@ -386,10 +392,12 @@ def run_demo(args) -> int:
         size = 0
     if size < 1:
         raise WsssError(f"$WSSS_DEMO_SIZE must be a whole number of pixels, 1 or more; got {size_text!r}")
-    out = Path(args.demo)
-    from wsss.runner.pipeline import check_output_dir
-    check_output_dir(out)
     model = _load_model(str(bundle), args)
+    _check_overlap(options, model)
+    from wsss.runner.pipeline import check_output_dir
+
+    out = Path(args.demo)
+    check_output_dir(out)  # (after the last check: a refused demo leaves no empty folder)
     from wsss.synthetic import write_synthetic_slide
 
     slide = out / "synthetic_slide.tif"
