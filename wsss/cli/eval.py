@@ -41,7 +41,7 @@ def _json_safe(obj):
 def write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(_json_safe(obj), f, indent=2, default=float, allow_nan=False)
     os.replace(tmp, path)
 

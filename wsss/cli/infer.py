@@ -120,7 +120,7 @@ def find_bundle_and_source(model_arg: Optional[str]) -> Tuple[str, str]:
         raise BundleError(f"$WSSS_CONFIG names {cfg}, which is not a file")
     if cfg.is_file():
         try:
-            text = cfg.read_text()
+            text = cfg.read_text(encoding="utf-8")
         except OSError as e:
             raise BundleError(f"user config {cfg} cannot be read: {e.strerror or e}") from None
         try:

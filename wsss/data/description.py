@@ -108,7 +108,7 @@ class DatasetDescription:
 
     def save_json(self, path: str) -> None:
         tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2)
         os.replace(tmp, path)
 

@@ -169,7 +169,7 @@ def _is_complete(out_dir: Path, fp: str) -> bool:
     if not run_json.is_file():
         return False
     try:
-        info = json.loads(run_json.read_text())
+        info = json.loads(run_json.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if info.get("status") != "complete" or info.get("fingerprint") != fp:

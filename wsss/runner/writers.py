@@ -100,7 +100,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
 
 def write_json_atomic(path: Path, obj) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------
@@ -807,7 +807,7 @@ def write_areas(json_path: Path, csv_path: Path, areas: dict) -> None:
         writer.writerow([row["index"], row["class"], row["pixels"], f"{row['area_mm2']:.6f}",
                          f"{row['percent_of_tissue']:.3f}"] + ([row["colour"]] if colours else []))
     with atomic_path(csv_path) as tmp:
-        tmp.write_text(buf.getvalue())
+        tmp.write_text(buf.getvalue(), encoding="utf-8")  # (class names may be any text)
 
 
 def label_polygons(labels: np.ndarray, class_index: int, *, scale: float, simplify: float = 0.4,
@@ -866,7 +866,7 @@ def write_geojson_features(path: Path, geoms: dict, *, class_names: Sequence[str
         texts = [text_of(geoms[k]) for k in classes]
     # NB: written piece by piece: the geometry texts are tens of MB for noisy labels, and
     # formatting them into one string copied them twice more (29 MB: 0.037 -> 0.011 s)
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write('{"type": "FeatureCollection", "features": [')
         for i, (k, text) in enumerate(zip(classes, texts)):
             name = class_names[k]
