@@ -137,6 +137,12 @@ def test_load_errors_name_the_file(tmp_path, bundle_path):
         torch.jit.save(plain, str(tmp_path / name), _extra_files={METADATA_FILE: text})
         with pytest.raises(BundleError, match=match):
             load_bundle(tmp_path / name)
+    # a bad device is the device's fault, not the archive's
+    with pytest.raises(BundleError, match=r"device must be cpu, cuda or cuda:N, got 'meta'"):
+        load_bundle(bundle_path, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(BundleError, match=r"device 'cuda:3' requested but CUDA is not available"):
+            load_bundle(bundle_path, device="cuda:3")
 
 
 def test_bundle_from_another_torch_says_which(tmp_path, bundle_path):

@@ -275,14 +275,7 @@ class Bundle:
         if precision_mode not in (None,) + PRECISION_MODES:
             raise BundleError(f"bundle {self.path}: precision_mode must be one of {list(PRECISION_MODES)} or None, "
                               f"got {precision_mode!r}")
-        try:
-            dev = torch.device(device)
-        except RuntimeError as e:
-            raise BundleError(f"bundle {self.path}: invalid device {device!r}: {e}") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise BundleError(f"bundle {self.path}: device must be cpu, cuda or cuda:N, got {device!r}")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise BundleError(f"bundle {self.path}: device {device!r} requested but CUDA is not available")
+        dev = _bundle_device(self.path, device)
         dtype = PRECISIONS[precision]
         mode = precision_mode or ("autocast" if dev.type == "cuda" else "cast")
         if dev.type == "cpu" and not cpu_reduced_precision_supported(dtype):
@@ -325,6 +318,19 @@ class Bundle:
             raise BundleError(f"bundle {self.path}: could not be loaded again for its {dev} predictor: {why}") from None
         raise BundleError(f"bundle {self.path}: the file changed on disk after it was loaded (sha256 "
                           f"{self.sha256[:12]}...); load it again")
+
+
+def _bundle_device(path: str, device) -> torch.device:
+    """``device`` as a torch.device a bundle can be loaded on, else BundleError naming the bundle."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise BundleError(f"bundle {path}: invalid device {device!r}: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise BundleError(f"bundle {path}: device must be cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BundleError(f"bundle {path}: device {device!r} requested but CUDA is not available")
+    return dev
 
 
 def _file_identity(path: str) -> Optional[tuple]:
@@ -670,6 +676,7 @@ def load_bundle(path: str, *, device: str = "cpu", verify: bool = True) -> Bundl
 
     path = os.fspath(path)
     saved = read_bundle_metadata(path)  # cheap, precise errors before the expensive load
+    device = _bundle_device(path, device)
     extra = {METADATA_FILE: ""}
     identity = _file_identity(path)
     try:
