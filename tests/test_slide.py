@@ -537,3 +537,28 @@ def test_real_slide_tissue_and_plan():
     h, w = mask.mask.shape
     assert not mask.mask[: h // 10, : w // 10].any()  # top-left corner is glass
     assert mask.mask[int(h * 0.75), int(w * 0.5)]  # lower middle is tissue
+
+
+def test_openslide_handle_is_closed_when_its_properties_are_malformed(tmp_path, monkeypatch):
+    """A slide OpenSlide opens but whose level properties cannot be parsed: one SlideError naming
+    it, and the handle closed (a run over many slides must not leak one per bad file)."""
+    openslide = pytest.importorskip("openslide")
+    from wsss.slide.reader import OpenSlideReader
+
+    class Malformed:
+        level_dimensions = [(64, 48)]
+        level_downsamples = [1.0]
+        properties = {"openslide.level[0].tile-width": "wide", "openslide.level[0].tile-height": "16"}
+        closed = False
+
+        def set_cache(self, cache):
+            pass
+
+        def close(self):
+            Malformed.closed = True
+
+    monkeypatch.setattr(openslide, "OpenSlide", lambda path: Malformed())
+    with pytest.raises(SlideError, match=r"bad\.svs: OpenSlide opened the slide but its levels or properties "
+                                         r"cannot be read: ValueError"):
+        OpenSlideReader(tmp_path / "bad.svs")
+    assert Malformed.closed

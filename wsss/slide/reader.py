@@ -163,9 +163,19 @@ class OpenSlideReader(SlideReader):
             raise SlideError(f"{self.path}: not a slide OpenSlide can open (unsupported or unrecognised format)") from None
         except openslide.OpenSlideError as e:
             raise SlideError(f"{self.path}: OpenSlide cannot read the slide: {e}") from None
+        try:
+            self._read_structure(openslide, _shared_cache)
+        except Exception as e:
+            self._slide.close()  # (the handle is not leaked by a slide that fails here)
+            if isinstance(e, SlideError):
+                raise
+            raise SlideError(f"{self.path}: OpenSlide opened the slide but its levels or properties cannot be "
+                             f"read: {type(e).__name__}: {e}") from None
+
+    def _read_structure(self, openslide, shared_cache) -> None:
         # NB: as for the tifffile reader, one cache for the handles of all reader threads (each
         # handle has its own otherwise); OpenSlide >= 4.0 with openslide-python >= 1.3
-        self.cache = _shared_cache
+        self.cache = shared_cache
         if self.cache is None and hasattr(openslide, "OpenSlideCache"):
             try:
                 self.cache = openslide.OpenSlideCache(self.cache_bytes)
