@@ -1154,3 +1154,34 @@ def test_finalise_thread_that_fails_to_start_does_not_hang_the_stitcher(failing)
     t.join(30)
     assert not t.is_alive(), "the stitcher blocked on a dead finalising thread"
     assert errors and "finalise set-up failed" in str(errors[0])
+
+
+def test_every_output_gives_a_label_the_same_colour(tmp_path):
+    """One colour table for the label TIFF's colormap, the overlay, areas and the GeoJSON: a
+    palette that colours background (index 4 here) still leaves it white everywhere, as the
+    overlay always did."""
+    import dataclasses
+
+    from PIL import Image
+
+    palette = [list(p) for p in PALETTE]
+    palette[4] = [10, 20, 30]
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(90, 120, block=30)])
+    m = dataclasses.replace(model(), palette=palette)
+    res = run_slide(path, m, tmp_path / "out", opts(overlap=8))
+    assert res.status == "done", res.message
+    with tifffile.TiffFile(tmp_path / "out" / "labels.tiff") as tif:
+        cmap = tif.pages[0].colormap
+        labels = tif.pages[0].asarray()
+    assert cmap[:, 4].tolist() == [65535] * 3
+    for k in range(K):
+        assert (cmap[:, k] // 257).tolist() == palette[k]
+    areas = json.loads((tmp_path / "out" / "areas.json").read_text())
+    assert [r["colour"] for r in areas["classes"]] == ["#%02x%02x%02x" % tuple(palette[r["index"]]) for r in areas["classes"]]
+    features = json.loads((tmp_path / "out" / "polygons.geojson").read_text())["features"]
+    names = ["A", "B", "C", "D"]
+    assert features
+    for f in features:
+        assert f["properties"]["classification"]["color"] == palette[names.index(f["properties"]["name"])]
+    assert labels.max() < K

@@ -450,13 +450,19 @@ def build_label_pyramid(level0: TileSpool, tmp_dir: Path, *, fill: int) -> List[
         return pyramid.finish()
 
 
-def _colormap(palette: Sequence[Sequence[int]], background_index: int) -> np.ndarray:
-    """uint16 [3, 256] TIFF colormap; unlisted values (incl. background) are white."""
-    cmap = np.full((3, 256), 65535, np.uint16)
+def palette_lut(palette: Sequence[Sequence[int]], background_index: int) -> np.ndarray:
+    """uint8 [256, 3]: each label value's colour in every output (label TIFF, overlay, areas,
+    GeoJSON); background and values the palette does not list are white."""
+    lut = np.full((256, 3), 255, np.uint8)
     for i, rgb in enumerate(palette):
-        if i < 256:
-            cmap[:, i] = np.asarray(rgb[:3], np.uint16) * 257
-    return cmap
+        if i < 256 and i != background_index:
+            lut[i] = rgb[:3]
+    return lut
+
+
+def _colormap(palette: Sequence[Sequence[int]], background_index: int) -> np.ndarray:
+    """uint16 [3, 256] TIFF colormap of ``palette_lut``."""
+    return palette_lut(palette, background_index).T.astype(np.uint16) * 257
 
 
 def write_label_tiff(path: Path, levels: List[TileSpool], *, mpp: float, palette, background_index: int,
@@ -542,12 +548,8 @@ def polygon_level(levels: List[TileSpool], mpp: float, *, min_mpp: float = POLYG
 # Pictures
 # --------------------------------------------------------------------------------------
 def palette_image(labels: np.ndarray, palette, background_index: int) -> np.ndarray:
-    """uint8 [h, w, 3] colour picture of labels (background and unknown values white)."""
-    lut = np.full((256, 3), 255, np.uint8)
-    for i, rgb in enumerate(palette):
-        if i < 256 and i != background_index:
-            lut[i] = rgb[:3]
-    return lut[labels]
+    """uint8 [h, w, 3] colour picture of labels (``palette_lut``: background and unknown values white)."""
+    return palette_lut(palette, background_index)[labels]
 
 
 def _save_png(path: Path, rgb: np.ndarray) -> None:
@@ -595,7 +597,7 @@ class OverlayWriter:
 
         self.path, self.width, self.height = Path(path), int(width), int(height)
         self.background_index = background_index
-        self._lut = palette_image(np.arange(256, dtype=np.uint8)[None], palette, background_index)[0]
+        self._lut = palette_lut(palette, background_index)
         self._weight = np.uint16(round(alpha * 256))
         self._labels: List[np.ndarray] = []  # label rows received, not yet written
         self._label_rows = 0
@@ -783,15 +785,15 @@ def class_areas(class_pixels: np.ndarray, *, mpp: float, class_names: Sequence[s
     mm2 = lambda n: round(n * px_mm2, 9)  # noqa: E731
     tissue = int(sum(int(class_pixels[k]) for k in range(len(class_names)) if k != background_index))
     rows = []
+    lut = None if palette is None else palette_lut(palette, background_index)
     for k, name in enumerate(class_names):
         if k == background_index:
             continue
         n = int(class_pixels[k])
         rows.append({"index": k, "class": name, "pixels": n, "area_mm2": mm2(n),
                      "percent_of_tissue": round(100.0 * n / tissue, 6) if tissue else 0.0})
-        if palette is not None:
-            rows[-1]["colour"] = "#%02x%02x%02x" % tuple(int(v) for v in palette_image(
-                np.array([[k]], np.uint8), palette, background_index)[0, 0])
+        if lut is not None:
+            rows[-1]["colour"] = "#%02x%02x%02x" % tuple(int(v) for v in lut[k])
     return {"mpp": mpp, "pixel_area_mm2": px_mm2, "tissue_pixels": tissue, "tissue_area_mm2": mm2(tissue),
             "background_pixels": int(class_pixels[background_index]) if background_index < 256 else 0,
             "classes": rows}
@@ -866,13 +868,13 @@ def write_geojson_features(path: Path, geoms: dict, *, class_names: Sequence[str
         texts = [text_of(geoms[k]) for k in classes]
     # NB: written piece by piece: the geometry texts are tens of MB for noisy labels, and
     # formatting them into one string copied them twice more (29 MB: 0.037 -> 0.011 s)
+    lut = palette_lut(palette, -1)  # (the classes traced are never background)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write('{"type": "FeatureCollection", "features": [')
         for i, (k, text) in enumerate(zip(classes, texts)):
             name = class_names[k]
-            colour = list(palette[k][:3]) if k < len(palette) else [128, 128, 128]
             props = {"objectType": "annotation", "name": name,
-                     "classification": {"name": name, "color": [int(v) for v in colour]}}
+                     "classification": {"name": name, "color": [int(v) for v in lut[k]]}}
             f.write((", " if i else "") + '{"type": "Feature", "geometry": ')
             f.write(text)
             f.write(', "properties": %s}' % json.dumps(props))
