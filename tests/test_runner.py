@@ -950,7 +950,7 @@ def test_spool_reads_back_every_tile_while_it_is_written(tmp_path, monkeypatch, 
     for (r, c), blob in zip(((r, c) for r in range(7) for c in range(9)), streams):
         np.testing.assert_array_equal(np.frombuffer(zlib.decompress(blob), np.uint8).reshape(16, 16),
                                       tiles.get((r, c), np.full((16, 16), 4, np.uint8)))
-    assert spool.stored_bytes == sum(len(spool._blob(k)) for k in tiles)
+    assert spool.stored_bytes == sum(len(b) for b in spool._blobs(list(tiles)))
     spool.close()
 
 
@@ -1185,3 +1185,50 @@ def test_every_output_gives_a_label_the_same_colour(tmp_path):
     for f in features:
         assert f["properties"]["classification"]["color"] == palette[names.index(f["properties"]["name"])]
     assert labels.max() < K
+
+
+def test_probabilities_tiff_holds_the_blended_probabilities(tmp_path):
+    """--probs: float16 [K, H, W], planar, tiled; the planes are the spool's streams as stored.
+    The red_class predictor's one-hot scores blend to one-hot probabilities everywhere."""
+    path = tmp_path / "s.tif"
+    img = colour_slide(100, 140, block=20)
+    write_pyramid(path, [img])
+    res = run_slide(path, model(), tmp_path / "out", opts(overlap=8, write_probs=True))
+    assert res.status == "done", res.message
+    with tifffile.TiffFile(tmp_path / "out" / "probs.tiff") as tif:
+        page = tif.pages[0]
+        assert page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.is_tiled
+        probs = page.asarray()
+    assert probs.shape == (K, 100, 140) and probs.dtype == np.float16
+    want = np.eye(K, dtype=np.float16)[np.clip(img[..., 0] // 64, 0, K - 1)].transpose(2, 0, 1)
+    np.testing.assert_array_equal(probs, want)
+    labels = tifffile.imread(tmp_path / "out" / "labels.tiff", key=0)
+    np.testing.assert_array_equal(labels, probs.argmax(0))
+
+
+def test_spool_of_planes_round_trips(tmp_path):
+    """A multi-plane TileSpool (one stream per plane): get / get_many / read_all / iter_compressed
+    agree with what was stored, and unstored tiles read back as the fill value."""
+    import zlib
+
+    C, T = 3, 16
+    sp = TileSpool(str(tmp_path / "p.spool"), T, 40, 20, np.float16, channels=C, fill=0.5)
+    rng = np.random.default_rng(0)
+    strip = rng.random((3, C, T, T)).astype(np.float16)
+    sp.put_many(0, [0, 2], strip, at=[0, 2])
+    assert (0, 0) in sp and (0, 1) not in sp
+    np.testing.assert_array_equal(sp.get(0, 2), strip[2])
+    assert (sp.get(0, 1) == np.float16(0.5)).all() and sp.get(0, 1).shape == (C, T, T)
+    out = np.empty((2, C, T, T), np.float16)
+    sp.get_many([(0, 2), (1, 0)], out)
+    np.testing.assert_array_equal(out[0], strip[2])
+    assert (out[1] == np.float16(0.5)).all()
+    plane1 = [np.frombuffer(zlib.decompress(b), np.float16).reshape(T, T) for b in sp.iter_compressed(channel=1)]
+    assert len(plane1) == sp.rows * sp.cols
+    np.testing.assert_array_equal(plane1[2], strip[2, 1])
+    whole = sp.read_all()
+    assert whole.shape == (C, 20, 40)
+    np.testing.assert_array_equal(whole[:, :T, :T], strip[0])
+    with pytest.raises(ValueError, match="channel None of a spool of 3 channels"):
+        next(sp.iter_compressed())
+    sp.close()

@@ -47,9 +47,10 @@ def _deflate(tiles: np.ndarray, index: List[int]) -> Tuple[np.ndarray, List[int]
 class TileSpool:
     """Append-only temporary file of zlib-compressed output tiles, keyed by (row, col).
 
-    Memory: an index of (offset, length, shape, dtype) per stored tile, and up to
-    ``WRITE_BUFFER`` bytes of stored tiles not yet written to the file.  Tiles never stored read
-    back as ``fill``.
+    Memory: an index of (offset, length) per stored stream, and up to ``WRITE_BUFFER`` bytes of
+    stored tiles not yet written to the file.  Tiles never stored read back as ``fill``.  A tile
+    of ``channels`` planes is stored as one stream per plane, keyed (row, col, plane): a planar
+    TIFF takes them as they are (``iter_compressed(channel=k)``).
 
     NB: stored tiles collect in memory and go to the file in chunks of ``WRITE_BUFFER`` bytes
     (a label tile compresses to a few kB), and reads are positional (``os.pread``) outside the
@@ -92,13 +93,18 @@ class TileSpool:
             return
         at = list(range(len(cols))) if at is None else [int(i) for i in at]
         assert tiles.shape[1:] == self._shape() and tiles.dtype == self.dtype, (tiles.shape, tiles.dtype)
+        keys = self._keys([(row, c) for c in cols])
+        if self.channels:  # (each plane its own stream)
+            C = self.channels
+            tiles = tiles.reshape(-1, *tiles.shape[2:])
+            at = [i * C + k for i in at for k in range(C)]
         data, ends = _deflate(tiles, at)
         with self._lock:
             offset = self._written + len(self._pending)
             self._pending += memoryview(data)
             start = 0
-            for c, end in zip(cols, ends):
-                self._index[(row, c)] = (offset + start, end - start)
+            for key, end in zip(keys, ends):
+                self._index[key] = (offset + start, end - start)
                 start = end
             self.stored_bytes += len(data)
             if len(self._pending) >= self.WRITE_BUFFER:
@@ -109,18 +115,18 @@ class TileSpool:
         self._written += len(self._pending)
         self._pending = bytearray()
 
-    def _blob(self, key) -> Optional[bytes]:
-        """The stored stream of tile ``key`` (None: never stored)."""
-        return self._blobs([key])[0]
+    def _keys(self, tiles: Sequence[Tuple[int, int]]) -> list:
+        """The index keys of the streams of ``tiles`` [(row, col)], in storage order."""
+        if not self.channels:
+            return list(tiles)
+        return [(r, c, k) for r, c in tiles for k in range(self.channels)]
 
-    def get(self, row: int, col: int, *, writable: bool = True) -> np.ndarray:
-        """The tile at (row, col), full size: [T, T] or [C, T, T] (writable=False: a read-only
-        view of the decompressed bytes, one copy fewer)."""
-        blob = self._blob((row, col))
-        if blob is None:
+    def get(self, row: int, col: int) -> np.ndarray:
+        """The tile at (row, col), full size: [T, T] or [C, T, T] (a new array)."""
+        blobs = self._blobs(self._keys([(row, col)]))
+        if blobs[0] is None:
             return np.full(self._shape(), self.fill, self.dtype)
-        tile = np.frombuffer(zlib.decompress(blob), self.dtype).reshape(self._shape())
-        return tile.copy() if writable else tile
+        return np.frombuffer(b"".join(zlib.decompress(b) for b in blobs), self.dtype).reshape(self._shape()).copy()
 
     def _blobs(self, keys: Sequence[Tuple[int, int]]) -> List[Optional[bytes]]:
         """The stored streams of ``keys`` (None: never stored): those in memory copied under the
@@ -161,6 +167,9 @@ class TileSpool:
         from wsss.ops import inflate_tiles
 
         assert out.shape == (len(keys), *self._shape()) and out.dtype == self.dtype and out.flags.c_contiguous
+        if self.channels:  # (a stream per plane: as many single-plane tiles)
+            out = out.reshape(-1, *out.shape[2:])
+        keys = self._keys(keys)
         parts = self._blobs(keys)
         stored = [j for j, p in enumerate(parts) if p is not None]
         if len(stored) < len(keys):
@@ -171,36 +180,32 @@ class TileSpool:
             data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
             target = torch.from_numpy(out)
             if stored != list(range(len(keys))):
-                target = torch.empty((len(stored), *self._shape()), dtype=target.dtype)
+                target = torch.empty((len(stored), *out.shape[1:]), dtype=target.dtype)
             inflate_tiles(data, [0] + ends[:-1], ends, target)
             if target.data_ptr() != out.ctypes.data:
                 out[stored] = target.numpy()
 
     def __contains__(self, key) -> bool:
-        return key in self._index
+        return self._keys([key])[0] in self._index
 
-    def iter_tiles(self, channel: Optional[int] = None) -> Iterator[np.ndarray]:
-        """All tiles in raster order (what a tiled TIFF writer consumes)."""
-        for r in range(self.rows):
-            for c in range(self.cols):
-                t = self.get(r, c)
-                yield t if channel is None else t[channel]
-
-    def iter_compressed(self, rows: Optional[Iterable[int]] = None) -> Iterator[bytes]:
+    def iter_compressed(self, rows: Optional[Iterable[int]] = None, channel: Optional[int] = None) -> Iterator[bytes]:
         """Every tile's zlib stream in raster order (of ``rows``: all by default), as stored
-        (fill tiles: one cached stream).
+        (fill tiles: one cached stream); of plane ``channel`` for a spool of ``channels``.
 
         NB: a stored blob is exactly a TIFF "Adobe deflate" (zlib) tile of a single-channel
         image, so the label TIFF is written without decoding or re-encoding anything (and
         tifffile never buffers raw tiles): writing a mostly-empty 60k x 60k level went from
         ~35 s and +256 MB to a file copy.
         """
+        if (channel is None) != (not self.channels) or (channel is not None and not 0 <= channel < self.channels):
+            raise ValueError(f"iter_compressed: channel {channel} of a spool of {self.channels} channels")
         fill_blob = None
         for r in range(self.rows) if rows is None else rows:
-            for blob in self._blobs([(r, c) for c in range(self.cols)]):  # (a row at a time)
+            keys = [(r, c) if channel is None else (r, c, channel) for c in range(self.cols)]
+            for blob in self._blobs(keys):  # (a row at a time)
                 if blob is None:
                     if fill_blob is None:
-                        data, _ = _deflate(np.full((1, *self._shape()), self.fill, self.dtype), [0])
+                        data, _ = _deflate(np.full((1, self.tile, self.tile), self.fill, self.dtype), [0])
                         fill_blob = data.tobytes()
                     blob = fill_blob
                 yield blob
