@@ -40,7 +40,7 @@ BUNDLE_FORMAT_VERSION = 1
 METADATA_FILE = "wsss_bundle.json"
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# key -> (accepted types, description); filled in by save_bundle when marked optional
+# key -> what it must be (the text of the error that names a missing or wrong key)
 _REQUIRED = {
     "class_names": "a non-empty list of class names",
     "palette": "a list of [r, g, b] colours, at least one per class",
@@ -195,7 +195,7 @@ def read_bundle_metadata(path: str) -> Dict[str, Any]:
         raise BundleError(f"bundle {path}: not a TorchScript archive (not a zip file)")
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
-        if not any(n.endswith("/constants.pkl") or n.endswith("/code/__torch__.py") or "/code/" in n for n in names):
+        if not any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
             raise BundleError(f"bundle {path}: not a TorchScript archive (no code/ folder); a wsss bundle is "
                               f"written by wsss-export (or wsss.bundle.save_bundle), not by torch.save")
         found = [n for n in names if n.endswith("/extra/" + METADATA_FILE)]

@@ -49,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", "--out", dest="output", metavar="OUTDIR",
                    help="output folder; each slide gets OUTDIR/<stem>/ (default: <slide folder>/<stem>.wsss/)")
     p.add_argument("--device", default=None,
-                   help="cpu, cuda, cuda:N, or auto (CUDA where a GPU is visible) (default cpu; a visible GPU "
-                        "is then named in the model line)")
+                   help="cpu, cuda, cuda:N, or auto (CUDA where a GPU is visible) (default cpu; a note says "
+                        "when a GPU is visible)")
     p.add_argument("--precision", default="auto",
-                   help="auto (default: bfloat16 on CPUs with bf16 matrix units and on CUDA, else float32), "
+                   help="auto (default: bfloat16 on CPUs with bf16 matrix units, else float32; on CUDA bfloat16 where "
+                        "the GPU supports it, else float16), "
                         "float32 (fp32), bfloat16 (bf16) or float16 (fp16, half)")
     p.add_argument("--precision-mode", choices=["cast", "autocast"],
                    help="how reduced precision is applied: cast (a bf16/fp16 copy of the weights; default on CPU) "

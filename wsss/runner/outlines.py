@@ -775,7 +775,8 @@ _WORKERS = WorkerPool(__name__)
 
 def trace_outlines(labels: np.ndarray, classes: Sequence[int], *, slab_rows: int = SLAB_ROWS,
                    threads: Optional[int] = None, **kw) -> Dict[int, object]:
-    """{class: MultiPolygon or None} of a whole label map (see OutlineBuilder for the options)."""
+    """{class: MultiPolygon or None} of a whole label map (with ``output="geojson"``: the
+    geometries' GeoJSON texts; see OutlineBuilder for the options)."""
     labels = np.asarray(labels)
     with OutlineBuilder(labels.shape[1], labels.shape[0], classes, slab_rows=slab_rows, threads=threads, **kw) as b:
         b.add(labels)

@@ -12,8 +12,8 @@ output tiles) runs on a second thread, fed through a bounded queue, while the fi
 blending: on a GPU one thread could not stitch as fast as the model predicted.
 
 NB: only pieces still waiting for a tile live in RAM: in raster order that is one row of
-overlap strips across the grid (width x overlap x (K+1) floats) plus one row of output
-tiles (uint8), never a canvas of the slide.  Arrival order does not matter for the result.
+overlap strips across the grid (width x overlap x (K+1) floats) plus the rows of output
+tiles being filled (uint8; two in raster order, see OutputTiles), never a canvas of the slide.  Arrival order does not matter for the result.
 """
 from __future__ import annotations
 
@@ -222,15 +222,15 @@ class TileSpool:
                 out[..., r * T:(r + 1) * T, c * T:(c + 1) * T] = self.get(r, c)
         return out[..., :self.height, :self.width]
 
-    def close(self, remove: bool = True) -> None:
+    def close(self) -> None:
+        """Close and delete the spool file."""
         try:
             self._fh.close()
         finally:
-            if remove:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 def _pread(fh, n: int, offset: int) -> bytes:

@@ -32,10 +32,6 @@ READERS = ("auto", "openslide", "tifffile")
 # it would upsample the slide into millions of tiles of nothing.
 PLAUSIBLE_MPP = (0.02, 20.0)
 
-# File suffixes OpenSlide knows as vendor formats (everything a TIFF reader should not guess at).
-_VENDOR_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm", ".tiff", ".tif"}
-
-
 class SlideReader:
     """Common interface.  Coordinates: (x, y) = (column, row) in the pixels of ``level``."""
 
@@ -497,9 +493,7 @@ class TiffSlideReader(SlideReader):
                     continue
                 part = chunk[gy0 - cy * ch:gy1 - cy * ch, gx0 - cx * cw:gx1 - cx * cw]
                 dst = out[gy0 - y:gy1 - y, gx0 - x:gx1 - x]
-                if part.shape[2] == 1:
-                    dst[...] = part
-                elif part.shape[2] == 3:
+                if part.shape[2] in (1, 3):  # (grey broadcasts to RGB)
                     dst[...] = part
                 else:
                     dst[...] = _rgba_on_white(part)
