@@ -19,6 +19,9 @@ def test_mu_schedules():
     assert min(paper) == pytest.approx(0.65) and paper[-1] == pytest.approx(0.65)
     ref = [mu_for_epoch("reference", e) for e in range(6)]
     assert ref[:3] == [None, None, None] and ref[3] == pytest.approx(0.98 ** 3)
+    # the reference multiplies only while mu > 0.65: 0.98 ** 21 = 0.654 still is, 0.98 ** 22 is not
+    assert mu_for_epoch("reference", 22) == pytest.approx(0.98 ** 22)
+    assert mu_for_epoch("reference", 30) == mu_for_epoch("reference", 22) == pytest.approx(0.6412, abs=1e-4)
     assert mu_for_epoch("constant", 7, 1.0) == 1.0 and mu_for_epoch("none", 5) is None
     warm = [mu_for_epoch("warmup-constant", e, 1.0) for e in range(5)]
     assert warm == [None, None, None, 1.0, 1.0]

@@ -5,8 +5,9 @@ METHOD.md, stage 1: multilabel soft margin loss on patch-level labels, SGD lr 0.
 
 mu schedules (``mu_schedule``):
 - "paper" (default): mu = 1 for the first 3 epochs, then mu_t = max(0.65, 0.985 * mu_{t-1});
-- "reference": mu_e = 0.98 ** e (multiplied after every epoch from epoch 0), PDA only from
-  epoch 3 (plain GAP before), as ChuHan89/WSSS-Tissue does;
+- "reference": mu_e = 0.98 ** e (multiplied after every epoch from epoch 0 while mu > 0.65, so
+  it stops at 0.98 ** 22 = 0.641), PDA only from epoch 3 (plain GAP before), as
+  ChuHan89/WSSS-Tissue does;
 - "constant": mu fixed at ``mu`` from the first step (mu = 1 drops nothing);
 - "warmup-constant": plain GAP for the first 3 epochs (as "reference"), then mu fixed at ``mu``;
   with mu = 1 this is the "PDA off" ablation (attention on, no peak dropped) with the same
@@ -83,8 +84,14 @@ def mu_for_epoch(schedule: str, epoch: int, mu: float = 1.0) -> Optional[float]:
         for _ in range(3, epoch + 1):
             value = max(0.65, 0.985 * value)
         return value
-    if schedule == "reference":
-        return 0.98 ** epoch if epoch >= WARMUP_EPOCHS else None
+    if schedule == "reference":  # (its loop: ``if gama > 0.65: gama *= 0.98`` after each epoch)
+        if epoch < WARMUP_EPOCHS:
+            return None
+        value = 1.0
+        for _ in range(epoch):
+            if value > 0.65:
+                value *= 0.98
+        return value
     if schedule == "constant":
         return float(mu)
     if schedule == "warmup-constant":
