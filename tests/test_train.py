@@ -313,6 +313,15 @@ def test_evaluate_segmenter_gate_diagnostics():
     assert gate["absent_passed"] == pytest.approx(1.0)  # absent pairs {2,3} and {0}: all pass
     assert out["ungated"]["iou"]["LYM"] == 0.0 and out["gated"]["acc"] == pytest.approx(1 / 7)  # gated: class 0 wins
 
+    class GatesAll(torch.nn.Module):
+        def forward(self, x):  # every class gated: gate_argmax keeps the ungated decision
+            return torch.full((x.shape[0], 4), -3.0)
+
+    out = evaluate_segmenter(Segmenter(), GatesAll(), items, description, batch_size=2, eps=0.1)
+    assert out["gated"]["acc"] == out["ungated"]["acc"]
+    assert out["gate"]["pixels_true_class_gated"] == 0.0 and out["gate"]["present_gated"] == 0.0
+    assert out["gate"]["absent_passed"] == 1.0
+
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_bf16_on_a_cpu_without_bf16_units_is_flagged(monkeypatch, fast):

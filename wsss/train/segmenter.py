@@ -205,9 +205,9 @@ def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: s
 
     dev = resolve_device(device)
     was_training = segmenter.training
-    segmenter.eval()
+    segmenter.to(dev).eval()  # (the models are left on ``device``)
     if classifier is not None:
-        classifier.eval()
+        classifier.to(dev).eval()
     k = description.num_classes
     ungated = ConfusionMatrix(k, description.background_index)
     gated = ConfusionMatrix(k, description.background_index)
@@ -229,7 +229,7 @@ def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: s
             probs.append(class_prob.cpu())
             m = mask.to(torch.int64)
             scored = (m >= 0) & (m < k)
-            gated_class = (class_prob.cpu() <= eps)  # [N,K]
+            gated_class = _gated(class_prob.cpu(), eps)  # [N,K]
             true_gated = torch.gather(gated_class, 1, m.clamp(0, k - 1).flatten(1)).reshape(m.shape) & scored
             pixels_scored += int(scored.sum())
             pixels_true_gated += int(true_gated.sum())
@@ -239,7 +239,7 @@ def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: s
         out["gated"] = gated.scores(description.class_names)
         out["classifier_f1"] = multilabel_f1(torch.cat(truth_labels), torch.cat(pred_labels))
         present, prob = torch.cat(truth_labels), torch.cat(probs)
-        gated_pairs = prob <= eps
+        gated_pairs = _gated(prob, eps)
 
         def share(sel):
             return float(sel.float().mean()) if sel.numel() else float("nan")
@@ -254,6 +254,13 @@ def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: s
                        "median_prob_present": median(prob[present]),
                        "median_prob_absent": median(prob[~present])}
     return out
+
+
+def _gated(class_prob: torch.Tensor, eps: float) -> torch.Tensor:
+    """[N, K] bool: the classes the gate removes (class_prob <= eps), none in an image where no
+    class passes (gate_argmax then keeps the ungated decision)."""
+    gated = class_prob <= eps
+    return gated & ~gated.all(dim=1, keepdim=True)
 
 
 def write_bundle(path: str, classifier, segmenter, description, *, tile_size: int, eps: float = 0.1,
