@@ -189,3 +189,19 @@ def test_export_pt2_keeps_custom_ops_and_matches_eager(checkpoints, tmp_path, ca
     torch.testing.assert_close(scores, expected[1], rtol=1e-4, atol=1e-5)
     meta = runner.get_metadata()
     assert "wsss_bundle.json" in meta and '"class_names"' in meta["wsss_bundle.json"]
+
+
+def test_train_seg_checks_its_classifier_before_training(checkpoints, tmp_path, capsys):
+    """wsss-train-seg --classifier with another class count than the dataset's: refused before
+    the first epoch (it failed when the bundle was written, after all of them)."""
+    from wsss.cli.train_seg import main as train_seg
+
+    folder, _, _ = checkpoints
+    (tmp_path / "three.json").write_text('{"name": "three", "class_names": ["a", "b", "c"], '
+                                         '"palette": [[0,0,0],[1,1,1],[2,2,2],[255,255,255]], "background_index": 3}')
+    rc = train_seg([str(tmp_path / "data"), "--masks", str(tmp_path / "m"), "--out", str(tmp_path / "o"),
+                    "--dataset", str(tmp_path / "three.json"), "--classifier", str(folder / "stage1.pth"),
+                    "--bundle", str(tmp_path / "b.pt")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "wrong num_classes: the classifier has 4 classes, expected 3" in err and "\n" not in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "b.pt").exists()

@@ -41,10 +41,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if args.bundle and not args.classifier:
         raise WsssError("--bundle needs --classifier (the stage-1 checkpoint for the gate)")
     if args.classifier:
-        # NB: checked before training (it was read only when the bundle was written, after it)
-        from wsss.models.checkpoints import read_checkpoint
+        # NB: checked whole (kind, shapes, its class count against the dataset's) before training,
+        # not when the bundle is written after it
+        from wsss.data import get_description
+        from wsss.models.checkpoints import load_classifier_checkpoint
 
-        read_checkpoint(args.classifier, expected_kind="classifier")
+        load_classifier_checkpoint(args.classifier, num_classes=get_description(args.dataset, args.data).num_classes)
     from wsss.train.segmenter import SegmenterConfig, train_segmenter
 
     layers = tuple("" if l == "." else l for l in args.layers)
@@ -65,21 +67,22 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 
 def write_bundle_from_checkpoints(bundle: str, classifier_ckpt: str, segmenter_ckpt: str, data_root: str,
-                                  dataset: str, *, tile_size: Optional[int] = None, eps: float = 0.1,
-                                  extra_config: Optional[dict] = None) -> str:
+                                  dataset: str, *, tile_size: Optional[int] = None, eps: float = 0.1) -> str:
     """Load both checkpoints and write the inference bundle (tile size: the patch size by default)."""
     from wsss.data import LabelledPatches, get_description
-    from wsss.models.checkpoints import load_classifier_checkpoint, load_segmenter_checkpoint, read_checkpoint
+    from wsss.models.checkpoints import classifier_from_state_dict, read_checkpoint, segmenter_from_state_dict
     from wsss.train.segmenter import write_bundle
 
     description = get_description(dataset, data_root)
-    classifier = load_classifier_checkpoint(classifier_ckpt, num_classes=description.num_classes)
-    segmenter = load_segmenter_checkpoint(segmenter_ckpt, num_classes=description.num_classes)
+    # NB: each file read once (read_checkpoint takes reference-format files too, and warns once
+    # about an unfinished run)
+    c = read_checkpoint(classifier_ckpt, expected_kind="classifier")
+    s = read_checkpoint(segmenter_ckpt, expected_kind="segmenter")
+    classifier = classifier_from_state_dict(c.state_dict, num_classes=description.num_classes, where=f"checkpoint {c.path}")
+    segmenter = segmenter_from_state_dict(s.state_dict, num_classes=description.num_classes, where=f"checkpoint {s.path}")
     if tile_size is None:
         tile_size = int(LabelledPatches(data_root, description)[0]["image"].shape[-1])
-    # NB: read_checkpoint takes reference-format files too (every other command does)
-    config = {"classifier": read_checkpoint(classifier_ckpt).config, "segmenter": read_checkpoint(segmenter_ckpt).config}
-    config.update(extra_config or {})
+    config = {"classifier": c.config, "segmenter": s.config}
     return write_bundle(bundle, classifier, segmenter, description, tile_size=tile_size, eps=eps, config=config)
 
 
