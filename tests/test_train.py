@@ -352,3 +352,17 @@ def test_resolve_device_is_every_commands_device_check():
             resolve_device(bad)
     with pytest.raises(WsssError, match="CUDA is not available" if not torch.cuda.is_available() else "CUDA device"):
         resolve_device("cuda:99")
+
+
+def test_step_plan_counts_the_batches_an_epoch_runs():
+    """The poly schedule's length is the optimiser steps actually taken: the loaders drop the last
+    short batch (LUAD: 16678 patches, batch 20 -> 833 steps per epoch, as the reference's
+    len(dataset) // batch_size), except where the data make only one batch."""
+    from wsss.train.common import drops_last, make_loader, step_plan
+
+    assert step_plan(16678, 20, 20, None) == (833, 16660)
+    assert step_plan(10, 20, 3, None) == (1, 3)
+    assert step_plan(45, 20, 2, 1) == (1, 2)
+    for n, bs in ((45, 20), (40, 20), (7, 20)):
+        loader = make_loader(list(range(n)), bs, shuffle=True, seed=0, drop_last=drops_last(n, bs))
+        assert len(list(loader)) == step_plan(n, bs, 1, None)[0], (n, bs)

@@ -139,8 +139,8 @@ def _load_init(model, path: str) -> None:
 def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
     """Train (or resume) stage 1; returns a summary dict with the final checkpoint path and history."""
     from wsss.data import LabelledPatches, get_description
-    from wsss.train.common import (autocast, check_resume_config, load_checkpoint, make_loader, random_flips,
-                                   resolve_device, save_atomic, seed_everything, step_plan, train_epoch)
+    from wsss.train.common import (autocast, check_resume_config, drops_last, load_checkpoint, make_loader,
+                                   random_flips, resolve_device, save_atomic, seed_everything, step_plan, train_epoch)
 
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -179,7 +179,7 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
     for epoch in range(start_epoch, end_epoch):
         mu = mu_for_epoch(cfg.mu_schedule, epoch, cfg.mu)
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
-                             workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
+                             workers=cfg.workers, drop_last=drops_last(len(train_set), cfg.batch_size))
         flips = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7)
         torch.manual_seed(cfg.seed * 1000 + epoch + 13)  # dropout masks
         t0 = time.time()

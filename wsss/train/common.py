@@ -74,10 +74,17 @@ def poly_lr(base_lr: float, step: int, max_steps: int, power: float = 0.9) -> fl
     return base_lr * (1.0 - min(step, max_steps) / max(max_steps, 1)) ** power
 
 
+def drops_last(n_samples: int, batch_size: int) -> bool:
+    """Whether a training epoch drops its last, short batch (as the reference's loaders do): yes
+    unless the data make only one batch."""
+    return n_samples > batch_size
+
+
 def step_plan(n_samples: int, batch_size: int, epochs: int, max_steps_per_epoch: Optional[int]) -> Tuple[int, int]:
-    """(optimiser steps per epoch, total steps): one pass over the data per epoch (the last batch
-    may be short), capped at ``max_steps_per_epoch`` when set (quick runs)."""
-    per_epoch = math.ceil(n_samples / batch_size)
+    """(optimiser steps per epoch, total steps): the batches of one pass over the data per epoch
+    (``drops_last``: the reference's len(dataset) // batch_size), capped at
+    ``max_steps_per_epoch`` when set (quick runs).  The poly schedule reaches 0 at the last step."""
+    per_epoch = n_samples // batch_size if drops_last(n_samples, batch_size) else math.ceil(n_samples / batch_size)
     if max_steps_per_epoch:
         per_epoch = min(per_epoch, max_steps_per_epoch)
     return per_epoch, per_epoch * epochs

@@ -92,8 +92,8 @@ def _gaussian_blur(images: torch.Tensor, gen: torch.Generator, prob: float) -> t
 def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
     """Train (or resume) stage 3; returns {'best': path, 'last': path, 'best_miou', 'history'}."""
     from wsss.data import MaskedPatches, PseudoMaskPatches, get_description
-    from wsss.train.common import (autocast, check_resume_config, load_checkpoint, make_loader, random_flips,
-                                   resolve_device, save_atomic, seed_everything, step_plan, train_epoch)
+    from wsss.train.common import (autocast, check_resume_config, drops_last, load_checkpoint, make_loader,
+                                   random_flips, resolve_device, save_atomic, seed_everything, step_plan, train_epoch)
 
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -131,7 +131,7 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
 
     for epoch in range(start_epoch, cfg.epochs):
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
-                             workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size)
+                             workers=cfg.workers, drop_last=drops_last(len(train_set), cfg.batch_size))
         aug = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7)
         # NB: dropout masks from a per-epoch seed, as stage 1 does: a resumed run then trains
         # exactly as an uninterrupted one (the global generator restarted at the seed)
