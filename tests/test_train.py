@@ -96,6 +96,15 @@ def test_background_mask_removes_small_white_specks():
     assert bg[0, :20].all() and not bg[0, 30:33, 30:33].any() and not bg[0, 25:].any()
 
 
+@pytest.mark.parametrize("rgb,background", [((201, 200, 200), False), ((202, 201, 201), True),
+                                            ((200, 200, 210), True), ((200, 200, 200), False)])
+def test_background_gray_is_the_references_rounded_luma(rgb, background):
+    """The reference thresholds OpenCV's uint8 gray (rounded luma) at > 200: (201, 200, 200) has
+    luma 200.3 but gray 200, so it is tissue (an unrounded luma called it background)."""
+    img = torch.tensor(rgb, dtype=torch.uint8)[None, :, None, None].expand(1, 3, 16, 16)
+    assert bool(background_mask(img).all()) is background and bool(background_mask(img).any()) is background
+
+
 def _tiny_dataset(root, n=12, patch=32):
     from wsss.synthetic import write_patch_dataset
 

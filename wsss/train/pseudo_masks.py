@@ -133,12 +133,15 @@ def gradcam_maps_reference_loop(model, x: torch.Tensor, layers: Sequence[str] = 
 def background_mask(images: torch.Tensor, white_threshold: int = 200, min_object_px: int = 50) -> torch.Tensor:
     """LUAD background: gray > threshold with objects smaller than min_object_px removed.
 
-    images uint8 [N,3,H,W] -> bool [N,H,W].  Gray as PIL's 'L' (ITU-R 601-2 luma).
+    images uint8 [N,3,H,W] -> bool [N,H,W].  Gray as the reference computes it, OpenCV's
+    COLOR_RGB2GRAY of uint8 pixels: ITU-R 601 luma in 15-bit fixed point, rounded to an integer
+    (the same as OpenCV 5.0 for all 2^24 colours; so (201, 200, 200), luma 200.3, is gray 200:
+    not background).
     """
     from skimage.morphology import remove_small_objects
 
-    rgb = images.float()
-    gray = (rgb[:, 0] * 299 + rgb[:, 1] * 587 + rgb[:, 2] * 114) / 1000.0
+    rgb = images.to(torch.int32)
+    gray = (rgb[:, 0] * 9798 + rgb[:, 1] * 19235 + rgb[:, 2] * 3735 + (1 << 14)) >> 15
     white = (gray > white_threshold).cpu().numpy()
     cleaned = np.stack([remove_small_objects(m, max_size=min_object_px - 1) if m.any() else m for m in white]) \
         if _skimage_has_max_size() else np.stack([remove_small_objects(m, min_size=min_object_px) for m in white])

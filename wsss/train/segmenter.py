@@ -11,6 +11,7 @@ resuming.  The same code trains the fully supervised baseline: ``layers=("",)`` 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ class SegmenterConfig:
         if len(self.layers) != len(self.layer_weights) or not self.layers:
             raise WsssError(f"--layers and --layer-weights must have the same (non-zero) length, got "
                             f"{list(self.layers)} and {list(self.layer_weights)}")
-        if any(w < 0 for w in self.layer_weights) or sum(self.layer_weights) <= 0:
+        if not all(w >= 0 and math.isfinite(w) for w in self.layer_weights) or sum(self.layer_weights) <= 0:
             raise WsssError(f"--layer-weights must be >= 0 with a positive sum, got {list(self.layer_weights)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise WsssError(f"--epochs and --batch-size must be >= 1, got {self.epochs} and {self.batch_size}")
@@ -145,7 +146,10 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
             with autocast(device, cfg.precision):
                 logits = model(x)
             logits = logits.float()
-            loss = logits.new_zeros(())
+            # NB: zero, but on the graph: a batch whose every pixel is ignored (background) still
+            # steps (weight decay, as the reference's constant-logit background does) instead of
+            # failing in backward() with "does not require grad"
+            loss = logits.sum() * 0.0
             for l in range(masks.shape[1]):
                 if weights[l] > 0:
                     layer_loss = F.cross_entropy(logits, masks[:, l], ignore_index=ignore)
