@@ -73,10 +73,12 @@ def build_segmenter(num_classes: int, backbone: str, width: float):
 
 
 def _gaussian_blur(images: torch.Tensor, gen: torch.Generator, prob: float) -> torch.Tensor:
-    """Blur a random subset of images [N,3,H,W] (float) with a 5x5 Gaussian of random sigma in [0.1, 2]."""
+    """Blur a random subset of images [N,3,H,W] (float) with a 5x5 Gaussian of random sigma in
+    [0, 1): the reference's RandomGaussianBlur (PIL's GaussianBlur, whose radius is the standard
+    deviation, of ``random.random()``, for half the images)."""
     n = images.shape[0]
     pick = torch.rand(n, generator=gen) < prob
-    sigmas = 0.1 + 1.9 * torch.rand(n, generator=gen)
+    sigmas = torch.rand(n, generator=gen).clamp_(min=1e-3)  # (sigma -> 0: the identity, not 0/0)
     if not pick.any():
         return images
     out = images.clone()
