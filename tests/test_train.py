@@ -375,3 +375,26 @@ def test_step_plan_counts_the_batches_an_epoch_runs():
     for n, bs in ((45, 20), (40, 20), (7, 20)):
         loader = make_loader(list(range(n)), bs, shuffle=True, seed=0, drop_last=drops_last(n, bs))
         assert len(list(loader)) == step_plan(n, bs, 1, None)[0], (n, bs)
+
+
+def test_init_weights_are_checked_and_a_resume_needs_no_init(tmp_path, capsys):
+    """--init from another network (here another --width) is one message naming the file, not a
+    traceback; a run started from --init resumes without it (its weights are in the checkpoint)
+    and keeps its frozen layers."""
+    from wsss.cli.train_cls import main
+    from wsss.train.classifier import build_classifier
+
+    data = str(tmp_path / "data")
+    _tiny_dataset(data)
+    init = tmp_path / "init.pt"
+    torch.save(build_classifier(4, 1 / 8).state_dict(), init)
+    base = [data, "--out", str(tmp_path / "o"), "--width", "0.0625", "--batch-size", "4", "--epochs", "2",
+            "--quiet", "--max-steps-per-epoch", "1"]
+    assert main(base + ["--init", str(init)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--init {init}: does not match the network:" in err and "shape mismatches" in err and "\n" not in err, err
+    torch.save(build_classifier(4, 1 / 16).state_dict(), init)
+    assert main(base + ["--init", str(init), "--stop-after-epochs", "1"]) == 0
+    assert main(base) == 0, capsys.readouterr().err  # resumed without --init
+    ckpt = torch.load(tmp_path / "o" / "classifier.pt", weights_only=True)
+    assert ckpt["config"]["freeze_resolved"] == "reference" and ckpt["epoch"] == 1

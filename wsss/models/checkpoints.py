@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -164,9 +164,18 @@ def _summarise(keys, n: int = 4) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], where: str) -> None:
+def load_matching_state_dict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], where: str, *,
+                             except_prefixes: Tuple[str, ...] = ()) -> None:
+    """Load ``state_dict`` into ``model`` if every key and shape matches (keys starting with one of
+    ``except_prefixes`` are left out on both sides and keep the model's values), else one
+    BundleError starting with ``where`` that counts the missing and unexpected keys and the
+    shape mismatches."""
+    def kept(keys):
+        return {k for k in keys if not k.startswith(except_prefixes)} if except_prefixes else set(keys)
+
     own = model.state_dict()
-    missing = set(own) - set(state_dict)
+    state_dict = {k: state_dict[k] for k in kept(state_dict)}
+    missing = kept(own) - set(state_dict)
     unexpected = set(state_dict) - set(own)
     problems = []
     if missing:
@@ -180,7 +189,7 @@ def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], where
                         f"model {list(own[k].shape)}")
     if problems:
         raise BundleError(f"{where}: does not match the network: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=not except_prefixes)
 
 
 def _width_from(channels: int, reference: int, where: str) -> float:
@@ -201,7 +210,7 @@ def classifier_from_state_dict(state_dict: Mapping[str, Tensor], *, num_classes:
         raise BundleError(f"{where}: wrong num_classes: the classifier has {k} classes, expected {num_classes}")
     width = _width_from(int(state_dict["conv1a.weight"].shape[0]), 64, where)
     model = ResNet38Classifier(k, width=width)
-    _load_strict(model, state_dict, where)
+    load_matching_state_dict(model, state_dict, where)
     return model.eval()
 
 
@@ -228,7 +237,7 @@ def segmenter_from_state_dict(state_dict: Mapping[str, Tensor], *, num_classes: 
         raise BundleError(f"{where}: unsupported DeepLab backbone: blocks per stage {depth}, expected one of "
                           f"{ {n: list(v) for n, v in BACKBONE_LAYERS.items()} }")
     model = DeepLabV3Plus(k, backbone=backbone, width=width)
-    _load_strict(model, state_dict, where)
+    load_matching_state_dict(model, state_dict, where)
     return model.eval()
 
 

@@ -125,15 +125,12 @@ def _param_groups(model, cfg: ClassifierConfig) -> List[Dict]:
 
 
 def _load_init(model, path: str) -> None:
-    """Initial weights (e.g. ImageNet model A1 converted): every key but fc8 must match."""
-    from wsss.models.checkpoints import read_checkpoint
+    """Initial weights (e.g. ImageNet model A1 converted): every key but fc8 must match, shapes
+    included (a checkpoint of another --width is one message, not a traceback)."""
+    from wsss.models.checkpoints import load_matching_state_dict, read_checkpoint
 
     contents = read_checkpoint(path, expected_kind="classifier")
-    state = {k: v for k, v in contents.state_dict.items() if not k.startswith("fc8")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc8")]
-    if missing or unexpected:
-        raise WsssError(f"--init {path}: does not match the network (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    load_matching_state_dict(model, contents.state_dict, f"--init {path}", except_prefixes=("fc8",))
 
 
 def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
@@ -148,8 +145,17 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
     train_set = LabelledPatches(cfg.data_root, description)
     seed_everything(cfg.seed)
     model = build_classifier(description.num_classes, cfg.width)
-    freeze = cfg.freeze if cfg.freeze != "auto" else ("reference" if cfg.init else "none")
-    if cfg.init:
+    last_path = os.path.join(cfg.out_dir, "classifier_last.pt")
+    final_path = os.path.join(cfg.out_dir, "classifier.pt")
+    ckpt = load_checkpoint(last_path, "classifier") if resume and os.path.isfile(last_path) else None
+    saved = (ckpt or {}).get("config") or {}
+    if cfg.freeze != "auto":
+        freeze = cfg.freeze
+    elif saved.get("freeze_resolved") in ("reference", "none"):
+        freeze = saved["freeze_resolved"]  # (a resumed run keeps its choice, with --init given again or not)
+    else:
+        freeze = "reference" if cfg.init else "none"
+    if cfg.init and ckpt is None:  # (resumed: the weights come from the checkpoint)
         _load_init(model, cfg.init)
     if freeze == "reference":
         # NB: freezing conv1a..b2_2 and every BN only makes sense from pretrained weights; from a
@@ -160,16 +166,13 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     steps_per_epoch, max_steps = step_plan(len(train_set), cfg.batch_size, cfg.epochs, cfg.max_steps_per_epoch)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    last_path = os.path.join(cfg.out_dir, "classifier_last.pt")
-    final_path = os.path.join(cfg.out_dir, "classifier.pt")
     config = dataclasses.asdict(cfg)
     config.update(num_classes=description.num_classes, class_names=list(description.class_names),
                   description=description.to_dict(), freeze_resolved=freeze)
 
     start_epoch, step, history = 0, 0, []
-    if resume and os.path.isfile(last_path):
-        ckpt = load_checkpoint(last_path, "classifier")
-        check_resume_config(last_path, ckpt.get("config") or {}, config)
+    if ckpt is not None:
+        check_resume_config(last_path, saved, config)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, step, history = ckpt["epoch"] + 1, ckpt["step"], list(ckpt.get("history", []))
