@@ -50,6 +50,26 @@ def test_description_json_round_trip_and_three_classes(tmp_path):
         get_description("no-such-dataset")
 
 
+@pytest.mark.parametrize("change,match", [
+    ({"background_index": "4"}, "background_index must be a whole number, got '4'"),
+    ({"palette": [0, 1, 2]}, r"palette must be a list of \[r, g, b\] integer triples, got \[0, 1, 2\]"),
+    ({"class_names": "ABC"}, "class_names must be a list of names, got 'ABC'"),
+    ({"min_object_px": 2.5}, "min_object_px must be a whole number"),
+    ({"mpp": "0.5"}, "mpp must be a positive number of microns per pixel"),
+    ({"mpp": float("nan")}, "mpp must be a positive number"),
+])
+def test_malformed_description_json_is_one_message(tmp_path, change, match):
+    """A hand-written dataset.json with a value of the wrong type: DataError naming the key (it
+    was a TypeError from deep inside the checks)."""
+    d = {"name": "mine", "class_names": ["A", "B", "C"], "palette": [[1, 2, 3], [4, 5, 6], [7, 8, 9], [9, 9, 9]],
+         "background_index": 3}
+    d.update(change)
+    path = tmp_path / "d.json"
+    path.write_text(__import__("json").dumps(d))
+    with pytest.raises(DataError, match=match):
+        get_description(str(path))
+
+
 def _png(path, array, palette=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     img = Image.fromarray(array)

@@ -398,3 +398,21 @@ def test_init_weights_are_checked_and_a_resume_needs_no_init(tmp_path, capsys):
     assert main(base) == 0, capsys.readouterr().err  # resumed without --init
     ckpt = torch.load(tmp_path / "o" / "classifier.pt", weights_only=True)
     assert ckpt["config"]["freeze_resolved"] == "reference" and ckpt["epoch"] == 1
+
+
+def test_patches_of_mixed_sizes_are_one_message(tmp_path, capsys):
+    """A patch of another size in the train split: one message naming two files (it was
+    torch.stack's "stack expects each tensor to be equal size" traceback)."""
+    from PIL import Image
+
+    from wsss.cli.train_cls import main
+
+    data = tmp_path / "data"
+    _tiny_dataset(str(data))
+    train = data / "train"
+    odd = sorted(train.iterdir())[0]
+    Image.open(odd).resize((40, 40)).save(odd)
+    rc = main([str(data), "--out", str(tmp_path / "o"), "--width", "0.0625", "--batch-size", "12", "--epochs", "1",
+               "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "patches of different sizes:" in err and "is 40x40 px" in err and "\n" not in err, err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -58,8 +59,24 @@ class DatasetDescription:
     mpp: Optional[float] = None
 
     def __post_init__(self) -> None:
+        def bad(what: str, value) -> DataError:
+            return DataError(f"dataset description {self.name!r}: {what}, got {value!r}")
+
+        if isinstance(self.class_names, (str, bytes)) or not isinstance(self.class_names, (list, tuple)):
+            raise bad("class_names must be a list of names", self.class_names)
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        if not isinstance(self.palette, (list, tuple)) or not all(
+                isinstance(rgb, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in rgb)
+                for rgb in self.palette):
+            raise bad("palette must be a list of [r, g, b] integer triples", self.palette)
         object.__setattr__(self, "palette", tuple(tuple(int(v) for v in rgb) for rgb in self.palette))
+        for key in ("background_index", "white_threshold", "min_object_px"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise bad(f"{key} must be a whole number", value)
+        if self.mpp is not None and not (isinstance(self.mpp, (int, float)) and not isinstance(self.mpp, bool)
+                                         and math.isfinite(self.mpp) and self.mpp > 0):
+            raise bad("mpp must be a positive number of microns per pixel (or null)", self.mpp)
         k = len(self.class_names)
         if k < 1:
             raise DataError(f"dataset description {self.name!r}: class_names must not be empty")

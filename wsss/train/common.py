@@ -180,7 +180,28 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int, workers: 
     gen.manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
                                        num_workers=workers, drop_last=drop_last, worker_init_fn=WorkerSeed(),
-                                       persistent_workers=False)
+                                       persistent_workers=False, collate_fn=collate_patches)
+
+
+def collate_patches(batch):
+    """torch's default collation, after checking that the patches of a batch (dicts with "image"
+    and "name") have one size: mixed sizes are a DataError naming two files, not torch.stack's
+    "stack expects each tensor to be equal size"."""
+    from torch.utils.data import default_collate
+
+    if batch and isinstance(batch[0], dict) and "image" in batch[0]:
+        first = batch[0]
+        for item in batch[1:]:
+            if item["image"].shape != first["image"].shape:
+                from wsss.errors import DataError
+
+                def size(it):
+                    return "x".join(str(v) for v in it["image"].shape[-2:][::-1])
+
+                raise DataError(f"patches of different sizes: {first.get('name', '?')} is {size(first)} px, "
+                                f"{item.get('name', '?')} is {size(item)} px; every patch of a dataset must "
+                                f"have the size of the others")
+    return default_collate(batch)
 
 
 def iterate_forever(loader) -> Iterator:
