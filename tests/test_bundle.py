@@ -118,6 +118,10 @@ def test_bad_metadata_is_refused(tmp_path):
         save_bundle(tmp_path / "x.pt", _segmenter_module(), dict(META, palette=[[0, 0, 0]]))
     with pytest.raises(BundleError, match="background_index must be"):
         save_bundle(tmp_path / "x.pt", _segmenter_module(), dict(META, background_index=300))
+    with pytest.raises(BundleError, match="input_scale must be a finite number, got nan"):
+        save_bundle(tmp_path / "x.pt", _segmenter_module(), dict(META, input_scale=float("nan")))
+    with pytest.raises(BundleError, match="mpp must be a positive number or None, got inf"):
+        save_bundle(tmp_path / "x.pt", _segmenter_module(), dict(META, mpp=float("inf")))
     assert not os.listdir(tmp_path)
 
 

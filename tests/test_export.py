@@ -125,6 +125,8 @@ def test_export_errors_are_one_line_and_write_nothing(checkpoints, tmp_path, cap
         (["--classifier", s1, "--segmenter", s2, "--dataset", "nosuch"], "dataset 'nosuch'"),
         (["--classifier", s1, "--segmenter", s2, "--eps", "1.5"], r"--eps must be in \[0, 1\)"),
         (["--classifier", s1, "--segmenter", s2, "--gate-eps", "1.5"], r"--eps must be in \[0, 1\)"),
+        (["--classifier", s1, "--segmenter", s2, "--input-scale", "nan"], "--input-scale must be a positive number, got nan"),
+        (["--classifier", s1, "--segmenter", s2, "--mpp", "inf"], "--mpp must be a positive number, got inf"),
     ]
     for extra, message in cases:
         rc = main(extra + ["--out", str(tmp_path / "m.pt")])

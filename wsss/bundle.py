@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import warnings
 import zipfile
@@ -96,11 +97,12 @@ def _validate_metadata(metadata: Mapping[str, Any]) -> Dict[str, Any]:
     ts = meta["tile_size"]
     if not isinstance(ts, int) or isinstance(ts, bool) or ts <= 0:
         raise BundleError(f"bundle metadata: tile_size must be {_REQUIRED['tile_size']}, got {ts!r}")
-    if meta["mpp"] is not None and not (isinstance(meta["mpp"], (int, float)) and meta["mpp"] > 0):
+    if meta["mpp"] is not None and not (isinstance(meta["mpp"], (int, float)) and meta["mpp"] > 0
+                                        and math.isfinite(meta["mpp"])):
         raise BundleError(f"bundle metadata: mpp must be a positive number or None, got {meta['mpp']!r}")
     for key in ("input_scale", "gate_eps"):
-        if not isinstance(meta[key], (int, float)) or isinstance(meta[key], bool):
-            raise BundleError(f"bundle metadata: {key} must be a number, got {meta[key]!r}")
+        if not isinstance(meta[key], (int, float)) or isinstance(meta[key], bool) or not math.isfinite(meta[key]):
+            raise BundleError(f"bundle metadata: {key} must be a finite number, got {meta[key]!r}")
         meta[key] = float(meta[key])
     if not isinstance(meta["config"], Mapping):
         raise BundleError(f"bundle metadata: config must be a dict, got {type(meta['config']).__name__}")

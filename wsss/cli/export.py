@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Dict, Optional, Sequence
@@ -62,10 +63,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise WsssError("--pt2 and --out must be different files")
     if not 0.0 <= args.eps < 1.0:
         raise WsssError(f"--eps must be in [0, 1), got {args.eps}")
-    if args.input_scale <= 0:
-        raise WsssError(f"--input-scale must be > 0, got {args.input_scale}")
-    if args.mpp is not None and args.mpp <= 0:
-        raise WsssError(f"--mpp must be > 0, got {args.mpp}")
+    if not (args.input_scale > 0 and math.isfinite(args.input_scale)):  # (NaN fails every comparison)
+        raise WsssError(f"--input-scale must be a positive number, got {args.input_scale}")
+    if args.mpp is not None and not (args.mpp > 0 and math.isfinite(args.mpp)):
+        raise WsssError(f"--mpp must be a positive number, got {args.mpp}")
     if args.check_tiles < 1:
         raise WsssError(f"--check-tiles must be >= 1, got {args.check_tiles}")
     if args.pt2_max_batch < 2:
