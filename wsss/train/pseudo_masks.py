@@ -66,6 +66,9 @@ def gradcam_maps(model, x: torch.Tensor, layers: Sequence[str] = LAYERS, batched
     if model.training:
         raise WsssError("gradcam_maps: the classifier must be in eval mode (BN statistics, no dropout)")
     backward_layers = [l for l in layers if l != "bn7"]
+    # NB: the input requires grad so that the activations are on a graph even when no parameter
+    # does (a frozen classifier); its own gradient is never computed (grad w.r.t. the features)
+    x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         maps = model.feature_maps(x)
         logits = maps["logits"]  # [N,K]
@@ -218,10 +221,8 @@ def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
     for batch in loader:
         images = batch["image"]
         x = images.to(device).float().div_(255.0)
-        # NB: the input needs no gradient; activations still get one because the graph is
-        # recorded from feature_maps' intermediate tensors (see gradcam_maps).
         with autocast(device, cfg.precision):
-            cams = _gradcam_with_grad(model, x, cfg.layers)
+            cams = gradcam_maps(model, x, cfg.layers)
         bg = background_mask(images, description.white_threshold, description.min_object_px) if use_bg else None
         for layer in cfg.layers:
             masks = masks_from_cams(cams[layer], batch["label"].to(device), tuple(images.shape[2:]), bg,
@@ -236,13 +237,6 @@ def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
     if cfg.truth_dir:
         result["scores"] = score_pseudo_masks(cfg.out_dir, cfg.truth_dir, description, cfg.layers)
     return result
-
-
-def _gradcam_with_grad(model, x, layers):
-    """gradcam_maps on a model whose parameters do not require grad: enable grad on the input so
-    the activations are part of a graph (the input gradient itself is never computed)."""
-    x = x.detach().requires_grad_(True)
-    return gradcam_maps(model, x, layers)
 
 
 def score_pseudo_masks(pseudo_dir: str, truth_dir: str, description, layers: Sequence[str] = LAYERS) -> Dict:
