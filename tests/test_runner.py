@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -1232,3 +1233,24 @@ def test_spool_of_planes_round_trips(tmp_path):
     with pytest.raises(ValueError, match="channel None of a spool of 3 channels"):
         next(sp.iter_compressed())
     sp.close()
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_failed_atomic_write_leaves_nothing(tmp_path, error):
+    """wsss.files.write_atomic (checkpoints, metrics, masks, dataset.json): a write that fails,
+    Ctrl-C included, leaves neither the result nor its temporary; an old result stays whole."""
+    from wsss.files import save_png, write_atomic
+
+    def failing(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise error
+
+    with pytest.raises(type(error)):
+        write_atomic(tmp_path / "sub" / "m.json", failing)
+    assert os.listdir(tmp_path / "sub") == []
+    save_png(tmp_path / "a.png", np.zeros((4, 5), np.uint8), palette=[0, 0, 0, 255, 0, 0] + [0] * 762)
+    before = (tmp_path / "a.png").read_bytes()
+    with pytest.raises(type(error)):
+        write_atomic(tmp_path / "a.png", failing)
+    assert (tmp_path / "a.png").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["a.png", "sub"]

@@ -1,10 +1,12 @@
 """Temporary files that become results by ``os.replace`` (a result appears whole or not at all)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
-from typing import Tuple
+from pathlib import Path
+from typing import Callable, Iterator, Tuple
 
 _umask_lock = threading.Lock()
 
@@ -42,3 +44,42 @@ def new_temp_file(folder, prefix: str, suffix: str) -> Tuple[int, str]:
         os.unlink(path)
         raise
     return fd, path
+
+
+@contextlib.contextmanager
+def atomic_path(final, tag: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success ``os.replace`` it into place, on any
+    error (Ctrl-C included) delete it: a result is whole or absent.
+
+    NB: the temporary name is ``.<final name>.<tag><random>.tmp``: hidden, and never with the
+    result's suffix, so a killed process never leaves a file that looks like a result."""
+    final = Path(final)
+    fd, tmp = new_temp_file(final.parent, f".{final.name}.{tag}", ".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(final, write: Callable[[str], None]) -> None:
+    """``write(temporary path)``, then the temporary becomes ``final`` (``atomic_path``); the
+    folder is made if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+    with atomic_path(final) as tmp:
+        write(str(tmp))
+
+
+def save_png(path, array, palette=None) -> None:
+    """uint8 array [H, W] or [H, W, 3] as a PNG, atomically; with ``palette`` (PIL's flat list) a
+    palette PNG whose pixel values are the array's (class indices)."""
+    import numpy as np
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(array))
+    if palette is not None:
+        img.putpalette(palette)  # "L" -> "P", values kept
+    write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))

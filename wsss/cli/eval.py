@@ -39,11 +39,12 @@ def _json_safe(obj):
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_json_safe(obj), f, indent=2, default=float, allow_nan=False)
-    os.replace(tmp, path)
+    from wsss.files import write_atomic
+
+    from pathlib import Path
+
+    text = json.dumps(_json_safe(obj), indent=2, default=float, allow_nan=False)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def format_table(results: Dict) -> str:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -124,10 +125,10 @@ class DatasetDescription:
         return cls(**d)
 
     def save_json(self, path: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        from wsss.files import write_atomic
+
+        text = json.dumps(self.to_dict(), indent=2)
+        write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     @classmethod
     def load_json(cls, path: str) -> "DatasetDescription":

@@ -25,6 +25,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from wsss import files
 from wsss.files import new_temp_file
 from wsss.runner.stitching import TileSpool
 
@@ -86,16 +87,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
     NB: the temp name starts with '.' and ends with '.tmp', so an interrupted run never
     leaves a file that looks like a result; it carries ``temp_tag()`` for the clean-up.
     """
-    final = Path(final)
-    fd, tmp = new_temp_file(final.parent, f".{final.name}.{temp_tag()}.", ".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with files.atomic_path(final, tag=f"{temp_tag()}.") as tmp:
+        yield tmp
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -12,12 +12,12 @@ root/
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
-from PIL import Image
 
 from wsss.data.description import LUAD_HISTOSEG, DatasetDescription, format_label
+from wsss.files import save_png
 from wsss.synthetic.tissue import class_names_for, render_tissue
 
 __all__ = ["write_patch_dataset", "synthetic_description", "patch_label"]
@@ -36,15 +36,6 @@ def patch_label(labels: np.ndarray, num_classes: int, min_fraction: float) -> np
     """Patch-level label [K] (0/1): classes covering at least ``min_fraction`` of the patch."""
     counts = np.bincount(labels.ravel(), minlength=num_classes + 1)[:num_classes]
     return (counts >= min_fraction * labels.size).astype(np.int64)
-
-
-def _save_png(path: str, array: np.ndarray, palette: Optional[list] = None) -> None:
-    img = Image.fromarray(array)
-    if palette is not None:
-        img.putpalette(palette)  # "L" -> "P", values kept
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    img.save(tmp)
-    os.replace(tmp, path)
 
 
 def _patch_seed(seed: int, split: str, index: int, attempt: int) -> int:
@@ -86,12 +77,12 @@ def write_patch_dataset(root: str, *, n_train: int, n_val: int, n_test: int, pat
             stem = f"syn{seed}_{split}{i:05d}-{patch}-{attempt}"
             if split == "train":
                 name = f"{stem}-{format_label(label, desc)}.png"
-                _save_png(os.path.join(dirs["train"][0], name), rgb)
+                save_png(os.path.join(dirs["train"][0], name), rgb)
                 if write_train_truth:
-                    _save_png(os.path.join(dirs["train"][1], name), labels, palette)
+                    save_png(os.path.join(dirs["train"][1], name), labels, palette)
             else:
-                _save_png(os.path.join(dirs[split][0], f"{stem}.png"), rgb)
-                _save_png(os.path.join(dirs[split][1], f"{stem}.png"), labels, palette)
+                save_png(os.path.join(dirs[split][0], f"{stem}.png"), rgb)
+                save_png(os.path.join(dirs[split][1], f"{stem}.png"), labels, palette)
         counts[split] = n
     desc.save_json(os.path.join(root, "dataset.json"))
     return counts

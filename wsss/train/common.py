@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -92,10 +91,9 @@ def step_plan(n_samples: int, batch_size: int, epochs: int, max_steps_per_epoch:
 
 def save_atomic(obj: Any, path: str) -> None:
     """torch.save to a temporary name in the same folder, then os.replace (never half-written)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from wsss.files import write_atomic
+
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str, expected_kind: Optional[str] = None) -> Dict[str, Any]:

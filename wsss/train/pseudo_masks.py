@@ -21,13 +21,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from wsss.errors import WsssError
+from wsss.files import save_png
 
 __all__ = ["LAYERS", "PseudoMaskConfig", "gradcam_maps", "gradcam_maps_reference_loop", "masks_from_cams",
            "background_mask", "generate_pseudo_masks", "score_pseudo_masks"]
@@ -183,16 +184,6 @@ def masks_from_cams(cams: torch.Tensor, labels: torch.Tensor, size: Tuple[int, i
     return out
 
 
-def _write_palette_png(path: str, mask: np.ndarray, palette: List[int]) -> None:
-    from PIL import Image
-
-    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))  # mode "L"
-    img.putpalette(palette)  # "L" -> "P", values kept
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    img.save(tmp)
-    os.replace(tmp, path)
-
-
 def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
     """Write out_dir/<layer>/<stem>.png for every train patch; returns timing (and scores if truth given)."""
     from tqdm import tqdm
@@ -228,7 +219,8 @@ def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
             masks = masks_from_cams(cams[layer], batch["label"].to(device), tuple(images.shape[2:]), bg,
                                     description.background_index).cpu().numpy()
             for name, mask in zip(batch["name"], masks):
-                _write_palette_png(os.path.join(cfg.out_dir, layer, os.path.splitext(name)[0] + ".png"), mask, palette)
+                save_png(os.path.join(cfg.out_dir, layer, os.path.splitext(name)[0] + ".png"),
+                         mask.astype(np.uint8, copy=False), palette)
         bar.update(images.shape[0])
     bar.close()
     seconds = time.time() - t0
