@@ -1163,8 +1163,6 @@ def test_every_output_gives_a_label_the_same_colour(tmp_path):
     overlay always did."""
     import dataclasses
 
-    from PIL import Image
-
     palette = [list(p) for p in PALETTE]
     palette[4] = [10, 20, 30]
     path = tmp_path / "s.tif"
