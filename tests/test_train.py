@@ -418,3 +418,39 @@ def test_patches_of_mixed_sizes_are_one_message(tmp_path, capsys):
                "--quiet"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "patches of different sizes:" in err and "is 40x40 px" in err and "\n" not in err, err
+
+
+def test_a_killed_pseudo_mask_run_is_not_taken_for_a_finished_one(tmp_path, monkeypatch):
+    """Masks are written one by one: a run killed over an older complete folder would leave a
+    mix of two runs.  The folder carries a marker until the last mask is written, and training
+    refuses a folder with it; a finished rerun clears it."""
+    import wsss.train.pseudo_masks as pm
+    from wsss.data import PseudoMaskPatches, get_description
+    from wsss.errors import DataError
+    from wsss.train.classifier import build_classifier
+
+    data = str(tmp_path / "data")
+    _tiny_dataset(data)
+    ckpt = tmp_path / "c.pt"
+    torch.save(build_classifier(4, 1 / 16).state_dict(), ckpt)
+    cfg = pm.PseudoMaskConfig(data_root=data, checkpoint=str(ckpt), out_dir=str(tmp_path / "pm"), batch_size=4,
+                              layers=("bn7",), progress=False)
+    pm.generate_pseudo_masks(cfg)
+    description = get_description("auto", data)
+    PseudoMaskPatches(data, cfg.out_dir, ["bn7"], description)  # (complete: accepted)
+    real, calls = pm.save_png, [0]
+
+    def killed(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        real(*a, **kw)
+
+    monkeypatch.setattr(pm, "save_png", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pm.generate_pseudo_masks(cfg)
+    with pytest.raises(DataError, match="from a wsss-pseudo-masks run that did not finish"):
+        PseudoMaskPatches(data, cfg.out_dir, ["bn7"], description)
+    monkeypatch.setattr(pm, "save_png", real)
+    pm.generate_pseudo_masks(cfg)
+    PseudoMaskPatches(data, cfg.out_dir, ["bn7"], description)

@@ -25,6 +25,8 @@ __all__ = ["LabelledPatches", "MaskedPatches", "PseudoMaskPatches", "read_rgb", 
            "resolve_split_dir"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# in a pseudo-mask folder while wsss-pseudo-masks writes it (left there by a run that was killed)
+INCOMPLETE_MARKER = ".wsss-pseudo-masks-incomplete"
 
 
 def list_images(folder: str, what: str) -> List[str]:
@@ -175,6 +177,9 @@ class PseudoMaskPatches(torch.utils.data.Dataset):
         for d in self.layer_dirs:
             if not os.path.isdir(d):
                 raise DataError(f"pseudo masks: folder {d} does not exist (run wsss-pseudo-masks first)")
+        if os.path.exists(os.path.join(pseudo_root, INCOMPLETE_MARKER)):
+            raise DataError(f"pseudo masks: {pseudo_root} is from a wsss-pseudo-masks run that did not finish "
+                            f"(its masks may mix two runs): run wsss-pseudo-masks again")
         # Fail before training if any mask is missing.
         for d in self.layer_dirs:
             present = set(os.listdir(d))

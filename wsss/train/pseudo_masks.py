@@ -189,6 +189,7 @@ def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
     from tqdm import tqdm
 
     from wsss.data import LabelledPatches, get_description
+    from wsss.data.datasets import INCOMPLETE_MARKER
     from wsss.models.checkpoints import load_classifier_checkpoint
     from wsss.train.common import autocast, make_loader, resolve_device
 
@@ -204,6 +205,12 @@ def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
         p.requires_grad_(False)
     for layer in cfg.layers:
         os.makedirs(os.path.join(cfg.out_dir, layer), exist_ok=True)
+    # NB: each PNG is written atomically, but a run killed over an older complete one would leave a
+    # silent mix of old and new masks: the marker says so until the last mask is written
+    # (PseudoMaskPatches refuses such a folder)
+    marker = os.path.join(cfg.out_dir, INCOMPLETE_MARKER)
+    with open(marker, "w", encoding="utf-8") as f:
+        f.write("wsss-pseudo-masks is writing (or was killed while writing) the masks in this folder\n")
     palette = description.palette_flat()
     use_bg = not description.background_is_tissue
     t0 = time.time()
@@ -223,6 +230,7 @@ def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
                          mask.astype(np.uint8, copy=False), palette)
         bar.update(images.shape[0])
     bar.close()
+    os.unlink(marker)
     seconds = time.time() - t0
     result = {"patches": len(dataset), "seconds": seconds, "patches_per_second": len(dataset) / max(seconds, 1e-9),
               "out_dir": cfg.out_dir, "layers": list(cfg.layers)}
