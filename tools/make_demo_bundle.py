@@ -28,15 +28,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    import torch
-
     from wsss.synthetic import write_patch_dataset
     from wsss.train.pipeline import PipelineSettings, run_pipeline
 
     work = args.work or tempfile.mkdtemp(prefix="wsss-demo-")
     try:
         data = os.path.join(work, "data")
-        if not os.path.isdir(data):
+        if not os.path.isfile(os.path.join(data, "dataset.json")):  # (written last: a killed run's data is redone)
             write_patch_dataset(data, n_train=args.n_train, n_val=24, n_test=32, patch=args.patch, seed=args.seed)
         settings = PipelineSettings(
             classifier=dict(epochs=args.cls_epochs, batch_size=16, width=1 / 16, lr=0.02, momentum=0.9,
