@@ -22,7 +22,6 @@ come from generators seeded by (seed, epoch)).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from wsss.errors import WsssError
 
-__all__ = ["ClassifierConfig", "mu_for_epoch", "train_classifier", "evaluate_classifier", "build_classifier"]
+__all__ = ["ClassifierConfig", "mu_for_epoch", "train_classifier", "build_classifier"]
 
 MU_SCHEDULES = ("paper", "reference", "constant", "warmup-constant", "none")
 WARMUP_EPOCHS = 3  # plain-GAP epochs of the reference schedule before PDA starts
@@ -215,36 +214,3 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
 def _log(cfg, message: str) -> None:
     if cfg.progress:
         print(message, flush=True)
-
-
-@torch.no_grad()
-def evaluate_classifier(model, dataset, description, *, device: str = "cpu", batch_size: int = 32,
-                        threshold: float = 0.5, precision: str = "fp32") -> Dict:
-    """Multilabel F1 of sigmoid(logits) > threshold against patch labels.
-
-    ``dataset`` items need "image" and either "label" [K] or "mask" [H,W] (labels are then the
-    classes present in the mask).
-    """
-    from wsss.train.common import autocast, make_loader, resolve_device
-    from wsss.train.metrics import multilabel_f1
-
-    dev = resolve_device(device)
-    model.eval().to(dev)
-    k = description.num_classes
-    truth, pred = [], []
-    for batch in make_loader(dataset, batch_size, shuffle=False, seed=0):
-        x = batch["image"].to(dev).float().div_(255.0)
-        with autocast(dev, precision):
-            prob = torch.sigmoid(model(x).float())
-        if "label" in batch:
-            t = batch["label"]
-        else:
-            m = batch["mask"]
-            t = torch.stack([(m == c).flatten(1).any(1) for c in range(k)], dim=1).float()
-        truth.append(t.cpu())
-        pred.append((prob > threshold).cpu())
-    return multilabel_f1(torch.cat(truth), torch.cat(pred))
-
-
-def config_to_json(cfg: ClassifierConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=2)

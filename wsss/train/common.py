@@ -5,7 +5,7 @@ import contextlib
 import math
 import random
 import warnings
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,17 +16,14 @@ __all__ = ["seed_everything", "resolve_device", "autocast", "poly_lr", "save_ato
            "random_flips", "make_loader", "WorkerSeed"]
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> torch.Generator:
-    """Seed python, numpy and torch; returns a torch.Generator for the training loop's own draws."""
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch, and make cuDNN deterministic (a resumed run trains as an
+    uninterrupted one)."""
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    return gen
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def resolve_device(name: str) -> torch.device:
@@ -200,11 +197,6 @@ def collate_patches(batch):
                                 f"{item.get('name', '?')} is {size(item)} px; every patch of a dataset must "
                                 f"have the size of the others")
     return default_collate(batch)
-
-
-def iterate_forever(loader) -> Iterator:
-    while True:
-        yield from loader
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader, *, step: int, steps: int,
