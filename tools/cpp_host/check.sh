@@ -102,5 +102,16 @@ if [[ "${WSSS_CHECK_PT2:-0}" == "1" ]]; then
     --labels "$WORK/pt2_labels.u8" --probs "$WORK/pt2_probs.f32" --scores "$WORK/pt2_scores.f32" --threads "$THREADS"
   compare "pt2_"
   echo "   pt2 labels: bit for bit equal"
+  # other tile sizes than the package's: one message and exit 2 (it read past its input before)
+  head -c $((2 * 32 * 32 * 3)) "$WORK/tiles.rgb" > "$WORK/tiles32.rgb"
+  set +e
+  "$HOST" --ops "$OPS" --pt2 "$WORK/model.pt2" --tile "$WORK/tiles32.rgb" --height 32 --width 32 \
+    --labels "$WORK/l32.u8" --probs "$WORK/p32.f32" 2>"$WORK/err32.txt"
+  rc=$?
+  set -e
+  [[ $rc == 2 ]] && grep -q "is compiled for 64x64 tiles, got --height 32 --width 32" "$WORK/err32.txt" \
+    && [[ ! -e "$WORK/l32.u8" ]] \
+    || { cat "$WORK/err32.txt"; echo "check.sh: FAIL: a .pt2 run on 32x32 tiles was not refused (rc $rc)"; exit 1; }
+  echo "   pt2 on other tile sizes: refused"
 fi
 echo "check.sh: OK"

@@ -19,9 +19,11 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <regex>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -90,12 +92,24 @@ std::vector<uint8_t> read_file(const std::string& path) {
   return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
 
+// Written to a temporary name and renamed into place: an output is whole or absent.
 void write_file(const std::string& path, const at::Tensor& tensor) {
   at::Tensor t = tensor.contiguous().cpu();
-  std::ofstream out(path, std::ios::binary);
-  if (!out) fail("cannot write " + path);
-  out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
-  if (!out) fail("short write to " + path);
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary);
+    if (!out) fail("cannot write " + path);
+    out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
+    out.close();
+    if (!out) {
+      std::remove(tmp.c_str());
+      fail("short write to " + path);
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    fail("cannot write " + path + " (rename failed)");
+  }
 }
 
 // The op library must be loaded once, before the model, and kept loaded (RTLD_GLOBAL so that
@@ -124,13 +138,21 @@ void load_libtorch_for_aoti() {
   }
 }
 
-// Checks the bundle format marker written by wsss.bundle.save_bundle (json.dumps, indent=1).
+// Checks the bundle format marker written by wsss.bundle.save_bundle (in a .pt's zip entry, or
+// in a .pt2's AOTInductor metadata, as export_pt2 stores it).
 void check_metadata(const std::string& path, const std::string& json) {
   if (json.empty()) fail("bundle " + path + ": no " + kMetadataFile + " in the archive (not a wsss bundle)");
-  if (json.find("\"format\": \"wsss-bundle\"") == std::string::npos)
+  if (!std::regex_search(json, std::regex("\"format\":\\s*\"wsss-bundle\"")))
     fail("bundle " + path + ": " + kMetadataFile + " does not say format \"wsss-bundle\"");
-  if (json.find("\"format_version\": 1") == std::string::npos)
+  if (!std::regex_search(json, std::regex("\"format_version\":\\s*1\\s*[,}]")))
     fail("bundle " + path + ": unsupported format_version (this host reads version 1)");
+}
+
+// The metadata's tile_size (-1 when it has none).
+int64_t metadata_tile_size(const std::string& json) {
+  std::smatch m;
+  if (!std::regex_search(json, m, std::regex("\"tile_size\":\\s*([0-9]+)"))) return -1;
+  return std::stoll(m[1].str());
 }
 
 }  // namespace
@@ -156,12 +178,19 @@ int main(int argc, char** argv) {
       check_metadata(args.get("--bundle"), metadata);
     } else {
       load_libtorch_for_aoti();
+      // NB: a package is compiled for one H x W; without this AOTInductor does not check its
+      // inputs, and other tile sizes read past the end of the input (the size is also checked
+      // against the metadata below, with a message that says so)
+      setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", 0);
       package = std::make_unique<torch::inductor::AOTIModelPackageLoader>(args.get("--pt2"));
       auto meta = package->get_metadata();
       metadata = meta.count(kMetadataFile) ? meta[kMetadataFile] : "";
+      check_metadata(args.get("--pt2"), metadata);
     }
   } catch (const c10::Error& e) {
     fail(std::string("cannot load the model: ") + e.what_without_backtrace());
+  } catch (const std::exception& e) {  // (AOTInductor reports with std::runtime_error)
+    fail(std::string("cannot load the model: ") + e.what());
   }
   if (args.print_metadata) {
     std::cout << metadata << std::endl;
@@ -179,6 +208,13 @@ int main(int argc, char** argv) {
          std::to_string(height) + "x" + std::to_string(width) + " RGB tiles (" + std::to_string(tile_bytes) +
          " bytes each)");
   const int64_t n = static_cast<int64_t>(raw.size()) / tile_bytes;
+  if (package) {
+    const int64_t size = metadata_tile_size(metadata);
+    if (size > 0 && (height != size || width != size))
+      fail("--pt2 " + args.get("--pt2") + " is compiled for " + std::to_string(size) + "x" + std::to_string(size) +
+           " tiles, got --height " + std::to_string(height) + " --width " + std::to_string(width) +
+           " (a TorchScript bundle takes any tile size)");
+  }
 
   // [N,H,W,3] interleaved -> [N,3,H,W] uint8, as Python's torch.from_numpy(hwc).permute(0,3,1,2)
   at::Tensor tiles = torch::from_blob(raw.data(), {n, height, width, 3}, torch::kUInt8).permute({0, 3, 1, 2}).contiguous();
@@ -200,6 +236,8 @@ int main(int argc, char** argv) {
     }
   } catch (const c10::Error& e) {
     fail(std::string("running the model failed: ") + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    fail(std::string("running the model failed: ") + e.what());
   }
 
   write_file(args.get("--labels"), labels.to(torch::kUInt8));
