@@ -120,7 +120,7 @@ def _extensions():
             "wsss._ops",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx + ["-DWSSS_WITH_CUDA"], "nvcc": opt[:1] + ["-std=c++20", "--expt-relaxed-constexpr", "-DWSSS_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx, "nvcc": opt[:1] + ["-std=c++20", "--expt-relaxed-constexpr"]},
             **kwargs,
         )
     else:

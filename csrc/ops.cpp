@@ -1,6 +1,6 @@
 // The one schema block of the wsss op library: every op's signature, written out.
 // Kernels live per dispatch key: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA); ops made of
-// ATen calls, one implementation for every backend, in csrc/composite/*.cpp.
+// ATen calls, one implementation registered for CPU and CUDA, in csrc/composite/*.cpp.
 // Fake (meta) kernels and autograd are registered from Python in wsss/ops.py.
 // The library is a plain shared object (no Python): C++ hosts dlopen it as well.
 #include <torch/library.h>

@@ -544,6 +544,46 @@ def test_backward_grad_shape_errors():
             torch.ops.wsss.pda_attention_backward(torch.zeros(2, 4, 4, device=device), f.to(device), w.to(device), 0.5)
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_host_op_error_messages(device):
+    """band_finalize's values/counts and the tile codecs' layout checks: the same words from the
+    kernels and their fakes (torch.compile / export see them at trace time)."""
+    acc = torch.zeros(5, 4, 6, device=device)
+    with pytest.raises(RuntimeError, match=r"wsss::band_finalize: values must be a 1-D uint8 tensor on the device of "
+                                           r"acc, got shape \[3\] of Long on " + device):
+        torch.ops.wsss.band_finalize(acc, 4, 0, None, 4, torch.zeros(3, dtype=torch.int64, device=device),
+                                     torch.zeros(3, dtype=torch.int64, device=device), False)
+    with pytest.raises(RuntimeError, match=r"wsss::band_finalize: counts must be an int64 tensor \[3\] on the device "
+                                           r"of acc, got shape \[2\]"):
+        torch.ops.wsss.band_finalize(acc, 4, 0, None, 4, torch.zeros(3, dtype=torch.uint8, device=device),
+                                     torch.zeros(2, dtype=torch.int64, device=device), False)
+    strided = torch.zeros(4, 8, 8, dtype=torch.uint8, device=device)[:, :, ::2]
+    with pytest.raises(RuntimeError, match=r"wsss::deflate_tiles: tiles must be contiguous, got a non-contiguous "
+                                           r"tensor of shape \[4, 8, 4\]"):
+        torch.ops.wsss.deflate_tiles(strided, [0], 1)
+    with pytest.raises(RuntimeError, match=r"wsss::inflate_tiles: out must be a contiguous tensor \[M, \.\.\.\], got "
+                                           r"shape \[4, 8, 4\]"):
+        torch.ops.wsss.inflate_tiles(torch.zeros(10, dtype=torch.uint8, device=device), [0] * 4, [1] * 4, strided)
+    with pytest.raises(RuntimeError, match=r"wsss::inflate_tiles: stream 1 \[5, 12\) is not within data \[0, 10\)"):
+        torch.ops.wsss.inflate_tiles(torch.zeros(10, dtype=torch.uint8, device=device), [0, 5], [5, 12],
+                                     torch.zeros(2, 4, dtype=torch.uint8, device=device))
+
+
+def test_backward_grad_on_another_device_is_refused():
+    """The PDA backward checks where its gradient is (the CUDA kernel would read a host pointer)."""
+    f, w = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3)
+    other = "meta"
+    with pytest.raises(RuntimeError, match=r"wsss::pda_pool_backward: grad_pooled must be on the device of features "
+                                           r"\(cpu\), got meta"):
+        torch.ops.wsss.pda_pool_backward(torch.zeros(2, 3, device=other), f, w, 0.5)
+    with pytest.raises(RuntimeError, match=r"wsss::pda_attention_backward: grad_attention must be on the device of "
+                                           r"features \(cpu\), got meta"):
+        torch.ops.wsss.pda_attention_backward(torch.zeros(2, 1, 4, 4, device=other), f, w, 0.5)
+    if CUDA:
+        with pytest.raises(RuntimeError, match=r"grad_pooled must be on the device of features \(cuda:0\), got cpu"):
+            torch.ops.wsss.pda_pool_backward(torch.zeros(2, 3), f.cuda(), w.cuda(), 0.5)
+
+
 def test_device_mismatch_message():
     if not CUDA:
         with pytest.raises(RuntimeError, match=r"wsss::pda_pool: weight must be on the device of features \(meta\), got cpu"):
@@ -718,3 +758,28 @@ def test_cuda_cpu_parity(dtype):
     gf = torch.randn(2, 64, 28, 28, dtype=torch.float64).to(dtype)
     gg = torch.randn(2, 4, 64, 28, 28, dtype=torch.float64).to(dtype)
     torch.testing.assert_close(ops.gradcam(gf.cuda(), gg.cuda()).cpu(), ops.gradcam(gf, gg), **tol)
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA device on this machine")
+def test_cuda_batches_beyond_the_grid_y_limit():
+    """The CUDA kernels put samples on grid y (at most 65535 blocks): bigger batches loop, and
+    agree with the reference sample for sample (pda_attention also covers the contraction)."""
+    from wsss import reference
+
+    g = torch.Generator().manual_seed(0)
+    n = 70_000
+    scores = torch.rand(n, 3, 2, 2, generator=g)
+    class_prob = torch.rand(n, 3, generator=g)
+    want = reference.gate_argmax(scores, class_prob, 0.3)
+    got = torch.ops.wsss.gate_argmax(scores.cuda(), class_prob.cuda(), 0.3).cpu()
+    assert torch.equal(got, want)
+    f, w = torch.rand(n, 4, 2, 2, generator=g), torch.randn(3, 4, generator=g)
+    torch.testing.assert_close(torch.ops.wsss.pda_attention(f.cuda(), w.cuda(), 0.9).cpu(),
+                               reference.pda_attention(f, w, 0.9), rtol=1e-5, atol=1e-6)
+
+
+def test_pda_attention_of_no_channels_is_zero():
+    """C = 0: every CAM is 0, so is the attention (the CUDA kernel launched zero blocks)."""
+    for device in DEVICES:
+        out = torch.ops.wsss.pda_attention(torch.zeros(2, 0, 3, 3, device=device), torch.zeros(2, 0, device=device), 0.5)
+        assert out.shape == (2, 1, 3, 3) and not out.any()

@@ -56,7 +56,7 @@ def load() -> str:
                 f"{torch.__version__} is installed; {REBUILD_HINT}"
             )
         path = library_path()
-        if hasattr(torch.ops, "wsss") and _already_registered():
+        if _already_registered():
             # Registered by someone else in this process (e.g. a host that loaded it first).
             _LOADED = path
             return path

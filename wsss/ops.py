@@ -122,10 +122,9 @@ def gated_scores(probs: Tensor, class_prob: Tensor, eps: float) -> Tensor:
 
     Used to blend overlapping tiles: the per-tile gate is applied before blending.
     """
-    passes = class_prob > eps
-    none_pass = ~passes.any(dim=1, keepdim=True)
-    allowed = (passes | none_pass).to(probs.dtype)
-    return probs * allowed[:, :, None, None]
+    from wsss.reference import gate_allowed
+
+    return probs * gate_allowed(class_prob, eps).to(probs.dtype)[:, :, None, None]
 
 
 # --------------------------------------------------------------------------------------
@@ -176,6 +175,8 @@ def _pda_attention_backward_fake(grad, features, weight, mu):
     n, _, h, w = features.shape
     torch._check(tuple(grad.shape) == (n, 1, h, w),
                  lambda: f"wsss::pda_attention_backward: grad_attention must have shape [{n}, 1, {h}, {w}], got shape {_shape(grad)}")
+    torch._check(grad.device == features.device,
+                 lambda: f"wsss::pda_attention_backward: grad_attention must be on the device of features ({features.device}), got {grad.device}")
     return torch.empty_like(features, memory_format=torch.contiguous_format), torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -185,6 +186,8 @@ def _pda_pool_backward_fake(grad, features, weight, mu):
     n, c = features.shape[:2]
     torch._check(tuple(grad.shape) == (n, c),
                  lambda: f"wsss::pda_pool_backward: grad_pooled must have shape [{n}, {c}], got shape {_shape(grad)}")
+    torch._check(grad.device == features.device,
+                 lambda: f"wsss::pda_pool_backward: grad_pooled must be on the device of features ({features.device}), got {grad.device}")
     return torch.empty_like(features, memory_format=torch.contiguous_format), torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -269,6 +272,13 @@ def _band_finalize_fake(acc, rows, shift, tissue_mask, background_index, values,
     torch._check(acc.dtype == torch.float32, lambda: f"{op}acc must be Float, got {_dtype_name(acc.dtype)}")
     torch._check(0 <= rows <= acc.shape[1], lambda: f"{op}rows must be in [0, {acc.shape[1]}], got {rows}")
     torch._check(shift >= 0, lambda: f"{op}shift must be >= 0, got {shift}")
+    torch._check(values.dim() == 1 and values.dtype == torch.uint8 and values.device == acc.device,
+                 lambda: f"{op}values must be a 1-D uint8 tensor on the device of acc, got shape {_shape(values)} of "
+                         f"{_dtype_name(values.dtype)} on {values.device}")
+    torch._check(counts.dim() == 1 and counts.shape[0] == values.shape[0] and counts.dtype == torch.int64
+                 and counts.device == acc.device,
+                 lambda: f"{op}counts must be an int64 tensor [{values.shape[0]}] on the device of acc, got shape "
+                         f"{_shape(counts)} of {_dtype_name(counts.dtype)} on {counts.device}")
     k, w = acc.shape[0] - 1, acc.shape[2]
     if tissue_mask is not None:
         torch._check(tissue_mask.dim() == 2 and tuple(tissue_mask.shape) == (rows, w),
@@ -290,6 +300,8 @@ def _majority_downsample_fake(labels):
 def _deflate_tiles_fake(tiles, index, level=1):
     op = "wsss::deflate_tiles: "
     torch._check(tiles.dim() >= 1, lambda: f"{op}tiles must have a leading tile dimension [N, ...], got a 0-d tensor")
+    torch._check(tiles.is_contiguous(),
+                 lambda: f"{op}tiles must be contiguous, got a non-contiguous tensor of shape {_shape(tiles)}")
     torch._check(0 <= level <= 10, lambda: f"{op}level must be in [0, 10], got {level}")
     for i in index:
         torch._check(0 <= i < tiles.shape[0], lambda: f"{op}every index must be in [0, {tiles.shape[0]}), got {i}")
@@ -300,12 +312,16 @@ def _deflate_tiles_fake(tiles, index, level=1):
 @torch.library.register_fake("wsss::inflate_tiles")
 def _inflate_tiles_fake(data, starts, ends, out):
     op = "wsss::inflate_tiles: "
-    torch._check(data.dim() == 1 and data.dtype == torch.uint8,
+    torch._check(data.dim() == 1 and data.dtype == torch.uint8 and data.is_contiguous(),
                  lambda: f"{op}data must be a contiguous 1-D uint8 tensor, got shape {_shape(data)} of {_dtype_name(data.dtype)}")
-    torch._check(out.dim() >= 1, lambda: f"{op}out must be a contiguous tensor [M, ...], got shape {_shape(out)}")
+    torch._check(out.dim() >= 1 and out.is_contiguous(),
+                 lambda: f"{op}out must be a contiguous tensor [M, ...], got shape {_shape(out)}")
     m = out.shape[0]
     torch._check(len(starts) == m and len(ends) == m,
                  lambda: f"{op}starts and ends must hold one offset per tile of out ({m}), got {len(starts)} and {len(ends)}")
+    b = data.shape[0]
+    for j, (s, e) in enumerate(zip(starts, ends)):
+        torch._check(0 <= s <= e <= b, lambda: f"{op}stream {j} [{s}, {e}) is not within data [0, {b})")
     return None
 
 
@@ -349,7 +365,7 @@ def _gradcam_backward(ctx, grad):
     alpha = grads.mean(dim=(3, 4))  # [N,K,C]
     grad_features = torch.matmul(alpha.transpose(1, 2), g).reshape(n, c, h, w)
     grad_alpha = torch.matmul(g, flat_f.transpose(1, 2))  # [N,K,C]
-    grad_grads = (grad_alpha / (h * w))[..., None, None].expand(n, k, c, h, w).contiguous()
+    grad_grads = (grad_alpha / (h * w))[..., None, None].expand(n, k, c, h, w)  # (a view: no [N,K,C,h,w] copy)
     return grad_features, grad_grads
 
 

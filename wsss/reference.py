@@ -1,7 +1,7 @@
-"""Pure-PyTorch versions of every wsss op: the specification, the test oracle, the fallback.
+"""Pure-PyTorch versions of every wsss op: the specification and the test oracle.
 
 Each function here states an op of ``csrc/ops.cpp`` in plain, vectorised PyTorch. The
-fused kernels must agree with these (tests/test_ops_*.py) and autograd through these
+fused kernels must agree with these (tests/test_ops.py) and autograd through these
 functions defines the gradients the fused backward kernels must reproduce.
 
 Shapes: N batch, C channels, K classes, H x W spatial.
@@ -17,6 +17,7 @@ __all__ = [
     "class_activation_maps",
     "pda_attention",
     "pda_pool",
+    "gate_allowed",
     "gate_argmax",
     "gradcam",
     "band_accumulate",
@@ -61,6 +62,13 @@ def pda_pool(features: Tensor, weight: Tensor, mu: float) -> Tensor:
     return (attention * features).mean(dim=(2, 3))
 
 
+def gate_allowed(class_prob: Tensor, eps: float) -> Tensor:
+    """[N, K] bool: the classes that may win in each sample: those with class_prob > eps, or
+    every class where none passes (the gate rule of gate_argmax)."""
+    passes = class_prob > eps
+    return passes | ~passes.any(dim=1, keepdim=True)
+
+
 def gate_argmax(
     scores: Tensor,
     class_prob: Tensor,
@@ -76,9 +84,7 @@ def gate_argmax(
     guess, and this never yields a label outside 0..K-1).  Ties go to the lowest index.
     Where ``tissue_mask`` [N,H,W] is False, the label is ``background_index``.
     """
-    passes = class_prob > eps  # [N,K]
-    none_pass = ~passes.any(dim=1, keepdim=True)  # [N,1]
-    allowed = passes | none_pass  # [N,K]
+    allowed = gate_allowed(class_prob, eps)  # [N,K]
     # Running max over the allowed classes in index order: strict '>' keeps the lowest
     # index on ties, and a gated class is never even compared.
     first = allowed.to(torch.uint8).argmax(dim=1)  # [N] first allowed class

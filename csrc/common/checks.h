@@ -82,12 +82,16 @@ inline void check_pda_attention_grad(const at::Tensor& grad, const at::Tensor& f
                   grad.size(2) == features.size(2) && grad.size(3) == features.size(3),
               "wsss::pda_attention_backward: grad_attention must have shape [", features.size(0), ", 1, ",
               features.size(2), ", ", features.size(3), "], got shape ", shape_str(grad));
+  WSSS_CHECK(grad.device() == features.device(), "wsss::pda_attention_backward: grad_attention must be on the "
+             "device of features (", features.device(), "), got ", grad.device());
 }
 
 inline void check_pda_pool_grad(const at::Tensor& grad, const at::Tensor& features) {
   WSSS_CHECK(grad.dim() == 2 && grad.size(0) == features.size(0) && grad.size(1) == features.size(1),
               "wsss::pda_pool_backward: grad_pooled must have shape [", features.size(0), ", ", features.size(1),
               "], got shape ", shape_str(grad));
+  WSSS_CHECK(grad.device() == features.device(), "wsss::pda_pool_backward: grad_pooled must be on the device of "
+             "features (", features.device(), "), got ", grad.device());
 }
 
 // scores [N,K,H,W], class_prob [N,K], tissue_mask [N,H,W]?

@@ -4,7 +4,7 @@
 //   added is (tiles * window, window), the products made first for the whole batch, as before.
 // band_finalize: the band's final rows to labels (see below).
 //
-// A composite op (ATen calls, so every backend torch has runs it, registered for CPU and CUDA)
+// A composite op (ATen calls, so any backend could run it; registered for CPU and CUDA)
 // rather than a kernel of its own: the adds are torch's in-place adds, in tile order, so sums
 // are bit-identical to the Python loop this replaces (wsss.reference.band_accumulate) and to
 // the CPU stitcher's.  What it buys is the loop itself running in C++: on a GPU host the

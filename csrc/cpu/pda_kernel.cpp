@@ -84,7 +84,7 @@ WSSS_PDA_HOT_LOOPS(c10::Half)
 
 // Pass 1 of one sample: z [R, P] = w [R, C] @ f [C, P] as partial sums over fixed channel
 // chunks added in chunk order, so the result does not depend on who computes which chunk.
-// partial: scratch [chunks, R, P]; scratch4: [4, P].  `parallel`: chunks across threads.
+// partial: scratch [chunks, R, P].  `parallel`: chunks across threads.
 template <typename T>
 void cams(const T* f, int64_t C, int64_t P, const acc<T>* w, int64_t R, acc<T>* z, std::vector<acc<T>>& partial,
           bool parallel) {

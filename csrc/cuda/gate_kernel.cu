@@ -13,47 +13,50 @@
 
 #include "common/checks.h"
 #include "common/pda.h"
+#include "cuda/contract.cuh"
 
 namespace wsss::cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kMaxK = 255;
 
-// grid (ceil(P / kThreads), N)
+// grid (ceil(P / kThreads), sample_blocks(N)): a block loops over samples n = blockIdx.y, +
+// gridDim.y, ... (batches beyond the grid's y limit)
 // class_prob arrives as double (exact for every input dtype) and eps already rounded to
 // class_prob's dtype, so the comparison is the one PyTorch's `class_prob > eps` makes.
 template <typename scalar_t>
 __global__ void gate_argmax_kernel(const scalar_t* __restrict__ scores, const double* __restrict__ class_prob,
-                                   double eps, int64_t K, int64_t P, const uint8_t* __restrict__ mask,
+                                   double eps, int64_t N, int64_t K, int64_t P, const uint8_t* __restrict__ mask,
                                    uint8_t background, uint8_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = blockIdx.y;
-  // Gate of this sample, shared by the block (bit k: class k may win).
+  // Gate of the current sample, shared by the block (byte k: class k may win).
   __shared__ uint8_t allow[kMaxK];
   __shared__ int any;
-  if (threadIdx.x == 0) any = 0;
-  __syncthreads();
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    allow[k] = gate_passes(class_prob[n * K + k], eps);
-    if (allow[k]) atomicOr(&any, 1);
-  }
-  __syncthreads();
   const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (p >= P) return;
-  const scalar_t* s = scores + n * K * P + p;
-  int best_k = -1;
-  acc_t best = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    if (any && !allow[k]) continue;
-    const acc_t v = static_cast<acc_t>(s[k * P]);
-    if (best_k < 0 || v > best) {
-      best = v;
-      best_k = static_cast<int>(k);
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    __syncthreads();  // (every thread is done with the previous sample's gate)
+    if (threadIdx.x == 0) any = 0;
+    __syncthreads();
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      allow[k] = gate_passes(class_prob[n * K + k], eps);
+      if (allow[k]) atomicOr(&any, 1);
     }
+    __syncthreads();
+    if (p >= P) continue;  // (not return: the block's threads meet at the barriers above)
+    const scalar_t* s = scores + n * K * P + p;
+    int best_k = -1;
+    acc_t best = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      if (any && !allow[k]) continue;
+      const acc_t v = static_cast<acc_t>(s[k * P]);
+      if (best_k < 0 || v > best) {
+        best = v;
+        best_k = static_cast<int>(k);
+      }
+    }
+    const uint8_t label = static_cast<uint8_t>(best_k);
+    out[n * P + p] = (mask == nullptr || mask[n * P + p]) ? label : background;
   }
-  const uint8_t label = static_cast<uint8_t>(best_k);
-  out[n * P + p] = (mask == nullptr || mask[n * P + p]) ? label : background;
 }
 
 at::Tensor gate_argmax_cuda(const at::Tensor& scores, const at::Tensor& class_prob, double eps,
@@ -71,11 +74,11 @@ at::Tensor gate_argmax_cuda(const at::Tensor& scores, const at::Tensor& class_pr
   if (tissue_mask.has_value()) m = tissue_mask->contiguous();
   const uint8_t* mp = m.defined() ? static_cast<const uint8_t*>(m.const_data_ptr()) : nullptr;
   const int64_t P = H * W;
-  const dim3 grid((P + kThreads - 1) / kThreads, N);
+  const dim3 grid(ceil_div(P, kThreads), sample_blocks(N));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "gate_argmax_cuda", [&] {
     gate_argmax_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        s.const_data_ptr<scalar_t>(), cp.const_data_ptr<double>(), eps_cast, K, P, mp,
+        s.const_data_ptr<scalar_t>(), cp.const_data_ptr<double>(), eps_cast, N, K, P, mp,
         static_cast<uint8_t>(background_index), out.mutable_data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -182,6 +182,7 @@ at::Tensor pda_attention_cuda(const at::Tensor& features, const at::Tensor& weig
   const auto w = weight.contiguous();
   auto out = at::empty({f.size(0), 1, f.size(2), f.size(3)}, f.options());
   if (out.numel() == 0) return out;
+  if (f.size(1) == 0) return out.zero_();  // (no channels: every CAM is 0, so is A; as the CPU kernel)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, f.scalar_type(), "pda_attention_cuda", [&] {
     attention_pass<scalar_t>(f, w, mu, nullptr, nullptr, out.mutable_data_ptr<scalar_t>(), false);
   });
