@@ -454,3 +454,18 @@ def test_a_killed_pseudo_mask_run_is_not_taken_for_a_finished_one(tmp_path, monk
     monkeypatch.setattr(pm, "save_png", real)
     pm.generate_pseudo_masks(cfg)
     PseudoMaskPatches(data, cfg.out_dir, ["bn7"], description)
+
+
+def test_cli_choices_are_the_libraries_own():
+    """The training commands spell their choices out (their --help imports no torch); they must
+    stay the ones the library accepts."""
+    from wsss.cli.train_cls import build_parser as cls_parser
+    from wsss.cli.train_seg import build_parser as seg_parser
+    from wsss.models.deeplab import BACKBONE_LAYERS
+    from wsss.train.classifier import MU_SCHEDULES
+
+    def choices(parser, dest):
+        return tuple(next(a for a in parser._actions if a.dest == dest).choices)
+
+    assert choices(cls_parser(), "mu_schedule") == tuple(MU_SCHEDULES)
+    assert set(choices(seg_parser(), "backbone")) == set(BACKBONE_LAYERS)
