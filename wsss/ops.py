@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from wsss import _library
+from wsss.reference import gate_allowed
 
 _library.load()
 
@@ -122,8 +123,6 @@ def gated_scores(probs: Tensor, class_prob: Tensor, eps: float) -> Tensor:
 
     Used to blend overlapping tiles: the per-tile gate is applied before blending.
     """
-    from wsss.reference import gate_allowed
-
     return probs * gate_allowed(class_prob, eps).to(probs.dtype)[:, :, None, None]
 
 
