@@ -183,10 +183,19 @@ def default_tile_size(segmenter_config: Dict[str, Any]) -> int:
     return 224
 
 
-def _main(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
-    _check_args(args)
+def export_bundle(classifier: str, segmenter: str, out: str, *, dataset: Optional[str] = None,
+                  tile_size: Optional[int] = None, mpp: Optional[float] = None, eps: float = 0.1,
+                  input_scale: float = 1.0 / 255.0, check_tiles: int = 2, seed: int = 0, pt2: Optional[str] = None,
+                  pt2_max_batch: int = 64, extra_metadata: Optional[Dict[str, Any]] = None):
+    """Checkpoints -> bundle at ``out`` (and an AOTInductor package at ``pt2``), each checked
+    against the eager module on ``check_tiles`` random tiles before it is put in place; on any
+    failure nothing is written.  The one place bundle metadata is made (wsss-export,
+    wsss-train-seg --bundle and the Python pipeline all come here).  Returns (the loaded
+    Bundle, the self-check report {"bundle": {...}, "pt2": {...}}).
 
+    dataset: as --dataset (None: the description the checkpoints recorded, see choose_dataset);
+    tile_size None: the patch size the segmenter checkpoint recorded (default_tile_size);
+    extra_metadata: more bundle metadata keys (e.g. the demo bundle's synthetic_only)."""
     import warnings
 
     import torch
@@ -197,57 +206,58 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from wsss.models.checkpoints import classifier_from_state_dict, read_checkpoint, segmenter_from_state_dict
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-    cls_ckpt = read_checkpoint(args.classifier, expected_kind="classifier")
-    seg_ckpt = read_checkpoint(args.segmenter, expected_kind="segmenter")
-    description = choose_dataset(args.dataset, seg_ckpt.config, cls_ckpt.config)
+    cls_ckpt = read_checkpoint(classifier, expected_kind="classifier")
+    seg_ckpt = read_checkpoint(segmenter, expected_kind="segmenter")
+    description = choose_dataset(dataset, seg_ckpt.config, cls_ckpt.config)
     k = len(description.class_names)
-    classifier = classifier_from_state_dict(cls_ckpt.state_dict, num_classes=k, where=f"--classifier {cls_ckpt.path}")
-    segmenter = segmenter_from_state_dict(seg_ckpt.state_dict, num_classes=k, where=f"--segmenter {seg_ckpt.path}")
-    module = TissueSegmenter(classifier, segmenter, eps=args.eps, input_scale=args.input_scale).eval()
-    if args.tile_size is None:
-        args.tile_size = default_tile_size(seg_ckpt.config)
+    cls_net = classifier_from_state_dict(cls_ckpt.state_dict, num_classes=k, where=f"--classifier {cls_ckpt.path}")
+    seg_net = segmenter_from_state_dict(seg_ckpt.state_dict, num_classes=k, where=f"--segmenter {seg_ckpt.path}")
+    module = TissueSegmenter(cls_net, seg_net, eps=eps, input_scale=input_scale).eval()
+    if tile_size is None:
+        tile_size = default_tile_size(seg_ckpt.config)
 
     metadata = {
         "class_names": list(description.class_names),
         "palette": [list(c) for c in description.palette],
         "background_index": int(description.background_index),
-        "tile_size": int(args.tile_size),
-        "mpp": args.mpp if args.mpp is not None else description.mpp,
-        "input_scale": args.input_scale,
-        "gate_eps": args.eps,
+        "tile_size": int(tile_size),
+        "mpp": mpp if mpp is not None else description.mpp,
+        "input_scale": input_scale,
+        "gate_eps": eps,
         "config": {
             "dataset": description.name,
             "classifier": {"checkpoint": os.path.basename(cls_ckpt.path), "format": cls_ckpt.source_format,
-                           "width": classifier.width, "epoch": cls_ckpt.epoch, "train_config": cls_ckpt.config},
+                           "width": cls_net.width, "epoch": cls_ckpt.epoch, "train_config": cls_ckpt.config},
             "segmenter": {"checkpoint": os.path.basename(seg_ckpt.path), "format": seg_ckpt.source_format,
-                          "backbone": segmenter.backbone_name, "width": segmenter.width,
-                          "output_stride": segmenter.output_stride, "epoch": seg_ckpt.epoch,
+                          "backbone": seg_net.backbone_name, "width": seg_net.width,
+                          "output_stride": seg_net.output_stride, "epoch": seg_ckpt.epoch,
                           "train_config": seg_ckpt.config},
         },
     }
-    g = torch.Generator().manual_seed(args.seed)
-    tiles = torch.randint(0, 256, (args.check_tiles, 3, args.tile_size, args.tile_size), dtype=torch.uint8, generator=g)
+    metadata.update(extra_metadata or {})
+    g = torch.Generator().manual_seed(seed)
+    tiles = torch.randint(0, 256, (check_tiles, 3, tile_size, tile_size), dtype=torch.uint8, generator=g)
     with torch.inference_mode():
         expected = module(tiles, True)
 
     written = []
     try:
-        tmp_bundle = temp_path_beside(args.out, ".pt")
+        tmp_bundle = temp_path_beside(out, ".pt")
         written.append(tmp_bundle)
         save_bundle(tmp_bundle, module, metadata)
         bundle = load_bundle(tmp_bundle)
         with torch.inference_mode():
             report = {"bundle": compare_outputs(expected, bundle.module(tiles, True), "TorchScript bundle")}
-        if args.pt2 is not None:
-            tmp_pt2 = temp_path_beside(args.pt2, ".pt2")
+        if pt2 is not None:
+            tmp_pt2 = temp_path_beside(pt2, ".pt2")
             written.append(tmp_pt2)
-            export_pt2(module, tiles, tmp_pt2, max_batch=args.pt2_max_batch, metadata=bundle.metadata)
+            export_pt2(module, tiles, tmp_pt2, max_batch=pt2_max_batch, metadata=bundle.metadata)
             runner = torch._inductor.aoti_load_package(tmp_pt2)
             with torch.inference_mode():
                 got = runner(tiles)
             report["pt2"] = compare_outputs(expected, tuple(got), "AOTInductor package")
-            os.replace(tmp_pt2, args.pt2)
-        os.replace(tmp_bundle, args.out)
+            os.replace(tmp_pt2, pt2)
+        os.replace(tmp_bundle, out)
     except BundleError:
         raise
     except Exception as e:  # export/compile failures: one line, nothing half-written
@@ -256,7 +266,18 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         for path in written:
             if os.path.exists(path):
                 os.unlink(path)
+    bundle.path = out
+    return bundle, report
 
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    bundle, report = export_bundle(args.classifier, args.segmenter, args.out, dataset=args.dataset,
+                                   tile_size=args.tile_size, mpp=args.mpp, eps=args.eps, input_scale=args.input_scale,
+                                   check_tiles=args.check_tiles, seed=args.seed, pt2=args.pt2,
+                                   pt2_max_batch=args.pt2_max_batch)
+    tile = bundle.metadata["tile_size"]
     print(f"{PROG}: wrote {args.out} (sha256 {bundle.sha256[:16]}..., content_hash "
           f"{bundle.metadata['content_hash'][:16]}...)")
     if args.pt2 is not None:
@@ -264,7 +285,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     for what, numbers in report.items():
         print(f"{PROG}: self-check {what}: label agreement {numbers['label_agreement']:.5f}, "
               f"class_prob max diff {numbers['class_prob_max_diff']:.2e} on {args.check_tiles} random "
-              f"{args.tile_size}x{args.tile_size} tiles")
+              f"{tile}x{tile} tiles")
     return 0
 
 

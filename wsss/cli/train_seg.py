@@ -60,30 +60,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     print(f"wsss-train-seg: best checkpoint {result['best']} (val mIoU {100 * result['best_miou']:.2f})"
           if result["best_miou"] >= 0 else f"wsss-train-seg: wrote {result['best']}")
     if args.bundle:
-        write_bundle_from_checkpoints(args.bundle, args.classifier, result["best"], args.data, args.dataset,
-                                      tile_size=args.tile_size, eps=args.gate_eps)
+        from wsss.cli.export import export_bundle
+
+        # NB: wsss-export's path (its metadata and self-check); the dataset and the patch size are
+        # the ones the segmenter checkpoint recorded
+        export_bundle(args.classifier, result["best"], args.bundle, tile_size=args.tile_size, eps=args.gate_eps)
         print(f"wsss-train-seg: wrote bundle {args.bundle}")
     return 0
-
-
-def write_bundle_from_checkpoints(bundle: str, classifier_ckpt: str, segmenter_ckpt: str, data_root: str,
-                                  dataset: str, *, tile_size: Optional[int] = None, eps: float = 0.1) -> str:
-    """Load both checkpoints and write the inference bundle (tile size: the patch size by default)."""
-    from wsss.data import LabelledPatches, get_description
-    from wsss.models.checkpoints import classifier_from_state_dict, read_checkpoint, segmenter_from_state_dict
-    from wsss.train.segmenter import write_bundle
-
-    description = get_description(dataset, data_root)
-    # NB: each file read once (read_checkpoint takes reference-format files too, and warns once
-    # about an unfinished run)
-    c = read_checkpoint(classifier_ckpt, expected_kind="classifier")
-    s = read_checkpoint(segmenter_ckpt, expected_kind="segmenter")
-    classifier = classifier_from_state_dict(c.state_dict, num_classes=description.num_classes, where=f"checkpoint {c.path}")
-    segmenter = segmenter_from_state_dict(s.state_dict, num_classes=description.num_classes, where=f"checkpoint {s.path}")
-    if tile_size is None:
-        tile_size = int(LabelledPatches(data_root, description)[0]["image"].shape[-1])
-    config = {"classifier": c.config, "segmenter": s.config}
-    return write_bundle(bundle, classifier, segmenter, description, tile_size=tile_size, eps=eps, config=config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

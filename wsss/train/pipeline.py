@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 from wsss.train.classifier import ClassifierConfig, train_classifier
 from wsss.train.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks
-from wsss.train.segmenter import SegmenterConfig, evaluate_segmenter, train_segmenter, write_bundle
+from wsss.train.segmenter import SegmenterConfig, evaluate_segmenter, train_segmenter
 
 __all__ = ["PipelineSettings", "run_pipeline"]
 
@@ -65,9 +65,10 @@ def run_pipeline(data_root: str, out_dir: str, settings: PipelineSettings, *, tr
     result["test"] = evaluate_segmenter(segmenter, classifier, test, description, device=seg_cfg.device,
                                         precision=seg_cfg.precision, eps=settings.gate_eps)
     if settings.bundle:
+        from wsss.cli.export import export_bundle
+
         tile = int(test[0]["image"].shape[-1])
-        write_bundle(settings.bundle, classifier, segmenter, description, tile_size=tile, eps=settings.gate_eps,
-                     config={"classifier": settings.classifier, "segmenter": settings.segmenter},
-                     extra=settings.bundle_extra)
+        export_bundle(classifier_checkpoint, seg["best"], settings.bundle, tile_size=tile, eps=settings.gate_eps,
+                      extra_metadata=settings.bundle_extra)
         result["bundle"] = settings.bundle
     return result

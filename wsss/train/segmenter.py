@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from wsss.errors import WsssError
 
-__all__ = ["SegmenterConfig", "train_segmenter", "build_segmenter", "evaluate_segmenter", "write_bundle"]
+__all__ = ["SegmenterConfig", "train_segmenter", "build_segmenter", "evaluate_segmenter"]
 
 
 @dataclass
@@ -267,29 +267,3 @@ def _gated(class_prob: torch.Tensor, eps: float) -> torch.Tensor:
     class passes (gate_argmax then keeps the ungated decision)."""
     gated = class_prob <= eps
     return gated & ~gated.all(dim=1, keepdim=True)
-
-
-def write_bundle(path: str, classifier, segmenter, description, *, tile_size: int, eps: float = 0.1,
-                 config: Optional[Dict] = None, mpp: Optional[float] = None, extra: Optional[Dict] = None) -> str:
-    """Script TissueSegmenter(classifier, segmenter) and save it with its metadata (wsss.bundle)."""
-    from wsss.bundle import save_bundle
-    from wsss.models import TissueSegmenter
-
-    module = TissueSegmenter(classifier.eval().cpu(), segmenter.eval().cpu(), eps=eps, input_scale=1.0 / 255.0)
-    metadata = {
-        "class_names": list(description.class_names),
-        "palette": [list(c) for c in description.palette],
-        "background_index": int(description.background_index),
-        "tile_size": int(tile_size),
-        "mpp": mpp if mpp is not None else description.mpp,
-        "input_scale": 1.0 / 255.0,
-        "gate_eps": float(eps),
-        "config": dict(config or {}),
-    }
-    metadata.update(extra or {})
-    import warnings
-
-    with warnings.catch_warnings():
-        # NB: torch 2.14 marks torch.jit.script/save deprecated on every call (as in wsss-export)
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-        return save_bundle(path, module, metadata)
