@@ -3,7 +3,7 @@
 
 The bundle is SYNTHETIC-ONLY (its metadata says so): it segments wsss.synthetic tissue for
 `wsss-infer --demo` and the tests; it knows nothing about real H&E.  Deterministic (seeded);
-about 10-20 minutes on 2 CPU cores; a few MB.
+about 6 minutes on 2 CPU cores; a few MB.
 
     python tools/make_demo_bundle.py [--out wsss/assets/demo_bundle.pt] [--work /tmp/wsss-demo]
 """
@@ -25,7 +25,10 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=600)
     p.add_argument("--cls-epochs", type=int, default=16)
     p.add_argument("--seg-epochs", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
+    # NB: seed 1, not 0: from a random init (no ImageNet weights offline) PDA can switch every CAM
+    # off and stage 1 collapses (loss ln 2); with 2026-11-27's training code seed 0 did (classifier
+    # macro F1 0.18, gated test mIoU 60.8), seed 1 did not (docs/experiments.md)
+    p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
 
     from wsss.synthetic import write_patch_dataset
