@@ -13,7 +13,8 @@ blending: on a GPU one thread could not stitch as fast as the model predicted.
 
 NB: only pieces still waiting for a tile live in RAM: in raster order that is one row of
 overlap strips across the grid (width x overlap x (K+1) floats) plus the rows of output
-tiles being filled (uint8; two in raster order, see OutputTiles), never a canvas of the slide.  Arrival order does not matter for the result.
+tiles being filled (uint8; two in raster order, see OutputTiles), never a canvas of the slide.
+Arrival order does not matter for the result.
 """
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ from typing import Iterator, List, Optional, Sequence
 import numpy as np
 
 from wsss import files
-from wsss.files import new_temp_file
 from wsss.runner.stitching import TileSpool
 
 __all__ = [
@@ -605,7 +604,7 @@ class OverlayWriter:
         self._lock = threading.Lock()
         self._zlib = zlib.compressobj(1)
         self._compressed = bytearray()  # (not yet in an IDAT chunk)
-        fd, tmp = new_temp_file(self.path.parent, f".{self.path.name}.{temp_tag()}.", ".tmp")
+        fd, tmp = files.new_temp_file(self.path.parent, f".{self.path.name}.{temp_tag()}.", ".tmp")
         self._tmp = Path(tmp)
         self._file = os.fdopen(fd, "wb")
         self._chunk(b"IHDR", np.array([2 * self.width, self.height], ">u4").tobytes() + bytes([8, 2, 0, 0, 0]))
