@@ -32,6 +32,7 @@ _IMPORT_COPY = (
     "sys.path.insert(0, sys.argv[1])\n"
     "import wsss\n"
     "assert wsss.__file__.startswith(sys.argv[1]), wsss.__file__\n"
+    "import wsss.ops\n"
 )
 
 
@@ -105,3 +106,19 @@ def test_library_shares_the_process_libstdcxx():
                if re.search(r"std::locale::|std::ios_base::Init|std::basic_ostream<[^>]*>::_M_insert", line)]
     assert not private, (f"{library_path()} defines {len(private)} libstdc++ internals (a static copy, e.g. "
                          f"LDFLAGS=-static-libstdc++), such as {private[:3]}")
+
+
+def test_a_command_without_its_library_says_so_in_one_line(tmp_path):
+    """The commands load the op library when they need it (their --help does not): a missing one
+    is one line naming it and how to rebuild, exit 2, not an ImportError traceback."""
+    site = _package_copy(tmp_path, keep_library=False)
+    code = (_IMPORT_COPY.replace("import wsss.ops\n", "")
+            + "from wsss.cli.export import main\n"
+            "sys.exit(main(['--classifier', sys.argv[2], '--segmenter', sys.argv[2], '--out', sys.argv[3]]))\n")
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"x")
+    r = subprocess.run([sys.executable, "-c", code, str(site), str(ckpt), str(tmp_path / "m.pt")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("wsss-export: error: ") and "op library" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr

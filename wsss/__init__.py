@@ -3,13 +3,18 @@
 Implements Han et al., Medical Image Analysis 2022 (multi-layer pseudo-supervision with
 Progressive Dropout Attention) with fused PyTorch custom ops (``torch.ops.wsss.*``),
 TorchScript-scriptable models, model bundles and a whole-slide runner.
-"""
-from wsss import _library
 
+NB: ``import wsss`` imports neither torch nor the op library (the commands' ``--help`` stays
+fast); ``wsss.ops`` loads the library, and every module that calls an op imports it.
+"""
 __version__ = "0.1.0"
 
-_library.load()
-
-from wsss import ops  # noqa: E402  (registers fake kernels and autograd)
-
 __all__ = ["ops", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "ops":  # (``wsss.ops`` after a plain ``import wsss``)
+        import importlib
+
+        return importlib.import_module("wsss.ops")
+    raise AttributeError(f"module 'wsss' has no attribute {name!r}")

@@ -148,7 +148,7 @@ def save_bundle(path: str, module: torch.nn.Module, metadata: Mapping[str, Any])
     sha256 of the written file.  Raises BundleError for bad metadata or a module that cannot be
     scripted.
     """
-    import wsss
+    import wsss.ops  # noqa: F401  (the op library: scripting resolves torch.ops.wsss.*)
 
     path = os.fspath(path)
     meta = _validate_metadata(metadata)
@@ -674,7 +674,7 @@ def load_bundle(path: str, *, device: str = "cpu", verify: bool = True) -> Bundl
     calls torch.ops.wsss.*).  verify=True recomputes the content hash (detects a corrupted or
     edited bundle).  Raises BundleError naming the file for: missing file, not a TorchScript
     archive, no/invalid wsss_bundle.json, unsupported format version, hash mismatch."""
-    import wsss  # noqa: F401  (loads the op library the module calls)
+    import wsss.ops  # noqa: F401  (loads the op library the module calls)
 
     path = os.fspath(path)
     saved = read_bundle_metadata(path)  # cheap, precise errors before the expensive load

@@ -31,3 +31,10 @@ def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optiona
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except ImportError as e:
+        from wsss._library import OpLibraryError
+
+        if not isinstance(e, OpLibraryError):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)  # (a missing or mismatched op library: how to rebuild)
+        return 2
