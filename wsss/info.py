@@ -72,6 +72,7 @@ def collect() -> dict:
     import torch
 
     import wsss
+    import wsss.ops  # noqa: F401  (the op library, with its Python fakes and autograd registered)
     from wsss import _library
 
     return {
