@@ -13,8 +13,13 @@ __all__ = ["ops", "__version__"]
 
 
 def __getattr__(name: str):
-    if name == "ops":  # (``wsss.ops`` after a plain ``import wsss``)
+    """Submodules on first use (``wsss.ops``, ``wsss.bundle``, ... after a plain ``import wsss``)."""
+    if not name.startswith("__"):
         import importlib
 
-        return importlib.import_module("wsss.ops")
+        try:
+            return importlib.import_module(f"wsss.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"wsss.{name}":
+                raise
     raise AttributeError(f"module 'wsss' has no attribute {name!r}")
