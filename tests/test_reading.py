@@ -308,3 +308,35 @@ def test_a_full_shared_memory_folder_falls_back_to_the_next(monkeypatch, tmp_pat
     assert ring.path.startswith(str(tmp_path)) and ring.array.shape == (2, 3, 4)
     ring.unlink()
     assert not list(tmp_path.iterdir()) and not glob.glob("/dev/shm/wsss-tiles-*")
+
+
+def test_a_worker_that_cannot_start_falls_back_to_threads_without_waiting(tmp_path, monkeypatch, fresh_readers):
+    """The third reader process cannot start (fork failing with EAGAIN, say): open gives up on
+    processes at once (it waited forever for answers to a question never sent), releases the
+    two it had and removes its ring."""
+    import threading
+
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, np.full((128, 128, 3), 200, np.uint8), tile=(64, 64), resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    reader = open_slide(path)
+    view = SlideView(reader, plan_scale(reader, 0.5))
+    real, calls = fresh_readers.take, [0]
+
+    def flaky():
+        calls[0] += 1
+        if calls[0] == 3:
+            fresh_readers.broken = True  # (what take does when Worker() raises OSError)
+            return None
+        return real()
+
+    monkeypatch.setattr(fresh_readers, "take", flaky)
+    before = ring_files()
+    result = {}
+    t = threading.Thread(target=lambda: result.update(r=reading.ProcessReaders.open(view, 4, (2, 2, 64, 64, 3))),
+                         daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "ProcessReaders.open blocked"
+    assert result["r"] is None and ring_files() == before
+    reader.close()

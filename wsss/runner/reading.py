@@ -172,8 +172,11 @@ class ProcessReaders:
         try:
             for _ in range(readers):
                 worker = _WORKERS.take()
-                if worker is None:
-                    self.close()
+                if worker is None:  # (one could not start: threads instead)
+                    for w in self._workers:  # (sent nothing yet: nothing to wait for, reusable)
+                        _WORKERS.release(w)
+                    self._workers = []
+                    ring.unlink()
                     return None
                 self._workers.append(worker)
             settings = blocks.settings if blocks is not None else None
