@@ -1252,3 +1252,45 @@ def test_a_failed_atomic_write_leaves_nothing(tmp_path, error):
     with pytest.raises(type(error)):
         write_atomic(tmp_path / "a.png", failing)
     assert (tmp_path / "a.png").read_bytes() == before and sorted(os.listdir(tmp_path)) == ["a.png", "sub"]
+
+
+_CLEANUP_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+from runner_kit import colour_slide, dies_at, model, opts, write_pyramid
+from wsss.runner import run_slide, writers
+
+tmp = Path(sys.argv[1])
+write_pyramid(tmp / "s.tif", [colour_slide(600, 600)])
+real_close = writers.OverlayWriter.close
+
+def close(self):  # as a buffered flush on a full disk does
+    real_close(self)
+    raise OSError(28, "No space left on device")
+
+writers.OverlayWriter.close = close
+try:
+    run_slide(tmp / "s.tif", model(dies_at(5, RuntimeError("model failed"))), tmp / "out",
+              opts(early_pyramid=True, tissue="none"), log=lambda s: None)
+except RuntimeError as e:
+    print("raised", e)
+"""
+
+
+def test_a_cleanup_step_that_fails_does_not_hang_the_process_or_hide_the_error(tmp_path):
+    """A failing slide whose overlay cannot be closed (a full disk): the slide reports the
+    model's error, not the cleanup's, and the process exits (the label TIFF's thread used to stay
+    blocked on the pyramid the failed close never ended)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent)
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    out = subprocess.run([sys.executable, "-c", _CLEANUP_PROBE, str(tmp_path), tests], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "raised model failed", out.stdout
+    assert not (tmp_path / "out" / "labels.tiff").exists()

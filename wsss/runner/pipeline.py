@@ -340,8 +340,10 @@ def _slide_phases(slide, model: SlideModel, out_dir, options: Optional[RunOption
             if waited > 1e-3:
                 run.timer.add("outputs (waiting for the slide before)", waited)
             result = run.write_outputs()
-        finally:
-            run.clean_up_work()
+        except BaseException:
+            run.clean_up_work(failing=True)  # (the run's own error is the one to report)
+            raise
+        run.clean_up_work()
         return result
     except BaseException:
         run.remove_created_folder()
@@ -747,22 +749,34 @@ class _SlideRun:
         }
 
     # -- whatever ends the run ------------------------------------------------------------------
-    def clean_up_work(self) -> None:
-        """Everything in the work folder stopped and closed, then the folder removed."""
+    def clean_up_work(self, failing: bool = False) -> None:
+        """Everything in the work folder stopped and closed, then the folder removed.
+
+        NB: every step runs whatever the others did: a full disk makes the overlay's close fail,
+        and the pyramid, the label TIFF's thread and the spools must still end (the thread kept
+        the process from exiting, the spools held the disk space).  Errors here never replace a
+        failing run's own; after a finished one (its outputs already published) they are
+        logged."""
         state = self.state
+        steps = []
+        if "qc_pool" in state:
+            steps.append(("the QC picture", lambda: state["qc_pool"].shutdown(wait=True)))  # (it writes here)
+        if "overlay" in state:
+            steps.append(("the overlay", state["overlay"].close))
+        if "pyramid" in state:
+            steps.append(("the label pyramid", state["pyramid"].close))  # NB: waits for rows in flight
+        if "outlines" in state:
+            steps.append(("the outlines", state["outlines"].builder.close))
+        if "tiff_writer" in state:  # (the closed pyramid ends an unfinished file)
+            steps.append(("the label TIFF", lambda: state["tiff_writer"].shutdown(wait=True)))
+        steps += [(f"spool {Path(s.path).name}", s.close) for s in self.spools]
         try:
-            if "qc_pool" in state:
-                state["qc_pool"].shutdown(wait=True)  # (it writes into the work folder)
-            if "overlay" in state:
-                state["overlay"].close()
-            if "pyramid" in state:
-                state["pyramid"].close()  # NB: waits for rows in flight: they read and write spools
-            if "outlines" in state:
-                state["outlines"].builder.close()
-            if "tiff_writer" in state:
-                state["tiff_writer"].shutdown(wait=True)  # (the closed pyramid ends an unfinished file)
-            for s in self.spools:
-                s.close()
+            for what, step in steps:
+                try:
+                    step()
+                except Exception as e:  # noqa: BLE001  (the next steps still run)
+                    if not failing:
+                        self.log(f"{self.slide.name}: warning: cleaning up {what}: {type(e).__name__}: {e}")
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
 
