@@ -341,3 +341,32 @@ def test_band_masks_are_the_tissue_mask_region_of_each_band():
         assert not st._mask_by_row[-1].any()
     finally:
         st.finish(raise_errors=False)
+
+
+def test_a_finish_that_fails_leaves_a_safe_second_finish(monkeypatch):
+    """The last band's finalise fails (a GPU out of memory, say); the error handler's
+    finish(raise_errors=False) must not raise again in its place (it finalised a band whose
+    accumulator the first finish had already let go)."""
+    import wsss.ops as ops
+    from wsss.runner.band_stitching import BandStitcher
+    from wsss.runner.tiling import weight_window
+
+    class Sink:
+        def paste(self, *a):
+            pass
+
+    st = BandStitcher(64, 64, 32, [(0, 0), (32, 0)], weight_window(32, 0), 3, "cpu")
+    st.labels_out = Sink()
+    st.add_batch([(0, 0), (32, 0)], torch.rand(2, 3, 32, 32))
+
+    def fails(*a, **k):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    monkeypatch.setattr(ops, "band_finalize", fails)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        try:
+            st.finish()
+        except BaseException:
+            st.finish(raise_errors=False)
+            raise
+    assert st.acc is None and not st._writer.is_alive()

@@ -226,24 +226,34 @@ class BandStitcher:
                 self._wait_timer(time.perf_counter() - t0)
 
     def finish(self, raise_errors: bool = True) -> None:
-        """Finalise the last band, wait for the writer, and collect the class counts."""
+        """Finalise the last band, wait for the writer, and collect the class counts.
+
+        ``raise_errors=False`` (a run already failing): only stop the writer and let the memory
+        go; nothing is finalised or counted, so nothing here can raise in place of the run's own
+        error (a second finish after a failed one found ``acc`` gone)."""
+        if not raise_errors:
+            self._stop_writer()
+            return
         try:
             if not self._errors and self._band >= 0 and self._left == 0:
                 with torch.inference_mode():
                     self._finalise_band(shift=0)
                 self._band = len(self.plan)
         finally:
-            if self._writer.is_alive():
-                self._q.put(None)
-                self._writer.join()
-            self.acc = None  # the device memory goes back now, not at garbage collection
-        if raise_errors and self._errors:
+            self._stop_writer()
+        if self._errors:
             raise self._errors[0]
         counts = self._counts.cpu().numpy()
         if counts.sum() != self._counted:  # pragma: no cover - gate_argmax's contract broken
             raise RuntimeError(f"internal error: {self._counted - counts.sum()} label values outside the classes "
                                "and the background")
         self.class_pixels[self._value_index] += counts
+
+    def _stop_writer(self) -> None:
+        if self._writer.is_alive():
+            self._q.put(None)
+            self._writer.join()
+        self.acc = None  # the device memory goes back now, not at garbage collection
 
     # -- writer thread ------------------------------------------------------------------------
     def _write_bands(self) -> None:
