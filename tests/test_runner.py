@@ -1294,3 +1294,27 @@ def test_a_cleanup_step_that_fails_does_not_hang_the_process_or_hide_the_error(t
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "raised model failed", out.stdout
     assert not (tmp_path / "out" / "labels.tiff").exists()
+
+
+def test_a_callable_that_reuses_its_output_buffer_gets_the_right_labels(tmp_path):
+    """A plain predict callable may return the same tensor every call; the runner submits batch
+    i+1 before it reads batch i, so it must own a copy (it viewed the buffer: batch i got batch
+    i+1's probabilities)."""
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(120, 150, block=9)])
+    buffer = {}
+
+    def reusing(x):
+        probs = red_class(x)
+        buf = buffer.get(probs.shape)
+        if buf is None:
+            buf = buffer[probs.shape] = torch.empty(probs.shape)  # (contiguous: viewed as it is)
+        buf.copy_(probs)
+        return buf
+
+    reusing.__name__ = "reusing"
+    want = run_slide(path, model(), tmp_path / "a", opts(overlap=8, batch_size=2))
+    got = run_slide(path, model(reusing), tmp_path / "b", opts(overlap=8, batch_size=2))
+    assert want.status == got.status == "done"
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "b" / "labels.tiff", key=0),
+                                  tifffile.imread(tmp_path / "a" / "labels.tiff", key=0))

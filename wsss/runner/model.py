@@ -48,7 +48,7 @@ class SlideModel:
         same for every model, and the CPU tests exercise it.
         """
         if self.submit is None:
-            return PendingProbabilities(ready=_owned_probs(self.predict(tiles)))
+            return PendingProbabilities(ready=_owned_probs(self.predict(tiles), copy=True))
         return PendingProbabilities(handle=self.submit(tiles))
 
     @classmethod
@@ -176,15 +176,17 @@ class _JoinedHandles:
         return _concat([h.result() for h in self.handles])
 
 
-def _owned_probs(probs) -> np.ndarray:
-    """Model output -> float32 numpy array the runner may keep.  A torch tensor is taken as the
-    model's fresh output and viewed without a copy when it is already float32, contiguous and on
-    the CPU (the array keeps the tensor, pinned or not, alive); anything else a callable returns
-    may be a buffer it reuses, so it is copied."""
+def _owned_probs(probs, copy: bool = False) -> np.ndarray:
+    """Model output -> float32 numpy array the runner may keep.  A torch tensor from a ``submit``
+    handle is the predictor's fresh output and is viewed without a copy when it is already
+    float32, contiguous and on the CPU (the array keeps the tensor, pinned or not, alive);
+    ``copy``: what a plain callable returns, tensor or not, may be a buffer it reuses for the
+    next batch (which the runner submits before it reads this one), so it is copied."""
     import torch
 
     if isinstance(probs, torch.Tensor):
-        return probs.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = probs.detach().to("cpu", torch.float32).contiguous().numpy()
+        return out.copy() if copy else out
     return np.array(probs, np.float32, copy=True)
 
 
