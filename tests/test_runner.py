@@ -43,6 +43,14 @@ def test_weight_window_positive_symmetric():
     ramp = w[16]
     np.testing.assert_allclose(ramp[24:] + ramp[:8], 1.0, atol=1e-6)
     assert weight_window(32, 0).min() == 1.0
+    # overlap > tile / 2 (any overlap below the tile is accepted): the ramps cross, and the
+    # window still rises to the middle and falls, symmetric, with no jump (the second ramp
+    # overwrote the first: 0.135 next to 0.688 at tile 16, overlap 12)
+    for tile, overlap in ((16, 12), (32, 31), (33, 20)):
+        row = weight_window(tile, overlap)[tile // 2]
+        np.testing.assert_allclose(row, row[::-1])
+        half = row[: (tile + 1) // 2]
+        assert (np.diff(half) >= 0).all() and np.abs(np.diff(row)).max() < 2.5 / overlap, (tile, overlap)
 
 
 def test_majority_vote_downsample_is_the_mode():

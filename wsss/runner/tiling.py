@@ -67,11 +67,13 @@ def weight_window(tile: int, overlap: int, *, floor: float = 1e-3) -> np.ndarray
 
     NB: strictly positive (>= floor) everywhere, so pixels covered by a single tile (slide
     borders) are still normalised exactly; any positive window reproduces a constant field.
+    An overlap of more than half the tile makes the two ramps cross: the window is their
+    minimum there (it rises, then falls, with no jump).
     """
     ramp = np.ones(tile, np.float64)
     if overlap > 0:
         t = (np.arange(overlap) + 0.5) / overlap  # (0, 1)
         up = 0.5 - 0.5 * np.cos(np.pi * t)
         ramp[:overlap] = np.maximum(up, floor)
-        ramp[tile - overlap:] = np.maximum(up[::-1], floor)
+        ramp[tile - overlap:] = np.minimum(ramp[tile - overlap:], np.maximum(up[::-1], floor))
     return np.outer(ramp, ramp).astype(np.float32)
