@@ -488,6 +488,21 @@ def test_tissue_mask_of_any_depth(tmp_path, dtype, on):
     assert load_tissue_mask(p, slide_width_um=1000, slide_height_um=500).mask.sum() == 200
 
 
+def test_palette_tissue_mask_counts_indices_not_colours(tmp_path):
+    """A palette (label) mask: index 0 background, 1 tissue, whatever their colours (tissue drawn
+    black here: read through its brightness it was the background, and white background tissue)."""
+    from PIL import Image
+
+    arr = np.zeros((50, 100), np.uint8)
+    arr[10:20, 10:30] = 1
+    img = Image.fromarray(arr, mode="L").convert("P")
+    img.putdata(arr.flatten().tolist())
+    img.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    img.save(tmp_path / "m.png")
+    mask = load_tissue_mask(tmp_path / "m.png", slide_width_um=1000, slide_height_um=500).mask
+    assert mask.sum() == 200 and mask[10:20, 10:30].all()
+
+
 @pytest.mark.parametrize("unit,scale", [("\u00b5m", 1.0), ("\u03bcm", 1.0), ("nm", 1e-3)])
 def test_ome_resolution_of_the_image_read(tmp_path, unit, scale):
     """OME PhysicalSize of the first image (the series read), micro sign or Greek mu."""

@@ -135,8 +135,9 @@ def read_mask_image(path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             # NB: 16-bit, 32-bit and float masks (e.g. 0/1 floats) are read as they are: converting
-            # them to 8-bit "L" first truncated values below 1 to 0 (an empty mask, silently)
-            arr = np.asarray(img if img.mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F") else img.convert("L"))
+            # them to 8-bit "L" first truncated values below 1 to 0 (an empty mask, silently); so
+            # are palette masks ("P": a label image), whose indices count, not their colours' brightness
+            arr = np.asarray(img if img.mode in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "F") else img.convert("L"))
     except Exception as e:  # noqa: BLE001 (PIL raises several types for non-images)
         raise SlideError(f"--tissue-mask {path}: not an image PIL can read ({type(e).__name__}: {e})") from None
     if arr.ndim != 2 or arr.size == 0:
