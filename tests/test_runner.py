@@ -1326,3 +1326,11 @@ def test_a_callable_that_reuses_its_output_buffer_gets_the_right_labels(tmp_path
     assert want.status == got.status == "done"
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "b" / "labels.tiff", key=0),
                                   tifffile.imread(tmp_path / "a" / "labels.tiff", key=0))
+
+
+def test_run_slides_needs_one_folder_per_slide(tmp_path):
+    """zip() dropped the slides beyond the folders given, silently."""
+    from wsss.errors import WsssError
+
+    with pytest.raises(WsssError, match="2 slides and 1 output folders"):
+        run_slides([tmp_path / "a.tif", tmp_path / "b.tif"], model(), [tmp_path / "a"], opts())

@@ -915,7 +915,8 @@ def run_slides(slides: Sequence, model: SlideModel, out_dirs: Sequence, options:
     (pyramid, TIFF, pictures, polygons, run.json) are written on a second thread while the next
     slide's tiles run, at most one slide behind: the model never waits for the CPU-only tail of
     the slide before.  Results and log lines keep the order of
-    ``slides``.  Two slides with one output folder are a WsssError before any work.
+    ``slides``.  Two slides with one output folder, or a folder count other than the slides', are
+    a WsssError before any work.
     """
     with _gil_switch_interval(model):
         return _run_slides(slides, model, out_dirs, options, log)
@@ -924,6 +925,8 @@ def run_slides(slides: Sequence, model: SlideModel, out_dirs: Sequence, options:
 def _run_slides(slides: Sequence, model: SlideModel, out_dirs: Sequence, options: Optional[RunOptions],
                 log: Callable[[str], None]) -> List[SlideResult]:
     options = options or RunOptions()
+    if len(out_dirs) != len(slides):
+        raise WsssError(f"run_slides: {len(slides)} slides and {len(out_dirs)} output folders; give one folder per slide")
     check_distinct_out_dirs(slides, out_dirs)
     background = options.background_outputs
     results: List[Optional[SlideResult]] = [None] * len(slides)
