@@ -123,3 +123,20 @@ def test_overlay_rows_in_any_bands_make_the_same_file(tmp_path):
     with OverlayWriter(tmp_path / "left.png", 70, 300, PALETTE, 4) as out:
         out.add_labels(labels[:10])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bands.png", "whole.png"]
+
+
+def test_qc_mask_samples_each_axis_at_its_own_pitch():
+    """The QC picture's mask outline: a picture built from tiles rounds each side up on its own,
+    so rows and columns have their own pitch (rows used the columns' and drifted)."""
+    import numpy as np
+
+    from wsss.runner.pipeline import _mask_at
+    from wsss.slide.tissue import TissueMask
+
+    class Plan:
+        mpp, width, height = 1.0, 1000, 500
+
+    mask = np.zeros((500, 1000), bool)
+    mask[:250] = True  # the top half
+    out = _mask_at(TissueMask(mask, 1.0, 1.0, "test"), Plan, (126, 250))  # (500 / 4 rounded up)
+    assert out[:, 0].sum() == 63 and out[:63].all() and not out[63:].any()
