@@ -1103,6 +1103,12 @@ def test_an_empty_tissue_mask_is_named_in_the_warning(tmp_path):
     warning = [s for s in lines if "no tissue found" in s]
     assert len(warning) == 1 and "the tissue mask empty.png marks none of the slide" in warning[0]
     assert "--tissue-mask takes a mask of your own" not in warning[0]
+    # --probs on such a slide: said, not silently missing
+    lines.clear()
+    r = run_slide(path, model(), tmp_path / "out2", opts(tissue=str(tmp_path / "empty.png"), write_probs=True),
+                  log=lines.append)
+    assert r.status == "done" and not (tmp_path / "out2" / "probs.tiff").exists()
+    assert any("--probs writes no probs.tiff" in s for s in lines), lines
 
 
 def test_results_get_ordinary_permissions_without_touching_the_umask(tmp_path, monkeypatch):

@@ -714,6 +714,8 @@ class _SlideRun:
             n_features = n_features.result()
 
         outputs = list(OUTPUT_FILES) + (["probs.tiff"] if options.write_probs and "probs_spool" in state else [])
+        if options.write_probs and "probs_spool" not in state:
+            self.log(f"{self.slide.name}: no tile ran (no tissue): --probs writes no probs.tiff")
         timings = dict(timer.seconds)
         timings["total"] = time.perf_counter() - self.t_start
         _publish(stage, out_dir, outputs, self._run_info(timings, outputs, areas, n_features))
