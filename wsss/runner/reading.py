@@ -13,8 +13,10 @@ each way per batch, the tiles never pickled.
 
 The shared ring is a file in /dev/shm (the temporary folder where /dev/shm is missing or
 full), space reserved up front (a full tmpfs would otherwise kill a process writing to it),
-mapped here and by each worker, and unlinked as soon as they have mapped it: nothing is left
-behind, whatever ends the run.  ``ProcessReaders.open`` returns None where the processes
+mapped here and by each worker, and unlinked once every worker has said it mapped it (seen
+when a thread next hands its worker a batch, at the latest when the slide's reading ends).  A
+process killed before that leaves the file behind (a run's first batches, or a slide of very
+few batches); a later run does not remove it.  ``ProcessReaders.open`` returns None where the processes
 cannot be used (a reader that cannot be reopened elsewhere, no workers, no shared memory):
 the threads read.  A worker that dies mid-run is replaced by its thread (the same result), and
 a thread reads its batches itself until its worker has started (a run's first batches never
