@@ -21,8 +21,8 @@ then one division), so pixels covered by two or more tiles get bit-identical ble
 covered by one tile get ``(p*w)/w`` where the CPU stitcher takes ``p`` itself: equal or one
 float32 rounding apart (a label can differ only where two classes tie to the last bit).
 
-Memory on the device: ``acc`` plus about as much again while a band is finalised, i.e. about
-3 x (K+1) x tile x W x 4 bytes (W: the grid width); ``device_bytes`` gives the estimate the
+Memory on the device: ``acc`` plus up to twice as much again while a band is finalised, i.e.
+about 3 x (K+1) x tile x W x 4 bytes (W: the grid width); ``device_bytes`` gives the estimate the
 runner checks against free device memory before choosing this path.
 """
 from __future__ import annotations

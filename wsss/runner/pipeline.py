@@ -56,7 +56,8 @@ OPTIONAL_OUTPUT_FILES = ("probs.tiff",)  # (--probs)
 @dataclass
 class RunOptions:
     """Options that shape the result (all but ``batch_size``/``workers``/``stitch_threads``/
-    ``stitch_device``/``background_outputs``/``resume``/``progress`` enter the resume fingerprint).
+    ``stitch_device``/``background_outputs``/``early_pyramid``/``resume``/``progress`` enter the
+    resume fingerprint).
 
     NB: where blending runs can move a label only where two classes tie to the last float32
     bit (see wsss.runner.band_stitching), as the batch size can on a GPU: not a new result."""
@@ -505,7 +506,7 @@ class _SlideRun:
                                      np.uint8, fill=self.bg)
         self.spools.append(self.label_spool)
         self.window = weight_window(self.tile, self.overlap)
-        self.finalize = _make_finalize(self.gate_mask, plan.mpp, self.bg, self.timer)
+        self.finalize = _make_finalize(self.gate_mask, plan.mpp, self.bg)
         self.early_pyramid = options.early_pyramid
         if self.early_pyramid is None:
             self.early_pyramid = str(self.model.description.get("device", "cpu")).startswith("cuda")
@@ -860,7 +861,7 @@ class _TissueIntegral:
         return float(s) / max(1, (r1 - r0) * (c1 - c0))
 
 
-def _make_finalize(tissue, grid_mpp: float, background_index: int, timer: _StageTimer):
+def _make_finalize(tissue, grid_mpp: float, background_index: int):
     """Piece finaliser: blended probabilities [K,h,w] -> labels via the fused gate+argmax op."""
     import torch
 

@@ -82,7 +82,7 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     # NB: the batch size that fits is found once per slide (a GPU that ran out of memory with
     # the default 32 tiles of the reference networks still finishes the slide)
     model = _BatchHalving(on_halve=lambda n: state.__setitem__("batch_limit", n)).wrap(model)
-    progress = _progress(len(grid.tiles), slide.name, options.progress, grid.tile)
+    progress = _progress(len(grid.tiles), slide.name, options.progress)
     trim_heap = _HeapTrimmer()
     processes = reader_processes(model.description.get("device", "cpu"))
     batches = read_batches(view, grid, options, timer, views, one_thread_if_helper, thumbnail, processes, state)
@@ -350,7 +350,7 @@ class _HeapTrimmer:
             self.trims += 1
 
 
-def _progress(total: int, name: str, enabled: bool, tile: int):
+def _progress(total: int, name: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=name, unit="tile", disable=not enabled, dynamic_ncols=True, leave=False,

@@ -1,9 +1,9 @@
 """Reading a slide at a requested resolution (microns per pixel).
 
-``plan_scale`` picks the pyramid level to read for a target mpp: the coarsest level that is
-still at least as fine as the target (so nothing is upsampled when avoidable); when that
-level's mpp is within ``tolerance`` of the target it is read as is (the output grid then has
-that level's true mpp), otherwise regions are resampled.  ``SlideView`` reads regions in the
+``plan_scale`` picks the pyramid level to read for a target mpp: the coarsest level whose mpp
+is within ``tolerance`` of the target (finer or coarser), read as is (the output grid then has
+that level's true mpp); where none is, the coarsest level still at least as fine as the target
+(nothing upsampled when avoidable), resampled.  ``SlideView`` reads regions in the
 output grid's coordinates.
 """
 from __future__ import annotations

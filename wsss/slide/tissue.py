@@ -103,7 +103,7 @@ def detect_tissue(
     mask = (saturation > threshold) & (cmax > 0.1)  # NB: near-black (pen, dust, folds) is not tissue
     px_area = mpp_y * mpp_x
     radius = max(1, int(round(closing_um / math.sqrt(px_area))))
-    mask = morphology.closing(mask, morphology.disk(radius)) if radius > 0 else mask
+    mask = morphology.closing(mask, morphology.disk(radius))
     # NB: on a small image (a crop, a biopsy fragment, a test patch) the physical minimum would
     # remove everything (a 512^2 crop at 0.25 um/px is 0.016 mm^2): at most 1% of the image
     small = 0.01 * th * tw  # (pixels)
