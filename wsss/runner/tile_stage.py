@@ -248,7 +248,9 @@ def _predict_and_stitch_on_device(batches, tile: int, model: SlideModel, options
         if event is not None:
             # NB: "infer" is the main thread's whole model time (queueing + this wait); the
             # wait alone tells a device-bound run (it grows) from a host-bound one (near 0)
-            with timer("infer"), timer("infer (device wait)"), _naming_batch(number, positions):
+            # (an asynchronous device error surfaces here: the model's or the blending queued after it)
+            with timer("infer"), timer("infer (device wait)"), \
+                    _naming_batch(number, positions, "the model or the blending queued with it"):
                 event.synchronize()  # NB: blocking event: sleeps with the GIL released
         progress.update(len(positions))
 
@@ -284,14 +286,14 @@ def _predict_and_stitch_on_device(batches, tile: int, model: SlideModel, options
 
 
 @contextlib.contextmanager
-def _naming_batch(number: int, positions):
+def _naming_batch(number: int, positions, what: str = "the model"):
     """An error inside gets a note (shown under the traceback, its type and message unchanged)
-    naming the batch and the tiles the model failed on."""
+    naming the batch and the tiles ``what`` failed on."""
     try:
         yield
     except Exception as error:
         (x0, y0), (x1, y1) = positions[0], positions[-1]
-        note = (f"wsss runner: the model failed on batch {number} ({len(positions)} tiles, at grid pixels "
+        note = (f"wsss runner: {what} failed on batch {number} ({len(positions)} tiles, at grid pixels "
                 f"x={x0},y={y0} .. x={x1},y={y1})")
         if hasattr(error, "add_note"):
             error.add_note(note)
