@@ -146,8 +146,6 @@ def test_scripted_networks_have_no_lanczos_code(kind):
 
 
 def test_shipped_demo_bundle_has_no_lanczos_code():
-    if not DEMO_BUNDLE.is_file():
-        pytest.skip(f"demo bundle not built yet ({DEMO_BUNDLE})")
     _assert_portable(_archive_code(DEMO_BUNDLE.read_bytes()), "demo bundle")
 
 
