@@ -201,7 +201,7 @@ def test_predictor_float32_equals_module_and_handles_layout(bundle_path):
 
 
 def test_predictor_bfloat16_agrees_with_float32_on_synthetic_tissue(bundle_path):
-    render_tissue = pytest.importorskip("wsss.synthetic").render_tissue
+    from wsss.synthetic import render_tissue
     import numpy as np
 
     tiles = torch.from_numpy(np.stack([render_tissue(64, 64, seed=s)[0] for s in range(4)])).permute(0, 3, 1, 2)

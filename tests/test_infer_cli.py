@@ -541,3 +541,18 @@ def test_help_imports_no_torch(command):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--min-tissue", "1.5", "x.tif"], "--min-tissue must be in [0, 1), got 1.5"),
+    (["--overlap", "-1", "x.tif"], "--overlap must be 0 or more, got -1"),
+    ([], "no slide given: wsss-infer SLIDE... --model BUNDLE -o OUTDIR (or --demo OUTDIR)"),
+    (["--demo", "d", "x.tif"], "--demo runs on a generated synthetic slide; give no SLIDE with it"),
+    (["--demo", "d", "--model", "m.pt"], "--demo uses the shipped demo bundle; do not combine it with --model"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == f"wsss-infer: error: {message}\n"
+    assert list(tmp_path.iterdir()) == []

@@ -244,7 +244,6 @@ def test_tissue_segmenter_script_roundtrip_is_exact_and_rejects_bad_tiles():
 
 # ----------------------------------------------------------------------------- checkpoints
 def test_load_reference_stage1_and_stage2_files(tmp_path):
-    keys = _reference_keys()
     # reference-format files of a SMALL network: same keys, shapes scaled (loader reads widths off shapes)
     clf = _small_classifier()
     torch.save(clf.state_dict(), tmp_path / "stage1.pth")
@@ -255,8 +254,9 @@ def test_load_reference_stage1_and_stage2_files(tmp_path):
     x = torch.rand(1, 3, 32, 32)
     assert torch.equal(loaded_clf(x), clf(x)) and torch.equal(loaded_seg(x), seg(x))
     assert loaded_seg.backbone_name == "resnet50" and not loaded_clf.training
-    assert set(clf.state_dict()) == set(keys["stage1_resnet38_cls"])
     assert read_checkpoint(tmp_path / "stage2.pth").source_format == "reference-stage2"
+    # (and the keys are the reference checkpoints', where ../shared lists them)
+    assert set(clf.state_dict()) == set(_reference_keys()["stage1_resnet38_cls"])
 
 
 def test_load_wsss_training_checkpoint_and_dataparallel_prefix(tmp_path):

@@ -726,10 +726,16 @@ def test_export_keeps_custom_ops_as_graph_nodes():
     _assert_same(exported.module()(*inputs), model(*inputs))
 
 
-def test_library_loaded_once_and_reload_is_harmless():
+def test_library_loaded_once_and_reload_is_harmless(monkeypatch):
+    """A second load never loads the file again (a second TORCH_LIBRARY for the namespace aborts
+    the process): cached, and where the ops are registered already (a host loaded them), noticed."""
     path = wsss._library.load()
+    loads = []
+    monkeypatch.setattr(torch.ops, "load_library", loads.append)
     assert wsss._library.load() == path
-    assert hasattr(torch.ops.wsss, "pda_pool")
+    monkeypatch.setattr(wsss._library, "_LOADED", None)  # (as a process where a host loaded the ops first)
+    assert wsss._library.load() == path
+    assert loads == [] and hasattr(torch.ops.wsss, "pda_pool")
 
 
 # --------------------------------------------------------------------------------------

@@ -1077,18 +1077,31 @@ def test_a_slide_waits_for_the_preloaded_imports(tmp_path, monkeypatch):
     assert pipeline._preload is thread
 
 
+_PRELOAD_PROBE = """
+import sys
+from wsss.runner import pipeline
+assert pipeline._preload is None and "skimage" not in sys.modules and "shapely" not in sys.modules
+pipeline.preload_slide_libraries()
+assert pipeline._tissue_libraries.wait(60)
+assert "skimage.morphology" in sys.modules and "skimage.filters" in sys.modules
+pipeline._preload.join(60)
+assert "shapely" in sys.modules and "contourpy" in sys.modules
+print("ok")
+"""
+
+
 def test_preload_imports_scikit_image_first_and_says_when():
-    """The real preload thread: the event the runner waits for is set once scikit-image's
-    modules are in sys.modules (whatever the process imported before)."""
+    """The real preload thread, in a fresh process (in this one an earlier test may have run it
+    already, or imported the libraries): the event the runner waits for is set once
+    scikit-image's modules are in sys.modules, and the rest follows."""
+    import subprocess
     import sys
+    from pathlib import Path
 
-    from wsss.runner import pipeline
-
-    pipeline.preload_slide_libraries()
-    assert pipeline._tissue_libraries.wait(60)
-    assert "skimage.morphology" in sys.modules and "skimage.filters" in sys.modules
-    pipeline._preload.join(60)
-    assert "shapely" in sys.modules and "contourpy" in sys.modules
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    out = subprocess.run([sys.executable, "-c", _PRELOAD_PROBE], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_an_empty_tissue_mask_is_named_in_the_warning(tmp_path):

@@ -36,6 +36,17 @@ def test_poly_and_flips():
     assert torch.equal(a[:, 0], b)  # image and mask flipped together
     a2 = random_flips(x, torch.Generator().manual_seed(0))
     assert torch.equal(a, a2)
+    # each image is one of its four flips, and over a few draws every flip happens
+    seen = set()
+    for seed in range(40):
+        out = random_flips(x, torch.Generator().manual_seed(seed))
+        for i in range(2):
+            flips = {(h, v): x[i].flip(*([-1] if h else []), *([-2] if v else [])) if (h or v) else x[i]
+                     for h in (0, 1) for v in (0, 1)}
+            match = [k for k, f in flips.items() if torch.equal(out[i], f)]
+            assert match, (seed, i)
+            seen.update(match)
+    assert seen == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
 @pytest.fixture(scope="module")
