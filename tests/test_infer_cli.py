@@ -536,7 +536,9 @@ def test_help_imports_no_torch(command):
     code = (f"import sys\nfrom wsss.cli.{command} import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
-    root = str(Path(__file__).resolve().parents[1])
+    import wsss
+
+    root = str(Path(wsss.__file__).resolve().parents[1])  # (the wsss these tests import: installed in CI)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr

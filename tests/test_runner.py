@@ -1098,7 +1098,9 @@ def test_preload_imports_scikit_image_first_and_says_when():
     import sys
     from pathlib import Path
 
-    root = str(Path(__file__).resolve().parents[1])
+    import wsss
+
+    root = str(Path(wsss.__file__).resolve().parents[1])  # (the wsss these tests import: installed in CI)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     out = subprocess.run([sys.executable, "-c", _PRELOAD_PROBE], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
@@ -1314,7 +1316,9 @@ def test_a_cleanup_step_that_fails_does_not_hang_the_process_or_hide_the_error(t
     from pathlib import Path
 
     tests = str(Path(__file__).resolve().parent)
-    root = str(Path(__file__).resolve().parents[1])
+    import wsss
+
+    root = str(Path(wsss.__file__).resolve().parents[1])  # (the wsss these tests import: installed in CI)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     out = subprocess.run([sys.executable, "-c", _CLEANUP_PROBE, str(tmp_path), tests], capture_output=True, text=True,
                          timeout=120, env=env)
