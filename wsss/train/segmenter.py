@@ -206,6 +206,7 @@ def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: s
     the gate fails to remove), and the median class probability of present / absent classes.
     """
     from wsss import ops
+    from wsss.reference import gate_allowed
     from wsss.train.common import autocast, make_loader, resolve_device
     from wsss.train.metrics import ConfusionMatrix, multilabel_f1
 
@@ -235,7 +236,7 @@ def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: s
             probs.append(class_prob.cpu())
             m = mask.to(torch.int64)
             scored = (m >= 0) & (m < k)
-            gated_class = _gated(class_prob.cpu(), eps)  # [N,K]
+            gated_class = ~gate_allowed(class_prob.cpu(), eps)  # [N,K] (none where no class passes)
             true_gated = torch.gather(gated_class, 1, m.clamp(0, k - 1).flatten(1)).reshape(m.shape) & scored
             pixels_scored += int(scored.sum())
             pixels_true_gated += int(true_gated.sum())
@@ -245,7 +246,7 @@ def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: s
         out["gated"] = gated.scores(description.class_names)
         out["classifier_f1"] = multilabel_f1(torch.cat(truth_labels), torch.cat(pred_labels))
         present, prob = torch.cat(truth_labels), torch.cat(probs)
-        gated_pairs = _gated(prob, eps)
+        gated_pairs = ~gate_allowed(prob, eps)
 
         def share(sel):
             return float(sel.float().mean()) if sel.numel() else float("nan")
@@ -260,10 +261,3 @@ def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: s
                        "median_prob_present": median(prob[present]),
                        "median_prob_absent": median(prob[~present])}
     return out
-
-
-def _gated(class_prob: torch.Tensor, eps: float) -> torch.Tensor:
-    """[N, K] bool: the classes the gate removes (class_prob <= eps), none in an image where no
-    class passes (gate_argmax then keeps the ungated decision)."""
-    gated = class_prob <= eps
-    return gated & ~gated.all(dim=1, keepdim=True)
