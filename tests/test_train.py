@@ -1,5 +1,6 @@
 """Training pieces: mu schedules, batched Grad-CAM == the reference loop, pseudo-mask rules,
 resumable checkpoints, CLI errors.  Tiny networks and patches only."""
+import json
 import os
 
 import numpy as np
@@ -480,3 +481,34 @@ def test_cli_choices_are_the_libraries_own():
 
     assert choices(cls_parser(), "mu_schedule") == tuple(MU_SCHEDULES)
     assert set(choices(seg_parser(), "backbone")) == set(BACKBONE_LAYERS)
+
+
+def test_the_four_commands_end_to_end(tmp_path, capsys):
+    """wsss-train-cls -> wsss-pseudo-masks -> wsss-train-seg --bundle -> wsss-eval through their
+    main(), one tiny step each: the options only the commands handle (--layers with '.',
+    --val-split none, the bundle written after training through wsss-export's path, eval's
+    --json) work together."""
+    from wsss.bundle import load_bundle
+    from wsss.cli.eval import main as eval_main
+    from wsss.cli.pseudo_masks import main as pm_main
+    from wsss.cli.train_cls import main as cls_main
+    from wsss.cli.train_seg import main as seg_main
+
+    data = str(tmp_path / "data")
+    _tiny_dataset(data)
+    small = ["--batch-size", "4", "--epochs", "1", "--max-steps-per-epoch", "1", "--quiet"]
+    assert cls_main([data, "--out", str(tmp_path / "cls"), "--width", "0.0625"] + small) == 0
+    clf = str(tmp_path / "cls" / "classifier.pt")
+    assert pm_main([data, "--classifier", clf, "--out", str(tmp_path / "pm"), "--layers", "bn7", "--batch-size", "4",
+                    "--quiet"]) == 0
+    bundle = tmp_path / "b.pt"
+    assert seg_main([data, "--masks", str(tmp_path / "pm" / "bn7"), "--layers", ".", "--layer-weights", "1",
+                     "--out", str(tmp_path / "seg"), "--backbone", "resnet50", "--width", "0.0625",
+                     "--val-split", "none", "--classifier", clf, "--bundle", str(bundle)] + small) == 0
+    b = load_bundle(bundle)
+    assert b.metadata["tile_size"] == 32 and b.metadata["config"]["segmenter"]["train_config"]["patch_size"] == 32
+    report = tmp_path / "m.json"
+    assert eval_main([data, "--segmenter", str(tmp_path / "seg" / "segmenter_best.pt"), "--classifier", clf,
+                      "--json", str(report), "--quiet"]) == 0
+    metrics = json.loads(report.read_text())
+    assert set(metrics) >= {"ungated", "gated"} and 0.0 <= metrics["ungated"]["acc"] <= 1.0
