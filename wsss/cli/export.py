@@ -183,6 +183,23 @@ def default_tile_size(segmenter_config: Dict[str, Any]) -> int:
     return 224
 
 
+def _quiet_jit_deprecations(fn):
+    """Run ``fn`` with torch 2.14's per-call "torch.jit is deprecated" FutureWarnings silenced,
+    for that call only (export_bundle is library code too: no process-wide filter)."""
+    import functools
+
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+            return fn(*args, **kwargs)
+
+    return quiet
+
+
+@_quiet_jit_deprecations
 def export_bundle(classifier: str, segmenter: str, out: str, *, dataset: Optional[str] = None,
                   tile_size: Optional[int] = None, mpp: Optional[float] = None, eps: float = 0.1,
                   input_scale: float = 1.0 / 255.0, check_tiles: int = 2, seed: int = 0, pt2: Optional[str] = None,
@@ -196,8 +213,6 @@ def export_bundle(classifier: str, segmenter: str, out: str, *, dataset: Optiona
     dataset: as --dataset (None: the description the checkpoints recorded, see choose_dataset);
     tile_size None: the patch size the segmenter checkpoint recorded (default_tile_size);
     extra_metadata: more bundle metadata keys (e.g. the demo bundle's synthetic_only)."""
-    import warnings
-
     import torch
 
     from wsss.bundle import load_bundle, save_bundle, temp_path_beside
@@ -205,7 +220,6 @@ def export_bundle(classifier: str, segmenter: str, out: str, *, dataset: Optiona
     from wsss.models import TissueSegmenter
     from wsss.models.checkpoints import classifier_from_state_dict, read_checkpoint, segmenter_from_state_dict
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
     cls_ckpt = read_checkpoint(classifier, expected_kind="classifier")
     seg_ckpt = read_checkpoint(segmenter, expected_kind="segmenter")
     description = choose_dataset(dataset, seg_ckpt.config, cls_ckpt.config)
