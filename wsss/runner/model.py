@@ -39,6 +39,15 @@ class SlideModel:
     submit: Optional[Callable] = None
     predict_device: Optional[Callable] = None
 
+    @property
+    def device(self) -> str:
+        """The device the model runs on, as its description names it ("cpu" when it names none)."""
+        return str(self.description.get("device", "cpu"))
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
     def predict_async(self, tiles) -> "PendingProbabilities":
         """Start predicting ``tiles`` (uint8 [N,3,t,t]); ``.result()`` -> float32 array [N,K,t,t]
         that the caller owns.  The caller may overwrite ``tiles`` once this returns.

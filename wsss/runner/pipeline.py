@@ -99,10 +99,8 @@ class RunOptions:
 
     def for_model(self, model: "SlideModel") -> "RunOptions":
         """These options with the automatic batch size and reader count resolved for ``model``."""
-        device = model.description.get("device", "cpu")
-        cuda = str(device).startswith("cuda")
-        return replace(self, batch_size=self.batch_size if self.batch_size is not None else (32 if cuda else 8),
-                       workers=self.workers if self.workers is not None else default_workers(device))
+        return replace(self, batch_size=self.batch_size if self.batch_size is not None else (32 if model.on_cuda else 8),
+                       workers=self.workers if self.workers is not None else default_workers(model.device))
 
     def fingerprint_fields(self) -> dict:
         d = asdict(self)
@@ -245,7 +243,7 @@ _switch_state = {"depth": 0, "saved": None}
 def _gil_switch_interval(model: SlideModel):
     """sys.setswitchinterval(SWITCH_INTERVAL_S) while any run of a CUDA model is inside (nested
     or on several threads: the first in sets it, the last out restores the caller's value)."""
-    if SWITCH_INTERVAL_S <= 0 or not str(model.description.get("device", "cpu")).startswith("cuda"):
+    if SWITCH_INTERVAL_S <= 0 or not model.on_cuda:
         yield
         return
     with _switch_lock:
@@ -433,7 +431,7 @@ class _SlideRun:
         from wsss.slide.tissue import detection_factor
 
         model, options, reader, tile = self.model, self.options, self.reader, self.tile
-        if options.workers > 0 and reader_processes(model.description.get("device", "cpu")):
+        if options.workers > 0 and reader_processes(model.device):
             from wsss.runner import reading
 
             reading.reserve(options.workers)  # (they start while the tissue is found)
@@ -509,7 +507,7 @@ class _SlideRun:
         self.finalize = _make_finalize(self.gate_mask, plan.mpp, self.bg)
         self.early_pyramid = options.early_pyramid
         if self.early_pyramid is None:
-            self.early_pyramid = str(self.model.description.get("device", "cpu")).startswith("cuda")
+            self.early_pyramid = self.model.on_cuda
 
         # NB: the tissue QC picture needs no labels, so it is written on a thread during the
         # tile stage, not after it (0.84 s of an H100 run's tail at 32768^2, behind the tail's

@@ -84,7 +84,7 @@ def _run_tiles(view, grid, model: SlideModel, options: RunOptions, timer: _Stage
     model = _BatchHalving(on_halve=lambda n: state.__setitem__("batch_limit", n)).wrap(model)
     progress = _progress(len(grid.tiles), slide.name, options.progress)
     trim_heap = _HeapTrimmer()
-    processes = reader_processes(model.description.get("device", "cpu"))
+    processes = reader_processes(model.device)
     batches = read_batches(view, grid, options, timer, views, one_thread_if_helper, thumbnail, processes, state)
     try:
         run = _predict_and_stitch_on_device if on_device else _predict_and_stitch
@@ -125,14 +125,13 @@ def _stitch_on_device(model: SlideModel, options: RunOptions, grid, mask_rows: O
         return False
     if options.stitch_device == "model":
         return True
-    device = str(model.description.get("device", "cpu"))
-    if not device.startswith("cuda"):
+    if not model.on_cuda:
         return False
     import torch
 
     from wsss.runner.band_stitching import BandStitcher
 
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    free, _ = torch.cuda.mem_get_info(torch.device(model.device))
     return BandStitcher.device_bytes(len(model.class_names), grid.tile, grid.width, mask_rows) <= free // 4
 
 
@@ -149,8 +148,7 @@ def _predict_and_stitch(batches, tile: int, model: SlideModel, options: RunOptio
     errors: list = []
     holder: dict = {}
 
-    stitch_threads = options.stitch_threads or (2 if str(model.description.get("device", "cpu")).startswith("cuda")
-                                                else 1)
+    stitch_threads = options.stitch_threads or (2 if model.on_cuda else 1)
 
     def stitch_worker():
         one_thread_if_helper()  # gate_argmax on small pieces: no OpenMP team beside the model's

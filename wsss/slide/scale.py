@@ -55,15 +55,14 @@ def plan_scale(reader: SlideReader, target_mpp: float, *, tolerance: float = 0.0
     if not (target_mpp > 0 and math.isfinite(target_mpp)):
         raise SlideError(f"target mpp must be a positive number, got {target_mpp}")
     mpp0 = reader.mpp
-    level_mpps = [reader.level_mpp(lvl) for lvl in range(reader.level_count)]
+    level_mpps = _level_mpps(reader)
     # Prefer a level that matches within tolerance (the coarsest such one).
     matching = [lvl for lvl, m in enumerate(level_mpps) if abs(m / target_mpp - 1.0) <= tolerance]
     if matching:
         lvl = max(matching, key=lambda i: level_mpps[i])
         w, h = reader.level_dimensions[lvl]
         return ScalePlan(lvl, level_mpps[lvl], level_mpps[lvl], 1.0, int(w), int(h))
-    finer = [lvl for lvl, m in enumerate(level_mpps) if m <= target_mpp]
-    lvl = max(finer, key=lambda i: level_mpps[i]) if finer else 0
+    lvl = _coarsest_level_as_fine_as(level_mpps, target_mpp)
     scale = target_mpp / level_mpps[lvl]
     if scale * MAX_UPSAMPLING * (1.0 + tolerance) < 1.0:
         given = getattr(reader, "mpp_override", None) is not None
@@ -78,6 +77,16 @@ def plan_scale(reader: SlideReader, target_mpp: float, *, tolerance: float = 0.0
     width = max(1, int(round(w0 * mpp0 / target_mpp)))
     height = max(1, int(round(h0 * mpp0 / target_mpp)))
     return ScalePlan(lvl, level_mpps[lvl], float(target_mpp), float(scale), width, height)
+
+
+def _level_mpps(reader: SlideReader) -> list:
+    return [reader.level_mpp(lvl) for lvl in range(reader.level_count)]
+
+
+def _coarsest_level_as_fine_as(level_mpps: Sequence[float], mpp: float) -> int:
+    """The coarsest level whose mpp is at most ``mpp`` (nothing upsampled), else level 0."""
+    finer = [lvl for lvl, m in enumerate(level_mpps) if m <= mpp]
+    return max(finer, key=lambda i: level_mpps[i]) if finer else 0
 
 
 class SlideView:
@@ -152,10 +161,8 @@ class SlideView:
     def thumbnail_level(self, factor: float) -> int:
         """The pyramid level ``read_downsampled(factor)`` reads: the coarsest at least as fine
         as the thumbnail (microns per pixel), else level 0."""
-        mpp_thumb = self.plan.mpp * factor
-        level_mpps = [self.reader.level_mpp(lvl) for lvl in range(self.reader.level_count)]
-        finer = [lvl for lvl, m in enumerate(level_mpps) if m <= mpp_thumb * 1.001]
-        return max(finer, key=lambda i: level_mpps[i]) if finer else 0
+        # NB: 0.1% slack, so a level exactly at the thumbnail's mpp is not lost to rounding
+        return _coarsest_level_as_fine_as(_level_mpps(self.reader), self.plan.mpp * factor * 1.001)
 
     def read_downsampled(self, factor: float, *, block: int = 2048, workers: int = 1) -> np.ndarray:
         """The whole output grid reduced by ``factor`` (>= 1), read in bands: uint8 [h, w, 3].
