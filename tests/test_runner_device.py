@@ -27,7 +27,8 @@ def needs_demo(test):  # (a label of the tests that use it; nothing skipped)
     return test
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
 
-from runner_kit import FakeCudaApi, FakeTorch, K, PALETTE, colour_slide, dies_at, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402,F401
+from runner_kit import (FakeCudaApi, FakeTorch, colour_slide, dies_at, model, opts, red_class, soft_colour,  # noqa: E402
+                        write_pyramid)
 
 
 
