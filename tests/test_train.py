@@ -297,6 +297,18 @@ def test_cli_unusable_output_paths_are_one_line(tmp_path, capsys):
     assert f"--bundle {tmp_path}: is a folder, not a file" in capsys.readouterr().err
 
 
+def test_cli_unwritable_output_folder_is_one_line_before_any_work(tmp_path, capsys, unwritable_folder):
+    from wsss.cli.eval import main as eval_main
+    from wsss.cli.train_cls import main as cls_main
+
+    out = unwritable_folder / "run"
+    assert cls_main([str(tmp_path), "--out", str(out)]) == 2
+    assert f"--out {out}: {unwritable_folder} cannot be written" in capsys.readouterr().err
+    assert eval_main([str(tmp_path), "--segmenter", "s.pt", "--json", str(out / "m.json")]) == 2
+    assert f"--json {out / 'm.json'}: {unwritable_folder} cannot be written" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_metrics_json_is_strict_json(tmp_path):
     """An absent class's IoU is NaN: written as null (bare NaN is not JSON)."""
     import json

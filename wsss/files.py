@@ -46,6 +46,16 @@ def new_temp_file(folder, prefix: str, suffix: str) -> Tuple[int, str]:
     return fd, path
 
 
+def probe_writable(folder) -> None:
+    """Create and remove a file in ``folder``; OSError where that cannot be done.
+
+    NB: a real file, not ``os.access``, which says yes to root on sysfs and read-only mounts
+    and knows nothing of quotas or ACLs."""
+    fd, path = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+    os.close(fd)
+    os.unlink(path)
+
+
 @contextlib.contextmanager
 def atomic_path(final, tag: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``final``; on success ``os.replace`` it into place, on any

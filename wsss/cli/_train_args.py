@@ -66,6 +66,8 @@ def check_args(args: argparse.Namespace, *, out_folders=("out",), out_files=("js
     import math
     import os
 
+    from wsss.files import probe_writable
+
     from wsss.errors import WsssError
 
     for name, ok, what in _NUMBER_RULES:
@@ -90,5 +92,7 @@ def check_args(args: argparse.Namespace, *, out_folders=("out",), out_files=("js
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
             raise WsssError(f"{flag} {path}: {parent} is a file, not a folder")
-        if not os.access(parent, os.W_OK):
-            raise WsssError(f"{flag} {path}: {parent} cannot be written")
+        try:
+            probe_writable(parent)
+        except OSError as e:
+            raise WsssError(f"{flag} {path}: {parent} cannot be written ({e.strerror or e})") from None

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from wsss.errors import WsssError
+from wsss.files import probe_writable
 from wsss.runner.model import PendingProbabilities, SlideModel, resolve_precision
 from wsss.runner.tile_stage import _env_number, _run_tiles, default_workers, reader_processes
 
@@ -203,9 +204,7 @@ def check_output_dir(out_dir: Path) -> None:
         raise WsssError(f"output directory {out_dir} is a file, not a folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(out_dir)
     except OSError as e:
         raise WsssError(f"output directory {out_dir} cannot be written: {e.strerror or e}") from None
 
