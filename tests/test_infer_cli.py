@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ from torch import Tensor
 from wsss.bundle import script_module
 from wsss.cli.infer import demo_bundle_path, main
 from wsss.runner.model import resolve_precision
+
+from runner_kit import run_python
 
 K = 4
 
@@ -534,11 +535,7 @@ def test_help_imports_no_torch(command):
     code = (f"import sys\nfrom wsss.cli.{command} import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
-    import wsss
-
-    root = str(Path(wsss.__file__).resolve().parents[1])  # (the wsss these tests import: installed in CI)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
 

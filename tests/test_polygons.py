@@ -396,16 +396,9 @@ def test_a_forked_child_starts_outline_workers_of_its_own():
     """Workers talk through pipes: a forked child that used its parent's would garble their
     messages.  The child forgets them and starts its own; the parent's stay usable.  (In a
     fresh interpreter: forking pytest's threads could deadlock the child.)"""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from runner_kit import run_python
 
-    import wsss
-
-    root = str(Path(wsss.__file__).resolve().parents[1])  # (the wsss these tests import)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    out = subprocess.run([sys.executable, "-c", FORK_PROBE], capture_output=True, text=True, timeout=120, env=env)
+    out = run_python(FORK_PROBE)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["01", "True", "True"]  # (child: forgotten, traced; parent: kept, traced)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,8 @@ from wsss.runner.writers import downsample_majority
 
 from runner_kit import REAL_SLIDE  # noqa: E402
 
-from runner_kit import GEOMETRIES, K, PALETTE, colour_slide, dies_at, model, opts, red_class, soft_colour, write_pyramid  # noqa: E402,F401
+from runner_kit import (GEOMETRIES, K, PALETTE, colour_slide, dies_at, model, opts, red_class, run_python,  # noqa: E402,F401
+                        soft_colour, write_pyramid)
 
 
 @pytest.mark.parametrize("length,tile,overlap", [(1, 32, 0), (31, 32, 8), (32, 32, 8), (33, 32, 8), (100, 32, 0),
@@ -1094,15 +1096,7 @@ def test_preload_imports_scikit_image_first_and_says_when():
     """The real preload thread, in a fresh process (in this one an earlier test may have run it
     already, or imported the libraries): the event the runner waits for is set once
     scikit-image's modules are in sys.modules, and the rest follows."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import wsss
-
-    root = str(Path(wsss.__file__).resolve().parents[1])  # (the wsss these tests import: installed in CI)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    out = subprocess.run([sys.executable, "-c", _PRELOAD_PROBE], capture_output=True, text=True, timeout=120, env=env)
+    out = run_python(_PRELOAD_PROBE)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
@@ -1311,17 +1305,8 @@ def test_a_cleanup_step_that_fails_does_not_hang_the_process_or_hide_the_error(t
     """A failing slide whose overlay cannot be closed (a full disk): the slide reports the
     model's error, not the cleanup's, and the process exits (the label TIFF's thread used to stay
     blocked on the pyramid the failed close never ended)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     tests = str(Path(__file__).resolve().parent)
-    import wsss
-
-    root = str(Path(wsss.__file__).resolve().parents[1])  # (the wsss these tests import: installed in CI)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    out = subprocess.run([sys.executable, "-c", _CLEANUP_PROBE, str(tmp_path), tests], capture_output=True, text=True,
-                         timeout=120, env=env)
+    out = run_python(_CLEANUP_PROBE, str(tmp_path), tests)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "raised model failed", out.stdout
     assert not (tmp_path / "out" / "labels.tiff").exists()
