@@ -20,19 +20,23 @@ from wsss.runner import RunOptions, SlideModel
 REAL_SLIDE = Path(os.environ.get("WSSS_REAL_SLIDE")
                   or Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "cmu-1-small-region.svs")
 
-def run_python(code: str, *args: str, timeout: float = 120):
-    """``python -c code args...`` in a fresh interpreter that imports the same wsss as these tests
-    (the installed package in CI, whose clone has no compiled library; PYTHONSAFEPATH keeps the
-    working directory off sys.path).  Returns the CompletedProcess, output captured as text."""
-    import subprocess
-    import sys
-
+def python_env() -> dict:
+    """The environment for a fresh interpreter that imports the same wsss as these tests (the
+    installed package in CI, whose clone has no compiled library; PYTHONSAFEPATH keeps the
+    working directory off sys.path)."""
     import wsss
 
     root = str(Path(wsss.__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+
+def run_python(code: str, *args: str, timeout: float = 120):
+    """``python -c code args...`` with ``python_env()``; the CompletedProcess, output as text."""
+    import subprocess
+    import sys
+
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+                          env=python_env())
 
 
 K = 4

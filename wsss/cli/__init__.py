@@ -6,8 +6,67 @@ disk, a path that cannot be made) into one clear line and exit code 2.
 """
 from __future__ import annotations
 
+import _thread
+import os
+import signal
 import sys
+import time
 from typing import Callable, Optional, Sequence
+
+INTERRUPT_GRACE_S = 3.0  # the longest an import may hold back a Ctrl-C
+
+
+class _ImportSafeInterrupt:
+    """SIGINT handler: KeyboardInterrupt, except while the main thread is inside an import, where
+    the signal is sent again 10 ms later (until the import ends, or for INTERRUPT_GRACE_S at most).
+
+    NB: a KeyboardInterrupt raised in importlib's own bookkeeping can leave its global import
+    lock held for good (CPython 3.11: in a module lock's weakref callback, where it is also
+    swallowed as "Exception ignored"): the command then carried on, and every other thread's
+    next import (the scikit-image preload, a reader) waited forever, as did the command for
+    them.  One raised in a C extension's initialisation leaves that module unimportable
+    ("cannot load module more than once per process").  Both seen with Ctrl-C in the first
+    second of ``wsss-infer --demo``."""
+
+    def __init__(self) -> None:
+        self.held_since: Optional[float] = None
+
+    def __call__(self, signum, frame) -> None:
+        now = time.monotonic()
+        if _inside_import(frame) and (self.held_since is None or now - self.held_since < INTERRUPT_GRACE_S):
+            if self.held_since is None:
+                self.held_since = now
+            _thread.start_new_thread(_send_sigint_later, (0.01,))
+            return
+        self.held_since = None
+        raise KeyboardInterrupt
+
+
+def _inside_import(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _send_sigint_later(delay_s: float) -> None:
+    time.sleep(delay_s)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def _install_interrupt_handler():
+    """The handler above in place of Python's default, from the main thread only; returns
+    what to restore (None: nothing was changed)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:  # (someone else's handler, or SIGINT ignored)
+        return None
+    signal.signal(signal.SIGINT, _ImportSafeInterrupt())
+    return previous
 
 
 def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
@@ -19,6 +78,7 @@ def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optiona
     # NB: a warning for the user (bf16 on a CPU without bf16 units, ...) reads as one line of the
     # command, not as Python's "file:line: RuntimeWarning:" with a line of source code
     warnings.formatwarning = lambda message, category, *a, **k: f"{prog}: warning: {message}\n"
+    previous_handler = _install_interrupt_handler()
     try:
         return int(body(argv) or 0)
     except WsssError as e:
@@ -38,3 +98,6 @@ def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optiona
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)  # (a missing or mismatched op library: how to rebuild)
         return 2
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
