@@ -57,17 +57,41 @@ def test_description_json_round_trip_and_three_classes(tmp_path):
     ({"min_object_px": 2.5}, "min_object_px must be a whole number"),
     ({"mpp": "0.5"}, "mpp must be a positive number of microns per pixel"),
     ({"mpp": float("nan")}, "mpp must be a positive number"),
+    # (these were accepted: a truthy string, names str()-ed to "1", "None", one table row for two classes)
+    ({"background_is_tissue": "false"}, "background_is_tissue must be true or false, got 'false'"),
+    ({"class_names": [1, None, 3.5]}, "class_names must be non-empty strings"),
+    ({"class_names": ["A", " ", "C"]}, "class_names must be non-empty strings"),
+    ({"class_names": ["A", "A", "C"]}, r"class_names must be distinct \(repeated: A\)"),
+    ({"name": ["x"]}, r"name must be a non-empty string, got \['x'\]"),
+    ({"white_threshold": -5}, "white_threshold must be a gray level in 0..255, got -5"),
+    ({"white_threshold": 256}, "white_threshold must be a gray level in 0..255, got 256"),
+    ({"min_object_px": -1}, "min_object_px must be 0 or more pixels, got -1"),
+    ({"background_index": -1}, r"background_index must be in \[3, 255\], got -1"),
 ])
 def test_malformed_description_json_is_one_message(tmp_path, change, match):
-    """A hand-written dataset.json with a value of the wrong type: DataError naming the key (it
-    was a TypeError from deep inside the checks)."""
+    """A hand-written dataset.json with a value of the wrong type or range: DataError naming the
+    file and the key (it was a TypeError from deep inside the checks, or silently accepted)."""
     d = {"name": "mine", "class_names": ["A", "B", "C"], "palette": [[1, 2, 3], [4, 5, 6], [7, 8, 9], [9, 9, 9]],
          "background_index": 3}
     d.update(change)
     path = tmp_path / "d.json"
     path.write_text(__import__("json").dumps(d))
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(DataError, match=match) as info:
         get_description(str(path))
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_description_json_is_utf8(tmp_path):
+    """dataset.json is read as UTF-8 (as save_json writes it, a BOM allowed); bytes that are not
+    UTF-8 are one DataError naming the file, not a UnicodeDecodeError traceback."""
+    d = DatasetDescription(name="kohorte", class_names=("Tümor", "Stroma ä"),
+                           palette=((1, 2, 3), (4, 5, 6), (255, 255, 255)), background_index=2)
+    path = tmp_path / "dataset.json"
+    path.write_bytes(b"\xef\xbb\xbf" + __import__("json").dumps(d.to_dict(), ensure_ascii=False).encode("utf-8"))
+    assert get_description("auto", str(tmp_path)) == d
+    path.write_bytes(path.read_bytes().replace("Tümor".encode("utf-8"), b"T\xfcmor"))  # Latin-1
+    with pytest.raises(DataError, match=r"dataset\.json: not UTF-8 text"):
+        get_description("auto", str(tmp_path))
 
 
 def _png(path, array, palette=None):
@@ -112,3 +136,20 @@ def test_bad_data_errors_name_the_file(tmp_path):
         MaskedPatches(str(tmp_path / "lab"), LUAD_HISTOSEG, "test")
     with pytest.raises(DataError, match="does not exist"):
         PseudoMaskPatches(str(tmp_path / "idx"), str(tmp_path / "nope"), ["bn7"], LUAD_HISTOSEG)
+
+
+@pytest.mark.parametrize("folder,other", [("img", "a.jpg"), ("mask", "a.tif")])
+def test_two_files_with_one_stem_are_refused(tmp_path, folder, other):
+    """a.png + a.jpg images (both scored against mask a.png), or a.png + a.tif masks (the later
+    one won silently): a DataError naming both files."""
+    rgb = np.full((16, 16, 3), 128, np.uint8)
+    _png(str(tmp_path / "val" / "img" / "a.png"), rgb)
+    _png(str(tmp_path / "val" / "mask" / "a.png"), np.ones((16, 16), np.uint8), LUAD_HISTOSEG.palette_flat())
+    _png(str(tmp_path / "val" / folder / other), np.ones((16, 16), np.uint8) if folder == "mask" else rgb)
+    with pytest.raises(DataError, match="two files with the stem 'a'") as info:
+        MaskedPatches(str(tmp_path), LUAD_HISTOSEG, "val")
+    assert "a.png" in str(info.value) and other in str(info.value)
+    _png(str(tmp_path / "train" / "p-[1 0 0 1].png"), rgb)
+    _png(str(tmp_path / "train" / "p-[1 0 0 1].jpg"), rgb)
+    with pytest.raises(DataError, match=r"two files with the stem 'p-\[1 0 0 1\]'"):
+        LabelledPatches(str(tmp_path), LUAD_HISTOSEG)

@@ -39,6 +39,21 @@ def list_images(folder: str, what: str) -> List[str]:
     return names
 
 
+def check_unique_stems(folder: str, names: Sequence[str]) -> None:
+    """DataError naming both files when two names share a stem (a.png, a.jpg).
+
+    NB: images are paired with masks (and pseudo masks) by stem, so one of the two would silently
+    be scored against the other's mask, or its mask overwritten.
+    """
+    seen: Dict[str, str] = {}
+    for n in names:
+        stem = os.path.splitext(n)[0]
+        if stem in seen:
+            raise DataError(f"{os.path.join(folder, seen[stem])} and {n}: two files with the stem {stem!r} in "
+                            f"{folder}; files are matched by stem, keep one")
+        seen[stem] = n
+
+
 def resolve_split_dir(root: str, split: str) -> str:
     """root/split if it exists, else root itself when it already is that split's folder."""
     candidate = os.path.join(root, split)
@@ -113,6 +128,7 @@ class LabelledPatches(torch.utils.data.Dataset):
         self.folder = resolve_split_dir(root, split)
         self.description = description
         self.names = list_images(self.folder, f"{description.name} {split} split")
+        check_unique_stems(self.folder, self.names)  # (pseudo masks are written as <stem>.png)
         self.labels = torch.tensor([parse_label(os.path.join(self.folder, n), description) for n in self.names],
                                    dtype=torch.float32)  # [N,K]
 
@@ -135,7 +151,10 @@ class MaskedPatches(torch.utils.data.Dataset):
         self.description = description
         what = f"{description.name} {split} split"
         self.names = list_images(self.image_folder, what)
-        masks = {os.path.splitext(n)[0]: n for n in list_images(self.mask_folder, what + " masks")}
+        check_unique_stems(self.image_folder, self.names)
+        mask_names = list_images(self.mask_folder, what + " masks")
+        check_unique_stems(self.mask_folder, mask_names)
+        masks = {os.path.splitext(n)[0]: n for n in mask_names}
         self.mask_names = []
         for n in self.names:
             stem = os.path.splitext(n)[0]

@@ -63,9 +63,18 @@ class DatasetDescription:
         def bad(what: str, value) -> DataError:
             return DataError(f"dataset description {self.name!r}: {what}, got {value!r}")
 
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise DataError(f"dataset description: name must be a non-empty string, got {self.name!r}")
+        # NB: names were str()-ed, so [1, null] became "1", "None"; and a repeated name overwrote
+        # the other's row in wsss-eval's per-class table.
         if isinstance(self.class_names, (str, bytes)) or not isinstance(self.class_names, (list, tuple)):
             raise bad("class_names must be a list of names", self.class_names)
-        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        if not all(isinstance(c, str) and c.strip() for c in self.class_names):
+            raise bad("class_names must be non-empty strings", self.class_names)
+        repeated = sorted({c for c in self.class_names if list(self.class_names).count(c) > 1})
+        if repeated:
+            raise bad(f"class_names must be distinct (repeated: {', '.join(repeated)})", self.class_names)
+        object.__setattr__(self, "class_names", tuple(self.class_names))
         if not isinstance(self.palette, (list, tuple)) or not all(
                 isinstance(rgb, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in rgb)
                 for rgb in self.palette):
@@ -75,6 +84,12 @@ class DatasetDescription:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise bad(f"{key} must be a whole number", value)
+        if not isinstance(self.background_is_tissue, bool):
+            raise bad("background_is_tissue must be true or false", self.background_is_tissue)
+        if not 0 <= self.white_threshold <= 255:
+            raise bad("white_threshold must be a gray level in 0..255", self.white_threshold)
+        if self.min_object_px < 0:
+            raise bad("min_object_px must be 0 or more pixels", self.min_object_px)
         if self.mpp is not None and not (isinstance(self.mpp, (int, float)) and not isinstance(self.mpp, bool)
                                          and math.isfinite(self.mpp) and self.mpp > 0):
             raise bad("mpp must be a positive number of microns per pixel (or null)", self.mpp)
@@ -88,10 +103,10 @@ class DatasetDescription:
             if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
                 raise DataError(f"dataset description {self.name!r}: palette entries must be RGB triples "
                                 f"in 0..255, got {rgb}")
-        if self.background_index < k:
+        if 0 <= self.background_index < k:
             raise DataError(f"dataset description {self.name!r}: background_index "
                             f"{self.background_index} collides with a tissue class (0..{k - 1})")
-        if self.background_index > 255:
+        if not k <= self.background_index <= 255:
             raise DataError(f"dataset description {self.name!r}: background_index must be in "
                             f"[{k}, 255], got {self.background_index}")
         if self.label_parser not in LABEL_PARSERS:
@@ -133,13 +148,19 @@ class DatasetDescription:
     @classmethod
     def load_json(cls, path: str) -> "DatasetDescription":
         try:
-            with open(path) as f:
+            # NB: save_json writes UTF-8 whatever the locale; -sig also takes a BOM (Windows editors)
+            with open(path, encoding="utf-8-sig") as f:
                 d = json.load(f)
+        except UnicodeDecodeError as e:
+            raise DataError(f"dataset description {path}: not UTF-8 text: {e}") from e
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(f"dataset description {path}: cannot read it as JSON: {e}") from e
         if not isinstance(d, dict):
             raise DataError(f"dataset description {path}: expected a JSON object")
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from e
 
 
 LUAD_HISTOSEG = DatasetDescription(
