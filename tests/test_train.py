@@ -495,7 +495,7 @@ def test_cli_choices_are_the_libraries_own():
     assert set(choices(seg_parser(), "backbone")) == set(BACKBONE_LAYERS)
 
 
-def test_the_four_commands_end_to_end(tmp_path, capsys):
+def test_the_four_commands_end_to_end(tmp_path, capsys, monkeypatch):
     """wsss-train-cls -> wsss-pseudo-masks -> wsss-train-seg --bundle -> wsss-eval through their
     main(), one tiny step each: the options only the commands handle (--layers with '.',
     --val-split none, the bundle written after training through wsss-export's path, eval's
@@ -524,3 +524,13 @@ def test_the_four_commands_end_to_end(tmp_path, capsys):
                       "--json", str(report), "--quiet"]) == 0
     metrics = json.loads(report.read_text())
     assert set(metrics) >= {"ungated", "gated"} and 0.0 <= metrics["ungated"]["acc"] <= 1.0
+    # --workers reaches the loader (it was accepted and ignored): same numbers from a worker process
+    import wsss.train.common as common
+
+    loaders = []
+    real_make_loader = common.make_loader
+    monkeypatch.setattr(common, "make_loader",
+                        lambda *a, **k: loaders.append(k.get("workers")) or real_make_loader(*a, **k))
+    assert eval_main([data, "--segmenter", str(tmp_path / "seg" / "segmenter_best.pt"), "--classifier", clf,
+                      "--json", str(report), "--quiet", "--workers", "1"]) == 0
+    assert loaders == [1] and json.loads(report.read_text()) == metrics

@@ -84,7 +84,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if args.classifier:
         classifier = load_classifier_checkpoint(args.classifier, num_classes=description.num_classes).to(device)
     results = evaluate_segmenter(segmenter, classifier, dataset, description, device=args.device,
-                                 precision=args.precision, batch_size=args.batch_size, eps=args.gate_eps)
+                                 precision=args.precision, batch_size=args.batch_size, eps=args.gate_eps,
+                                 workers=args.workers)
     results.update(split=args.split, images=len(dataset), gate_eps=args.gate_eps, dataset=description.name)
     print(f"wsss-eval: {description.name} {args.split} ({len(dataset)} images)")
     print(format_table(results))

@@ -63,7 +63,7 @@ def run_pipeline(data_root: str, out_dir: str, settings: PipelineSettings, *, tr
     segmenter = load_segmenter_checkpoint(seg["best"], num_classes=description.num_classes)
     test = MaskedPatches(data_root, description, settings.eval_split)
     result["test"] = evaluate_segmenter(segmenter, classifier, test, description, device=seg_cfg.device,
-                                        precision=seg_cfg.precision, eps=settings.gate_eps)
+                                        precision=seg_cfg.precision, eps=settings.gate_eps, workers=seg_cfg.workers)
     if settings.bundle:
         from wsss.cli.export import export_bundle
 

@@ -169,7 +169,8 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
         is_best = True
         if val_set is not None:
             scores = evaluate_segmenter(model, None, val_set, description, device=cfg.device,
-                                        precision=cfg.precision, batch_size=cfg.batch_size)["ungated"]
+                                        precision=cfg.precision, batch_size=cfg.batch_size,
+                                        workers=cfg.workers)["ungated"]
             entry["val_miou"] = scores["miou"]
             is_best = scores["miou"] > best_miou
             if is_best:
@@ -194,7 +195,7 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
 
 @torch.no_grad()
 def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: str = "cpu", precision: str = "fp32",
-                       batch_size: int = 16, eps: float = 0.1) -> Dict:
+                       batch_size: int = 16, eps: float = 0.1, workers: int = 0) -> Dict:
     """Metrics of a split (items with "image" and "mask"): "ungated" always, "gated" with a classifier.
 
     Gated labels follow wsss.ops.gate_argmax (a class with sigmoid prob <= eps never wins; where
@@ -220,7 +221,7 @@ def evaluate_segmenter(segmenter, classifier, dataset, description, *, device: s
     gated = ConfusionMatrix(k, description.background_index)
     truth_labels, pred_labels, probs = [], [], []
     pixels_scored, pixels_true_gated = 0, 0
-    for batch in make_loader(dataset, batch_size, shuffle=False, seed=0):
+    for batch in make_loader(dataset, batch_size, shuffle=False, seed=0, workers=workers):
         x = batch["image"].to(dev).float().div_(255.0)
         mask = batch["mask"]
         with autocast(dev, precision):
