@@ -214,6 +214,45 @@ def test_a_tile_that_fails_to_decode_fails_every_thread_that_wanted_it(pyramid, 
     assert errors == ["tile 1,1 cannot be decoded"] * 3
 
 
+@pytest.mark.parametrize("codec", ["none", "zlib"])
+def test_wide_untiled_image_decodes_each_strip_once(tmp_path, monkeypatch, codec):
+    """Strips span the whole width, so grid tiles along a row read the same strips: the cache
+    holds enough full rows (a small cache here, as 32 MB is for an image 24 000 px wide:
+    each of 8 tiles decoded all 64 of its strips again, 512 instead of 64)."""
+    img = pattern(256, 2000)
+    path = tmp_path / "wide.tif"
+    if codec == "none":  # one big strip, read in bands of one row
+        tifffile.imwrite(path, img, photometric="rgb", rowsperstrip=256)
+        monkeypatch.setattr(TiffSlideReader, "band_bytes", 6000)
+    else:
+        tifffile.imwrite(path, img, photometric="rgb", rowsperstrip=1, compression="zlib")
+    monkeypatch.setattr(TiffSlideReader, "cache_bytes", 64 << 10)
+    made = []
+    real = TiffSlideReader._uncompressed_band if codec == "none" else TiffSlideReader._decode_file_chunk
+    name = real.__name__
+    monkeypatch.setattr(TiffSlideReader, name, lambda self, *a: made.append(a) or real(self, *a))
+    with open_slide(path, reader="tifffile", mpp=0.5) as r:
+        assert r._chunk_shape(0) == (1, 2000)
+        for x in range(0, 2000, 250):
+            np.testing.assert_array_equal(r.read_region(0, x, 0, 64, 64), img[:64, x:x + 64])
+        assert len(made) == 64
+        SlideView(r, plan_scale(r, 0.5)).read_downsampled(4.0, block=512)  # (a thumbnail)
+        assert len(made) == len(set(made)) == 256  # each strip once
+        assert r.cache.max_bytes <= TiffSlideReader.untiled_cache_cap
+
+
+def test_a_page_of_another_aspect_is_not_a_level(tmp_path):
+    """A later tiled page 32 x 4 under a 2048 x 512 level 0 is a downsample of 64 in x but 128 in
+    y: not a level (it was taken as one, and read at it the slide's bottom half was white)."""
+    path = tmp_path / "aspect.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(pattern(512, 2048), tile=(128, 128), photometric="rgb")
+        tif.write(pattern(4, 32), tile=(16, 16), photometric="rgb")  # 64x narrower, 128x shorter
+        tif.write(pattern(8, 32), tile=(16, 16), photometric="rgb")  # a true level: 64x both ways
+    with open_slide(path, reader="tifffile", mpp=0.5) as r:
+        assert r.level_dimensions == [(2048, 512), (32, 8)] and r.level_downsamples == [1.0, 64.0]
+
+
 def test_openslide_and_tifffile_agree_on_generic_tiff(pyramid):
     path, levels = pyramid
     with open_slide(path, reader="openslide") as a, open_slide(path, reader="tifffile") as b:
@@ -267,6 +306,69 @@ def test_corrupt_tile_is_named(tmp_path):
         r.read_region(0, 0, 0, 32, 32)  # an intact tile still reads
         with pytest.raises(SlideError, match=r"level 0 tile 3 .*cannot be decoded"):
             r.read_region(0, 32, 32, 32, 32)
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "jpeg2000"])
+def test_a_cut_short_jpeg_tile_is_named(tmp_path, compression):
+    """A JPEG (2000) tile whose second half is zeros decoded without a word, its rest grey."""
+    path = tmp_path / "j.tif"
+    img = np.full((64, 64, 3), 255, np.uint8)
+    img[8:56, 8:56] = (200, 120, 180)
+    tifffile.imwrite(path, img, tile=(32, 32), photometric="rgb", compression=compression)
+    with tifffile.TiffFile(path) as t:
+        off, count = t.pages[0].dataoffsets[0], t.pages[0].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[off + count // 2:off + count] = bytes(count - count // 2)
+    path.write_bytes(bytes(data))
+    with open_slide(path, reader="tifffile", mpp=0.5) as r:
+        assert np.abs(r.read_region(0, 32, 32, 32, 32).astype(int) - img[32:, 32:]).mean() < 3  # intact tiles read
+        with pytest.raises(SlideError, match=r"level 0 tile 0 \(row 0, column 0\) cannot be decoded .*cut short"):
+            r.read_region(0, 0, 0, 32, 32)
+
+
+@pytest.mark.parametrize("photometric", ["palette", "miniswhite", "separated", "ycbcr"])
+def test_colour_models_tifffile_cannot_read_go_to_openslide(tmp_path, photometric):
+    """Palette, MINISWHITE, CMYK and uncompressed YCbCr came out of the tifffile reader as
+    their raw values (black, inverted, white, wrong colours); OpenSlide converts them."""
+    path = tmp_path / "c.tif"
+    kw = dict(tile=(32, 32), photometric=photometric, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    if photometric == "palette":
+        data = np.zeros((64, 64), np.uint8)
+        data[16:48, 16:48] = 1
+        cmap = np.zeros((3, 256), np.uint16)
+        cmap[:, 0], cmap[:, 1] = 65535, [230 * 257, 150 * 257, 200 * 257]
+        kw["colormap"], want = cmap, (230, 150, 200)
+    elif photometric == "miniswhite":
+        data, want = np.zeros((64, 64), np.uint8), (55, 55, 55)
+        data[16:48, 16:48] = 200
+    elif photometric == "separated":  # CMYK
+        data, want = np.zeros((64, 64, 4), np.uint8), (255, 155, 205)
+        data[16:48, 16:48] = (0, 100, 50, 0)
+    else:  # Y 200, no chroma: grey 200
+        data, want = np.full((64, 64, 3), (255, 128, 128), np.uint8), (200, 200, 200)
+        data[16:48, 16:48] = (200, 128, 128)
+        kw["subsampling"] = (1, 1)
+    tifffile.imwrite(path, data, **kw)
+    with pytest.raises(SlideError, match=rf"c\.tif: the TIFF's colour model \(photometric {photometric.upper()}"):
+        open_slide(path, reader="tifffile")
+    with open_slide(path) as r:
+        assert r.kind == "openslide" and r.mpp == pytest.approx(0.5)
+        px = r.read_region(0, 0, 0, 64, 64).astype(int)
+        assert np.abs(px[4, 4] - 255).max() <= 1 and np.abs(px[32, 32] - want).max() <= 1
+
+
+def test_a_photometric_no_tiff_has_is_a_damaged_file(tmp_path):
+    """Not handed to OpenSlide (which aborted the process on one such file of the set below)."""
+    path = tmp_path / "d.tif"
+    write_pyramid(path, [pattern(64, 64)])
+    with tifffile.TiffFile(path) as t:
+        at = t.pages[0].tags["PhotometricInterpretation"].valueoffset
+    data = bytearray(path.read_bytes())
+    data[at:at + 2] = (244).to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    for reader in ("auto", "tifffile"):
+        with pytest.raises(SlideError, match=r"d\.tif: photometric 244 is not a colour model TIFF defines"):
+            open_slide(path, reader=reader)
 
 
 def test_damaged_files_raise_slide_errors_only(tmp_path):
@@ -515,6 +617,51 @@ def test_ome_resolution_of_the_image_read(tmp_path, unit, scale):
                   metadata={"PhysicalSizeX": 40.0, "PhysicalSizeY": 40.0})
     with open_slide(path, reader="tifffile") as r:
         assert r.mpp == pytest.approx(0.5)
+
+
+def _ome_slide(path: Path, pixels_attrs: str) -> Path:
+    xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+           '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="64" SizeY="64" '
+           f'SizeC="3" SizeZ="1" SizeT="1" Interleaved="true" {pixels_attrs}>'
+           '<Channel ID="Channel:0:0" SamplesPerPixel="3"/><TiffData IFD="0" PlaneCount="1"/></Pixels></Image></OME>')
+    tifffile.imwrite(path, pattern(64, 64), photometric="rgb", tile=(32, 32), description=xml.encode(), metadata=None)
+    return path
+
+
+@pytest.mark.parametrize("attrs,mpp", [
+    ('PhysicalSizeX="0.25" PhysicalSizeY="0.00025" PhysicalSizeYUnit="mm"', 0.25),  # (Y's unit was X's)
+    ('PhysicalSizeX="250" PhysicalSizeXUnit="nm" PhysicalSizeY="0.25"', 0.25),
+    ('PhysicalSizeX="-" PhysicalSizeY="-"', None),  # (malformed: "the TIFF's structure cannot be read")
+    ('PhysicalSizeX="0.25.1" PhysicalSizeY="0.25"', None),
+    ('PhysicalSizeX="0.25" PhysicalSizeY="0.25" PhysicalSizeYUnit="parsec"', None)])
+def test_ome_resolution_units_per_axis_and_malformed_sizes(tmp_path, attrs, mpp):
+    path = _ome_slide(tmp_path / "s.ome.tif", attrs)
+    with open_slide(path, reader="tifffile") as r:
+        if mpp is not None:
+            assert r.mpp == pytest.approx(mpp)
+        else:
+            with pytest.raises(SlideError, match="no microns-per-pixel metadata; pass --mpp"):
+                r.mpp
+    with open_slide(path, reader="tifffile", mpp=0.4) as r:
+        assert r.mpp == 0.4
+
+
+@pytest.mark.parametrize("reader", ["tifffile", "openslide"])
+def test_non_square_pixels_are_refused_unless_mpp_given(tmp_path, reader):
+    """0.25 x 0.5 um/px was averaged to 0.375: the slide read 1.5x too wide and 0.75x too tall."""
+    path = tmp_path / "aniso.tif"
+    tifffile.imwrite(path, pattern(64, 64), tile=(32, 32), photometric="rgb", resolution=(4e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    with open_slide(path, reader=reader) as r:
+        assert not r.has_mpp and r.metadata_mpp is None
+        with pytest.raises(SlideError, match=r"aniso\.tif: .*not square \(0\.25 um wide x 0\.5 um tall\).*--mpp"):
+            r.mpp
+    with open_slide(path, reader=reader, mpp=0.5) as r:
+        assert r.mpp == 0.5
+    tifffile.imwrite(path, pattern(64, 64), tile=(32, 32), photometric="rgb", resolution=(4e4, 4.04e4),
+                     resolutionunit="CENTIMETER")  # 1% apart: rounding, square
+    with open_slide(path, reader=reader) as r:
+        assert r.mpp == pytest.approx(0.24876, rel=1e-3)
 
 
 def test_ome_resolution_of_another_image_is_not_the_slides(tmp_path):

@@ -31,6 +31,14 @@ READERS = ("auto", "openslide", "tifffile")
 # describes something else (a screen or print resolution: 72 dpi is 352.8 um/px), and a run at
 # it would upsample the slide into millions of tiles of nothing.
 PLAUSIBLE_MPP = (0.02, 20.0)
+# x and y microns per pixel further apart than this (relative) are not square pixels
+SQUARE_MPP_TOLERANCE = 0.02
+
+
+def _positive_finite(v: float) -> bool:
+    """Whether ``v`` can be a number of microns per pixel (positive and finite)."""
+    return v > 0 and math.isfinite(v)
+
 
 class SlideReader:
     """Common interface.  Coordinates: (x, y) = (column, row) in the pixels of ``level``."""
@@ -57,7 +65,7 @@ class SlideReader:
 
     @property
     def has_mpp(self) -> bool:
-        return self.mpp_override is not None or self._metadata_mpp_plausible
+        return self.mpp_override is not None or self._metadata_mpp_usable
 
     @property
     def _metadata_mpp_plausible(self) -> bool:
@@ -65,16 +73,26 @@ class SlideReader:
         return self._metadata_mpp is not None and all(lo <= v <= hi for v in self._metadata_mpp)
 
     @property
+    def _metadata_mpp_square(self) -> bool:
+        mx, my = self._metadata_mpp
+        return abs(mx - my) <= SQUARE_MPP_TOLERANCE * max(mx, my)
+
+    @property
+    def _metadata_mpp_usable(self) -> bool:
+        return self._metadata_mpp_plausible and self._metadata_mpp_square
+
+    @property
     def metadata_mpp(self) -> Optional[float]:
         """Level-0 microns per pixel from the file's own metadata (mean of x and y; None where it
-        has none or an implausible one), whatever ``mpp_override`` says."""
-        if not self._metadata_mpp_plausible:
+        has none, an implausible one or non-square pixels), whatever ``mpp_override`` says."""
+        if not self._metadata_mpp_usable:
             return None
         return float(sum(self._metadata_mpp) / 2.0)
 
     @property
     def mpp(self) -> float:
-        """Microns per pixel of level 0 (the mean of x and y); SlideError if unknown or implausible."""
+        """Microns per pixel of level 0 (the mean of x and y); SlideError if unknown, implausible
+        or not square."""
         if self.mpp_override is not None:
             return float(self.mpp_override)
         if self._metadata_mpp is None:
@@ -88,6 +106,14 @@ class SlideReader:
                 f"a microscope scan has ({PLAUSIBLE_MPP[0]:g}-{PLAUSIBLE_MPP[1]:g} um/px; a screen or print "
                 f"resolution such as 72 dpi is 352.8 um/px); pass --mpp (e.g. --mpp 0.5 for a 20x scan) "
                 f"to say its resolution")
+        if not self._metadata_mpp_square:
+            # NB: refused, not averaged: the grid, areas and outputs assume square pixels, and a
+            # mean stretches the slide (0.25 x 0.5 read at 0.375 is 1.5x too wide, 0.75x too tall)
+            mx, my = self._metadata_mpp
+            raise SlideError(
+                f"{self.path}: the slide's resolution metadata says its pixels are not square ({mx:.4g} um "
+                f"wide x {my:.4g} um tall); wsss reads square pixels only; pass --mpp to read them as "
+                f"square pixels of that size anyway")
         return self.metadata_mpp
 
     def level_mpp(self, level: int) -> float:
@@ -188,7 +214,7 @@ class OpenSlideReader(SlideReader):
             self.level_tile_sizes.append((int(tw), int(th)) if tw and th else None)
         try:
             mx, my = float(props[openslide.PROPERTY_NAME_MPP_X]), float(props[openslide.PROPERTY_NAME_MPP_Y])
-            if mx > 0 and my > 0 and math.isfinite(mx) and math.isfinite(my):
+            if _positive_finite(mx) and _positive_finite(my):
                 self._metadata_mpp = (mx, my)
         except (KeyError, ValueError):
             pass
@@ -234,6 +260,50 @@ def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
     return ((rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
+class _DamagedTiff(SlideError):
+    """A TIFF the tifffile reader finds damaged: open_slide does not hand it to OpenSlide.
+
+    NB: OpenSlide aborted the whole process (not an error) on such a file: a damaged tag made its
+    tiles 1.9e9 px tall, and it allocated them (240 GB)."""
+
+
+# TIFF photometric and compression codes
+_MINISBLACK, _RGB, _YCBCR = 1, 2, 6
+_JPEG = 7
+# compression -> how its chunks start where they are codestreams that end with the marker FFD9
+# (JPEG's EOI; JPEG 2000's EOC, the last marker of a raw codestream, SOC SIZ ...)
+_CODESTREAM_START = {_JPEG: b"\xff\xd8", **{c: b"\xff\x4f\xff\x51" for c in (33003, 33004, 33005, 34712)}}
+# OME length units in micrometres (micro sign U+00B5 and Greek mu U+03BC both occur)
+_OME_UM = {"\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _number(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _ome_physical_size(tag: str, axis: str) -> Optional[float]:
+    """OME PhysicalSize{axis} of a <Pixels> tag in micrometres, in its own unit (default um);
+    None where absent, malformed, in an unknown unit, or not positive and finite."""
+    size = re.search(rf'PhysicalSize{axis}="([^"]*)"', tag)
+    unit = re.search(rf'PhysicalSize{axis}Unit="([^"]*)"', tag)
+    scale = _OME_UM.get(unit.group(1) if unit else "um")
+    v = _number(size.group(1)) if size else None
+    if v is None or scale is None or not _positive_finite(v * scale):
+        return None
+    return v * scale
+
+
+def _is_downsample(w0: int, h0: int, w: int, h: int) -> bool:
+    """Whether w x h is level 0's w0 x h0 reduced by one downsample ds in both directions, each
+    size within a pixel (|w0 / ds - w| <= 1 and |h0 / ds - h| <= 1 for some ds)."""
+    lo = max(w0 / (w + 1), h0 / (h + 1))
+    hi = min(w0 / (w - 1) if w > 1 else math.inf, h0 / (h - 1) if h > 1 else math.inf)
+    return lo <= hi
+
+
 # --------------------------------------------------------------------------------------
 # tifffile
 # --------------------------------------------------------------------------------------
@@ -249,6 +319,13 @@ class TiffSlideReader(SlideReader):
     # a cache per thread, neighbouring tiles landed on other threads and each file tile was
     # decoded 1.2x (2 readers) to 2.0x (8 readers) per grid tile instead of 0.75x
     cache_bytes = 32 << 20  # (two rows of 256-px RGB file tiles of a slide 20 000 px wide)
+    # NB: an untiled level's chunks (strips, bands) span its whole width, so every grid tile along
+    # a row of them reads the same chunks: the cache holds at least ``untiled_cache_rows`` full rows
+    # of it (a read_downsampled block of 2048 rows, or two rows of grid tiles up to 1024 px) plus
+    # two chunks, up to ``untiled_cache_cap``.  With 32 MB, 12 grid tiles of 512 px of an image
+    # 24 000 px wide in one-row strips decoded 6144 strips instead of 512 (LRU thrash).
+    untiled_cache_rows = 2048
+    untiled_cache_cap = 256 << 20
 
     def __init__(self, path: Path, mpp_override: Optional[float] = None, *,
                  _shared_cache: Optional["_ChunkCache"] = None) -> None:
@@ -269,12 +346,23 @@ class TiffSlideReader(SlideReader):
             # IndexError, KeyError, ...): one message, the run's other slides go on
             raise SlideError(f"{self.path}: the TIFF's structure cannot be read (corrupt or truncated "
                              f"file?): {type(e).__name__}: {e}") from None
-        self.cache = _shared_cache if _shared_cache is not None else _ChunkCache(self.cache_bytes)
+        self.cache = _shared_cache if _shared_cache is not None else _ChunkCache(self._cache_size())
         self._lock = threading.Lock()  # this handle's file position
 
     def reopen(self) -> "TiffSlideReader":
         """A new handle on the same file (for another thread) that shares this one's decoded tiles."""
         return type(self)(self.path, mpp_override=self.mpp_override, _shared_cache=self.cache)
+
+    def _cache_size(self) -> int:
+        """Bytes of decoded chunks to keep: ``cache_bytes``, more for a wide untiled level."""
+        size = self.cache_bytes
+        for level, page in enumerate(self._pages):
+            if not page.is_tiled:
+                chunk_rows = self._chunk_shape(level)[0]
+                row_bytes = self.level_dimensions[level][0] * (page.shape[2] if len(page.shape) == 3 else 1)
+                want = (self.untiled_cache_rows + 2 * chunk_rows) * row_bytes
+                size = max(size, min(want, self.untiled_cache_cap))
+        return size
 
     # -- structure ----------------------------------------------------------------------
     def _read_structure(self) -> None:
@@ -326,10 +414,11 @@ class TiffSlideReader(SlideReader):
         for lvl in series.levels:
             page = lvl.keyframe if hasattr(lvl, "keyframe") else lvl.pages[0]
             pages.append(page)
+        h0, w0 = pages[0].shape[:2]
+        # (a level whose sizes are not one downsample of level 0's would be read stretched)
+        pages = pages[:1] + [p for p in pages[1:] if _is_downsample(w0, h0, p.shape[1], p.shape[0])]
         if len(pages) == 1:
             # One page per level (no SubIFDs): take later pages that downsample page 0.
-            base = pages[0]
-            h0, w0 = base.shape[:2]
             for page in tif.pages[1:]:
                 if not hasattr(page, "shape") or len(page.shape) < 2:
                     continue
@@ -337,7 +426,7 @@ class TiffSlideReader(SlideReader):
                 prev_h, prev_w = pages[-1].shape[:2]
                 if not (h < prev_h and w < prev_w):
                     continue
-                if abs(w / w0 - h / h0) > 0.01:  # not a downsample of level 0
+                if not _is_downsample(w0, h0, w, h):
                     continue
                 if not page.is_tiled:  # thumbnails / label images are stripped
                     continue
@@ -356,6 +445,20 @@ class TiffSlideReader(SlideReader):
             raise SlideError(f"{self.path}: planar (separate) colour channels are not supported")
         if getattr(page, "imagedepth", 1) != 1:
             raise SlideError(f"{self.path}: 3-D (image depth > 1) TIFF is not a slide")
+        # NB: chunks are used as decoded, so only colour models whose decoded values are RGB or
+        # grey: palette indices, inverted grey (MINISWHITE), CMYK or raw YCbCr came out wrong
+        # (open_slide's "auto" then opens a tiled one with OpenSlide, which converts them)
+        photometric, compression = int(page.photometric), int(page.compression)
+        if getattr(page.photometric, "name", None) is None:  # (tifffile knows them all)
+            raise _DamagedTiff(f"{self.path}: photometric {photometric} is not a colour model TIFF defines "
+                               f"(damaged file?)")
+        if not (photometric in (_MINISBLACK, _RGB) or (photometric == _YCBCR and compression == _JPEG)):
+            what = page.photometric.name
+            if photometric == _YCBCR:
+                what += f" with compression {getattr(page.compression, 'name', compression)}"
+            raise SlideError(f"{self.path}: the TIFF's colour model (photometric {what}) is not one the tifffile "
+                             f"reader reads (RGB, MINISBLACK grey, or YCbCr in JPEG); OpenSlide (--reader "
+                             f"openslide) reads it if the TIFF is tiled")
 
     def _read_mpp(self) -> Optional[Tuple[float, float]]:
         tif = self._tif
@@ -364,29 +467,19 @@ class TiffSlideReader(SlideReader):
         desc = page.description or ""
         m = re.search(r"MPP\s*=\s*([0-9.eE+-]+)", desc)
         if m:
-            try:
-                v = float(m.group(1))
-                if v > 0:
-                    return (v, v)
-            except ValueError:
-                pass
+            v = _number(m.group(1))
+            if v is not None and _positive_finite(v):
+                return (v, v)
         # OME-XML PhysicalSizeX/Y (default unit micrometre)
         if tif.is_ome and tif.ome_metadata:
             # NB: the first image's <Pixels> element (the one read: series 0), not the first
             # PhysicalSizeX anywhere in the XML, which may belong to a label or macro image
             pixels = re.search(r"<(?:\w+:)?Pixels\b[^>]*>", tif.ome_metadata)
             tag = pixels.group(0) if pixels else tif.ome_metadata
-            mx = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tag)
-            my = re.search(r'PhysicalSizeY="([0-9.eE+-]+)"', tag)
-            ux = re.search(r'PhysicalSizeXUnit="([^"]+)"', tag)
-            # (micro sign U+00B5 and Greek mu U+03BC both occur)
-            scale = {"\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4,
-                     "m": 1e6}.get(ux.group(1) if ux else "um")
-            if mx and scale:
-                x = float(mx.group(1)) * scale
-                y = float(my.group(1)) * scale if my else x
-                if x > 0 and y > 0:
-                    return (x, y)
+            x = _ome_physical_size(tag, "X")
+            y = _ome_physical_size(tag, "Y") if 'PhysicalSizeY="' in tag else x
+            if x is not None and y is not None:
+                return (x, y)
         # Resolution tags: pixels per unit, unit 2 = inch, 3 = centimetre.
         tags = page.tags
         unit = tags.get("ResolutionUnit")
@@ -456,6 +549,13 @@ class TiffSlideReader(SlideReader):
         if count == 0 or offset == 0:
             return np.full((ch, cw, samples), 255, np.uint8)  # sparse (never written) tile
         data = self._read_bytes(level, index, offset, count)
+        start = _CODESTREAM_START.get(int(page.compression))
+        if start is not None and data.startswith(start) and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+            # NB: the decoder fills the rest of a cut-short codestream with grey without a word
+            # (OpenSlide says "Premature end of JPEG file"); ignoring zero padding after it
+            raise SlideError(f"{self.path}: level {level} tile {index} (row {cy}, column {cx}) cannot be "
+                             f"decoded (corrupt tile?): its {page.compression.name} data is cut short "
+                             f"(no end marker FFD9)")
         try:
             decoded = page.decode(data, index, jpegtables=page.jpegtables)[0]
         except Exception as e:  # codec errors come in many types
@@ -522,7 +622,7 @@ def open_slide(path, *, reader: str = "auto", mpp: Optional[float] = None) -> Sl
     path = Path(path)
     if reader not in READERS:
         raise SlideError(f"unknown reader {reader!r}; choose one of {', '.join(READERS)}")
-    if mpp is not None and not (mpp > 0 and math.isfinite(mpp)):
+    if mpp is not None and not _positive_finite(mpp):
         raise SlideError(f"--mpp must be a positive number of microns per pixel, got {mpp}")
     if not path.exists():
         raise SlideError(f"{path}: no such file")
@@ -544,6 +644,8 @@ def open_slide(path, *, reader: str = "auto", mpp: Optional[float] = None) -> Sl
         return OpenSlideReader(path, mpp)
     try:
         return TiffSlideReader(path, mpp)
+    except _DamagedTiff:
+        raise
     except SlideError as tiff_error:
         if fmt is not None:
             return OpenSlideReader(path, mpp)
