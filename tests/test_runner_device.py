@@ -266,6 +266,14 @@ def test_precision_mode_errors_and_identity(demo):
     assert a.identity != c.identity and a.description["precision_mode"] == "autocast"
 
 
+@pytest.mark.parametrize("alias,name", [("fp32", "float32"), ("BF16", "bfloat16"), ("fp16", "float16"),
+                                        ("half", "float16")])
+def test_precision_aliases_the_help_names(alias, name):
+    from wsss.runner.model import resolve_precision
+
+    assert resolve_precision(alias, "cpu") == name  # (wsss-infer --help offers each of them)
+
+
 def demo_slide(path: Path, size=200) -> Path:
     from wsss.synthetic import render_tissue
 

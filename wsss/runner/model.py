@@ -200,7 +200,7 @@ def _owned_probs(probs, copy: bool = False) -> np.ndarray:
 
 
 _PRECISION_ALIASES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-                      "fp16": "float16", "float16": "float16", "auto": "auto"}
+                      "fp16": "float16", "float16": "float16", "half": "float16", "auto": "auto"}
 
 
 def resolve_precision(precision: str, device: str) -> str:

@@ -45,7 +45,7 @@ rows either way.
 Worker processes (``processes=N``, ``workers.py``): the slabs are traced in N child Python
 processes (numpy, contourpy and shapely; no torch), so that tracing takes no share of this
 process's GIL: with three GIL-holding threads at a 1-ms switch interval, a noisy 2048^2 map
-took 11.7 s to trace on two threads against 0.9 s alone.  The processes are shared by the
+took 10-11 s to trace on two threads against ~1 s alone.  The processes are shared by the
 builders of a process (a slide's slabs and the next slide's), started on demand and kept idle
 until this process exits.  A worker that cannot be started or dies is replaced by tracing on
 the thread (the same result).

@@ -47,7 +47,7 @@ RUN_FORMAT_VERSION = 1
 # NB: the early path's outline slabs are traced in worker processes, off this process's GIL:
 # on threads, beside the GIL-bound work of feeding a GPU, they fell behind (an H200 run at
 # 32768^2 still had 1.05 s of GeoJSON after the last tile; two threads beside three GIL-holding
-# ones took 11.7 s for a noisy 2048^2 map that takes 0.9 s alone, two processes 1.9 s on 2 cores).
+# ones took 10-11 s for a noisy 2048^2 map that takes ~1 s alone, two processes ~2 s on 2 cores).
 # WSSS_OUTLINE_PROCESSES=0 traces them on two threads instead (for A/B measurements)
 OUTLINE_PROCESSES = max(0, _env_number("WSSS_OUTLINE_PROCESSES", min(4, max(1, (os.cpu_count() or 2) // 4))))
 OUTPUT_FILES = ("labels.tiff", "overlay.png", "tissue_qc.png", "areas.json", "areas.csv", "polygons.geojson")

@@ -3,7 +3,7 @@
 What the runner does while the tiles run on a GPU is GIL-bound: the thread feeding the model,
 the band writer and every helper thread take turns, and each small numpy call, file read or
 GEOS call that gives the GIL up waits to take it back (beside three GIL-holding threads at a
-1-ms switch interval, tracing a noisy 2048^2 map's outlines took 11.7 s against 0.9 s alone).
+1-ms switch interval, tracing a noisy 2048^2 map's outlines took 10-11 s against ~1 s alone).
 Work that needs many such calls and little data in and out is done in worker processes
 instead: the outline slabs (``outlines.py``) and the tile reads (``reading.py``).
 
