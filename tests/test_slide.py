@@ -544,6 +544,27 @@ def test_detect_tissue_on_a_small_crop(tmp_path):
     assert not m[int(40 / 512 * m.shape[0]), int(470 / 512 * m.shape[1])]
 
 
+def test_detect_tissue_with_no_glass_in_view_keeps_all_of_it(tmp_path):
+    """A crop inside a resection: pale stroma and purple cellular regions, no glass.  Otsu on
+    saturation split them and kept half; with glass beside them it still separates glass."""
+    h = w = 512
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = (235, 170, 205)  # stroma, saturation ~0.28
+    cellular = ((xx // 128) + (yy // 128)) % 2 == 0
+    img[cellular] = (140, 70, 170)  # saturation ~0.59
+    path = tmp_path / "all_tissue.tif"
+    write_pyramid(path, [img], mpp=1.0)
+    with open_slide(path) as r:
+        mask, _ = detect_tissue(SlideView(r, plan_scale(r, 1.0)))
+    assert mask.fraction() > 0.99
+    img[:, : w // 2] = 242  # glass on the left half
+    write_pyramid(path, [img], mpp=1.0)
+    with open_slide(path) as r:
+        mask, _ = detect_tissue(SlideView(r, plan_scale(r, 1.0)))
+    assert mask.fraction() == pytest.approx(0.5, abs=0.02)
+
+
 def test_detect_tissue_blank_slide_is_empty(tmp_path):
     path = tmp_path / "blank.tif"
     write_pyramid(path, [np.full((128, 128, 3), 240, np.uint8)], mpp=1.0)
