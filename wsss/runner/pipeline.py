@@ -884,9 +884,7 @@ def _mask_at(tissue, plan, shape) -> np.ndarray:
     """bool [h, w]: the tissue mask over a picture of the whole slide of ``shape``, each axis at
     its own pitch (a picture built from tiles rounds each side up on its own)."""
     h, w = shape
-    rows, inside_r = tissue.sample_index(0, h, plan.mpp * plan.height / h, axis=0)
-    cols, inside_c = tissue.sample_index(0, w, plan.mpp * plan.width / w, axis=1)
-    return tissue.mask[rows[:, None], cols[None, :]] & inside_r[:, None] & inside_c[None, :]
+    return tissue.region(0, 0, w, h, plan.mpp * plan.height / h, plan.mpp * plan.width / w)
 
 
 def _tiles_footprint(grid, tile: int, plan, shape) -> np.ndarray:

@@ -30,13 +30,15 @@ class TissueMask:
     source: str
     threshold: Optional[float] = None
 
-    def region(self, x: int, y: int, width: int, height: int, grid_mpp: float) -> np.ndarray:
-        """bool [height, width]: the mask (nearest neighbour) over a region of a grid at ``grid_mpp``.
+    def region(self, x: int, y: int, width: int, height: int, grid_mpp: float,
+               grid_mpp_x: Optional[float] = None) -> np.ndarray:
+        """bool [height, width]: the mask (nearest neighbour) over a region of a grid at ``grid_mpp``
+        (rows; columns at ``grid_mpp_x`` where given: a picture whose sides were rounded apart).
 
         Output pixel (r, c) samples the mask at the micron position of its centre.
         """
         rows, inside_r = self.sample_index(y, height, grid_mpp, axis=0)
-        cols, inside_c = self.sample_index(x, width, grid_mpp, axis=1)
+        cols, inside_c = self.sample_index(x, width, grid_mpp if grid_mpp_x is None else grid_mpp_x, axis=1)
         return self.mask[rows[:, None], cols[None, :]] & inside_r[:, None] & inside_c[None, :]
 
     def sample_index(self, start: int, n: int, grid_mpp: float, axis: int) -> tuple:
