@@ -123,3 +123,29 @@ def test_slide_lossless_is_exact(tmp_path):
     ref, _ = render_window(0, 0, 200, 300, seed=1, mpp=1.0)
     with tifffile.TiffFile(path) as tif:
         assert np.array_equal(tif.pages[0].asarray(), ref)
+
+
+@pytest.mark.parametrize("fail_in", ["slide", "truth"])
+def test_a_failed_slide_write_leaves_nothing(tmp_path, monkeypatch, fail_in):
+    """Interrupted while the slide or its truth is written: neither file, nor any temporary, is
+    left (an earlier slide at that path stays as it was)."""
+    import wsss.synthetic.slide as slide_module
+
+    path = tmp_path / "s.tif"
+    path.write_bytes(b"an earlier slide")
+    target = "render_window" if fail_in == "slide" else "_truth_tiles"
+    real = getattr(slide_module, target)
+
+    def fail_later(*a, **k):
+        if target == "_truth_tiles":
+            raise KeyboardInterrupt
+        fail_later.calls += 1
+        if fail_later.calls > 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    fail_later.calls = 0
+    monkeypatch.setattr(slide_module, target, fail_later)
+    with pytest.raises(KeyboardInterrupt):
+        write_synthetic_slide(str(path), 300, 200, seed=1, mpp=1.0, tile_size=64)
+    assert sorted(os.listdir(tmp_path)) == ["s.tif"] and path.read_bytes() == b"an earlier slide"

@@ -15,6 +15,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from wsss.files import atomic_path
 from wsss.synthetic.tissue import class_names_for, render_window
 
 __all__ = ["write_synthetic_slide", "truth_path_for"]
@@ -74,66 +75,61 @@ def write_synthetic_slide(path: str, width: int, height: int, *, seed: int = 0, 
         comp_args = {"compression": codec}
     ts = tile_size
 
-    tmp_slide = f"{path}.tmp{os.getpid()}"
-    tmp_truth = f"{truth_path}.tmp{os.getpid()}"
     scratch = tempfile.mkdtemp(prefix=".wsss-pyramid-", dir=folder)
     memmaps: List[Optional[np.ndarray]] = [None]
     try:
-        # Level i+1 is accumulated in a disk-backed memmap while level i is written.
-        for i, (h, w) in enumerate(shapes[1:], start=1):
-            memmaps.append(np.lib.format.open_memmap(os.path.join(scratch, f"level{i}.npy"), mode="w+",
-                                                     dtype=np.uint8, shape=(h, w, 3)))
+        # (each file appears whole or not at all: written to a hidden temporary, then renamed)
+        with atomic_path(path, "slide.") as tmp_slide, atomic_path(truth_path, "truth.") as tmp_truth:
+            # Level i+1 is accumulated in a disk-backed memmap while level i is written.
+            for i, (h, w) in enumerate(shapes[1:], start=1):
+                memmaps.append(np.lib.format.open_memmap(os.path.join(scratch, f"level{i}.npy"), mode="w+",
+                                                         dtype=np.uint8, shape=(h, w, 3)))
 
-        def level_tiles(level: int) -> Iterator[np.ndarray]:
-            h, w = shapes[level]
-            nxt = memmaps[level + 1] if level + 1 < len(shapes) else None
-            for ty in range(0, h, ts):
-                for tx in range(0, w, ts):
-                    th, tw = min(ts, h - ty), min(ts, w - tx)
-                    if level == 0:
-                        rgb, _ = render_window(tx, ty, th, tw, seed=seed, num_classes=num_classes, mpp=mpp)
-                    else:
-                        rgb = np.asarray(memmaps[level][ty:ty + th, tx:tx + tw])
-                    if nxt is not None:
-                        # Odd edge blocks: replicate the last row/column before the 2x mean.
-                        eh, ew = th + (th & 1), tw + (tw & 1)
-                        block = np.pad(rgb, ((0, eh - th), (0, ew - tw), (0, 0)), mode="edge")
-                        nxt[ty // 2:(ty + eh) // 2, tx // 2:(tx + ew) // 2] = _downsample2(block)
-                    tile = np.full((ts, ts, 3), 255, dtype=np.uint8)  # tifffile wants full tiles
-                    tile[:th, :tw] = rgb
-                    yield tile
+            def level_tiles(level: int) -> Iterator[np.ndarray]:
+                h, w = shapes[level]
+                nxt = memmaps[level + 1] if level + 1 < len(shapes) else None
+                for ty in range(0, h, ts):
+                    for tx in range(0, w, ts):
+                        th, tw = min(ts, h - ty), min(ts, w - tx)
+                        if level == 0:
+                            rgb, _ = render_window(tx, ty, th, tw, seed=seed, num_classes=num_classes, mpp=mpp)
+                        else:
+                            rgb = np.asarray(memmaps[level][ty:ty + th, tx:tx + tw])
+                        if nxt is not None:
+                            # Odd edge blocks: replicate the last row/column before the 2x mean.
+                            eh, ew = th + (th & 1), tw + (tw & 1)
+                            block = np.pad(rgb, ((0, eh - th), (0, ew - tw), (0, 0)), mode="edge")
+                            nxt[ty // 2:(ty + eh) // 2, tx // 2:(tx + ew) // 2] = _downsample2(block)
+                        tile = np.full((ts, ts, 3), 255, dtype=np.uint8)  # tifffile wants full tiles
+                        tile[:th, :tw] = rgb
+                        yield tile
 
-        description = (f"wsss synthetic H&E slide; seed={seed}; mpp={mpp}; "
-                       f"classes={','.join(names)}; background={num_classes}")
-        with tifffile.TiffWriter(tmp_slide, bigtiff=height * width * 3 > 2 ** 31 - 2 ** 27) as tif:
-            for level, (h, w) in enumerate(shapes):
-                tif.write(
-                    level_tiles(level),
-                    shape=(h, w, 3), dtype=np.uint8, tile=(ts, ts), photometric="rgb",
-                    subfiletype=0 if level == 0 else 1,
-                    resolution=(resolution[0] / 2 ** level, resolution[1] / 2 ** level),
-                    resolutionunit="CENTIMETER",
-                    description=description if level == 0 else None,
-                    metadata=None, **comp_args,
+            description = (f"wsss synthetic H&E slide; seed={seed}; mpp={mpp}; "
+                           f"classes={','.join(names)}; background={num_classes}")
+            with tifffile.TiffWriter(tmp_slide, bigtiff=height * width * 3 > 2 ** 31 - 2 ** 27) as tif:
+                for level, (h, w) in enumerate(shapes):
+                    tif.write(
+                        level_tiles(level),
+                        shape=(h, w, 3), dtype=np.uint8, tile=(ts, ts), photometric="rgb",
+                        subfiletype=0 if level == 0 else 1,
+                        resolution=(resolution[0] / 2 ** level, resolution[1] / 2 ** level),
+                        resolutionunit="CENTIMETER",
+                        description=description if level == 0 else None,
+                        metadata=None, **comp_args,
+                    )
+            # The truth is rendered again, labels only (cheap next to the RGB pass), tile by tile.
+            with tifffile.TiffWriter(tmp_truth, bigtiff=height * width > 2 ** 31 - 2 ** 27) as truth_tif:
+                truth_tif.write(
+                    _truth_tiles(width, height, ts, seed, num_classes, mpp),
+                    shape=(height, width), dtype=np.uint8, tile=(ts, ts), photometric="minisblack",
+                    compression="zlib", resolution=resolution, resolutionunit="CENTIMETER",
+                    description=(f"wsss synthetic truth; classes={','.join(names)}; background={num_classes}; "
+                                 f"seed={seed}; mpp={mpp}"),
+                    metadata=None,
                 )
-        # The truth is rendered again, labels only (cheap next to the RGB pass), tile by tile.
-        with tifffile.TiffWriter(tmp_truth, bigtiff=height * width > 2 ** 31 - 2 ** 27) as truth_tif:
-            truth_tif.write(
-                _truth_tiles(width, height, ts, seed, num_classes, mpp),
-                shape=(height, width), dtype=np.uint8, tile=(ts, ts), photometric="minisblack",
-                compression="zlib", resolution=resolution, resolutionunit="CENTIMETER",
-                description=(f"wsss synthetic truth; classes={','.join(names)}; background={num_classes}; "
-                             f"seed={seed}; mpp={mpp}"),
-                metadata=None,
-            )
-        memmaps.clear()  # close the memmaps before their files are removed
-        os.replace(tmp_slide, path)
-        os.replace(tmp_truth, truth_path)
+            memmaps.clear()  # close the memmaps before their files are removed
     finally:
         memmaps.clear()
-        for p in (tmp_slide, tmp_truth):
-            if os.path.exists(p):
-                os.remove(p)
         for name in os.listdir(scratch):
             os.remove(os.path.join(scratch, name))
         os.rmdir(scratch)
