@@ -240,3 +240,84 @@ def test_predictor_refuses_a_bundle_replaced_since_it_was_loaded(tmp_path, bundl
     path.unlink()
     with pytest.raises(BundleError, match=r"b\.pt: "):
         b.predictor("cpu")
+
+
+def _resaved(bundle, path, **edits):
+    """``bundle``'s module saved at ``path`` with edited metadata and a content hash that matches
+    it (what save_bundle would refuse to write: only the readers' checks stand in the way)."""
+    from wsss.bundle import content_hash
+
+    meta = dict(bundle.metadata, **edits)
+    meta["content_hash"] = content_hash(bundle.module, meta)
+    torch.jit.save(bundle.module, str(path), _extra_files={METADATA_FILE: json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize("edits, message", [
+    ({"class_names": "TENEC"}, "class_names must be a non-empty list"),
+    ({"class_names": ["A", "B", "C"]}, "class_names has 3 names but the module has 4 classes"),
+    ({"class_names": list("ABCDE"), "background_index": 5}, "class_names has 5 names but the module has 4 classes"),
+    ({"background_index": 1}, r"background_index must be an int in 4\.\.255 .*got 1"),
+    ({"background_index": -1}, "background_index must be .*got -1"),
+    ({"background_index": 300}, "background_index must be .*got 300"),
+    ({"tile_size": 95.7}, "tile_size must be a positive int .*got 95.7"),
+    ({"tile_size": 0}, "tile_size must be a positive int .*got 0"),
+    ({"mpp": float("nan")}, "mpp must be a positive number or None, got nan"),
+    ({"mpp": -1.0}, "mpp must be a positive number or None, got -1.0"),
+    ({"palette": [[1, 2, 3]]}, "palette must be"),
+    ({"palette": [[1, 2], [3], [4], [5], [6]]}, "palette must be"),
+    ({"palette": [[0, 0, 300]] * 5}, "palette must be"),
+    ({"gate_eps": "x"}, "gate_eps must be a finite number"),
+])
+def test_load_refuses_bad_metadata_even_with_a_matching_hash(tmp_path, bundle_path, edits, message):
+    """Metadata is checked when a bundle is read, as when it is saved: a bundle edited by hand
+    (hash recomputed) ran with wrong class names, colours or background before."""
+    path = _resaved(load_bundle(bundle_path), tmp_path / "edited.pt", **edits)
+    with pytest.raises(BundleError, match=r"edited\.pt: .*" + message) as error:
+        load_bundle(path)
+    assert "\n" not in str(error.value)
+    if "module has" not in message:  # (the cheap reader checks every field too)
+        with pytest.raises(BundleError, match=message):
+            read_bundle_metadata(path)
+
+
+def test_save_refuses_another_class_count_or_a_module_that_is_no_segmenter(tmp_path):
+    with pytest.raises(BundleError, match=r"x\.pt: class_names has 3 names but the module has 4 classes"):
+        save_bundle(tmp_path / "x.pt", _segmenter_module(), dict(META, class_names=["a", "b", "c"]))
+    with pytest.raises(BundleError, match=r"x\.pt: metadata: background_index must be an int in 4\.\.255"):
+        save_bundle(tmp_path / "x.pt", _segmenter_module(), dict(META, background_index=1))
+    deeplab = DeepLabV3Plus(4, backbone="resnet50", width=0.0625).eval()
+    with pytest.raises(BundleError, match=r"x\.pt: the module is not a wsss inference module \(TissueSegmenter\): "
+                                          r".*got forward\(.*DeepLabV3Plus self, Tensor x\) -> Tensor$"):
+        save_bundle(tmp_path / "x.pt", deeplab, META)
+    assert not os.listdir(tmp_path)
+
+
+def test_damaged_archives_are_one_error(tmp_path, bundle_path):
+    """A flipped byte in a member (bad CRC), a damaged central directory, a cut-short file: one
+    BundleError each (zipfile's tracebacks before)."""
+    raw = bundle_path.read_bytes()
+    with zipfile.ZipFile(bundle_path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("/extra/" + METADATA_FILE))
+    name_len, extra_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
+        int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    crc = bytearray(raw)
+    crc[info.header_offset + 30 + name_len + extra_len + 3] ^= 0x01  # inside the stored metadata JSON
+    (tmp_path / "crc.pt").write_bytes(bytes(crc))
+    cd = bytearray(raw)
+    eocd = raw.rfind(b"PK\x05\x06")
+    cd[int.from_bytes(raw[eocd + 16:eocd + 20], "little")] = 0  # first central directory entry's signature
+    (tmp_path / "cd.pt").write_bytes(bytes(cd))
+    (tmp_path / "cut.pt").write_bytes(raw[:len(raw) // 2])
+    for name, detail in (("crc", "Bad CRC-32"), ("cd", "Bad magic number"), ("cut", "without its central directory")):
+        with pytest.raises(BundleError, match=rf"{name}\.pt: is corrupted or truncated \(.*{detail}") as error:
+            load_bundle(tmp_path / f"{name}.pt")
+        assert "\n" not in str(error.value)
+
+
+def test_predictor_refuses_tiles_of_other_dtypes(bundle_path):
+    predict = load_bundle(bundle_path).predictor("cpu", "float32")
+    for dtype in (torch.int64, torch.int32, torch.bool):
+        with pytest.raises(BundleError, match=rf"tiles must be uint8 or floating point \(0\.\.255\), got {dtype}$"):
+            predict(torch.zeros(1, 3, 16, 16, dtype=dtype))
+    assert predict(torch.zeros(1, 3, 16, 16, dtype=torch.float64))[0].shape == (1, 16, 16)

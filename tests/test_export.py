@@ -207,3 +207,58 @@ def test_train_seg_checks_its_classifier_before_training(checkpoints, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "wrong num_classes: the classifier has 4 classes, expected 3" in err and "\n" not in err, err
     assert not (tmp_path / "o").exists() and not (tmp_path / "b.pt").exists()
+
+
+def test_export_refuses_to_write_over_an_input_checkpoint(checkpoints, tmp_path, capsys):
+    """-o (or --pt2) naming the --classifier or --segmenter file overwrote that checkpoint."""
+    import os
+    import shutil
+
+    folder, _, _ = checkpoints
+    s1, s2 = tmp_path / "stage1.pth", tmp_path / "stage2.pth"
+    shutil.copy(folder / "stage1.pth", s1)
+    shutil.copy(folder / "stage2.pth", s2)
+    os.symlink(s1, tmp_path / "link.pth")
+    before = {p: p.read_bytes() for p in (s1, s2)}
+    for extra, message in [(["--out", str(s1)], "--out .*stage1.pth is the --classifier checkpoint"),
+                           (["--out", str(tmp_path / "." / "stage2.pth")], "--out .*stage2.pth is the --segmenter checkpoint"),
+                           (["--out", str(tmp_path / "link.pth")], "--out .*link.pth is the --classifier checkpoint"),
+                           (["--out", str(tmp_path / "m.pt"), "--pt2", str(s2)], "--pt2 .*stage2.pth is the --segmenter")]:
+        rc = main(["--classifier", str(s1), "--segmenter", str(s2)] + extra)
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and __import__("re").search(message, err), err
+    assert {p: p.read_bytes() for p in (s1, s2)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pth", "stage1.pth", "stage2.pth"]
+
+
+def test_malformed_checkpoints_are_one_line(checkpoints, tmp_path, capsys):
+    """A wsss checkpoint whose config is no dict, a 0-d weight, a key that is no string, a
+    damaged or cut-short zip: one line each (tracebacks before)."""
+    folder, clf, seg = checkpoints
+    s1, s2 = str(folder / "stage1.pth"), str(folder / "stage2.pth")
+    clf_sd, seg_sd = clf.state_dict(), seg.state_dict()
+    torch.save({"model": seg_sd, "config": "abc", "kind": "segmenter"}, tmp_path / "config_str.pth")
+    torch.save({"model": seg_sd, "config": [1, 2]}, tmp_path / "config_list.pth")
+    torch.save(dict(clf_sd, **{"fc8.weight": torch.tensor(0.0)}), tmp_path / "fc8_0d.pth")
+    torch.save(dict(clf_sd, **{"conv1a.weight": torch.tensor(0.0)}), tmp_path / "conv1a_0d.pth")
+    torch.save({**clf_sd, 0: torch.zeros(1)}, tmp_path / "int_key.pth")
+    raw = bytearray((folder / "stage1.pth").read_bytes())
+    (tmp_path / "cut.pth").write_bytes(bytes(raw[:len(raw) // 2]))
+    eocd = raw.rfind(b"PK\x05\x06")
+    raw[int.from_bytes(raw[eocd + 16:eocd + 20], "little")] = 0  # the central directory's first signature
+    (tmp_path / "cd.pth").write_bytes(bytes(raw))
+    cases = [("--segmenter", "config_str", "its 'config' must be a dict .*got str"),
+             ("--segmenter", "config_list", "its 'config' must be a dict .*got list"),
+             ("--classifier", "fc8_0d", r"fc8\.weight has shape \[\], expected \[out_channels"),
+             ("--classifier", "conv1a_0d", r"conv1a\.weight has shape \[\], expected \[out_channels"),
+             ("--classifier", "int_key", r"not a state_dict: keys \[0\] are not strings"),
+             ("--classifier", "cd", r"is corrupted or truncated \(Bad magic number"),
+             ("--classifier", "cut", r"is corrupted or truncated \(a zip file without its central directory")]
+    for flag, name, message in cases:
+        inputs = {"--classifier": s1, "--segmenter": s2, flag: str(tmp_path / f"{name}.pth")}
+        rc = main(["--classifier", inputs["--classifier"], "--segmenter", inputs["--segmenter"],
+                   "--out", str(tmp_path / "m.pt"), "--tile-size", "32", "--dataset", "luad"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith("wsss-export: error:") and len(err.splitlines()) == 1, err
+        assert __import__("re").search(rf"{name}\.pth: .*{message}", err), err
+    assert not (tmp_path / "m.pt").exists()

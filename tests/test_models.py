@@ -284,11 +284,11 @@ def test_checkpoint_errors_are_clear(tmp_path):
         load_classifier_checkpoint(tmp_path / "pickled_module.pth")
     with pytest.raises(BundleError, match="is a directory, not a checkpoint file"):
         load_classifier_checkpoint(tmp_path)
-    from wsss.bundle import save_bundle
+    from wsss.bundle import METADATA_FILE
 
-    save_bundle(str(tmp_path / "model.pt"), script_module(torch.nn.Identity()),
-                {"class_names": ["a"], "palette": [[0, 0, 0], [255, 255, 255]], "background_index": 1,
-                 "tile_size": 32, "mpp": 1.0})
+    # (only a TorchScript archive carrying bundle metadata: save_bundle refuses a module that is no segmenter)
+    torch.jit.save(script_module(torch.nn.Identity()), str(tmp_path / "model.pt"),
+                   _extra_files={METADATA_FILE: json.dumps({"class_names": ["a"], "format_version": 1})})
     with pytest.raises(BundleError, match="is a wsss model bundle .* not a training checkpoint"):
         load_classifier_checkpoint(tmp_path / "model.pt")
     seg = _small_segmenter()

@@ -25,6 +25,7 @@ import math
 import os
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -39,13 +40,15 @@ __all__ = ["Bundle", "BundlePredictor", "CudaGraphs", "PendingPrediction", "save
 BUNDLE_FORMAT = "wsss-bundle"
 BUNDLE_FORMAT_VERSION = 1
 METADATA_FILE = "wsss_bundle.json"
+# what Python's zipfile raises for a damaged archive (bad CRC, bad central directory, cut short)
+ZIP_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError)
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # key -> what it must be (the text of the error that names a missing or wrong key)
 _REQUIRED = {
     "class_names": "a non-empty list of class names",
-    "palette": "a list of [r, g, b] colours, at least one per class",
-    "background_index": "an int in 0..255",
+    "palette": "a list of [r, g, b] colours (ints in 0..255), at least one per class and at most 256",
+    "background_index": "an int in K..255, K the number of classes (labels 0..K-1 are theirs)",
     "tile_size": "a positive int (pixels)",
 }
 _DEFAULTS = {"mpp": None, "input_scale": 1.0 / 255.0, "gate_eps": 0.1, "config": {}}
@@ -73,46 +76,87 @@ def content_hash(module: torch.nn.Module, metadata: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _validate_metadata(metadata: Mapping[str, Any]) -> Dict[str, Any]:
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_metadata(metadata: Mapping[str, Any], where: str = "bundle metadata") -> Dict[str, Any]:
+    """The metadata save_bundle writes (defaults filled in, automatic keys left out), or
+    BundleError starting with ``where`` naming the first bad field.  save_bundle and the
+    readers (_parse_metadata) both check with this, so a bundle is never read with metadata
+    that could not have been saved."""
     if not isinstance(metadata, Mapping):
-        raise BundleError(f"bundle metadata must be a dict, got {type(metadata).__name__}")
+        raise BundleError(f"{where} must be a dict, got {type(metadata).__name__}")
     meta = dict(_DEFAULTS)
     meta.update({k: v for k, v in metadata.items() if k not in _AUTOMATIC})
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
-        raise BundleError("bundle metadata is missing " + ", ".join(f"{k} ({_REQUIRED[k]})" for k in missing))
+        raise BundleError(f"{where} is missing " + ", ".join(f"{k} ({_REQUIRED[k]})" for k in missing))
     names = meta["class_names"]
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
-        raise BundleError(f"bundle metadata: class_names must be {_REQUIRED['class_names']}, got {names!r}")
+        raise BundleError(f"{where}: class_names must be {_REQUIRED['class_names']}, got {names!r}")
     palette = meta["palette"]
-    ok = isinstance(palette, (list, tuple)) and len(palette) >= len(names) and all(
-        isinstance(c, (list, tuple)) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+    ok = isinstance(palette, (list, tuple)) and len(names) <= len(palette) <= 256 and all(
+        isinstance(c, (list, tuple)) and len(c) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in c)
         for c in palette)
     if not ok:
-        raise BundleError(f"bundle metadata: palette must be {_REQUIRED['palette']} ({len(names)} classes), "
-                          f"got {palette!r}")
+        raise BundleError(f"{where}: palette must be {_REQUIRED['palette']} ({len(names)} classes), got {palette!r}")
     bg = meta["background_index"]
-    if not isinstance(bg, int) or isinstance(bg, bool) or not 0 <= bg <= 255:
-        raise BundleError(f"bundle metadata: background_index must be {_REQUIRED['background_index']}, got {bg!r}")
+    # NB: labels 0..K-1 are the classes (wsss.ops.gate_argmax writes background_index where there
+    # is no tissue): a background index among them would make background pixels a class
+    if not _is_int(bg) or not len(names) <= bg <= 255:
+        raise BundleError(f"{where}: background_index must be an int in {len(names)}..255 (labels "
+                          f"0..{len(names) - 1} are the {len(names)} classes), got {bg!r}")
     ts = meta["tile_size"]
-    if not isinstance(ts, int) or isinstance(ts, bool) or ts <= 0:
-        raise BundleError(f"bundle metadata: tile_size must be {_REQUIRED['tile_size']}, got {ts!r}")
-    if meta["mpp"] is not None and not (isinstance(meta["mpp"], (int, float)) and meta["mpp"] > 0
-                                        and math.isfinite(meta["mpp"])):
-        raise BundleError(f"bundle metadata: mpp must be a positive number or None, got {meta['mpp']!r}")
+    if not _is_int(ts) or ts <= 0:
+        raise BundleError(f"{where}: tile_size must be {_REQUIRED['tile_size']}, got {ts!r}")
+    mpp = meta["mpp"]
+    if mpp is not None and not (_is_number(mpp) and math.isfinite(mpp) and mpp > 0):
+        raise BundleError(f"{where}: mpp must be a positive number or None, got {mpp!r}")
     for key in ("input_scale", "gate_eps"):
-        if not isinstance(meta[key], (int, float)) or isinstance(meta[key], bool) or not math.isfinite(meta[key]):
-            raise BundleError(f"bundle metadata: {key} must be a finite number, got {meta[key]!r}")
+        if not _is_number(meta[key]) or not math.isfinite(meta[key]):
+            raise BundleError(f"{where}: {key} must be a finite number, got {meta[key]!r}")
         meta[key] = float(meta[key])
     if not isinstance(meta["config"], Mapping):
-        raise BundleError(f"bundle metadata: config must be a dict, got {type(meta['config']).__name__}")
+        raise BundleError(f"{where}: config must be a dict, got {type(meta['config']).__name__}")
     meta["class_names"] = list(names)
     meta["palette"] = [list(c) for c in palette]
     try:
         json.dumps(meta)
     except (TypeError, ValueError) as e:
-        raise BundleError(f"bundle metadata must be JSON-serialisable: {e}") from None
+        raise BundleError(f"{where} must be JSON-serialisable: {e}") from None
     return meta
+
+
+def _check_module(where: str, module: torch.jit.ScriptModule, class_names) -> None:
+    """BundleError unless the scripted ``module`` has TissueSegmenter's signature and, when it
+    says (``num_classes``), as many classes as ``class_names``."""
+    schema = None
+    try:
+        schema = module.forward.schema
+        args, returns = schema.arguments[1:], schema.returns
+        ok = (len(args) >= 2 and isinstance(args[0].type, torch.TensorType) and args[1].type == torch.BoolType.get()
+              and all(a.has_default_value() for a in args[2:]) and len(returns) == 1
+              and isinstance(returns[0].type, torch.TupleType) and len(returns[0].type.elements()) == 3)
+    except (AttributeError, RuntimeError):
+        ok = False
+    if not ok:
+        raise BundleError(f"{where}: the module is not a wsss inference module (TissueSegmenter): its forward must be "
+                          f"forward(tiles: Tensor, with_scores: bool) -> (labels, scores, class_prob), got "
+                          f"{schema if schema is not None else 'no forward'}")
+    k = getattr(module, "num_classes", None)
+    if _is_int(k) and k != len(class_names):
+        raise BundleError(f"{where}: class_names has {len(class_names)} names but the module has {k} classes")
 
 
 def script_module(module: torch.nn.Module) -> torch.jit.ScriptModule:
@@ -145,19 +189,20 @@ def save_bundle(path: str, module: torch.nn.Module, metadata: Mapping[str, Any])
     """Write ``module`` (scripted here if it is not a ScriptModule yet) and ``metadata`` to ``path``.
 
     The file appears atomically (temp file in the same folder, then os.replace).  Returns the
-    sha256 of the written file.  Raises BundleError for bad metadata or a module that cannot be
-    scripted.
+    sha256 of the written file.  Raises BundleError for bad metadata, a module that cannot be
+    scripted, or one without TissueSegmenter's signature or with another number of classes
+    (its ``num_classes``) than class_names.
     """
     import wsss.ops  # noqa: F401  (the op library: scripting resolves torch.ops.wsss.*)
 
     path = os.fspath(path)
-    meta = _validate_metadata(metadata)
+    meta = _validate_metadata(metadata, f"bundle {path}: metadata")
     if not isinstance(module, torch.jit.ScriptModule):
         try:
             module = script_module(module.eval())
         except Exception as e:
-            raise BundleError(f"bundle {path}: the module cannot be scripted with TorchScript: "
-                              f"{str(e).strip().splitlines()[0]}") from None
+            raise BundleError(f"bundle {path}: the module cannot be scripted with TorchScript: {first_line(e)}") from None
+    _check_module(f"bundle {path}", module, meta["class_names"])
     module = module.eval()
     meta.update(format=BUNDLE_FORMAT, format_version=BUNDLE_FORMAT_VERSION, wsss_version=wsss.__version__,
                 torch_version=torch.__version__)
@@ -186,25 +231,41 @@ def temp_path_beside(path: str, suffix: str) -> str:
     return tmp
 
 
+def starts_like_zip(path: str) -> bool:
+    """Whether the file starts with a zip entry's signature (so one that zipfile.is_zipfile
+    refuses lost its end: a cut-short copy or download)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def read_bundle_metadata(path: str) -> Dict[str, Any]:
-    """The metadata of a bundle without loading its module (cheap; validates the format)."""
+    """The metadata of a bundle without loading its module (cheap; validates the format and
+    every field, as save_bundle does)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise BundleError(f"bundle {path}: is a directory, not a bundle file")
     if not os.path.isfile(path):
         raise BundleError(f"bundle {path}: no such file")
     if not zipfile.is_zipfile(path):
+        if starts_like_zip(path):
+            raise BundleError(f"bundle {path}: is corrupted or truncated (a zip file without its central directory)")
         raise BundleError(f"bundle {path}: not a TorchScript archive (not a zip file)")
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-        if not any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-            raise BundleError(f"bundle {path}: not a TorchScript archive (no code/ folder); a wsss bundle is "
-                              f"written by wsss-export (or wsss.bundle.save_bundle), not by torch.save")
-        found = [n for n in names if n.endswith("/extra/" + METADATA_FILE)]
-        if not found:
-            raise BundleError(f"bundle {path}: no {METADATA_FILE} in the archive (not a wsss bundle; write bundles "
-                              f"with wsss-export or wsss.bundle.save_bundle)")
-        raw = zf.read(found[0])
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if not any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+                raise BundleError(f"bundle {path}: not a TorchScript archive (no code/ folder); a wsss bundle is "
+                                  f"written by wsss-export (or wsss.bundle.save_bundle), not by torch.save")
+            found = [n for n in names if n.endswith("/extra/" + METADATA_FILE)]
+            if not found:
+                raise BundleError(f"bundle {path}: no {METADATA_FILE} in the archive (not a wsss bundle; write "
+                                  f"bundles with wsss-export or wsss.bundle.save_bundle)")
+            raw = zf.read(found[0])
+    except ZIP_DAMAGE as e:
+        raise BundleError(f"bundle {path}: is corrupted or truncated ({first_line(e)})") from None
     return _parse_metadata(path, raw)
 
 
@@ -225,6 +286,7 @@ def _parse_metadata(path: str, raw: bytes) -> Dict[str, Any]:
     missing = [k for k in list(_REQUIRED) + list(_DEFAULTS) if k not in meta]
     if missing:
         raise BundleError(f"bundle {path}: invalid {METADATA_FILE}: missing {', '.join(missing)}")
+    _validate_metadata(meta, f"bundle {path}: invalid {METADATA_FILE}")
     return meta
 
 
@@ -316,8 +378,8 @@ class Bundle:
                 if not changed():
                     return module
         except Exception as e:
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"bundle {self.path}: could not be loaded again for its {dev} predictor: {why}") from None
+            raise BundleError(f"bundle {self.path}: could not be loaded again for its {dev} predictor: "
+                              f"{first_line(e)}") from None
         raise BundleError(f"bundle {self.path}: the file changed on disk after it was loaded (sha256 "
                           f"{self.sha256[:12]}...); load it again")
 
@@ -405,6 +467,8 @@ class BundlePredictor:
             tiles = tiles.unsqueeze(0)
         if tiles.dim() != 4 or tiles.shape[1] != 3:
             raise BundleError(f"predictor: tiles must have shape [N, 3, H, W], got {list(tiles.shape)}")
+        if tiles.dtype != torch.uint8 and not tiles.is_floating_point():  # (what TissueSegmenter takes)
+            raise BundleError(f"predictor: tiles must be uint8 or floating point (0..255), got {tiles.dtype}")
         return tiles
 
     def _run(self, x: Tensor, with_scores: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -673,7 +737,9 @@ def load_bundle(path: str, *, device: str = "cpu", verify: bool = True) -> Bundl
     """Load a bundle written by save_bundle.  The wsss op library is loaded first (the module
     calls torch.ops.wsss.*).  verify=True recomputes the content hash (detects a corrupted or
     edited bundle).  Raises BundleError naming the file for: missing file, not a TorchScript
-    archive, no/invalid wsss_bundle.json, unsupported format version, hash mismatch."""
+    archive, a damaged zip, no/invalid wsss_bundle.json (any field save_bundle would refuse),
+    unsupported format version, hash mismatch, a module without TissueSegmenter's signature or
+    with another number of classes than class_names."""
     import wsss.ops  # noqa: F401  (loads the op library the module calls)
 
     path = os.fspath(path)
@@ -684,7 +750,7 @@ def load_bundle(path: str, *, device: str = "cpu", verify: bool = True) -> Bundl
     try:
         module = torch.jit.load(path, map_location=device, _extra_files=extra)
     except Exception as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = first_line(e)
         made_with = saved.get("torch_version")
         if made_with and made_with != torch.__version__:
             # NB: TorchScript archives hold code compiled by the saving torch: sure to load in that
@@ -701,4 +767,5 @@ def load_bundle(path: str, *, device: str = "cpu", verify: bool = True) -> Bundl
         if actual != meta.get("content_hash"):
             raise BundleError(f"bundle {path}: content hash mismatch (file corrupted or edited): "
                               f"metadata says {meta.get('content_hash')}, contents give {actual}")
+    _check_module(f"bundle {path}", module, meta["class_names"])
     return Bundle(module=module.eval(), metadata=meta, sha256=file_sha256(path), path=path, file_identity=identity)

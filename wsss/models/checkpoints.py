@@ -75,22 +75,27 @@ def load_checkpoint_file(path) -> Any:
     import warnings
     import zipfile
 
+    from wsss.bundle import METADATA_FILE, ZIP_DAMAGE, first_line, starts_like_zip
+
     path = os.fspath(path)
     if os.path.isdir(path):
         raise BundleError(f"checkpoint {path}: is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise BundleError(f"checkpoint {path}: no such file")
     if zipfile.is_zipfile(path):
-        from wsss.bundle import METADATA_FILE
-
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except ZIP_DAMAGE as e:
+            raise BundleError(f"checkpoint {path}: is corrupted or truncated ({first_line(e)})") from None
         if any(n.endswith("/extra/" + METADATA_FILE) for n in names):
             raise BundleError(f"checkpoint {path}: is a wsss model bundle (what wsss-export and wsss-train-seg "
                               f"--bundle write, for wsss-infer), not a training checkpoint")
         if any("/code/" in n for n in names):
             raise BundleError(f"checkpoint {path}: is a TorchScript archive, not a training checkpoint "
                               f"(a torch.save file of a state_dict)")
+    elif starts_like_zip(path):
+        raise BundleError(f"checkpoint {path}: is corrupted or truncated (a zip file without its central directory)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -100,8 +105,7 @@ def load_checkpoint_file(path) -> Any:
             raise BundleError(f"checkpoint {path}: holds pickled Python objects (e.g. a whole nn.Module), not "
                               f"only tensors and plain containers; wsss reads checkpoints with weights_only=True "
                               f"and unpickles nothing else (save the model's state_dict())") from None
-        text = str(e).strip()
-        detail = type(e).__name__ if not text or "weights_only" in text else text.splitlines()[0]
+        detail = type(e).__name__ if "weights_only" in str(e) else first_line(e)
         raise BundleError(f"checkpoint {path}: not a PyTorch checkpoint ({detail})") from None
 
 
@@ -118,7 +122,11 @@ def read_checkpoint(path: str, *, expected_kind: Optional[str] = None) -> Checkp
     if "model" in obj and isinstance(obj["model"], Mapping):
         source_format = "wsss"
         state_dict = obj["model"]
-        config = dict(obj.get("config") or {})
+        config = obj.get("config") or {}
+        if not isinstance(config, Mapping):
+            raise BundleError(f"checkpoint {path}: its 'config' must be a dict (the training settings), "
+                              f"got {type(config).__name__}")
+        config = dict(config)
         epoch = obj.get("epoch")
         declared_kind = obj.get("kind")
     elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -128,6 +136,9 @@ def read_checkpoint(path: str, *, expected_kind: Optional[str] = None) -> Checkp
     else:
         source_format = "reference-stage1"
         state_dict = obj
+    bad = [k for k in state_dict if not isinstance(k, str)]
+    if bad:
+        raise BundleError(f"checkpoint {path}: not a state_dict: keys {bad[:3]} are not strings")
     state_dict = _strip_prefix(state_dict)
     bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
     if bad:
@@ -192,6 +203,14 @@ def load_matching_state_dict(model: torch.nn.Module, state_dict: Mapping[str, Te
     model.load_state_dict(state_dict, strict=not except_prefixes)
 
 
+def _channels(state_dict: Mapping[str, Tensor], key: str, where: str) -> int:
+    """The leading (output channel) size of a weight, or BundleError if it has none."""
+    shape = tuple(state_dict[key].shape)
+    if not shape or shape[0] < 1:
+        raise BundleError(f"{where}: {key} has shape {list(shape)}, expected [out_channels, in_channels, kh, kw]")
+    return int(shape[0])
+
+
 def _width_from(channels: int, reference: int, where: str) -> float:
     width = channels / reference
     if width <= 0:
@@ -205,10 +224,10 @@ def classifier_from_state_dict(state_dict: Mapping[str, Tensor], *, num_classes:
     for key in ("conv1a.weight", "fc8.weight"):
         if key not in state_dict:
             raise BundleError(f"{where}: not a ResNet-38 classifier: key {key} is missing")
-    k = int(state_dict["fc8.weight"].shape[0])
+    k = _channels(state_dict, "fc8.weight", where)
     if num_classes is not None and k != num_classes:
         raise BundleError(f"{where}: wrong num_classes: the classifier has {k} classes, expected {num_classes}")
-    width = _width_from(int(state_dict["conv1a.weight"].shape[0]), 64, where)
+    width = _width_from(_channels(state_dict, "conv1a.weight", where), 64, where)
     model = ResNet38Classifier(k, width=width)
     load_matching_state_dict(model, state_dict, where)
     return model.eval()
@@ -221,10 +240,10 @@ def segmenter_from_state_dict(state_dict: Mapping[str, Tensor], *, num_classes: 
     for key in ("backbone.conv1.weight", "decoder.last_conv.8.weight"):
         if key not in state_dict:
             raise BundleError(f"{where}: not a DeepLabV3+ segmenter: key {key} is missing")
-    k = int(state_dict["decoder.last_conv.8.weight"].shape[0])
+    k = _channels(state_dict, "decoder.last_conv.8.weight", where)
     if num_classes is not None and k != num_classes:
         raise BundleError(f"{where}: wrong num_classes: the segmenter has {k} classes, expected {num_classes}")
-    width = _width_from(int(state_dict["backbone.conv1.weight"].shape[0]), 64, where)
+    width = _width_from(_channels(state_dict, "backbone.conv1.weight", where), 64, where)
     pattern = re.compile(r"backbone\.layer(\d)\.(\d+)\.")
     depth = [0, 0, 0, 0]
     for key in state_dict:
