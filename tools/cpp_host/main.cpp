@@ -27,6 +27,7 @@
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -148,11 +149,15 @@ void check_metadata(const std::string& path, const std::string& json) {
     fail("bundle " + path + ": unsupported format_version (this host reads version 1)");
 }
 
-// The metadata's tile_size (-1 when it has none).
-int64_t metadata_tile_size(const std::string& json) {
+// The H x W a .pt2 package is compiled for, from its "wsss_tile_hw" metadata ("HxW"; written by
+// wsss.cli.export.export_pt2); {-1, -1} when it has none.
+// NB: not the bundle JSON's tile_size by pattern: that matched the first "tile_size" in the text,
+// and the JSON's sorted keys put "config" (the training settings) before it.
+std::pair<int64_t, int64_t> package_tile_hw(const std::unordered_map<std::string, std::string>& meta) {
+  auto it = meta.find("wsss_tile_hw");
   std::smatch m;
-  if (!std::regex_search(json, m, std::regex("\"tile_size\":\\s*([0-9]+)"))) return -1;
-  return std::stoll(m[1].str());
+  if (it == meta.end() || !std::regex_match(it->second, m, std::regex("([0-9]+)x([0-9]+)"))) return {-1, -1};
+  return {std::stoll(m[1].str()), std::stoll(m[2].str())};
 }
 
 }  // namespace
@@ -169,6 +174,7 @@ int main(int argc, char** argv) {
   torch::jit::Module bundle;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> package;
   std::string metadata;
+  std::pair<int64_t, int64_t> package_hw{-1, -1};
   try {
     if (args.has("--bundle")) {
       std::unordered_map<std::string, std::string> extra{{kMetadataFile, ""}};
@@ -184,6 +190,7 @@ int main(int argc, char** argv) {
       setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", 0);
       package = std::make_unique<torch::inductor::AOTIModelPackageLoader>(args.get("--pt2"));
       auto meta = package->get_metadata();
+      package_hw = package_tile_hw(meta);
       metadata = meta.count(kMetadataFile) ? meta[kMetadataFile] : "";
       check_metadata(args.get("--pt2"), metadata);
     }
@@ -209,9 +216,9 @@ int main(int argc, char** argv) {
          " bytes each)");
   const int64_t n = static_cast<int64_t>(raw.size()) / tile_bytes;
   if (package) {
-    const int64_t size = metadata_tile_size(metadata);
-    if (size > 0 && (height != size || width != size))
-      fail("--pt2 " + args.get("--pt2") + " is compiled for " + std::to_string(size) + "x" + std::to_string(size) +
+    const auto [size_h, size_w] = package_hw;
+    if (size_h > 0 && (height != size_h || width != size_w))
+      fail("--pt2 " + args.get("--pt2") + " is compiled for " + std::to_string(size_h) + "x" + std::to_string(size_w) +
            " tiles, got --height " + std::to_string(height) + " --width " + std::to_string(width) +
            " (a TorchScript bundle takes any tile size)");
   }

@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name the same file (links and hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # (one of them does not exist yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _check_args(args: argparse.Namespace) -> None:
     from wsss.errors import WsssError
 
@@ -59,8 +67,13 @@ def _check_args(args: argparse.Namespace) -> None:
         folder = os.path.dirname(os.path.abspath(path)) if path is not None else None
         if folder is not None and not os.path.isdir(folder):
             raise WsssError(f"{flag} {path}: folder {folder} does not exist")
-    if args.pt2 is not None and os.path.abspath(args.pt2) == os.path.abspath(args.out):
+    if args.pt2 is not None and _same_file(args.pt2, args.out):
         raise WsssError("--pt2 and --out must be different files")
+    for flag, path in (("--out", args.out), ("--pt2", args.pt2)):
+        for source_flag, source in (("--classifier", args.classifier), ("--segmenter", args.segmenter)):
+            if path is not None and _same_file(path, source):
+                raise WsssError(f"{flag} {path} is the {source_flag} checkpoint: writing it would overwrite "
+                                f"that input (name another file)")
     if not 0.0 <= args.eps < 1.0:
         raise WsssError(f"--eps must be in [0, 1), got {args.eps}")
     if not (args.input_scale > 0 and math.isfinite(args.input_scale)):  # (NaN fails every comparison)
@@ -100,8 +113,9 @@ def export_pt2(module, example_tiles, path: str, *, max_batch: int = 64, metadat
 
     The package's forward takes tiles [N,3,H,W] uint8 and returns [labels, scores, class_prob]
     (scores always computed).  The wsss custom ops stay graph nodes (torch.ops.wsss.*), so a
-    host must load the op library first.  Metadata (bundle JSON) goes in the package's
-    aot_inductor.metadata as {"wsss_bundle.json": ...}.
+    host must load the op library first.  The package's aot_inductor.metadata holds the bundle
+    JSON ("wsss_bundle.json") and the H x W it is compiled for ("wsss_tile_hw": "HxW"), which a
+    host checks its tiles against without parsing JSON.
     """
     import torch
     from torch.export import Dim
@@ -122,9 +136,10 @@ def export_pt2(module, example_tiles, path: str, *, max_batch: int = 64, metadat
     if not any(t.startswith("wsss.") for t in targets):
         from wsss.errors import BundleError
         raise BundleError("export: the exported graph lost the wsss custom ops (expected wsss.gate_argmax)")
-    configs: Dict[str, Any] = {}
+    h, w = (int(v) for v in example_tiles.shape[-2:])
+    configs: Dict[str, Any] = {"aot_inductor.metadata": {"wsss_tile_hw": f"{h}x{w}"}}
     if metadata is not None:
-        configs["aot_inductor.metadata"] = {"wsss_bundle.json": json.dumps(metadata, sort_keys=True)}
+        configs["aot_inductor.metadata"]["wsss_bundle.json"] = json.dumps(metadata, sort_keys=True)
     return torch._inductor.aoti_compile_and_package(exported, package_path=path, inductor_configs=configs)
 
 
@@ -215,47 +230,47 @@ def export_bundle(classifier: str, segmenter: str, out: str, *, dataset: Optiona
     extra_metadata: more bundle metadata keys (e.g. the demo bundle's synthetic_only)."""
     import torch
 
-    from wsss.bundle import load_bundle, save_bundle, temp_path_beside
-    from wsss.errors import BundleError
+    from wsss.bundle import first_line, load_bundle, save_bundle, temp_path_beside
+    from wsss.errors import BundleError, WsssError
     from wsss.models import TissueSegmenter
     from wsss.models.checkpoints import classifier_from_state_dict, read_checkpoint, segmenter_from_state_dict
 
-    cls_ckpt = read_checkpoint(classifier, expected_kind="classifier")
-    seg_ckpt = read_checkpoint(segmenter, expected_kind="segmenter")
-    description = choose_dataset(dataset, seg_ckpt.config, cls_ckpt.config)
-    k = len(description.class_names)
-    cls_net = classifier_from_state_dict(cls_ckpt.state_dict, num_classes=k, where=f"--classifier {cls_ckpt.path}")
-    seg_net = segmenter_from_state_dict(seg_ckpt.state_dict, num_classes=k, where=f"--segmenter {seg_ckpt.path}")
-    module = TissueSegmenter(cls_net, seg_net, eps=eps, input_scale=input_scale).eval()
-    if tile_size is None:
-        tile_size = default_tile_size(seg_ckpt.config)
-
-    metadata = {
-        "class_names": list(description.class_names),
-        "palette": [list(c) for c in description.palette],
-        "background_index": int(description.background_index),
-        "tile_size": int(tile_size),
-        "mpp": mpp if mpp is not None else description.mpp,
-        "input_scale": input_scale,
-        "gate_eps": eps,
-        "config": {
-            "dataset": description.name,
-            "classifier": {"checkpoint": os.path.basename(cls_ckpt.path), "format": cls_ckpt.source_format,
-                           "width": cls_net.width, "epoch": cls_ckpt.epoch, "train_config": cls_ckpt.config},
-            "segmenter": {"checkpoint": os.path.basename(seg_ckpt.path), "format": seg_ckpt.source_format,
-                          "backbone": seg_net.backbone_name, "width": seg_net.width,
-                          "output_stride": seg_net.output_stride, "epoch": seg_ckpt.epoch,
-                          "train_config": seg_ckpt.config},
-        },
-    }
-    metadata.update(extra_metadata or {})
-    g = torch.Generator().manual_seed(seed)
-    tiles = torch.randint(0, 256, (check_tiles, 3, tile_size, tile_size), dtype=torch.uint8, generator=g)
-    with torch.inference_mode():
-        expected = module(tiles, True)
-
     written = []
-    try:
+    try:  # NB: from the first read on: a malformed checkpoint is one line too
+        cls_ckpt = read_checkpoint(classifier, expected_kind="classifier")
+        seg_ckpt = read_checkpoint(segmenter, expected_kind="segmenter")
+        description = choose_dataset(dataset, seg_ckpt.config, cls_ckpt.config)
+        k = len(description.class_names)
+        cls_net = classifier_from_state_dict(cls_ckpt.state_dict, num_classes=k, where=f"--classifier {cls_ckpt.path}")
+        seg_net = segmenter_from_state_dict(seg_ckpt.state_dict, num_classes=k, where=f"--segmenter {seg_ckpt.path}")
+        module = TissueSegmenter(cls_net, seg_net, eps=eps, input_scale=input_scale).eval()
+        if tile_size is None:
+            tile_size = default_tile_size(seg_ckpt.config)
+
+        metadata = {
+            "class_names": list(description.class_names),
+            "palette": [list(c) for c in description.palette],
+            "background_index": int(description.background_index),
+            "tile_size": int(tile_size),
+            "mpp": mpp if mpp is not None else description.mpp,
+            "input_scale": input_scale,
+            "gate_eps": eps,
+            "config": {
+                "dataset": description.name,
+                "classifier": {"checkpoint": os.path.basename(cls_ckpt.path), "format": cls_ckpt.source_format,
+                               "width": cls_net.width, "epoch": cls_ckpt.epoch, "train_config": cls_ckpt.config},
+                "segmenter": {"checkpoint": os.path.basename(seg_ckpt.path), "format": seg_ckpt.source_format,
+                              "backbone": seg_net.backbone_name, "width": seg_net.width,
+                              "output_stride": seg_net.output_stride, "epoch": seg_ckpt.epoch,
+                              "train_config": seg_ckpt.config},
+            },
+        }
+        metadata.update(extra_metadata or {})
+        g = torch.Generator().manual_seed(seed)
+        tiles = torch.randint(0, 256, (check_tiles, 3, tile_size, tile_size), dtype=torch.uint8, generator=g)
+        with torch.inference_mode():
+            expected = module(tiles, True)
+
         tmp_bundle = temp_path_beside(out, ".pt")
         written.append(tmp_bundle)
         save_bundle(tmp_bundle, module, metadata)
@@ -272,10 +287,10 @@ def export_bundle(classifier: str, segmenter: str, out: str, *, dataset: Optiona
             report["pt2"] = compare_outputs(expected, tuple(got), "AOTInductor package")
             os.replace(tmp_pt2, pt2)
         os.replace(tmp_bundle, out)
-    except BundleError:
+    except WsssError:
         raise
     except Exception as e:  # export/compile failures: one line, nothing half-written
-        raise BundleError(f"export failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+        raise BundleError(f"export failed: {type(e).__name__}: {first_line(e)}") from e
     finally:
         for path in written:
             if os.path.exists(path):
