@@ -38,6 +38,31 @@ def test_overlay_labels_of_another_size_are_resized_nearest(tmp_path):
     assert (got[:20, 30:60] == 100).all() and (got[20:, :30] == 100).all()
 
 
+def test_overlay_legend_names_each_class_in_its_colour(tmp_path):
+    """With class names the overlay gets a legend strip below the two panels: a swatch of each
+    class's colour and its name; the panels themselves are unchanged."""
+    from wsss.runner.writers import legend_strip
+
+    rng = np.random.default_rng(3)
+    thumb = rng.integers(0, 256, (40, 300, 3), dtype=np.uint8)
+    labels = rng.integers(0, 5, (40, 300)).astype(np.uint8)
+    names = ["tumour epithelium", "necrosis", "lymphocytes", "stroma"]
+    write_overlay(tmp_path / "plain.png", thumb, labels, PALETTE, 4)
+    write_overlay(tmp_path / "legend.png", thumb, labels, PALETTE, 4, class_names=names)
+    plain = np.asarray(Image.open(tmp_path / "plain.png"))
+    got = np.asarray(Image.open(tmp_path / "legend.png"))
+    strip = legend_strip(names, PALETTE, 600)
+    assert got.shape == (40 + len(strip), 600, 3)
+    np.testing.assert_array_equal(got[:40], plain)
+    np.testing.assert_array_equal(got[40:], strip)
+    for colour in PALETTE[:4]:  # each swatch, and text (dark pixels) beside it
+        assert (strip == colour).all(axis=2).sum() >= 50
+    assert (strip.max(axis=2) < 80).sum() > 100
+    narrow = legend_strip(names, PALETTE, 120)  # wraps onto more lines rather than cutting names off
+    assert narrow.shape[1] == 120 and len(narrow) > len(strip)
+    assert all((narrow == c).all(axis=2).sum() >= 50 for c in PALETTE[:4])
+
+
 def test_tissue_qc_dims_glass_and_outlines_tissue_and_tiles(tmp_path):
     thumb = np.random.default_rng(1).integers(0, 256, (50, 50, 3), dtype=np.uint8)
     mask = np.zeros((50, 50), bool)

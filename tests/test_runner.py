@@ -238,13 +238,14 @@ def test_one_thumbnail_read_per_slide(tmp_path, monkeypatch, tissue, mpp, k):
     # the overview level here is level 0
     assert res.status == "done" and calls == ([] if tissue == "none" else [1.0])
     overlay = np.asarray(Image.open(tmp_path / "out" / "overlay.png"))
-    assert overlay.shape == (320 * k, 2 * 300 * k, 3)  # thumbnail | legend colours, at the overview level
+    # thumbnail | label colours, at the overview level; then the legend strip (class names)
+    assert overlay.shape[1:] == (2 * 300 * k, 3) and 320 * k < overlay.shape[0] <= 320 * k + 80
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["tiles"]["thumbnail_from_tiles"] is (tissue == "none")
     if tissue == "auto":
         assert 0.5 < run["tissue"]["fraction"] < 0.7  # the right 190 of 300 columns
     if tissue == "auto":
-        np.testing.assert_array_equal(overlay[:, :100], 240)  # glass: background, no tint
+        np.testing.assert_array_equal(overlay[:320 * k, :100], 240)  # glass: background, no tint
 
 
 def _box_mean(img: np.ndarray, f: int) -> np.ndarray:
@@ -337,7 +338,8 @@ def test_overlay_of_a_flat_slide_comes_from_the_tiles(tmp_path, monkeypatch):
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["tiles"]["thumbnail_from_tiles"] is True
     labels = tifffile.imread(tmp_path / "out" / "labels.tiff", key=1)  # the overview level (1100 / 2 <= 1024)
-    writers.write_overlay(tmp_path / "want.png", _box_mean(img, 2).astype(np.uint8), labels, PALETTE, 4)
+    writers.write_overlay(tmp_path / "want.png", _box_mean(img, 2).astype(np.uint8), labels, PALETTE, 4,
+                          class_names=model(tile=64).class_names)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "overlay.png")),
                                   np.asarray(Image.open(tmp_path / "want.png")))
     # a slide with a level as coarse as the overview: that level is read (cheaper than summing)

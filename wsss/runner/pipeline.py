@@ -523,7 +523,8 @@ class _SlideRun:
         # rows arrive (the labels from the pyramid, during the tiles on the early path); a
         # thumbnail neither read for tissue detection nor summed from the tiles is read at the end
         overlay = state["overlay"] = writers.OverlayWriter(self.stage / "overlay.png", *self.sizes[self.overview],
-                                                           self.model.palette, self.bg)
+                                                           self.model.palette, self.bg,
+                                                           class_names=self.model.class_names)
         if tile_thumb is not None:
             overlay.watch_thumbnail(tile_thumb)
             tile_thumb.on_rows = overlay.thumbnail_rows

@@ -15,6 +15,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -557,15 +558,16 @@ def _save_png(path: Path, rgb: np.ndarray) -> None:
 
 
 def write_overlay(path: Path, thumb: np.ndarray, labels: np.ndarray, palette, background_index: int,
-                  alpha: float = 0.45) -> None:
+                  alpha: float = 0.45, class_names: Optional[Sequence[str]] = None) -> None:
     """Slide thumbnail with class colours blended in where a class was assigned (left), beside
-    the class colours alone (right); labels of another size are resized to the thumbnail's."""
+    the class colours alone (right), with a legend strip below them where ``class_names`` are
+    given; labels of another size are resized to the thumbnail's."""
     from PIL import Image
 
     h, w = thumb.shape[:2]
     if labels.shape != (h, w):
         labels = np.asarray(Image.fromarray(labels).resize((w, h), resample=Image.NEAREST))
-    with OverlayWriter(path, w, h, palette, background_index, alpha=alpha) as out:
+    with OverlayWriter(path, w, h, palette, background_index, alpha=alpha, class_names=class_names) as out:
         out.set_thumbnail(thumb)
         out.add_labels(labels)
         out.finish()
@@ -580,6 +582,10 @@ class OverlayWriter:
     so after the last tile only the last rows are left to do (at 32768^2 on an H100 the overlay
     took 0.63 s of that tail).
 
+    With ``class_names``, a legend strip (a colour swatch and the name of each class) follows
+    the rows, so the picture reads without areas.json beside it; its height is known from the
+    start (the PNG header comes first).
+
     NB: the PNG is written here, not by PIL, because PIL cannot take an image a band at a time.
     It is a plain 8-bit RGB PNG: each row with the Sub filter (the byte three to the left
     subtracted, which suits both a photograph and flat colours), zlib level 1 (a preview: size
@@ -588,12 +594,13 @@ class OverlayWriter:
     """
 
     def __init__(self, path: Path, width: int, height: int, palette, background_index: int, *,
-                 alpha: float = 0.45) -> None:
+                 alpha: float = 0.45, class_names: Optional[Sequence[str]] = None) -> None:
         import zlib
 
         self.path, self.width, self.height = Path(path), int(width), int(height)
         self.background_index = background_index
         self._lut = palette_lut(palette, background_index)
+        self._legend = None if not class_names else legend_strip(class_names, palette, 2 * self.width)
         self._weight = np.uint16(round(alpha * 256))
         self._labels: List[np.ndarray] = []  # label rows received, not yet written
         self._label_rows = 0
@@ -607,7 +614,8 @@ class OverlayWriter:
         fd, tmp = files.new_temp_file(self.path.parent, f".{self.path.name}.{temp_tag()}.", ".tmp")
         self._tmp = Path(tmp)
         self._file = os.fdopen(fd, "wb")
-        self._chunk(b"IHDR", np.array([2 * self.width, self.height], ">u4").tobytes() + bytes([8, 2, 0, 0, 0]))
+        total_height = self.height + (0 if self._legend is None else len(self._legend))
+        self._chunk(b"IHDR", np.array([2 * self.width, total_height], ">u4").tobytes() + bytes([8, 2, 0, 0, 0]))
 
     def set_thumbnail(self, thumb: np.ndarray) -> None:
         """The whole thumbnail, uint8 [h, w, 3] (box-resized to the overlay's size if it differs)."""
@@ -648,6 +656,8 @@ class OverlayWriter:
             if self._written != self.height:
                 raise RuntimeError(f"overlay: {self._written} of {self.height} rows written "
                                    f"({self._label_rows} label rows, thumbnail {'set' if self._thumb is not None else 'not set'})")
+            if self._legend is not None:
+                self._idat(self._zlib.compress(_sub_filtered(self._legend)))
             self._idat(self._zlib.flush(), last=True)
             self._chunk(b"IEND", b"")
             if self._error is not None:
@@ -707,11 +717,9 @@ class OverlayWriter:
         blend >>= 8
         w3 = 3 * self.width
         raw = np.empty((r1 - r0, 1 + 2 * w3), np.uint8)
-        raw[:, 0] = 1  # the Sub filter
         raw[:, 1:1 + w3] = blend.reshape(r1 - r0, w3)
         raw[:, 1 + w3:] = colour.reshape(r1 - r0, w3)
-        raw[:, 4:] -= raw[:, 1:-3].copy()  # (each byte minus the one three to its left, mod 256)
-        self._idat(self._zlib.compress(raw))
+        self._idat(self._zlib.compress(_sub_filtered(raw, filled=True)))
         self._written = r1
 
     IDAT_BYTES = 1 << 16
@@ -724,6 +732,55 @@ class OverlayWriter:
         for i in range(0, n, self.IDAT_BYTES):
             self._chunk(b"IDAT", bytes(self._compressed[i:min(n, i + self.IDAT_BYTES)]))
         del self._compressed[:n]
+
+
+def _sub_filtered(rows: np.ndarray, filled: bool = False) -> np.ndarray:
+    """PNG scanlines of RGB ``rows`` (uint8 [n, w, 3]) with the Sub filter: a filter byte, then
+    each byte minus the one three to its left (mod 256).  ``filled``: ``rows`` already is
+    [n, 1 + 3w] with the pixels from column 1 (filtered in place)."""
+    if filled:
+        raw = rows
+    else:
+        raw = np.empty((len(rows), 1 + rows.shape[1] * 3), np.uint8)
+        raw[:, 1:] = rows.reshape(len(rows), -1)
+    raw[:, 0] = 1
+    raw[:, 4:] -= raw[:, 1:-3].copy()
+    return raw
+
+
+def legend_strip(class_names: Sequence[str], palette, width: int) -> np.ndarray:
+    """uint8 [h, width, 3]: a white strip with a colour swatch and the name of each class, left
+    to right, wrapped onto more lines where ``width`` is too narrow (the overlay's legend).
+
+    NB: PIL's built-in font (a scalable one since Pillow 10.1, else its bitmap font): no font
+    file to find on the machine; the text is sized to the picture (11-28 px)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = int(min(28, max(11, width // 60)))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # (Pillow < 10.1)
+        font = ImageFont.load_default()
+    pad, gap = max(4, size // 2), size
+    line_h = size + pad
+    entries, x, lines = [], pad, 1
+    for k, name in enumerate(class_names):
+        text_w = int(math.ceil(font.getlength(str(name))))
+        entry_w = size + pad // 2 + text_w
+        if x > pad and x + entry_w > width - pad:
+            x, lines = pad, lines + 1
+        entries.append((x, pad + (lines - 1) * line_h, k, str(name)))
+        x += entry_w + gap
+    img = Image.new("RGB", (int(width), pad + lines * line_h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for x, y, k, name in entries:
+        colour = tuple(int(v) for v in palette[k])
+        draw.rectangle([x, y, x + size - 1, y + size - 1], fill=colour, outline=(96, 96, 96))
+        if isinstance(font, ImageFont.FreeTypeFont):
+            draw.text((x + size + pad // 2, y + size / 2), name, fill=(0, 0, 0), font=font, anchor="lm")
+        else:  # (the bitmap font takes no anchor)
+            draw.text((x + size + pad // 2, y), name, fill=(0, 0, 0), font=font)
+    return np.asarray(img)
 
 
 def inner_boundary(mask: np.ndarray) -> np.ndarray:
