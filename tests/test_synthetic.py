@@ -149,3 +149,9 @@ def test_a_failed_slide_write_leaves_nothing(tmp_path, monkeypatch, fail_in):
     with pytest.raises(KeyboardInterrupt):
         write_synthetic_slide(str(path), 300, 200, seed=1, mpp=1.0, tile_size=64)
     assert sorted(os.listdir(tmp_path)) == ["s.tif"] and path.read_bytes() == b"an earlier slide"
+
+
+def test_patch_dataset_refuses_what_no_patch_can_meet(tmp_path):
+    """A patch that never has enough tissue was kept anyway (its 1000th try): now an error."""
+    with pytest.raises(ValueError, match="in 1000 tries has 101% tissue"):
+        write_patch_dataset(tmp_path, n_train=1, n_val=0, n_test=0, patch=32, min_tissue=1.01)

@@ -74,6 +74,9 @@ def write_patch_dataset(root: str, *, n_train: int, n_val: int, n_test: int, pat
                 label = patch_label(labels, num_classes, min_fraction)
                 if tissue >= min_tissue and label.any():
                     break
+            else:  # (it kept the last try, which had too little tissue or no class at all)
+                raise ValueError(f"no {patch}-px patch of {split} {i} in 1000 tries has {min_tissue:.0%} tissue and a "
+                                 f"class over {min_fraction:.0%} of it: lower min_tissue or min_fraction")
             stem = f"syn{seed}_{split}{i:05d}-{patch}-{attempt}"
             if split == "train":
                 name = f"{stem}-{format_label(label, desc)}.png"
