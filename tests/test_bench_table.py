@@ -43,6 +43,20 @@ def test_runner_rounds_pooled_over_files(tmp_path, capsys):
                    "| 0.200 s | +45.0% (+37.5 / +52.5%) |"]
 
 
+def test_runner_rounds_of_other_settings_are_not_pooled(tmp_path, capsys):
+    files = []
+    for i, precision in enumerate(["float32", "bfloat16"]):
+        path = tmp_path / f"r{i}.json"
+        b = end_to_end([1.0], [1.1], [1.2], (1.0, 1.6))
+        b["extra_info"].update(precision=precision, batch=8)
+        path.write_text(json.dumps({"benchmarks": [b]}))
+        files.append(str(path))
+    assert bench_table().main(files + ["--runner"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| overlapped")]
+    assert [r.split(" | ")[0] for r in rows] == ["| overlapped, demo, 196, cpu; precision float32, batch 8",
+                                                 "| overlapped, demo, 196, cpu; precision bfloat16, batch 8"]
+
+
 def test_several_files_only_with_runner(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"benchmarks": []}))

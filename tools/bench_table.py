@@ -142,20 +142,27 @@ def runner_table(paths: list) -> list[str]:
     import numpy as np
 
     pooled: dict = defaultdict(lambda: defaultdict(list))
+    others: list = []
     for path in paths:
         with open(path) as f:
             for b in json.load(f)["benchmarks"]:
                 e = b["extra_info"]
                 if "tile_stage_s_all" not in e:
-                    continue  # not an end-to-end benchmark
-                key = (e.get("pipeline", "overlapped"), b["params"].get("slide_model", "") if b.get("params") else "",
-                       e["tiles"], e["device"])
+                    others.append(b)  # (memory, MONAI, many slides: the second table)
+                    continue
+                # NB: rounds are pooled only across runs of one configuration: files of another
+                # precision, batch, overlap, ... (or another bundle) make rows of their own
+                model = b["params"].get("slide_model", "") if b.get("params") else ""
+                config = ", ".join(f"{k} {e[k]}" for k in ("precision", "batch", "overlap", "workers", "threads",
+                                                         "output_tile") if e.get(k) is not None)
+                key = (e.get("pipeline", "overlapped"), model + (f" {e['model_identity']}" if "model_identity" in e else ""),
+                       e["tiles"], e["device"], config)
                 for k in ("model_only_s_all", "tile_stage_s_all", "total_s_all"):
                     pooled[key][k] += e.get(k, [])
                 if "first_total_s" in e:
                     pooled[key]["first_total_s"].append(e["first_total_s"])
                     pooled[key]["first_model_only_s"].append(e["first_model_only_s"])
-    lines = ["| pipeline, model, tiles, device | rounds | model only | tile stage: overhead (quartiles) "
+    lines = ["| pipeline, model, tiles, device; settings | rounds | model only | tile stage: overhead (quartiles) "
              "| whole run: overhead (quartiles) | after the last tile | first slide: whole run |",
              "|---|---:|---:|---:|---:|---:|---:|"]
 
@@ -165,15 +172,38 @@ def runner_table(paths: list) -> list[str]:
         r = 100 * (np.asarray(xs) / np.asarray(ms) - 1)
         return f"{np.median(r):+.1f}% ({np.quantile(r, .25):+.1f} / {np.quantile(r, .75):+.1f}%)"
 
-    for (pipeline, model, tiles, device), v in pooled.items():
+    for (pipeline, model, tiles, device, config), v in pooled.items():
         ms = v["model_only_s_all"]
         # (the outputs' tail: whole run minus tile stage, per round; mostly a fixed cost)
         tail = np.subtract(v["total_s_all"], v["tile_stage_s_all"]) if len(v["total_s_all"]) == len(v["tile_stage_s_all"]) else []
-        lines.append(f"| {pipeline}, {model or 'bundle'}, {tiles}, {device} | {len(ms)} | {np.median(ms):.3f} s | "
+        lines.append(f"| {pipeline}, {model or 'bundle'}, {tiles}, {device}{'; ' + config if config else ''} | {len(ms)} | "
+                     f"{np.median(ms):.3f} s | "
                      f"{pct(v['tile_stage_s_all'], ms)} | {pct(v['total_s_all'], ms)} | "
                      f"{f'{np.median(tail):.3f} s' if len(tail) else '-'} | "
                      f"{pct(v['first_total_s'], v['first_model_only_s']) if v['first_total_s'] else '-'} |")
-    return lines
+    return lines + other_runner_rows(others)
+
+
+def other_runner_rows(benchmarks: list) -> list[str]:
+    """The runner benchmarks that are not one slide's overhead: peak memory, MONAI, many slides."""
+    import numpy as np
+
+    rows = []
+    for b in benchmarks:
+        e, name = b["extra_info"], b["name"]
+        if "run_rss_growth_difference_mb" in e:
+            s, g = e["small_stats"], e["big_stats"]
+            rows.append(f"| {name} | peak RSS growth {e['small']}^2: {s['growth_mb']:.0f} MB ({s['tiles_run']} tiles), "
+                        f"{e['big']}^2: {g['growth_mb']:.0f} MB ({g['tiles_run']} tiles); difference "
+                        f"{e['run_rss_growth_difference_mb']:+.0f} MB for {e['area_ratio']:.0f}x the area |")
+        elif "monai_over_runner_tile_stage" in e:
+            rows.append(f"| {name} | MONAI sliding_window_inference takes {e['monai_over_runner_tile_stage']:.2f}x the "
+                        f"runner's tile stage ({e['megapixels']:.1f} Mpx) |")
+        elif "total_overhead_paired" in e and "wall_s_all" in e:
+            rows.append(f"| {name} | {e['slides']} slides, {e['tiles']} tiles: whole runs "
+                        f"{100 * e['total_overhead_paired']:+.1f}% over the model alone (median of "
+                        f"{len(e['wall_s_all'])} paired rounds; {np.median(e['wall_s_all']):.2f} s) |")
+    return ["", "| other runner benchmark | result |", "|---|---|"] + rows if rows else []
 
 
 def main(argv=None) -> int:
