@@ -308,7 +308,7 @@ def test_end_to_end(benchmark, bench_slide, slide_model, tmp_path, pipeline):
     mpx = len(tiles) * tile * tile / 1e6
     benchmark.extra_info.update(
         tiles=len(tiles), tile=tile, overlap=OVERLAP, batch=BATCH, workers=WORKERS, threads=torch.get_num_threads(), device=DEVICE,
-        output_tile=OUTPUT_TILE, model_identity=slide_model.identity[:12],
+        output_tile=OUTPUT_TILE, bundle=os.path.basename(os.environ.get("WSSS_BENCH_BUNDLE", "")) or None,
         precision=slide_model.description.get("precision"), megapixels=mpx, stages_s=stages,
         model_only_s=t_model, model_only_mpx_per_s=mpx / t_model, tile_stage_mpx_per_s=mpx / stages["tiles"],
         total_mpx_per_s=mpx / stages["wall"], tile_stage_overhead=stages["tiles"] / t_model - 1.0,

@@ -155,8 +155,8 @@ def runner_table(paths: list) -> list[str]:
                 model = b["params"].get("slide_model", "") if b.get("params") else ""
                 config = ", ".join(f"{k} {e[k]}" for k in ("precision", "batch", "overlap", "workers", "threads",
                                                          "output_tile") if e.get(k) is not None)
-                key = (e.get("pipeline", "overlapped"), model + (f" {e['model_identity']}" if "model_identity" in e else ""),
-                       e["tiles"], e["device"], config)
+                # (a bundle given with WSSS_BENCH_BUNDLE is named; else the generated one of the parameter)
+                key = (e.get("pipeline", "overlapped"), e.get("bundle") or model, e["tiles"], e["device"], config)
                 for k in ("model_only_s_all", "tile_stage_s_all", "total_s_all"):
                     pooled[key][k] += e.get(k, [])
                 if "first_total_s" in e:
