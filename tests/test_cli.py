@@ -20,21 +20,47 @@ def _frames(*filenames):
     return frame
 
 
+def _wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def test_an_interrupt_inside_an_import_is_sent_again_later(monkeypatch):
     sent = []
-    monkeypatch.setattr(cli, "_send_sigint_later", lambda delay: sent.append(delay))
+    monkeypatch.setattr(cli, "_send_sigint", lambda: sent.append(time.monotonic()))
     handler = cli._ImportSafeInterrupt()
     in_import = _frames("/x/torch/__init__.py", "<frozen importlib._bootstrap>", "/x/wsss/cli/infer.py")
-    assert handler(signal.SIGINT, in_import) is None  # held back ...
-    deadline = time.monotonic() + 5
-    while not sent and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert sent == [0.01]  # ... and sent again in 10 ms
+    outside = _frames("/x/wsss/runner/pipeline.py", "/x/wsss/cli/infer.py")
+    assert handler(signal.SIGINT, in_import) is None and handler.held  # held back ...
+    assert handler(signal.SIGINT, in_import) is None  # (a second press joins the re-send on its way)
+    _wait_for(lambda: sent)
+    time.sleep(0.05)
+    assert len(sent) == 1  # ... and sent again once, 10 ms later
     with pytest.raises(KeyboardInterrupt):  # outside any import: at once
-        handler(signal.SIGINT, _frames("/x/wsss/runner/pipeline.py", "/x/wsss/cli/infer.py"))
+        handler(signal.SIGINT, outside)
+    assert not handler.held
     with pytest.raises(KeyboardInterrupt):  # an import that holds it back too long loses it
         handler.held_since = time.monotonic() - cli.INTERRUPT_GRACE_S - 1
         handler(signal.SIGINT, in_import)
+
+
+def test_raising_or_closing_cancels_a_resend_on_its_way(monkeypatch):
+    """Two presses, the second outside the import before the first's re-send: the re-send is
+    dropped (it would land in the handling of the first, or after ``run`` returned); after
+    ``close`` a re-send already sent is swallowed."""
+    sent = []
+    monkeypatch.setattr(cli, "_send_sigint", lambda: sent.append(1))
+    handler = cli._ImportSafeInterrupt()
+    handler(signal.SIGINT, _frames("<frozen importlib._bootstrap>"))
+    with pytest.raises(KeyboardInterrupt):
+        handler(signal.SIGINT, _frames("/x/wsss/cli/infer.py"))
+    time.sleep(0.1)
+    assert sent == []
+    handler(signal.SIGINT, _frames("<frozen importlib._bootstrap>"))
+    handler.close()
+    time.sleep(0.1)
+    assert sent == [] and handler(signal.SIGINT, _frames("/x/wsss/cli/infer.py")) is None
 
 
 _PROBE = """

@@ -26,20 +26,52 @@ class _ImportSafeInterrupt:
     next import (the scikit-image preload, a reader) waited forever, as did the command for
     them.  One raised in a C extension's initialisation leaves that module unimportable
     ("cannot load module more than once per process").  Both seen with Ctrl-C in the first
-    second of ``wsss-infer --demo``."""
+    second of ``wsss-infer --demo``.
+
+    At most one re-send is on its way (more presses while one is join it); raising cancels it,
+    and ``close`` (``run`` returning) cancels it and swallows one already sent, so no interrupt
+    escapes ``run``; ``held`` says one was held back and never raised (``run`` counts it)."""
 
     def __init__(self) -> None:
+        import threading
+
         self.held_since: Optional[float] = None
+        self._lock = threading.Lock()
+        self._resending = False
+        self._generation = 0  # (raising starts a new one: a re-send of an older one is dropped)
+        self._closed = False
+
+    @property
+    def held(self) -> bool:
+        return self.held_since is not None
 
     def __call__(self, signum, frame) -> None:
+        if self._closed:
+            return  # (a re-send that crossed run's return: the command is ending anyway)
         now = time.monotonic()
         if _inside_import(frame) and (self.held_since is None or now - self.held_since < INTERRUPT_GRACE_S):
             if self.held_since is None:
                 self.held_since = now
-            _thread.start_new_thread(_send_sigint_later, (0.01,))
+            with self._lock:
+                if not self._resending:
+                    self._resending = True
+                    _thread.start_new_thread(self._send_again, (self._generation,))
             return
-        self.held_since = None
+        with self._lock:
+            self.held_since = None
+            self._generation += 1
         raise KeyboardInterrupt
+
+    def _send_again(self, generation: int) -> None:
+        time.sleep(0.01)
+        with self._lock:
+            self._resending = False
+            if not self._closed and generation == self._generation:
+                _send_sigint()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
 
 
 def _inside_import(frame) -> bool:
@@ -50,14 +82,13 @@ def _inside_import(frame) -> bool:
     return False
 
 
-def _send_sigint_later(delay_s: float) -> None:
-    time.sleep(delay_s)
+def _send_sigint() -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
 def _install_interrupt_handler():
-    """The handler above in place of Python's default, from the main thread only; returns
-    what to restore (None: nothing was changed)."""
+    """The handler above in place of Python's default, from the main thread only; returns it
+    and what to restore (None: nothing was changed)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -65,8 +96,9 @@ def _install_interrupt_handler():
     previous = signal.getsignal(signal.SIGINT)
     if previous is not signal.default_int_handler:  # (someone else's handler, or SIGINT ignored)
         return None
-    signal.signal(signal.SIGINT, _ImportSafeInterrupt())
-    return previous
+    handler = _ImportSafeInterrupt()
+    signal.signal(signal.SIGINT, handler)
+    return handler, previous
 
 
 def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
@@ -78,9 +110,12 @@ def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optiona
     # NB: a warning for the user (bf16 on a CPU without bf16 units, ...) reads as one line of the
     # command, not as Python's "file:line: RuntimeWarning:" with a line of source code
     warnings.formatwarning = lambda message, category, *a, **k: f"{prog}: warning: {message}\n"
-    previous_handler = _install_interrupt_handler()
+    installed = _install_interrupt_handler()
     try:
-        return int(body(argv) or 0)
+        rc = int(body(argv) or 0)
+        if installed is not None and installed[0].held:
+            raise KeyboardInterrupt  # (pressed during the last import: it still ends the command)
+        return rc
     except WsssError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -99,5 +134,6 @@ def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optiona
         print(f"{prog}: error: {e}", file=sys.stderr)  # (a missing or mismatched op library: how to rebuild)
         return 2
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
+        if installed is not None:
+            installed[0].close()
+            signal.signal(signal.SIGINT, installed[1])
