@@ -318,12 +318,55 @@ def test_a_cut_short_jpeg_tile_is_named(tmp_path, compression):
     with tifffile.TiffFile(path) as t:
         off, count = t.pages[0].dataoffsets[0], t.pages[0].databytecounts[0]
     data = bytearray(path.read_bytes())
-    data[off + count // 2:off + count] = bytes(count - count // 2)
+    coded = data.find(b"\xff\xda" if compression == "jpeg" else b"\xff\x93", off, off + count) + 2
+    cut = (coded + off + count) // 2  # (inside the coded data: before it a decoder says more itself)
+    data[cut:off + count] = bytes(off + count - cut)
     path.write_bytes(bytes(data))
     with open_slide(path, reader="tifffile", mpp=0.5) as r:
         assert np.abs(r.read_region(0, 32, 32, 32, 32).astype(int) - img[32:, 32:]).mean() < 3  # intact tiles read
         with pytest.raises(SlideError, match=r"level 0 tile 0 \(row 0, column 0\) cannot be decoded .*cut short"):
             r.read_region(0, 0, 0, 32, 32)
+
+
+@pytest.mark.parametrize("fmt,compression,kw", [("JPEG", 7, {}), ("JPEG2000", 33003, {"no_jp2": True})])
+def test_only_codestreams_without_their_end_count_as_cut_short(fmt, compression, kw):
+    """Whatever trails a whole codestream (zero padding, a stray FF, spaces: files that decode
+    exactly) is fine; a codestream cut inside its coded data is not."""
+    import io
+
+    from PIL import Image
+
+    from wsss.slide.reader import _cut_short
+
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, **kw)
+    whole = buf.getvalue()
+    for tail in (b"", bytes(7), b"\xff", b"  ", b"\x12\x34"):
+        assert not _cut_short(whole + tail, compression), tail
+    assert _cut_short(whole[:len(whole) // 2], compression)
+    assert _cut_short(whole[:len(whole) // 2] + bytes(len(whole) // 2), compression)
+    assert not _cut_short(whole[:len(whole) // 2], 8)  # (zlib: not a codestream this checks)
+
+
+def test_a_tiff_without_a_photometric_tag_reads_as_rgb(tmp_path):
+    """No PhotometricInterpretation tag (tifffile then says 0): libtiff's guess, RGB for 3
+    samples, as the old reader read it; it was refused as a damaged file."""
+    import struct
+
+    path = tmp_path / "nophot.tif"
+    img = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    tifffile.imwrite(path, img, tile=(32, 32), photometric="rgb", compression="zlib")
+    data = bytearray(path.read_bytes())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        if struct.unpack_from("<H", data, ifd + 2 + 12 * i)[0] == 262:
+            struct.pack_into("<H", data, ifd + 2 + 12 * i, 65000)  # (an unknown private tag instead)
+    path.write_bytes(bytes(data))
+    with tifffile.TiffFile(path) as t:
+        assert 262 not in t.pages[0].tags
+    with open_slide(path, reader="tifffile", mpp=0.5) as r:
+        np.testing.assert_array_equal(r.read_region(0, 0, 0, 64, 64), img)
 
 
 @pytest.mark.parametrize("photometric", ["palette", "miniswhite", "separated", "ycbcr"])

@@ -270,9 +270,23 @@ class _DamagedTiff(SlideError):
 # TIFF photometric and compression codes
 _MINISBLACK, _RGB, _YCBCR = 1, 2, 6
 _JPEG = 7
-# compression -> how its chunks start where they are codestreams that end with the marker FFD9
-# (JPEG's EOI; JPEG 2000's EOC, the last marker of a raw codestream, SOC SIZ ...)
-_CODESTREAM_START = {_JPEG: b"\xff\xd8", **{c: b"\xff\x4f\xff\x51" for c in (33003, 33004, 33005, 34712)}}
+# compression -> (how its chunks start where they are codestreams, the marker that starts their
+# coded data: JPEG's SOS, JPEG 2000's SOD).  Both end with the marker FFD9 (EOI; EOC), which the
+# coded data cannot contain (JPEG stuffs FF with 00 or RSTn; JPEG 2000 follows FF with < 0x90),
+# so a whole codestream has an FFD9 after its last coded-data marker, whatever trails it.
+_CODESTREAMS = {_JPEG: (b"\xff\xd8", b"\xff\xda"),
+                **{c: (b"\xff\x4f\xff\x51", b"\xff\x93") for c in (33003, 33004, 33005, 34712)}}
+
+
+def _cut_short(data: bytes, compression: int) -> bool:
+    """Whether a JPEG / JPEG 2000 chunk is a codestream without its end (a decoder fills the
+    rest with grey without a word)."""
+    kind = _CODESTREAMS.get(compression)
+    if kind is None or not data.startswith(kind[0]):
+        return False
+    return data.rfind(b"\xff\xd9") < data.rfind(kind[1])
+
+
 # OME length units in micrometres (micro sign U+00B5 and Greek mu U+03BC both occur)
 _OME_UM = {"\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
@@ -449,7 +463,9 @@ class TiffSlideReader(SlideReader):
         # grey: palette indices, inverted grey (MINISWHITE), CMYK or raw YCbCr came out wrong
         # (open_slide's "auto" then opens a tiled one with OpenSlide, which converts them)
         photometric, compression = int(page.photometric), int(page.compression)
-        if getattr(page.photometric, "name", None) is None:  # (tifffile knows them all)
+        if 262 not in page.tags:  # no PhotometricInterpretation tag: libtiff's guess from the samples
+            photometric = _RGB if len(shape) == 3 and shape[2] >= 3 else _MINISBLACK
+        elif getattr(page.photometric, "name", None) is None:  # (tifffile knows them all)
             raise _DamagedTiff(f"{self.path}: photometric {photometric} is not a colour model TIFF defines "
                                f"(damaged file?)")
         if not (photometric in (_MINISBLACK, _RGB) or (photometric == _YCBCR and compression == _JPEG)):
@@ -549,10 +565,8 @@ class TiffSlideReader(SlideReader):
         if count == 0 or offset == 0:
             return np.full((ch, cw, samples), 255, np.uint8)  # sparse (never written) tile
         data = self._read_bytes(level, index, offset, count)
-        start = _CODESTREAM_START.get(int(page.compression))
-        if start is not None and data.startswith(start) and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-            # NB: the decoder fills the rest of a cut-short codestream with grey without a word
-            # (OpenSlide says "Premature end of JPEG file"); ignoring zero padding after it
+        if _cut_short(data, int(page.compression)):
+            # NB: OpenSlide says "Premature end of JPEG file"; tifffile's decoder said nothing
             raise SlideError(f"{self.path}: level {level} tile {index} (row {cy}, column {cx}) cannot be "
                              f"decoded (corrupt tile?): its {page.compression.name} data is cut short "
                              f"(no end marker FFD9)")
