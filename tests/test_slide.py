@@ -606,6 +606,12 @@ def test_detect_tissue_with_no_glass_in_view_keeps_all_of_it(tmp_path):
     with open_slide(path) as r:
         mask, _ = detect_tissue(SlideView(r, plan_scale(r, 1.0)))
     assert mask.fraction() == pytest.approx(0.5, abs=0.02)
+    img[:, : w // 5] = (240, 232, 226)  # tinted glass (saturation ~0.06) on the left fifth, beside both
+    img[:, w // 5: w // 2] = (235, 170, 205)
+    write_pyramid(path, [img], mpp=1.0)
+    with open_slide(path) as r:
+        mask, _ = detect_tissue(SlideView(r, plan_scale(r, 1.0)))
+    assert mask.fraction() == pytest.approx(0.8, abs=0.02)
 
 
 def test_detect_tissue_blank_slide_is_empty(tmp_path):
