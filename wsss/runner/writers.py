@@ -752,15 +752,19 @@ def legend_strip(class_names: Sequence[str], palette, width: int) -> np.ndarray:
     """uint8 [h, width, 3]: a white strip with a colour swatch and the name of each class, left
     to right, wrapped onto more lines where ``width`` is too narrow (the overlay's legend).
 
-    NB: PIL's built-in font (a scalable one since Pillow 10.1, else its bitmap font): no font
-    file to find on the machine; the text is sized to the picture (11-28 px)."""
+    NB: DejaVu Sans where the machine has it (most Linux systems), else PIL's built-in font (a
+    scalable one since Pillow 10.1, else its bitmap font), which has ASCII only: other letters
+    (Ñ, µ) came out as boxes.  The text is sized to the picture (11-28 px)."""
     from PIL import Image, ImageDraw, ImageFont
 
     size = int(min(28, max(11, width // 60)))
     try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # (Pillow < 10.1)
-        font = ImageFont.load_default()
+        font = ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        try:
+            font = ImageFont.load_default(size=size)
+        except TypeError:  # (Pillow < 10.1)
+            font = ImageFont.load_default()
     pad, gap = max(4, size // 2), size
     line_h = size + pad
     entries, x, lines = [], pad, 1
