@@ -405,6 +405,11 @@ def test_what_the_run_says(tmp_path, bundle, capsys, monkeypatch):
     assert "wsss-infer: warning: a.tif: --mpp 0.25 overrides the slide's own 0.5 um/px" in err
     assert "downsampled x2" in err
     assert "a.tif: warning: no tissue found (the slide has no colour: detection looks for stained tissue)" in err
+    aniso = tmp_path / "aniso.tif"  # 0.5 x 0.25 um/px: refused without --mpp, said with it
+    tifffile.imwrite(aniso, np.full((70, 90, 3), 240, np.uint8), tile=(32, 32), photometric="rgb",
+                     resolution=(2e4, 4e4), resolutionunit="CENTIMETER")
+    assert main([str(aniso), "--model", str(bundle), "-o", str(tmp_path / "o3"), "--mpp", "0.5", "--no-progress"]) == 0
+    assert "--mpp 0.5 reads as square pixels a slide whose metadata says 0.5 x 0.25 um/px" in capsys.readouterr().err
     monkeypatch.setenv("WSSS_BUNDLE", str(tmp_path / "gone.pt"))
     assert main([str(s), "-o", str(tmp_path / "o2")]) == 2
     assert "(the bundle named by $WSSS_BUNDLE)" in capsys.readouterr().err

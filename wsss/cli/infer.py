@@ -362,10 +362,13 @@ def _check_output_dir(folder: Path) -> List[Path]:
 
 def _warn_if_mpp_overrides(reader, mpp: Optional[float]) -> None:
     """--mpp overrides a slide's own resolution metadata: say so where the two disagree."""
-    own = reader.metadata_mpp
+    own, xy = reader.metadata_mpp, reader.metadata_mpp_xy
     if mpp is not None and own is not None and abs(own / mpp - 1.0) > 0.05:
         print(f"{PROG}: warning: {reader.path.name}: --mpp {mpp:g} overrides the slide's own {own:.4g} um/px",
               file=sys.stderr)
+    elif mpp is not None and own is None and xy is not None and xy[0] != xy[1]:  # (non-square: refused without --mpp)
+        print(f"{PROG}: warning: {reader.path.name}: --mpp {mpp:g} reads as square pixels a slide whose metadata "
+              f"says {xy[0]:.4g} x {xy[1]:.4g} um/px", file=sys.stderr)
 
 
 def run_demo(args) -> int:

@@ -82,6 +82,11 @@ class SlideReader:
         return self._metadata_mpp_plausible and self._metadata_mpp_square
 
     @property
+    def metadata_mpp_xy(self) -> Optional[Tuple[float, float]]:
+        """Level-0 (x, y) microns per pixel as the file's metadata says, square or not (None: none)."""
+        return None if self._metadata_mpp is None else tuple(float(v) for v in self._metadata_mpp)
+
+    @property
     def metadata_mpp(self) -> Optional[float]:
         """Level-0 microns per pixel from the file's own metadata (mean of x and y; None where it
         has none, an implausible one or non-square pixels), whatever ``mpp_override`` says."""
