@@ -408,7 +408,7 @@ def test_what_the_run_says(tmp_path, bundle, capsys, monkeypatch):
     aniso = tmp_path / "aniso.tif"  # 0.5 x 0.25 um/px: refused without --mpp, said with it
     tifffile.imwrite(aniso, np.full((70, 90, 3), 240, np.uint8), tile=(32, 32), photometric="rgb",
                      resolution=(2e4, 4e4), resolutionunit="CENTIMETER")
-    assert main([str(aniso), "--model", str(bundle), "-o", str(tmp_path / "o3"), "--mpp", "0.5", "--no-progress"]) == 0
+    assert main([str(aniso), "--model", str(bundle), "-o", str(tmp_path / "o4"), "--mpp", "0.5", "--no-progress"]) == 0
     assert "--mpp 0.5 reads as square pixels a slide whose metadata says 0.5 x 0.25 um/px" in capsys.readouterr().err
     monkeypatch.setenv("WSSS_BUNDLE", str(tmp_path / "gone.pt"))
     assert main([str(s), "-o", str(tmp_path / "o2")]) == 2
