@@ -309,6 +309,22 @@ def test_unwritable_output(tmp_path, bundle, capsys, unwritable_folder):
     assert not out.exists()
 
 
+def test_a_slide_whose_own_folder_is_read_only_says_to_pass_o(tmp_path, bundle, capsys, monkeypatch):
+    """Without -o results go beside the slide; slides on a read-only share fail there with a hint."""
+    import wsss.runner.pipeline as pipeline
+    from wsss.errors import WsssError
+
+    s = slide(tmp_path / "a.tif")
+
+    def read_only(folder):
+        raise WsssError(f"output directory {folder} cannot be written: Read-only file system")
+
+    monkeypatch.setattr(pipeline, "check_output_dir", read_only)
+    assert main([str(s), "--model", str(bundle)]) == 1
+    assert "cannot be written: Read-only file system; pass -o OUTDIR to write the results elsewhere" in \
+        capsys.readouterr().err
+
+
 def test_output_is_a_file(tmp_path, bundle, capsys):
     s = slide(tmp_path / "a.tif")
     f = tmp_path / "file"

@@ -37,10 +37,19 @@ def how_to_get_a_bundle() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Segment whole slides into tissue classes with a wsss model bundle.",
-        epilog="Outputs per slide: labels.tiff, overlay.png, tissue_qc.png, areas.json, areas.csv, "
-               "polygons.geojson, run.json (probs.tiff with --probs); labels.tiff and the areas' pixel counts "
-               "are at the model's resolution (run.json: scale). Exit status: 0 all slides done or "
-               "skipped, 1 some slide failed, 2 bad arguments/bundle (nothing run).")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  wsss-infer --demo demo_out                            synthetic slide + shipped demo model, prints accuracy\n"
+               "  wsss-infer slide.svs --model bundle.pt                outputs in slide.wsss/ beside the slide\n"
+               "  wsss-infer slides/ -m bundle.pt -o results/           every slide of a folder, results/<name>/ each\n"
+               "  wsss-infer slides/ -m bundle.pt -o results/ --resume  skip the slides already done\n"
+               "  wsss-infer scan.tif -m bundle.pt --mpp 0.25           a TIFF without resolution metadata\n"
+               "\n"
+               "Outputs per slide: labels.tiff, overlay.png, tissue_qc.png, areas.json, areas.csv,\n"
+               "polygons.geojson, run.json (probs.tiff with --probs); labels.tiff and the areas' pixel\n"
+               "counts are at the model's resolution (run.json: scale), polygons in level-0 pixels of the\n"
+               "slide.  Exit status: 0 all slides done or skipped, 1 some slide failed, 2 bad\n"
+               "arguments/bundle (nothing run).  More: docs/runner.md.")
     p.add_argument("slides", nargs="*", metavar="SLIDE",
                    help="slide files (.svs, .ndpi, .mrxs, .tif, OME-TIFF, ...) or folders of them")
     p.add_argument("-m", "--model", metavar="BUNDLE",
@@ -334,10 +343,11 @@ def run_many(args, slides: List[Path]) -> int:
             if not args.output:
                 try:
                     made += _check_output_dir(o)
-                except WsssError as e:
+                except WsssError as e:  # (slides on a read-only share: the default folder is beside them)
+                    message = f"{e}; pass -o OUTDIR to write the results elsewhere"
                     good.remove((s, o))
-                    bad.append((s, str(e)))
-                    print(f"{Path(s).name}: FAILED: {e}", file=sys.stderr)
+                    bad.append((s, message))
+                    print(f"{Path(s).name}: FAILED: {message}", file=sys.stderr)
     try:
         results = run_slides([s for s, _ in good], model, [o for _, o in good], options) if good else []
     finally:

@@ -972,7 +972,8 @@ def check_distinct_out_dirs(slides: Sequence, out_dirs: Sequence) -> None:
     for slide, out_dir in zip(slides, out_dirs):
         key = Path(out_dir).resolve()
         if key in seen:
-            raise WsssError(f"slides {seen[key]} and {slide} would write to the same folder {out_dir}")
+            raise WsssError(f"slides {seen[key]} and {slide} would write to the same folder {out_dir}; run them "
+                            f"with separate -o folders (e.g. one per case folder)")
         seen[key] = slide
 
 
