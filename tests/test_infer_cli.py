@@ -449,6 +449,20 @@ def test_synthetic_only_bundle_on_a_slide_is_flagged(tmp_path, capsys):
            "meaningless" in capsys.readouterr().err
 
 
+def test_any_bundle_trained_on_synthetic_data_is_flagged(tmp_path, capsys):
+    from wsss.bundle import save_bundle
+
+    path = tmp_path / "syn.pt"
+    save_bundle(str(path), script_module(RedClassModule()), {
+        "class_names": ["A", "B", "C", "D"], "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]],
+        "background_index": 4, "tile_size": 32, "mpp": 0.5, "synthetic_only": True,
+        "config": {"dataset": "synthetic-4"}})
+    assert main([str(slide(tmp_path / "a.tif")), "--model", str(path), "-o", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+    assert f"{path} is a model trained on generated tissue only (dataset synthetic-4): its maps of real slides " \
+           "are meaningless" in capsys.readouterr().err
+
+
 def test_ctrl_c_mid_run_leaves_finished_slides_and_nothing_half_written(tmp_path, bundle):
     """SIGINT while the second of three slides runs (the first one's outputs being written
     behind it): one line and exit 130; the first slide complete, the others absent or complete,

@@ -519,6 +519,7 @@ def test_the_four_commands_end_to_end(tmp_path, capsys, monkeypatch):
                      "--val-split", "none", "--classifier", clf, "--bundle", str(bundle)] + small) == 0
     b = load_bundle(bundle)
     assert b.metadata["tile_size"] == 32 and b.metadata["config"]["segmenter"]["train_config"]["patch_size"] == 32
+    assert b.metadata["synthetic_only"] is True  # (trained on wsss.synthetic data: wsss-infer warns on real slides)
     report = tmp_path / "m.json"
     assert eval_main([data, "--segmenter", str(tmp_path / "seg" / "segmenter_best.pt"), "--classifier", clf,
                       "--json", str(report), "--quiet"]) == 0

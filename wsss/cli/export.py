@@ -265,6 +265,8 @@ def export_bundle(classifier: str, segmenter: str, out: str, *, dataset: Optiona
                               "train_config": seg_ckpt.config},
             },
         }
+        if description.name.startswith("synthetic-"):  # (wsss.synthetic's datasets: wsss-infer warns on real slides)
+            metadata["synthetic_only"] = True
         metadata.update(extra_metadata or {})
         g = torch.Generator().manual_seed(seed)
         tiles = torch.randint(0, 256, (check_tiles, 3, tile_size, tile_size), dtype=torch.uint8, generator=g)

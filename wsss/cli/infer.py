@@ -270,9 +270,11 @@ def _load_model(path: str, args):
         print(f"{PROG}: note: a CUDA GPU is visible, but the model runs on the CPU by default: "
               f"--device auto (or cuda) runs it on the GPU", file=sys.stderr)
     if bundle.metadata.get("synthetic_only") and not args.demo:
-        print(f"{PROG}: warning: {path} is the synthetic-only demo model, trained on generated tissue: its "
-              f"maps of real slides are meaningless (train or export a real bundle: wsss-infer --help)",
-              file=sys.stderr)
+        what = "the synthetic-only demo model, trained on generated tissue" \
+            if Path(path).resolve() == demo_bundle_path().resolve() else \
+            f"a model trained on generated tissue only (dataset {bundle.metadata['config'].get('dataset', '?')})"
+        print(f"{PROG}: warning: {path} is {what}: its maps of real slides are meaningless (train or export a "
+              f"real bundle: wsss-infer --help)", file=sys.stderr)
     return model
 
 
