@@ -88,7 +88,7 @@ def test_wsss_info_reports_backends_and_threads():
     assert isinstance(info["cpu"]["bf16_matrix_units"], bool)
     assert info["runner"]["reader_processes_on_cuda"] == ((os.cpu_count() or 1) >= 8)  # (WSSS_READER_PROCESSES unset)
     text = subprocess.run([sys.executable, "-m", "wsss.info"], capture_output=True, text=True, env=env, timeout=120)
-    assert "wsss::gate_argmax" in text.stdout and "bf16 matrix units" in text.stdout and "runner on CUDA" in text.stdout
+    assert "wsss::gate_argmax" in text.stdout and "bf16 matrix units" in text.stdout and "runner with a model on CUDA" in text.stdout
 
 
 def test_library_shares_the_process_libstdcxx():

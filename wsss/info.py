@@ -118,7 +118,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     r = info["runner"]
     shm = "no /dev/shm" if r["shared_memory_free_mb"] is None else f"/dev/shm {r['shared_memory_free_mb']} MB free"
     n = r["outline_processes_on_cuda"]
-    print(f"runner on CUDA ({r['cores']} cores): tiles read in "
+    gpu = "" if info["cuda_available"] else ", were there a GPU"
+    print(f"runner with a model on CUDA ({r['cores']} cores{gpu}): tiles read in "
           f"{'worker processes' if r['reader_processes_on_cuda'] else 'threads'}, outlines traced in "
           f"{f'{n} worker process' + ('es' if n > 1 else '') if n else 'threads'}; {shm}")
     return 0
