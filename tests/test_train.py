@@ -480,6 +480,22 @@ def test_a_killed_pseudo_mask_run_is_not_taken_for_a_finished_one(tmp_path, monk
     PseudoMaskPatches(data, cfg.out_dir, ["bn7"], description)
 
 
+def test_train_cls_warns_when_the_loss_barely_moved(tmp_path, capsys, monkeypatch):
+    import wsss.train.classifier as classifier
+    from wsss.cli.train_cls import main as cls_main
+
+    def fake(history):
+        return lambda cfg, resume=True: {"checkpoint": str(tmp_path / "classifier.pt"), "finished": True,
+                                         "history": [{"epoch": i, "loss": v} for i, v in enumerate(history)]}
+
+    monkeypatch.setattr(classifier, "train_classifier", fake([0.70, 0.69, 0.68, 0.67]))
+    assert cls_main([str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert "warning: the loss barely moved (0.7000 in the first epoch, 0.6700 in the last)" in capsys.readouterr().err
+    monkeypatch.setattr(classifier, "train_classifier", fake([0.70, 0.50, 0.30, 0.20]))
+    assert cls_main([str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_cli_choices_are_the_libraries_own():
     """The training commands spell their choices out (their --help imports no torch); they must
     stay the ones the library accepts."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional, Sequence
 
 from wsss.cli import run
@@ -48,9 +49,19 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                            max_steps_per_epoch=args.max_steps_per_epoch,
                            stop_after_epochs=args.stop_after_epochs, progress=not args.quiet)
     result = train_classifier(cfg, resume=not args.no_resume)
-    last = result["history"][-1] if result["history"] else {}
+    history = result["history"]
+    last = history[-1] if history else {}
     print(f"wsss-train-cls: wrote {result['checkpoint']} (final loss {last.get('loss', float('nan')):.4f})")
+    if result.get("finished") and len(history) >= 3 and history[-1]["loss"] > STALL_RATIO * history[0]["loss"]:
+        # NB: from a random init on small data the attention can switch every CAM off and the
+        # loss sits near ln 2 per class (a user's run of docs/experiments.md's commands: 0.668)
+        print(f"wsss-train-cls: warning: the loss barely moved ({history[0]['loss']:.4f} in the first epoch, "
+              f"{history[-1]['loss']:.4f} in the last): the classifier may not have learned; check its CAMs with "
+              f"wsss-pseudo-masks --truth, or train from --init weights or with another --seed", file=sys.stderr)
     return 0
+
+
+STALL_RATIO = 0.9  # a last epoch's loss above this share of the first's: "barely moved"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
