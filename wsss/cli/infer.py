@@ -28,9 +28,9 @@ PROG = "wsss-infer"
 
 def how_to_get_a_bundle() -> str:
     return ("no model bundle: pass --model BUNDLE.pt, or set WSSS_BUNDLE=/path/to/bundle.pt, or write "
-            f'{{"bundle": "/path/to/bundle.pt"}} to {user_config_path()}. To get a bundle: train one '
-            "(wsss-train-cls, wsss-pseudo-masks, wsss-train-seg, then wsss-export), or export checkpoints of the "
-            "reference code (wsss-export --help); to see the runner work on a synthetic slide, run "
+            f'{{"bundle": "/path/to/bundle.pt"}} to {user_config_path()}. No real-tissue model comes with wsss; to '
+            "get a bundle, train one on your patches (wsss-train-cls, wsss-pseudo-masks, wsss-train-seg --bundle: "
+            "docs/training.md), or export checkpoints of the reference code (wsss-export --help); to see the runner work on a synthetic slide, run "
             "wsss-infer --demo OUTDIR (synthetic-only demo model)")
 
 
