@@ -500,6 +500,7 @@ def test_ctrl_c_mid_run_leaves_finished_slides_and_nothing_half_written(tmp_path
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130 and "wsss-infer: interrupted" in err and "Traceback" not in err, err
     assert json.loads((out / "a" / "run.json").read_text())["status"] == "complete"
+    assert "slides finished before the interrupt (a.tif" in err and "run again with --resume to skip them" in err
     for name in "bc":
         if (out / name).exists():
             assert json.loads((out / name / "run.json").read_text())["status"] == "complete", name

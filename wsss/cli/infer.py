@@ -18,6 +18,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -350,8 +351,12 @@ def run_many(args, slides: List[Path]) -> int:
                     good.remove((s, o))
                     bad.append((s, message))
                     print(f"{Path(s).name}: FAILED: {message}", file=sys.stderr)
+    started = time.time()
     try:
         results = run_slides([s for s, _ in good], model, [o for _, o in good], options) if good else []
+    except KeyboardInterrupt:
+        _say_what_finished(good, started)
+        raise
     finally:
         for folder in reversed(made):  # NB: a slide that failed leaves no empty <stem>.wsss/ (or -o folder)
             with contextlib.suppress(OSError):
@@ -361,6 +366,19 @@ def run_many(args, slides: List[Path]) -> int:
     skipped = sum(r.status == "skipped" for r in results)
     print(f"{PROG}: {done} done, {skipped} skipped (resume), {len(failed)} failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _say_what_finished(slides: Sequence[Tuple[Path, Path]], started: float) -> None:
+    """After Ctrl-C: how many slides this run finished (their run.json written since it started;
+    their outputs are complete) and that --resume skips them."""
+    done = []
+    for s, o in slides:
+        with contextlib.suppress(OSError):
+            if (o / "run.json").stat().st_mtime >= started:
+                done.append(Path(s).name)
+    if done:
+        print(f"{PROG}: {len(done)} of {len(slides)} slides finished before the interrupt ({', '.join(done)}: their "
+              f"outputs are complete); run again with --resume to skip them", file=sys.stderr)
 
 
 def _check_output_dir(folder: Path) -> List[Path]:
