@@ -28,7 +28,7 @@ def _wait_for(condition, timeout=5.0):
 
 def test_an_interrupt_inside_an_import_is_sent_again_later(monkeypatch):
     sent = []
-    monkeypatch.setattr(cli, "_send_sigint", lambda: sent.append(time.monotonic()))
+    monkeypatch.setattr(cli, "_send_signal", lambda signum: sent.append(time.monotonic()))
     handler = cli._ImportSafeInterrupt()
     in_import = _frames("/x/torch/__init__.py", "<frozen importlib._bootstrap>", "/x/wsss/cli/infer.py")
     outside = _frames("/x/wsss/runner/pipeline.py", "/x/wsss/cli/infer.py")
@@ -50,7 +50,7 @@ def test_raising_or_closing_cancels_a_resend_on_its_way(monkeypatch):
     dropped (it would land in the handling of the first, or after ``run`` returned); after
     ``close`` a re-send already sent is swallowed."""
     sent = []
-    monkeypatch.setattr(cli, "_send_sigint", lambda: sent.append(1))
+    monkeypatch.setattr(cli, "_send_signal", lambda signum: sent.append(signum))
     handler = cli._ImportSafeInterrupt()
     handler(signal.SIGINT, _frames("<frozen importlib._bootstrap>"))
     with pytest.raises(KeyboardInterrupt):

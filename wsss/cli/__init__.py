@@ -17,8 +17,13 @@ INTERRUPT_GRACE_S = 3.0  # the longest an import may hold back a Ctrl-C
 
 
 class _ImportSafeInterrupt:
-    """SIGINT handler: KeyboardInterrupt, except while the main thread is inside an import, where
-    the signal is sent again 10 ms later (until the import ends, or for INTERRUPT_GRACE_S at most).
+    """SIGINT (and SIGTERM, SIGHUP) handler: KeyboardInterrupt, except while the main thread is
+    inside an import, where the signal is sent again 10 ms later (until the import ends, or for
+    INTERRUPT_GRACE_S at most).  ``signum``: the signal that raised (or is held back).
+
+    NB: SIGTERM and SIGHUP (a batch system's time limit, a closed terminal) ended the process
+    at once, without the cleanup Ctrl-C gets: the slide's work folder stayed behind, and a slide
+    whose outputs were being written behind the next one's tiles was lost.
 
     NB: a KeyboardInterrupt raised in importlib's own bookkeeping can leave its global import
     lock held for good (CPython 3.11: in a module lock's weakref callback, where it is also
@@ -36,6 +41,7 @@ class _ImportSafeInterrupt:
         import threading
 
         self.held_since: Optional[float] = None
+        self.signum: Optional[int] = None
         self._lock = threading.Lock()
         self._resending = False
         self._generation = 0  # (raising starts a new one: a re-send of an older one is dropped)
@@ -48,6 +54,8 @@ class _ImportSafeInterrupt:
     def __call__(self, signum, frame) -> None:
         if self._closed:
             return  # (a re-send that crossed run's return: the command is ending anyway)
+        if self.signum is None or signum != signal.SIGINT:  # (a SIGTERM is not downgraded by a later Ctrl-C)
+            self.signum = signum
         now = time.monotonic()
         if _inside_import(frame) and (self.held_since is None or now - self.held_since < INTERRUPT_GRACE_S):
             if self.held_since is None:
@@ -67,7 +75,7 @@ class _ImportSafeInterrupt:
         with self._lock:
             self._resending = False
             if not self._closed and generation == self._generation:
-                _send_sigint()
+                _send_signal(self.signum)
 
     def close(self) -> None:
         with self._lock:
@@ -82,23 +90,29 @@ def _inside_import(frame) -> bool:
     return False
 
 
-def _send_sigint() -> None:
-    os.kill(os.getpid(), signal.SIGINT)
+def _send_signal(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+
+
+# signal -> the disposition the handler replaces (anything else, e.g. SIGHUP ignored under nohup,
+# or a handler of the caller's, is left alone)
+_HANDLED = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL}
 
 
 def _install_interrupt_handler():
-    """The handler above in place of Python's default, from the main thread only; returns it
-    and what to restore (None: nothing was changed)."""
+    """The handler above in place of Python's defaults, from the main thread only; returns it
+    and {signal: what to restore} (None: nothing was changed)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return None
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is not signal.default_int_handler:  # (someone else's handler, or SIGINT ignored)
-        return None
     handler = _ImportSafeInterrupt()
-    signal.signal(signal.SIGINT, handler)
-    return handler, previous
+    previous = {}
+    for signum, default in _HANDLED.items():
+        if signal.getsignal(signum) is default:
+            previous[signum] = default
+            signal.signal(signum, handler)
+    return (handler, previous) if previous else None
 
 
 def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
@@ -124,8 +138,10 @@ def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optiona
         print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        signum = (installed[0].signum if installed is not None else None) or signal.SIGINT
+        print(f"{prog}: {'interrupted' if signum == signal.SIGINT else 'stopped by ' + signal.Signals(signum).name}",
+              file=sys.stderr)
+        return 128 + int(signum)  # (130 for Ctrl-C, 143 for SIGTERM, as the shell reports signals)
     except ImportError as e:
         from wsss._library import OpLibraryError
 
@@ -136,4 +152,5 @@ def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optiona
     finally:
         if installed is not None:
             installed[0].close()
-            signal.signal(signal.SIGINT, installed[1])
+            for signum, disposition in installed[1].items():
+                signal.signal(signum, disposition)

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                "polygons.geojson, run.json (probs.tiff with --probs); labels.tiff and the areas' pixel\n"
                "counts are at the model's resolution (run.json: scale), polygons in level-0 pixels of the\n"
                "slide.  Exit status: 0 all slides done or skipped, 1 some slide failed, 2 bad\n"
-               "arguments/bundle (nothing run).  More: docs/runner.md.")
+               "arguments/bundle (nothing run), 130 Ctrl-C, 143 SIGTERM (finished slides stay complete).\n"
+               "More: docs/runner.md.")
     p.add_argument("slides", nargs="*", metavar="SLIDE",
                    help="slide files (.svs, .ndpi, .mrxs, .tif, OME-TIFF, ...) or folders of them")
     p.add_argument("-m", "--model", metavar="BUNDLE",
