@@ -785,6 +785,25 @@ def test_resume_sees_typed_out_defaults_as_the_same_run(tmp_path):
     assert run_slide(path, model(tile=32), out, opts(resume=True, overlap=6)).status == "done"
 
 
+@pytest.mark.parametrize("edit", ["null", "[]", '"complete"', "sizes_list", "sizes_strings", "sizes_empty"])
+def test_resume_redoes_a_slide_whose_run_json_is_not_a_finished_runs(tmp_path, edit):
+    """run.json that parses but is not what a finished run writes: the slide is redone (it
+    failed with an AttributeError on a null run.json)."""
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(60, 70)])
+    out = tmp_path / "out"
+    assert run_slide(path, model(tile=32), out, opts(resume=True)).status == "done"
+    info = json.loads((out / "run.json").read_text())
+    sizes = info["output_sizes"]
+    text = {"null": "null", "[]": "[]", '"complete"': '"complete"',
+            "sizes_list": json.dumps({**info, "output_sizes": list(sizes)}),
+            "sizes_strings": json.dumps({**info, "output_sizes": {k: str(v) for k, v in sizes.items()}}),
+            "sizes_empty": json.dumps({**info, "output_sizes": {}})}[edit]
+    (out / "run.json").write_text(text)
+    assert run_slide(path, model(tile=32), out, opts(resume=True)).status == "done"
+    assert run_slide(path, model(tile=32), out, opts(resume=True)).status == "skipped"
+
+
 def test_an_output_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     from wsss.runner import writers
 

@@ -172,10 +172,16 @@ def _is_complete(out_dir: Path, fp: str) -> bool:
         info = json.loads(run_json.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if info.get("status") != "complete" or info.get("fingerprint") != fp:
+    # NB: any run.json that is not what a finished run writes means "redo" (null, a list, sizes
+    # that are not a {name: bytes} object: the slide failed with an AttributeError instead)
+    if not isinstance(info, dict) or info.get("status") != "complete" or info.get("fingerprint") != fp:
         return False
-    return all((out_dir / name).is_file() and (out_dir / name).stat().st_size == size
-               for name, size in info.get("output_sizes", {}).items())
+    sizes = info.get("output_sizes")
+    if not isinstance(sizes, dict) or not sizes:
+        return False
+    return all(isinstance(name, str) and "/" not in name and isinstance(size, int)
+               and (out_dir / name).is_file() and (out_dir / name).stat().st_size == size
+               for name, size in sizes.items())
 
 
 def _versions() -> dict:
