@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from wsss.runner.writers import write_overlay, write_tissue_qc
+from wsss.runner.writers import QC_TILES, QC_TISSUE, legend_strip, write_overlay, write_tissue_qc
 
 PALETTE = [[205, 51, 51], [0, 255, 0], [65, 105, 225], [255, 165, 0], [255, 255, 255]]
 A = 115  # round(0.45 * 256): the overlay's integer alpha
@@ -83,6 +83,10 @@ def test_tissue_qc_without_detection_is_the_thumbnail(tmp_path):
     thumb = np.random.default_rng(2).integers(0, 256, (30, 20, 3), dtype=np.uint8)
     full = np.ones((30, 20), bool)
     write_tissue_qc(tmp_path / "q.png", thumb, full, full)  # (edges are no boundary)
+    got = np.asarray(Image.open(tmp_path / "q.png"))
+    np.testing.assert_array_equal(got[:30], thumb)  # then the legend: tissue found, tiles run (nothing dimmed)
+    np.testing.assert_array_equal(got[30:], legend_strip(["tissue found", "tiles run"], [QC_TISSUE, QC_TILES], 20))
+    write_tissue_qc(tmp_path / "q.png", thumb, full, full, legend=False)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "q.png")), thumb)
 
 

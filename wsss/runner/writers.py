@@ -810,8 +810,13 @@ def _resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
     return mask.astype(bool, copy=False)[ys[:, None], xs[None, :]]
 
 
-def write_tissue_qc(path: Path, thumb: np.ndarray, mask: np.ndarray, tiles_box: Optional[np.ndarray] = None) -> None:
-    """Thumbnail with non-tissue dimmed and the tissue outline in green; processed tiles outlined blue."""
+QC_TISSUE, QC_TILES, QC_DIMMED = (0, 200, 0), (40, 90, 255), (141, 141, 141)
+
+
+def write_tissue_qc(path: Path, thumb: np.ndarray, mask: np.ndarray, tiles_box: Optional[np.ndarray] = None,
+                    legend: bool = True) -> None:
+    """Thumbnail with non-tissue dimmed and the tissue outline in green; processed tiles outlined
+    blue; below it (``legend``) a strip saying which is which."""
     h, w = thumb.shape[:2]
     mask = _resize_mask(mask, h, w)
     # NB: integer blend 0.45 x pixel + 0.55 x grey off the tissue (a LUT per pixel value; no
@@ -822,8 +827,15 @@ def write_tissue_qc(path: Path, thumb: np.ndarray, mask: np.ndarray, tiles_box: 
         dimmed = ((np.arange(256, dtype=np.uint16) * 115 + 141 * 128) >> 8).astype(np.uint8)
         out = np.where(mask[..., None], thumb, dimmed[thumb])
     if tiles_box is not None:
-        out[inner_boundary(_resize_mask(tiles_box, h, w))] = (40, 90, 255)
-    out[inner_boundary(mask)] = (0, 200, 0)
+        out[inner_boundary(_resize_mask(tiles_box, h, w))] = QC_TILES
+    out[inner_boundary(mask)] = QC_TISSUE
+    if legend:
+        names, colours = ["tissue found"], [QC_TISSUE]
+        if tiles_box is not None:
+            names, colours = names + ["tiles run"], colours + [QC_TILES]
+        if not mask.all():
+            names, colours = names + ["not tissue (dimmed)"], colours + [QC_DIMMED]
+        out = np.concatenate([out, legend_strip(names, colours, w)])
     _save_png(path, out)
 
 
@@ -833,8 +845,7 @@ def write_tissue_qc(path: Path, thumb: np.ndarray, mask: np.ndarray, tiles_box: 
 def class_areas(class_pixels: np.ndarray, *, mpp: float, class_names: Sequence[str], background_index: int,
                 palette: Optional[Sequence] = None) -> dict:
     """Per class: pixels, area in mm2, % of tissue (tissue = every non-background pixel) and,
-    with ``palette``, the colour the overlay and the label TIFF give it ("#rrggbb": the
-    overlay has no legend of its own).
+    with ``palette``, the colour the overlay and the label TIFF give it ("#rrggbb").
 
     Areas are rounded to 1e-9 mm2 (0.001 um2, far below a pixel) and percentages to 1e-6, so the
     JSON shows 0.052262, not the product's 0.052261999999999996; ``pixels`` are exact."""
