@@ -804,6 +804,29 @@ def test_resume_redoes_a_slide_whose_run_json_is_not_a_finished_runs(tmp_path, e
     assert run_slide(path, model(tile=32), out, opts(resume=True)).status == "skipped"
 
 
+def test_one_run_at_a_time_per_output_folder(tmp_path):
+    """Another process writing the folder (its lock held here): the slide fails naming it, and
+    nothing of the folder's is touched; free again, the slide runs."""
+    import fcntl
+
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(60, 70)])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        res = run_slides([path], model(tile=32), [out], opts(), log=lambda s: None)[0]
+        assert res.status == "failed" and res.message == f"{out}: another run is writing this output folder now " \
+                                                           f"(one run at a time per folder)"
+        assert sorted(os.listdir(out)) == ["keep.txt"]
+    finally:
+        os.close(fd)
+    assert run_slide(path, model(tile=32), out, opts()).status == "done"
+    assert run_slide(path, model(tile=32), out, opts(resume=True)).status == "skipped"  # (released after each)
+
+
 def test_an_output_that_cannot_be_written_is_named(tmp_path, monkeypatch):
     from wsss.runner import writers
 

@@ -6,7 +6,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 _umask_lock = threading.Lock()
 
@@ -54,6 +54,24 @@ def probe_writable(folder) -> None:
     fd, path = tempfile.mkstemp(prefix=".write-test.", dir=folder)
     os.close(fd)
     os.unlink(path)
+
+
+def lock_folder(folder) -> Optional[int]:
+    """An exclusive lock on ``folder`` (flock on the folder itself: no lock file to leave
+    behind), held until the returned descriptor is closed; BlockingIOError while another
+    process holds it; None where the file system cannot lock (the caller goes on unlocked)."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # (ENOLCK, EOPNOTSUPP: no locks here)
+        os.close(fd)
+        return None
+    return fd
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from wsss.errors import WsssError
-from wsss.files import probe_writable
+from wsss.files import lock_folder, probe_writable
 from wsss.runner.model import PendingProbabilities, SlideModel, resolve_precision
 from wsss.runner.tile_stage import _env_number, _run_tiles, default_workers, reader_processes
 
@@ -390,6 +390,7 @@ class _SlideRun:
             raise WsssError(f"--stitch-device must be auto, cpu or model, got {options.stitch_device!r}")
         self.bg = int(model.background_index)
         self.reader = None
+        self.lock: Optional[int] = None  # (a descriptor holding the output folder's lock)
         self.views: List = []
         self.created = False
         self.work: Optional[Path] = None
@@ -416,6 +417,14 @@ class _SlideRun:
 
         slide, out_dir, options, reader = self.slide, self.out_dir, self.options, self.reader
         check_output_dir(out_dir)
+        # NB: two runs publishing into one folder at once could leave one's run.json beside the
+        # other's labels (seen with a delay injected into publishing); the lock is the folder's
+        # own (no lock file), held until this slide ends
+        try:
+            self.lock = lock_folder(out_dir)
+        except BlockingIOError:
+            raise WsssError(f"{out_dir}: another run is writing this output folder now (one run at a time per "
+                            f"folder)") from None
         stale = writers.remove_stale_temporaries(out_dir)
         if stale:
             self.log(f"{slide.name}: removed {stale} temporary file(s) an interrupted earlier run left in {out_dir}")
@@ -797,6 +806,9 @@ class _SlideRun:
         for v in self.views:
             with contextlib.suppress(Exception):
                 v.close()
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
         self.reader.close()
 
 
