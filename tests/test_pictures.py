@@ -58,6 +58,7 @@ def test_overlay_legend_names_each_class_in_its_colour(tmp_path):
     for colour in PALETTE[:4]:  # each swatch, and text (dark pixels) beside it
         assert (strip == colour).all(axis=2).sum() >= 50
     assert (strip.max(axis=2) < 80).sum() > 100
+    assert legend_strip(["line\nbreak", "tab\there"], PALETTE, 300).shape[1] == 300  # (a line break failed the layout)
     narrow = legend_strip(names, PALETTE, 120)  # wraps onto more lines rather than cutting names off
     assert narrow.shape[1] == 120 and len(narrow) > len(strip)
     assert all((narrow == c).all(axis=2).sum() >= 50 for c in PALETTE[:4])

@@ -804,6 +804,22 @@ def test_resume_redoes_a_slide_whose_run_json_is_not_a_finished_runs(tmp_path, e
     assert run_slide(path, model(tile=32), out, opts(resume=True)).status == "skipped"
 
 
+def test_min_tissue_that_drops_every_tile_is_named(tmp_path):
+    path = tmp_path / "s.tif"
+    write_pyramid(path, [colour_slide(64, 64)])
+    mask = np.zeros((8, 8), np.uint8)
+    mask[::2, ::2] = 255  # a quarter of the slide, spread over every tile
+    from PIL import Image
+
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    lines = []
+    res = run_slide(path, model(tile=32), tmp_path / "out", opts(overlap=0, tissue=str(tmp_path / "m.png"),
+                                                                   min_tissue=0.9), log=lines.append)
+    assert res.status == "done"
+    assert any("warning: no tile has more than 90% tissue (--min-tissue 0.9)" in s for s in lines), lines
+    assert not any("marks none of the slide" in s for s in lines)
+
+
 def test_one_run_at_a_time_per_output_folder(tmp_path):
     """Another process writing the folder (its lock held here): the slide fails naming it, and
     nothing of the folder's is touched; free again, the slide runs."""

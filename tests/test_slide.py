@@ -55,7 +55,7 @@ def test_tiff_reader_levels_and_mpp(pyramid):
         assert r.level_dimensions == [(171, 203), (86, 102), (43, 51)]
         assert r.level_count == 3
         assert r.mpp == pytest.approx(0.5)
-        assert r.level_downsamples[1] == pytest.approx(171 / 86)
+        assert r.level_downsamples[1] == pytest.approx(203 / 102)  # (the longer side: the height here)
         assert r.level_tile_sizes[0] == (32, 32)
 
 
@@ -349,6 +349,18 @@ def test_only_codestreams_without_their_end_count_as_cut_short(fmt, compression,
     assert not _cut_short(whole[:len(whole) // 2], 8)  # (zlib: not a codestream this checks)
 
 
+def test_a_narrow_slides_levels_are_scaled_by_their_longer_side(tmp_path):
+    """17 x 1000 with a 9 x 500 level: 2x smaller (the width's 17 / 9 = 1.89 stretched the map)."""
+    path = tmp_path / "narrow.tif"
+    img = pattern(1000, 17)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(img, tile=(16, 16), photometric="rgb", subifds=1, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+        tif.write(np.ascontiguousarray(img[::2, ::2]), tile=(16, 16), photometric="rgb", subfiletype=1)
+    with open_slide(path, reader="tifffile") as r:
+        assert r.level_dimensions == [(17, 1000), (9, 500)]
+        assert r.level_downsamples == [1.0, 2.0]
+
+
 def test_a_tiff_without_a_photometric_tag_reads_as_rgb(tmp_path):
     """No PhotometricInterpretation tag (tifffile then says 0): libtiff's guess, RGB for 3
     samples, as the old reader read it; it was refused as a damaged file."""
@@ -495,11 +507,11 @@ def test_plan_picks_matching_level_then_resamples(pyramid):
     with open_slide(path) as r:
         p = plan_scale(r, 0.5)
         assert (p.level, p.scale, p.width, p.height) == (0, 1.0, 171, 203)
-        p = plan_scale(r, 1.0)  # level 1 is 0.5 * 171/86 = 0.994 um/px: within 5%
+        p = plan_scale(r, 1.0)  # level 1 is 0.5 * 203/102 = 0.995 um/px: within 5%
         assert (p.level, p.scale, p.width, p.height) == (1, 1.0, 86, 102)
-        assert p.mpp == pytest.approx(0.5 * 171 / 86)
+        assert p.mpp == pytest.approx(0.5 * 203 / 102)
         p = plan_scale(r, 1.5)  # between levels: read the finer level 1 and downsample
-        assert p.level == 1 and p.resampled and p.scale == pytest.approx(1.5 / (0.5 * 171 / 86))
+        assert p.level == 1 and p.resampled and p.scale == pytest.approx(1.5 / (0.5 * 203 / 102))
         assert (p.width, p.height) == (round(171 / 3), round(203 / 3))
         p = plan_scale(r, 0.25)  # finer than level 0: upsample level 0
         assert p.level == 0 and p.scale == pytest.approx(0.5)

@@ -488,7 +488,10 @@ class _SlideRun:
         name = self.slide.name
         self.log(f"{name}: {plan.width}x{plan.height} px at {plan.mpp:.4g} um/px (level {plan.level}{resampled}), "
                  f"{len(grid.tiles)}/{grid.total} tiles with tissue ({100 * tissue.fraction():.1f}% tissue)")
-        if not grid.tiles:
+        if not grid.tiles and grid.total and tissue.fraction() > 0:  # (tissue, but under --min-tissue in every tile)
+            self.log(f"{name}: warning: no tile has more than {100 * self.options.min_tissue:g}% tissue "
+                     f"(--min-tissue {self.options.min_tissue:g}), every pixel will be background")
+        elif not grid.tiles:
             grey = (self.qc_thumb is not None and tissue.source == "otsu-saturation"
                     and not np.ptp(self.qc_thumb, axis=2).any())  # every pixel R = G = B
             why = " (the slide has no colour: detection looks for stained tissue)" if grey else ""

@@ -769,11 +769,12 @@ def legend_strip(class_names: Sequence[str], palette, width: int) -> np.ndarray:
     line_h = size + pad
     entries, x, lines = [], pad, 1
     for k, name in enumerate(class_names):
-        text_w = int(math.ceil(font.getlength(str(name))))
+        name = " ".join(str(name).split())  # (a line break in a name failed the layout, and the slide)
+        text_w = int(math.ceil(font.getlength(name)))
         entry_w = size + pad // 2 + text_w
         if x > pad and x + entry_w > width - pad:
             x, lines = pad, lines + 1
-        entries.append((x, pad + (lines - 1) * line_h, k, str(name)))
+        entries.append((x, pad + (lines - 1) * line_h, k, name))
         x += entry_w + gap
     img = Image.new("RGB", (int(width), pad + lines * line_h), (255, 255, 255))
     draw = ImageDraw.Draw(img)
