@@ -426,6 +426,61 @@ def test_init_weights_are_checked_and_a_resume_needs_no_init(tmp_path, capsys):
     assert ckpt["config"]["freeze_resolved"] == "reference" and ckpt["epoch"] == 1
 
 
+def test_classifier_init_may_lack_batchnorm_counters(tmp_path):
+    """The reference code's MXNet -> PyTorch converter writes no num_batches_tracked (and no fc8):
+    such a file is a valid --init; a missing weight is still one message."""
+    from wsss.errors import BundleError
+    from wsss.train.classifier import _load_init, build_classifier
+
+    source = build_classifier(4, 1 / 16)
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in source.state_dict().items()
+             if not k.endswith("num_batches_tracked") and not k.startswith("fc8")}
+    torch.save(state, tmp_path / "a1.pth")
+    model = build_classifier(4, 1 / 16)
+    _load_init(model, str(tmp_path / "a1.pth"))
+    assert torch.equal(model.state_dict()["b2.conv_branch2a.weight"], state["b2.conv_branch2a.weight"])
+    del state["b2.conv_branch2a.weight"]
+    torch.save(state, tmp_path / "a1.pth")
+    with pytest.raises(BundleError, match=r"1 missing keys: b2.conv_branch2a.weight"):
+        _load_init(model, str(tmp_path / "a1.pth"))
+
+
+def test_segmenter_init_takes_a_resnet_backbone(tmp_path, capsys):
+    """wsss-train-seg --init: a ResNet state_dict in torchvision's names (fc.* ignored, no BN
+    counters needed) starts the backbone; one of another depth, or stage 1's classifier, is one
+    message naming the file and the --backbone / --width it had to fit."""
+    from wsss.cli.train_seg import main
+    from wsss.train.classifier import build_classifier
+    from wsss.train.segmenter import build_segmenter
+
+    data = str(tmp_path / "data")
+    _tiny_dataset(data)
+    torch.manual_seed(5)
+    resnet = {k: v for k, v in build_segmenter(4, "resnet50", 1 / 16).backbone.state_dict().items()
+              if not k.endswith("num_batches_tracked")}
+    resnet["fc.weight"] = torch.zeros(1000, 128)  # (an ImageNet head: ignored)
+    init = tmp_path / "resnet50.pth"
+    torch.save(resnet, init)
+
+    def train(out, backbone="resnet50"):
+        return main([data, "--masks", os.path.join(data, "train_truth"), "--layers", ".", "--layer-weights", "1",
+                     "--backbone", backbone, "--width", "0.0625", "--epochs", "1", "--batch-size", "4",
+                     "--max-steps-per-epoch", "1", "--val-split", "none", "--lr", "1e-9", "--quiet",
+                     "-o", str(tmp_path / out), "--init", str(init)])
+
+    assert train("o") == 0, capsys.readouterr().err
+    trained = torch.load(tmp_path / "o" / "segmenter_last.pt", weights_only=True)["model"]
+    for key in ("conv1.weight", "layer4.2.conv3.weight"):  # (lr 1e-9: one step moves nothing visible)
+        torch.testing.assert_close(trained["backbone." + key], resnet[key], rtol=0, atol=1e-6)
+    assert train("p", backbone="resnet101") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--init {init} (for --backbone resnet101 --width 0.0625): does not match the network:" in err, err
+    assert "missing keys: layer3." in err and "\n" not in err
+    torch.save(build_classifier(4, 1 / 16).state_dict(), init)
+    assert train("q") == 2
+    assert "is a ResNet-38 classifier" in capsys.readouterr().err
+
+
 def test_patches_of_mixed_sizes_are_one_message(tmp_path, capsys):
     """A patch of another size in the train split: one message naming two files (it was
     torch.stack's "stack expects each tensor to be equal size" traceback)."""

@@ -19,6 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="resnet101", choices=("resnet50", "resnet101", "resnet152"),
                    help="[resnet101]")
     p.add_argument("--width", type=float, default=1.0, help="channel width multiplier [1.0]")
+    p.add_argument("--init", metavar="FILE",
+                   help="initial backbone weights, as the reference starts from ImageNet: a ResNet state_dict in "
+                        "torchvision's names and of --backbone's depth (e.g. torchvision's resnet101 ImageNet file; "
+                        "fc.* ignored), or a segmenter checkpoint's backbone [random init]")
     p.add_argument("--epochs", type=int, default=30, help="[30]")
     p.add_argument("--batch-size", type=int, default=20, help="[20]")
     p.add_argument("--lr", type=float, default=0.01, help="base learning rate; ASPP+decoder 10x [0.01]")
@@ -55,7 +59,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                           width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           val_split=None if args.val_split == "none" else args.val_split, seed=args.seed,
                           device=args.device, precision=args.precision, workers=args.workers,
-                          max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.quiet)
+                          max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.quiet, init=args.init)
     result = train_segmenter(cfg, resume=not args.no_resume)
     print(f"wsss-train-seg: best checkpoint {result['best']} (val mIoU {100 * result['best_miou']:.2f})"
           if result["best_miou"] >= 0 else f"wsss-train-seg: wrote {result['best']}")

@@ -35,6 +35,7 @@ __all__ = [
     "load_segmenter_checkpoint",
     "classifier_from_state_dict",
     "segmenter_from_state_dict",
+    "load_backbone_init",
 ]
 
 
@@ -176,16 +177,23 @@ def _summarise(keys, n: int = 4) -> str:
 
 
 def load_matching_state_dict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], where: str, *,
-                             except_prefixes: Tuple[str, ...] = ()) -> None:
+                             except_prefixes: Tuple[str, ...] = (), counters_optional: bool = False) -> None:
     """Load ``state_dict`` into ``model`` if every key and shape matches (keys starting with one of
     ``except_prefixes`` are left out on both sides and keep the model's values), else one
     BundleError starting with ``where`` that counts the missing and unexpected keys and the
-    shape mismatches."""
+    shape mismatches.
+
+    ``counters_optional``: BatchNorm's ``num_batches_tracked`` counters may be missing (they keep
+    the model's values): initial weights converted from other frameworks (the reference code's
+    MXNet ResNet-38, older torchvision files) have none, and with a momentum set they change
+    nothing."""
     def kept(keys):
         return {k for k in keys if not k.startswith(except_prefixes)} if except_prefixes else set(keys)
 
     own = model.state_dict()
     state_dict = {k: state_dict[k] for k in kept(state_dict)}
+    if counters_optional:
+        state_dict.update({k: own[k] for k in kept(own) - set(state_dict) if k.endswith(".num_batches_tracked")})
     missing = kept(own) - set(state_dict)
     unexpected = set(state_dict) - set(own)
     problems = []
@@ -270,3 +278,36 @@ def load_segmenter_checkpoint(path: str, *, num_classes: Optional[int] = None) -
     """DeepLabV3Plus (eval mode, CPU) from a reference stage-2 or wsss segmenter checkpoint."""
     contents = read_checkpoint(path, expected_kind="segmenter")
     return segmenter_from_state_dict(contents.state_dict, num_classes=num_classes, where=f"checkpoint {contents.path}")
+
+
+def load_backbone_init(model: DeepLabV3Plus, path: str, where: str) -> str:
+    """Initial weights of a segmenter's ResNet backbone (the reference starts stage 3 from an
+    ImageNet ResNet): a plain ResNet state_dict in torchvision's names (``conv1.*``, ``bn1.*``,
+    ``layer1.*`` ...; ``fc.*`` ignored), e.g. torchvision's ImageNet file of the same depth, or a
+    segmenter checkpoint, whose ``backbone.*`` keys are taken.  Every backbone key and shape must
+    match; ``num_batches_tracked`` counters may be missing.  Returns what the file was, for the log.
+    ``where`` names the option and the network it must fit, for the messages."""
+    obj = load_checkpoint_file(path)
+    if isinstance(obj, Mapping):
+        inner = next((obj[k] for k in ("model", "state_dict") if isinstance(obj.get(k), Mapping)), None)
+        obj = obj if inner is None else inner
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) for k in obj):
+        raise BundleError(f"{where}: not a state_dict of a ResNet (conv1.weight, layer1.*, ...) or of a segmenter (backbone.*)")
+    state_dict = _strip_prefix(obj)
+    if any(k.startswith("backbone.") for k in state_dict):
+        state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        source = "the backbone of a segmenter checkpoint"
+    elif "conv1.weight" in state_dict and any(k.startswith("layer1.") for k in state_dict):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+        source = "a ResNet state_dict"
+    elif _guess_kind(state_dict) == "classifier":
+        raise BundleError(f"{where}: is a ResNet-38 classifier (stage 1's weights, for wsss-train-cls --init or "
+                          f"--classifier), not a ResNet backbone for the segmenter")
+    else:
+        raise BundleError(f"{where}: not a ResNet backbone: expected conv1.weight and layer1.* (torchvision's names) "
+                          f"or backbone.* keys, got e.g. {list(state_dict)[:3]}")
+    bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise BundleError(f"{where}: not a state_dict: entries {bad[:3]} are not tensors")
+    load_matching_state_dict(model.backbone, state_dict, where, counters_optional=True)
+    return source

@@ -125,11 +125,14 @@ def _param_groups(model, cfg: ClassifierConfig) -> List[Dict]:
 
 def _load_init(model, path: str) -> None:
     """Initial weights (e.g. ImageNet model A1 converted): every key but fc8 must match, shapes
-    included (a checkpoint of another --width is one message, not a traceback)."""
+    included (a checkpoint of another --width is one message, not a traceback); BatchNorm's
+    ``num_batches_tracked`` counters may be missing, as the reference code's MXNet converter
+    writes none."""
     from wsss.models.checkpoints import load_matching_state_dict, read_checkpoint
 
     contents = read_checkpoint(path, expected_kind="classifier")
-    load_matching_state_dict(model, contents.state_dict, f"--init {path}", except_prefixes=("fc8",))
+    load_matching_state_dict(model, contents.state_dict, f"--init {path}", except_prefixes=("fc8",),
+                             counters_optional=True)
 
 
 def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:

@@ -50,6 +50,7 @@ class SegmenterConfig:
     workers: int = 0
     max_steps_per_epoch: Optional[int] = None
     progress: bool = True
+    init: Optional[str] = None  # initial backbone weights (an ImageNet ResNet); random (Kaiming) without
 
     def validate(self) -> None:
         if len(self.layers) != len(self.layer_weights) or not self.layers:
@@ -131,6 +132,13 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
         history, best_miou = list(ckpt.get("history", [])), float(ckpt.get("best_miou", -1.0))
         if cfg.progress:
             print(f"resuming from {last_path} at epoch {start_epoch}", flush=True)
+    elif cfg.init:  # (resumed: the weights come from the checkpoint)
+        from wsss.models.checkpoints import load_backbone_init
+
+        source = load_backbone_init(model, cfg.init, f"--init {cfg.init} (for --backbone {cfg.backbone} "
+                                                     f"--width {cfg.width:g})")
+        if cfg.progress:
+            print(f"backbone initialised from {cfg.init} ({source})", flush=True)
 
     for epoch in range(start_epoch, cfg.epochs):
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
