@@ -228,6 +228,19 @@ def test_tissue_segmenter_gate_excludes_low_probability_classes():
     labels, _, prob = module(tiles)
     torch.testing.assert_close(prob, torch.full((1, 4), 0.5))
     assert torch.equal(labels, seg(tiles.float() * module.input_scale).argmax(1).to(torch.uint8))
+    # classes 1 and 3 below eps, and the segmenter favouring them: they win nowhere gated, and
+    # the rest of the map is the argmax over classes 0 and 2
+    with torch.no_grad():  # (fc8 has no bias; its input, a mean of ReLU outputs, is positive)
+        clf.fc8.weight.copy_(torch.tensor([1e3, -1e3, 1e3, -1e3])[:, None, None, None].expand_as(clf.fc8.weight))
+        seg.decoder.last_conv[8].bias.add_(torch.tensor([0.0, 4.0, 0.0, 4.0]))
+    module = TissueSegmenter(clf, seg, eps=0.1)
+    labels, _, prob = module(tiles)
+    assert torch.equal(prob > 0.1, torch.tensor([[True, False, True, False]]))
+    logits = seg(tiles.float() * module.input_scale)
+    ungated = logits.argmax(1)
+    assert ((ungated == 1) | (ungated == 3)).float().mean() > 0.5  # (the gate has work to do)
+    assert not ((labels == 1) | (labels == 3)).any()
+    assert torch.equal(labels.long(), torch.where(logits[:, 0] >= logits[:, 2], 0, 2))
 
 
 def test_tissue_segmenter_script_roundtrip_is_exact_and_rejects_bad_tiles():

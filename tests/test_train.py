@@ -87,6 +87,22 @@ def test_gradcam_needs_eval_mode(tiny_classifier):
         tiny_classifier.eval()
 
 
+def test_gradcam_layers_are_the_named_blocks_outputs(tiny_classifier):
+    """The Grad-CAM layers are the outputs of the modules METHOD names (b4_5, b5_2, ReLU(bn7)),
+    caught by forward hooks: the batched Grad-CAM and its reference loop share feature_maps,
+    so their agreement alone would not notice it returning another block."""
+    caught = {}
+    hooks = [getattr(tiny_classifier, name).register_forward_hook(
+        lambda m, i, o, name=name: caught.__setitem__(name, o)) for name in ("b4_5", "b5_2", "bn7")]
+    try:
+        maps = tiny_classifier.feature_maps(torch.rand(2, 3, 40, 48))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(maps["b4_5"], caught["b4_5"]) and torch.equal(maps["b5_2"], caught["b5_2"])
+    assert torch.equal(maps["bn7"], torch.relu(caught["bn7"]))
+
+
 def test_masks_from_cams_rules():
     cams = torch.zeros(1, 3, 2, 2)
     cams[0, 0] = torch.tensor([[5.0, 1.0], [0.0, 0.0]])
@@ -100,6 +116,10 @@ def test_masks_from_cams_rules():
     assert out[0].tolist() == [[0, 1], [1, 3]]
     # Without a background rule every pixel is a class.
     assert masks_from_cams(cams, labels, (2, 2), None, 3).max() < 3
+    # One min-max over all K maps together (METHOD), not one per class: class 1's map peaks at 2,
+    # so per class its 1.5 (0.75) would beat class 0's 4 of 10 (0.4); jointly 0.4 beats 0.15
+    joint = torch.tensor([[[[0.0, 4.0, 10.0]], [[0.0, 1.5, 2.0]]]])
+    assert masks_from_cams(joint, torch.tensor([[1, 1]]), (1, 3), None, 2)[0].tolist() == [[0, 0, 0]]
 
 
 def test_background_mask_removes_small_white_specks():
