@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -253,6 +254,21 @@ def test_tissue_segmenter_script_roundtrip_is_exact_and_rejects_bad_tiles():
         loaded(torch.zeros(1, 4, 8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="classifier has 4 classes but segmenter has 3"):
         TissueSegmenter(_small_classifier(4), _small_segmenter(3))
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.int64, "torch.int64"), (torch.bool, "torch.bool"),
+                                        (torch.int32, "torch.int32"), (torch.complex64, "torch.complex64")])
+def test_tissue_segmenter_names_a_refused_tile_dtype_also_when_scripted(dtype, name):
+    # TorchScript formats a dtype as its integer code: the scripted bundle module said "got 4"
+    module = TissueSegmenter(_small_classifier(), _small_segmenter()).eval()
+    loaded = _script_roundtrip(module)
+    tiles = torch.zeros(1, 3, 8, 8, dtype=dtype)
+    message = rf"TissueSegmenter: tiles must be uint8 or floating, got {name}$"
+    with pytest.raises(ValueError, match=message):
+        module(tiles)
+    with pytest.raises(Exception) as info:
+        loaded(tiles)
+    assert any(re.search(message, line) for line in str(info.value).splitlines()), str(info.value)
 
 
 # ----------------------------------------------------------------------------- checkpoints

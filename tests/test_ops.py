@@ -161,6 +161,92 @@ def test_pda_pool_gradient_reaches_classifier_weight_through_attention():
     assert w.grad is not None and w.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("op", ["pda_pool", "pda_attention"])
+def test_pda_double_backward_matches_reference(op):
+    # The fused backward kernels have no derivative: with create_graph=True the gradient is
+    # built from PyTorch ops.  (It was silently zero: torch only warned.)
+    f, w = _features(2, 8, 5, 6, 3, dtype=torch.float64, seed=5)
+    results = []
+    for impl in (ops, reference):
+        fx, wx = f.clone().requires_grad_(), w.clone().requires_grad_()
+        gf, gw = torch.autograd.grad(getattr(impl, op)(fx, wx, 0.7).pow(2).sum(), (fx, wx), create_graph=True)
+        second = torch.autograd.grad(gf.pow(2).sum() + gw.sin().sum(), (fx, wx))
+        gf3, = torch.autograd.grad(getattr(impl, op)(fx, wx, 0.7).pow(3).sum(), fx, create_graph=True)
+        gg, = torch.autograd.grad(gf3.pow(2).sum(), fx, create_graph=True)
+        third = torch.autograd.grad(gg.pow(2).sum(), wx)
+        results.append((gf, gw, *second, *third))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    if op == "pda_pool":  # the reviewer's case: d/df |d/df |pda_pool|^2|^2 is not zero
+        assert results[0][2].norm() > 0.1
+
+
+@pytest.mark.parametrize("op", ["pda_pool", "pda_attention"])
+@pytest.mark.parametrize("mu", [1.0, 0.7])
+def test_pda_gradgradcheck(op, mu):
+    f, w = _features(2, 6, 4, 3, 3, dtype=torch.float64, seed=1)
+    fn = getattr(ops, op)
+    assert torch.autograd.gradgradcheck(lambda f, w: fn(f, w, mu), (f.requires_grad_(), w.requires_grad_()))
+
+
+def test_pda_first_order_backward_uses_the_fused_kernel(monkeypatch):
+    """Only a backward asked for a graph takes the PyTorch-ops path; training (eager and
+    compiled) keeps the fused backward kernels."""
+    calls = []
+    real = ops._pda_grads_differentiable
+    monkeypatch.setattr(ops, "_pda_grads_differentiable", lambda *a, **k: calls.append(1) or real(*a, **k))
+    f, w = _features(2, 8, 5, 6, 3, seed=6)
+    f.requires_grad_()
+    w.requires_grad_()
+
+    def loss(f, w):
+        return ops.pda_pool(f, w, 0.8).square().sum() + ops.pda_attention(f, w, 0.8).sum()
+
+    loss(f, w).backward()
+    torch._dynamo.reset()
+    torch.compile(loss, fullgraph=True, backend="aot_eager")(f, w).backward()
+    assert calls == []
+    torch.autograd.grad(loss(f, w), (f, w), create_graph=True)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("op", ["pda_pool", "pda_attention"])
+def test_pda_backward_ops_refuse_to_be_differentiated(op):
+    f, w = _features(2, 6, 4, 3, 3, dtype=torch.float64, seed=7)
+    f.requires_grad_()
+    grad = torch.randn((2, 6) if op == "pda_pool" else (2, 1, 4, 3), dtype=torch.float64)
+    gf, _ = getattr(torch.ops.wsss, f"{op}_backward")(grad, f, w, 0.7)
+    with pytest.raises(RuntimeError, match=rf"wsss::{op}_backward is not differentiable: differentiate wsss::{op}"):
+        gf.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("mu", [0.0, 0.7, 1.0])
+def test_pda_non_finite_features_match_reference(dtype, value, mu):
+    """NaN propagates (wsss.reference.pda_attention): a sample whose CAM has a NaN (a NaN
+    feature; inf - inf; 0 * inf with mu = 0) has a NaN threshold and an all-NaN map; the other
+    samples are untouched.  The kernel's max used to skip NaN (a plausible map with one zero)."""
+    f, w = _features(3, 8, 5, 6, 3, dtype=dtype, seed=8)
+    f[1, 2, 1, 3] = value
+    for op in ("pda_attention", "pda_pool"):
+        got, want = getattr(ops, op)(f, w, mu), getattr(reference, op)(f, w, mu)
+        torch.testing.assert_close(got, want, equal_nan=True, **TOL[dtype])
+        assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all()
+        if value != value:
+            assert got[1].isnan().all()
+        grad = torch.randn_like(want)
+        fx, wx = f.clone().requires_grad_(), w.clone().requires_grad_()
+        fr, wr = f.clone().requires_grad_(), w.clone().requires_grad_()
+        got_g = torch.autograd.grad(getattr(ops, op)(fx, wx, mu), (fx, wx), grad)
+        want_g = torch.autograd.grad(getattr(reference, op)(fr, wr, mu), (fr, wr), grad)
+        for g, r in zip(got_g, want_g):
+            torch.testing.assert_close(g, r, equal_nan=True, rtol=1e-4, atol=1e-5)
+    # the reviewer's case: NaN feature, mu 0.7: the whole sample's map is NaN, not a map with a hole
+    if value != value and mu == 0.7:
+        assert ops.pda_attention(f, w, mu)[1].isnan().all()
+
+
 # --------------------------------------------------------------------------------------
 # gate_argmax
 # --------------------------------------------------------------------------------------
@@ -366,6 +452,15 @@ BAND_FINALIZE_ERRORS = [
     (lambda d: (torch.zeros(3, 4, 5, device=d), 2, -1, None, 7), r"wsss::band_finalize: shift must be >= 0, got -1"),
     (lambda d: (torch.zeros(3, 4, 5, device=d), 2, 0, torch.ones(2, 4, dtype=torch.bool, device=d), 7),
      r"wsss::band_finalize: tissue_mask must have shape \[rows, W\] = \[2, 5\], got shape \[2, 4\]"),
+    # (these were gate_argmax's messages from the kernel and not checked at all by the fake)
+    (lambda d: (torch.zeros(3, 4, 5, device=d), 2, 0, torch.ones(2, 5, device=d), 7),
+     r"wsss::band_finalize: tissue_mask must be Bool or Byte, got Float"),
+    (lambda d: (torch.zeros(3, 4, 5, device=d), 2, 0, None, 300),
+     r"wsss::band_finalize: background_index must be in \[0, 255\], got 300"),
+    (lambda d: (torch.zeros(3, 4, 5, device=d), 2, 0, torch.ones(2, 5, dtype=torch.bool, device=d), -1),
+     r"wsss::band_finalize: background_index must be in \[0, 255\], got -1"),
+    (lambda d: (torch.zeros(301, 2, 3, device=d), 2, 0, None, 7),
+     r"wsss::band_finalize: acc must have 1 to 255 classes \(K = acc.size\(0\) - 1\), got 300"),
 ]
 
 
@@ -376,6 +471,42 @@ def test_band_finalize_errors(device, case):
     values, counts = torch.tensor([0, 1, 7], dtype=torch.uint8, device=device), torch.zeros(3, dtype=torch.long, device=device)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.wsss.band_finalize(*make_args(device), values, counts, False)
+
+
+def test_band_finalize_accepts_255_classes():
+    acc = torch.rand(256, 2, 3)
+    values, counts = torch.tensor([0, 254], dtype=torch.uint8), torch.zeros(2, dtype=torch.long)
+    for device in ("cpu", "meta"):
+        labels, _ = torch.ops.wsss.band_finalize(acc.to(device), 2, 0, None, 255, values.to(device), counts.to(device), False)
+        assert labels.shape == (2, 3)
+
+
+def test_band_finalize_and_inflate_tiles_refuse_a_tensor_on_another_device():
+    """A meta tensor among host tensors lands in the fake kernel (Meta wins the dispatch): it
+    used to return uninitialised labels (band_finalize) or do nothing (inflate_tiles) silently."""
+    acc, values, counts = _band("cpu"), torch.tensor([0, 1, 2, 7], dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    before = acc.clone()
+    with pytest.raises(RuntimeError, match=r"wsss::band_finalize: tissue_mask must be on the device of acc \(cpu\), "
+                                           r"got meta"):
+        ops.band_finalize(acc, 4, 2, torch.ones(4, 20, dtype=torch.bool, device="meta"), 7, values, counts, True)
+    assert torch.equal(acc, before) and not counts.any()
+    with pytest.raises(RuntimeError, match=r"wsss::band_finalize: tissue_mask must be on the device of acc \(meta\), "
+                                           r"got cpu"):
+        ops.band_finalize(acc.to("meta"), 4, 2, torch.ones(4, 20, dtype=torch.bool), 7, values.to("meta"),
+                          counts.to("meta"), True)
+    if CUDA:  # the kernel's own check (a CUDA acc and a host mask reach the CUDA registration)
+        with pytest.raises(RuntimeError, match=r"wsss::band_finalize: tissue_mask must be on the device of acc "
+                                               r"\(cuda:0\), got cpu"):
+            ops.band_finalize(acc.cuda(), 4, 2, torch.ones(4, 20, dtype=torch.bool), 7, values.cuda(), counts.cuda(), True)
+    tiles = torch.randint(0, 4, (2, 16, 16), dtype=torch.uint8)
+    data, ends = ops.deflate_tiles(tiles, [0])
+    out = torch.full((1, 16, 16), 7, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"wsss::inflate_tiles: data must be on the device of out \(cpu\), got meta"):
+        ops.inflate_tiles(data.to("meta"), [0], [int(ends[0])], out)
+    assert bool((out == 7).all())
+    with pytest.raises(RuntimeError, match=r"wsss::inflate_tiles: data must be on the device of out \(meta\), got cpu"):
+        ops.inflate_tiles(data, [0], [int(ends[0])], out.to("meta"))
+    ops.inflate_tiles(data.to("meta"), [0], [int(ends[0])], out.to("meta"))  # (both meta: fine)
 
 
 def test_band_accumulate_sums_in_tile_order():

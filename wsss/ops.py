@@ -35,7 +35,8 @@ def pda_attention(features: Tensor, weight: Tensor, mu: float) -> Tensor:
     """Progressive Dropout Attention map.  features [N,C,H,W], weight [K,C] -> A [N,1,H,W].
 
     A = mean_k (ReLU(CAM_k) where ReLU(CAM_k) <= mu * max_hw ReLU(CAM_k), else 0).
-    Differentiable in features and weight (A is not detached).
+    Differentiable in features and weight (A is not detached), also twice (create_graph=True).
+    NaN propagates: a sample whose CAMs have a NaN gets a NaN map (see wsss.reference.pda_attention).
     """
     return torch.ops.wsss.pda_attention(features, weight, mu)
 
@@ -43,7 +44,8 @@ def pda_attention(features: Tensor, weight: Tensor, mu: float) -> Tensor:
 def pda_pool(features: Tensor, weight: Tensor, mu: float) -> Tensor:
     """GAP(A * features) [N,C] with A = pda_attention(features, weight, mu), fused.
 
-    Never materialises A * features; differentiable in features and weight.
+    Never materialises A * features; differentiable in features and weight, also twice
+    (create_graph=True; that gradient is built from PyTorch ops, not the fused kernel).
     """
     return torch.ops.wsss.pda_pool(features, weight, mu)
 
@@ -268,6 +270,8 @@ def _band_finalize_fake(acc, rows, shift, tissue_mask, background_index, values,
     op = "wsss::band_finalize: "
     torch._check(acc.dim() == 3 and acc.shape[0] >= 2,
                  lambda: f"{op}acc must be a 3-D tensor [K+1, R, W] with K >= 1, got shape {_shape(acc)}")
+    torch._check(acc.shape[0] <= 256,
+                 lambda: f"{op}acc must have 1 to 255 classes (K = acc.size(0) - 1), got {acc.shape[0] - 1}")
     torch._check(acc.dtype == torch.float32, lambda: f"{op}acc must be Float, got {_dtype_name(acc.dtype)}")
     torch._check(0 <= rows <= acc.shape[1], lambda: f"{op}rows must be in [0, {acc.shape[1]}], got {rows}")
     torch._check(shift >= 0, lambda: f"{op}shift must be >= 0, got {shift}")
@@ -282,6 +286,12 @@ def _band_finalize_fake(acc, rows, shift, tissue_mask, background_index, values,
     if tissue_mask is not None:
         torch._check(tissue_mask.dim() == 2 and tuple(tissue_mask.shape) == (rows, w),
                      lambda: f"{op}tissue_mask must have shape [rows, W] = [{rows}, {w}], got shape {_shape(tissue_mask)}")
+        torch._check(tissue_mask.dtype in (torch.bool, torch.uint8),
+                     lambda: f"{op}tissue_mask must be Bool or Byte, got {_dtype_name(tissue_mask.dtype)}")
+        torch._check(tissue_mask.device == acc.device,
+                     lambda: f"{op}tissue_mask must be on the device of acc ({acc.device}), got {tissue_mask.device}")
+    torch._check(0 <= background_index <= 255,
+                 lambda: f"{op}background_index must be in [0, 255], got {background_index}")
     half = acc.new_empty((k, rows, w) if with_probs else (0,), dtype=torch.float16)
     return acc.new_empty((rows, w), dtype=torch.uint8), half
 
@@ -315,6 +325,10 @@ def _inflate_tiles_fake(data, starts, ends, out):
                  lambda: f"{op}data must be a contiguous 1-D uint8 tensor, got shape {_shape(data)} of {_dtype_name(data.dtype)}")
     torch._check(out.dim() >= 1 and out.is_contiguous(),
                  lambda: f"{op}out must be a contiguous tensor [M, ...], got shape {_shape(out)}")
+    # NB: the kernel is CPU only, so it never sees two devices; a meta tensor among host tensors
+    # lands here (Meta wins the dispatch) and must not pass for a call that did nothing
+    torch._check(data.device == out.device,
+                 lambda: f"{op}data must be on the device of out ({out.device}), got {data.device}")
     m = out.shape[0]
     torch._check(len(starts) == m and len(ends) == m,
                  lambda: f"{op}starts and ends must hold one offset per tile of out ({m}), got {len(starts)} and {len(ends)}")
@@ -333,20 +347,83 @@ def _pda_setup_context(ctx, inputs, output):
     ctx.mu = mu
 
 
+def _pda_grads_differentiable(grad: Tensor, features: Tensor, weight: Tensor, mu: float,
+                              pooled: bool) -> Tuple[Tensor, Tensor]:
+    """What pda_pool_backward (pooled) / pda_attention_backward compute, in PyTorch ops, so that
+    the gradients are themselves differentiable (double backward, gradient penalties).
+
+    With z = w F [N,K,P] and the kept mask M = 0 < z <= beta (piecewise constant, no gradient;
+    empty where beta is NaN): dz = gA M / K, grad_F = w^T dz (+ g A / P pooled), grad_w = sum_n
+    dz F^T, where gA = grad_attention, or (1/P) sum_c g_c F_c for the pooled form.  Same values
+    as the fused kernels (up to rounding); used only when the backward is asked for a graph.
+    """
+    n, c, h, w = features.shape
+    k, p = weight.shape[0], h * w
+    if features.numel() == 0:
+        return torch.zeros_like(features), torch.zeros_like(weight)
+    f = features.reshape(n, c, p)
+    z = torch.matmul(weight, f)  # [N,K,P]
+    with torch.no_grad():
+        cams = torch.relu(z)
+        beta = mu * cams.amax(dim=2, keepdim=True)  # [N,K,1], NaN as in reference.pda_attention
+        kept = (z > 0) & (cams <= beta)
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    if pooled:
+        attention = torch.where(kept, z, zero).masked_fill(torch.isnan(beta), float("nan")).mean(dim=1)  # [N,P]
+        grad_attention = torch.matmul(grad.unsqueeze(1), f).squeeze(1) / p  # [N,P]
+    else:
+        grad_attention = grad.reshape(n, p)
+    dz = torch.where(kept, grad_attention.unsqueeze(1) / k, zero)  # [N,K,P]
+    grad_f = torch.matmul(weight.t(), dz)  # [N,C,P]
+    if pooled:
+        grad_f = grad_f + grad.unsqueeze(2) * attention.unsqueeze(1) / p
+    grad_w = torch.matmul(dz, f.transpose(1, 2)).sum(dim=0)  # [K,C]
+    return grad_f.reshape(n, c, h, w), grad_w
+
+
+# NB: the fused backward kernels have no derivative of their own.  When a backward is run with
+# create_graph=True (grad mode is on inside it exactly then), the gradients are computed with
+# the PyTorch ops above instead, which autograd differentiates to any order; otherwise the
+# kernels.  (Before, the kernels ran either way and second derivatives came out silently zero.)
 def _pda_attention_backward(ctx, grad):
     features, weight = ctx.saved_tensors
-    gf, gw = torch.ops.wsss.pda_attention_backward(grad, features, weight, ctx.mu)
+    if torch.is_grad_enabled():
+        gf, gw = _pda_grads_differentiable(grad, features, weight, ctx.mu, pooled=False)
+    else:
+        gf, gw = torch.ops.wsss.pda_attention_backward(grad, features, weight, ctx.mu)
     return gf, gw, None
 
 
 def _pda_pool_backward(ctx, grad):
     features, weight = ctx.saved_tensors
-    gf, gw = torch.ops.wsss.pda_pool_backward(grad, features, weight, ctx.mu)
+    if torch.is_grad_enabled():
+        gf, gw = _pda_grads_differentiable(grad, features, weight, ctx.mu, pooled=True)
+    else:
+        gf, gw = torch.ops.wsss.pda_pool_backward(grad, features, weight, ctx.mu)
     return gf, gw, None
 
 
 torch.library.register_autograd("wsss::pda_attention", _pda_attention_backward, setup_context=_pda_setup_context)
 torch.library.register_autograd("wsss::pda_pool", _pda_pool_backward, setup_context=_pda_setup_context)
+
+
+# The backward ops themselves are not differentiable: differentiating a direct call raises
+# (without this, autograd only warned and the derivative came out as zero).
+def _not_differentiable(name: str):
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, grad_features, grad_weight):
+        raise RuntimeError(
+            f"wsss::{name} is not differentiable: differentiate wsss::{name[:-len('_backward')]} instead "
+            f"(its gradient is differentiable when taken with create_graph=True), or use "
+            f"wsss.reference.{name[:-len('_backward')]}")
+
+    torch.library.register_autograd(f"wsss::{name}", backward, setup_context=setup_context)
+
+
+_not_differentiable("pda_attention_backward")
+_not_differentiable("pda_pool_backward")
 
 
 def _gradcam_setup_context(ctx, inputs, output):

@@ -44,12 +44,20 @@ def pda_attention(features: Tensor, weight: Tensor, mu: float) -> Tensor:
     M_k = ReLU(CAM_k); beta_k = mu * max_hw M_k; Mhat_k = M_k where M_k <= beta_k, else 0;
     A = mean_k Mhat_k.  The threshold mask is piecewise constant, so gradients flow only
     through the kept CAM values (A is not detached).
+
+    NaN propagates, as in torch's max: a CAM with a NaN anywhere (a NaN feature, inf - inf,
+    or 0 * inf with mu = 0) has a NaN threshold, and a class whose threshold is NaN has an
+    undefined dropped map, NaN everywhere; so A of that sample is NaN at every pixel (and so
+    is pda_pool's output for it) rather than a plausible-looking map.  (NB: a comparison with
+    NaN is False, so ``where(M <= beta, M, 0)`` alone would silently zero the sample.)  The
+    kernels do the same; the NaN rows get no gradient through the map (as where's).
     """
     cams = torch.relu(class_activation_maps(features, weight))  # [N,K,H,W]
     if cams.shape[2] * cams.shape[3] == 0:
         return cams[:, :1]  # empty spatial extent: an empty map
-    beta = mu * cams.amax(dim=(2, 3), keepdim=True)  # [N,K,1,1]
+    beta = mu * cams.amax(dim=(2, 3), keepdim=True)  # [N,K,1,1] (NaN where the CAM has a NaN)
     kept = torch.where(cams <= beta, cams, torch.zeros_like(cams))
+    kept = kept.masked_fill(torch.isnan(beta), float("nan"))
     return kept.mean(dim=1, keepdim=True)
 
 

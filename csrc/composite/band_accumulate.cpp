@@ -91,6 +91,7 @@ std::tuple<at::Tensor, at::Tensor> band_finalize(const at::Tensor& acc, int64_t 
   constexpr const char* op = "wsss::band_finalize: ";
   WSSS_CHECK(acc.dim() == 3 && acc.size(0) >= 2, op, "acc must be a 3-D tensor [K+1, R, W] with K >= 1, got shape ",
              shape_str(acc));
+  WSSS_CHECK(acc.size(0) <= 256, op, "acc must have 1 to 255 classes (K = acc.size(0) - 1), got ", acc.size(0) - 1);
   WSSS_CHECK(acc.scalar_type() == at::kFloat, op, "acc must be Float, got ", acc.scalar_type());
   WSSS_CHECK(0 <= rows && rows <= acc.size(1), op, "rows must be in [0, ", acc.size(1), "], got ", rows);
   WSSS_CHECK(0 <= shift, op, "shift must be >= 0, got ", shift);
@@ -102,10 +103,19 @@ std::tuple<at::Tensor, at::Tensor> band_finalize(const at::Tensor& acc, int64_t 
              op, "counts must be an int64 tensor [", values.size(0), "] on the device of acc, got shape ",
              shape_str(counts), " of ", counts.scalar_type(), " on ", counts.device());
   const int64_t K = acc.size(0) - 1, W = acc.size(2);
+  // NB: every argument gate_argmax would check is checked here first, so its errors name
+  // band_finalize and the argument as the caller passed it (and the fake kernel says the same)
   if (tissue_mask.has_value()) {
-    WSSS_CHECK(tissue_mask->dim() == 2 && tissue_mask->size(0) == rows && tissue_mask->size(1) == W, op,
-               "tissue_mask must have shape [rows, W] = [", rows, ", ", W, "], got shape ", shape_str(*tissue_mask));
+    const at::Tensor& m = *tissue_mask;
+    WSSS_CHECK(m.dim() == 2 && m.size(0) == rows && m.size(1) == W, op, "tissue_mask must have shape [rows, W] = [",
+               rows, ", ", W, "], got shape ", shape_str(m));
+    WSSS_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte, op,
+               "tissue_mask must be Bool or Byte, got ", m.scalar_type());
+    WSSS_CHECK(m.device() == acc.device(), op, "tissue_mask must be on the device of acc (", acc.device(), "), got ",
+               m.device());
   }
+  WSSS_CHECK(0 <= background_index && background_index <= 255, op, "background_index must be in [0, 255], got ",
+             background_index);
   const auto band = acc.narrow(1, 0, rows);
   const auto weight = band.select(0, K);
   const auto covered = weight.gt(0);

@@ -11,6 +11,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -35,7 +37,8 @@ inline void pool_range_impl(const T* f, int64_t c0, int64_t c1, int64_t P, const
   for (int64_t c = c0; c < c1; ++c) pooled[c] = static_cast<T>(dot(A, math_row(f, c, P, scratch), P) * inv_p);
 }
 
-// For c in [c0, c1): grad_f[c, p] = gc * A[p] + sum_k w[k, c] dz[k, p]  (gc = g[c] * inv_p, or 0)
+// For c in [c0, c1): grad_f[c, p] = gc * A[p] + sum_k w[k, c] dz[k, p]  (gc = g[c] * inv_p; no A term
+// without g_pooled)
 //                    gw[k, c] += sum_p dz[k, p] f[c, p]
 template <typename T>
 inline void backward_range_impl(const T* f, int64_t c0, int64_t c1, int64_t P, int64_t C, int64_t K, const acc<T>* A,
@@ -44,9 +47,14 @@ inline void backward_range_impl(const T* f, int64_t c0, int64_t c1, int64_t P, i
   acc<T>* gf_row = scratch + P;
   for (int64_t c = c0; c < c1; ++c) {
     const acc<T>* x = math_row(f, c, P, scratch);
-    const acc<T> gc = g_pooled != nullptr ? static_cast<acc<T>>(g_pooled[c]) * inv_p : acc<T>(0);
+    // NB: the attention form starts from 0, not 0 * A (NaN where A is NaN or inf)
+    if (g_pooled != nullptr) {
+      const acc<T> gc = static_cast<acc<T>>(g_pooled[c]) * inv_p;
 #pragma omp simd
-    for (int64_t i = 0; i < P; ++i) gf_row[i] = gc * A[i];
+      for (int64_t i = 0; i < P; ++i) gf_row[i] = gc * A[i];
+    } else {
+      std::fill(gf_row, gf_row + P, acc<T>(0));
+    }
     for (int64_t k = 0; k < K; ++k) {
       const acc<T>* dzk = dz + k * P;
       const acc<T> wkc = w[k * C + c];
@@ -110,18 +118,25 @@ void cams(const T* f, int64_t C, int64_t P, const acc<T>* w, int64_t R, acc<T>* 
 }
 
 // Thresholds beta [K] and attention A [P] from the raw CAMs z [K, P] of one sample.
+// NaN propagates as in torch (wsss.reference.pda_attention): the max of a CAM with a NaN is
+// NaN, so is its threshold (also mu = 0 with an infinite max: 0 * inf), and a class with a NaN
+// threshold adds NaN to every pixel of A (pda_threshold alone would clamp a NaN max to 0).
 template <typename acc_t>
 void attention_from_cams(const acc_t* z, int64_t K, int64_t P, acc_t mu, acc_t* beta, acc_t* A) {
   for (int64_t k = 0; k < K; ++k) {
     acc_t m = -std::numeric_limits<acc_t>::infinity();
     const acc_t* zk = z + k * P;
-    for (int64_t i = 0; i < P; ++i) m = zk[i] > m ? zk[i] : m;
-    beta[k] = pda_threshold(m, mu);
+    for (int64_t i = 0; i < P; ++i) m = (zk[i] > m || std::isnan(zk[i])) ? zk[i] : m;  // NaN sticks
+    beta[k] = std::isnan(m) ? m : pda_threshold(m, mu);
   }
   std::fill(A, A + P, acc_t(0));
   for (int64_t k = 0; k < K; ++k) {
     const acc_t* zk = z + k * P;
     const acc_t b = beta[k];
+    if (std::isnan(b)) {
+      for (int64_t i = 0; i < P; ++i) A[i] += b;
+      continue;
+    }
     for (int64_t i = 0; i < P; ++i) A[i] += pda_kept(zk[i], b);
   }
   const acc_t inv_k = acc_t(1) / acc_t(K);
@@ -212,8 +227,11 @@ void pda_backward_impl(const at::Tensor& features, const at::Tensor& weight, dou
       load_row(grad_attention + n * P, gA_given.data(), P);
       gA = gA_given.data();
     }
+    // NB: a select, not gA * kept' : where a value is dropped its gradient is exactly 0 even
+    // where gA is NaN or inf (as torch.where's backward); a NaN threshold keeps nothing.
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t i = 0; i < P; ++i) dz[k * P + i] = gA[i] * inv_k * pda_kept_grad(z[k * P + i], beta[k]);
+      for (int64_t i = 0; i < P; ++i)
+        dz[k * P + i] = pda_kept_grad(z[k * P + i], beta[k]) != acc<T>(0) ? gA[i] * inv_k : acc<T>(0);
     auto rows = [&](int64_t b, int64_t e) {
       std::vector<acc<T>> scratch(2 * P);
       backward_range(fn, b, e, P, C, K, A.data(), dz.data(), w.data(), pooled_form ? grad_pooled + n * C : nullptr,

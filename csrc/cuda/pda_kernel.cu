@@ -19,25 +19,33 @@
 namespace wsss::cuda {
 namespace {
 
+// max(a, b) with NaN propagating (as torch's max): a NaN on either side gives NaN.
+template <typename acc_t>
+__device__ __forceinline__ acc_t nan_max(acc_t a, acc_t b) {
+  return (b > a || isnan(b)) ? b : a;
+}
+
 // One block per (n, k): beta[n, k] = threshold(max_p z[n, k, p]).  z [N, R, P] (first K rows used).
+// NaN propagates (csrc/cpu/pda_kernel.cpp, wsss.reference.pda_attention): a NaN in the CAM gives
+// a NaN max and a NaN threshold (pda_threshold alone would clamp a NaN max to 0).
 template <typename acc_t>
 __global__ void threshold_kernel(const acc_t* __restrict__ z, int64_t K, int64_t R, int64_t P, acc_t mu,
                                  acc_t* __restrict__ beta) {
   const int64_t n = blockIdx.x / K, k = blockIdx.x % K;
   const acc_t* zk = z + (n * R + k) * P;
   acc_t m = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t p = threadIdx.x; p < P; p += blockDim.x) m = zk[p] > m ? zk[p] : m;
+  for (int64_t p = threadIdx.x; p < P; p += blockDim.x) m = nan_max(m, zk[p]);
   __shared__ acc_t shared[kThreads / 32];
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const acc_t other = __shfl_down_sync(0xffffffffu, m, o);
-    m = other > m ? other : m;
+    m = nan_max(m, other);
   }
   if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = m;
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int i = 1; i < kThreads / 32; ++i) m = shared[i] > m ? shared[i] : m;
-    beta[n * K + k] = pda_threshold(m, mu);
+    for (int i = 1; i < kThreads / 32; ++i) m = nan_max(m, shared[i]);
+    beta[n * K + k] = isnan(m) ? m : pda_threshold(m, mu);
   }
 }
 
@@ -52,14 +60,18 @@ __global__ void attention_kernel(const acc_t* __restrict__ z, const acc_t* __res
   const int64_t n = i / P, p = i % P;
   const acc_t* zn = z + n * R * P + p;
   acc_t a = 0;
-  for (int64_t k = 0; k < K; ++k) a += pda_kept(zn[k * P], beta[n * K + k]);
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t b = beta[n * K + k];
+    a += isnan(b) ? b : pda_kept(zn[k * P], b);  // a NaN threshold: NaN everywhere (as the CPU kernel)
+  }
   a /= acc_t(K);
   A[i] = a;
   if (attention_out != nullptr) attention_out[i] = static_cast<scalar_t>(a);
   if (dz != nullptr) {
     const acc_t gA = grad_attention != nullptr ? static_cast<acc_t>(grad_attention[i]) : zn[K * P];
+    // NB: a select, not gA * kept': a dropped value's gradient is exactly 0 even where gA is NaN
     for (int64_t k = 0; k < K; ++k)
-      dz[(n * K + k) * P + p] = gA / acc_t(K) * pda_kept_grad(zn[k * P], beta[n * K + k]);
+      dz[(n * K + k) * P + p] = pda_kept_grad(zn[k * P], beta[n * K + k]) != acc_t(0) ? gA / acc_t(K) : acc_t(0);
   }
 }
 
@@ -95,7 +107,7 @@ __global__ void backward_rows_kernel(const scalar_t* __restrict__ f, const acc_t
   const acc_t* dzn = dz + n * K * P;
   const acc_t gc = grad_pooled != nullptr ? static_cast<acc_t>(grad_pooled[row]) / acc_t(P) : acc_t(0);
   for (int64_t p = lane; p < P; p += 32) {
-    acc_t g = gc * An[p];
+    acc_t g = grad_pooled != nullptr ? gc * An[p] : acc_t(0);  // (not 0 * A: NaN where A is NaN or inf)
     for (int64_t k = 0; k < K; ++k) g += w[k * C + c] * dzn[k * P + p];
     grad_f[row * P + p] = static_cast<scalar_t>(g);
   }

@@ -16,6 +16,22 @@ from wsss.models.resize import resize_bilinear
 __all__ = ["TissueSegmenter"]
 
 
+def _dtype_str(dtype: torch.dtype) -> str:
+    """str(dtype) ("torch.int64"), also in TorchScript, where a dtype is its integer code and
+    formats as a bare number ("4"): the names of the dtypes tiles could come as, else the code."""
+    if not torch.jit.is_scripting():
+        return str(dtype)
+    dtypes = [torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32,
+              torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex32,
+              torch.complex64, torch.complex128]
+    names = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "bfloat16",
+             "float32", "float64", "complex32", "complex64", "complex128"]
+    for i in range(len(dtypes)):
+        if dtypes[i] == dtype:
+            return "torch." + names[i]
+    return "dtype code {} (torch.ScalarType)".format(dtype)
+
+
 class TissueSegmenter(nn.Module):
     """Classifier-gated tissue segmentation of RGB tiles.
 
@@ -56,7 +72,7 @@ class TissueSegmenter(nn.Module):
         if tiles.dim() != 4 or tiles.size(1) != 3:
             raise ValueError("TissueSegmenter: tiles must have shape [N, 3, H, W], got {}".format(tiles.shape))
         if tiles.dtype == torch.bool or not (tiles.dtype == torch.uint8 or tiles.is_floating_point()):
-            raise ValueError("TissueSegmenter: tiles must be uint8 or floating, got {}".format(tiles.dtype))
+            raise ValueError("TissueSegmenter: tiles must be uint8 or floating, got {}".format(_dtype_str(tiles.dtype)))
         x = tiles.to(self._weight_dtype()) * self.input_scale
         class_prob = torch.sigmoid(self.classifier(x).float())
         logits = self.segmenter.forward_low_res(x).float()
