@@ -109,13 +109,20 @@ def compare_outputs(expected, got, what: str, *, min_agreement: float = 0.999, p
 
 def export_pt2(module, example_tiles, path: str, *, max_batch: int = 64, metadata: Optional[Dict[str, Any]] = None) -> str:
     """torch.export + AOTInductor package of ``module`` (TissueSegmenter signature, eager) at
-    ``path``; dynamic batch (2..max_batch, and 1 via specialisation-free export), fixed H x W.
+    ``path``; dynamic batch 2..max_batch, fixed H x W.
+
+    NB: a batch of 1 is not in the package's range: torch.export specialises sizes 0 and 1, so
+    its batch dimension starts at 2 (AOTInductor's input check says "dim value is too small ...
+    expected >= 2, got 1"; without the check the compiled code is not promised to be right).
+    Outputs are per tile, so a host runs a single tile as two copies of it and keeps the first,
+    and runs more than max_batch tiles in batches (tools/cpp_host does both).
 
     The package's forward takes tiles [N,3,H,W] uint8 and returns [labels, scores, class_prob]
     (scores always computed).  The wsss custom ops stay graph nodes (torch.ops.wsss.*), so a
     host must load the op library first.  The package's aot_inductor.metadata holds the bundle
-    JSON ("wsss_bundle.json") and the H x W it is compiled for ("wsss_tile_hw": "HxW"), which a
-    host checks its tiles against without parsing JSON.
+    JSON ("wsss_bundle.json"), the H x W it is compiled for ("wsss_tile_hw": "HxW") and the
+    largest batch it takes ("wsss_max_batch": decimal string), which a host checks its tiles
+    against without parsing JSON.
     """
     import torch
     from torch.export import Dim
@@ -128,6 +135,8 @@ def export_pt2(module, example_tiles, path: str, *, max_batch: int = 64, metadat
         def forward(self, tiles):
             return self.inner(tiles, True)
 
+    if int(max_batch) < 2:
+        raise ValueError(f"export_pt2: max_batch must be >= 2, got {max_batch}")
     wrapper = _WithScores(module).eval()
     batch = Dim("batch", min=1, max=max_batch)
     with torch.no_grad():
@@ -137,7 +146,8 @@ def export_pt2(module, example_tiles, path: str, *, max_batch: int = 64, metadat
         from wsss.errors import BundleError
         raise BundleError("export: the exported graph lost the wsss custom ops (expected wsss.gate_argmax)")
     h, w = (int(v) for v in example_tiles.shape[-2:])
-    configs: Dict[str, Any] = {"aot_inductor.metadata": {"wsss_tile_hw": f"{h}x{w}"}}
+    configs: Dict[str, Any] = {"aot_inductor.metadata": {"wsss_tile_hw": f"{h}x{w}",
+                                                         "wsss_max_batch": str(int(max_batch))}}
     if metadata is not None:
         configs["aot_inductor.metadata"]["wsss_bundle.json"] = json.dumps(metadata, sort_keys=True)
     return torch._inductor.aoti_compile_and_package(exported, package_path=path, inductor_configs=configs)
