@@ -153,3 +153,74 @@ def test_two_files_with_one_stem_are_refused(tmp_path, folder, other):
     _png(str(tmp_path / "train" / "p-[1 0 0 1].jpg"), rgb)
     with pytest.raises(DataError, match=r"two files with the stem 'p-\[1 0 0 1\]'"):
         LabelledPatches(str(tmp_path), LUAD_HISTOSEG)
+
+
+def test_a_label_naming_no_class_is_refused():
+    """[0 0 0 0] says the patch holds no tissue class: every training patch holds one (METHOD.md);
+    it was accepted and its pseudo masks painted all tissue class 0."""
+    with pytest.raises(DataError, match=r"x-\[0 0 0 0\]\.png: the patch label \[0 0 0 0\] names no class") as info:
+        parse_label("x-[0 0 0 0].png", LUAD_HISTOSEG)
+    assert "TE, NEC, LYM, TAS" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(DataError, match=r"names no class"):
+        parse_label("TCGA-x_MPP-0.2500+0[0000].png", BCSS_WSSS)
+    assert parse_label("x-[0 0 0 1].png", LUAD_HISTOSEG) == [0, 0, 0, 1]
+
+
+def _bomb_png(path, width=20000, height=20000):
+    """A small PNG whose header claims width x height pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\0" * 601)) + chunk(b"IEND", b""))
+
+
+def test_a_png_claiming_a_huge_size_is_one_message(tmp_path):
+    """PIL's DecompressionBombError is no OSError: it escaped as a traceback (exit 1)."""
+    from wsss.data import read_mask, read_rgb
+
+    _dataset(tmp_path)
+    bomb = str(tmp_path / "train" / "b-[1 0 0 0].png")
+    _bomb_png(bomb)
+    train = LabelledPatches(str(tmp_path), LUAD_HISTOSEG)
+    with pytest.raises(DataError, match=r"b-\[1 0 0 0\]\.png: cannot read the image: its header claims 400000000 "
+                                        r"pixels, over PIL's limit") as info:
+        train[train.names.index("b-[1 0 0 0].png")]
+    assert "\n" not in str(info.value)
+    with pytest.raises(DataError, match=r"b-\[1 0 0 0\]\.png: cannot read the mask: its header claims"):
+        read_mask(bomb, LUAD_HISTOSEG)
+    with pytest.raises(DataError, match="cannot read the image"):
+        read_rgb(bomb)
+
+
+def test_image_modes_are_read_as_what_they_are(tmp_path):
+    """16-bit grey became all white (PIL's I;16 -> RGB clips at 255): now scaled to 8 bits (the
+    high byte, as PIL reads 16-bit RGB).  Modes with no lossless 8-bit RGB reading are refused
+    by name; grey, palette and RGBA (alpha dropped) read as before."""
+    from wsss.data import read_rgb
+
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as img:
+        assert img.mode == "I;16"
+    rgb = read_rgb(str(tmp_path / "g16.png"))
+    assert rgb.dtype == np.uint8 and rgb.shape == (16, 16, 3)
+    np.testing.assert_array_equal(rgb, np.repeat(grey[..., None], 3, axis=2))
+    Image.fromarray(grey).save(tmp_path / "g8.png")
+    np.testing.assert_array_equal(read_rgb(str(tmp_path / "g8.png")), rgb)
+    colour = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(np.dstack([colour, np.full((16, 16), 7, np.uint8)])).save(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(read_rgb(str(tmp_path / "rgba.png")), colour)
+    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "f.tif")
+    Image.fromarray(grey.astype(np.int32) * 1000).save(tmp_path / "i.tif")
+    Image.fromarray(colour).convert("CMYK").save(tmp_path / "c.jpg")
+    for name, what in (("f.tif", "32-bit float grey"), ("i.tif", "32-bit integer grey"), ("c.jpg", "CMYK colour")):
+        with pytest.raises(DataError, match=rf"{name}: cannot use the image: its pixels are {what} .*save the "
+                                            rf"patch as 8-bit RGB") as info:
+            read_rgb(str(tmp_path / name))
+        assert "\n" not in str(info.value)

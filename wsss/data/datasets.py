@@ -11,8 +11,9 @@ Every problem with a file raises DataError naming the file.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,11 +23,36 @@ from wsss.data.description import DatasetDescription, parse_label
 from wsss.errors import DataError
 
 __all__ = ["LabelledPatches", "MaskedPatches", "PseudoMaskPatches", "read_rgb", "read_mask", "list_images",
-           "resolve_split_dir"]
+           "resolve_split_dir", "image_size", "read_pseudo_mask_manifest", "INCOMPLETE_MARKER", "PSEUDO_MASK_MANIFEST"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # in a pseudo-mask folder while wsss-pseudo-masks writes it (left there by a run that was killed)
 INCOMPLETE_MARKER = ".wsss-pseudo-masks-incomplete"
+# in a pseudo-mask folder once a wsss-pseudo-masks run has written all its masks: the layers and
+# mask names that run wrote (JSON).  Readers take only those: a folder that held an earlier run
+# (other patches, other --layers) may still hold that run's files where wsss did not remove them.
+PSEUDO_MASK_MANIFEST = ".wsss-pseudo-masks.json"
+
+
+def read_pseudo_mask_manifest(pseudo_root: str) -> Optional[Dict]:
+    """The manifest of the last finished wsss-pseudo-masks run into ``pseudo_root``
+    ({"layers": [...], "masks": [<stem>.png, ...], ...}), None where there is none (a folder
+    written by hand or by an older wsss), DataError naming the file where it cannot be read."""
+    path = os.path.join(pseudo_root, PSEUDO_MASK_MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"pseudo masks: {path}: cannot read the record of the last wsss-pseudo-masks run "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): run wsss-pseudo-masks again") from None
+    ok = isinstance(manifest, dict) and all(
+        isinstance(manifest.get(k), list) and all(isinstance(v, str) for v in manifest[k]) for k in ("layers", "masks"))
+    if not ok:
+        raise DataError(f"pseudo masks: {path}: not a record of a wsss-pseudo-masks run (expected lists 'layers' "
+                        f"and 'masks'): run wsss-pseudo-masks again")
+    return manifest
 
 
 def list_images(folder: str, what: str) -> List[str]:
@@ -64,13 +90,61 @@ def resolve_split_dir(root: str, split: str) -> str:
     raise DataError(f"dataset {root}: no '{split}' split (expected folder {candidate})")
 
 
-def read_rgb(path: str) -> np.ndarray:
-    """uint8 [H,W,3]; DataError naming the file if it cannot be decoded."""
+# Pixel modes read as they are: 8-bit grey, palette and colour (an alpha channel, where there is
+# one, is dropped as for RGBA: patches are opaque); 16-bit grey keeps its high byte, as PIL reads
+# 16-bit RGB.  Anything else (32-bit integer or float, CMYK, Lab, ...) is refused by name: PIL's
+# convert("RGB") clips or guesses (16-bit grey became all white) instead of failing.
+_RGB_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "YCbCr"})
+_GREY16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_MODE_NAMES = {"I": "32-bit integer grey", "F": "32-bit float grey", "CMYK": "CMYK colour", "LAB": "Lab colour",
+               "HSV": "HSV colour", "I;16S": "signed 16-bit grey", "RGBa": "premultiplied RGBA",
+               "La": "premultiplied grey+alpha"}
+# what PIL raises for a file it cannot decode (a header claiming a huge image among them)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def _decode_problem(e: BaseException) -> str:
+    if isinstance(e, Image.DecompressionBombError):
+        import re
+
+        numbers = re.findall(r"\d+", str(e))
+        claim = f"{numbers[0]} pixels, over PIL's limit of {numbers[1]}" if len(numbers) >= 2 else str(e)
+        return f"its header claims {claim} for one image (a damaged or hostile file, far larger than any patch)"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _check_mode(path: str, mode: str) -> None:
+    if mode not in _RGB_MODES and mode not in _GREY16_MODES:
+        raise DataError(f"{path}: cannot use the image: its pixels are {_MODE_NAMES.get(mode, mode)} "
+                        f"(PIL mode {mode}), not 8-bit RGB, grey or palette: save the patch as 8-bit RGB")
+
+
+def image_size(path: str) -> Tuple[int, int]:
+    """(width, height) of an image from its header alone (cheap: nothing is decoded), with the
+    checks read_rgb makes on the header (readable, not claiming a huge size, a usable pixel
+    mode); DataError naming the file."""
     try:
         with Image.open(path) as img:
+            _check_mode(path, img.mode)
+            return img.size
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{path}: cannot read the image: {_decode_problem(e)}") from e
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """uint8 [H,W,3]; DataError naming the file if it cannot be decoded or its pixels are not
+    8-bit grey, palette or colour, or 16-bit grey (scaled to 8 bits: the high byte)."""
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            if mode in _GREY16_MODES:
+                grey = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            _check_mode(path, mode)
             return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the image: {e}") from e
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{path}: cannot read the image: {_decode_problem(e)}") from e
 
 
 def read_mask(path: str, description: DatasetDescription) -> np.ndarray:
@@ -87,8 +161,8 @@ def read_mask(path: str, description: DatasetDescription) -> np.ndarray:
                 mask = _rgb_to_index(np.asarray(img.convert("RGB")), description, path)
             else:
                 raise DataError(f"{path}: mask mode {img.mode} is not supported (expected a palette PNG)")
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the mask: {e}") from e
+    except _DECODE_ERRORS as e:
+        raise DataError(f"{path}: cannot read the mask: {_decode_problem(e)}") from e
     k = description.num_classes
     bad = (mask >= k) & (mask != description.background_index)
     if bad.any():
@@ -193,12 +267,28 @@ class PseudoMaskPatches(torch.utils.data.Dataset):
         self.patches = LabelledPatches(root, description, split)
         self.description = description
         self.layer_dirs = [os.path.join(pseudo_root, layer) if layer else pseudo_root for layer in layers]
-        for d in self.layer_dirs:
-            if not os.path.isdir(d):
-                raise DataError(f"pseudo masks: folder {d} does not exist (run wsss-pseudo-masks first)")
         if os.path.exists(os.path.join(pseudo_root, INCOMPLETE_MARKER)):
             raise DataError(f"pseudo masks: {pseudo_root} is from a wsss-pseudo-masks run that did not finish "
                             f"(its masks may mix two runs): run wsss-pseudo-masks again")
+        # Only what the last run wrote: a folder rerun with other patches or --layers may still hold
+        # the earlier run's masks where wsss did not own the folder to remove them.
+        manifest = read_pseudo_mask_manifest(pseudo_root)
+        if manifest is not None:
+            written = set(manifest["masks"])
+            for layer, d in zip(layers, self.layer_dirs):
+                if layer and layer not in manifest["layers"]:
+                    older = f" ({d} is from an older run)" if os.path.isdir(d) else ""
+                    raise DataError(f"pseudo masks: the last wsss-pseudo-masks run into {pseudo_root} wrote the "
+                                    f"layers {', '.join(manifest['layers'])}, not {layer}{older}: run "
+                                    f"wsss-pseudo-masks with --layers {','.join(l for l in layers if l)}")
+            for n in self.patches.names:
+                if self._mask_name(n) not in written:
+                    raise DataError(f"pseudo masks: the last wsss-pseudo-masks run into {pseudo_root} (on "
+                                    f"{manifest.get('data', 'another dataset')}) wrote no mask for "
+                                    f"{os.path.join(self.patches.folder, n)}: run wsss-pseudo-masks on this dataset")
+        for d in self.layer_dirs:
+            if not os.path.isdir(d):
+                raise DataError(f"pseudo masks: folder {d} does not exist (run wsss-pseudo-masks first)")
         # Fail before training if any mask is missing.
         for d in self.layer_dirs:
             present = set(os.listdir(d))

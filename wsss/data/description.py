@@ -7,6 +7,7 @@ Label parsers read the patch-level label from a training file name:
 - ``"bracket_spaced"``  (LUAD-HistoSeg): ``1031280-2300-27920-[1 0 0 1].png``
 - ``"bracket_compact"`` (BCSS-WSSS):     ``TCGA-..._MPP-0.2500+0[1101].png``
 Both take the LAST ``[...]`` group of the stem; ``"bracket"`` accepts either form.
+A label must name at least one class (``[0 0 0 0]`` is refused): a training patch shows tissue.
 """
 from __future__ import annotations
 
@@ -226,7 +227,15 @@ def parse_label(filename: str, description: DatasetDescription) -> List[int]:
         raise DataError(f"{filename}: cannot parse the patch label [{body}]: expected {k} digits 0/1 "
                         f"({'space separated' if kind == 'bracket_spaced' else 'without spaces'}) "
                         f"for classes {', '.join(description.class_names)}")
-    return [int(t) for t in tokens]
+    label = [int(t) for t in tokens]
+    if not any(label):
+        # NB: the label says which tissue classes the patch holds (METHOD.md); one holding none
+        # trained the classifier towards "nothing here" and got pseudo masks of class 0 throughout
+        # (the Grad-CAM maps of absent classes are zeroed, so the argmax fell on index 0).
+        raise DataError(f"{filename}: the patch label [{body}] names no class: every training patch holds at "
+                        f"least one of {', '.join(description.class_names)} (leave background-only patches "
+                        f"out of the train split)")
+    return label
 
 
 def format_label(label: Sequence[int], description: DatasetDescription) -> str:
