@@ -626,3 +626,211 @@ def test_the_four_commands_end_to_end(tmp_path, capsys, monkeypatch):
     assert eval_main([data, "--segmenter", str(tmp_path / "seg" / "segmenter_best.pt"), "--classifier", clf,
                       "--json", str(report), "--quiet", "--workers", "1"]) == 0
     assert loaders == [1] and json.loads(report.read_text()) == metrics
+
+
+def _seg_args(data, masks, out, *extra):
+    """wsss-train-seg arguments for one tiny step on ``masks`` (a folder of masks, --layers .)."""
+    return [str(data), "--masks", str(masks), "--layers", ".", "--layer-weights", "1", "--backbone", "resnet50",
+            "--width", "0.0625", "--epochs", "1", "--max-steps-per-epoch", "1", "--val-split", "none", "--quiet",
+            "-o", str(out)] + list(extra)
+
+
+def test_a_batch_of_one_is_refused_up_front(tmp_path, capsys):
+    """Training BatchNorm needs 2 patches per batch: stage 3's ASPP image pooling sees 1x1 maps, so
+    --batch-size 1 (or a one-patch train split) ended in torch's "Expected more than 1 value per
+    channel when training" traceback, as stage 1 did on small patches.  Each is one line before
+    any work (stage 1 with frozen BatchNorm, from --init weights, may use batches of one), and no
+    other configuration forms a batch of one (a short last batch is dropped)."""
+    import shutil
+
+    from wsss.cli.train_cls import main as cls_main
+    from wsss.cli.train_seg import main as seg_main
+    from wsss.train.classifier import build_classifier
+    from wsss.train.common import drops_last, make_loader, step_plan
+
+    data = tmp_path / "data"
+    _tiny_dataset(str(data), n=4)
+    one = tmp_path / "one"
+    shutil.copytree(data, one)
+    for p in sorted((one / "train").iterdir())[1:]:
+        p.unlink()
+    masks = data / "train_truth"
+    cls = ["-o", str(tmp_path / "c"), "--width", "0.0625", "--epochs", "1", "--max-steps-per-epoch", "1", "--quiet"]
+    for main, args, message in [
+            (seg_main, _seg_args(data, masks, tmp_path / "s", "--batch-size", "1"),
+             "--batch-size must be at least 2 for stage 3, got 1: training BatchNorm needs 2 patches per batch"),
+            (seg_main, _seg_args(one, masks, tmp_path / "s", "--batch-size", "4"),
+             f"the train split {one / 'train'} has 1 patch; stage 3 needs at least 2"),
+            (cls_main, [str(data), "--batch-size", "1"] + cls, "--batch-size must be at least 2 for stage 1, got 1"),
+            (cls_main, [str(one), "--batch-size", "4"] + cls, "has 1 patch; stage 1 needs at least 2")]:
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()
+    init = tmp_path / "init.pt"
+    torch.save(build_classifier(4, 1 / 16).state_dict(), init)
+    assert cls_main([str(data), "--batch-size", "1", "--init", str(init)] + cls) == 0, capsys.readouterr().err
+    for n in range(2, 12):
+        for bs in range(2, 7):
+            sizes = [len(b) for b in make_loader(list(range(n)), bs, shuffle=True, seed=0,
+                                                 drop_last=drops_last(n, bs))]
+            assert min(sizes) >= 2 and len(sizes) == step_plan(n, bs, 1, None)[0], (n, bs, sizes)
+
+
+def test_resuming_on_other_data_is_refused_by_name(tmp_path, capsys):
+    """A run resumed on other data (4 of its 8 patches, another label, regenerated masks) was
+    silently continued, its steps per epoch and poly schedule changed: the checkpoint carries
+    a fingerprint of the data (patch names and labels, mask names and sizes) and such a resume
+    is one line naming what changed.  A moved copy of the data resumes, and so does a checkpoint
+    from before the fingerprint."""
+    import shutil
+
+    from PIL import Image
+
+    from wsss.cli.train_cls import main as cls_main
+    from wsss.cli.train_seg import main as seg_main
+
+    data = tmp_path / "data"
+    _tiny_dataset(str(data), n=8)
+    sub, relabelled, moved = tmp_path / "sub", tmp_path / "relabelled", tmp_path / "moved"
+    for d in (sub, relabelled, moved):
+        shutil.copytree(data, d)
+    for p in sorted((sub / "train").iterdir())[4:]:
+        p.unlink()
+    first = sorted((relabelled / "train").iterdir())[0]
+    label = first.name[first.name.rindex("["):]
+    first.rename(first.with_name(first.name.replace(label, "[1 1 1 1].png" if label != "[1 1 1 1].png"
+                                                    else "[1 0 0 0].png")))
+    out = tmp_path / "o"
+    base = ["--out", str(out), "--width", "0.0625", "--batch-size", "2", "--epochs", "2", "--max-steps-per-epoch",
+            "1", "--quiet"]
+    assert cls_main([str(data)] + base + ["--stop-after-epochs", "1"]) == 0
+    last = out / "classifier_last.pt"
+    before = last.read_bytes()
+    for other, change in ((sub, "the train split had 8 patches, now 4"),
+                          (relabelled, "the train split's patch names or labels changed (8 patches)")):
+        assert cls_main([str(other)] + base) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{last} was saved by a run on other data: {change}. Resume it with the same data, or start over " \
+               f"with --no-resume" in err and "\n" not in err, err
+        assert last.read_bytes() == before and not (out / "classifier.pt").exists()
+    assert cls_main([str(moved)] + base) == 0, capsys.readouterr().err
+    # a checkpoint without the fingerprint (an older wsss) resumes
+    assert cls_main([str(data)] + base + ["--no-resume", "--stop-after-epochs", "1"]) == 0
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["config"]["train_data"]
+    torch.save(ckpt, last)
+    assert cls_main([str(data)] + base) == 0, capsys.readouterr().err
+    assert torch.load(out / "classifier.pt", weights_only=True)["config"]["train_data"]["train"]["patches"] == 8
+
+    masks, other_masks = tmp_path / "masks", tmp_path / "other_masks"
+    shutil.copytree(data / "train_truth", masks)
+    shutil.copytree(masks, other_masks)
+    m = sorted(other_masks.iterdir())[0]
+    img = Image.open(m)
+    arr = np.array(img)
+    arr[:8, :8] = (arr[:8, :8] + 1) % 4
+    changed = Image.fromarray(arr, mode="P")
+    changed.putpalette(img.getpalette())
+    changed.save(m, compress_level=0)
+    seg_out = tmp_path / "s"
+    assert seg_main(_seg_args(data, masks, seg_out, "--batch-size", "4")) == 0
+    best = (seg_out / "segmenter_best.pt").read_bytes()
+    assert seg_main(_seg_args(data, other_masks, seg_out, "--batch-size", "4")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "segmenter_last.pt was saved by a run on other data: the masks in --masks are not the ones it trained " \
+           "on (8 mask files, other sizes or names)" in err and "\n" not in err, err
+    assert (seg_out / "segmenter_best.pt").read_bytes() == best
+    assert seg_main(_seg_args(sub, masks, seg_out, "--batch-size", "4")) == 2
+    assert "the train split had 8 patches, now 4" in capsys.readouterr().err
+    shutil.move(str(masks), str(tmp_path / "masks_moved"))
+    assert seg_main(_seg_args(moved, tmp_path / "masks_moved", seg_out, "--batch-size", "4")) == 0
+
+
+def test_a_diverged_run_leaves_no_result(tmp_path, capsys):
+    """--lr 1e30: one step leaves finite weights (~1e29) whose outputs are NaN; only the loss
+    before each step was checked, so the run ended with exit 0 and a finished classifier.pt.
+    The weights and the outputs of a training patch are checked after every epoch: the run
+    fails with the divergence message and writes nothing that looks like a result."""
+    from wsss.cli.train_cls import main as cls_main
+    from wsss.cli.train_seg import main as seg_main
+
+    data = tmp_path / "data"
+    _tiny_dataset(str(data), n=4)
+    out = tmp_path / "c"
+    assert cls_main([str(data), "-o", str(out), "--width", "0.0625", "--epochs", "1", "--batch-size", "4", "--lr",
+                     "1e30", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "classifier training diverged at epoch 1, after step 0 (" in err and "lower --lr" in err, err
+    assert not (out / "classifier.pt").exists() and not (out / "classifier_last.pt").exists()
+    seg_out = tmp_path / "s"
+    assert seg_main(_seg_args(data, data / "train_truth", seg_out, "--batch-size", "4", "--lr", "1e30")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "segmenter training diverged at epoch 1, after step 0 (" in err and "lower --lr" in err, err
+    assert not (seg_out / "segmenter_best.pt").exists() and not (seg_out / "segmenter_last.pt").exists()
+    from wsss.train.common import nonfinite_state
+
+    model = torch.nn.Linear(2, 2)
+    assert nonfinite_state(model, torch.ones(1, 2)) is None
+    with torch.no_grad():
+        model.weight[0, 0] = 1e38
+    assert nonfinite_state(model, None) is None
+    assert nonfinite_state(model, torch.full((1, 2), 1e3)) == "its outputs on training patches are not finite"
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    assert nonfinite_state(model, None) == "weight bias is not finite"
+
+
+def test_starting_over_removes_the_previous_runs_results(tmp_path, capsys, monkeypatch):
+    """A run that starts over (--no-resume) and is interrupted left the previous run's final
+    classifier.pt (finished, other options) beside its own classifier_last.pt, and the next
+    stage took it; in stage 3 the previous run's finished segmenter_last.pt stayed beside the new
+    run's first segmenter_best.pt (a resume then marked that one finished).  The previous run's
+    files go, with one line, when the new run writes its first checkpoint; a new run that fails
+    before that leaves them."""
+    import wsss.train.common as common
+    from wsss.cli.train_cls import main as cls_main
+    from wsss.train.classifier import build_classifier
+    from wsss.train.segmenter import SegmenterConfig, train_segmenter
+
+    data = tmp_path / "data"
+    _tiny_dataset(str(data), n=4)
+    out = tmp_path / "c"
+    base = [str(data), "-o", str(out), "--width", "0.0625", "--batch-size", "4", "--max-steps-per-epoch", "1"]
+    assert cls_main(base + ["--epochs", "1", "--quiet"]) == 0
+    final = out / "classifier.pt"
+    old = final.read_bytes()
+    wrong_init = tmp_path / "init.pt"
+    torch.save(build_classifier(4, 1 / 8).state_dict(), wrong_init)  # (another --width: refused)
+    assert cls_main(base + ["--epochs", "1", "--quiet", "--no-resume", "--init", str(wrong_init)]) == 2
+    assert final.read_bytes() == old
+    capsys.readouterr()
+    assert cls_main(base + ["--epochs", "2", "--quiet", "--no-resume", "--stop-after-epochs", "1"]) == 0
+    assert f"starting over: removed the previous run's classifier.pt, classifier_last.pt from {out}" in \
+        capsys.readouterr().out
+    assert not final.exists()
+    last = torch.load(out / "classifier_last.pt", weights_only=True)
+    assert last["epoch"] == 0 and last["finished"] is False and last["config"]["epochs"] == 2
+
+    kw = dict(data_root=str(data), mask_dir=str(data / "train_truth"), layers=("",), layer_weights=(1.0,),
+              backbone="resnet50", width=1 / 16, epochs=1, batch_size=4, max_steps_per_epoch=1, progress=False,
+              val_split=None, out_dir=str(tmp_path / "s"))
+    train_segmenter(SegmenterConfig(**kw))
+
+    class Killed(Exception):
+        pass
+
+    real_save = common.save_atomic
+
+    def killed_at_last(obj, path):
+        if path.endswith("segmenter_last.pt"):
+            raise Killed
+        real_save(obj, path)
+
+    monkeypatch.setattr(common, "save_atomic", killed_at_last)
+    with pytest.raises(Killed):
+        train_segmenter(SegmenterConfig(**dict(kw, epochs=2)), resume=False)
+    monkeypatch.setattr(common, "save_atomic", real_save)
+    assert not (tmp_path / "s" / "segmenter_last.pt").exists()
+    best = torch.load(tmp_path / "s" / "segmenter_best.pt", weights_only=True)
+    assert best["finished"] is False and best["config"]["epochs"] == 2

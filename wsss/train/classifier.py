@@ -17,7 +17,12 @@ mu schedules (``mu_schedule``):
 Checkpoints (``out_dir/classifier_last.pt`` after every epoch, ``classifier.pt`` at the end)
 hold {'model', 'config', 'epoch', 'optimizer', 'kind': 'classifier', 'step', 'history'}: a run
 resumed from the last one continues exactly where it stopped (each epoch's shuffling and flips
-come from generators seeded by (seed, epoch)).
+come from generators seeded by (seed, epoch)); one saved with other options or on other data
+(``common.DATA_KEY``: the train patches' names and labels) is refused.  A run that starts over
+removes the previous run's classifier.pt and classifier_last.pt when it writes its first
+checkpoint (one line says so), and a run whose weights or outputs stop being finite fails
+before writing a checkpoint.  Training BatchNorm needs 2 patches per batch: --batch-size 1 and a
+one-patch split are refused unless BatchNorm is frozen (--freeze reference).
 """
 from __future__ import annotations
 
@@ -138,8 +143,10 @@ def _load_init(model, path: str) -> None:
 def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
     """Train (or resume) stage 1; returns a summary dict with the final checkpoint path and history."""
     from wsss.data import LabelledPatches, get_description
-    from wsss.train.common import (autocast, check_resume_config, drops_last, load_checkpoint, make_loader,
-                                   random_flips, resolve_device, save_atomic, seed_everything, step_plan, train_epoch)
+    from wsss.train.common import (DATA_KEY, autocast, check_batchnorm_batches, check_resume_config, drops_last,
+                                   load_checkpoint, make_loader, nonfinite_state, patches_fingerprint, random_flips,
+                                   remove_previous_run, resolve_device, save_atomic, seed_everything, step_plan,
+                                   train_epoch)
 
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -157,6 +164,10 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
         freeze = saved["freeze_resolved"]  # (a resumed run keeps its choice, with --init given again or not)
     else:
         freeze = "reference" if cfg.init else "none"
+    if freeze != "reference":  # (frozen BatchNorm runs in eval mode: any batch works)
+        check_batchnorm_batches(len(train_set), cfg.batch_size, "stage 1",
+                                hint="; --freeze reference from --init weights fixes BatchNorm",
+                                folder=train_set.folder)
     if cfg.init and ckpt is None:  # (resumed: the weights come from the checkpoint)
         _load_init(model, cfg.init)
     if freeze == "reference":
@@ -171,6 +182,15 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
     config = dataclasses.asdict(cfg)
     config.update(num_classes=description.num_classes, class_names=list(description.class_names),
                   description=description.to_dict(), freeze_resolved=freeze)
+    # what the run trains on (the patches' names and labels): a resume on other data is refused
+    config[DATA_KEY] = {"train": patches_fingerprint(train_set.names, train_set.labels)}
+    # a training image: after every epoch the weights and the outputs of this image must be finite
+    probe = train_set[0]["image"][None].to(device).float().div_(255.0)
+
+    def check_diverged(epoch: int, after: str) -> None:
+        bad = nonfinite_state(model, probe)
+        if bad:
+            raise WsssError(f"classifier training diverged at epoch {epoch + 1}, {after} ({bad}); lower --lr")
 
     start_epoch, step, history = 0, 0, []
     if ckpt is not None:
@@ -180,6 +200,7 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
         start_epoch, step, history = ckpt["epoch"] + 1, ckpt["step"], list(ckpt.get("history", []))
         _log(cfg, f"resuming from {last_path} at epoch {start_epoch}")
 
+    fresh = ckpt is None  # (starting over: the previous run's files go when the first checkpoint is written)
     end_epoch = cfg.epochs if not cfg.stop_after_epochs else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
         mu = mu_for_epoch(cfg.mu_schedule, epoch, cfg.mu)
@@ -196,18 +217,24 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
                 logits = model(x) if mu is None else model.forward_pda(x, mu)
             return F.multilabel_soft_margin_loss(logits.float(), y), x.shape[0]
 
+        first_step = step
         mean_loss, step = train_epoch(
             model, optimizer, loader, step=step, steps=steps_per_epoch, max_steps=max_steps, base_lr=cfg.lr,
             poly_power=cfg.poly_power, loss_of=loss_of, desc=f"cls epoch {epoch + 1}/{cfg.epochs}",
             progress=cfg.progress, postfix={"mu": "off" if mu is None else f"{mu:.3f}"},
             diverged=lambda i, loss, epoch=epoch: (f"classifier training diverged at epoch {epoch + 1}, step {i} "
                                                    f"(loss {loss.item()}); lower --lr"))
+        check_diverged(epoch, f"after step {step - first_step - 1}")
         history.append({"epoch": epoch, "loss": mean_loss, "mu": mu, "seconds": time.time() - t0})
+        if fresh:
+            remove_previous_run([final_path, last_path], cfg.out_dir)
+            fresh = False
         save_atomic({"model": model.state_dict(), "config": config, "epoch": epoch, "optimizer": optimizer.state_dict(),
                      "kind": "classifier", "step": step, "history": history, "finished": epoch + 1 == cfg.epochs},
                     last_path)
     if end_epoch < cfg.epochs:
         return {"checkpoint": last_path, "history": history, "config": config, "finished": False}
+    check_diverged(cfg.epochs - 1, "at its end")
     model.eval()
     save_atomic({"model": model.state_dict(), "config": config, "epoch": cfg.epochs - 1, "optimizer": None,
                  "kind": "classifier", "step": step, "history": history, "finished": True}, final_path)

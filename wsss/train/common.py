@@ -13,7 +13,8 @@ import torch
 from wsss.errors import WsssError
 
 __all__ = ["seed_everything", "resolve_device", "autocast", "poly_lr", "save_atomic", "load_checkpoint",
-           "random_flips", "make_loader", "WorkerSeed"]
+           "random_flips", "make_loader", "WorkerSeed", "check_resume_config", "check_batchnorm_batches",
+           "nonfinite_state", "remove_previous_run", "patches_fingerprint", "files_fingerprint"]
 
 
 def seed_everything(seed: int) -> None:
@@ -113,11 +114,69 @@ RESUMABLE_CHANGES = frozenset({"out_dir", "data_root", "mask_dir", "init", "data
                                "stop_after_epochs"})
 
 
+# The config entry fingerprinting the data a run trains on (``patches_fingerprint``,
+# ``files_fingerprint``): compared by ``check_resume_config`` part by part, not as an option.
+DATA_KEY = "train_data"
+
+
+def _digest(lines) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8", "surrogateescape"))
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def patches_fingerprint(names, labels=None) -> Dict[str, Any]:
+    """{"patches": N, "digest": ...} of a split: its file names (not paths: a moved dataset still
+    matches) with their patch-level labels (rows of ``labels`` [N,K]) where given."""
+    rows = []
+    for i, name in enumerate(names):
+        label = "" if labels is None else "".join(str(int(v)) for v in labels[i].tolist())
+        rows.append(f"{name}\t{label}")
+    return {"patches": len(rows), "digest": _digest(sorted(rows))}
+
+
+def files_fingerprint(files) -> Dict[str, Any]:
+    """{"files": N, "digest": ...} of (name, path) pairs: each name with its file's size in bytes
+    (cheap: no file is read; regenerated masks of other content almost always differ in size)."""
+    import os
+
+    rows = sorted(f"{name}\t{os.path.getsize(path)}" for name, path in files)
+    return {"files": len(rows), "digest": _digest(rows)}
+
+
+def _data_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> list:
+    """What differs between two ``DATA_KEY`` fingerprints, in words (parts either side lacks are
+    not compared)."""
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return []
+    diffs = []
+    for part, what in (("train", "the train split"), ("val", "the val split")):
+        a, b = saved.get(part), current.get(part)
+        if not isinstance(a, dict) or not isinstance(b, dict) or a == b:
+            continue
+        if a.get("patches") != b.get("patches"):
+            diffs.append(f"{what} had {a.get('patches')} patches, now {b.get('patches')}")
+        else:
+            diffs.append(f"{what}'s patch names or labels changed ({b.get('patches')} patches)")
+    a, b = saved.get("masks"), current.get("masks")
+    train_same = saved.get("train") == current.get("train")
+    if isinstance(a, dict) and isinstance(b, dict) and a != b and train_same:
+        diffs.append(f"the masks in --masks are not the ones it trained on ({b.get('files')} mask files, other "
+                     f"sizes or names)")
+    return diffs
+
+
 def check_resume_config(path: str, saved: Dict[str, Any], current: Dict[str, Any]) -> None:
     """WsssError if the run that saved checkpoint ``path`` had other options than this one (its
     "config" against ours), naming each difference: resuming would silently mix two runs (a
     different --lr, --epochs or dataset changes the schedule or the data mid-run).  Keys either
-    side lacks (checkpoints from older versions) are not compared."""
+    side lacks (checkpoints from older versions) are not compared.  The data are compared by their
+    fingerprints (``DATA_KEY``: the train patches' names and labels, stage 3's mask files, the
+    val patches), so a moved dataset resumes and another one (or other masks) does not."""
     def plain(v):
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
@@ -126,15 +185,77 @@ def check_resume_config(path: str, saved: Dict[str, Any], current: Dict[str, Any
         return v
 
     diffs = []
-    for key in sorted(set(saved) & set(current) - RESUMABLE_CHANGES):
+    for key in sorted(set(saved) & set(current) - RESUMABLE_CHANGES - {DATA_KEY}):
         if plain(saved[key]) != plain(current[key]):
             name = {"description": "the dataset description", "class_names": "the classes",
                     "num_classes": "the number of classes", "freeze_resolved": "the frozen layers"}.get(
                 key, f"--{key.replace('_', '-')}")
             diffs.append(name if key == "description" else f"{name} {plain(saved[key])} (now {plain(current[key])})")
-    if diffs:
-        raise WsssError(f"{path} was saved by a run with other options: {'; '.join(diffs)}. Resume it with the same "
-                        f"options, or start over with --no-resume (or another output folder)")
+    data = _data_differences(saved.get(DATA_KEY), current.get(DATA_KEY))
+    if diffs or data:
+        what = " and ".join(w for w, d in (("options", diffs), ("data", data)) if d)
+        lead = "with other options" if not data else "on other data" if not diffs else "with other options and data"
+        raise WsssError(f"{path} was saved by a run {lead}: {'; '.join(diffs + data)}. Resume it with the same "
+                        f"{what}, or start over with --no-resume (or another output folder)")
+
+
+def check_batchnorm_batches(n_samples: Optional[int], batch_size: int, stage: str, hint: str = "",
+                            folder: str = "") -> None:
+    """WsssError where training could only form batches of one patch: BatchNorm in training mode
+    needs 2 samples per batch (torch's "Expected more than 1 value per channel" where a layer sees
+    1x1 maps: stage 3's ASPP image pooling always, stage 1's last layers on small patches), and
+    per-patch statistics are not what the reference trains with (batch 20).  Larger data and
+    batches never form a batch of one: ``drops_last`` drops a short last batch."""
+    if batch_size < 2:
+        raise WsssError(f"--batch-size must be at least 2 for {stage}, got {batch_size}: training BatchNorm needs "
+                        f"2 patches per batch (the reference trains with 20){hint}")
+    if n_samples is not None and n_samples < 2:
+        split = f"the train split {folder}" if folder else "the train split"
+        patches = "1 patch" if n_samples == 1 else f"{n_samples} patches"
+        raise WsssError(f"{split} has {patches}; {stage} needs at least 2 (training BatchNorm needs 2 patches per "
+                        f"batch){hint}")
+
+
+def nonfinite_state(model: torch.nn.Module, probe: Optional[torch.Tensor]) -> Optional[str]:
+    """None if every floating weight and buffer of ``model`` is finite and, with ``probe`` (scaled
+    training images on the model's device), its eval-mode outputs are too; otherwise what
+    is not.  (A diverged step can leave finite but huge weights, ~1e29, whose outputs overflow to
+    NaN: the loss is checked before each step, never after the last.)  The eval-mode forward
+    changes no state and draws no random numbers: a resumed run still trains exactly."""
+    import itertools
+
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"weight {name} is not finite"
+    if probe is None:
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    finally:
+        model.train(was_training)
+    outs = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else [out]
+    if not all(bool(torch.isfinite(o.float()).all()) for o in outs if isinstance(o, torch.Tensor)):
+        return "its outputs on training patches are not finite"
+    return None
+
+
+def remove_previous_run(paths, out_dir: str) -> None:
+    """Remove the files ``paths`` that an earlier run left in ``out_dir`` (called by a run that
+    starts over, right before it writes its first checkpoint), with one line naming them: the
+    earlier run's final / best checkpoint beside this run's ``*_last.pt`` would pass for this
+    run's result (and its ``*_last.pt`` would be resumed)."""
+    import os
+
+    removed = []
+    for path in paths:
+        if os.path.isfile(path):
+            os.unlink(path)
+            removed.append(os.path.basename(path))
+    if removed:
+        print(f"starting over: removed the previous run's {', '.join(removed)} from {out_dir}", flush=True)
 
 
 def random_flips(images: torch.Tensor, gen: torch.Generator, vertical: bool = True,

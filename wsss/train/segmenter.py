@@ -7,6 +7,12 @@ constant 100 logit).  SGD momentum 0.9, weight decay 5e-4, lr 0.01 (ASPP + decod
 validation mIoU is kept (``segmenter_best.pt``), ``segmenter_last.pt`` after every epoch for
 resuming.  The same code trains the fully supervised baseline: ``layers=("",)`` with
 ``mask_dir`` the folder of true masks and ``layer_weights=(1.0,)``.
+
+A resume on other data (``common.DATA_KEY``: train patch names and labels, the mask files' names
+and sizes, the val patches) is refused; a run that starts over removes the previous run's
+segmenter_best.pt and segmenter_last.pt when it writes its first checkpoint; a run whose weights
+or outputs stop being finite fails before writing a checkpoint; --batch-size 1 and a one-patch
+train split are refused (ASPP's image-pooling BatchNorm cannot train on a batch of one).
 """
 from __future__ import annotations
 
@@ -62,6 +68,10 @@ class SegmenterConfig:
             raise WsssError(f"--epochs and --batch-size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not self.width > 0:
             raise WsssError(f"--width must be > 0, got {self.width}")
+        from wsss.train.common import check_batchnorm_batches
+
+        # (ASPP's image-pooling BatchNorm sees one value per channel and sample: a batch of one fails)
+        check_batchnorm_batches(None, self.batch_size, "stage 3")
 
 
 def build_segmenter(num_classes: int, backbone: str, width: float):
@@ -96,8 +106,9 @@ def _gaussian_blur(images: torch.Tensor, gen: torch.Generator, prob: float) -> t
 def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
     """Train (or resume) stage 3; returns {'best': path, 'last': path, 'best_miou', 'history'}."""
     from wsss.data import MaskedPatches, PseudoMaskPatches, get_description
-    from wsss.train.common import (autocast, check_resume_config, drops_last, load_checkpoint, make_loader,
-                                   random_flips, resolve_device, save_atomic, seed_everything, step_plan, train_epoch)
+    from wsss.train.common import (DATA_KEY, autocast, check_batchnorm_batches, check_resume_config, drops_last,
+                                   load_checkpoint, make_loader, nonfinite_state, random_flips, remove_previous_run,
+                                   resolve_device, save_atomic, seed_everything, step_plan, train_epoch)
 
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -105,6 +116,7 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
     k = description.num_classes
     ignore = description.background_index
     train_set = PseudoMaskPatches(cfg.data_root, cfg.mask_dir, cfg.layers, description)
+    check_batchnorm_batches(len(train_set), cfg.batch_size, "stage 3", folder=train_set.patches.folder)
     val_set = MaskedPatches(cfg.data_root, description, cfg.val_split) if cfg.val_split else None
     seed_everything(cfg.seed)
     model = build_segmenter(k, cfg.backbone, cfg.width).to(device)
@@ -120,10 +132,15 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
     # patch_size: the tile size a bundle of this segmenter runs at by default (wsss-export reads it)
     config.update(num_classes=k, class_names=list(description.class_names), description=description.to_dict(),
                   patch_size=int(train_set[0]["image"].shape[-1]))
+    config[DATA_KEY] = _data_fingerprint(train_set, cfg.layers, val_set)
+    # a training image: after every epoch the weights and the outputs of this image must be finite
+    probe = train_set[0]["image"][None].to(device).float().div_(255.0)
     weights = torch.tensor(cfg.layer_weights, dtype=torch.float32)
 
     start_epoch, step, history, best_miou = 0, 0, [], -1.0
+    fresh = True  # (starting over: the previous run's files go when the first checkpoint is written)
     if resume and os.path.isfile(last_path):
+        fresh = False
         ckpt = load_checkpoint(last_path, "segmenter")
         check_resume_config(last_path, ckpt.get("config") or {}, config)
         model.load_state_dict(ckpt["model"])
@@ -167,12 +184,19 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
                         loss = loss + weights[l] * layer_loss
             return loss, x.shape[0]
 
+        first_step = step
         mean_loss, step = train_epoch(
             model, optimizer, loader, step=step, steps=steps_per_epoch, max_steps=max_steps, base_lr=cfg.lr,
             poly_power=cfg.poly_power, loss_of=loss_of, desc=f"seg epoch {epoch + 1}/{cfg.epochs}",
             progress=cfg.progress,
             diverged=lambda i, loss, epoch=epoch: (f"segmenter training diverged at epoch {epoch + 1}, step {i}; "
                                                    f"lower --lr"))
+        # NB: the loss is checked before each step, never after the last: huge (finite) weights
+        # whose outputs are NaN would otherwise be saved, and kept as the best, as a result
+        bad = nonfinite_state(model, probe)
+        if bad:
+            raise WsssError(f"segmenter training diverged at epoch {epoch + 1}, after step {step - first_step - 1} "
+                            f"({bad}); lower --lr")
         entry = {"epoch": epoch, "loss": mean_loss, "seconds": time.time() - t0}
         is_best = True
         if val_set is not None:
@@ -189,6 +213,9 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
         history.append(entry)
         state = {"model": model.state_dict(), "config": config, "epoch": epoch, "kind": "segmenter", "step": step,
                  "history": history, "best_miou": best_miou, "finished": epoch + 1 == cfg.epochs}
+        if fresh:  # (before the best: the previous run's last would be resumed beside this run's best)
+            remove_previous_run([best_path, last_path], cfg.out_dir)
+            fresh = False
         if is_best:
             save_atomic(dict(state, optimizer=None), best_path)
         save_atomic(dict(state, optimizer=optimizer.state_dict()), last_path)
@@ -199,6 +226,21 @@ def train_segmenter(cfg: SegmenterConfig, resume: bool = True) -> Dict:
         if best.get("finished") is False:
             save_atomic(dict(best, finished=True), best_path)
     return {"best": best_path, "last": last_path, "best_miou": best_miou, "history": history, "config": config}
+
+
+def _data_fingerprint(train_set, layers, val_set) -> Dict:
+    """What a stage-3 run trains on (``common.DATA_KEY``): the train patches' names and labels, the
+    mask files it reads (layer/name and size, no pixel read) and the val patches' names."""
+    from wsss.train.common import files_fingerprint, patches_fingerprint
+
+    patches = train_set.patches
+    mask_name = getattr(type(train_set), "_mask_name", None) or (lambda n: os.path.splitext(n)[0] + ".png")
+    files = [(f"{layer or '.'}/{mask_name(n)}", os.path.join(d, mask_name(n)))
+             for layer, d in zip(layers, train_set.layer_dirs) for n in patches.names]
+    out = {"train": patches_fingerprint(patches.names, patches.labels), "masks": files_fingerprint(files)}
+    if val_set is not None:
+        out["val"] = patches_fingerprint(val_set.names)
+    return out
 
 
 @torch.no_grad()
