@@ -46,14 +46,28 @@ class _ImportSafeInterrupt:
         self._resending = False
         self._generation = 0  # (raising starts a new one: a re-send of an older one is dropped)
         self._closed = False
+        self.pid = os.getpid()  # (a forked child, e.g. a DataLoader worker, inherits the handler)
+        self.mute_workers = False  # (run sets it: see _mute_worker_sigchld)
+        self.sigchld = None  # the SIGCHLD handler muted, to restore
 
     @property
     def held(self) -> bool:
         return self.held_since is not None
 
     def __call__(self, signum, frame) -> None:
+        if os.getpid() != self.pid:
+            # NB: in a forked child (a DataLoader worker) the signal does what it would without
+            # this handler: the KeyboardInterrupt raised in a worker's at-fork hooks (logging's
+            # lock, random's reseed) was printed as "Exception ignored in: ..." with a traceback
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self._closed:
             return  # (a re-send that crossed run's return: the command is ending anyway)
+        if self.mute_workers and self.sigchld is None:
+            self.sigchld = _mute_worker_sigchld()
         if self.signum is None or signum != signal.SIGINT:  # (a SIGTERM is not downgraded by a later Ctrl-C)
             self.signum = signum
         now = time.monotonic()
@@ -115,6 +129,66 @@ def _install_interrupt_handler():
     return (handler, previous) if previous else None
 
 
+def worker_error_message(error: BaseException) -> str:
+    """The message of ``error``; for one a DataLoader worker raised, the original one.
+
+    NB: torch re-raises a worker's exception in the main process as the same class with the
+    message "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent
+    call last): ..." and the whole formatted traceback (~50 lines for an unreadable image with
+    --workers 1); its last line is "module.Class: original message"."""
+    text = str(error)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    cls = type(error)
+    names = {cls.__qualname__, f"{cls.__module__}.{cls.__qualname__}"}
+    lines = text.rstrip().splitlines()
+    for i in range(len(lines) - 1, 0, -1):
+        name, sep, rest = lines[i].partition(": ")
+        if sep and name in names:
+            return " ".join([rest.strip()] + [l.strip() for l in lines[i + 1:] if l.strip()])
+    return lines[-1].strip()  # (the formatted exception's line, whatever its class)
+
+
+def _is_worker_killed(error: BaseException) -> bool:
+    """A torch DataLoader's "DataLoader worker (pid N) is killed by signal: ..." (or "exited
+    unexpectedly") error."""
+    text = str(error)
+    return text.startswith("DataLoader worker (pid") and ("killed by signal" in text or "exited unexpectedly" in text)
+
+
+def _quiet_worker_deaths(previous_hook, handler: "_ImportSafeInterrupt"):
+    """A sys.unraisablehook: the "Exception ignored in: <function _MultiProcessingDataLoaderIter.
+    __del__>" report of a worker killed by the signal that stops the command is dropped (the
+    command says "stopped by SIGTERM"), once ``handler`` has had a stop signal; anything else goes
+    to ``previous_hook``."""
+
+    def hook(unraisable) -> None:
+        if handler.signum is not None and unraisable.exc_value is not None and _is_worker_killed(unraisable.exc_value):
+            return
+        previous_hook(unraisable)
+
+    return hook
+
+
+def _mute_worker_sigchld() -> Optional[object]:
+    """Once a stop signal has arrived: torch's SIGCHLD handler (a DataLoader's, which raises
+    "DataLoader worker (pid N) is killed by signal: Terminated" when a worker ends, the workers
+    having had the same SIGTERM from the process group) replaced by one that does nothing;
+    returns the handler replaced (None: none was torch's)."""
+    handler = signal.getsignal(signal.SIGCHLD)
+    if callable(handler) and "torch.utils.data" in (getattr(handler, "__module__", None) or ""):
+        # NB: a Python handler that does nothing, not SIG_DFL: a SIGCHLD already pending when the
+        # disposition became SIG_DFL was reported as "OSError: Signal 17 ignored due to race
+        # condition" with a traceback
+        signal.signal(signal.SIGCHLD, _child_ended)
+        return handler
+    return None
+
+
+def _child_ended(signum, frame) -> None:
+    """SIGCHLD handler that does nothing (see _mute_worker_sigchld)."""
+
+
 def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Run a command body; WsssError -> 'prog: error: message' on stderr and exit code 2."""
     import warnings
@@ -125,18 +199,31 @@ def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optiona
     # command, not as Python's "file:line: RuntimeWarning:" with a line of source code
     warnings.formatwarning = lambda message, category, *a, **k: f"{prog}: warning: {message}\n"
     installed = _install_interrupt_handler()
+    unraisable_hook = sys.unraisablehook
+    if installed is not None:
+        installed[0].mute_workers = True
+        sys.unraisablehook = _quiet_worker_deaths(unraisable_hook, installed[0])
     try:
         rc = int(body(argv) or 0)
         if installed is not None and installed[0].held:
             raise KeyboardInterrupt  # (pressed during the last import: it still ends the command)
         return rc
     except WsssError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {worker_error_message(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a path the command could not use (a full disk, a folder where a file goes, ...)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"{prog}: error: {where}{e.strerror or worker_error_message(e)}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # (a DataLoader worker killed by the same SIGTERM as the command, noticed by torch's SIGCHLD
+        # handler while the interrupt unwound: the interrupt is what ended the command)
+        if not (installed is not None and installed[0].signum is not None and _is_worker_killed(e)):
+            raise
+        signum = installed[0].signum
+        print(f"{prog}: {'interrupted' if signum == signal.SIGINT else 'stopped by ' + signal.Signals(signum).name}",
+              file=sys.stderr)
+        return 128 + int(signum)
     except KeyboardInterrupt:
         signum = (installed[0].signum if installed is not None else None) or signal.SIGINT
         print(f"{prog}: {'interrupted' if signum == signal.SIGINT else 'stopped by ' + signal.Signals(signum).name}",
@@ -154,3 +241,6 @@ def run(prog: str, body: Callable[[Optional[Sequence[str]]], int], argv: Optiona
             installed[0].close()
             for signum, disposition in installed[1].items():
                 signal.signal(signum, disposition)
+            if installed[0].sigchld is not None and signal.getsignal(signal.SIGCHLD) is _child_ended:
+                signal.signal(signal.SIGCHLD, installed[0].sigchld)
+            sys.unraisablehook = unraisable_hook

@@ -8,13 +8,16 @@ import os
 from typing import Dict, Optional, Sequence
 
 from wsss.cli import run
-from wsss.cli._train_args import add_common, check_args
+from wsss.cli._train_args import (add_common, check_args, check_outputs_spare_inputs, dataset_file, describe_dataset,
+                                   load_network, split_folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wsss-eval", description=__doc__.split(":", 1)[1].strip())
     p.add_argument("data", help="dataset root (with SPLIT/img and SPLIT/mask)")
-    p.add_argument("--segmenter", required=True, help="stage-3 checkpoint")
+    p.add_argument("--segmenter", required=True,
+                   help="segmenter checkpoint (stage 3: wsss-train-seg's segmenter_best.pt, or the reference "
+                        "code's stage-2 DeepLabV3+ file)")
     p.add_argument("--classifier", help="stage-1 checkpoint (for the gated metrics and classifier F1)")
     p.add_argument("--split", default="test", help="[test]")
     p.add_argument("--gate-eps", type=float, default=0.1, help="[0.1]")
@@ -67,7 +70,6 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     from wsss.data import MaskedPatches, get_description
-    from wsss.models.checkpoints import load_classifier_checkpoint, load_segmenter_checkpoint
     from wsss.train.common import resolve_device
     from wsss.train.segmenter import evaluate_segmenter
 
@@ -76,13 +78,19 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     for flag, path in (("--segmenter", args.segmenter), ("--classifier", args.classifier)):
         if path and not os.path.isfile(path):
             raise WsssError(f"{flag} {path}: no such file")
+    check_outputs_spare_inputs(
+        reads=[("--segmenter checkpoint", args.segmenter), ("--classifier checkpoint", args.classifier),
+               ("dataset description", dataset_file(args.dataset, args.data))],
+        read_folders=[(f"dataset's {args.split} split", split_folder(args.data, args.split))],
+        writes=[("--json", args.json)])
     device = resolve_device(args.device)
     description = get_description(args.dataset, args.data)
+    source = describe_dataset(args.dataset, args.data)
     dataset = MaskedPatches(args.data, description, args.split)
-    segmenter = load_segmenter_checkpoint(args.segmenter, num_classes=description.num_classes).to(device)
+    segmenter = load_network("segmenter", "--segmenter", args.segmenter, description, source).to(device)
     classifier = None
     if args.classifier:
-        classifier = load_classifier_checkpoint(args.classifier, num_classes=description.num_classes).to(device)
+        classifier = load_network("classifier", "--classifier", args.classifier, description, source).to(device)
     results = evaluate_segmenter(segmenter, classifier, dataset, description, device=args.device,
                                  precision=args.precision, batch_size=args.batch_size, eps=args.gate_eps,
                                  workers=args.workers)

@@ -3,7 +3,8 @@
     wsss-export --classifier stage1.pth --segmenter stage2.pth --out model.pt [--pt2 model.pt2]
                 [--dataset luad|bcss|description.json] [--tile-size N] [--mpp 1.0] [--eps 0.1]
 
-Checkpoints may be reference-format (stage 1: plain state_dict; stage 2: {'state_dict', 'optimizer'})
+Checkpoints may be reference-format (the reference code's stage 1, the classifier: plain state_dict;
+its stage 2, the segmenter, which the paper and wsss call stage 3: {'state_dict', 'optimizer'})
 or wsss training checkpoints ({'model', 'config', ...}); see wsss.models.checkpoints.  Before a
 file is put in place, the exported module is run on random tiles and compared with the eager
 module (labels, class probabilities); on a mismatch nothing is written.
@@ -18,7 +19,7 @@ import sys
 from typing import Any, Dict, Optional, Sequence
 
 from wsss.cli import run
-from wsss.cli._train_args import check_args
+from wsss.cli._train_args import check_args, check_outputs_spare_inputs, dataset_file, same_file
 
 PROG = "wsss-export"
 
@@ -26,8 +27,12 @@ PROG = "wsss-export"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Export trained checkpoints as a wsss model bundle "
                                 "(TorchScript .pt with metadata) and optionally an AOTInductor package (.pt2).")
-    p.add_argument("--classifier", required=True, help="stage-1 ResNet-38 checkpoint (reference or wsss format)")
-    p.add_argument("--segmenter", required=True, help="stage-3 DeepLabV3+ checkpoint (reference or wsss format)")
+    p.add_argument("--classifier", required=True,
+                   help="ResNet-38 classifier checkpoint (stage 1 everywhere: wsss-train-cls's classifier.pt; the "
+                        "reference code's stage-1 file, e.g. stage1.pth)")
+    p.add_argument("--segmenter", required=True,
+                   help="DeepLabV3+ segmenter checkpoint (the paper's and wsss's stage 3: wsss-train-seg's "
+                        "segmenter_best.pt; the reference code's stage-2 file, e.g. stage2.pth)")
     p.add_argument("-o", "--out", "--output", dest="out", required=True, help="bundle file to write (.pt)")
     p.add_argument("--pt2", default=None, help="also write an AOTInductor package here (.pt2; compiles for this CPU)")
     p.add_argument("--dataset", default=None,
@@ -48,12 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _same_file(a: str, b: str) -> bool:
-    """Whether paths ``a`` and ``b`` name the same file (links and hard links included)."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # (one of them does not exist yet)
-        return os.path.realpath(a) == os.path.realpath(b)
+_same_file = same_file  # (the shared check, wsss.cli._train_args)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -67,13 +67,12 @@ def _check_args(args: argparse.Namespace) -> None:
         folder = os.path.dirname(os.path.abspath(path)) if path is not None else None
         if folder is not None and not os.path.isdir(folder):
             raise WsssError(f"{flag} {path}: folder {folder} does not exist")
-    if args.pt2 is not None and _same_file(args.pt2, args.out):
+    if args.pt2 is not None and same_file(args.pt2, args.out):
         raise WsssError("--pt2 and --out must be different files")
-    for flag, path in (("--out", args.out), ("--pt2", args.pt2)):
-        for source_flag, source in (("--classifier", args.classifier), ("--segmenter", args.segmenter)):
-            if path is not None and _same_file(path, source):
-                raise WsssError(f"{flag} {path} is the {source_flag} checkpoint: writing it would overwrite "
-                                f"that input (name another file)")
+    check_outputs_spare_inputs(
+        reads=[("--classifier checkpoint", args.classifier), ("--segmenter checkpoint", args.segmenter),
+               ("--dataset description", dataset_file(args.dataset, None) if args.dataset else None)],
+        writes=[("--out", args.out), ("--pt2", args.pt2)])
     if not 0.0 <= args.eps < 1.0:
         raise WsssError(f"--eps must be in [0, 1), got {args.eps}")
     if not (args.input_scale > 0 and math.isfinite(args.input_scale)):  # (NaN fails every comparison)
@@ -101,7 +100,9 @@ def compare_outputs(expected, got, what: str, *, min_agreement: float = 0.999, p
                           f"{list(prob_g.shape)} differ from eager {list(labels_e.shape)}, {list(prob_e.shape)}")
     agreement = (labels_g.cpu() == labels_e.cpu()).float().mean().item()
     prob_diff = (prob_g.float().cpu() - prob_e.float().cpu()).abs().max().item()
-    if agreement < min_agreement or prob_diff > prob_tol:
+    # NB: not ``prob_diff > prob_tol``, which is False for NaN: a classifier whose outputs are NaN
+    # passed with "class_prob max diff nan"
+    if not (agreement >= min_agreement and prob_diff <= prob_tol):
         raise BundleError(f"self-check of the {what} failed: label agreement {agreement:.5f} (need >= "
                           f"{min_agreement}), class_prob max diff {prob_diff:.2e} (need <= {prob_tol:g})")
     return {"label_agreement": agreement, "class_prob_max_diff": prob_diff}
@@ -194,6 +195,64 @@ def choose_dataset(dataset_arg: Optional[str], *configs: Dict[str, Any]):
     return get_description("luad")
 
 
+def check_same_cohort(cls_ckpt, seg_ckpt) -> None:
+    """WsssError (one line, both lists and files) when the classifier and the segmenter
+    checkpoints record different class names (wsss checkpoints record their dataset's
+    description; reference-code ones record nothing and pass).
+
+    NB: choose_dataset took the first recorded description, so a classifier of one cohort and a
+    segmenter of another made a bundle under the segmenter's names."""
+    from wsss.cli._train_args import recorded_class_names
+    from wsss.errors import WsssError
+
+    cls_names, seg_names = recorded_class_names(cls_ckpt.config), recorded_class_names(seg_ckpt.config)
+    if cls_names is not None and seg_names is not None and cls_names != seg_names:
+        raise WsssError(f"--classifier {cls_ckpt.path} was trained on the classes {cls_names} but --segmenter "
+                        f"{seg_ckpt.path} on {seg_names}: models of different cohorts do not make one bundle")
+
+
+def check_finite_outputs(expected, classifier: str, segmenter: str) -> None:
+    """BundleError (one line) when the eager module's outputs on the self-check tiles are not
+    finite: the class probabilities (the classifier's), the gated scores (the segmenter's).
+
+    NB: a classifier whose weights had overflowed (trained with a huge --lr) exported "fine",
+    with "class_prob max diff nan" in its self-check."""
+    import torch
+
+    from wsss.errors import BundleError
+
+    _, scores, class_prob = expected
+    if not bool(torch.isfinite(class_prob).all()):
+        raise BundleError(f"--classifier {classifier}: its class probabilities on the self-check tiles are not "
+                          f"finite (NaN or infinite): its weights are broken (a diverged training run?); nothing "
+                          f"written")
+    if scores.numel() and not bool(torch.isfinite(scores).all()):
+        raise BundleError(f"--segmenter {segmenter}: its scores on the self-check tiles are not finite (NaN or "
+                          f"infinite): its weights are broken (a diverged training run?); nothing written")
+
+
+def _make_folder_of(path: str):
+    """Make the folder of file ``path`` where missing; returns the folders made, deepest first."""
+    made, folder = [], os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    if made:
+        os.makedirs(made[0], exist_ok=True)
+    return made
+
+
+def _final_names(text: str, written: Dict[str, str], out: str, pt2: Optional[str]) -> str:
+    """``text`` with each temporary file's path replaced by the file it was to become (also one
+    that failed to be made: named by its suffix)."""
+    import re
+
+    for tmp, final in written.items():
+        text = text.replace(tmp, final).replace(os.path.basename(tmp), os.path.basename(final))
+    return re.sub(r"[^\s'\"]*\.tmp-wsss-[^\s'\"]*?\.pt(2?)\b",
+                  lambda m: (pt2 if m.group(1) and pt2 is not None else out), text)
+
+
 def default_tile_size(segmenter_config: Dict[str, Any]) -> int:
     """The patch size the segmenter was trained on (wsss checkpoints record it), else 224 (the
     patches of LUAD-HistoSeg and BCSS-WSSS, which the reference checkpoints were trained on);
@@ -245,10 +304,13 @@ def export_bundle(classifier: str, segmenter: str, out: str, *, dataset: Optiona
     from wsss.models import TissueSegmenter
     from wsss.models.checkpoints import classifier_from_state_dict, read_checkpoint, segmenter_from_state_dict
 
-    written = []
+    written = {}  # temporary path -> the file it becomes
+    made = []  # folders made for the outputs (removed again on a failure)
+    done = False
     try:  # NB: from the first read on: a malformed checkpoint is one line too
         cls_ckpt = read_checkpoint(classifier, expected_kind="classifier")
         seg_ckpt = read_checkpoint(segmenter, expected_kind="segmenter")
+        check_same_cohort(cls_ckpt, seg_ckpt)
         description = choose_dataset(dataset, seg_ckpt.config, cls_ckpt.config)
         k = len(description.class_names)
         cls_net = classifier_from_state_dict(cls_ckpt.state_dict, num_classes=k, where=f"--classifier {cls_ckpt.path}")
@@ -282,16 +344,20 @@ def export_bundle(classifier: str, segmenter: str, out: str, *, dataset: Optiona
         tiles = torch.randint(0, 256, (check_tiles, 3, tile_size, tile_size), dtype=torch.uint8, generator=g)
         with torch.inference_mode():
             expected = module(tiles, True)
+        check_finite_outputs(expected, cls_ckpt.path, seg_ckpt.path)
 
+        for path in (out, pt2):  # (made as wsss-train-seg makes --out; wsss-export refuses a missing one)
+            if path is not None:
+                made += _make_folder_of(path)
         tmp_bundle = temp_path_beside(out, ".pt")
-        written.append(tmp_bundle)
+        written[tmp_bundle] = out
         save_bundle(tmp_bundle, module, metadata)
         bundle = load_bundle(tmp_bundle)
         with torch.inference_mode():
             report = {"bundle": compare_outputs(expected, bundle.module(tiles, True), "TorchScript bundle")}
         if pt2 is not None:
             tmp_pt2 = temp_path_beside(pt2, ".pt2")
-            written.append(tmp_pt2)
+            written[tmp_pt2] = pt2
             export_pt2(module, tiles, tmp_pt2, max_batch=pt2_max_batch, metadata=bundle.metadata)
             runner = torch._inductor.aoti_load_package(tmp_pt2)
             with torch.inference_mode():
@@ -299,14 +365,29 @@ def export_bundle(classifier: str, segmenter: str, out: str, *, dataset: Optiona
             report["pt2"] = compare_outputs(expected, tuple(got), "AOTInductor package")
             os.replace(tmp_pt2, pt2)
         os.replace(tmp_bundle, out)
-    except WsssError:
-        raise
+        done = True
+    except WsssError as e:
+        text = _final_names(str(e), written, out, pt2)
+        if text == str(e):
+            raise
+        raise type(e)(text) from e
     except Exception as e:  # export/compile failures: one line, nothing half-written
-        raise BundleError(f"export failed: {type(e).__name__}: {first_line(e)}") from e
+        # NB: named by the files they were to become: "FileNotFoundError: .../.tmp-wsss-XXXX.pt"
+        # named a file the user never asked for
+        text = first_line(e)
+        if isinstance(e, OSError) and e.filename and e.strerror:
+            text = f"{e.filename}: {e.strerror}"
+        raise BundleError(f"export failed: {type(e).__name__}: {_final_names(text, written, out, pt2)}") from e
     finally:
         for path in written:
             if os.path.exists(path):
                 os.unlink(path)
+        if not done:  # (the folders made for the outputs go again, where empty)
+            for folder in made:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
     bundle.path = out
     return bundle, report
 

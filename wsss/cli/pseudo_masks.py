@@ -5,7 +5,8 @@ import argparse
 from typing import Optional, Sequence
 
 from wsss.cli import run
-from wsss.cli._train_args import add_common, names, check_args
+from wsss.cli._train_args import (add_common, check_args, check_checkpoint_classes, check_outputs_spare_inputs,
+                                   dataset_file, describe_dataset, locked_output_folder, names, split_folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,13 +25,27 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    from wsss.train.pseudo_masks import PseudoMaskConfig, generate_pseudo_masks
+    import os
+
+    from wsss.data import get_description
+    from wsss.train.pseudo_masks import LAYERS, PseudoMaskConfig, generate_pseudo_masks
+
+    check_outputs_spare_inputs(
+        reads=[("--classifier checkpoint", args.classifier),
+               ("dataset description", dataset_file(args.dataset, args.data))],
+        read_folders=[("dataset's train split", split_folder(args.data, "train")), ("--truth folder", args.truth)],
+        writes=[("--json", args.json)],
+        write_folders=[(f"--out {args.out}'s layer folder", os.path.join(args.out, layer)) for layer in LAYERS])
+    if os.path.isfile(args.classifier):  # (a missing one: the load below says so)
+        check_checkpoint_classes("classifier", "--classifier", args.classifier,
+                                 get_description(args.dataset, args.data), describe_dataset(args.dataset, args.data))
 
     cfg = PseudoMaskConfig(data_root=args.data, checkpoint=args.classifier, out_dir=args.out, dataset=args.dataset,
                            batch_size=args.batch_size, layers=tuple(args.layers), device=args.device,
                            precision=args.precision, workers=args.workers, truth_dir=args.truth,
                            progress=not args.quiet)
-    result = generate_pseudo_masks(cfg)
+    with locked_output_folder(args.out):
+        result = generate_pseudo_masks(cfg)
     print(f"wsss-pseudo-masks: {result['patches']} patches x {len(result['layers'])} layers in "
           f"{result['seconds']:.1f} s ({result['patches_per_second']:.1f} patches/s) -> {args.out}")
     for layer, s in result.get("scores", {}).items():

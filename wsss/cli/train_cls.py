@@ -6,7 +6,8 @@ import sys
 from typing import Optional, Sequence
 
 from wsss.cli import run
-from wsss.cli._train_args import add_common, check_args
+from wsss.cli._train_args import (add_common, check_args, check_outputs_spare_inputs, dataset_file,
+                                   locked_output_folder, split_folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset root (with train/, file names carry the patch labels)")
     p.add_argument("-o", "--out", "--output", dest="out", required=True, help="output folder (classifier.pt, classifier_last.pt)")
     p.add_argument("--epochs", type=int, default=20, help="[20]")
-    p.add_argument("--batch-size", type=int, default=20, help="[20]")
+    p.add_argument("--batch-size", type=int, default=20, help="[20]; at least 2 (BatchNorm), unless --freeze reference")
     p.add_argument("--lr", type=float, default=0.01, help="base learning rate, fc8 gets 10x [0.01]")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (reference: none) [0]")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="[5e-4]")
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps-per-epoch", type=int, help="cap on batches per epoch (quick runs)")
     p.add_argument("--stop-after-epochs", type=int,
                    help="end this run after N more epochs (resume later with the same command)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/classifier_last.pt exists")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/classifier_last.pt exists; the previous run's classifier.pt and classifier_last.pt "
+                        "are removed when this run saves its first epoch (a run that fails before that leaves them)")
     add_common(p)
     return p
 
@@ -39,7 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    import os
+
     from wsss.train.classifier import ClassifierConfig, train_classifier
+
+    check_outputs_spare_inputs(
+        reads=[("--init checkpoint", args.init), ("dataset description", dataset_file(args.dataset, args.data))],
+        read_folders=[("dataset's train split", split_folder(args.data, "train"))],
+        writes=[("--out file", os.path.join(args.out, name)) for name in ("classifier.pt", "classifier_last.pt")])
 
     cfg = ClassifierConfig(data_root=args.data, out_dir=args.out, dataset=args.dataset, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
@@ -48,7 +57,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                            precision=args.precision, workers=args.workers,
                            max_steps_per_epoch=args.max_steps_per_epoch,
                            stop_after_epochs=args.stop_after_epochs, progress=not args.quiet)
-    result = train_classifier(cfg, resume=not args.no_resume)
+    with locked_output_folder(args.out):
+        result = train_classifier(cfg, resume=not args.no_resume)
     history = result["history"]
     last = history[-1] if history else {}
     print(f"wsss-train-cls: wrote {result['checkpoint']} (final loss {last.get('loss', float('nan')):.4f})")
