@@ -207,16 +207,24 @@ def _gate_argmax_fake(scores, class_prob, eps, tissue_mask=None, background_inde
                  lambda: f"{op}: class_prob must be a floating tensor (Float, Double, BFloat16, Half), got {_dtype_name(class_prob.dtype)}")
     torch._check(class_prob.device == scores.device,
                  lambda: f"{op}: class_prob must be on the device of scores ({scores.device}), got {class_prob.device}")
-    if tissue_mask is not None:
-        torch._check(tissue_mask.dim() == 3 and tuple(tissue_mask.shape) == (n, h, w),
-                     lambda: f"{op}: tissue_mask must have shape [N, H, W] = [{n}, {h}, {w}], got shape {_shape(tissue_mask)}")
-        torch._check(tissue_mask.dtype in (torch.bool, torch.uint8),
-                     lambda: f"{op}: tissue_mask must be Bool or Byte, got {_dtype_name(tissue_mask.dtype)}")
-        torch._check(tissue_mask.device == scores.device,
-                     lambda: f"{op}: tissue_mask must be on the device of scores ({scores.device}), got {tissue_mask.device}")
-    torch._check(0 <= background_index <= 255,
-                 lambda: f"{op}: background_index must be in [0, 255], got {background_index}")
+    _check_mask_and_background(f"{op}: ", tissue_mask, "N, H, W", (n, h, w), scores, "scores", background_index)
     return scores.new_empty((n, h, w), dtype=torch.uint8)
+
+
+def _check_mask_and_background(op: str, tissue_mask, dims: str, shape, like: Tensor, like_name: str,
+                               background_index: int) -> None:
+    """The tissue-mask and background-index checks gate_argmax's and band_finalize's fakes share
+    (``op``: the message prefix "wsss::name: "), worded as their kernels word them."""
+    if tissue_mask is not None:
+        torch._check(tissue_mask.dim() == len(shape) and tuple(tissue_mask.shape) == tuple(shape),
+                     lambda: f"{op}tissue_mask must have shape [{dims}] = [{', '.join(map(str, shape))}], "
+                             f"got shape {_shape(tissue_mask)}")
+        torch._check(tissue_mask.dtype in (torch.bool, torch.uint8),
+                     lambda: f"{op}tissue_mask must be Bool or Byte, got {_dtype_name(tissue_mask.dtype)}")
+        torch._check(tissue_mask.device == like.device,
+                     lambda: f"{op}tissue_mask must be on the device of {like_name} ({like.device}), got {tissue_mask.device}")
+    torch._check(0 <= background_index <= 255,
+                 lambda: f"{op}background_index must be in [0, 255], got {background_index}")
 
 
 @torch.library.register_fake("wsss::gradcam")
@@ -283,15 +291,7 @@ def _band_finalize_fake(acc, rows, shift, tissue_mask, background_index, values,
                  lambda: f"{op}counts must be an int64 tensor [{values.shape[0]}] on the device of acc, got shape "
                          f"{_shape(counts)} of {_dtype_name(counts.dtype)} on {counts.device}")
     k, w = acc.shape[0] - 1, acc.shape[2]
-    if tissue_mask is not None:
-        torch._check(tissue_mask.dim() == 2 and tuple(tissue_mask.shape) == (rows, w),
-                     lambda: f"{op}tissue_mask must have shape [rows, W] = [{rows}, {w}], got shape {_shape(tissue_mask)}")
-        torch._check(tissue_mask.dtype in (torch.bool, torch.uint8),
-                     lambda: f"{op}tissue_mask must be Bool or Byte, got {_dtype_name(tissue_mask.dtype)}")
-        torch._check(tissue_mask.device == acc.device,
-                     lambda: f"{op}tissue_mask must be on the device of acc ({acc.device}), got {tissue_mask.device}")
-    torch._check(0 <= background_index <= 255,
-                 lambda: f"{op}background_index must be in [0, 255], got {background_index}")
+    _check_mask_and_background(op, tissue_mask, "rows, W", (rows, w), acc, "acc", background_index)
     half = acc.new_empty((k, rows, w) if with_probs else (0,), dtype=torch.float16)
     return acc.new_empty((rows, w), dtype=torch.uint8), half
 
