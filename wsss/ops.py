@@ -349,36 +349,15 @@ def _pda_setup_context(ctx, inputs, output):
 
 def _pda_grads_differentiable(grad: Tensor, features: Tensor, weight: Tensor, mu: float,
                               pooled: bool) -> Tuple[Tensor, Tensor]:
-    """What pda_pool_backward (pooled) / pda_attention_backward compute, in PyTorch ops, so that
-    the gradients are themselves differentiable (double backward, gradient penalties).
+    """What pda_pool_backward (pooled) / pda_attention_backward compute, as the vector-Jacobian
+    product of the PyTorch reference, so that the gradients are themselves differentiable
+    (double backward, gradient penalties).  Same values as the fused kernels up to rounding, NaN
+    rows included; used only when the backward is asked for a graph."""
+    from wsss import reference
 
-    With z = w F [N,K,P] and the kept mask M = 0 < z <= beta (piecewise constant, no gradient;
-    empty where beta is NaN): dz = gA M / K, grad_F = w^T dz (+ g A / P pooled), grad_w = sum_n
-    dz F^T, where gA = grad_attention, or (1/P) sum_c g_c F_c for the pooled form.  Same values
-    as the fused kernels (up to rounding); used only when the backward is asked for a graph.
-    """
-    n, c, h, w = features.shape
-    k, p = weight.shape[0], h * w
-    if features.numel() == 0:
-        return torch.zeros_like(features), torch.zeros_like(weight)
-    f = features.reshape(n, c, p)
-    z = torch.matmul(weight, f)  # [N,K,P]
-    with torch.no_grad():
-        cams = torch.relu(z)
-        beta = mu * cams.amax(dim=2, keepdim=True)  # [N,K,1], NaN as in reference.pda_attention
-        kept = (z > 0) & (cams <= beta)
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    if pooled:
-        attention = torch.where(kept, z, zero).masked_fill(torch.isnan(beta), float("nan")).mean(dim=1)  # [N,P]
-        grad_attention = torch.matmul(grad.unsqueeze(1), f).squeeze(1) / p  # [N,P]
-    else:
-        grad_attention = grad.reshape(n, p)
-    dz = torch.where(kept, grad_attention.unsqueeze(1) / k, zero)  # [N,K,P]
-    grad_f = torch.matmul(weight.t(), dz)  # [N,C,P]
-    if pooled:
-        grad_f = grad_f + grad.unsqueeze(2) * attention.unsqueeze(1) / p
-    grad_w = torch.matmul(dz, f.transpose(1, 2)).sum(dim=0)  # [K,C]
-    return grad_f.reshape(n, c, h, w), grad_w
+    fn = reference.pda_pool if pooled else reference.pda_attention
+    _, vjp = torch.func.vjp(lambda f, w: fn(f, w, mu), features, weight)
+    return vjp(grad)
 
 
 # NB: the fused backward kernels have no derivative of their own.  When a backward is run with

@@ -234,8 +234,7 @@ def train_classifier(cfg: ClassifierConfig, resume: bool = True) -> Dict:
                     last_path)
     if end_epoch < cfg.epochs:
         return {"checkpoint": last_path, "history": history, "config": config, "finished": False}
-    check_diverged(cfg.epochs - 1, "at its end")
-    model.eval()
+    model.eval()  # (its state was checked for divergence after the last epoch, before it was saved)
     save_atomic({"model": model.state_dict(), "config": config, "epoch": cfg.epochs - 1, "optimizer": None,
                  "kind": "classifier", "step": step, "history": history, "finished": True}, final_path)
     return {"checkpoint": final_path, "history": history, "config": config, "finished": True}
