@@ -6,7 +6,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 _umask_lock = threading.Lock()
 
@@ -72,6 +72,49 @@ def lock_folder(folder) -> Optional[int]:
         os.close(fd)
         return None
     return fd
+
+
+def lock_output_folder(folder, name=None) -> Optional[int]:
+    """lock_folder, with a second run into ``folder`` meanwhile refused in one line (WsssError
+    "NAME: another run is writing this output folder now ..."; ``name`` defaults to the
+    folder's path)."""
+    from wsss.errors import WsssError
+
+    try:
+        return lock_folder(folder)
+    except BlockingIOError:
+        raise WsssError(f"{folder if name is None else name}: another run is writing this output folder now (one "
+                        f"run at a time per folder)") from None
+
+
+def missing_folders(folder) -> Tuple[List[str], str]:
+    """The folders on the way to ``folder`` (itself included) that do not exist, deepest first,
+    and the nearest one that exists (a file, where the path runs under one)."""
+    missing, folder = [], os.path.abspath(folder)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing, folder
+
+
+@contextlib.contextmanager
+def made_folders(folder) -> Iterator[List[str]]:
+    """Context manager: ``folder`` made with its missing parents (``os.makedirs``) where it does
+    not exist; on an error in the block (Ctrl-C included) the folders this made are removed
+    again, deepest first, as long as they are empty (the first that is not stops it).  Yields
+    the folders made."""
+    made, _ = missing_folders(folder)
+    if made:
+        os.makedirs(folder, exist_ok=True)
+    try:
+        yield made
+    except BaseException:
+        for path in made:
+            try:
+                os.rmdir(path)
+            except OSError:  # (not empty: something was written there)
+                break
+        raise
 
 
 @contextlib.contextmanager

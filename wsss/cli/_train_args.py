@@ -3,6 +3,7 @@ option values every command shares (``check_args``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 
 def add_common(parser: argparse.ArgumentParser, *, seed: bool = True) -> None:
@@ -66,7 +67,7 @@ def check_args(args: argparse.Namespace, *, out_folders=("out",), out_files=("js
     import math
     import os
 
-    from wsss.files import probe_writable
+    from wsss.files import missing_folders, probe_writable
 
     from wsss.errors import WsssError
 
@@ -87,9 +88,7 @@ def check_args(args: argparse.Namespace, *, out_folders=("out",), out_files=("js
             raise WsssError(f"{flag} {path}: is a file, not a folder")
         if name in out_files and os.path.isdir(path):
             raise WsssError(f"{flag} {path}: is a folder, not a file")
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
+        _, parent = missing_folders(os.path.dirname(os.path.abspath(path)))
         if not os.path.isdir(parent):
             raise WsssError(f"{flag} {path}: {parent} is a file, not a folder")
         try:
@@ -123,25 +122,24 @@ def _inside(path, folder) -> bool:
 
 def dataset_file(dataset, data) -> "str | None":
     """The description file --dataset reads: the JSON file it names, or DATA/dataset.json for
-    "auto" (None: a built-in description)."""
-    import os
+    "auto" (None: a built-in description, or none; as get_description resolves it)."""
+    from wsss.data.description import description_source
 
-    if dataset in (None, "auto"):
-        path = os.path.join(data, "dataset.json") if data else None
-        return path if path and os.path.isfile(path) else None
-    return dataset if os.path.isfile(dataset) else None
+    kind, where = description_source("auto" if dataset is None else dataset, data)
+    return where if kind == "file" else None
 
 
 def split_folder(data, split) -> "str | None":
     """DATA/SPLIT (or DATA itself when it is that split's folder), None where there is none."""
-    import os
+    from wsss.data.datasets import resolve_split_dir
+    from wsss.errors import DataError
 
     if not data or not split:
         return None
-    for candidate in (os.path.join(data, split), data if os.path.basename(os.path.normpath(data)) == split else None):
-        if candidate and os.path.isdir(candidate):
-            return candidate
-    return None
+    try:
+        return resolve_split_dir(data, split)
+    except DataError:
+        return None
 
 
 def check_outputs_spare_inputs(*, reads=(), read_folders=(), writes=(), write_folders=()) -> None:
@@ -261,20 +259,8 @@ def load_network(kind: str, flag: str, path: str, description, source: str):
     return build(contents.state_dict, num_classes=description.num_classes, where=f"checkpoint {contents.path}")
 
 
-def check_checkpoint_classes(kind: str, flag: str, path: str, description, source: str) -> None:
-    """check_same_classes for a checkpoint another part of the command loads later (its
-    unfinished-run warning is left to that load)."""
-    import warnings
-
-    from wsss.models.checkpoints import read_checkpoint
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        contents = read_checkpoint(path, expected_kind=kind)
-    check_same_classes(flag, contents, description, source)
-
-
-class locked_output_folder:
+@contextlib.contextmanager
+def locked_output_folder(path: str, flag: str = "--out"):
     """Context manager: the output folder made if missing and locked (wsss.files.lock_folder) for
     the command's run; a second run into the same folder meanwhile gets one line (WsssError).  On
     a failure, the folders this made are removed again where still empty.
@@ -282,47 +268,14 @@ class locked_output_folder:
     NB: two wsss-train-cls runs into one folder both ran to the end (one's checkpoints over the
     other's); two wsss-pseudo-masks runs left a mix of both runs' masks, and one ended with
     "No such file or directory" for the other's incomplete-marker."""
+    import os
 
-    def __init__(self, path: str, flag: str = "--out") -> None:
-        self.path, self.flag = path, flag
-        self.fd = None
-        self.made = []
+    from wsss.files import lock_output_folder, made_folders
 
-    def __enter__(self):
-        import os
-
-        from wsss.errors import WsssError
-        from wsss.files import lock_folder
-
-        missing, folder = [], os.path.abspath(self.path)
-        while not os.path.exists(folder):
-            missing.append(folder)
-            folder = os.path.dirname(folder)
-        os.makedirs(self.path, exist_ok=True)
-        self.made = missing  # (deepest first)
+    with made_folders(path):
+        fd = lock_output_folder(path, f"{flag} {path}")
         try:
-            self.fd = lock_folder(self.path)
-        except BlockingIOError:
-            self._remove_made()
-            raise WsssError(f"{self.flag} {self.path}: another run is writing this output folder now (one run "
-                            f"at a time per folder)") from None
-        return self
-
-    def _remove_made(self) -> None:
-        import os
-
-        for folder in self.made:
-            try:
-                os.rmdir(folder)
-            except OSError:  # (not empty: something was written there)
-                break
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        import os
-
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        if exc_type is not None:
-            self._remove_made()
-        return False
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)

@@ -12,6 +12,7 @@ module (labels, class probabilities); on a mismatch nothing is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -51,9 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pt2-max-batch", type=int, default=64, help="largest batch the .pt2 accepts (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the self-check tiles (default 0)")
     return p
-
-
-_same_file = same_file  # (the shared check, wsss.cli._train_args)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -231,17 +229,6 @@ def check_finite_outputs(expected, classifier: str, segmenter: str) -> None:
                           f"infinite): its weights are broken (a diverged training run?); nothing written")
 
 
-def _make_folder_of(path: str):
-    """Make the folder of file ``path`` where missing; returns the folders made, deepest first."""
-    made, folder = [], os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        made.append(folder)
-        folder = os.path.dirname(folder)
-    if made:
-        os.makedirs(made[0], exist_ok=True)
-    return made
-
-
 def _final_names(text: str, written: Dict[str, str], out: str, pt2: Optional[str]) -> str:
     """``text`` with each temporary file's path replaced by the file it was to become (also one
     that failed to be made: named by its suffix)."""
@@ -301,93 +288,91 @@ def export_bundle(classifier: str, segmenter: str, out: str, *, dataset: Optiona
 
     from wsss.bundle import first_line, load_bundle, save_bundle, temp_path_beside
     from wsss.errors import BundleError, WsssError
+    from wsss.files import made_folders
     from wsss.models import TissueSegmenter
     from wsss.models.checkpoints import classifier_from_state_dict, read_checkpoint, segmenter_from_state_dict
 
     written = {}  # temporary path -> the file it becomes
-    made = []  # folders made for the outputs (removed again on a failure)
-    done = False
-    try:  # NB: from the first read on: a malformed checkpoint is one line too
-        cls_ckpt = read_checkpoint(classifier, expected_kind="classifier")
-        seg_ckpt = read_checkpoint(segmenter, expected_kind="segmenter")
-        check_same_cohort(cls_ckpt, seg_ckpt)
-        description = choose_dataset(dataset, seg_ckpt.config, cls_ckpt.config)
-        k = len(description.class_names)
-        cls_net = classifier_from_state_dict(cls_ckpt.state_dict, num_classes=k, where=f"--classifier {cls_ckpt.path}")
-        seg_net = segmenter_from_state_dict(seg_ckpt.state_dict, num_classes=k, where=f"--segmenter {seg_ckpt.path}")
-        module = TissueSegmenter(cls_net, seg_net, eps=eps, input_scale=input_scale).eval()
-        if tile_size is None:
-            tile_size = default_tile_size(seg_ckpt.config)
+    # (the folders made for the outputs go again on a failure, where empty: after the finally
+    # below has removed the temporaries)
+    with contextlib.ExitStack() as made:
+        try:  # NB: from the first read on: a malformed checkpoint is one line too
+            cls_ckpt = read_checkpoint(classifier, expected_kind="classifier")
+            seg_ckpt = read_checkpoint(segmenter, expected_kind="segmenter")
+            check_same_cohort(cls_ckpt, seg_ckpt)
+            description = choose_dataset(dataset, seg_ckpt.config, cls_ckpt.config)
+            k = len(description.class_names)
+            cls_net = classifier_from_state_dict(cls_ckpt.state_dict, num_classes=k,
+                                                 where=f"--classifier {cls_ckpt.path}")
+            seg_net = segmenter_from_state_dict(seg_ckpt.state_dict, num_classes=k,
+                                                where=f"--segmenter {seg_ckpt.path}")
+            module = TissueSegmenter(cls_net, seg_net, eps=eps, input_scale=input_scale).eval()
+            if tile_size is None:
+                tile_size = default_tile_size(seg_ckpt.config)
 
-        metadata = {
-            "class_names": list(description.class_names),
-            "palette": [list(c) for c in description.palette],
-            "background_index": int(description.background_index),
-            "tile_size": int(tile_size),
-            "mpp": mpp if mpp is not None else description.mpp,
-            "input_scale": input_scale,
-            "gate_eps": eps,
-            "config": {
-                "dataset": description.name,
-                "classifier": {"checkpoint": os.path.basename(cls_ckpt.path), "format": cls_ckpt.source_format,
-                               "width": cls_net.width, "epoch": cls_ckpt.epoch, "train_config": cls_ckpt.config},
-                "segmenter": {"checkpoint": os.path.basename(seg_ckpt.path), "format": seg_ckpt.source_format,
-                              "backbone": seg_net.backbone_name, "width": seg_net.width,
-                              "output_stride": seg_net.output_stride, "epoch": seg_ckpt.epoch,
-                              "train_config": seg_ckpt.config},
-            },
-        }
-        if description.name.startswith("synthetic-"):  # (wsss.synthetic's datasets: wsss-infer warns on real slides)
-            metadata["synthetic_only"] = True
-        metadata.update(extra_metadata or {})
-        g = torch.Generator().manual_seed(seed)
-        tiles = torch.randint(0, 256, (check_tiles, 3, tile_size, tile_size), dtype=torch.uint8, generator=g)
-        with torch.inference_mode():
-            expected = module(tiles, True)
-        check_finite_outputs(expected, cls_ckpt.path, seg_ckpt.path)
-
-        for path in (out, pt2):  # (made as wsss-train-seg makes --out; wsss-export refuses a missing one)
-            if path is not None:
-                made += _make_folder_of(path)
-        tmp_bundle = temp_path_beside(out, ".pt")
-        written[tmp_bundle] = out
-        save_bundle(tmp_bundle, module, metadata)
-        bundle = load_bundle(tmp_bundle)
-        with torch.inference_mode():
-            report = {"bundle": compare_outputs(expected, bundle.module(tiles, True), "TorchScript bundle")}
-        if pt2 is not None:
-            tmp_pt2 = temp_path_beside(pt2, ".pt2")
-            written[tmp_pt2] = pt2
-            export_pt2(module, tiles, tmp_pt2, max_batch=pt2_max_batch, metadata=bundle.metadata)
-            runner = torch._inductor.aoti_load_package(tmp_pt2)
+            metadata = {
+                "class_names": list(description.class_names),
+                "palette": [list(c) for c in description.palette],
+                "background_index": int(description.background_index),
+                "tile_size": int(tile_size),
+                "mpp": mpp if mpp is not None else description.mpp,
+                "input_scale": input_scale,
+                "gate_eps": eps,
+                "config": {
+                    "dataset": description.name,
+                    "classifier": {"checkpoint": os.path.basename(cls_ckpt.path), "format": cls_ckpt.source_format,
+                                   "width": cls_net.width, "epoch": cls_ckpt.epoch, "train_config": cls_ckpt.config},
+                    "segmenter": {"checkpoint": os.path.basename(seg_ckpt.path), "format": seg_ckpt.source_format,
+                                  "backbone": seg_net.backbone_name, "width": seg_net.width,
+                                  "output_stride": seg_net.output_stride, "epoch": seg_ckpt.epoch,
+                                  "train_config": seg_ckpt.config},
+                },
+            }
+            # (wsss.synthetic's datasets: wsss-infer warns on real slides)
+            if description.name.startswith("synthetic-"):
+                metadata["synthetic_only"] = True
+            metadata.update(extra_metadata or {})
+            g = torch.Generator().manual_seed(seed)
+            tiles = torch.randint(0, 256, (check_tiles, 3, tile_size, tile_size), dtype=torch.uint8, generator=g)
             with torch.inference_mode():
-                got = runner(tiles)
-            report["pt2"] = compare_outputs(expected, tuple(got), "AOTInductor package")
-            os.replace(tmp_pt2, pt2)
-        os.replace(tmp_bundle, out)
-        done = True
-    except WsssError as e:
-        text = _final_names(str(e), written, out, pt2)
-        if text == str(e):
-            raise
-        raise type(e)(text) from e
-    except Exception as e:  # export/compile failures: one line, nothing half-written
-        # NB: named by the files they were to become: "FileNotFoundError: .../.tmp-wsss-XXXX.pt"
-        # named a file the user never asked for
-        text = first_line(e)
-        if isinstance(e, OSError) and e.filename and e.strerror:
-            text = f"{e.filename}: {e.strerror}"
-        raise BundleError(f"export failed: {type(e).__name__}: {_final_names(text, written, out, pt2)}") from e
-    finally:
-        for path in written:
-            if os.path.exists(path):
-                os.unlink(path)
-        if not done:  # (the folders made for the outputs go again, where empty)
-            for folder in made:
-                try:
-                    os.rmdir(folder)
-                except OSError:
-                    break
+                expected = module(tiles, True)
+            check_finite_outputs(expected, cls_ckpt.path, seg_ckpt.path)
+
+            for path in (out, pt2):  # (made as wsss-train-seg makes --out; wsss-export refuses a missing one)
+                if path is not None:
+                    made.enter_context(made_folders(os.path.dirname(os.path.abspath(path))))
+            tmp_bundle = temp_path_beside(out, ".pt")
+            written[tmp_bundle] = out
+            save_bundle(tmp_bundle, module, metadata)
+            bundle = load_bundle(tmp_bundle)
+            with torch.inference_mode():
+                report = {"bundle": compare_outputs(expected, bundle.module(tiles, True), "TorchScript bundle")}
+            if pt2 is not None:
+                tmp_pt2 = temp_path_beside(pt2, ".pt2")
+                written[tmp_pt2] = pt2
+                export_pt2(module, tiles, tmp_pt2, max_batch=pt2_max_batch, metadata=bundle.metadata)
+                runner = torch._inductor.aoti_load_package(tmp_pt2)
+                with torch.inference_mode():
+                    got = runner(tiles)
+                report["pt2"] = compare_outputs(expected, tuple(got), "AOTInductor package")
+                os.replace(tmp_pt2, pt2)
+            os.replace(tmp_bundle, out)
+        except WsssError as e:
+            text = _final_names(str(e), written, out, pt2)
+            if text == str(e):
+                raise
+            raise type(e)(text) from e
+        except Exception as e:  # export/compile failures: one line, nothing half-written
+            # NB: named by the files they were to become: "FileNotFoundError: .../.tmp-wsss-XXXX.pt"
+            # named a file the user never asked for
+            text = first_line(e)
+            if isinstance(e, OSError) and e.filename and e.strerror:
+                text = f"{e.filename}: {e.strerror}"
+            raise BundleError(f"export failed: {type(e).__name__}: {_final_names(text, written, out, pt2)}") from e
+        finally:
+            for path in written:
+                if os.path.exists(path):
+                    os.unlink(path)
     bundle.path = out
     return bundle, report
 

@@ -5,8 +5,8 @@ import argparse
 from typing import Optional, Sequence
 
 from wsss.cli import run
-from wsss.cli._train_args import (add_common, check_args, check_checkpoint_classes, check_outputs_spare_inputs,
-                                   dataset_file, describe_dataset, locked_output_folder, names, split_folder)
+from wsss.cli._train_args import (add_common, check_args, check_outputs_spare_inputs, dataset_file,
+                                   locked_output_folder, names, split_folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,6 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     check_args(args)
     import os
 
-    from wsss.data import get_description
     from wsss.train.pseudo_masks import LAYERS, PseudoMaskConfig, generate_pseudo_masks
 
     check_outputs_spare_inputs(
@@ -36,9 +35,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         read_folders=[("dataset's train split", split_folder(args.data, "train")), ("--truth folder", args.truth)],
         writes=[("--json", args.json)],
         write_folders=[(f"--out {args.out}'s layer folder", os.path.join(args.out, layer)) for layer in LAYERS])
-    if os.path.isfile(args.classifier):  # (a missing one: the load below says so)
-        check_checkpoint_classes("classifier", "--classifier", args.classifier,
-                                 get_description(args.dataset, args.data), describe_dataset(args.dataset, args.data))
+    # (the --classifier checkpoint is read once, its classes checked against the dataset's, in
+    # generate_pseudo_masks, before the output folder's files are touched)
 
     cfg = PseudoMaskConfig(data_root=args.data, checkpoint=args.classifier, out_dir=args.out, dataset=args.dataset,
                            batch_size=args.batch_size, layers=tuple(args.layers), device=args.device,

@@ -23,7 +23,8 @@ from wsss.data.description import DatasetDescription, parse_label
 from wsss.errors import DataError
 
 __all__ = ["LabelledPatches", "MaskedPatches", "PseudoMaskPatches", "read_rgb", "read_mask", "list_images",
-           "resolve_split_dir", "image_size", "read_pseudo_mask_manifest", "INCOMPLETE_MARKER", "PSEUDO_MASK_MANIFEST"]
+           "resolve_split_dir", "mask_name", "image_size", "read_pseudo_mask_manifest", "INCOMPLETE_MARKER",
+           "PSEUDO_MASK_MANIFEST"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # in a pseudo-mask folder while wsss-pseudo-masks writes it (left there by a run that was killed)
@@ -78,6 +79,11 @@ def check_unique_stems(folder: str, names: Sequence[str]) -> None:
             raise DataError(f"{os.path.join(folder, seen[stem])} and {n}: two files with the stem {stem!r} in "
                             f"{folder}; files are matched by stem, keep one")
         seen[stem] = n
+
+
+def mask_name(image_name: str) -> str:
+    """The file name of an image's (pseudo or truth) mask: its stem + ".png"."""
+    return os.path.splitext(image_name)[0] + ".png"
 
 
 def resolve_split_dir(root: str, split: str) -> str:
@@ -282,7 +288,7 @@ class PseudoMaskPatches(torch.utils.data.Dataset):
                                     f"layers {', '.join(manifest['layers'])}, not {layer}{older}: run "
                                     f"wsss-pseudo-masks with --layers {','.join(l for l in layers if l)}")
             for n in self.patches.names:
-                if self._mask_name(n) not in written:
+                if mask_name(n) not in written:
                     raise DataError(f"pseudo masks: the last wsss-pseudo-masks run into {pseudo_root} (on "
                                     f"{manifest.get('data', 'another dataset')}) wrote no mask for "
                                     f"{os.path.join(self.patches.folder, n)}: run wsss-pseudo-masks on this dataset")
@@ -293,14 +299,9 @@ class PseudoMaskPatches(torch.utils.data.Dataset):
         for d in self.layer_dirs:
             present = set(os.listdir(d))
             for n in self.patches.names:
-                if self._mask_name(n) not in present:
-                    raise DataError(f"pseudo masks: {os.path.join(d, self._mask_name(n))} is missing for "
+                if mask_name(n) not in present:
+                    raise DataError(f"pseudo masks: {os.path.join(d, mask_name(n))} is missing for "
                                     f"{os.path.join(self.patches.folder, n)}")
-
-    @staticmethod
-    def _mask_name(name: str) -> str:
-        return os.path.splitext(name)[0] + ".png"
-
     def __len__(self) -> int:
         return len(self.patches)
 
@@ -309,7 +310,7 @@ class PseudoMaskPatches(torch.utils.data.Dataset):
         h, w = item["image"].shape[1:]
         masks = []
         for d in self.layer_dirs:
-            path = os.path.join(d, self._mask_name(item["name"]))
+            path = os.path.join(d, mask_name(item["name"]))
             mask = read_mask(path, self.description)
             if mask.shape != (h, w):
                 raise DataError(f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} does not match its image "

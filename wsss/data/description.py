@@ -28,6 +28,7 @@ __all__ = [
     "BCSS_WSSS",
     "BUILTIN_DATASETS",
     "get_description",
+    "description_source",
     "parse_label",
     "format_label",
 ]
@@ -192,17 +193,30 @@ BUILTIN_DATASETS: Dict[str, DatasetDescription] = {
 }
 
 
-def get_description(name_or_path: str, root: Optional[str] = None) -> DatasetDescription:
-    """A built-in name ("luad", "bcss-wsss"), a JSON file, or "auto" (root/dataset.json, else LUAD)."""
+def description_source(name_or_path: str, root: Optional[str] = None) -> Tuple[Optional[str], Optional[str]]:
+    """Where a --dataset argument resolves to: ("builtin", its key in BUILTIN_DATASETS) or ("file",
+    the JSON description's path); (None, None) where it names neither.  "auto": root/dataset.json
+    where that is a file, else the built-in luad-histoseg.  A built-in name wins over a file of
+    that name (get_description reads what this says; the CLIs' checks of inputs ask it too)."""
     if name_or_path == "auto":
         if root is not None and os.path.isfile(os.path.join(root, "dataset.json")):
-            return DatasetDescription.load_json(os.path.join(root, "dataset.json"))
-        return LUAD_HISTOSEG
+            return "file", os.path.join(root, "dataset.json")
+        return "builtin", "luad-histoseg"
     key = name_or_path.lower()
     if key in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[key]
+        return "builtin", key
     if os.path.isfile(name_or_path):
-        return DatasetDescription.load_json(name_or_path)
+        return "file", name_or_path
+    return None, None
+
+
+def get_description(name_or_path: str, root: Optional[str] = None) -> DatasetDescription:
+    """A built-in name ("luad", "bcss-wsss"), a JSON file, or "auto" (root/dataset.json, else LUAD)."""
+    kind, where = description_source(name_or_path, root)
+    if kind == "builtin":
+        return BUILTIN_DATASETS[where]
+    if kind == "file":
+        return DatasetDescription.load_json(where)
     raise DataError(f"dataset {name_or_path!r}: not a built-in ({', '.join(sorted(BUILTIN_DATASETS))}) "
                     f"and not a JSON description file")
 

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from wsss.errors import WsssError
-from wsss.files import lock_folder, probe_writable
+from wsss.files import lock_output_folder, probe_writable
 from wsss.runner.model import PendingProbabilities, SlideModel, resolve_precision
 from wsss.runner.tile_stage import _env_number, _run_tiles, default_workers, reader_processes
 
@@ -420,11 +420,7 @@ class _SlideRun:
         # NB: two runs publishing into one folder at once could leave one's run.json beside the
         # other's labels (seen with a delay injected into publishing); the lock is the folder's
         # own (no lock file), held until this slide ends
-        try:
-            self.lock = lock_folder(out_dir)
-        except BlockingIOError:
-            raise WsssError(f"{out_dir}: another run is writing this output folder now (one run at a time per "
-                            f"folder)") from None
+        self.lock = lock_output_folder(out_dir)
         stale = writers.remove_stale_temporaries(out_dir)
         if stale:
             self.log(f"{slide.name}: removed {stale} temporary file(s) an interrupted earlier run left in {out_dir}")

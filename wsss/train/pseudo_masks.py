@@ -196,25 +196,32 @@ def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
     is what the readers (PseudoMaskPatches) and the scores take."""
     from tqdm import tqdm
 
+    from wsss.cli._train_args import check_same_classes, describe_dataset
     from wsss.data import LabelledPatches, get_description
-    from wsss.data.datasets import INCOMPLETE_MARKER, PSEUDO_MASK_MANIFEST, image_size
+    from wsss.data.datasets import INCOMPLETE_MARKER, PSEUDO_MASK_MANIFEST, image_size, mask_name
     from wsss.files import write_atomic
-    from wsss.models.checkpoints import load_classifier_checkpoint
+    from wsss.models.checkpoints import classifier_from_state_dict, read_checkpoint
     from wsss.train.common import autocast, make_loader, resolve_device
 
     bad = [l for l in cfg.layers if l not in LAYERS]
     if bad:
         raise WsssError(f"--layers: unknown layer(s) {bad}; choose from {', '.join(LAYERS)}")
-    device = resolve_device(cfg.device)
     description = get_description(cfg.dataset, cfg.data_root)
+    # (read once: its recorded classes checked against the description's, a model of another
+    # cohort refused before anything else is read or written)
+    contents = read_checkpoint(cfg.checkpoint, expected_kind="classifier")
+    check_same_classes("--classifier", contents, description, describe_dataset(cfg.dataset, cfg.data_root))
+    device = resolve_device(cfg.device)
     dataset = LabelledPatches(cfg.data_root, description)
-    mask_names = [_mask_name(n) for n in dataset.names]
+    mask_names = [mask_name(n) for n in dataset.names]
     # (headers only, about 0.02 ms a patch: a file that cannot be read stops the run before the
     # folder is touched rather than halfway)
     sizes = [image_size(os.path.join(dataset.folder, n)) for n in dataset.names]
     if cfg.truth_dir:
         check_truth_masks(cfg.truth_dir, dataset, description, sizes)
-    model = load_classifier_checkpoint(cfg.checkpoint, num_classes=description.num_classes)
+    model = classifier_from_state_dict(contents.state_dict, num_classes=description.num_classes,
+                                       where=f"checkpoint {contents.path}")
+    del contents
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -237,7 +244,7 @@ def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
             masks = masks_from_cams(cams[layer], batch["label"].to(device), tuple(images.shape[2:]), bg,
                                     description.background_index).cpu().numpy()
             for name, mask in zip(batch["name"], masks):
-                save_png(os.path.join(cfg.out_dir, layer, _mask_name(name)), mask.astype(np.uint8, copy=False), palette)
+                save_png(os.path.join(cfg.out_dir, layer, mask_name(name)), mask.astype(np.uint8, copy=False), palette)
         bar.update(images.shape[0])
     bar.close()
     manifest = {"format": "wsss-pseudo-masks", "version": 1, "layers": list(cfg.layers), "masks": mask_names,
@@ -253,10 +260,6 @@ def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
     if cfg.truth_dir:
         result["scores"] = score_pseudo_masks(cfg.out_dir, cfg.truth_dir, description, cfg.layers, names=mask_names)
     return result
-
-
-def _mask_name(image_name: str) -> str:
-    return os.path.splitext(image_name)[0] + ".png"
 
 
 def _is_own_temp_file(name: str) -> bool:
@@ -312,14 +315,14 @@ def check_truth_masks(truth_dir: str, dataset, description, sizes: Optional[Sequ
     given); else DataError naming the file (and both sizes).  Reads every truth mask (about
     0.1 ms for a 224 px PNG)."""
     from wsss.data import read_mask
-    from wsss.data.datasets import image_size
+    from wsss.data.datasets import image_size, mask_name
     from wsss.errors import DataError
 
     if not os.path.isdir(truth_dir):
         raise DataError(f"pseudo masks: truth folder {truth_dir} does not exist")
     for i, name in enumerate(dataset.names):
         image_path = os.path.join(dataset.folder, name)
-        truth_path = os.path.join(truth_dir, _mask_name(name))
+        truth_path = os.path.join(truth_dir, mask_name(name))
         if not os.path.isfile(truth_path):
             raise DataError(f"pseudo masks: no truth mask {truth_path} for {image_path}")
         truth = read_mask(truth_path, description)
@@ -348,25 +351,31 @@ def score_pseudo_masks(pseudo_dir: str, truth_dir: str, description, layers: Seq
             if missing:
                 raise DataError(f"pseudo masks: the last wsss-pseudo-masks run into {pseudo_dir} wrote no "
                                 f"{', '.join(missing)} masks (it wrote {', '.join(manifest['layers'])})")
-    scores = {}
+    folders, layer_names = {}, {}
     for layer in layers:
-        cm = ConfusionMatrix(description.num_classes, description.background_index)
-        folder = os.path.join(pseudo_dir, layer)
-        layer_names = sorted(names) if names is not None else \
-            sorted(n for n in os.listdir(folder) if n.endswith(".png")) if os.path.isdir(folder) else []
-        if not layer_names:
+        folder = folders[layer] = os.path.join(pseudo_dir, layer)
+        layer_names[layer] = set(names) if names is not None else \
+            {n for n in os.listdir(folder) if n.endswith(".png")} if os.path.isdir(folder) else set()
+        if not layer_names[layer]:
             raise DataError(f"pseudo masks: {folder} holds no masks")
-        for name in layer_names:
-            truth_path = os.path.join(truth_dir, name)
-            mask_path = os.path.join(folder, name)
-            if not os.path.isfile(truth_path):
-                raise DataError(f"pseudo masks: no truth mask {truth_path} for {mask_path}")
+    # (each truth mask read once, scored against every layer's mask of that name)
+    cms = {layer: ConfusionMatrix(description.num_classes, description.background_index) for layer in layers}
+    for name in sorted(set().union(*layer_names.values())):
+        truth_path = os.path.join(truth_dir, name)
+        truth = None
+        for layer in layers:
+            if name not in layer_names[layer]:
+                continue
+            mask_path = os.path.join(folders[layer], name)
+            if truth is None:
+                if not os.path.isfile(truth_path):
+                    raise DataError(f"pseudo masks: no truth mask {truth_path} for {mask_path}")
+                truth = read_mask(truth_path, description)
             if not os.path.isfile(mask_path):
                 raise DataError(f"pseudo masks: {mask_path} is missing")
-            truth, mask = read_mask(truth_path, description), read_mask(mask_path, description)
+            mask = read_mask(mask_path, description)
             if truth.shape != mask.shape:
                 raise DataError(f"{truth_path}: truth mask size {truth.shape[1]}x{truth.shape[0]} does not match "
                                 f"the pseudo mask {mask_path} ({mask.shape[1]}x{mask.shape[0]})")
-            cm.update(truth, mask)
-        scores[layer] = cm.scores(description.class_names)
-    return scores
+            cms[layer].update(truth, mask)
+    return {layer: cms[layer].scores(description.class_names) for layer in layers}

@@ -234,7 +234,7 @@ def _data_fingerprint(train_set, layers, val_set) -> Dict:
     from wsss.train.common import files_fingerprint, patches_fingerprint
 
     patches = train_set.patches
-    mask_name = getattr(type(train_set), "_mask_name", None) or (lambda n: os.path.splitext(n)[0] + ".png")
+    from wsss.data.datasets import mask_name
     files = [(f"{layer or '.'}/{mask_name(n)}", os.path.join(d, mask_name(n)))
              for layer, d in zip(layers, train_set.layer_dirs) for n in patches.names]
     out = {"train": patches_fingerprint(patches.names, patches.labels), "masks": files_fingerprint(files)}
