@@ -12,6 +12,7 @@
 #include <c10/util/Exception.h>
 
 #include <charconv>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -94,6 +95,27 @@ inline void check_pda_pool_grad(const at::Tensor& grad, const at::Tensor& featur
              "features (", features.device(), "), got ", grad.device());
 }
 
+// The tissue-mask and background-index checks gate_argmax and band_finalize share (``prefix``:
+// "wsss::name: "; ``dims`` names the expected shape's axes, ``like`` the tensor whose device the
+// mask must share).
+inline void check_mask_and_background(const char* prefix, const std::optional<at::Tensor>& tissue_mask,
+                                      const char* dims, at::IntArrayRef shape, const at::Tensor& like,
+                                      const char* like_name, int64_t background_index) {
+  if (tissue_mask.has_value()) {
+    const at::Tensor& m = *tissue_mask;
+    std::string expected;
+    for (size_t i = 0; i < shape.size(); ++i) expected += (i ? ", " : "") + std::to_string(shape[i]);
+    WSSS_CHECK(m.sizes() == shape, prefix, "tissue_mask must have shape [", dims, "] = [", expected,
+               "], got shape ", shape_str(m));
+    WSSS_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte, prefix,
+               "tissue_mask must be Bool or Byte, got ", m.scalar_type());
+    WSSS_CHECK(m.device() == like.device(), prefix, "tissue_mask must be on the device of ", like_name, " (",
+               like.device(), "), got ", m.device());
+  }
+  WSSS_CHECK(background_index >= 0 && background_index <= 255, prefix,
+             "background_index must be in [0, 255], got ", background_index);
+}
+
 // scores [N,K,H,W], class_prob [N,K], tissue_mask [N,H,W]?
 inline void check_gate_args(const at::Tensor& scores, const at::Tensor& class_prob,
                             const std::optional<at::Tensor>& tissue_mask, int64_t background_index) {
@@ -110,17 +132,8 @@ inline void check_gate_args(const at::Tensor& scores, const at::Tensor& class_pr
               class_prob.scalar_type());
   WSSS_CHECK(class_prob.device() == scores.device(), op, ": class_prob must be on the device of scores (",
               scores.device(), "), got ", class_prob.device());
-  if (tissue_mask.has_value()) {
-    const at::Tensor& m = *tissue_mask;
-    WSSS_CHECK(m.dim() == 3 && m.size(0) == n && m.size(1) == h && m.size(2) == w, op,
-                ": tissue_mask must have shape [N, H, W] = [", n, ", ", h, ", ", w, "], got shape ", shape_str(m));
-    WSSS_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte, op,
-                ": tissue_mask must be Bool or Byte, got ", m.scalar_type());
-    WSSS_CHECK(m.device() == scores.device(), op, ": tissue_mask must be on the device of scores (",
-                scores.device(), "), got ", m.device());
-  }
-  WSSS_CHECK(background_index >= 0 && background_index <= 255, op,
-              ": background_index must be in [0, 255], got ", background_index);
+  check_mask_and_background("wsss::gate_argmax: ", tissue_mask, "N, H, W", {n, h, w}, scores, "scores",
+                            background_index);
 }
 
 // features [N,C,h,w], grads [N,K,C,h,w]

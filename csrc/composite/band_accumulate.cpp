@@ -105,17 +105,7 @@ std::tuple<at::Tensor, at::Tensor> band_finalize(const at::Tensor& acc, int64_t 
   const int64_t K = acc.size(0) - 1, W = acc.size(2);
   // NB: every argument gate_argmax would check is checked here first, so its errors name
   // band_finalize and the argument as the caller passed it (and the fake kernel says the same)
-  if (tissue_mask.has_value()) {
-    const at::Tensor& m = *tissue_mask;
-    WSSS_CHECK(m.dim() == 2 && m.size(0) == rows && m.size(1) == W, op, "tissue_mask must have shape [rows, W] = [",
-               rows, ", ", W, "], got shape ", shape_str(m));
-    WSSS_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == at::kByte, op,
-               "tissue_mask must be Bool or Byte, got ", m.scalar_type());
-    WSSS_CHECK(m.device() == acc.device(), op, "tissue_mask must be on the device of acc (", acc.device(), "), got ",
-               m.device());
-  }
-  WSSS_CHECK(0 <= background_index && background_index <= 255, op, "background_index must be in [0, 255], got ",
-             background_index);
+  check_mask_and_background(op, tissue_mask, "rows, W", {rows, W}, acc, "acc", background_index);
   const auto band = acc.narrow(1, 0, rows);
   const auto weight = band.select(0, K);
   const auto covered = weight.gt(0);
