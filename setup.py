@@ -120,7 +120,9 @@ def _extensions():
             "wsss._ops",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx, "nvcc": opt[:1] + ["-std=c++20", "--expt-relaxed-constexpr"]},
+            # (WSSS_WITH_CUDA_KERNELS: the composite ops leave the CUDA key to the kernels in csrc/cuda)
+            extra_compile_args={"cxx": cxx + ["-DWSSS_WITH_CUDA_KERNELS"],
+                                "nvcc": opt[:1] + ["-std=c++20", "--expt-relaxed-constexpr"]},
             **kwargs,
         )
     else:

@@ -473,6 +473,78 @@ def test_band_finalize_errors(device, case):
         torch.ops.wsss.band_finalize(*make_args(device), values, counts, False)
 
 
+def _awkward_band(k: int, r: int, w: int, seed: int = 0) -> torch.Tensor:
+    """A band accumulator with what the fused CUDA kernel must get right: uncovered pixels (weight
+    0, some with stray sums), ties between classes, NaN weights and NaN class sums (as class 0 and
+    later), denormal-small weights (clamp_min's 1e-30)."""
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.rand(k + 1, r, w, generator=g) * 2
+    row = lambda i: i % r  # noqa: E731  (short bands get several of these in one row)
+    acc[:, row(1), 3:40] = 0
+    acc[k, row(2), 5:9] = 0
+    if k > 1:
+        acc[1, row(3), :] = acc[0, row(3), :]  # ties: the lowest class wins
+        acc[1, row(4), 10:20] = float("nan")  # a later class's NaN never wins
+    acc[0, row(4), 20:30] = float("nan")  # class 0's NaN wins (gate_argmax's rule)
+    acc[k, row(5), 0:6] = float("nan")  # a NaN weight: not covered -> background, probabilities NaN
+    acc[k, row(6), 7:11] = 1e-35  # below clamp_min's 1e-30 (still covered)
+    return acc
+
+
+@pytest.mark.skipif(not CUDA, reason="the fused band_finalize kernel needs a CUDA device")
+@pytest.mark.parametrize("k,r,w,rows,shift", [(4, 224, 16384 + 77, 224, 224), (4, 256, 1000, 200, 30), (1, 9, 300, 9, 4),
+                                              (255, 3, 70, 3, 0), (3, 8, 20, 0, 2)])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "uint8"])
+def test_band_finalize_cuda_kernel_equals_the_composite_op(k, r, w, rows, shift, mask_kind):
+    """The CUDA build's fused kernel against the CPU composite (the ATen calls it replaced), bit
+    for bit: labels, counts (duplicated and absent values included), float16 probabilities (NaN
+    where NaN), the shifted accumulator.  Many blocks and a partial last warp (W not a multiple
+    of 256), K = 1 and K = 255, rows = 0."""
+    bg = 7 if k < 7 else 0
+    acc = _awkward_band(k, r, w)
+    values = torch.tensor(sorted(set(range(min(k, 254))) | {bg}) + [bg, 250], dtype=torch.uint8)
+    mask = None
+    if mask_kind is not None:
+        m = torch.rand(rows, w, generator=torch.Generator().manual_seed(1)) > 0.2
+        mask = m if mask_kind == "bool" else m.to(torch.uint8) * 3  # (any non-zero byte is tissue)
+    out = {}
+    for device in ("cpu", "cuda"):
+        a, counts = acc.clone().to(device), torch.arange(len(values), dtype=torch.long).to(device)
+        labels, half = torch.ops.wsss.band_finalize(a, rows, shift, None if mask is None else mask.to(device), bg,
+                                                    values.to(device), counts, True)
+        out[device] = [t.cpu() for t in (labels, half, counts, a)]
+    (l0, h0, c0, a0), (l1, h1, c1, a1) = out["cpu"], out["cuda"]
+    assert torch.equal(l0, l1) and torch.equal(c0, c1)
+    torch.testing.assert_close(h1, h0, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(a1, a0, rtol=0, atol=0, equal_nan=True)
+    assert int((c1 - torch.arange(len(values))).sum()) >= rows * w  # (duplicated values count twice)
+
+
+@pytest.mark.skipif(not CUDA, reason="the fused band_finalize kernel needs a CUDA device")
+def test_band_finalize_cuda_takes_the_aten_route_where_the_kernel_cannot():
+    """A non-contiguous accumulator, non-contiguous counts or more than 256 counted values: the
+    CUDA op falls back to the composite's ATen calls, with the same results."""
+    acc = _awkward_band(3, 6, 50)
+    four = torch.tensor([0, 1, 2, 7], dtype=torch.uint8)
+    cases = {  # name: (accumulator, values, counts) on a device
+        "acc not contiguous": lambda d: (acc.transpose(1, 2).contiguous().to(d).transpose(1, 2), four.to(d),
+                                         torch.zeros(4, dtype=torch.long, device=d)),
+        "counts strided": lambda d: (acc.clone().to(d), four.to(d), torch.zeros(8, dtype=torch.long, device=d)[::2]),
+        "300 values": lambda d: (acc.clone().to(d), torch.arange(300).remainder(8).to(torch.uint8).to(d),
+                                 torch.zeros(300, dtype=torch.long, device=d)),
+    }
+    for name, make in cases.items():
+        out = []
+        for device in ("cpu", "cuda"):
+            a, values, counts = make(device)
+            labels, half = torch.ops.wsss.band_finalize(a, 5, 2, None, 7, values, counts, True)
+            out.append([t.cpu() for t in (labels, half, counts, a)])
+        (l0, h0, c0, a0), (l1, h1, c1, a1) = out
+        assert torch.equal(l0, l1) and torch.equal(c0, c1), name
+        torch.testing.assert_close(h1, h0, rtol=0, atol=0, equal_nan=True, msg=name)
+        torch.testing.assert_close(a1, a0, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
 def test_band_finalize_accepts_255_classes():
     acc = torch.rand(256, 2, 3)
     values, counts = torch.tensor([0, 254], dtype=torch.uint8), torch.zeros(2, dtype=torch.long)

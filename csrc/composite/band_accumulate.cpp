@@ -19,6 +19,7 @@
 #include <optional>
 #include <tuple>
 
+#include "common/band.h"
 #include "common/checks.h"
 
 namespace wsss {
@@ -83,29 +84,23 @@ void band_accumulate(const at::Tensor& acc, const at::Tensor& tiles, at::IntArra
 // background), pixels no tile covered -> background, counts[v] += pixels labelled values[v];
 // then the accumulator moves up by `shift` rows (zeros below; shift 0: stays).  The ATen calls
 // of wsss/runner/band_stitching.py's Python version, in one op call (NB: on a GPU host every
-// Python-level torch call gave up the GIL and waited to take it back).
+// Python-level torch call gave up the GIL and waited to take it back).  The CUDA build has a
+// fused kernel instead (csrc/cuda/band_kernel.cu; the same results bit for bit).
 std::tuple<at::Tensor, at::Tensor> band_finalize(const at::Tensor& acc, int64_t rows, int64_t shift,
                                                  const std::optional<at::Tensor>& tissue_mask,
                                                  int64_t background_index, const at::Tensor& values,
                                                  const at::Tensor& counts, bool with_probs) {
-  constexpr const char* op = "wsss::band_finalize: ";
-  WSSS_CHECK(acc.dim() == 3 && acc.size(0) >= 2, op, "acc must be a 3-D tensor [K+1, R, W] with K >= 1, got shape ",
-             shape_str(acc));
-  WSSS_CHECK(acc.size(0) <= 256, op, "acc must have 1 to 255 classes (K = acc.size(0) - 1), got ", acc.size(0) - 1);
-  WSSS_CHECK(acc.scalar_type() == at::kFloat, op, "acc must be Float, got ", acc.scalar_type());
-  WSSS_CHECK(0 <= rows && rows <= acc.size(1), op, "rows must be in [0, ", acc.size(1), "], got ", rows);
-  WSSS_CHECK(0 <= shift, op, "shift must be >= 0, got ", shift);
-  WSSS_CHECK(values.dim() == 1 && values.scalar_type() == at::kByte && values.device() == acc.device(), op,
-             "values must be a 1-D uint8 tensor on the device of acc, got shape ", shape_str(values), " of ",
-             values.scalar_type(), " on ", values.device());
-  WSSS_CHECK(counts.dim() == 1 && counts.size(0) == values.size(0) && counts.scalar_type() == at::kLong &&
-                 counts.device() == acc.device(),
-             op, "counts must be an int64 tensor [", values.size(0), "] on the device of acc, got shape ",
-             shape_str(counts), " of ", counts.scalar_type(), " on ", counts.device());
-  const int64_t K = acc.size(0) - 1, W = acc.size(2);
-  // NB: every argument gate_argmax would check is checked here first, so its errors name
-  // band_finalize and the argument as the caller passed it (and the fake kernel says the same)
-  check_mask_and_background(op, tissue_mask, "rows, W", {rows, W}, acc, "acc", background_index);
+  check_band_finalize(acc, rows, shift, tissue_mask, background_index, values, counts);
+  return band_finalize_composite(acc, rows, shift, tissue_mask, background_index, values, counts, with_probs);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> band_finalize_composite(const at::Tensor& acc, int64_t rows, int64_t shift,
+                                                           const std::optional<at::Tensor>& tissue_mask,
+                                                           int64_t background_index, const at::Tensor& values,
+                                                           const at::Tensor& counts, bool with_probs) {
+  const int64_t K = acc.size(0) - 1;
   const auto band = acc.narrow(1, 0, rows);
   const auto weight = band.select(0, K);
   const auto covered = weight.gt(0);
@@ -123,28 +118,34 @@ std::tuple<at::Tensor, at::Tensor> band_finalize(const at::Tensor& acc, int64_t 
   // NB: not bincount: on CUDA it reads the input's maximum back to the host (a stream sync)
   counts.add_(labels.unsqueeze(0).eq(values.view({-1, 1, 1})).sum({1, 2}));
   at::Tensor half = with_probs ? probs.to(at::kHalf) : at::empty({0}, acc.options().dtype(at::kHalf));
-  if (shift > 0) {
-    const int64_t keep = acc.size(1) - shift;
-    if (keep > 0) {
-      acc.narrow(1, 0, keep).copy_(acc.narrow(1, shift, keep).clone());
-      acc.narrow(1, keep, shift).zero_();
-    } else {
-      acc.zero_();
-    }
-  }
+  band_shift_up(acc, shift);
   return {labels, half};
 }
 
-}  // namespace
+void band_shift_up(const at::Tensor& acc, int64_t shift) {
+  if (shift <= 0) return;
+  const int64_t keep = acc.size(1) - shift;
+  if (keep > 0) {
+    acc.narrow(1, 0, keep).copy_(acc.narrow(1, shift, keep).clone());
+    acc.narrow(1, keep, shift).zero_();
+  } else {
+    acc.zero_();
+  }
+}
+
 }  // namespace wsss
 
 // NB: CPU and CUDA only (the backends the runner blends on); Meta is the fake kernel in
-// wsss/ops.py.  The CUDA registration needs no CUDA code: the adds dispatch to torch's kernels.
+// wsss/ops.py.  The CUDA registrations need no CUDA code (the ops dispatch to torch's kernels),
+// except where the library has a kernel of its own: band_finalize's fused kernel
+// (csrc/cuda/band_kernel.cu), which a build with CUDA kernels registers instead.
 TORCH_LIBRARY_IMPL(wsss, CPU, m) {
   m.impl("band_accumulate", &wsss::band_accumulate);
   m.impl("band_finalize", &wsss::band_finalize);
 }
 TORCH_LIBRARY_IMPL(wsss, CUDA, m) {
   m.impl("band_accumulate", &wsss::band_accumulate);
+#ifndef WSSS_WITH_CUDA_KERNELS
   m.impl("band_finalize", &wsss::band_finalize);
+#endif
 }
