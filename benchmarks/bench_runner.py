@@ -156,7 +156,14 @@ def bench_model(tmp_path_factory):
     from wsss.bundle import load_bundle
     from wsss.runner.pipeline import preload_slide_libraries
 
-    preload_slide_libraries()  # (as wsss-infer does while its bundle loads: not a slide's cost)
+    from wsss.runner import reading
+    from wsss.runner.tile_stage import reader_processes
+
+    # as wsss-infer does while its bundle loads (not a slide's cost): the libraries' imports and,
+    # where tiles are read in worker processes (CUDA on 8+ cores), the readers' start
+    preload_slide_libraries()
+    if reader_processes(DEVICE):
+        reading.reserve(WORKERS)
     cache: dict = {}
 
     def get(name: str) -> SlideModel:
