@@ -28,6 +28,22 @@ inline const acc_t* math_row(const scalar_t* f, int64_t c, int64_t P, acc_t* scr
   }
 }
 
+// Prefetches ``bytes`` bytes from ``next`` (null: none), spread evenly over ``steps`` calls of
+// step(): the rows a loop reads next, while it works on the current ones.
+class SpreadPrefetch {
+ public:
+  SpreadPrefetch(const char* next, int64_t bytes, int64_t steps)
+      : next_(next), lines_(next == nullptr ? 0 : (bytes + 63) / 64),
+        per_step_(steps > 0 ? (lines_ + steps - 1) / steps : lines_) {}
+  void step() {
+    for (int64_t j = 0; j < per_step_ && line_ < lines_; ++j, ++line_) __builtin_prefetch(next_ + 64 * line_);
+  }
+
+ private:
+  const char* next_;
+  int64_t lines_, per_step_, line_ = 0;
+};
+
 // o[r, i] += w(r, 0) x0[i] + w(r, 1) x1[i] + w(r, 2) x2[i] + w(r, 3) x3[i] for r < R, i < P, w(r, j) =
 // w[r * w_row + j]: every row in one pass over the pixels, so each x is loaded once for all R
 // rows (a loop over the rows outside reloaded it R times: 24 memory operations per pixel for 16
@@ -43,10 +59,9 @@ inline void add_four_channels(const acc_t* __restrict x0, const acc_t* __restric
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 4; ++j) wr[r][j] = w[r * w_row + j];
   constexpr int64_t kBlock = 16;  // pixels per step: a cache line of each float row
-  const int64_t lines = (next_bytes + 63) / 64, steps = (P + kBlock - 1) / kBlock;
-  const int64_t per_step = next == nullptr ? 0 : (lines + steps - 1) / steps;
-  for (int64_t i0 = 0, line = 0; i0 < P; i0 += kBlock) {
-    for (int64_t j = 0; j < per_step && line < lines; ++j, ++line) __builtin_prefetch(next + 64 * line);
+  SpreadPrefetch prefetch(next, next_bytes, (P + kBlock - 1) / kBlock);
+  for (int64_t i0 = 0; i0 < P; i0 += kBlock) {
+    prefetch.step();
     const int64_t i1 = i0 + kBlock < P ? i0 + kBlock : P;
 #pragma omp simd
     for (int64_t i = i0; i < i1; ++i) {

@@ -47,13 +47,12 @@ inline void pool_range_impl(const T* f, int64_t c0, int64_t c1, int64_t P, const
     const A_t* __restrict x2 = math_row(f, c - 2, P, scratch + 2 * P);
     const A_t* __restrict x3 = math_row(f, c - 1, P, scratch + 3 * P);
     const int64_t ahead = std::max<int64_t>(0, std::min<int64_t>(4, c - 4 - c0));  // (the rows before these)
-    const char* next = reinterpret_cast<const char*>(f + (c - 4 - ahead) * P);
-    const int64_t lines = (ahead * P * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-    const int64_t per_step = (lines + (P + kLanes - 1) / kLanes - 1) / ((P + kLanes - 1) / kLanes);
+    SpreadPrefetch prefetch(reinterpret_cast<const char*>(f + (c - 4 - ahead) * P),
+                            ahead * P * static_cast<int64_t>(sizeof(T)), P / kLanes);
     A_t s0[kLanes] = {}, s1[kLanes] = {}, s2[kLanes] = {}, s3[kLanes] = {};
-    int64_t i0 = 0, line = 0;
+    int64_t i0 = 0;
     for (; i0 + kLanes <= P; i0 += kLanes) {
-      for (int64_t j = 0; j < per_step && line < lines; ++j, ++line) __builtin_prefetch(next + 64 * line);
+      prefetch.step();
 #pragma omp simd
       for (int64_t j = 0; j < kLanes; ++j) {
         const A_t a = A[i0 + j];
