@@ -258,7 +258,11 @@ class ProcessReaders:
         return True
 
     def close(self) -> None:
-        """Detach the workers and give them back (the ring's memory goes with its last user)."""
+        """Detach the workers and give them back (the ring's memory goes with its last user).
+        Where one died, the pool gives up first, so the living ones end too (later slides read
+        on threads; kept idle, they waited unused for the process's exit)."""
+        if self._gone:
+            _WORKERS.give_up()
         for w in self._workers:
             if w in self._gone or self._broken:
                 _WORKERS.release(w, reusable=False)
@@ -275,8 +279,6 @@ class ProcessReaders:
                 continue
             _WORKERS.release(w)
         self._workers = []
-        if self._gone:
-            _WORKERS.broken = True
         self.ring.unlink()
 
 

@@ -191,7 +191,19 @@ class WorkerPool:
                 try:
                     self._idle.append(Worker(self.module))
                 except OSError:
-                    self.broken = True
+                    break
+            else:
+                return
+        self.give_up()  # (one could not start)
+
+    def give_up(self) -> None:
+        """No workers from now on (one could not start or died): tasks run on the threads, and
+        the idle workers end now rather than wait unused for this process's exit."""
+        with self._lock:
+            self.broken = True
+            idle, self._idle = self._idle, []
+        for w in idle:
+            w.close()
 
     def take(self) -> Optional[Worker]:
         """An idle worker (or a new one), now the caller's until ``release``; None where the pool is broken."""
@@ -203,7 +215,7 @@ class WorkerPool:
         try:
             return Worker(self.module)
         except OSError:
-            self.broken = True
+            self.give_up()
             return None
 
     def release(self, worker: Worker, *, reusable: bool = True) -> None:
@@ -225,7 +237,7 @@ class WorkerPool:
         try:
             result = worker.call(*message)
         except (EOFError, OSError):
-            self.broken = True
+            self.give_up()
             self.release(worker, reusable=False)
             return fallback()
         except Exception as e:
