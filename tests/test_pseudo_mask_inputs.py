@@ -85,6 +85,50 @@ def test_a_rerun_owns_its_folder_scores_and_leaves_no_stale_masks(inputs, tmp_pa
     assert len(PseudoMaskPatches(sub, str(out), ["bn7"], description)) == 3
 
 
+def _snapshot(folder):
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def test_a_rerun_that_fails_partway_leaves_the_earlier_masks_as_they_were(inputs, tmp_path, monkeypatch):
+    """Defect: a rerun into a finished run's folder removed that run's extra masks and overwrote
+    its masks one by one as it went, so a rerun that failed partway (a full disk, Ctrl-C, a bad
+    patch) lost the earlier result: the folder was left marked incomplete, refused by
+    wsss-train-seg until a rerun finished.  Masks are now written into a hidden staging folder and
+    replace the earlier ones only once all are written."""
+    data, sub = inputs["data"], inputs["sub"]
+    description = get_description("auto", data)
+    out = tmp_path / "pm"
+    _run(inputs, data, out)
+    before = _snapshot(out)
+    written = []
+
+    def failing_save_png(path, array, palette=None):
+        if len(written) == 2:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        save_png(path, array, palette)
+
+    save_png = pm.save_png
+    monkeypatch.setattr(pm, "save_png", failing_save_png)
+    with pytest.raises(OSError, match="No space left"):
+        _run(inputs, sub, out, layers=("bn7",))
+    assert len(written) == 2 and all(pm.STAGING_DIR in p for p in written)
+    assert _snapshot(out) == before  # every mask, the manifest, no marker, no staging folder
+    assert len(PseudoMaskPatches(data, str(out), LAYERS, description)) == 6
+    # a staging folder left by a run killed hard is not read, and the next run removes it
+    monkeypatch.setattr(pm, "save_png", save_png)
+    (out / pm.STAGING_DIR / "bn7").mkdir(parents=True)
+    (out / pm.STAGING_DIR / "bn7" / inputs["names"][0]).write_bytes(b"half a mask")
+    assert len(PseudoMaskPatches(data, str(out), LAYERS, description)) == 6
+    _run(inputs, sub, out, layers=("bn7",))
+    assert not (out / pm.STAGING_DIR).exists() and not (out / INCOMPLETE_MARKER).exists()
+    assert _pngs(out / "bn7") == inputs["names"][:3] and not (out / "b4_5").exists()
+    fresh = tmp_path / "fresh"
+    _run(inputs, sub, fresh, layers=("bn7",))
+    assert _snapshot(out) == _snapshot(fresh)
+
+
 def test_a_folder_wsss_did_not_mark_loses_nothing_but_its_stale_masks_are_not_read(inputs, tmp_path):
     """A folder without wsss's marker or manifest (masks of an older wsss, or a user's): nothing
     there is deleted, and the manifest keeps its other masks out of the scores and training."""

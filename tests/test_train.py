@@ -520,9 +520,10 @@ def test_patches_of_mixed_sizes_are_one_message(tmp_path, capsys):
 
 
 def test_a_killed_pseudo_mask_run_is_not_taken_for_a_finished_one(tmp_path, monkeypatch):
-    """Masks are written one by one: a run killed over an older complete folder would leave a
-    mix of two runs.  The folder carries a marker until the last mask is written, and training
-    refuses a folder with it; a finished rerun clears it."""
+    """A run killed while it computes leaves an older complete folder as it was (its masks wait
+    in a staging folder); one killed while its masks move into place would leave a mix of two
+    runs: the folder carries a marker until the last mask is in place and the manifest written,
+    and training refuses a folder with it; a finished rerun clears it."""
     import wsss.train.pseudo_masks as pm
     from wsss.data import PseudoMaskPatches, get_description
     from wsss.errors import DataError
@@ -537,20 +538,28 @@ def test_a_killed_pseudo_mask_run_is_not_taken_for_a_finished_one(tmp_path, monk
     pm.generate_pseudo_masks(cfg)
     description = get_description("auto", data)
     PseudoMaskPatches(data, cfg.out_dir, ["bn7"], description)  # (complete: accepted)
-    real, calls = pm.save_png, [0]
 
-    def killed(*a, **kw):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-        real(*a, **kw)
+    def killed_on_call(real, n):
+        calls = [0]
 
-    monkeypatch.setattr(pm, "save_png", killed)
+        def killed(*a, **kw):
+            calls[0] += 1
+            if calls[0] == n:
+                raise KeyboardInterrupt
+            real(*a, **kw)
+        return killed
+
+    monkeypatch.setattr(pm, "save_png", killed_on_call(pm.save_png, 3))
+    with pytest.raises(KeyboardInterrupt):
+        pm.generate_pseudo_masks(cfg)
+    PseudoMaskPatches(data, cfg.out_dir, ["bn7"], description)  # (the earlier run's, untouched)
+    monkeypatch.undo()
+    monkeypatch.setattr(pm, "_move", killed_on_call(pm._move, 2))
     with pytest.raises(KeyboardInterrupt):
         pm.generate_pseudo_masks(cfg)
     with pytest.raises(DataError, match="from a wsss-pseudo-masks run that did not finish"):
         PseudoMaskPatches(data, cfg.out_dir, ["bn7"], description)
-    monkeypatch.setattr(pm, "save_png", real)
+    monkeypatch.undo()
     pm.generate_pseudo_masks(cfg)
     PseudoMaskPatches(data, cfg.out_dir, ["bn7"], description)
 

@@ -18,8 +18,10 @@ Grad-CAM maps of b4_5 and b5_2 come from the fused op wsss.ops.gradcam.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,8 @@ __all__ = ["LAYERS", "PseudoMaskConfig", "gradcam_maps", "gradcam_maps_reference
            "background_mask", "generate_pseudo_masks", "score_pseudo_masks"]
 
 LAYERS = ("b4_5", "b5_2", "bn7")
+# in a pseudo-mask folder while a run writes its masks (hidden: readers never see it)
+STAGING_DIR = ".wsss-pseudo-masks-staging"
 
 
 @dataclass
@@ -190,16 +194,18 @@ def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
     """Write out_dir/<layer>/<stem>.png for every train patch; returns timing (and scores if truth given).
 
     The run owns its folder's masks: everything that can be checked cheaply (labels, truth masks,
-    the checkpoint) is checked before the folder is touched; then the masks of an earlier wsss
-    run there that this run does not rewrite are removed (other patches, other --layers), and at
-    the end a manifest (PSEUDO_MASK_MANIFEST) records the layers and masks this run wrote, which
-    is what the readers (PseudoMaskPatches) and the scores take."""
+    the checkpoint) is checked before the folder is touched; the masks are written into a hidden
+    staging folder inside it (STAGING_DIR) and only once every one is there do they replace the
+    folder's masks (``_publish``): a run that fails or is killed while it computes leaves an
+    earlier run's masks as they were.  Publishing removes the masks of an earlier wsss run that
+    this run does not rewrite (other patches, other --layers), and a manifest
+    (PSEUDO_MASK_MANIFEST) records the layers and masks this run wrote, which is what the readers
+    (PseudoMaskPatches) and the scores take."""
     from tqdm import tqdm
 
     from wsss.cli._train_args import check_same_classes, describe_dataset
     from wsss.data import LabelledPatches, get_description
-    from wsss.data.datasets import INCOMPLETE_MARKER, PSEUDO_MASK_MANIFEST, image_size, mask_name
-    from wsss.files import write_atomic
+    from wsss.data.datasets import image_size, mask_name
     from wsss.models.checkpoints import classifier_from_state_dict, read_checkpoint
     from wsss.train.common import autocast, make_loader, resolve_device
 
@@ -225,35 +231,34 @@ def generate_pseudo_masks(cfg: PseudoMaskConfig) -> Dict:
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    # NB: each PNG is written atomically, but a run killed over an older complete one would leave a
-    # silent mix of old and new masks: the marker says so until the last mask is written
-    # (PseudoMaskPatches refuses such a folder)
-    _take_over_out_dir(cfg.out_dir, cfg.layers, mask_names)
     palette = description.palette_flat()
     use_bg = not description.background_is_tissue
     t0 = time.time()
-    loader = make_loader(dataset, cfg.batch_size, shuffle=False, seed=0, workers=cfg.workers)
-    bar = tqdm(total=len(dataset), desc="pseudo masks", unit="patch", disable=not cfg.progress, dynamic_ncols=True)
-    for batch in loader:
-        images = batch["image"]
-        x = images.to(device).float().div_(255.0)
-        with autocast(device, cfg.precision):
-            cams = gradcam_maps(model, x, cfg.layers)
-        bg = background_mask(images, description.white_threshold, description.min_object_px) if use_bg else None
-        for layer in cfg.layers:
-            masks = masks_from_cams(cams[layer], batch["label"].to(device), tuple(images.shape[2:]), bg,
-                                    description.background_index).cpu().numpy()
-            for name, mask in zip(batch["name"], masks):
-                save_png(os.path.join(cfg.out_dir, layer, mask_name(name)), mask.astype(np.uint8, copy=False), palette)
-        bar.update(images.shape[0])
-    bar.close()
-    manifest = {"format": "wsss-pseudo-masks", "version": 1, "layers": list(cfg.layers), "masks": mask_names,
-                "data": os.path.abspath(dataset.folder), "classifier": os.path.abspath(cfg.checkpoint),
-                "dataset": description.name}
-    text = json.dumps(manifest, indent=1)
-    write_atomic(os.path.join(cfg.out_dir, PSEUDO_MASK_MANIFEST),
-                 lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    os.unlink(os.path.join(cfg.out_dir, INCOMPLETE_MARKER))
+    staging = _new_staging_dir(cfg.out_dir, cfg.layers)
+    try:
+        loader = make_loader(dataset, cfg.batch_size, shuffle=False, seed=0, workers=cfg.workers)
+        bar = tqdm(total=len(dataset), desc="pseudo masks", unit="patch", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        for batch in loader:
+            images = batch["image"]
+            x = images.to(device).float().div_(255.0)
+            with autocast(device, cfg.precision):
+                cams = gradcam_maps(model, x, cfg.layers)
+            bg = background_mask(images, description.white_threshold, description.min_object_px) if use_bg else None
+            for layer in cfg.layers:
+                masks = masks_from_cams(cams[layer], batch["label"].to(device), tuple(images.shape[2:]), bg,
+                                        description.background_index).cpu().numpy()
+                for name, mask in zip(batch["name"], masks):
+                    save_png(os.path.join(staging, layer, mask_name(name)), mask.astype(np.uint8, copy=False),
+                             palette)
+            bar.update(images.shape[0])
+        bar.close()
+        manifest = {"format": "wsss-pseudo-masks", "version": 1, "layers": list(cfg.layers), "masks": mask_names,
+                    "data": os.path.abspath(dataset.folder), "classifier": os.path.abspath(cfg.checkpoint),
+                    "dataset": description.name}
+        _publish(cfg.out_dir, staging, cfg.layers, mask_names, json.dumps(manifest, indent=1))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     seconds = time.time() - t0
     result = {"patches": len(dataset), "seconds": seconds, "patches_per_second": len(dataset) / max(seconds, 1e-9),
               "out_dir": cfg.out_dir, "layers": list(cfg.layers)}
@@ -268,24 +273,46 @@ def _is_own_temp_file(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp") and ".png." in name
 
 
-def _take_over_out_dir(out_dir: str, layers: Sequence[str], mask_names: Sequence[str]) -> None:
-    """Make ``out_dir`` this run's: the incomplete-marker first (so a run killed from here on is
-    never taken for a finished one), then, where an earlier wsss run wrote the folder (its marker
-    or manifest is there), its masks that this run will not rewrite are removed: PNGs of other
-    patches in the layer folders, every PNG of layer folders this run does not write (the folder
-    too, once empty).  Nothing else is deleted; in a folder without wsss's marks (written by hand
-    or by an older wsss) other files stay, and the manifest written at the end tells the readers
-    which masks are this run's."""
+def _new_staging_dir(out_dir: str, layers: Sequence[str]) -> str:
+    """An empty ``out_dir/STAGING_DIR/<layer>/`` for each layer, where this run writes its masks
+    (on the folder's file system, so that publishing them is renaming them); a staging folder
+    left by a run that was killed hard is removed first (the name is wsss's own)."""
+    staging = os.path.join(out_dir, STAGING_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.islink(staging) or os.path.isfile(staging):
+        os.unlink(staging)
+    shutil.rmtree(staging, ignore_errors=True)
+    for layer in layers:
+        os.makedirs(os.path.join(staging, layer))
+    return staging
+
+
+def _publish(out_dir: str, staging: str, layers: Sequence[str], mask_names: Sequence[str], manifest: str) -> None:
+    """This run's masks (all written in ``staging``) become ``out_dir``'s.
+
+    The incomplete-marker first (a run killed while the masks move is never taken for a finished
+    one, and the folder's old manifest goes), then every mask is renamed into place (a few ms per
+    thousand: the window where a kill would leave old and new masks mixed); where an earlier wsss
+    run wrote the folder (its marker or manifest is there), its masks that this run did not write
+    are removed: PNGs of other patches in the layer folders, every PNG of layer folders this run
+    does not write (the folder too, once empty).  Nothing else is deleted; in a folder without
+    wsss's marks (written by hand or by an older wsss) other files stay, and the manifest written
+    last tells the readers which masks are this run's."""
     from wsss.data.datasets import INCOMPLETE_MARKER, PSEUDO_MASK_MANIFEST
+    from wsss.files import write_atomic
 
     marker = os.path.join(out_dir, INCOMPLETE_MARKER)
-    manifest = os.path.join(out_dir, PSEUDO_MASK_MANIFEST)
-    owned = os.path.isfile(marker) or os.path.isfile(manifest)
-    os.makedirs(out_dir, exist_ok=True)
+    manifest_path = os.path.join(out_dir, PSEUDO_MASK_MANIFEST)
+    owned = os.path.isfile(marker) or os.path.isfile(manifest_path)
     with open(marker, "w", encoding="utf-8") as f:
-        f.write("wsss-pseudo-masks is writing (or was killed while writing) the masks in this folder\n")
-    if os.path.lexists(manifest):
-        os.unlink(manifest)
+        f.write("wsss-pseudo-masks is moving (or was killed while moving) its masks into this folder\n")
+    if os.path.lexists(manifest_path):
+        os.unlink(manifest_path)
+    for layer in layers:
+        folder = os.path.join(out_dir, layer)
+        os.makedirs(folder, exist_ok=True)
+        for name in mask_names:
+            _move(os.path.join(staging, layer, name), os.path.join(folder, name))
     if owned:
         keep = set(mask_names)
         for layer in LAYERS:
@@ -303,8 +330,18 @@ def _take_over_out_dir(out_dir: str, layers: Sequence[str], mask_names: Sequence
                     os.rmdir(folder)
                 except OSError:  # (other files there: not wsss's to delete)
                     pass
-    for layer in layers:
-        os.makedirs(os.path.join(out_dir, layer), exist_ok=True)
+    write_atomic(manifest_path, lambda tmp: Path(tmp).write_text(manifest, encoding="utf-8"))
+    os.unlink(marker)
+
+
+def _move(src: str, dst: str) -> None:
+    """Rename src over dst; across file systems (a layer folder that is a link elsewhere) copy."""
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        shutil.move(src, dst)
 
 
 def check_truth_masks(truth_dir: str, dataset, description, sizes: Optional[Sequence[Tuple[int, int]]] = None
