@@ -4,7 +4,7 @@ Switches (environment):
   WSSS_BUILD_CUDA=auto|1|0   auto (default): CUDA kernels when torch is a CUDA build and
                              nvcc is present (never decided from torch.cuda.is_available(),
                              which is False on GPU-less build machines).
-  TORCH_CUDA_ARCH_LIST       architectures, default "8.0;9.0+PTX" when no GPU is visible.
+  TORCH_CUDA_ARCH_LIST       architectures, default "7.5;8.0;9.0+PTX" (the SASS of T4, A100 and H100 class GPUs, PTX for newer) when no GPU is visible.
   WSSS_DEBUG=1               -O0 -g.
 """
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _extensions():
         import torch
 
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "7.5;8.0;9.0+PTX"
     import torch
     from torch.utils import cpp_extension
 

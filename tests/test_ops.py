@@ -964,6 +964,12 @@ def test_cuda_cpu_parity(dtype):
     p = torch.rand(3, 5, dtype=torch.float64).to(dtype)
     m = torch.rand(3, 67, 131) > 0.2
     assert torch.equal(ops.gate_argmax(s.cuda(), p.cuda(), 0.4, m.cuda(), 9).cpu(), ops.gate_argmax(s, p, 0.4, m, 9))
+    # an eps beyond the dtype's range is inf there (no class passes: the ungated argmax), as on
+    # the CPU and in the reference; CUDA raised "value cannot be converted to type float"
+    for eps in (1e39, 1e309, -1e39):
+        want = reference.gate_argmax(s, p, eps, m, 9)
+        assert torch.equal(ops.gate_argmax(s, p, eps, m, 9), want)
+        assert torch.equal(ops.gate_argmax(s.cuda(), p.cuda(), eps, m.cuda(), 9).cpu(), want)
     gf = torch.randn(2, 64, 28, 28, dtype=torch.float64).to(dtype)
     gg = torch.randn(2, 4, 64, 28, 28, dtype=torch.float64).to(dtype)
     torch.testing.assert_close(ops.gradcam(gf.cuda(), gg.cuda()).cpu(), ops.gradcam(gf, gg), **tol)

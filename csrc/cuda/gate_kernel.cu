@@ -68,8 +68,13 @@ at::Tensor gate_argmax_cuda(const at::Tensor& scores, const at::Tensor& class_pr
   if (out.numel() == 0) return out;
   const auto s = scores.contiguous();
   const auto cp = class_prob.to(at::kDouble).contiguous();
-  // eps rounded to class_prob's dtype first, as `class_prob > eps` does in PyTorch.
-  const double eps_cast = at::empty({}, class_prob.options().device(at::kCPU)).fill_(eps).item<double>();
+  // eps rounded to class_prob's dtype first, as `class_prob > eps` does in PyTorch (and as the CPU
+  // kernel does: an eps beyond the dtype's range is inf, no class passes; NB: not fill_, which
+  // refuses such a value for float)
+  double eps_cast = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, class_prob.scalar_type(), "gate_argmax_cuda_eps", [&] {
+    eps_cast = static_cast<double>(static_cast<scalar_t>(eps));
+  });
   at::Tensor m;
   if (tissue_mask.has_value()) m = tissue_mask->contiguous();
   const uint8_t* mp = m.defined() ? static_cast<const uint8_t*>(m.const_data_ptr()) : nullptr;
