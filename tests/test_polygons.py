@@ -498,3 +498,26 @@ def test_geojson_of_joined_regions_written_unsimplified_is_what_shapely_writes(m
     monkeypatch.undo()
     simplified = outlines.trace_outlines(labels, range(3), output="geojson", **kw)
     assert any(simplified[k] != texts[k] for k in range(3))  # (the exact outlines were written)
+
+
+def test_holes_crossing_slab_rows_are_kept_as_in_the_whole_map():
+    """Guards against joined holes being dropped (keeping only rings of positive area, i.e.
+    shells, instead of every ring of at least ``min_area_px``): a 20 x 20 hole spanning several
+    slabs and a 2 x 2 hole cut by one slab row are the whole map's holes, with its area; the
+    small one alone is filled by ``min_area_px``."""
+    from wsss.runner.outlines import trace_outlines
+
+    labels = np.ones((40, 40), np.uint8)
+    labels[10:30, 10:30] = 0  # 400 px, rows 10..29: across slab rows at 16 and 24 (slab_rows=8)
+    labels[7:9, 33:35] = 0  # 4 px, rows 7..8: across the slab row at 8
+    for min_area, holes in ((0, 2), (5, 1)):
+        whole = trace_outlines(labels, [1], slab_rows=40, tail_rows=40, simplify=0, min_area_px=min_area)[1]
+        assert len(whole.geoms) == 1 and len(whole.geoms[0].interiors) == holes
+        for slab in (3, 8):
+            g = trace_outlines(labels, [1], slab_rows=slab, simplify=0, min_area_px=min_area)[1]
+            assert g.is_valid and len(g.geoms) == 1
+            assert len(g.geoms[0].interiors) == holes, (slab, min_area)
+            assert g.area == pytest.approx(whole.area) and g.symmetric_difference(whole).area < 1e-9
+            if min_area == 0:
+                assert (centres_inside(g, 40, 40) == (labels == 1)).all()
+    assert whole.area == pytest.approx(1600 - 400)  # (the 4-px hole filled)

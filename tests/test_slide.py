@@ -806,3 +806,138 @@ def test_openslide_handle_is_closed_when_its_properties_are_malformed(tmp_path, 
                                          r"cannot be read: ValueError"):
         OpenSlideReader(tmp_path / "bad.svs")
     assert Malformed.closed
+
+
+# --------------------------------------------------------------------------------------
+# tissue detection's documented rules, resolution planning's rounding and level choice
+# --------------------------------------------------------------------------------------
+GLASS, PINK = 242, (200, 90, 160)
+
+
+def _detect(tmp_path, img, mpp, **kw):
+    """detect_tissue on a one-level slide of ``img`` at ``mpp`` read at its own resolution."""
+    path = tmp_path / "tissue.tif"
+    write_pyramid(path, [img], mpp=mpp)
+    with open_slide(path) as r:
+        mask, _ = detect_tissue(SlideView(r, plan_scale(r, mpp)), **kw)
+    return mask
+
+
+def _disk(h, w, cy, cx, radius):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 < radius ** 2
+
+
+def test_small_fragments_are_kept_down_to_the_physical_minimum(tmp_path):
+    """Guards against the minimum object size (0.02 mm^2) being applied in mask pixels instead
+    of square microns, which left only the 1%-of-image cap: a biopsy fragment of ~0.04 mm^2
+    (615 px of 64 um^2, under 1% of this 300 x 400 mask) was deleted.  One of ~0.01 mm^2 goes."""
+    h, w = 300, 400
+    img = np.full((h, w, 3), GLASS, np.uint8)
+    img[_disk(h, w, 150, 120, 80)] = PINK  # the main piece
+    big = _disk(h, w, 60, 320, 14)  # ~615 px = 0.039 mm^2 at 8 um/px: kept
+    small = _disk(h, w, 220, 320, 7)  # ~154 px = 0.0098 mm^2: removed
+    img[big | small] = PINK
+    mask = _detect(tmp_path, img, 8.0, mask_mpp=8.0)
+    assert mask.mask.shape == (h, w) and (mask.mpp_y, mask.mpp_x) == (8.0, 8.0)
+    assert 0.01 * h * w > big.sum() > 20_000 / 64 > small.sum()
+    assert mask.mask[150, 120] and mask.mask[60, 320] and not mask.mask[220, 320]
+    assert abs(int(mask.mask[big].sum()) - int(big.sum())) < 0.05 * big.sum()
+
+
+def test_small_holes_are_filled_and_holes_over_the_minimum_kept(tmp_path):
+    """Guards against hole filling being skipped: a 12 x 12 px hole (0.009 mm^2 at 8 um/px,
+    under the documented 0.02 mm^2) inside tissue is filled; a 22 x 22 one (0.031 mm^2) stays."""
+    h, w = 300, 400
+    img = np.full((h, w, 3), GLASS, np.uint8)
+    img[_disk(h, w, 150, 200, 110)] = PINK
+    img[114:126, 154:166] = GLASS  # small hole
+    img[159:181, 219:241] = GLASS  # large hole
+    mask = _detect(tmp_path, img, 8.0, mask_mpp=8.0)
+    assert mask.mask[114:126, 154:166].all()
+    assert not mask.mask[162:178, 222:238].any()
+    assert mask.mask[150, 100] and not mask.mask[5, 5]
+
+
+def test_dark_saturated_specks_are_not_tissue(tmp_path):
+    """Guards against the near-black test (max channel > 0.1) being dropped: pen ink or dust,
+    dark but strongly saturated (here 20, 4, 16: saturation 0.8), on glass is not tissue,
+    even where it is big enough to survive the minimum object size."""
+    h, w = 300, 400
+    img = np.full((h, w, 3), GLASS, np.uint8)
+    img[_disk(h, w, 150, 120, 80)] = PINK
+    dark = _disk(h, w, 150, 320, 30)
+    img[dark] = (20, 4, 16)
+    mask = _detect(tmp_path, img, 8.0, mask_mpp=8.0)
+    assert mask.mask[150, 120]
+    assert not mask.mask[dark].any()
+
+
+def test_a_blank_slide_with_faint_noise_has_no_tissue(tmp_path):
+    """Guards against the Otsu threshold losing its floor (min_saturation 0.04): on glass with
+    +-3 grey levels of noise per channel (saturation <= 0.025) Otsu splits the noise and half
+    the slide, closed up, became tissue."""
+    rng = np.random.default_rng(3)
+    img = (GLASS + rng.integers(-3, 4, (200, 200, 3))).astype(np.uint8)
+    mask = _detect(tmp_path, img, 4.0)  # (default mask_mpp: 4 um/px, the thumbnail is the slide)
+    assert mask.mask.shape == (200, 200)
+    assert mask.threshold is not None and mask.threshold >= 0.04
+    assert not mask.mask.any()
+
+
+def test_a_user_mask_of_rounded_sides_maps_pixel_centres_per_axis(tmp_path):
+    """Guards against a user mask's mpp_y/mpp_x being swapped (load_tissue_mask or
+    TissueMask.sample_index) and against sampling at a grid pixel's corner instead of its
+    centre.  A 16 x 21 mask over a 1000 x 800 um slide (aspect within the 5% allowed):
+    50 um per mask row, 47.6 um per mask column; on a 10 um grid each grid pixel takes the
+    mask pixel holding its centre (independently: searchsorted on the mask's pixel edges)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    arr = (rng.random((16, 21)) < 0.5).astype(np.uint8) * 255
+    p = tmp_path / "m.png"
+    Image.fromarray(arr).save(p)
+    tm = load_tissue_mask(p, slide_width_um=1000, slide_height_um=800)
+    assert tm.mpp_y == pytest.approx(50.0) and tm.mpp_x == pytest.approx(1000 / 21)
+
+    def want(x, y, width, height):
+        cy, cx = (np.arange(y, y + height) + 0.5) * 10.0, (np.arange(x, x + width) + 0.5) * 10.0
+        r = np.searchsorted(np.arange(17) * 50.0, cy, side="right") - 1
+        c = np.searchsorted(np.arange(22) * (1000 / 21), cx, side="right") - 1
+        inside = (cy < 800)[:, None] & (cx < 1000)[None, :]
+        return (arr > 0)[r.clip(0, 15)[:, None], c.clip(0, 20)[None, :]] & inside
+
+    for x, y, width, height in [(0, 0, 100, 80), (13, 7, 41, 29), (90, 70, 15, 15)]:
+        np.testing.assert_array_equal(tm.region(x, y, width, height, 10.0), want(x, y, width, height))
+
+
+def test_plan_rounds_the_resampled_grid_size(pyramid):
+    """Guards against the output grid's size being truncated instead of rounded: 171 px at
+    0.5 um/px read at 1.3 um/px is 65.77 px wide: 66 columns (int() gave 65, losing the last
+    column of the slide); 203 px is 78.08 rows: 78."""
+    path, _ = pyramid
+    with open_slide(path) as r:
+        p = plan_scale(r, 1.3)
+        assert p.resampled and (p.width, p.height) == (66, 78)
+        p = plan_scale(r, 0.3)  # (upsampled: 285 x 338.33)
+        assert (p.width, p.height) == (285, 338)
+        p = plan_scale(r, 0.7)  # 122.14 x 145.0
+        assert (p.width, p.height) == (122, 145)
+
+
+def test_plan_prefers_the_coarsest_of_two_matching_levels(tmp_path):
+    """Guards against the finest instead of the coarsest level being read when two levels are
+    within the 5% tolerance of the target (0.5 and 0.521 um/px for 0.51): the documented rule
+    reads the coarsest, as is (fewer pixels, nothing resampled)."""
+    from PIL import Image
+
+    l0 = pattern(200, 200)
+    l1 = np.asarray(Image.fromarray(l0).resize((192, 192), Image.BOX))
+    path = tmp_path / "close.tif"
+    write_pyramid(path, [l0, l1])
+    with open_slide(path) as r:
+        assert [r.level_mpp(i) for i in range(2)] == pytest.approx([0.5, 0.5 * 200 / 192])
+        p = plan_scale(r, 0.51)
+        assert (p.level, p.scale, p.width, p.height) == (1, 1.0, 192, 192)
+        assert p.mpp == pytest.approx(0.5 * 200 / 192)
+        assert plan_scale(r, 0.49).level == 0  # (only level 0 within 5%)
