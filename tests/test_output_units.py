@@ -228,7 +228,10 @@ def test_polygon_level_is_the_finest_at_2um_per_pixel():
     assert writers.polygon_level(small, 0.25) == 3  # 2 um/px
     assert writers.polygon_level(small, 0.7) == 2  # 2.8 um/px (1.4 is too fine)
     assert writers.polygon_level(levels(2000, 1500, 6), 2.0) == 0
-    assert writers.polygon_level(small, 0.4999) == 2  # (1.9996 um/px: within the rounding slack)
+    # within plan_scale's 5% tolerance: a 0.499 um/px scan read as is for a 0.5 um/px model
+    assert writers.polygon_level(small, 0.499) == 2  # 1.996 um/px (not 3.99)
+    assert writers.polygon_level(small, 0.48) == 2  # 1.92 um/px
+    assert writers.polygon_level(small, 0.45) == 3  # 1.8 um/px is too fine: 3.6
     big = levels(20000, 20000, 10)  # level 2 at 0.5 um/px has 5000^2 px > 2048^2: level 4 (2500 px wide > 2048: no)
     assert writers.polygon_level(big, 0.5) == 4
 

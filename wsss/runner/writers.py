@@ -528,15 +528,18 @@ def overview_level(sizes: List[tuple], max_px: int = OVERVIEW_MAX_PX) -> int:
 
 def polygon_level(levels: List[TileSpool], mpp: float, *, min_mpp: float = POLYGON_MIN_MPP,
                   max_pixels: int = POLYGON_MAX_PIXELS) -> int:
-    """Index of the finest level at >= min_mpp microns/pixel with <= max_pixels pixels.
+    """Index of the finest level at >= min_mpp microns/pixel (within 5%: the tolerance of
+    wsss.slide.plan_scale, which reads a 0.499 um/px scan as is for a 0.5 um/px model) with
+    <= max_pixels pixels.
 
     NB: tracing level 0 costs seconds even on small slides (marching squares assembles rings
     in Python) and gives QuPath outlines finer than the model's own resolution; the
-    majority-vote level at ~2 um/px keeps outlines at cell scale with bounded cost.
+    majority-vote level at ~2 um/px keeps outlines at cell scale with bounded cost.  (With a
+    0.1% slack the 0.499 um/px grid's 1.996 um/px level was passed over for 3.99 um/px.)
     """
     for i, s in enumerate(levels):
         level_mpp = mpp * 2 ** i
-        if level_mpp >= min_mpp * 0.999 and s.width * s.height <= max_pixels:
+        if level_mpp >= min_mpp * 0.95 and s.width * s.height <= max_pixels:
             return i
     return len(levels) - 1
 
