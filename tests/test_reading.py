@@ -67,7 +67,7 @@ def test_processes_read_the_tiles_and_thumbnail_the_threads_do(tmp_path, fresh_r
     if reader == "real":  # (an .svs through OpenSlide, at the demo bundle's scale)
         if not REAL_SLIDE.is_file():
             pytest.skip(f"real test slide absent: {REAL_SLIDE}")
-        r = open_slide(REAL_SLIDE)
+        r = open_slide(REAL_SLIDE, reader="openslide")
         view = SlideView(r, plan_scale(r, 1.0))
     else:
         path = tmp_path / "s.tif"

@@ -650,7 +650,13 @@ def test_real_slide_end_to_end(tmp_path):
                     RunOptions(overlap=32, progress=False, workers=2, batch_size=4))
     out = tmp_path / "out"
     run = json.loads((out / "run.json").read_text())
-    assert run["slide"]["reader"] == "openslide" and run["scale"]["mpp"] == pytest.approx(0.499)
+    # (an SVS of JPEG tiles: auto reads it with tifffile, to the same pixels as OpenSlide)
+    assert run["slide"]["reader"] == "tifffile" and run["scale"]["mpp"] == pytest.approx(0.499)
+    run_slide(REAL_SLIDE, model(brightness_class, tile=256), tmp_path / "os",
+              RunOptions(overlap=32, progress=False, workers=2, batch_size=4, reader="openslide"))
+    assert json.loads((tmp_path / "os" / "run.json").read_text())["slide"]["reader"] == "openslide"
+    for name in ("labels.tiff", "areas.json", "polygons.geojson", "overlay.png", "tissue_qc.png"):
+        assert (out / name).read_bytes() == (tmp_path / "os" / name).read_bytes(), name
     assert 0 < run["tiles"]["run"] < run["tiles"]["grid"]  # glass tiles skipped
     o = openslide.OpenSlide(str(out / "labels.tiff"))
     assert o.dimensions == (2220, 2967)

@@ -760,7 +760,7 @@ def test_ome_resolution_of_another_image_is_not_the_slides(tmp_path):
 # --------------------------------------------------------------------------------------
 @needs_real
 def test_real_slide_both_readers():
-    with open_slide(REAL_SLIDE) as a, open_slide(REAL_SLIDE, reader="tifffile") as b:
+    with open_slide(REAL_SLIDE, reader="openslide") as a, open_slide(REAL_SLIDE, reader="tifffile") as b:
         assert a.kind == "openslide" and b.kind == "tifffile"
         assert a.dimensions == b.dimensions == (2220, 2967)
         assert a.mpp == pytest.approx(0.499) and b.mpp == pytest.approx(0.499)
@@ -941,3 +941,41 @@ def test_plan_prefers_the_coarsest_of_two_matching_levels(tmp_path):
         assert (p.level, p.scale, p.width, p.height) == (1, 1.0, 192, 192)
         assert p.mpp == pytest.approx(0.5 * 200 / 192)
         assert plan_scale(r, 0.49).level == 0  # (only level 0 within 5%)
+
+
+@needs_real
+def test_auto_reads_the_real_svs_with_tifffile_to_openslides_pixels():
+    """An Aperio SVS of JPEG tiles is a TIFF tifffile decodes directly, 3.6x faster per grid tile
+    than OpenSlide's read_region here: auto takes tifffile for it, and every 256-px grid tile
+    (overlap 32, the edge tiles leaving the slide included) is OpenSlide's, pixel for pixel."""
+    from wsss.runner.tiling import TileGrid
+
+    with open_slide(REAL_SLIDE) as auto, open_slide(REAL_SLIDE, reader="openslide") as ref:
+        assert auto.kind == "tifffile" and auto.mpp == ref.mpp
+        assert auto.level_dimensions == ref.level_dimensions
+        w, h = auto.dimensions
+        grid = TileGrid(w + 100, h + 100, 256, 32)  # (past the slide's edge: white in both)
+        for x, y in grid.tiles:
+            np.testing.assert_array_equal(auto.read_region(0, x, y, 256, 256), ref.read_region(0, x, y, 256, 256))
+
+
+@pytest.mark.parametrize("compression, kind", [("jpeg", "tifffile"), ("zlib", "openslide")])
+def test_auto_takes_tifffile_only_for_an_aperio_svs_of_jpeg_tiles(tmp_path, compression, kind):
+    """OpenSlide's "aperio" format: tifffile where every level is tiled JPEG (the same pixels,
+    faster), OpenSlide for anything else in an SVS (JPEG 2000's YCbCr codestreams, which
+    OpenSlide converts, or here zlib); both read the same pixels and mpp."""
+    import openslide
+
+    rng = np.random.default_rng(1)
+    l0 = rng.integers(0, 256, (512, 384, 3), dtype=np.uint8)
+    path = tmp_path / "a.svs"
+    with tifffile.TiffWriter(path) as t:
+        for img in (l0, l0[::2, ::2].copy()):
+            t.write(img, tile=(128, 128), compression=compression, photometric="rgb", metadata=None,
+                    description=f"Aperio Image Library v12.0.0\n{img.shape[1]}x{img.shape[0]} (128x128) "
+                                f"|AppMag = 20|MPP = 0.5")
+    assert openslide.OpenSlide.detect_format(str(path)) == "aperio"
+    with open_slide(path) as r, open_slide(path, reader="openslide") as ref:
+        assert r.kind == kind and r.mpp == pytest.approx(0.5) and r.level_count == ref.level_count == 2
+        for level in (0, 1):
+            np.testing.assert_array_equal(r.read_region(level, 0, 0, 192, 256), ref.read_region(level, 0, 0, 192, 256))

@@ -368,6 +368,10 @@ class TiffSlideReader(SlideReader):
         self.cache = _shared_cache if _shared_cache is not None else _ChunkCache(self._cache_size())
         self._lock = threading.Lock()  # this handle's file position
 
+    def jpeg_tiled(self) -> bool:
+        """Whether every level is tiled and JPEG-compressed (RGB or YCbCr in JPEG)."""
+        return all(page.is_tiled and int(page.compression) == _JPEG for page in self._pages)
+
     def reopen(self) -> "TiffSlideReader":
         """A new handle on the same file (for another thread) that shares this one's decoded tiles."""
         return type(self)(self.path, mpp_override=self.mpp_override, _shared_cache=self.cache)
@@ -637,8 +641,16 @@ def open_slide(path, *, reader: str = "auto", mpp: Optional[float] = None) -> Sl
     """Open ``path`` with the named reader ("auto", "openslide", "tifffile").
 
     auto: OpenSlide for vendor formats (what OpenSlide recognises as anything but a generic
-    TIFF); tifffile for generic/OME TIFF (faster: reads file tiles directly); OpenSlide again
-    for what tifffile cannot read.  ``mpp`` overrides (or supplies) level-0 microns per pixel.
+    TIFF), except Aperio SVS whose every level is tiled JPEG (``TiffSlideReader.jpeg_tiled``):
+    tifffile for those and for generic/OME TIFF (faster: reads file tiles directly); OpenSlide
+    again for what tifffile cannot read.  ``mpp`` overrides (or supplies) level-0 microns per
+    pixel.
+
+    NB: an SVS of JPEG tiles is a TIFF that tifffile decodes to the same pixels as OpenSlide
+    (CMU-1-Small-Region: every 256-px grid tile identical), 3.6x faster per grid tile here
+    (0.62 vs 2.23 ms, OpenSlide's read_region compositing and RGBA conversion): on the CPU the
+    reader threads take that time from the model.  JPEG 2000 SVS (Aperio's YCbCr codestreams,
+    which OpenSlide converts) stays with OpenSlide.
     """
     path = Path(path)
     if reader not in READERS:
@@ -661,6 +673,15 @@ def open_slide(path, *, reader: str = "auto", mpp: Optional[float] = None) -> Sl
         fmt = openslide.OpenSlide.detect_format(str(path))
     except Exception:
         fmt = None
+    if fmt == "aperio":
+        try:
+            tiff = TiffSlideReader(path, mpp)
+        except SlideError:
+            return OpenSlideReader(path, mpp)
+        if tiff.jpeg_tiled():
+            return tiff
+        tiff.close()
+        return OpenSlideReader(path, mpp)
     if fmt is not None and fmt != "generic-tiff":
         return OpenSlideReader(path, mpp)
     try:
