@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import tifffile
@@ -204,3 +205,39 @@ def own_workers(monkeypatch, module):
         yield workers
     finally:
         workers.shutdown()
+
+
+# --------------------------------------------------------------------------------------
+# a trivial bundle for the command-line tests
+# --------------------------------------------------------------------------------------
+class RedClassModule(torch.nn.Module):
+    """Trivial bundle module: class = red // 64, one-hot scores, every class present."""
+
+    def forward(self, tiles: torch.Tensor, with_scores: bool = False
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = torch.clamp(tiles[:, 0].to(torch.int64) // 64, 0, 3)
+        scores = torch.nn.functional.one_hot(c, 4).permute(0, 3, 1, 2).to(torch.float32)
+        if not with_scores:
+            scores = torch.empty(0)
+        return c.to(torch.uint8), scores, torch.ones(tiles.shape[0], 4)
+
+
+RED_BUNDLE_META = {"class_names": ["A", "B", "C", "D"],
+                   "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 255, 255]],
+                   "background_index": 4, "tile_size": 32, "mpp": 0.5}
+
+
+def save_red_bundle(path: Path, module=None, **meta) -> Path:
+    """A bundle of ``module`` (default RedClassModule) with RED_BUNDLE_META (``meta`` overrides)."""
+    from wsss.bundle import save_bundle, script_module
+
+    save_bundle(str(path), script_module(module if module is not None else RedClassModule()),
+                dict(RED_BUNDLE_META, **meta))
+    return path
+
+
+def no_user_bundle(monkeypatch, tmp_path) -> None:
+    """Keep wsss-infer from finding the user's bundle (WSSS_BUNDLE, WSSS_CONFIG, ~/.config)."""
+    monkeypatch.delenv("WSSS_BUNDLE", raising=False)
+    monkeypatch.delenv("WSSS_CONFIG", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config-home"))  # (no user config there)

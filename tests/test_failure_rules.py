@@ -6,47 +6,24 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
-from typing import Tuple
 
 import pytest
 import tifffile
-import torch
-from torch import Tensor
 
-from runner_kit import colour_slide, model, opts, write_pyramid
+from runner_kit import colour_slide, model, no_user_bundle, opts, save_red_bundle, write_pyramid
 
 
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
-class _RedClass(torch.nn.Module):
-    """Trivial bundle module: class = red // 64 (as tests/test_infer_cli.py's)."""
-
-    def forward(self, tiles: Tensor, with_scores: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-        c = torch.clamp(tiles[:, 0].to(torch.int64) // 64, 0, 3)
-        scores = torch.nn.functional.one_hot(c, 4).permute(0, 3, 1, 2).to(torch.float32)
-        if not with_scores:
-            scores = torch.empty(0)
-        return c.to(torch.uint8), scores, torch.ones(tiles.shape[0], 4)
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from wsss.bundle import save_bundle, script_module
-
-    path = tmp_path_factory.mktemp("b") / "red.pt"
-    save_bundle(str(path), script_module(_RedClass()), {
-        "class_names": ["A", "B", "C", "D"],
-        "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 255, 255]],
-        "background_index": 4, "tile_size": 32, "mpp": 0.5})
-    return path
+    return save_red_bundle(tmp_path_factory.mktemp("b") / "red.pt")
 
 
 @pytest.fixture(autouse=True)
 def _no_user_bundle(monkeypatch, tmp_path):
-    monkeypatch.delenv("WSSS_BUNDLE", raising=False)
-    monkeypatch.delenv("WSSS_CONFIG", raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config-home"))
+    no_user_bundle(monkeypatch, tmp_path)
 
 
 def _slide(path: Path, h=64, w=64) -> Path:

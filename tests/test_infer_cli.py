@@ -5,46 +5,24 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Tuple
 
 import numpy as np
 import pytest
 import tifffile
 import torch
-from torch import Tensor
 
 from wsss.bundle import script_module
 from wsss.cli.infer import demo_bundle_path, main
 from wsss.runner.model import resolve_precision
 
-from runner_kit import run_python
+from runner_kit import RedClassModule, no_user_bundle, run_python, save_red_bundle
 
 K = 4
 
 
-class RedClassModule(torch.nn.Module):
-    """Trivial bundle module: class = red // 64, one-hot scores, every class present."""
-
-    def forward(self, tiles: Tensor, with_scores: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-        c = torch.clamp(tiles[:, 0].to(torch.int64) // 64, 0, 3)
-        scores = torch.nn.functional.one_hot(c, 4).permute(0, 3, 1, 2).to(torch.float32)
-        class_prob = torch.ones(tiles.shape[0], 4)
-        labels = c.to(torch.uint8)
-        if not with_scores:
-            scores = torch.empty(0)
-        return labels, scores, class_prob
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from wsss.bundle import save_bundle
-
-    path = tmp_path_factory.mktemp("b") / "red.pt"
-    save_bundle(str(path), script_module(RedClassModule()), {
-        "class_names": ["A", "B", "C", "D"],
-        "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 255, 255]],
-        "background_index": 4, "tile_size": 32, "mpp": 0.5})
-    return path
+    return save_red_bundle(tmp_path_factory.mktemp("b") / "red.pt")
 
 
 def slide(path: Path, h=70, w=90, seed=0) -> Path:
@@ -58,9 +36,7 @@ def slide(path: Path, h=70, w=90, seed=0) -> Path:
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
-    monkeypatch.delenv("WSSS_BUNDLE", raising=False)
-    monkeypatch.delenv("WSSS_CONFIG", raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config-home"))  # (no user config there)
+    no_user_bundle(monkeypatch, tmp_path)
 
 
 def test_help_is_fast_and_lists_options():

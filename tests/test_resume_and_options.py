@@ -10,14 +10,14 @@ from typing import Tuple
 
 import numpy as np
 import pytest
-import tifffile
 import torch
 from torch import Tensor
 
 from wsss.runner import run_slide
 from wsss.runner import pipeline
 
-from runner_kit import colour_slide, model, opts, write_pyramid
+from runner_kit import (RED_BUNDLE_META, RedClassModule, colour_slide, model, no_user_bundle, opts,
+                        save_red_bundle, write_pyramid)
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.* deprecation notices
 
@@ -168,18 +168,6 @@ def test_run_json_records_versions_resolved_options_and_timings(tmp_path):
 # --------------------------------------------------------------------------------------
 # wsss-infer: options reach the run
 # --------------------------------------------------------------------------------------
-class RedClassModule(torch.nn.Module):
-    """Trivial bundle module: class = red // 64, one-hot scores."""
-
-    def forward(self, tiles: Tensor, with_scores: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-        c = torch.clamp(tiles[:, 0].to(torch.int64) // 64, 0, 3)
-        scores = torch.nn.functional.one_hot(c, 4).permute(0, 3, 1, 2).to(torch.float32)
-        class_prob = torch.ones(tiles.shape[0], 4)
-        if not with_scores:
-            scores = torch.empty(0)
-        return c.to(torch.uint8), scores, class_prob
-
-
 class ShiftedClassModule(torch.nn.Module):
     """Another trivial bundle module: class = (red // 64 + 1) % 4."""
 
@@ -194,21 +182,12 @@ class ShiftedClassModule(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    from wsss.bundle import save_bundle
-
-    path = tmp_path_factory.mktemp("b") / "red.pt"
-    save_bundle(str(path), RedClassModule(), {
-        "class_names": ["A", "B", "C", "D"],
-        "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 255, 255]],
-        "background_index": 4, "tile_size": 32, "mpp": 0.5})
-    return path
+    return save_red_bundle(tmp_path_factory.mktemp("b") / "red.pt")
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
-    monkeypatch.delenv("WSSS_BUNDLE", raising=False)
-    monkeypatch.delenv("WSSS_CONFIG", raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config-home"))
+    no_user_bundle(monkeypatch, tmp_path)
 
 
 def _infer(tmp_path, bundle, *args) -> dict:
@@ -275,13 +254,7 @@ def test_infer_resume_tells_precisions_apart(tmp_path, bundle, capsys):
 def test_infer_resume_redoes_a_slide_run_with_another_bundle(tmp_path, bundle, capsys):
     """Defect: the bundle's hash left out of the resume decision at the command line: outputs of
     another model (same class names, tile size and resolution) were skipped."""
-    from wsss.bundle import save_bundle
-
-    other = tmp_path / "other.pt"
-    save_bundle(str(other), ShiftedClassModule(), {
-        "class_names": ["A", "B", "C", "D"],
-        "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 255, 255]],
-        "background_index": 4, "tile_size": 32, "mpp": 0.5})
+    other = save_red_bundle(tmp_path / "other.pt", ShiftedClassModule())
     _infer(tmp_path, bundle, "--no-tissue-detection")
     capsys.readouterr()
     before = (tmp_path / "o" / "a" / "labels.tiff").read_bytes()
@@ -293,9 +266,7 @@ def test_infer_resume_redoes_a_slide_run_with_another_bundle(tmp_path, bundle, c
 # --------------------------------------------------------------------------------------
 # bundle metadata
 # --------------------------------------------------------------------------------------
-META = {"class_names": ["A", "B", "C", "D"],
-        "palette": [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 255, 255]],
-        "background_index": 4, "tile_size": 32, "mpp": 0.5}
+META = RED_BUNDLE_META
 
 
 @pytest.mark.parametrize("edits, message", [
